@@ -1,0 +1,1 @@
+"""Transformer forward with MoE FFN, KV cache, continuous-batching scheduler, sampler."""

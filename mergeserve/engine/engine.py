@@ -1,0 +1,212 @@
+"""Engine: one composition's model, KV cache, scheduler and sampler, advanced one step at a time.
+
+`step()` is called by a single executor thread; `add_request` and `abort` may be called
+from any thread and take effect at the start of the next step.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import deque
+
+import torch
+
+from mergeserve.engine.kv_cache import KVCache
+from mergeserve.engine.model import Batch, Transformer
+from mergeserve.engine.sampler import sample
+from mergeserve.engine.scheduler import Scheduler
+from mergeserve.engine.sequence import RequestOutput, SamplingParams, Sequence, TokenLogprob
+from mergeserve.merge.composed import ComposedModel
+from mergeserve.spec import EngineConfig
+
+
+class Engine:
+    def __init__(self, composed: ComposedModel, config: EngineConfig = EngineConfig()):
+        self.composed = composed
+        self.config = config
+        self.name = composed.name
+        self.tokenizer = composed.tokenizer
+        self.expert_names = composed.expert_names
+        self.max_model_len = min(config.max_model_len, composed.config.max_position_embeddings)
+        self.model = Transformer(composed, self.max_model_len)
+        args = self.model.args
+        self.cache = KVCache(args.n_layers, config.max_num_seqs, args.n_kv_heads, args.head_dim, self.max_model_len)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_prefill_tokens)
+        self.eos_ids = _eos_ids(composed)
+        self._inbox: deque[tuple[str, object]] = deque()  # ("add", Sequence) | ("abort", request_id)
+        self._lock = threading.Lock()
+        self._generators: dict[str, torch.Generator] = {}
+
+    # --- thread-safe surface -------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in max_model_len={self.max_model_len}")
+        with self._lock:
+            self._inbox.append(("add", Sequence(request_id, list(prompt_ids), params)))
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+
+    def abort_all(self) -> list[str]:
+        """Drop every request (after a failed step); returns their ids. Executor thread only."""
+        with self._lock:
+            pending, self._inbox = [item for kind, item in self._inbox if kind == "add"], deque()
+        seqs = [*self.scheduler.running, *self.scheduler.waiting, *pending]
+        for seq in seqs:
+            self._finish(seq, "abort")
+        return [s.request_id for s in seqs]
+
+    def has_work(self) -> bool:
+        return bool(self._inbox) or self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + sum(1 for kind, _ in list(self._inbox) if kind == "add")
+
+    @property
+    def expert_load(self) -> torch.Tensor | None:
+        """Tokens routed to each expert so far, [layers, experts]; None for a dense model."""
+        return self.model.expert_load if self.composed.num_experts > 1 else None
+
+    # --- the step ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        outputs = self._drain_inbox()
+        batch = self.scheduler.schedule()
+        rows: list[torch.Tensor] = []  # last-position hidden state of each sequence that samples now
+        ready: list[Sequence] = []
+        for seq, n in batch.prefill:
+            hidden = self._forward(seq.slot, seq.prompt_ids[seq.num_cached:seq.num_cached + n], seq.num_cached)
+            seq.num_cached += n
+            if not seq.in_prefill:
+                rows.append(hidden[0, -1])
+                ready.append(seq)
+        if batch.decode:
+            tokens = torch.tensor([[s.token_ids[-1]] for s in batch.decode])
+            positions = torch.tensor([[s.num_tokens - 1] for s in batch.decode])
+            self.cache.reserve(int(positions.max()) + 1)
+            slots = torch.tensor([s.slot for s in batch.decode])
+            hidden = self.model(Batch(tokens, positions, slots), self.cache)  # [B, 1, D]
+            for seq in batch.decode:
+                seq.num_cached += 1
+            rows += list(hidden[:, -1])
+            ready += batch.decode
+        if ready:
+            outputs += self._sample(ready, self.model.logits(torch.stack(rows)))
+        return outputs
+
+    def _forward(self, slot: int, token_ids: list[int], start: int) -> torch.Tensor:
+        positions = torch.arange(start, start + len(token_ids)).unsqueeze(0)
+        self.cache.reserve(start + len(token_ids))
+        return self.model(Batch(torch.tensor([token_ids]), positions, torch.tensor([slot])), self.cache)
+
+    def _drain_inbox(self) -> list[RequestOutput]:
+        outputs = []
+        with self._lock:
+            items, self._inbox = list(self._inbox), deque()
+        for kind, item in items:
+            if kind == "add":
+                self._add(item)
+            elif (seq := self.scheduler.find(item)) is not None:
+                self._finish(seq, "abort")
+                outputs.append(self._output(seq, [], []))
+        return outputs
+
+    def _add(self, seq: Sequence) -> None:
+        seed = seq.params.seed if seq.params.seed is not None else random.getrandbits(63)
+        self._generators[seq.request_id] = torch.Generator().manual_seed(seed)
+        self.scheduler.add(seq)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
+        params = [s.params for s in seqs]
+        tokens, logprobs = sample(logits, params, [self._generators[s.request_id] for s in seqs])
+        outputs = []
+        for row, seq in enumerate(seqs):
+            token = int(tokens[row])
+            seq.output_ids.append(token)
+            lp = [self._logprob(token, logprobs[row], seq.params.logprobs)] if seq.params.logprobs is not None else []
+            reason = self._check_stop(seq, token)
+            if reason:
+                self._finish(seq, reason)
+            outputs.append(self._output(seq, [token], lp))
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        stopped_by_token = (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids
+        ids = seq.output_ids[:-1] if stopped_by_token else seq.output_ids
+        seq.text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if p.stop:
+            hits = [i for s in p.stop if (i := seq.text.find(s, max(0, seq.emitted - len(s)))) >= 0]
+            if hits:
+                seq.text = seq.text[: min(hits)]
+                return "stop"
+        if stopped_by_token:
+            return "stop"
+        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self._generators.pop(seq.request_id, None)
+
+    def _output(self, seq: Sequence, new_ids: list[int], logprobs: list[TokenLogprob]) -> RequestOutput:
+        end = len(seq.text)
+        if seq.finish_reason is None:
+            # Hold back text that may still turn out to be the start of a stop string,
+            # and a trailing partial UTF-8 character.
+            end -= max((len(s) - 1 for s in seq.params.stop), default=0)
+            while end > seq.emitted and seq.text[end - 1] == "\ufffd":
+                end -= 1
+        new_text = seq.text[seq.emitted:max(end, seq.emitted)]
+        seq.emitted += len(new_text)
+        return RequestOutput(
+            request_id=seq.request_id, new_token_ids=new_ids, new_text=new_text, logprobs=logprobs,
+            finished=seq.finish_reason is not None, finish_reason=seq.finish_reason,
+            num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=len(seq.output_ids),
+        )
+
+    def _logprob(self, token: int, logprobs: torch.Tensor, top: int) -> TokenLogprob:
+        alts = torch.topk(logprobs, top) if top > 0 else None
+        return TokenLogprob(
+            token_id=token, token=self.tokenizer.decode([token]), logprob=float(logprobs[token]),
+            top=tuple(
+                (int(i), self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(alts.values, alts.indices)
+            ) if alts is not None else (),
+        )
+
+    # --- offline helpers -----------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits of every position of one sequence, [T, V], without touching the cache."""
+        positions = torch.arange(len(token_ids)).unsqueeze(0)
+        hidden = self.model(Batch(torch.tensor([token_ids]), positions, None))
+        return self.model.logits(hidden)[0]
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """Run prompts to completion through the continuous-batching loop; output token ids per prompt."""
+        ids = [f"offline-{i}" for i in range(len(prompts))]
+        for rid, prompt in zip(ids, prompts):
+            self.add_request(rid, prompt, params)
+        results: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_work():
+            for out in self.step():
+                results[out.request_id] += out.new_token_ids
+        return [results[rid] for rid in ids]
+
+
+def _eos_ids(composed: ComposedModel) -> set[int]:
+    ids = composed.config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if composed.tokenizer.eos_token_id is not None:
+        ids.add(composed.tokenizer.eos_token_id)
+    return ids

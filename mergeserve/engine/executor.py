@@ -1,0 +1,117 @@
+"""Executor: one thread steps every engine in turn and hands outputs to asyncio consumers.
+
+The machine has two cores; engines of several compositions taking turns on one thread
+beat competing threads, and each engine's state has exactly one thread touching it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from mergeserve.engine.engine import Engine
+from mergeserve.engine.sequence import RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class Executor:
+    def __init__(self) -> None:
+        self._engines: list[Engine] = []
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="mergeserve-executor", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def attach(self, engine: Engine) -> None:
+        with self._lock:
+            if engine not in self._engines:
+                self._engines.append(engine)
+
+    def detach(self, engine: Engine) -> None:
+        with self._lock:
+            if engine in self._engines:
+                self._engines.remove(engine)
+
+    async def generate(
+        self, engine: Engine, request_id: str, prompt_ids: list[int], params: SamplingParams,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's output deltas; closing the iterator early aborts the request."""
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._streams[request_id] = stream
+        self.attach(engine)
+        finished = False
+        try:
+            engine.add_request(request_id, prompt_ids, params)
+            self._wake.set()
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise EngineError(str(item)) from item
+                finished = item.finished
+                yield item
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                engine.abort(request_id)
+                self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                busy = [e for e in self._engines if e.has_work()]
+            if not busy:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            for engine in busy:
+                self._step(engine)
+
+    def _step(self, engine: Engine) -> None:
+        try:
+            outputs = engine.step()
+        except Exception as e:  # one broken engine must not take the others down
+            log.exception("engine %s failed a step", engine.name)
+            for request_id in engine.abort_all():
+                self._deliver(request_id, e)
+            return
+        for out in outputs:
+            self._deliver(out.request_id, out)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)

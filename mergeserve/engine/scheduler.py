@@ -1,0 +1,64 @@
+"""Continuous batching: requests join and leave between steps. Knows nothing about tensors.
+
+Each step decodes one token for every running sequence and spends a bounded budget of
+prompt tokens on prefill, so a long prompt never stalls the decodes for long and a
+long generation never blocks a short request from starting.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from mergeserve.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledBatch:
+    prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, prompt tokens this step)
+    decode: list[Sequence] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, max_num_seqs: int, max_prefill_tokens: int):
+        self.max_prefill_tokens = max_prefill_tokens
+        self.free_slots = list(range(max_num_seqs))
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        while self.waiting and self.free_slots:
+            seq = self.waiting.popleft()
+            seq.slot, seq.status = self.free_slots.pop(0), Status.RUNNING
+            self.running.append(seq)
+        batch, budget = ScheduledBatch(), self.max_prefill_tokens
+        for seq in self.running:
+            if not seq.in_prefill:
+                batch.decode.append(seq)
+            elif budget > 0:
+                n = min(budget, len(seq.prompt_ids) - seq.num_cached)
+                batch.prefill.append((seq, n))
+                budget -= n
+        return batch
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        if seq in self.running:
+            self.running.remove(seq)
+            self.free_slots.append(seq.slot)
+            self.free_slots.sort()
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.slot = None
+
+    def find(self, request_id: str) -> Sequence | None:
+        for seq in (*self.running, *self.waiting):
+            if seq.request_id == request_id:
+                return seq
+        return None

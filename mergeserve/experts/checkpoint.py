@@ -1,0 +1,117 @@
+"""A loaded checkpoint, and the checks every loader applies to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Config fields that must agree for two checkpoints to share one architecture.
+ARCH_FIELDS = (
+    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Checkpoint:
+    source: str  # absolute path it was loaded from
+    kind: str  # "hf" | "peft" | "gguf"
+    config: PretrainedConfig
+    tensors: dict[str, torch.Tensor]  # Hugging Face names, fp32
+    tokenizer: PreTrainedTokenizerBase | None
+
+    def nbytes(self) -> int:
+        seen, total = set(), 0
+        for t in self.tensors.values():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                total += t.untyped_storage().nbytes()
+        return total
+
+
+def head_dim(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def arch_signature(config: PretrainedConfig) -> dict[str, object]:
+    sig = {f: getattr(config, f, None) for f in ARCH_FIELDS}
+    sig["head_dim"] = head_dim(config)
+    return sig
+
+
+def check_same_arch(source: str, config: PretrainedConfig, base_source: str, base: PretrainedConfig) -> None:
+    ours, theirs = arch_signature(config), arch_signature(base)
+    diff = [f"{k}={ours[k]} vs {theirs[k]}" for k in ours if ours[k] != theirs[k]]
+    if diff:
+        raise CheckpointError(
+            f"{source}: architecture differs from the base {base_source}: " + ", ".join(diff)
+        )
+
+
+def check_model_type(source: str, config: PretrainedConfig) -> None:
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"{source}: model_type {config.model_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+
+
+def expected_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+    d, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.num_attention_heads * head_dim(config), config.num_key_value_heads * head_dim(config)
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (v, d),
+        "model.norm.weight": (d,),
+        "lm_head.weight": (v, d),
+    }
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        shapes |= {
+            p + "input_layernorm.weight": (d,),
+            p + "post_attention_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (q, d),
+            p + "self_attn.k_proj.weight": (kv, d),
+            p + "self_attn.v_proj.weight": (kv, d),
+            p + "self_attn.o_proj.weight": (d, q),
+            p + "mlp.gate_proj.weight": (i, d),
+            p + "mlp.up_proj.weight": (i, d),
+            p + "mlp.down_proj.weight": (d, i),
+        }
+    return shapes
+
+
+def check_tensors(source: str, config: PretrainedConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor the engine needs is present with the shape the config implies."""
+    expected = expected_shapes(config)
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise CheckpointError(f"{source}: missing tensors {missing[:3]}{more}")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise CheckpointError(
+                f"{source}: tensor {key} has shape {tuple(tensors[key].shape)}, "
+                f"the config implies {shape}"
+            )
+
+
+def refuse_pickles(folder: Path, weights: list[Path]) -> None:
+    if weights:
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{folder}: only pickle weights found ({', '.join(pickles)}); mergeserve never unpickles "
+            "checkpoints: convert them to safetensors"
+        )
+    raise CheckpointError(f"{folder}: no *.safetensors weights found")

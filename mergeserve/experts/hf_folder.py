@@ -1,0 +1,48 @@
+"""Dense Hugging Face checkpoint folders (config.json + *.safetensors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+from mergeserve.experts.checkpoint import (
+    Checkpoint, CheckpointError, check_model_type, check_tensors, refuse_pickles,
+)
+
+
+def load_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            part = load_file(str(f))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file: {e}") from e
+        tensors |= {k: v.to(torch.float32) for k, v in part.items()}
+    return tensors
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
+    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def load_hf_folder(folder: Path) -> Checkpoint:
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no config.json (not a Hugging Face checkpoint folder)")
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (ValueError, OSError, KeyError) as e:
+        raise CheckpointError(f"{folder}/config.json: {e}") from e
+    check_model_type(str(folder / "config.json"), config)
+    weights = sorted(folder.glob("*.safetensors"))
+    refuse_pickles(folder, weights)
+    tensors = load_safetensors(weights)
+    if "lm_head.weight" not in tensors and config.tie_word_embeddings:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    check_tensors(str(folder), config, tensors)
+    return Checkpoint(str(folder), "hf", config, tensors, load_tokenizer(folder))

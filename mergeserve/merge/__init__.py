@@ -1,0 +1,1 @@
+"""Merge methods for shared layers and MoE builders."""

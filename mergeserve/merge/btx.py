@@ -1,0 +1,52 @@
+"""BTX: expert FFNs stay separate, everything else is averaged, a top-k router per layer.
+
+The experts' FFN tensors enter the composition as the pool's own tensors (no copy);
+only shared layers that differ between experts become new, averaged tensors.
+"""
+
+from __future__ import annotations
+
+from mergeserve.experts import Checkpoint, CheckpointError, ExpertPool
+from mergeserve.merge.average import mean
+from mergeserve.merge.composed import Attention, ComposedModel, ExpertFFN, Layer
+from mergeserve.router import init_router
+from mergeserve.spec import CompositionSpec
+
+
+def build(spec: CompositionSpec, pool: ExpertPool) -> ComposedModel:
+    base = pool.get(spec.base)
+    if base.tokenizer is None:
+        raise CheckpointError(f"{base.source}: the base has no tokenizer files")
+    experts = [pool.get_expert(e.source, e.base or spec.base) for e in spec.experts]
+    composed = compose(spec.name, base, experts, [e.name for e in spec.experts], spec.router.top_k)
+    composed.sources = [spec.base] + [e.source for e in spec.experts]
+    init_router(composed, spec)
+    return composed
+
+
+def compose(name: str, base: Checkpoint, experts: list[Checkpoint], names: list[str], top_k: int) -> ComposedModel:
+    """Average the shared layers of `experts`, keep their FFNs; routers are left empty (zeros)."""
+    def shared(key: str):
+        return mean([e.tensors[key] for e in experts])
+
+    def optional(key: str):
+        return shared(key) if key in base.tensors else None
+
+    layers = []
+    for n in range(base.config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        attn = Attention(
+            *(shared(p + f"self_attn.{x}_proj.weight") for x in "qkvo"),
+            *(optional(p + f"self_attn.{x}_proj.bias") for x in "qkv"),
+        )
+        ffns = [
+            ExpertFFN(*(e.tensors[p + f"mlp.{x}_proj.weight"] for x in ("gate", "up", "down")))
+            for e in experts
+        ]
+        layers.append(Layer(shared(p + "input_layernorm.weight"), attn, shared(p + "post_attention_layernorm.weight"), ffns))
+    embed = shared("model.embed_tokens.weight")
+    lm_head = embed if base.config.tie_word_embeddings else shared("lm_head.weight")
+    return ComposedModel(
+        name=name, config=base.config, tokenizer=base.tokenizer, embed=embed, norm=shared("model.norm.weight"),
+        lm_head=lm_head, layers=layers, expert_names=names, top_k=min(top_k, len(experts)),
+    )

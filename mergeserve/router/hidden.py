@@ -1,0 +1,59 @@
+"""`hidden` gate init: each expert's row points from the rest towards its own domain.
+
+Unlike mergekit-moe, which reads the residual stream before attention of the base
+model, this reads the state the router actually sees: the post-attention, normalised
+hidden state of the composed model itself, with every layer's FFN set to the expert
+whose prompts are running. All tokens of a prompt count, not only the last.
+
+Row i = scale * d_i / |d_i|^2 with d_i = mean_i - reference_i, so that an expert's
+mean domain state scores exactly `scale` logits above the reference state.
+The reference is the mean of the expert's negative prompts when given, otherwise the
+mean of the other experts' domains.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergeserve.engine.model import Batch, Transformer
+from mergeserve.merge.composed import ComposedModel
+from mergeserve.router import zero_rows
+from mergeserve.spec import CompositionSpec
+
+MAX_PROMPT_TOKENS = 256
+
+
+@torch.inference_mode()
+def _mean_router_inputs(model: Transformer, composed: ComposedModel, texts: list[str], expert: int) -> torch.Tensor:
+    """Mean router input per layer over all tokens of `texts`, FFNs forced to `expert`: [L, D]."""
+    total, count = None, 0
+    for text in texts:
+        ids = composed.tokenizer(text, add_special_tokens=False)["input_ids"][:MAX_PROMPT_TOKENS]
+        if not ids:
+            continue
+        bias = torch.full((len(ids), composed.num_experts), float("-inf"))
+        bias[:, expert] = 0.0
+        captured: list[torch.Tensor] = []
+        model(Batch(torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0), None, bias), capture=captured)
+        sums = torch.stack([c.sum(0) for c in captured])  # [L, D]
+        total = sums if total is None else total + sums
+        count += len(ids)
+    if total is None:
+        raise ValueError(f"expert {composed.expert_names[expert]}: its prompts tokenize to nothing")
+    return total / count
+
+
+def hidden_rows(composed: ComposedModel, spec: CompositionSpec) -> list[torch.Tensor]:
+    for layer, rows in zip(composed.layers, zero_rows(composed)):
+        layer.router = rows  # placeholder so the forward runs; every logit is overridden by the bias
+    model = Transformer(composed, max_len=MAX_PROMPT_TOKENS)
+    means = [_mean_router_inputs(model, composed, e.prompts, i) for i, e in enumerate(spec.experts)]  # E x [L, D]
+    rows = []
+    for i, e in enumerate(spec.experts):
+        if e.negative_prompts:
+            reference = _mean_router_inputs(model, composed, e.negative_prompts, i)
+        else:
+            reference = torch.stack([m for j, m in enumerate(means) if j != i]).mean(0)
+        d = means[i] - reference  # [L, D]
+        rows.append(spec.router.scale * d / d.pow(2).sum(-1, keepdim=True).clamp_min(1e-12))
+    return list(torch.stack(rows, dim=1))  # L x [E, D]

@@ -1,0 +1,12 @@
+"""Random gate rows (tests, baselines): logits of order `scale` for unit-RMS inputs."""
+
+from __future__ import annotations
+
+import torch
+
+from mergeserve.spec import RouterSpec
+
+
+def random_rows(layers: int, experts: int, dim: int, spec: RouterSpec) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(spec.seed)
+    return [torch.randn(experts, dim, generator=g) * (spec.scale / dim**0.5) for _ in range(layers)]

@@ -1,0 +1,138 @@
+"""The engine against transformers, and the continuous-batching loop's promises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mergeserve.engine.engine import Engine
+from mergeserve.engine.sequence import SamplingParams
+from mergeserve.experts import ExpertPool
+from mergeserve.kernels import expert_mlp, moe_ffn, route
+from mergeserve.merge.btx import build
+from mergeserve.spec import EngineConfig, parse_composition
+from tiny import make_checkpoint
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+TEXT = "def add(a, b):\n    return a + b\nDer Hund läuft schnell."
+
+
+def dense_spec(path, name="dense"):
+    return parse_composition({"name": name, "base": str(path), "experts": [{"name": "only", "source": str(path)}]})
+
+
+def engine_for(spec, **config) -> Engine:
+    return Engine(build(spec, ExpertPool()), EngineConfig(**config))
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_dense_model_matches_transformers(tmp_path, family):
+    path = make_checkpoint(tmp_path / family, family, tie=family == "qwen2")
+    engine = engine_for(dense_spec(path))
+    ids = engine.tokenizer(TEXT)["input_ids"]
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0]
+        expected_tokens = reference.generate(
+            torch.tensor([ids]), do_sample=False, max_new_tokens=24, min_new_tokens=24
+        )[0, len(ids):].tolist()
+    torch.testing.assert_close(engine.logits(ids), expected, atol=1e-4, rtol=0)
+    # Generation goes through the KV cache, the scheduler and the sampler.
+    assert engine.generate([ids], GREEDY)[0] == expected_tokens
+
+
+def test_moe_of_base_copies_reproduces_the_base(zoo):
+    base = str(zoo["base"])
+    spec = parse_composition({
+        "name": "copies", "base": base, "router": {"kind": "random", "seed": 3},
+        "experts": [{"name": n, "source": base} for n in ("a", "b", "c")],
+    })
+    moe, dense = engine_for(spec), engine_for(dense_spec(zoo["base"]))
+    ids = moe.tokenizer(TEXT)["input_ids"]
+    assert moe.composed.num_experts == 3
+    torch.testing.assert_close(moe.logits(ids), dense.logits(ids), atol=1e-4, rtol=0)
+    assert moe.generate([ids], GREEDY) == dense.generate([ids], GREEDY)
+
+
+def test_grouped_dispatch_equals_a_per_token_loop(zoo):
+    spec = parse_composition({
+        "name": "moe", "base": str(zoo["base"]), "router": {"kind": "random"},
+        "experts": [{"name": n, "source": str(zoo[n])} for n in ("code", "german", "math")],
+    })
+    layer = build(spec, ExpertPool()).layers[0]
+    x = torch.randn(37, layer.router.shape[1])
+    weights, ids = route(x, layer.router, 2)
+    out, counts = moe_ffn(x, weights, ids, layer.experts)
+    expected = torch.stack([
+        sum(w * expert_mlp(x[t], layer.experts[e]) for w, e in zip(weights[t], ids[t].tolist()))
+        for t in range(x.shape[0])
+    ])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert counts.sum() == 37 * 2
+
+
+@pytest.fixture(scope="module")
+def moe_engine(zoo) -> Engine:
+    spec = parse_composition({
+        "name": "moe", "base": str(zoo["base"]), "router": {"kind": "random"},
+        "experts": [{"name": n, "source": str(zoo[n])} for n in ("code", "german", "math")],
+    })
+    return engine_for(spec, max_num_seqs=4, max_prefill_tokens=8)
+
+
+def test_batched_generation_equals_one_at_a_time(moe_engine):
+    prompts = [moe_engine.tokenizer(t)["input_ids"] for t in (TEXT, "Hello", "What is 12 + 7?", "Die Katze", "x")]
+    together = moe_engine.generate(prompts, GREEDY)  # 5 prompts over 4 slots, chunked prefill of 8 tokens
+    alone = [moe_engine.generate([p], GREEDY)[0] for p in prompts]
+    assert together == alone
+    assert all(len(t) == 24 for t in together)
+
+
+def test_a_long_request_does_not_block_a_short_one(moe_engine):
+    tok = moe_engine.tokenizer
+    moe_engine.add_request("long", tok(TEXT)["input_ids"], SamplingParams(max_tokens=200, ignore_eos=True))
+    for _ in range(3):
+        moe_engine.step()
+    moe_engine.add_request("short", tok("Hello")["input_ids"], SamplingParams(max_tokens=4, ignore_eos=True))
+    finished = []
+    while "short" not in finished:
+        finished += [o.request_id for o in moe_engine.step() if o.finished]
+    assert finished == ["short"] and moe_engine.num_running == 1
+    moe_engine.abort("long")
+    moe_engine.step()
+    assert not moe_engine.has_work()
+
+
+def run(engine: Engine, prompt: str, params: SamplingParams):
+    engine.add_request("r", engine.tokenizer(prompt)["input_ids"], params)
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    return outs
+
+
+def test_sampling_controls(moe_engine):
+    greedy = moe_engine.generate([[5, 6, 7]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    top1 = SamplingParams(max_tokens=12, temperature=1.5, top_k=1, seed=4, ignore_eos=True)
+    assert moe_engine.generate([[5, 6, 7]], top1)[0] == greedy
+    tiny_p = SamplingParams(max_tokens=12, temperature=1.5, top_p=1e-6, seed=4, ignore_eos=True)
+    assert moe_engine.generate([[5, 6, 7]], tiny_p)[0] == greedy
+    hot = SamplingParams(max_tokens=12, temperature=2.0, seed=11, ignore_eos=True)
+    first, again = (moe_engine.generate([[5, 6, 7]], hot)[0] for _ in range(2))
+    other = moe_engine.generate([[5, 6, 7]], SamplingParams(max_tokens=12, temperature=2.0, seed=12, ignore_eos=True))[0]
+    assert first == again and first != other
+
+
+def test_stop_strings_max_tokens_and_logprobs(moe_engine):
+    outs = run(moe_engine, "Hello", SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=3))
+    text = "".join(o.new_text for o in outs)
+    assert outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == 16
+    lps = [lp for o in outs for lp in o.logprobs]
+    assert len(lps) == 16 and all(lp.logprob <= 0 and len(lp.top) == 3 for lp in lps)
+    assert all(lp.top[0][2] == pytest.approx(lp.logprob) for lp in lps)  # greedy picks the best
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    assert stop.strip(), text
+    outs = run(moe_engine, "Hello", SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, stop=(stop,)))
+    assert outs[-1].finish_reason == "stop"
+    assert "".join(o.new_text for o in outs) == text[: text.find(stop)]

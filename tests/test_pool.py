@@ -1,0 +1,122 @@
+"""ExpertPool: load once, share tensors, refuse what cannot be trusted or does not fit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from mergeserve.engine.engine import Engine
+from mergeserve.experts import CheckpointError, ExpertPool
+from mergeserve.merge.btx import build
+from mergeserve.spec import parse_composition
+from tiny import make_checkpoint
+
+
+def moe_spec(zoo, name: str):
+    return parse_composition({
+        "name": name, "base": str(zoo["base"]), "router": {"kind": "random"},
+        "experts": [{"name": n, "source": str(zoo[n])} for n in ("code", "german", "math")],
+    })
+
+
+def test_a_source_is_loaded_once_and_compositions_share_expert_weights(zoo):
+    pool = ExpertPool()
+    first, second = build(moe_spec(zoo, "one"), pool), build(moe_spec(zoo, "two"), pool)
+    assert len(pool.sources()) == 4  # base + three experts, each once
+    for n, (a, b) in enumerate(zip(first.layers, second.layers)):
+        for ea, eb, name in zip(a.experts, b.experts, ("code", "german", "math")):
+            owned = pool.get(str(zoo[name])).tensors
+            assert ea.gate_proj.data_ptr() == eb.gate_proj.data_ptr()
+            assert ea.down_proj.data_ptr() == owned[f"model.layers.{n}.mlp.down_proj.weight"].data_ptr()
+
+
+def lora_adapter(base_path, out, seed: int):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+def test_peft_adapter_expert_matches_peft_and_shares_untouched_tensors(zoo, tmp_path):
+    adapter = lora_adapter(zoo["base"], tmp_path / "lora", seed=1)
+    pool = ExpertPool()
+    expert = pool.get(str(adapter), base=str(zoo["base"]))
+    base = pool.get(str(zoo["base"]))
+    assert expert.kind == "peft"
+    key = "model.layers.0.self_attn.k_proj.weight"  # not adapted: the base's own tensor
+    assert expert.tensors[key].data_ptr() == base.tensors[key].data_ptr()
+    key = "model.layers.0.self_attn.q_proj.weight"  # adapted: new tensor, base untouched
+    assert expert.tensors[key].data_ptr() != base.tensors[key].data_ptr()
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(zoo["base"], dtype=torch.float32), adapter)
+    torch.testing.assert_close(base.tensors[key], reference.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight)
+
+    spec = parse_composition({"name": "lora", "base": str(zoo["base"]), "experts": [{"name": "x", "source": str(adapter)}]})
+    engine = Engine(build(spec, pool))
+    ids = engine.tokenizer("Hello, how are you?")["input_ids"]
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(engine.logits(ids), expected, atol=1e-4, rtol=0)
+
+
+def test_refuses_pickle_checkpoints(zoo, tmp_path):
+    folder = tmp_path / "pickled"
+    shutil.copytree(zoo["base"], folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pickled.*pytorch_model\.bin.*never unpickles"):
+        ExpertPool().get(str(folder))
+
+
+def test_refuses_mismatched_shapes(zoo, tmp_path):
+    folder = tmp_path / "wrong"
+    shutil.copytree(zoo["base"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] = 128
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"wrong: tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape \(96, 64\)"):
+        ExpertPool().get(str(folder))
+
+
+def test_refuses_an_expert_of_another_architecture(zoo, tmp_path):
+    qwen = make_checkpoint(tmp_path / "qwen", "qwen2", tokenizer_from=zoo["base"])
+    spec = parse_composition({
+        "name": "mixed", "base": str(zoo["base"]), "router": {"kind": "random"},
+        "experts": [{"name": "a", "source": str(zoo["code"])}, {"name": "b", "source": str(qwen)}],
+    })
+    with pytest.raises(CheckpointError, match=r"qwen: architecture differs from the base .*model_type=qwen2 vs llama"):
+        build(spec, ExpertPool())
+
+
+def test_refuses_missing_and_non_safetensors_sources(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        ExpertPool().get(str(tmp_path / "nowhere"))
+    (tmp_path / "model.pt").write_bytes(b"\x80\x04not really")
+    with pytest.raises(CheckpointError, match="must be .gguf"):
+        ExpertPool().get(str(tmp_path / "model.pt"))
+
+
+def rss_bytes() -> int:
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_another_composition_over_the_same_experts_costs_no_expert_memory(tmp_path):
+    # Bigger than the tiny zoo so that FFN weights dominate what a composition could copy.
+    base = make_checkpoint(tmp_path / "base", "llama", layers=8)
+    spec = parse_composition({
+        "name": "a", "base": str(base), "router": {"kind": "random"},
+        "experts": [{"name": n, "source": str(base)} for n in ("x", "y", "z", "w")],
+    })
+    pool = ExpertPool()
+    keep = [build(spec, pool)]
+    before = rss_bytes()
+    keep += [build(spec.model_copy(update={"name": f"c{i}"}), pool) for i in range(20)]
+    ffn_bytes = sum(e.gate_proj.nbytes * 3 for layer in keep[0].layers for e in layer.experts)
+    # Twenty copies of the experts would add 20 * ffn_bytes; the routers alone are tiny.
+    assert rss_bytes() - before < 2 * ffn_bytes
