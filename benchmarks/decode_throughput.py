@@ -1,0 +1,183 @@
+"""Decode throughput: mergeserve's Engine against transformers' Mixtral on the exported checkpoint.
+
+Builds the composition from a spec, then in one run measures greedy decoding of
+`--new-tokens` tokens at batch 1 and at `--batch` concurrent sequences, fp32, on
+(a) mergeserve's Engine (continuous batching: add the requests, step until done) and
+(b) transformers' MixtralForCausalLM.generate on the checkpoint export_mixtral writes
+(left padding for the batch). Writes benchmarks/results/decode_throughput.json.
+
+    .venv/bin/python benchmarks/decode_throughput.py [SPEC] [--new-tokens 64] [--batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import MixtralForCausalLM, PreTrainedTokenizerBase
+
+from mergeserve.engine.engine import Engine
+from mergeserve.engine.sequence import SamplingParams
+from mergeserve.experts import ExpertPool
+from mergeserve.export import export_mixtral
+from mergeserve.merge.btx import build
+from mergeserve.spec import EngineConfig, load_composition
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a hash map works.",
+    "Was ist die Hauptstadt von Deutschland?",
+    "What is 17 times 23? Think step by step.",
+    "def fibonacci(n):",
+    "List three facts about the moon.",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "Translate 'good morning' into French, Spanish and German.",
+]
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, batch: int) -> list[list[int]]:
+    return [tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids for i in range(batch)]
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict[str, float | None]:
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"bench-{i}", ids, params)
+    first: dict[str, float] = {}
+    generated = 0
+    while engine.has_work():
+        for out in engine.step():
+            if out.new_token_ids and out.request_id not in first:
+                first[out.request_id] = time.perf_counter() - start
+            generated += len(out.new_token_ids)
+    return summarise(generated, time.perf_counter() - start, list(first.values()))
+
+
+def run_transformers(
+    model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], new_tokens: int,
+) -> dict[str, float | None]:
+    # Left padding so every row's last prompt token sits at the end.
+    batch = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
+    kwargs = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    start = time.perf_counter()
+    model.generate(**batch, max_new_tokens=1, **kwargs)
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    out = model.generate(**batch, max_new_tokens=new_tokens, **kwargs)
+    wall = time.perf_counter() - start
+    generated = (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0]
+    return summarise(generated, wall, [ttft] * len(prompts))
+
+
+def summarise(generated: int, wall: float, ttfts: list[float]) -> dict[str, float | None]:
+    # Decode rate leaves the prefill out: tokens after each sequence's first, over the time after the last first token.
+    decode_time = wall - max(ttfts)
+    return {
+        "generated_tokens": generated,
+        "wall_s": round(wall, 3),
+        "tok_per_s": round(generated / wall, 2),
+        "decode_tok_per_s": round((generated - len(ttfts)) / decode_time, 2) if decode_time > 0 else None,
+        "ttft_mean_s": round(sum(ttfts) / len(ttfts), 3),
+        "ttft_max_s": round(max(ttfts), 3),
+    }
+
+
+def machine() -> dict[str, object]:
+    return {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def table(results: dict[str, dict[str, dict[str, float | None]]]) -> str:
+    lines = [f"{'backend':<14}{'batch':>6}{'tok/s':>9}{'decode tok/s':>14}{'TTFT mean s':>13}"]
+    for backend, runs in results.items():
+        for batch, r in runs.items():
+            decode = r["decode_tok_per_s"] if r["decode_tok_per_s"] is not None else float("nan")
+            lines.append(f"{backend:<14}{batch:>6}{r['tok_per_s']:>9.2f}{decode:>14.2f}{r['ttft_mean_s']:>13.3f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("spec", nargs="?", default=str(ROOT / "examples" / "demo_moe.yaml"))
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per side and batch size; the best is kept")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_throughput.json"))
+    parser.add_argument("--export-dir", help="keep the exported Mixtral checkpoint here (default: a temporary folder)")
+    args = parser.parse_args()
+
+    load_start = os.getloadavg()[0]
+    spec = load_composition(args.spec)
+    start = time.perf_counter()
+    composed = build(spec, ExpertPool())
+    build_s = time.perf_counter() - start
+    engine = Engine(composed, EngineConfig(max_num_seqs=max(8, args.batch)))
+    tokenizer = composed.tokenizer
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    sizes = {"1": prompt_ids(tokenizer, 1), str(args.batch): prompt_ids(tokenizer, args.batch)}
+    results: dict[str, dict[str, dict[str, float | None]]] = {"mergeserve": {}, "transformers": {}}
+
+    with torch.inference_mode(), tempfile.TemporaryDirectory() as tmp:
+        model = MixtralForCausalLM.from_pretrained(export_mixtral(composed, args.export_dir or tmp), dtype=torch.float32)
+        model.eval().generation_config.eos_token_id = None  # always generate all new tokens, as ignore_eos does
+        sides = {
+            "mergeserve": lambda prompts, n: run_engine(engine, prompts, n),
+            "transformers": lambda prompts, n: run_transformers(model, tokenizer, prompts, n),
+        }
+        for batch, prompts in sizes.items():
+            for run in sides.values():
+                run(prompts, 4)  # warm-up at this batch size
+            # Interleaved and best of --repeats: the cores are shared, so load from others hits both sides alike.
+            for _ in range(args.repeats):
+                for side, run in sides.items():
+                    r = run(prompts, args.new_tokens)
+                    if batch not in results[side] or r["tok_per_s"] > results[side][batch]["tok_per_s"]:
+                        results[side][batch] = r
+
+    ratios = {
+        f"batch_{b}": {
+            k: round(results["mergeserve"][b][k] / results["transformers"][b][k], 2)
+            for k in ("tok_per_s", "decode_tok_per_s") if results["transformers"][b][k]
+        }
+        for b in sizes
+    }
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # 1-minute load averages: other processes on the shared cores make numbers noisy.
+        "machine": machine() | {"load_average_start": load_start, "load_average_end": os.getloadavg()[0]},
+        "spec": str(Path(args.spec).resolve()),
+        "composition": {
+            "name": composed.name, "experts": composed.expert_names, "top_k": composed.top_k,
+            "layers": len(composed.layers), "build_s": round(build_s, 2),
+        },
+        "settings": {
+            "new_tokens": args.new_tokens, "batch": args.batch, "repeats": args.repeats, "dtype": "float32",
+            "greedy": True, "prompt_tokens": [len(p) for p in sizes[str(args.batch)]],
+        },
+        "results": results,
+        "ratio_mergeserve_over_transformers": ratios,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(table(results))
+    print("mergeserve / transformers:", json.dumps(ratios))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

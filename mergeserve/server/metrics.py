@@ -1,0 +1,113 @@
+"""Prometheus metrics, named like vLLM's with a `mergeserve:` prefix; one CollectorRegistry per app."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import aclosing
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mergeserve.engine.sequence import RequestOutput
+
+if TYPE_CHECKING:
+    from mergeserve.engine.engine import Engine
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class _EngineCollector(Collector):
+    """Engine state read at scrape time, so the gauges are never stale."""
+
+    def __init__(self, engines: Callable[[], Iterable[Engine]]) -> None:
+        self._engines = engines
+
+    def collect(self) -> Iterable[Metric]:
+        running = GaugeMetricFamily("mergeserve:num_requests_running", "Requests running.", labels=["model"])
+        waiting = GaugeMetricFamily("mergeserve:num_requests_waiting", "Requests waiting.", labels=["model"])
+        experts = CounterMetricFamily(
+            "mergeserve:expert_tokens", "Tokens routed to each expert, per MoE layer.",
+            labels=["model", "layer", "expert"],
+        )
+        for engine in self._engines():
+            running.add_metric([engine.name], engine.num_running)
+            waiting.add_metric([engine.name], engine.num_waiting)
+            load = engine.expert_load
+            if load is None:  # a dense composition
+                continue
+            for layer, row in enumerate(load.tolist()):
+                for expert, count in zip(engine.expert_names, row):
+                    experts.add_metric([engine.name, str(layer), expert], count)
+        return [running, waiting, experts]
+
+
+class Metrics:
+    def __init__(self, engines: Callable[[], Iterable[Engine]]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter(
+            "mergeserve:http_requests", "HTTP requests by route and status.", ["route", "status"], registry=r,
+        )
+        self.ttft = Histogram(
+            "mergeserve:time_to_first_token_seconds", "Time to first token.", ["model"],
+            buckets=TTFT_BUCKETS, registry=r,
+        )
+        self.e2e = Histogram(
+            "mergeserve:e2e_request_latency_seconds", "End-to-end request latency.", ["model"],
+            buckets=E2E_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter("mergeserve:prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
+        self.generation_tokens = Counter("mergeserve:generation_tokens", "Tokens generated.", ["model"], registry=r)
+        self.request_success = Counter(
+            "mergeserve:request_success", "Requests finished, by reason.", ["model", "finished_reason"], registry=r,
+        )
+        r.register(_EngineCollector(engines))
+
+    async def observe(self, model: str, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        """Pass one engine request's deltas through, counting tokens and timing it."""
+        start = time.perf_counter()
+        seen_output = seen_token = False
+        async with aclosing(stream):
+            async for out in stream:
+                if not seen_output:
+                    self.prompt_tokens.labels(model).inc(out.num_prompt_tokens)
+                    seen_output = True
+                if not seen_token and out.new_token_ids:
+                    self.ttft.labels(model).observe(time.perf_counter() - start)
+                    seen_token = True
+                self.generation_tokens.labels(model).inc(len(out.new_token_ids))
+                if out.finished:
+                    self.e2e.labels(model).observe(time.perf_counter() - start)
+                    if out.finish_reason != "abort":
+                        self.request_success.labels(model, out.finish_reason).inc()
+                yield out
+
+
+class HTTPMetricsMiddleware:
+    """Counts responses by route template (not raw path, which would explode the label set) and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            self.metrics.http_requests.labels(getattr(route, "path", "unmatched"), str(status)).inc()

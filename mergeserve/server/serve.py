@@ -1,0 +1,39 @@
+"""Build every composition of a serve config into an engine and serve them with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import uvicorn
+
+from mergeserve.engine.engine import Engine
+from mergeserve.engine.executor import Executor
+from mergeserve.experts import ExpertPool
+from mergeserve.merge import btx
+from mergeserve.server.app import create_app
+from mergeserve.server.registry import Registry
+from mergeserve.spec import ServeConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_registry(config: ServeConfig, pool: ExpertPool | None = None) -> Registry:
+    pool = pool or ExpertPool()
+    registry = Registry()
+    for spec in config.compositions:
+        start = time.perf_counter()
+        composed = btx.build(spec, pool)
+        registry.add(Engine(composed, config.engine))
+        log.info(
+            "built composition %r (%d experts, router %s top-%d) in %.2f s",
+            spec.name, len(spec.experts), spec.router.kind, spec.router.top_k, time.perf_counter() - start,
+        )
+    return registry
+
+
+def serve(config: ServeConfig) -> None:
+    registry = build_registry(config)
+    app = create_app(registry, Executor())
+    log.info("serving %s on http://%s:%d", ", ".join(registry.names()), config.host, config.port)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
