@@ -25,22 +25,24 @@ MAX_PROMPT_TOKENS = 256
 
 @torch.inference_mode()
 def _mean_router_inputs(model: Transformer, composed: ComposedModel, texts: list[str], expert: int) -> torch.Tensor:
-    """Mean router input per layer over all tokens of `texts`, FFNs forced to `expert`: [L, D]."""
-    total, count = None, 0
-    for text in texts:
-        ids = composed.tokenizer(text, add_special_tokens=False)["input_ids"][:MAX_PROMPT_TOKENS]
-        if not ids:
-            continue
-        bias = torch.full((len(ids), composed.num_experts), float("-inf"))
-        bias[:, expert] = 0.0
-        captured: list[torch.Tensor] = []
-        model(Batch(torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0), None, bias), capture=captured)
-        sums = torch.stack([c.sum(0) for c in captured])  # [L, D]
-        total = sums if total is None else total + sums
-        count += len(ids)
-    if total is None:
+    """Mean router input per layer over all tokens of `texts`, FFNs forced to `expert`: [L, D].
+
+    One forward for all texts, right-padded: causal attention keeps the padding out of
+    every real token's state, and padded positions are left out of the mean.
+    """
+    ids = [composed.tokenizer(t, add_special_tokens=False)["input_ids"][:MAX_PROMPT_TOKENS] for t in texts]
+    ids = [i for i in ids if i]
+    if not ids:
         raise ValueError(f"expert {composed.expert_names[expert]}: its prompts tokenize to nothing")
-    return total / count
+    width = max(len(i) for i in ids)
+    tokens = torch.tensor([i + [0] * (width - len(i)) for i in ids])  # [B, T]
+    real = (torch.arange(width) < torch.tensor([len(i) for i in ids]).unsqueeze(1)).reshape(-1)  # [B*T]
+    bias = torch.full((tokens.numel(), composed.num_experts), float("-inf"))
+    bias[:, expert] = 0.0
+    captured: list[torch.Tensor] = []
+    positions = torch.arange(width).expand_as(tokens)
+    model(Batch(tokens, positions, None, bias), capture=captured)
+    return torch.stack([c[real].mean(0) for c in captured])  # [L, D]
 
 
 def hidden_rows(composed: ComposedModel, spec: CompositionSpec) -> list[torch.Tensor]:
