@@ -2,9 +2,12 @@
 
 Builds the composition from a spec, then in one run measures greedy decoding of
 `--new-tokens` tokens at batch 1 and at `--batch` concurrent sequences, fp32, on
-(a) mergeserve's Engine (continuous batching: add the requests, step until done) and
+(a) mergeserve's Engine (continuous batching: add the requests, step until done),
 (b) transformers' MixtralForCausalLM.generate on the checkpoint export_mixtral writes
-(left padding for the batch). Writes benchmarks/results/decode_throughput.json.
+(left padding for the batch), and
+(c) with --server, `mergeserve serve` in its own process, driven over HTTP by 1 and
+`--batch` concurrent streaming clients of the official openai package (the whole stack).
+Writes benchmarks/results/decode_throughput.json.
 
     .venv/bin/python benchmarks/decode_throughput.py [SPEC] [--new-tokens 64] [--batch 8]
 """
@@ -17,6 +20,7 @@ import os
 import platform
 import tempfile
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -79,6 +83,65 @@ def run_transformers(
     return summarise(generated, wall, [ttft] * len(prompts))
 
 
+def run_server_clients(client, model: str, prompts: list[str], new_tokens: int) -> dict[str, float | None]:
+    """One streaming completion per prompt, all at once; counts tokens from the usage chunk."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(prompt: str) -> tuple[int, float]:
+        start, ttft, tokens = time.perf_counter(), None, 0
+        stream = client.completions.create(
+            model=model, prompt=prompt, max_tokens=new_tokens, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )
+        for chunk in stream:
+            if ttft is None and chunk.choices and chunk.choices[0].text:
+                ttft = time.perf_counter() - start
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+        return tokens, ttft or 0.0
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        done = list(pool.map(one, prompts))
+    return summarise(sum(t for t, _ in done), time.perf_counter() - start, [f for _, f in done])
+
+
+@contextmanager
+def served(spec_path: str, batch: int):
+    """`mergeserve serve` on a free loopback port in a child process; yields an openai client."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "serve.yaml"
+        config.write_text(json.dumps({
+            "compositions": [str(Path(spec_path).resolve())], "engine": {"max_num_seqs": max(8, batch)},
+        }))
+        cmd = [sys.executable, "-m", "mergeserve.cli", "serve", "--config", str(config), "--port", str(port)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2)
+                    break
+                except OSError:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"mergeserve serve exited with {proc.returncode}")
+                    time.sleep(1)
+            yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", max_retries=0)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
 def summarise(generated: int, wall: float, ttfts: list[float]) -> dict[str, float | None]:
     # Decode rate leaves the prefill out: tokens after each sequence's first, over the time after the last first token.
     decode_time = wall - max(ttfts)
@@ -116,6 +179,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="runs per side and batch size; the best is kept")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_throughput.json"))
+    parser.add_argument("--server", action="store_true", help="also measure over HTTP with streaming openai clients")
     parser.add_argument("--export-dir", help="keep the exported Mixtral checkpoint here (default: a temporary folder)")
     args = parser.parse_args()
 
@@ -148,6 +212,15 @@ def main() -> None:
                     r = run(prompts, args.new_tokens)
                     if batch not in results[side] or r["tok_per_s"] > results[side][batch]["tok_per_s"]:
                         results[side][batch] = r
+
+    if args.server:
+        texts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
+        results["mergeserve-http"] = {}
+        with served(args.spec, args.batch) as client:
+            for batch, prompts in {"1": texts[:1], str(args.batch): texts}.items():
+                run_server_clients(client, composed.name, prompts, 4)  # warm-up
+                runs = [run_server_clients(client, composed.name, prompts, args.new_tokens) for _ in range(args.repeats)]
+                results["mergeserve-http"][batch] = max(runs, key=lambda r: r["tok_per_s"])
 
     ratios = {
         f"batch_{b}": {

@@ -136,3 +136,20 @@ def test_stop_strings_max_tokens_and_logprobs(moe_engine):
     outs = run(moe_engine, "Hello", SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, stop=(stop,)))
     assert outs[-1].finish_reason == "stop"
     assert "".join(o.new_text for o in outs) == text[: text.find(stop)]
+
+
+def test_prompts_prefilled_together_match_prompts_prefilled_alone(zoo):
+    spec = parse_composition({
+        "name": "moe", "base": str(zoo["base"]), "router": {"kind": "random"},
+        "experts": [{"name": n, "source": str(zoo[n])} for n in ("code", "german", "math")],
+    })
+    engine = engine_for(spec, max_num_seqs=4, max_prefill_tokens=512)
+    prompts = [engine.tokenizer(t)["input_ids"] for t in (TEXT * 3, "Hello", "What is 12 + 7?", "Die Katze")]
+    assert len({len(p) for p in prompts}) == 4  # one padded forward holds rows of four lengths
+    together = engine.generate(prompts, GREEDY)
+    alone = [engine.generate([p], GREEDY)[0] for p in prompts]
+    assert together == alone
+    # Padding is routed nowhere: expert load counts real tokens only (top-2 per token per layer).
+    engine.model.expert_load.zero_()
+    engine.generate(prompts, SamplingParams(max_tokens=1))
+    assert (engine.expert_load.sum(dim=1) == 2 * sum(len(p) for p in prompts)).all()

@@ -83,12 +83,13 @@ class Engine:
         batch = self.scheduler.schedule()
         rows: list[torch.Tensor] = []  # last-position hidden state of each sequence that samples now
         ready: list[Sequence] = []
-        for seq, n in batch.prefill:
-            hidden = self._forward(seq.slot, seq.prompt_ids[seq.num_cached:seq.num_cached + n], seq.num_cached)
-            seq.num_cached += n
-            if not seq.in_prefill:
-                rows.append(hidden[0, -1])
-                ready.append(seq)
+        if batch.prefill:
+            hidden = self._prefill(batch.prefill)  # [B, T, D]
+            for row, (seq, n) in enumerate(batch.prefill):
+                seq.num_cached += n
+                if not seq.in_prefill:
+                    rows.append(hidden[row, n - 1])
+                    ready.append(seq)
         if batch.decode:
             tokens = torch.tensor([[s.token_ids[-1]] for s in batch.decode])
             positions = torch.tensor([[s.num_tokens - 1] for s in batch.decode])
@@ -103,10 +104,19 @@ class Engine:
             outputs += self._sample(ready, self.model.logits(torch.stack(rows)))
         return outputs
 
-    def _forward(self, slot: int, token_ids: list[int], start: int) -> torch.Tensor:
-        positions = torch.arange(start, start + len(token_ids)).unsqueeze(0)
-        self.cache.reserve(start + len(token_ids))
-        return self.model(Batch(torch.tensor([token_ids]), positions, torch.tensor([slot])), self.cache)
+    def _prefill(self, chunks: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """One forward for every prompt chunk of the step, right-padded: weights are read once."""
+        lengths = torch.tensor([n for _, n in chunks])
+        width = int(lengths.max())
+        tokens = torch.zeros(len(chunks), width, dtype=torch.long)
+        positions = torch.empty(len(chunks), width, dtype=torch.long)
+        for row, (seq, n) in enumerate(chunks):
+            tokens[row, :n] = torch.tensor(seq.prompt_ids[seq.num_cached:seq.num_cached + n])
+            offsets = torch.arange(width).clamp_max(n - 1)  # padding repeats the last real position
+            positions[row] = seq.num_cached + offsets
+        self.cache.reserve(int(positions.max()) + 1)
+        slots = torch.tensor([seq.slot for seq, _ in chunks])
+        return self.model(Batch(tokens, positions, slots, lengths=lengths), self.cache)
 
     def _drain_inbox(self) -> list[RequestOutput]:
         outputs = []

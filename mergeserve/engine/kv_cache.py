@@ -6,11 +6,16 @@ import torch
 
 
 class KVCache:
-    """k, v: [layers, slots, kv_heads, capacity, head_dim]; capacity grows by doubling up to max_len."""
+    """k, v: [layers, slots + 1, kv_heads, capacity, head_dim]; capacity grows by doubling up to max_len.
+
+    The extra last slot is scratch space: padding tokens of a batched prefill write there,
+    never into a real sequence's slot.
+    """
 
     def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int, initial: int = 256):
         self.max_len = max_len
-        self.shape = (layers, slots, kv_heads, min(initial, max_len), head_dim)
+        self.scratch_slot = slots
+        self.shape = (layers, slots + 1, kv_heads, min(initial, max_len), head_dim)
         # Zeros, not empty: masked positions still enter attention as 0 * value, and garbage could be NaN.
         self.k = torch.zeros(self.shape)
         self.v = torch.zeros(self.shape)
@@ -33,11 +38,10 @@ class KVCache:
             setattr(self, name, grown)
 
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """slots [B], positions [B, T], k/v [B, KVH, T, Dh]."""
-        rows = slots.unsqueeze(1).expand_as(positions)  # [B, T]
+        """slots and positions [B, T] (one per token), k/v [B, KVH, T, Dh]."""
         # Advanced indices on dims 0 and 2 put the index dims first: target is [B, T, KVH, Dh].
-        self.k[layer][rows, :, positions] = k.transpose(1, 2)
-        self.v[layer][rows, :, positions] = v.transpose(1, 2)
+        self.k[layer][slots, :, positions] = k.transpose(1, 2)
+        self.v[layer][slots, :, positions] = v.transpose(1, 2)
 
     def read(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions [0, length) for each slot: [B, KVH, length, Dh]."""

@@ -44,12 +44,29 @@ class ModelArgs:
 
 @dataclass
 class Batch:
-    """Where the tokens of one forward sit: per row a cache slot and the positions of its tokens."""
+    """Where the tokens of one forward sit: per row a cache slot and the positions of its tokens.
+
+    Rows may be right-padded: row b holds lengths[b] real tokens, and its padding repeats
+    the last real position (so it adds no keys) and writes its keys to the scratch slot.
+    """
 
     tokens: torch.Tensor  # [B, T]
     positions: torch.Tensor  # [B, T]
     slots: torch.Tensor | None  # [B]; None runs without a cache (whole sequences, causal)
-    router_bias: torch.Tensor | None = None  # [B*T, E] added to every MoE layer's router logits
+    router_bias: torch.Tensor | None = None  # [real tokens, E] added to every MoE layer's router logits
+    lengths: torch.Tensor | None = None  # [B]; None: no padding
+
+    def real(self) -> torch.Tensor | None:
+        """Which tokens are not padding, [B, T]; None when none are."""
+        if self.lengths is None:
+            return None
+        return torch.arange(self.tokens.shape[1]) < self.lengths.unsqueeze(1)
+
+    def write_slots(self, scratch: int) -> torch.Tensor:
+        """Cache slot of every token, [B, T]: the row's own, or `scratch` for padding."""
+        slots = self.slots.unsqueeze(1).expand_as(self.tokens)
+        real = self.real()
+        return slots if real is None else torch.where(real, slots, scratch)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -79,7 +96,7 @@ class Transformer(torch.nn.Module):
     ) -> torch.Tensor:
         """Hidden states after the final norm, [B, T, D].
 
-        capture, when given, receives each MoE layer's router input [B*T, D]
+        capture, when given, receives each MoE layer's router input [real tokens, D]
         (the post-attention, normalised state the router sees).
         """
         c = self.composed
@@ -114,7 +131,7 @@ class Transformer(torch.nn.Module):
         q = q * cos + rotate_half(q) * sin  # [B, H, T, Dh]
         k = k * cos + rotate_half(k) * sin  # [B, KVH, T, Dh]
         if cache is not None:
-            cache.write(i, batch.slots, batch.positions, k, v)
+            cache.write(i, batch.write_slots(cache.scratch_slot), batch.positions, k, v)
             k, v = cache.read(i, batch.slots, mask.shape[-1])  # [B, KVH, S, Dh]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, H, T, Dh]
         return F.linear(out.transpose(1, 2).reshape(b, t, -1), a.o_proj)
@@ -123,9 +140,15 @@ class Transformer(torch.nn.Module):
         if not layer.is_moe:
             return expert_mlp(x, layer.experts[0])
         flat = x.reshape(-1, x.shape[-1])  # [B*T, D]
+        real = batch.real()
+        if real is not None:  # padding is routed nowhere and costs no expert compute
+            real = real.reshape(-1)
+            flat = flat[real]  # [N, D]
         if capture is not None:
             capture.append(flat)
         weights, ids = route(flat, layer.router, self.top_k, batch.router_bias)
         out, counts = moe_ffn(flat, weights, ids, layer.experts)
         self.expert_load[i] += counts
-        return out.view_as(x)
+        if real is None:
+            return out.view_as(x)
+        return torch.zeros_like(x).view(-1, x.shape[-1]).index_put_((real,), out).view_as(x)

@@ -35,14 +35,14 @@ def _mean_router_inputs(model: Transformer, composed: ComposedModel, texts: list
     if not ids:
         raise ValueError(f"expert {composed.expert_names[expert]}: its prompts tokenize to nothing")
     width = max(len(i) for i in ids)
+    lengths = torch.tensor([len(i) for i in ids])
     tokens = torch.tensor([i + [0] * (width - len(i)) for i in ids])  # [B, T]
-    real = (torch.arange(width) < torch.tensor([len(i) for i in ids]).unsqueeze(1)).reshape(-1)  # [B*T]
-    bias = torch.full((tokens.numel(), composed.num_experts), float("-inf"))
+    bias = torch.full((int(lengths.sum()), composed.num_experts), float("-inf"))
     bias[:, expert] = 0.0
     captured: list[torch.Tensor] = []
     positions = torch.arange(width).expand_as(tokens)
-    model(Batch(tokens, positions, None, bias), capture=captured)
-    return torch.stack([c[real].mean(0) for c in captured])  # [L, D]
+    model(Batch(tokens, positions, None, bias, lengths), capture=captured)
+    return torch.stack([c.mean(0) for c in captured])  # [L, D]
 
 
 def hidden_rows(composed: ComposedModel, spec: CompositionSpec) -> list[torch.Tensor]:
