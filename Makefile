@@ -2,6 +2,7 @@
 # make test   run the tests (sets up .venv first)
 # make bench  decode throughput benchmark (benchmarks/results/)
 # make clean  remove the venv, the generated demo experts and caches
+# make zoo    rebuild the expert zoo's data splits and train its missing experts (resumable; ZOO_ARGS=--force retrains)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,6 +12,7 @@ PORT ?= 8000
 # where the default index would pick a CUDA build.
 TORCH_PIP_ARGS ?=
 BENCH_ARGS ?=
+ZOO_ARGS ?=
 
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -50,3 +52,10 @@ clean:
 	rm -rf $(VENV) examples/demo_experts/code examples/demo_experts/math examples/demo_experts/german
 	rm -rf .pytest_cache *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# The German data comes from the Debian package debian-handbook; installed here only when running as root.
+HANDBOOK := /usr/share/doc/debian-handbook/html/de-DE
+.PHONY: zoo
+zoo: $(STAMP)
+	@test -d $(HANDBOOK) || [ "$$(id -u)" != 0 ] || (apt-get update && apt-get install -y debian-handbook)
+	$(PY) -m mergeserve.zoo all $(ZOO_ARGS)

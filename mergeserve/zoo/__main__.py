@@ -1,0 +1,45 @@
+"""`python -m mergeserve.zoo [data|train|all] [--domain D|all] [--steps N] [--fresh] [--force]`"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mergeserve.zoo import DOMAINS, ZOO_DIR
+from mergeserve.zoo.german_data import MissingHandbook
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mergeserve.zoo", description="Build the expert zoo's data splits and LoRA experts.")
+    p.add_argument("command", nargs="?", default="all", choices=["data", "train", "all"])
+    p.add_argument("--domain", default="all", choices=[*DOMAINS, "all"], help="one domain, or all in the order math, german, code")
+    p.add_argument("--steps", type=int, help="training steps per expert (default: the TrainConfig default)")
+    p.add_argument("--fresh", action="store_true", help="discard a resumable checkpoint and train from step 0")
+    p.add_argument("--force", action="store_true", help="train even where examples/zoo/<domain> already has an adapter")
+    args = p.parse_args(argv)
+    domains = DOMAINS if args.domain == "all" else (args.domain,)
+
+    if args.command in ("data", "all"):
+        from mergeserve.zoo.data import write_splits
+
+        for domain in domains:
+            try:
+                train, heldout = write_splits(domain)
+            except MissingHandbook as e:
+                print(f"mergeserve.zoo: {e}", file=sys.stderr)
+                return 1
+            print(f"{domain}: {train} train / {heldout} held-out examples")
+    if args.command in ("train", "all"):
+        from mergeserve.zoo.train import TrainConfig, train
+
+        for domain in domains:
+            if (ZOO_DIR / domain / "adapter_model.safetensors").is_file() and not args.force:
+                print(f"{domain}: {ZOO_DIR / domain} already has an adapter (--force retrains it)")
+                continue
+            cfg = TrainConfig(domain) if args.steps is None else TrainConfig(domain, steps=args.steps)
+            train(cfg, fresh=args.fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

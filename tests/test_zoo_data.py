@@ -1,0 +1,86 @@
+"""The expert zoo's data splits: deterministic, disjoint by source unit, clean text."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from mergeserve.zoo import code_data, german_data, math_data
+from mergeserve.zoo.splits import chunk, split_units
+
+PAGE = """<html><head><title>Kapitel 1</title></head><body>
+<div id="banner"><a>Download the ebook</a></div><ul class="docnav"><li>Zurück</li></ul>
+<div class="para">Die Datei <code>/etc/apt/sources.list</code> listet die Quellen auf, die für das System
+ verwendet werden.</div><a class="indexterm" id="x"></a>
+<pre class="screen">$ apt update und die Pakete</pre>
+<div class="para">This paragraph is still in English and is dropped by the filter.</div>
+<div class="para">Es ist nicht schwer, mit der Konsole zu arbeiten.<br/>Sie wird oft genutzt.</div>
+</body></html>"""
+
+
+def test_html_keeps_german_prose_only() -> None:
+    assert german_data.page_paragraphs(PAGE) == [
+        "Die Datei /etc/apt/sources.list listet die Quellen auf, die für das System verwendet werden.",
+        "Es ist nicht schwer, mit der Konsole zu arbeiten.",
+        "Sie wird oft genutzt.",
+    ]
+
+
+def test_german_split_is_by_page_and_deterministic(tmp_path: Path) -> None:
+    for i in range(40):
+        (tmp_path / f"sect.{i}.html").write_text(PAGE.replace("Kapitel 1", f"Kapitel {i}"))
+    (tmp_path / "index.html").write_text(PAGE)
+    train, heldout = german_data.build(tmp_path, heldout_chars=2_000)
+    assert heldout and train
+    assert not {e["source"] for e in train} & {e["source"] for e in heldout}
+    assert "index.html" not in {e["source"] for e in train + heldout}
+    assert german_data.build(tmp_path, heldout_chars=2_000) == (train, heldout)
+
+
+def test_missing_handbook_says_how_to_install(tmp_path: Path) -> None:
+    with pytest.raises(german_data.MissingHandbook, match="apt-get install debian-handbook"):
+        german_data.build(tmp_path / "nowhere")
+
+
+def test_code_split_excludes_tests_and_holds_out_whole_files(tmp_path: Path) -> None:
+    for name in ["a.py", "b.py", "pkg/__init__.py", "pkg/c.py", "test/test_a.py", "pkg/tests/t.py", "idlelib/x.py"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"import os\n\n\ndef f():\n    return '{name}'\n\n\nclass C:\n    pass\n")
+    train, heldout = code_data.build(tmp_path, heldout_chars=200)
+    sources = {e["source"] for e in train + heldout}
+    assert sources == {"a.py", "b.py", "pkg/__init__.py", "pkg/c.py"}
+    assert heldout and train
+    assert not {e["source"] for e in train} & {e["source"] for e in heldout}
+
+
+def test_code_blocks_cut_before_top_level_definitions() -> None:
+    source = "import os\n\n\n@decorator\ndef f():\n    x = 1\n\n    def inner():\n        pass\n\n\nclass C:\n    pass\n"
+    assert code_data.blocks(source) == ["import os", "@decorator\ndef f():\n    x = 1\n\n    def inner():\n        pass", "class C:\n    pass"]
+
+
+def test_split_units_respects_budget_and_size_cap() -> None:
+    units = {f"u{i}": 100 for i in range(50)} | {"huge": 10_000}
+    held = split_units(units, "seed", heldout_chars=1_000, max_unit_chars=500)
+    assert len(held) == 10 and "huge" not in held
+    assert held == split_units(units, "seed", 1_000, 500)
+    assert held != split_units(units, "other seed", 1_000, 500)
+
+
+def test_chunk_is_greedy_and_keeps_long_parts_whole() -> None:
+    assert chunk(["aa", "bb", "cccccc", "d"], 5, "-") == ["aa-bb", "cccccc", "d"]
+
+
+def test_math_answers_follow_from_the_worked_steps() -> None:
+    train, heldout = math_data.build()
+    assert len(heldout) == math_data.HELDOUT_SIZE and len(train) == math_data.TRAIN_SIZE
+    assert not {e["question"] for e in train} & {e["question"] for e in heldout}
+    for e in heldout + train[:500]:
+        lines = e["text"].splitlines()
+        assert lines[0] == f"Question: {e['question']}" and lines[-1] == f"Answer: {e['answer']}"
+        for line in lines[1:-1]:  # every "a op b = c" in the steps is right
+            for expression, result in re.findall(r"((?:\d+ [-+*/] )+\d+) = (\d+)", line):
+                assert eval(expression) == int(result), line
+        assert lines[-2].rstrip(".").split(" = ")[-1].split()[0] == e["answer"]
+    assert math_data.build() == (train, heldout)
