@@ -156,7 +156,11 @@ def summarise(generated: int, wall: float, ttfts: list[float]) -> dict[str, floa
 
 
 def machine() -> dict[str, object]:
+    import subprocess
+
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return {
+        "commit": commit.stdout.strip() or None,
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(),
