@@ -32,7 +32,7 @@ from mergeserve.engine.engine import Engine
 from mergeserve.engine.sequence import SamplingParams
 from mergeserve.experts import ExpertPool
 from mergeserve.export import export_mixtral
-from mergeserve.merge.btx import build
+from mergeserve.merge import build
 from mergeserve.spec import EngineConfig, load_composition
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -29,6 +29,8 @@ class ExpertSpec(_Strict):
     # Texts of this expert's domain; their hidden states initialise its router row.
     prompts: list[str] = []
     negative_prompts: list[str] = []
+    # Weight in a `linear` merge (normalised over the experts).
+    weight: float = Field(1.0, gt=0)
 
 
 class RouterSpec(_Strict):
@@ -43,7 +45,8 @@ class CompositionSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.:-]+$")
     base: str
     experts: list[ExpertSpec] = Field(min_length=1)
-    method: Literal["btx"] = "btx"
+    # btx: MoE, FFNs kept as experts, the rest averaged; linear: one dense weighted average.
+    method: Literal["btx", "linear"] = "btx"
     router: RouterSpec = RouterSpec()
     dtype: Literal["float32"] = "float32"
 
@@ -55,7 +58,7 @@ class CompositionSpec(_Strict):
             raise ValueError(f"expert names must be unique, repeated: {dupes}")
         if len(self.experts) > 1 and self.router.top_k > len(self.experts):
             raise ValueError(f"router.top_k={self.router.top_k} exceeds the {len(self.experts)} experts")
-        if self.router.kind == "hidden" and len(self.experts) > 1:
+        if self.method == "btx" and self.router.kind == "hidden" and len(self.experts) > 1:
             missing = [e.name for e in self.experts if not e.prompts]
             if missing:
                 raise ValueError(f"router.kind=hidden needs prompts for every expert; none for {missing}")

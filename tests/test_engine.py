@@ -10,7 +10,7 @@ from mergeserve.engine.engine import Engine
 from mergeserve.engine.sequence import SamplingParams
 from mergeserve.experts import ExpertPool
 from mergeserve.kernels import expert_mlp, moe_ffn, route
-from mergeserve.merge.btx import build
+from mergeserve.merge import build
 from mergeserve.spec import EngineConfig, parse_composition
 from tiny import make_checkpoint
 
@@ -153,3 +153,31 @@ def test_prompts_prefilled_together_match_prompts_prefilled_alone(zoo):
     engine.model.expert_load.zero_()
     engine.generate(prompts, SamplingParams(max_tokens=1))
     assert (engine.expert_load.sum(dim=1) == 2 * sum(len(p) for p in prompts)).all()
+
+
+def test_score_gives_each_tokens_log_probability_like_transformers(zoo):
+    engine = engine_for(dense_spec(zoo["code"]))
+    texts = [TEXT, "Hello, how are you today?", "Die Katze schläft im Haus."]
+    sequences = [engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    reference = AutoModelForCausalLM.from_pretrained(zoo["code"], dtype=torch.float32).eval()
+    scores = engine.score(sequences, max_batch_tokens=40)  # forces several padded batches
+    for ids, got in zip(sequences, scores):
+        with torch.no_grad():
+            logprobs = torch.log_softmax(reference(torch.tensor([ids])).logits[0, :-1], dim=-1)
+        expected = logprobs.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_a_linear_merge_is_one_dense_model_of_averaged_weights(zoo):
+    spec = parse_composition({
+        "name": "avg", "base": str(zoo["base"]), "method": "linear",
+        "experts": [{"name": "code", "source": str(zoo["code"]), "weight": 3}, {"name": "math", "source": str(zoo["math"])}],
+    })
+    composed = build(spec, ExpertPool())
+    assert composed.num_experts == 1 and all(layer.router is None for layer in composed.layers)
+    pool = ExpertPool()
+    code, math = (pool.get(str(zoo[n])).tensors for n in ("code", "math"))
+    key = "model.layers.1.mlp.up_proj.weight"
+    torch.testing.assert_close(composed.layers[1].experts[0].up_proj, 0.75 * code[key] + 0.25 * math[key])
+    key = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(composed.layers[0].attn.q_proj, 0.75 * code[key] + 0.25 * math[key])

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from mergeserve.engine.engine import Engine
 from mergeserve.experts import CheckpointError, ExpertPool
-from mergeserve.merge.btx import build
+from mergeserve.merge import build
 from mergeserve.spec import parse_composition
 from tiny import make_checkpoint
 

@@ -6,7 +6,7 @@ import torch
 
 from mergeserve.engine.model import Batch, Transformer
 from mergeserve.experts import ExpertPool
-from mergeserve.merge.btx import build
+from mergeserve.merge import build
 from mergeserve.spec import parse_composition
 
 DOMAINS = {

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerFast
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.executor import Executor
 from mergeserve.experts import ExpertPool
-from mergeserve.merge import btx
+from mergeserve import merge
 from mergeserve.server import Registry, create_app
 from mergeserve.spec import EngineConfig, parse_composition
 from tiny import CHAT_TEMPLATE, make_checkpoint
@@ -73,7 +73,7 @@ def server(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> It
         "experts": [{"name": "only", "source": str(strict_path)}],
     })
     config = EngineConfig(max_num_seqs=4, max_model_len=512)
-    registry = Registry([Engine(btx.build(spec, pool), config) for spec in (moe, strict)])
+    registry = Registry([Engine(merge.build(spec, pool), config) for spec in (moe, strict)])
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # a free port, held until uvicorn takes the socket over

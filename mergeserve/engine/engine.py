@@ -202,6 +202,32 @@ class Engine:
         hidden = self.model(Batch(torch.tensor([token_ids]), positions, None))
         return self.model.logits(hidden)[0]
 
+    @torch.inference_mode()
+    def score(self, sequences: list[list[int]], max_batch_tokens: int = 4096) -> list[torch.Tensor]:
+        """Log-probability of every token after the first given those before it, per sequence: [len - 1].
+
+        Sequences are sorted by length and run in right-padded batches of at most
+        `max_batch_tokens` (padding never reaches a real token through causal attention).
+        """
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        out: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and len(sequences[order[end]]) * (end + 1 - start) <= max_batch_tokens:
+                end += 1
+            group = [sequences[i] for i in order[start:end]]
+            width = max(len(s) for s in group)
+            tokens = torch.tensor([s + [0] * (width - len(s)) for s in group])  # [B, T]
+            lengths = torch.tensor([len(s) for s in group])
+            hidden = self.model(Batch(tokens, torch.arange(width).expand_as(tokens), None, lengths=lengths))
+            for row, i in enumerate(order[start:end]):
+                n = len(sequences[i])
+                logprobs = torch.log_softmax(self.model.logits(hidden[row, : n - 1]), dim=-1)  # [n-1, V]
+                out[i] = logprobs.gather(1, tokens[row, 1:n].unsqueeze(1)).squeeze(1)
+            start = end
+        return out
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Run prompts to completion through the continuous-batching loop; output token ids per prompt."""
         ids = [f"offline-{i}" for i in range(len(prompts))]

@@ -14,20 +14,27 @@ from mergeserve.spec import CompositionSpec
 
 
 def build(spec: CompositionSpec, pool: ExpertPool) -> ComposedModel:
-    base = pool.get(spec.base)
-    if base.tokenizer is None:
-        raise CheckpointError(f"{base.source}: the base has no tokenizer files")
-    experts = [pool.get_expert(e.source, e.base or spec.base) for e in spec.experts]
+    base, experts = load_experts(spec, pool)
     composed = compose(spec.name, base, experts, [e.name for e in spec.experts], spec.router.top_k)
     composed.sources = [spec.base] + [e.source for e in spec.experts]
     init_router(composed, spec)
     return composed
 
 
-def compose(name: str, base: Checkpoint, experts: list[Checkpoint], names: list[str], top_k: int) -> ComposedModel:
-    """Average the shared layers of `experts`, keep their FFNs; routers are left empty (zeros)."""
+def load_experts(spec: CompositionSpec, pool: ExpertPool) -> tuple[Checkpoint, list[Checkpoint]]:
+    base = pool.get(spec.base)
+    if base.tokenizer is None:
+        raise CheckpointError(f"{base.source}: the base has no tokenizer files")
+    return base, [pool.get_expert(e.source, e.base or spec.base) for e in spec.experts]
+
+
+def compose(
+    name: str, base: Checkpoint, experts: list[Checkpoint], names: list[str], top_k: int,
+    weights: list[float] | None = None,
+) -> ComposedModel:
+    """Average the shared layers of `experts` (weighted), keep their FFNs; routers are left empty."""
     def shared(key: str):
-        return mean([e.tensors[key] for e in experts])
+        return mean([e.tensors[key] for e in experts], weights)
 
     def optional(key: str):
         return shared(key) if key in base.tensors else None

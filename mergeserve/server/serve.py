@@ -10,7 +10,7 @@ import uvicorn
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.executor import Executor
 from mergeserve.experts import ExpertPool
-from mergeserve.merge import btx
+from mergeserve import merge
 from mergeserve.server.app import create_app
 from mergeserve.server.registry import Registry
 from mergeserve.spec import ServeConfig
@@ -23,7 +23,7 @@ def build_registry(config: ServeConfig, pool: ExpertPool | None = None) -> Regis
     registry = Registry()
     for spec in config.compositions:
         start = time.perf_counter()
-        composed = btx.build(spec, pool)
+        composed = merge.build(spec, pool)
         registry.add(Engine(composed, config.engine))
         log.info(
             "built composition %r (%d experts, router %s top-%d) in %.2f s",
