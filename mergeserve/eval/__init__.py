@@ -1,0 +1,10 @@
+"""Merge-quality evaluation: held-out loss per domain, math exact match, a mixed set, an oracle row.
+
+`mergeserve eval --spec FILE [--spec FILE ...] [--oracle] --out DIR` runs it; see harness.py
+for what is measured and report.py for what is written.
+"""
+
+from mergeserve.eval.datasets import EvalData, load_eval_data
+from mergeserve.eval.harness import EvalSettings, evaluate, evaluate_engine, evaluate_specs, oracle_row
+
+__all__ = ["EvalData", "EvalSettings", "evaluate", "evaluate_engine", "evaluate_specs", "load_eval_data", "oracle_row"]

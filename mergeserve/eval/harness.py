@@ -1,0 +1,208 @@
+"""Score compositions with the mergeserve engine.
+
+For one model (`evaluate_engine`):
+- loss per domain: total negative log-likelihood over total scored tokens of that domain's
+  held-out examples, each tokenized without special tokens, cut to `max_tokens` tokens and
+  scored on every token after its first (`Engine.score`, batched and padded);
+- math accuracy: greedy generation from `Question: <question>\\n` (one `Engine.generate`
+  call for all problems), cut after the first `Answer:` line, exact match of its number;
+- mixed set: the interleaved examples of every domain, scored the same way, in total and
+  per source domain;
+- router load (MoE only): per layer, the share of routing picks each expert got while the
+  engine scored each domain's loss set (`Engine.expert_load` deltas).
+
+`evaluate_specs` builds each spec from one shared ExpertPool, one engine at a time.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mergeserve.engine.engine import Engine
+from mergeserve.engine.sequence import SamplingParams
+from mergeserve.eval.datasets import EvalData
+from mergeserve.eval.metrics import MATH_PROMPT, LossSum, cut_at_answer_line, extract_answer, loss_sum, matches, tokenize
+from mergeserve.spec import CompositionSpec, EngineConfig
+
+# Generation stops early at a blank line or a new question; the answer line is cut afterwards.
+MATH_STOP = ("\n\n", "\nQuestion:")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    max_tokens: int = 256  # tokens kept per example for the loss
+    per_domain: int | None = None  # loss examples per domain: the first N of each file (None: all)
+    mixed_per_domain: int = 40
+    math_examples: int = 100  # the first N held-out math problems
+    max_new_tokens: int = 160
+    seed: int = 0  # the mixed set's sample and order
+    chunk: int = 32  # sequences per `Engine.score` call (the progress bar's step)
+    max_num_seqs: int = 32  # concurrent generations
+    max_batch_tokens: int = 4096  # padded tokens per scoring forward
+
+
+def engine_config(settings: EvalSettings) -> EngineConfig:
+    return EngineConfig(
+        max_num_seqs=settings.max_num_seqs, max_model_len=max(512, settings.max_tokens),
+        max_prefill_tokens=1024,
+    )
+
+
+def score_examples(engine: Engine, texts: list[str], settings: EvalSettings, desc: str) -> list[LossSum]:
+    """One LossSum per text (examples shorter than two tokens score nothing)."""
+    ids = tokenize(engine.tokenizer, texts, settings.max_tokens)
+    keep = [i for i, x in enumerate(ids) if len(x) >= 2]
+    out = [LossSum() for _ in texts]
+    for start in tqdm(range(0, len(keep), settings.chunk), desc=desc, unit="chunk", leave=False):
+        batch = keep[start:start + settings.chunk]
+        logprobs = engine.score([ids[i] for i in batch], max_batch_tokens=settings.max_batch_tokens)
+        for i, lp in zip(batch, logprobs):
+            out[i] = loss_sum([lp])
+    return out
+
+
+def math_accuracy(engine: Engine, problems: list[dict], settings: EvalSettings) -> dict:
+    if not problems:
+        return {"accuracy": float("nan"), "correct": 0, "n": 0, "generated_tokens": 0, "samples": []}
+    prompts = [engine.tokenizer(MATH_PROMPT.format(question=p["question"]), add_special_tokens=False).input_ids
+               for p in problems]
+    params = SamplingParams(max_tokens=settings.max_new_tokens, temperature=0, stop=MATH_STOP)
+    outputs = engine.generate(prompts, params)
+    correct, samples = 0, []
+    for problem, out in zip(problems, outputs):
+        text = cut_at_answer_line(engine.tokenizer.decode(out, skip_special_tokens=True))
+        got = extract_answer(text)
+        ok = matches(got, problem["answer"])
+        correct += ok
+        samples.append({"answer": problem["answer"], "extracted": got, "correct": ok, "output": text})
+    return {"accuracy": correct / len(problems), "correct": correct, "n": len(problems),
+            "generated_tokens": sum(map(len, outputs)), "samples": samples}
+
+
+def load_fractions(delta: torch.Tensor) -> list[list[float]]:
+    """Per layer, each expert's share of that layer's routing picks, [layers][experts]."""
+    totals = delta.sum(dim=1, keepdim=True).clamp_min(1)
+    return (delta.double() / totals).tolist()
+
+
+def evaluate_engine(engine: Engine, data: EvalData, settings: EvalSettings) -> dict:
+    """Every metric of one model (see the module docstring); timings in seconds."""
+    result: dict = {"domains": {}, "timings": {}}
+    routed = engine.expert_load is not None
+    router: dict[str, dict] = {}
+    for domain, examples in data.domains.items():
+        start = time.perf_counter()
+        before = engine.expert_load.clone() if routed else None
+        sums = score_examples(engine, [e["text"] for e in examples], settings, f"{engine.name} {domain}")
+        result["domains"][domain] = sum(sums, LossSum()).as_dict()
+        if routed:
+            per_layer = load_fractions(engine.expert_load - before)
+            mean = [sum(layer[e] for layer in per_layer) / len(per_layer) for e in range(len(engine.expert_names))]
+            router[domain] = {"experts": dict(zip(engine.expert_names, mean)), "per_layer": per_layer}
+        result["timings"][f"loss_{domain}"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    sums = score_examples(engine, [e["text"] for _, e in data.mixed], settings, f"{engine.name} mixed")
+    by_domain: dict[str, LossSum] = {}
+    for (domain, _), s in zip(data.mixed, sums):
+        by_domain[domain] = by_domain.get(domain, LossSum()) + s
+    result["mixed"] = {**sum(sums, LossSum()).as_dict(), "by_domain": {d: s.as_dict() for d, s in by_domain.items()}}
+    result["timings"]["mixed"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    result["math"] = math_accuracy(engine, data.math, settings)
+    result["timings"]["math"] = time.perf_counter() - start
+    if routed:
+        result["router"] = router
+    return result
+
+
+def row_kind(spec: CompositionSpec) -> dict:
+    """What a row is: the base alone, one expert alone, or a merge of several."""
+    if len(spec.experts) == 1:
+        expert = spec.experts[0]
+        if Path(expert.source).resolve() == Path(spec.base).resolve():
+            return {"kind": "base"}
+        return {"kind": "expert", "expert": expert.name}
+    return {"kind": spec.method, "experts": [e.name for e in spec.experts]}
+
+
+def evaluate_specs(
+    specs: list[tuple[str, CompositionSpec]], data: EvalData, settings: EvalSettings,
+) -> list[dict]:
+    """One row per (label, spec): built from one shared pool, one engine alive at a time."""
+    from mergeserve.experts import ExpertPool
+    from mergeserve.merge import build
+
+    pool, rows = ExpertPool(), []
+    for label, spec in tqdm(specs, desc="models", unit="model"):
+        start = time.perf_counter()
+        engine = Engine(build(spec, pool), engine_config(settings))
+        built = time.perf_counter() - start
+        row = {"name": spec.name, "spec": label, **row_kind(spec), **evaluate_engine(engine, data, settings)}
+        row["timings"] = {"build": built, **row["timings"], "total": time.perf_counter() - start}
+        rows.append(row)
+        del engine
+        gc.collect()
+    return rows
+
+
+def oracle_row(rows: list[dict], domains: tuple[str, ...], math_domain: str = "math") -> dict:
+    """Each example scored by its own domain's expert alone: combined from the single-expert rows.
+
+    The expert of domain d is the row with one expert named d (not the base).
+    """
+    check_oracle(rows, domains)
+    experts = {r["expert"]: r for r in rows if r["kind"] == "expert"}
+    mixed_by = {d: LossSum.from_dict(experts[d]["mixed"]["by_domain"][d])
+                for d in domains if d in experts[d]["mixed"]["by_domain"]}
+    math = experts[math_domain]["math"] if math_domain in experts else {"accuracy": float("nan"), "correct": 0, "n": 0}
+    return {
+        "name": "oracle", "spec": None, "kind": "oracle",
+        "domains": {d: experts[d]["domains"][d] for d in domains},
+        "mixed": {**sum(mixed_by.values(), LossSum()).as_dict(), "by_domain": {d: s.as_dict() for d, s in mixed_by.items()}},
+        "math": {k: math[k] for k in ("accuracy", "correct", "n")},
+        "sources": {d: experts[d]["name"] for d in domains},
+    }
+
+
+def check_oracle(kinds: list[dict], domains: tuple[str, ...]) -> None:
+    have = {k["expert"] for k in kinds if k["kind"] == "expert"}
+    missing = [d for d in domains if d not in have]
+    if missing:
+        raise ValueError(f"--oracle needs a single-expert spec per domain (its expert named after the domain); none for {missing}")
+
+
+def settings_dict(settings: EvalSettings, data: EvalData) -> dict:
+    return {**asdict(settings), "math_stop": list(MATH_STOP), "math_prompt": MATH_PROMPT,
+            "loss_examples": {d: len(e) for d, e in data.domains.items()},
+            "mixed_examples": len(data.mixed), "math_problems": len(data.math)}
+
+
+def evaluate(
+    spec_paths: list[str | Path], data_dir: str | Path, settings: EvalSettings = EvalSettings(),
+    oracle: bool = False, domains: tuple[str, ...] | None = None,
+) -> dict:
+    """`mergeserve eval`: every spec's row (and the oracle's), with the settings and wall time."""
+    from mergeserve.eval.datasets import load_eval_data
+    from mergeserve.spec import load_composition
+    from mergeserve.zoo import DOMAINS
+
+    start = time.perf_counter()
+    specs = [(str(p), load_composition(p)) for p in spec_paths]  # every spec checked before any is built
+    domains = domains or DOMAINS
+    if oracle:
+        check_oracle([row_kind(spec) for _, spec in specs], domains)
+    data = load_eval_data(data_dir, domains, settings.per_domain, settings.mixed_per_domain,
+                          settings.math_examples, settings.seed)
+    rows = evaluate_specs(specs, data, settings)
+    return {
+        "domains": list(domains), "settings": settings_dict(settings, data), "rows": rows,
+        "oracle": oracle_row(rows, domains) if oracle else None, "wall_s": time.perf_counter() - start,
+    }

@@ -1,0 +1,153 @@
+"""What `mergeserve eval` writes: results.json, results.md (tables) and loss.png (bar chart)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+GAIN_TARGET = 0.10  # an expert must beat the base by 10% (relative) on its own domain
+
+
+def write_all(out_dir: str | Path, results: dict) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json", out / "results.md", out / "loss.png"]
+    paths[0].write_text(json.dumps(_finite(results), indent=1, allow_nan=False) + "\n")
+    paths[1].write_text(markdown(results))
+    bar_chart(results, paths[2])
+    return paths
+
+
+def _finite(value):
+    """NaN (a metric with nothing to measure) as JSON null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _rows(results: dict) -> list[dict]:
+    return results["rows"] + ([results["oracle"]] if results.get("oracle") else [])
+
+
+def _cell(value: float, oracle: float | None, digits: int, percent: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    scale, unit, gap_unit = (100, "%", " pp") if percent else (1, "", "")
+    text = f"{value * scale:.{digits}f}{unit}"
+    if oracle is not None and not math.isnan(oracle):
+        text += f" ({(value - oracle) * scale:+.{digits}f}{gap_unit})"
+    return text
+
+
+def main_table(results: dict) -> list[str]:
+    domains = results["domains"]
+    oracle = results.get("oracle")
+    head = ["model", *[f"{d} loss" for d in domains], "math acc", "mixed loss"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in _rows(results):
+        o = oracle if oracle and row is not oracle else None
+        cells = [row["name"]]
+        cells += [_cell(row["domains"][d]["loss"], o["domains"][d]["loss"] if o else None, 3) for d in domains]
+        cells.append(_cell(row["math"]["accuracy"], o["math"]["accuracy"] if o else None, 1, percent=True))
+        cells.append(_cell(row["mixed"]["loss"], o["mixed"]["loss"] if o else None, 3))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def acceptance(results: dict) -> list[str]:
+    """The zoo's rule: each expert beats the base by >=10% on its own domain, and not on every domain."""
+    rows = results["rows"]
+    base = next((r for r in rows if r["kind"] == "base"), None)
+    experts = [r for r in rows if r["kind"] == "expert" and r["expert"] in results["domains"]]
+    if base is None or not experts:
+        return []
+    domains = results["domains"]
+    lines = ["| expert | base loss (own domain) | expert loss | gain | relative | >= 10% | better on every other domain too | passes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in experts:
+        d = r["expert"]
+        b, e = base["domains"][d]["loss"], r["domains"][d]["loss"]
+        rel = (b - e) / b
+        others = [x for x in domains if x != d]
+        all_better = bool(others) and all(r["domains"][x]["loss"] < base["domains"][x]["loss"] for x in others)
+        ok = rel >= GAIN_TARGET and not all_better
+        lines.append(f"| {r['name']} | {b:.3f} | {e:.3f} | {b - e:+.3f} | {rel:+.1%} | {'yes' if rel >= GAIN_TARGET else 'no'} "
+                     f"| {'yes' if all_better else 'no'} | {'yes' if ok else 'no'} |")
+    return lines
+
+
+def router_tables(results: dict) -> list[str]:
+    lines = []
+    for row in results["rows"]:
+        if "router" not in row:
+            continue
+        names = list(next(iter(row["router"].values()))["experts"])
+        lines += ["", f"**{row['name']}**", "", "| tokens of | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for domain, stats in row["router"].items():
+            lines.append(f"| {domain} | " + " | ".join(f"{stats['experts'][n]:.1%}" for n in names) + " |")
+    return lines
+
+
+def markdown(results: dict) -> str:
+    s = results["settings"]
+    domains = results["domains"]
+    loss_counts = ", ".join(f"{d} {s['loss_examples'][d]}" for d in domains)
+    lines = [
+        "# Merge quality", "",
+        f"Loss: mean negative log-likelihood per token (nats), token-weighted over the held-out examples "
+        f"({loss_counts}); each example tokenized without special tokens, cut to {s['max_tokens']} tokens, "
+        f"every token after the first scored. Math accuracy: exact match of the number after `Answer:` in "
+        f"greedy output (at most {s['max_new_tokens']} new tokens) on the first {s['math_problems']} held-out problems. "
+        f"Mixed: {s['mixed_examples']} examples ({s['mixed_per_domain']} per domain, seed {s['seed']}) interleaved.",
+        "",
+    ]
+    if results.get("oracle"):
+        lines += ["In parentheses: the difference to the oracle row (each example scored by its own domain's expert).", ""]
+    lines += main_table(results)
+    mixed_lines = ["", "## Mixed set per source domain", "", "| model | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+    for row in _rows(results):
+        by = row["mixed"]["by_domain"]
+        mixed_lines.append(f"| {row['name']} | " + " | ".join(f"{by[d]['loss']:.3f}" if d in by else "–" for d in domains) + " |")
+    lines += mixed_lines
+    if acc := acceptance(results):
+        lines += ["", "## Experts against the base", ""] + acc
+    if rt := router_tables(results):
+        lines += ["", "## Router load", "",
+                  "Share of routing picks (top-k, so each token counts k times) per expert while scoring each "
+                  "domain's loss set, averaged over layers."] + rt
+    lines += ["", "## Wall time", "", "| model | build s | loss s | mixed s | math s | total s |", "|---|---|---|---|---|---|"]
+    for row in results["rows"]:
+        t = row["timings"]
+        loss = sum(v for k, v in t.items() if k.startswith("loss_"))
+        lines.append(f"| {row['name']} | {t['build']:.1f} | {loss:.1f} | {t['mixed']:.1f} | {t['math']:.1f} | {t['total']:.1f} |")
+    lines += ["", f"Whole evaluation: {results['wall_s']:.1f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [*results["domains"], "mixed"]
+    rows = _rows(results)
+    width = 0.8 / max(len(rows), 1)
+    fig, ax = plt.subplots(figsize=(min(14.0, 3.0 + 0.3 * len(rows) * len(groups)), 4.5))
+    for i, row in enumerate(rows):
+        values = [row["domains"][g]["loss"] if g in row["domains"] else row["mixed"]["loss"] for g in groups]
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(groups))]
+        ax.bar(xs, values, width, label=row["name"], hatch="//" if row["kind"] == "oracle" else None)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("held-out loss (nats per token)")
+    ax.set_title("Loss per domain per model (lower is better)")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

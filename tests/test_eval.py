@@ -1,0 +1,247 @@
+"""The evaluation harness computes the right numbers: loss and accuracy against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mergeserve.cli import main
+from mergeserve.engine.engine import Engine
+from mergeserve.eval.datasets import EvalData, load_eval_data
+from mergeserve.eval.harness import EvalSettings, engine_config, evaluate_engine, evaluate_specs, oracle_row
+from mergeserve.eval.metrics import cut_at_answer_line, extract_answer, matches, normalise_number
+from mergeserve.experts import ExpertPool
+from mergeserve.merge import build
+from mergeserve.spec import parse_composition
+from mergeserve.zoo.splits import write_jsonl
+from tiny import make_checkpoint
+
+DOMAINS = ("math", "german", "code")
+MAX_TOKENS = 12  # short enough that most examples below are cut
+TEXTS = {
+    "math": ["Tom has 5 apples and buys 3 more, so he has 8.", "What is 12 + 7? 12 + 7 = 19. Then 19 + 1 = 20."],
+    "german": ["Der Hund läuft schnell über die Straße.", "Die Katze schläft im Haus.", "Hallo"],
+    "code": ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n"],
+}
+PROBLEMS = [  # what the taught model memorises: question, worked steps, answer
+    ("Anna has 3 cats and 4 dogs. How many pets?", "3 + 4 = 7", "7"),
+    ("Ben reads 12 pages a day for 5 days. How many pages?", "12 * 5 = 60", "60"),
+    ("Carla has 1,500 dollars and spends 250. How much is left?", "1500 - 250 = 1250", "1250"),
+    ("Dora packs 9 boxes of 11 cups. How many cups?", "9 * 11 = 99", "99"),
+]
+
+
+def settings(**kw) -> EvalSettings:
+    return EvalSettings(**{"max_tokens": MAX_TOKENS, "mixed_per_domain": 2, "math_examples": 0,
+                           "max_new_tokens": 24, "max_num_seqs": 4, "chunk": 2, **kw})
+
+
+def spec(base: Path, experts: dict[str, Path], **extra):
+    return parse_composition({"name": "-".join(experts), "base": str(base),
+                              "experts": [{"name": n, "source": str(p)} for n, p in experts.items()], **extra})
+
+
+def engine_for(composition) -> Engine:
+    return Engine(build(composition, ExpertPool()), engine_config(settings()))
+
+
+def reference_nll(folder: Path, texts: list[str], max_tokens: int = MAX_TOKENS) -> tuple[float, int]:
+    """Summed NLL and token count by hand: transformers' logits, log_softmax, token by token."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    nll, count = 0.0, 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False).input_ids[:max_tokens]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)  # [T, V]
+        for t in range(1, len(ids)):
+            nll -= float(logprobs[t - 1, ids[t]])
+            count += 1
+    return nll, count
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("heldout")
+    write_jsonl(root / "german" / "heldout.jsonl", [{"text": t} for t in TEXTS["german"]])
+    write_jsonl(root / "code" / "heldout.jsonl", [{"text": t} for t in TEXTS["code"]])
+    write_jsonl(root / "math" / "heldout.jsonl", [
+        {"question": q, "answer": a, "text": f"Question: {q}\n{s}\nAnswer: {a}"} for q, s, a in PROBLEMS
+    ] + [{"question": "x", "answer": "0", "text": t} for t in TEXTS["math"]])
+    return root
+
+
+def loss_data(domains=DOMAINS) -> EvalData:
+    return EvalData({d: [{"text": t} for t in TEXTS[d]] for d in domains}, [], [])
+
+
+# --- answer extraction ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("3 + 4 = 7\nAnswer: 7", "7"),
+    ("Answer: 1,250", "1250"),
+    ("Answer: $1,250.00 dollars", "1250"),
+    ("Answer: 12.0", "12"),
+    ("Answer: -0042", "-42"),
+    ("Answer: 2.50.", "2.5"),
+    ("Answer: 3\nQuestion: next\nAnswer: 9", "9"),  # the last Answer: of the text
+    ("Answer:7", "7"),
+    ("The answer is 7", None),
+    ("Answer: seven", None),
+    ("Answer: ", None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_generation_is_cut_after_its_first_answer_line():
+    text = "5 * 3 = 15\nAnswer: 15\nQuestion: more?\nAnswer: 99"
+    assert cut_at_answer_line(text) == "5 * 3 = 15\nAnswer: 15"
+    got = extract_answer(cut_at_answer_line(text))
+    assert matches(got, "15") and matches(got, "15.00") and not matches(got, "99") and not matches(None, "15")
+    assert cut_at_answer_line("no answer here") == "no answer here"
+    assert normalise_number("1,000") == "1000" and normalise_number("0.50") == "0.5" and normalise_number("abc") is None
+
+
+# --- loss ----------------------------------------------------------------------------------
+
+def test_uniform_model_loss_is_log_vocab(tmp_path):
+    """A zero output head gives every token probability 1/V: the loss must be exactly ln V."""
+    folder = make_checkpoint(tmp_path / "uniform")
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["lm_head.weight"].zero_()
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    engine = engine_for(spec(folder, {"only": folder}))
+    result = evaluate_engine(engine, loss_data(("german",)), settings())
+    vocab = engine.composed.config.vocab_size
+    assert result["domains"]["german"]["loss"] == pytest.approx(math.log(vocab), abs=1e-5)
+    ids = [engine.tokenizer(t, add_special_tokens=False).input_ids[:MAX_TOKENS] for t in TEXTS["german"]]
+    assert result["domains"]["german"]["tokens"] == sum(len(x) - 1 for x in ids)
+
+
+def test_loss_matches_a_hand_computed_value(zoo):
+    engine = engine_for(spec(zoo["base"], {"math": zoo["math"]}))
+    result = evaluate_engine(engine, loss_data(), settings())
+    for domain in DOMAINS:
+        nll, count = reference_nll(zoo["math"], TEXTS[domain])
+        got = result["domains"][domain]
+        assert got["tokens"] == count and got["examples"] == len(TEXTS[domain])
+        assert got["nll"] == pytest.approx(nll, rel=1e-5)
+        assert got["loss"] == pytest.approx(nll / count, rel=1e-5)  # token-weighted, not per example
+
+
+def test_mixed_set_and_oracle_from_single_experts(zoo, data_dir):
+    data = load_eval_data(data_dir, DOMAINS, mixed_per_domain=2, math_examples=0)
+    assert sorted(d for d, _ in data.mixed) == sorted(DOMAINS * 2)
+    assert [d for d, _ in data.mixed] != sorted(d for d, _ in data.mixed)  # interleaved, not grouped
+    assert load_eval_data(data_dir, DOMAINS, mixed_per_domain=2).mixed == data.mixed  # seeded
+    specs = [(d, spec(zoo["base"], {d: zoo[d]})) for d in DOMAINS]
+    rows = evaluate_specs(specs, data, settings())
+    oracle = oracle_row(rows, DOMAINS)
+    total_nll, total_count = 0.0, 0
+    for domain in DOMAINS:
+        texts = [e["text"] for d, e in data.mixed if d == domain]
+        nll, count = reference_nll(zoo[domain], texts)
+        total_nll, total_count = total_nll + nll, total_count + count
+        assert oracle["mixed"]["by_domain"][domain]["nll"] == pytest.approx(nll, rel=1e-5)
+        assert oracle["domains"][domain] == rows[DOMAINS.index(domain)]["domains"][domain]
+    assert oracle["mixed"]["loss"] == pytest.approx(total_nll / total_count, rel=1e-5)
+    with pytest.raises(ValueError, match="german"):
+        oracle_row([r for r in rows if r["expert"] != "german"], DOMAINS)
+
+
+def test_router_load_is_reported_per_domain(zoo):
+    moe = spec(zoo["base"], {d: zoo[d] for d in DOMAINS}, router={"kind": "random", "top_k": 2})
+    result = evaluate_engine(engine_for(moe), loss_data(), settings())
+    assert set(result["router"]) == set(DOMAINS)
+    for stats in result["router"].values():
+        assert sum(stats["experts"].values()) == pytest.approx(1.0)
+        assert all(sum(layer) == pytest.approx(1.0) for layer in stats["per_layer"])
+        assert all(share <= 0.5 + 1e-9 for layer in stats["per_layer"] for share in layer)  # top-2 of 3
+
+
+# --- math accuracy -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def taught(tmp_path_factory) -> Path:
+    """A tiny model trained until it answers PROBLEMS from memory (greedy)."""
+    folder = make_checkpoint(tmp_path_factory.mktemp("taught") / "model")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rows = [tokenizer(f"Question: {q}\n{s}\nAnswer: {a}", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            for q, s, a in PROBLEMS]
+    width = max(map(len, rows))
+    x = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):  # about 0.02 nats per token from here on: the text after "Question: " is learnt
+        loss = model(input_ids=x, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_math_accuracy_counts_exact_matches(taught, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(taught, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(taught)
+    extracted = []
+    for question, _, _ in PROBLEMS:
+        ids = tokenizer(f"Question: {question}\n", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24)[0, len(ids):]
+        extracted.append(extract_answer(cut_at_answer_line(tokenizer.decode(out, skip_special_tokens=True))))
+    assert None not in extracted, extracted  # the model did learn to answer
+    # Gold answers: the first two are what greedy produces (one written with a thousands
+    # separator and a trailing .0), the other two are off by a digit: exactly 2 of 4 match.
+    gold = [f"{int(extracted[0]):,}.0", extracted[1], extracted[2] + "1", "9" + extracted[3]]
+    problems = [{"question": q, "answer": g, "text": ""} for (q, _, _), g in zip(PROBLEMS, gold)]
+    engine = engine_for(spec(taught, {"only": taught}))
+    result = evaluate_engine(engine, EvalData({}, problems, []), settings())
+    assert result["math"]["correct"] == 2 and result["math"]["n"] == 4
+    assert result["math"]["accuracy"] == 0.5
+    assert [s["extracted"] for s in result["math"]["samples"]] == extracted
+    assert [s["correct"] for s in result["math"]["samples"]] == [True, True, False, False]
+
+
+# --- the command ---------------------------------------------------------------------------
+
+def test_eval_command_writes_results(zoo, data_dir, tmp_path, capsys):
+    specs = []
+    for name, experts, extra in [
+        ("base", {"base": zoo["base"]}, {}),
+        *[(d, {d: zoo[d]}, {}) for d in DOMAINS],
+        ("linear", {d: zoo[d] for d in DOMAINS}, {"method": "linear"}),
+        ("moe", {d: zoo[d] for d in DOMAINS}, {"router": {"kind": "random", "top_k": 2}}),
+    ]:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"name": name, "base": str(zoo["base"]), **extra,
+                                        "experts": [{"name": n, "source": str(p)} for n, p in experts.items()]}))
+        specs += ["--spec", str(path)]
+    out = tmp_path / "out"
+    argv = ["eval", *specs, "--oracle", "--out", str(out), "--data", str(data_dir),
+            "--max-tokens", "12", "--mixed", "2", "--math", "2", "--max-new-tokens", "8"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in results["rows"]] == ["base", *DOMAINS, "linear", "moe"]
+    assert [r["kind"] for r in results["rows"]] == ["base", "expert", "expert", "expert", "linear", "btx"]
+    assert results["oracle"]["domains"]["code"] == results["rows"][3]["domains"]["code"]
+    assert results["settings"]["loss_examples"] == {"math": 6, "german": 3, "code": 2}
+    assert "router" in results["rows"][5] and "router" not in results["rows"][4]
+    table = (out / "results.md").read_text()
+    assert "| oracle |" in table and "mixed loss" in table and "Experts against the base" in table
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --oracle without an expert per domain is a usage error, found before anything is built.
+    assert main(["eval", "--spec", specs[1], "--oracle", "--out", str(tmp_path / "x"), "--data", str(data_dir)]) == 2
+    assert "none for" in capsys.readouterr().err
