@@ -216,15 +216,12 @@ class Engine:
             end = start + 1
             while end < len(order) and len(sequences[order[end]]) * (end + 1 - start) <= max_batch_tokens:
                 end += 1
-            group = [sequences[i] for i in order[start:end]]
-            width = max(len(s) for s in group)
-            tokens = torch.tensor([s + [0] * (width - len(s)) for s in group])  # [B, T]
-            lengths = torch.tensor([len(s) for s in group])
-            hidden = self.model(Batch(tokens, torch.arange(width).expand_as(tokens), None, lengths=lengths))
+            batch = Batch.right_padded([sequences[i] for i in order[start:end]])
+            hidden = self.model(batch)  # [B, T, D]
             for row, i in enumerate(order[start:end]):
                 n = len(sequences[i])
                 logprobs = torch.log_softmax(self.model.logits(hidden[row, : n - 1]), dim=-1)  # [n-1, V]
-                out[i] = logprobs.gather(1, tokens[row, 1:n].unsqueeze(1)).squeeze(1)
+                out[i] = logprobs.gather(1, batch.tokens[row, 1:n].unsqueeze(1)).squeeze(1)
             start = end
         return out
 

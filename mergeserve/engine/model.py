@@ -56,6 +56,14 @@ class Batch:
     router_bias: torch.Tensor | None = None  # [real tokens, E] added to every MoE layer's router logits
     lengths: torch.Tensor | None = None  # [B]; None: no padding
 
+    @classmethod
+    def right_padded(cls, sequences: list[list[int]], router_bias: torch.Tensor | None = None) -> Batch:
+        """Whole sequences from position 0, padded on the right, for a forward without cache."""
+        width = max(len(s) for s in sequences)
+        tokens = torch.tensor([s + [0] * (width - len(s)) for s in sequences])  # [B, T]
+        lengths = torch.tensor([len(s) for s in sequences])
+        return cls(tokens, torch.arange(width).expand_as(tokens), None, router_bias, lengths)
+
     def real(self) -> torch.Tensor | None:
         """Which tokens are not padding, [B, T]; None when none are."""
         if self.lengths is None:

@@ -34,14 +34,10 @@ def _mean_router_inputs(model: Transformer, composed: ComposedModel, texts: list
     ids = [i for i in ids if i]
     if not ids:
         raise ValueError(f"expert {composed.expert_names[expert]}: its prompts tokenize to nothing")
-    width = max(len(i) for i in ids)
-    lengths = torch.tensor([len(i) for i in ids])
-    tokens = torch.tensor([i + [0] * (width - len(i)) for i in ids])  # [B, T]
-    bias = torch.full((int(lengths.sum()), composed.num_experts), float("-inf"))
+    bias = torch.full((sum(len(i) for i in ids), composed.num_experts), float("-inf"))  # [real tokens, E]
     bias[:, expert] = 0.0
     captured: list[torch.Tensor] = []
-    positions = torch.arange(width).expand_as(tokens)
-    model(Batch(tokens, positions, None, bias, lengths), capture=captured)
+    model(Batch.right_padded(ids, bias), capture=captured)
     return torch.stack([c.mean(0) for c in captured])  # [L, D]
 
 
