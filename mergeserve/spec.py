@@ -34,19 +34,80 @@ class ExpertSpec(_Strict):
 
 
 class RouterSpec(_Strict):
-    kind: Literal["hidden", "random"] = "hidden"
+    # hidden/centroid: from each expert's prompts; arrow: from each expert's weight deltas
+    # (LoRA B·A); learned: rows read from `weights` (written by `mergeserve train-router`).
+    kind: Literal["hidden", "centroid", "arrow", "learned", "random"] = "hidden"
     top_k: int = Field(2, ge=1)
     seed: int = 0
     # Router logit margin between an expert's own domain and the rest; larger is sharper.
     scale: float = Field(4.0, gt=0)
+    # safetensors file of router rows for kind=learned (relative to the spec's folder).
+    weights: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> RouterSpec:
+        if (self.kind == "learned") != (self.weights is not None):
+            raise ValueError("router.weights is required for kind=learned and only used by it")
+        return self
+
+
+TaskVectorMethod = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"]
+
+
+class MergeOverride(_Strict):
+    """Other merge parameters for the tensors whose name matches `match` (a regex, `re.search`)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    match: str
+    lambda_: float | None = Field(None, alias="lambda")
+    density: float | None = Field(None, gt=0, le=1)
+    t: float | None = Field(None, ge=0, le=1)
+
+    @field_validator("match")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        import re
+
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a regular expression: {e}") from None
+        return v
+
+
+class MergeParams(_Strict):
+    """How tensors are merged: every tensor for a dense method, the shared layers for `mergeme`.
+
+    Task vectors are tau_i = theta_i - theta_base; the result is base + lambda * merge(w_i * tau_i).
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # Set for `mergeme` (default ties); for a dense spec it is the spec's own `method`.
+    method: TaskVectorMethod | None = None
+    lambda_: float = Field(1.0, alias="lambda")
+    # Fraction of each task vector kept: by magnitude for ties, at random for dare.
+    density: float = Field(1.0, gt=0, le=1)
+    # ties: divide by the summed weight of the experts agreeing with the elected sign
+    # (mergekit's form) instead of summing (the TIES/MergeME form).
+    normalize: bool = False
+    # ties sign election: by summed mass (TIES paper) or by count of signs.
+    consensus: Literal["sum", "count"] = "sum"
+    # dare: rescale kept entries by 1/density.
+    rescale: bool = True
+    # slerp: interpolation factor from the first expert (0) to the second (1).
+    t: float = Field(0.5, ge=0, le=1)
+    seed: int = 0
+    overrides: list[MergeOverride] = []
 
 
 class CompositionSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.:-]+$")
     base: str
     experts: list[ExpertSpec] = Field(min_length=1)
-    # btx: MoE, FFNs kept as experts, the rest averaged; linear: one dense weighted average.
-    method: Literal["btx", "linear"] = "btx"
+    # btx: MoE, FFNs kept as experts, the rest averaged; mergeme: MoE, the rest merged as
+    # `merge` says (TIES by default); any task-vector method: one dense merged model.
+    method: Literal["btx", "mergeme", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"] = "btx"
+    merge: MergeParams = MergeParams()
     router: RouterSpec = RouterSpec()
     dtype: Literal["float32"] = "float32"
 
@@ -58,11 +119,34 @@ class CompositionSpec(_Strict):
             raise ValueError(f"expert names must be unique, repeated: {dupes}")
         if len(self.experts) > 1 and self.router.top_k > len(self.experts):
             raise ValueError(f"router.top_k={self.router.top_k} exceeds the {len(self.experts)} experts")
-        if self.method == "btx" and self.router.kind == "hidden" and len(self.experts) > 1:
+        if self.is_moe and self.router.kind in ("hidden", "centroid") and len(self.experts) > 1:
             missing = [e.name for e in self.experts if not e.prompts]
             if missing:
-                raise ValueError(f"router.kind=hidden needs prompts for every expert; none for {missing}")
+                raise ValueError(f"router.kind={self.router.kind} needs prompts for every expert; none for {missing}")
+        self._check_merge()
         return self
+
+    @property
+    def is_moe(self) -> bool:
+        return self.method in ("btx", "mergeme")
+
+    def _check_merge(self) -> None:
+        merge, given = self.merge, self.merge.model_fields_set
+        if self.method == "btx" and given:
+            raise ValueError("merge: btx averages the shared layers; use method=mergeme to merge them otherwise")
+        if self.method == "mergeme":
+            # MergeME's defaults: TIES on the shared layers' task vectors, lambda 1/3, keep ratio 0.8.
+            self.merge = merge.model_copy(update={
+                "method": merge.method or "ties",
+                "lambda_": merge.lambda_ if "lambda_" in given else 1 / 3,
+                "density": merge.density if "density" in given else 0.8,
+            })
+        elif not self.is_moe:
+            if merge.method not in (None, self.method):
+                raise ValueError(f"merge.method={merge.method} contradicts method={self.method}")
+            self.merge = merge.model_copy(update={"method": self.method})
+        if self.merge.method == "slerp" and len(self.experts) != 2:
+            raise ValueError(f"slerp merges exactly two experts, got {len(self.experts)}")
 
 
 class EngineConfig(_Strict):
@@ -119,6 +203,9 @@ def _with_resolved_sources(spec: dict, relative_to: Path) -> dict:
         experts.append(expert)
     if experts:
         spec["experts"] = experts
+    router = spec.get("router")
+    if isinstance(router, dict) and isinstance(router.get("weights"), str):
+        spec["router"] = router | {"weights": resolve_source(router["weights"], relative_to)}
     return spec
 
 

@@ -17,7 +17,7 @@ def build(spec: CompositionSpec, pool: ExpertPool) -> ComposedModel:
     base, experts = load_experts(spec, pool)
     composed = compose(spec.name, base, experts, [e.name for e in spec.experts], spec.router.top_k)
     composed.sources = [spec.base] + [e.source for e in spec.experts]
-    init_router(composed, spec)
+    init_router(composed, spec, base)
     return composed
 
 

@@ -1,25 +1,39 @@
-"""Token routers: training-free initialisation of the per-layer gate rows."""
+"""Token routers: the per-layer gate rows [E, D] of an MoE composition, by kind."""
 
 from __future__ import annotations
 
 import torch
 
+from mergeserve.experts import Checkpoint
 from mergeserve.merge.composed import ComposedModel
 from mergeserve.spec import CompositionSpec
 
 
-def init_router(composed: ComposedModel, spec: CompositionSpec) -> None:
+def init_router(composed: ComposedModel, spec: CompositionSpec, base: Checkpoint) -> None:
     """Fill every MoE layer's router [E, D] as the spec's router section says."""
     if composed.num_experts == 1:
         return
-    if spec.router.kind == "random":
+    kind = spec.router.kind
+    if kind == "random":
         from mergeserve.router.random import random_rows
 
         rows = random_rows(len(composed.layers), composed.num_experts, composed.config.hidden_size, spec.router)
-    else:
+    elif kind == "hidden":
         from mergeserve.router.hidden import hidden_rows
 
         rows = hidden_rows(composed, spec)
+    elif kind == "centroid":
+        from mergeserve.router.centroid import centroid_rows
+
+        rows = centroid_rows(composed, spec)
+    elif kind == "arrow":
+        from mergeserve.router.arrow import arrow_rows
+
+        rows = arrow_rows(composed, spec, base)
+    else:
+        from mergeserve.router.learned import load_rows
+
+        rows = load_rows(composed, spec.router.weights)
     for layer, r in zip(composed.layers, rows):
         layer.router = r
 

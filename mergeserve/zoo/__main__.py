@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mergeserve.zoo", description="Build the expert zoo's data splits and LoRA experts.")
     p.add_argument("command", nargs="?", default="all", choices=["data", "train", "all"])
     p.add_argument("--domain", default="all", choices=[*DOMAINS, "all"], help="one domain, or all in the order math, german, code")
-    p.add_argument("--steps", type=int, help="training steps per expert (default: the TrainConfig default)")
+    p.add_argument("--steps", type=int, help="training steps per expert (default: mergeserve.zoo.train.STEPS)")
     p.add_argument("--fresh", action="store_true", help="discard a resumable checkpoint and train from step 0")
     p.add_argument("--force", action="store_true", help="train even where examples/zoo/<domain> already has an adapter")
     args = p.parse_args(argv)
@@ -30,13 +30,13 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(f"{domain}: {train} train / {heldout} held-out examples")
     if args.command in ("train", "all"):
-        from mergeserve.zoo.train import TrainConfig, train
+        from mergeserve.zoo.train import STEPS, TrainConfig, train
 
         for domain in domains:
             if (ZOO_DIR / domain / "adapter_model.safetensors").is_file() and not args.force:
                 print(f"{domain}: {ZOO_DIR / domain} already has an adapter (--force retrains it)")
                 continue
-            cfg = TrainConfig(domain) if args.steps is None else TrainConfig(domain, steps=args.steps)
+            cfg = TrainConfig(domain, steps=args.steps or STEPS[domain])
             train(cfg, fresh=args.fresh)
     return 0
 

@@ -37,10 +37,15 @@ warnings.filterwarnings("ignore", message="Could not find a config file")
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+# 176 * 4 * 256 = 180k tokens, about 20 minutes at 150 tokens/s. Code gets 320 steps (328k tokens,
+# about 37 minutes): at 176 steps its held-out loss was still falling and 0.9 points short of -10%.
+STEPS = {"math": 176, "german": 176, "code": 320}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     domain: str
-    steps: int = 176  # 176 * 4 * 256 = 180k tokens: about 20 minutes at 150 tokens/s
+    steps: int = 176
     batch_size: int = 4
     seq_len: int = 256
     lr: float = 1e-3
