@@ -34,9 +34,14 @@ class ExpertSpec(_Strict):
 
 
 class RouterSpec(_Strict):
-    # hidden/centroid: from each expert's prompts; arrow: from each expert's weight deltas
-    # (LoRA B·A); learned: rows read from `weights` (written by `mergeserve train-router`).
-    kind: Literal["hidden", "centroid", "arrow", "learned", "random"] = "hidden"
+    # Token routers, a gate per layer. hidden/centroid: from each expert's prompts; arrow: from
+    # each expert's weight deltas (LoRA B·A); learned: rows read from `weights` (written by
+    # `mergeserve train-router`). Sequence routers (MergeME), one choice per request from its
+    # prompt: perplexity (1/PPL under each expert), task_vector (cos(grad_base L, tau_i)).
+    kind: Literal["hidden", "centroid", "arrow", "learned", "random", "perplexity", "task_vector"] = "hidden"
+    # Sequence routers: `separate` runs each chosen expert's own attention (and norms) and mixes
+    # the layer outputs; `merged` shares the merged attention and mixes only the FFNs.
+    attention: Literal["separate", "merged"] = "separate"
     top_k: int = Field(2, ge=1)
     seed: int = 0
     # Router logit margin between an expert's own domain and the rest; larger is sharper.
@@ -48,7 +53,13 @@ class RouterSpec(_Strict):
     def _check(self) -> RouterSpec:
         if (self.kind == "learned") != (self.weights is not None):
             raise ValueError("router.weights is required for kind=learned and only used by it")
+        if "attention" in self.model_fields_set and not self.is_sequence:
+            raise ValueError(f"router.attention applies to the sequence routers (perplexity, task_vector), not {self.kind}")
         return self
+
+    @property
+    def is_sequence(self) -> bool:
+        return self.kind in ("perplexity", "task_vector")
 
 
 TaskVectorMethod = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"]
@@ -236,8 +247,13 @@ def parse_composition(data: object, relative_to: Path = Path("."), origin: str =
 
 
 def load_composition(path: str | Path) -> CompositionSpec:
+    """Read a spec file; `experts` may name a YAML file holding the expert list (relative to
+    the spec), so several specs over the same experts and prompts share one list."""
     path = Path(path)
-    return parse_composition(_read_yaml(path), path.parent.resolve(), str(path))
+    data = _read_yaml(path)
+    if isinstance(data, dict) and isinstance(data.get("experts"), str):
+        data = data | {"experts": _read_yaml(path.parent / data["experts"])}
+    return parse_composition(data, path.parent.resolve(), str(path))
 
 
 def load_serve_config(path: str | Path) -> ServeConfig:

@@ -349,6 +349,10 @@ def test_metrics(server: Server) -> None:
     assert {s.labels["expert"] for s in experts} == {"code", "german", "math"}
     assert {s.labels["layer"] for s in experts} == {"0", "1"}
     assert sum(s.value for s in experts) > 0
+    # Each token's top-2 weights sum to 1: a layer's summed routing weight is half its picks.
+    weights = [s for s in samples["mergeserve:expert_routing_weight_total"] if s.labels["model"] == MOE]
+    layer0 = sum(s.value for s in weights if s.labels["layer"] == "0")
+    assert layer0 == pytest.approx(sum(s.value for s in experts if s.labels["layer"] == "0") / 2)
 
 
 def succeeded(server: Server) -> float:

@@ -26,7 +26,7 @@ def test_a_spec_file_resolves_sources_relative_to_itself(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"router": {"top_k": 0}}, "router.top_k: Input should be greater than or equal to 1"),
-    ({"router": {"kind": "psychic"}}, "router.kind: Input should be 'hidden', 'centroid', 'arrow', 'learned' or 'random'"),
+    ({"router": {"kind": "psychic"}}, "router.kind: Input should be 'hidden', 'centroid', 'arrow', 'learned', 'random', 'perplexity' or 'task_vector'"),
     ({"experts": []}, "experts: List should have at least 1 item"),
     ({"colour": "blue"}, "colour: Extra inputs are not permitted"),
     ({"router": {"top_k": 3}}, "router.top_k=3 exceeds the 2 experts"),

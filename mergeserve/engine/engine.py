@@ -31,12 +31,15 @@ class Engine:
         self.max_model_len = min(config.max_model_len, composed.config.max_position_embeddings)
         self.model = Transformer(composed, self.max_model_len)
         args = self.model.args
-        self.cache = KVCache(args.n_layers, config.max_num_seqs, args.n_kv_heads, args.head_dim, self.max_model_len)
+        self.cache = KVCache(self.model.cache_layers, config.max_num_seqs, args.n_kv_heads, args.head_dim, self.max_model_len)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_prefill_tokens)
         self.eos_ids = _eos_ids(composed)
         self._inbox: deque[tuple[str, object]] = deque()  # ("add", Sequence) | ("abort", request_id)
         self._lock = threading.Lock()
         self._generators: dict[str, torch.Generator] = {}
+        self.sequence_router = composed.sequence_router
+        # Sequence routing: requests that chose each expert (top-k choices count once each), [E].
+        self.expert_requests = torch.zeros(composed.num_experts, dtype=torch.int64) if self.sequence_router else None
 
     # --- thread-safe surface -------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -76,11 +79,18 @@ class Engine:
         """Tokens routed to each expert so far, [layers, experts]; None for a dense model."""
         return self.model.expert_load if self.composed.num_experts > 1 else None
 
+    @property
+    def expert_weight(self) -> torch.Tensor | None:
+        """Summed routing weight of those tokens, [layers, experts]; / expert_load = mean weight."""
+        return self.model.expert_weight if self.composed.num_experts > 1 else None
+
     # --- the step ------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         outputs = self._drain_inbox()
         batch = self.scheduler.schedule()
+        if self.sequence_router is not None:
+            self._route_admitted()
         rows: list[torch.Tensor] = []  # last-position hidden state of each sequence that samples now
         ready: list[Sequence] = []
         if batch.prefill:
@@ -95,7 +105,7 @@ class Engine:
             positions = torch.tensor([[s.num_tokens - 1] for s in batch.decode])
             self.cache.reserve(int(positions.max()) + 1)
             slots = torch.tensor([s.slot for s in batch.decode])
-            hidden = self.model(Batch(tokens, positions, slots), self.cache)  # [B, 1, D]
+            hidden = self.model(Batch(tokens, positions, slots, alpha=self._alpha(batch.decode)), self.cache)  # [B, 1, D]
             for seq in batch.decode:
                 seq.num_cached += 1
             rows += list(hidden[:, -1])
@@ -116,7 +126,22 @@ class Engine:
             positions[row] = seq.num_cached + offsets
         self.cache.reserve(int(positions.max()) + 1)
         slots = torch.tensor([seq.slot for seq, _ in chunks])
-        return self.model(Batch(tokens, positions, slots, lengths=lengths), self.cache)
+        alpha = self._alpha([seq for seq, _ in chunks])
+        return self.model(Batch(tokens, positions, slots, lengths=lengths, alpha=alpha), self.cache)
+
+    def _route_admitted(self) -> None:
+        """Sequence routing: every newly admitted request's prompt, routed in one batch before its first chunk."""
+        new = [seq for seq in self.scheduler.running if seq.alpha is None]
+        if not new:
+            return
+        alpha = self.sequence_router.route(self.composed, [seq.prompt_ids for seq in new])  # [N, E]
+        for seq, a in zip(new, alpha):
+            seq.alpha = a
+        self.expert_requests += (alpha > 0).sum(0)
+
+    def _alpha(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """Per-row expert weights [B, E] under a sequence router; None for token routing."""
+        return torch.stack([s.alpha for s in seqs]) if self.sequence_router is not None else None
 
     def _drain_inbox(self) -> list[RequestOutput]:
         outputs = []
@@ -199,7 +224,8 @@ class Engine:
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits of every position of one sequence, [T, V], without touching the cache."""
         positions = torch.arange(len(token_ids)).unsqueeze(0)
-        hidden = self.model(Batch(torch.tensor([token_ids]), positions, None))
+        alpha = self.sequence_router.route(self.composed, [token_ids]) if self.sequence_router else None
+        hidden = self.model(Batch(torch.tensor([token_ids]), positions, None, alpha=alpha))
         return self.model.logits(hidden)[0]
 
     @torch.inference_mode()
@@ -208,6 +234,7 @@ class Engine:
 
         Sequences are sorted by length and run in right-padded batches of at most
         `max_batch_tokens` (padding never reaches a real token through causal attention).
+        A sequence router routes each whole sequence (it is the prompt).
         """
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         out: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
@@ -216,7 +243,9 @@ class Engine:
             end = start + 1
             while end < len(order) and len(sequences[order[end]]) * (end + 1 - start) <= max_batch_tokens:
                 end += 1
-            batch = Batch.right_padded([sequences[i] for i in order[start:end]])
+            chunk = [sequences[i] for i in order[start:end]]
+            alpha = self.sequence_router.route(self.composed, chunk) if self.sequence_router else None
+            batch = Batch.right_padded(chunk, alpha=alpha)
             hidden = self.model(batch)  # [B, T, D]
             for row, i in enumerate(order[start:end]):
                 n = len(sequences[i])

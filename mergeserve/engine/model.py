@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from mergeserve.engine.kv_cache import KVCache
+from mergeserve.engine.sequence_layers import fixed_routing, separate_layer
 from mergeserve.experts.checkpoint import head_dim
 from mergeserve.kernels import expert_mlp, moe_ffn, route
 from mergeserve.merge.composed import ComposedModel, Layer
@@ -55,14 +56,17 @@ class Batch:
     slots: torch.Tensor | None  # [B]; None runs without a cache (whole sequences, causal)
     router_bias: torch.Tensor | None = None  # [real tokens, E] added to every MoE layer's router logits
     lengths: torch.Tensor | None = None  # [B]; None: no padding
+    alpha: torch.Tensor | None = None  # [B, E] each row's expert weights under a sequence router
 
     @classmethod
-    def right_padded(cls, sequences: list[list[int]], router_bias: torch.Tensor | None = None) -> Batch:
+    def right_padded(
+        cls, sequences: list[list[int]], router_bias: torch.Tensor | None = None, alpha: torch.Tensor | None = None,
+    ) -> Batch:
         """Whole sequences from position 0, padded on the right, for a forward without cache."""
         width = max(len(s) for s in sequences)
         tokens = torch.tensor([s + [0] * (width - len(s)) for s in sequences])  # [B, T]
         lengths = torch.tensor([len(s) for s in sequences])
-        return cls(tokens, torch.arange(width).expand_as(tokens), None, router_bias, lengths)
+        return cls(tokens, torch.arange(width).expand_as(tokens), None, router_bias, lengths, alpha)
 
     def real(self) -> torch.Tensor | None:
         """Which tokens are not padding, [B, T]; None when none are."""
@@ -97,7 +101,13 @@ class Transformer(torch.nn.Module):
         cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(max_len).unsqueeze(0))
         self.cos, self.sin = cos[0], sin[0]  # [max_len, Dh]
         e = composed.num_experts
+        # Router statistics: picks of each expert and the routing weight those picks carried.
         self.expert_load = torch.zeros(len(composed.layers), e, dtype=torch.int64)  # [L, E]
+        self.expert_weight = torch.zeros(len(composed.layers), e, dtype=torch.float64)  # [L, E]
+        # Separate attention: expert e's own layer i keeps its keys/values in cache layer i * E + e.
+        seq = composed.sequence_router
+        self.separate = seq is not None and seq.separate
+        self.cache_layers = self.args.n_layers * (e if self.separate else 1)
 
     def forward(
         self, batch: Batch, cache: KVCache | None = None, capture: list[torch.Tensor] | None = None,
@@ -111,7 +121,12 @@ class Transformer(torch.nn.Module):
         x = F.embedding(batch.tokens, c.embed)  # [B, T, D]
         cos, sin = self.cos[batch.positions].unsqueeze(1), self.sin[batch.positions].unsqueeze(1)  # [B, 1, T, Dh]
         mask = self._mask(batch)
+        if c.sequence_router is not None and batch.alpha is None:
+            raise ValueError(f"composition {c.name!r} routes per sequence: the batch needs alpha [B, E]")
         for i, layer in enumerate(c.layers):
+            if self.separate:
+                x = separate_layer(self, i, layer, x, cos, sin, mask, batch, cache)
+                continue
             h = rms_norm(x, layer.input_norm, self.args.eps)
             x = x + self._attention(i, layer, h, cos, sin, mask, batch, cache)
             h = rms_norm(x, layer.post_attn_norm, self.args.eps)
@@ -154,9 +169,13 @@ class Transformer(torch.nn.Module):
             flat = flat[real]  # [N, D]
         if capture is not None:
             capture.append(flat)
-        weights, ids = route(flat, layer.router, self.top_k, batch.router_bias)
+        if batch.alpha is None:
+            weights, ids = route(flat, layer.router, self.top_k, batch.router_bias, self.composed.router_abs)
+        else:
+            weights, ids = fixed_routing(batch)
         out, counts = moe_ffn(flat, weights, ids, layer.experts)
         self.expert_load[i] += counts
+        self.expert_weight[i].index_add_(0, ids.reshape(-1), weights.reshape(-1).double())
         if real is None:
             return out.view_as(x)
         return torch.zeros_like(x).view(-1, x.shape[-1]).index_put_((real,), out).view_as(x)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class Sequence:
     text: str = ""  # decoded output, stop strings cut off
     emitted: int = 0  # characters of `text` already handed out
     finish_reason: str | None = None
+    alpha: torch.Tensor | None = None  # [E] expert weights of a sequence router, fixed at admission
 
     @property
     def token_ids(self) -> list[int]:

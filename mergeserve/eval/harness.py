@@ -85,10 +85,13 @@ def math_accuracy(engine: Engine, problems: list[dict], settings: EvalSettings) 
             "generated_tokens": sum(map(len, outputs)), "samples": samples}
 
 
-def load_fractions(delta: torch.Tensor) -> list[list[float]]:
-    """Per layer, each expert's share of that layer's routing picks, [layers][experts]."""
-    totals = delta.sum(dim=1, keepdim=True).clamp_min(1)
-    return (delta.double() / totals).tolist()
+def router_stats(picks: torch.Tensor, weight: torch.Tensor, names: list[str]) -> dict:
+    """From picks and summed routing weight per [layer, expert]: each expert's share of a
+    layer's picks and the mean routing weight of its picks, per layer and averaged over layers."""
+    share = picks.double() / picks.sum(dim=1, keepdim=True).clamp_min(1)  # [L, E]
+    mean_weight = weight / picks.double().clamp_min(1)  # [L, E]
+    return {"experts": dict(zip(names, share.mean(0).tolist())), "per_layer": share.tolist(),
+            "mean_weight": dict(zip(names, mean_weight.mean(0).tolist())), "mean_weight_per_layer": mean_weight.tolist()}
 
 
 def evaluate_engine(engine: Engine, data: EvalData, settings: EvalSettings) -> dict:
@@ -98,13 +101,11 @@ def evaluate_engine(engine: Engine, data: EvalData, settings: EvalSettings) -> d
     router: dict[str, dict] = {}
     for domain, examples in data.domains.items():
         start = time.perf_counter()
-        before = engine.expert_load.clone() if routed else None
+        before = (engine.expert_load.clone(), engine.expert_weight.clone()) if routed else None
         sums = score_examples(engine, [e["text"] for e in examples], settings, f"{engine.name} {domain}")
         result["domains"][domain] = sum(sums, LossSum()).as_dict()
         if routed:
-            per_layer = load_fractions(engine.expert_load - before)
-            mean = [sum(layer[e] for layer in per_layer) / len(per_layer) for e in range(len(engine.expert_names))]
-            router[domain] = {"experts": dict(zip(engine.expert_names, mean)), "per_layer": per_layer}
+            router[domain] = router_stats(engine.expert_load - before[0], engine.expert_weight - before[1], engine.expert_names)
         result["timings"][f"loss_{domain}"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -89,7 +89,7 @@ def router_tables(results: dict) -> list[str]:
         names = list(next(iter(row["router"].values()))["experts"])
         lines += ["", f"**{row['name']}**", "", "| tokens of | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for domain, stats in row["router"].items():
-            lines.append(f"| {domain} | " + " | ".join(f"{stats['experts'][n]:.1%}" for n in names) + " |")
+            lines.append(f"| {domain} | " + " | ".join(f"{stats['experts'][n]:.1%} ({stats['mean_weight'][n]:.2f})" for n in names) + " |")
     return lines
 
 
@@ -119,7 +119,7 @@ def markdown(results: dict) -> str:
     if rt := router_tables(results):
         lines += ["", "## Router load", "",
                   "Share of routing picks (top-k, so each token counts k times) per expert while scoring each "
-                  "domain's loss set, averaged over layers."] + rt
+                  "domain's loss set, averaged over layers; in parentheses the mean routing weight of those picks."] + rt
     lines += ["", "## Wall time", "", "| model | build s | loss s | mixed s | math s | total s |", "|---|---|---|---|---|---|"]
     for row in results["rows"]:
         t = row["timings"]

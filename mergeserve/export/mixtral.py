@@ -20,6 +20,12 @@ from mergeserve.merge.composed import ComposedModel
 def check_mixtral(composed: ComposedModel) -> None:
     """Raise ValueError naming what Mixtral cannot represent in `composed`."""
     config, name = composed.config, composed.name
+    if composed.sequence_router is not None:
+        raise ValueError(
+            f"composition {name!r}: router.kind={composed.sequence_router.kind} routes once per request "
+            f"(MergeME sequence routing, {composed.sequence_router.attention} attention); a Mixtral checkpoint "
+            "routes every token with a linear gate and cannot represent it; serve it with mergeserve instead"
+        )
     if any(b is not None for layer in composed.layers for b in (layer.attn.q_bias, layer.attn.k_bias, layer.attn.v_bias)) \
             or getattr(config, "attention_bias", False):
         raise ValueError(
@@ -35,6 +41,11 @@ def check_mixtral(composed: ComposedModel) -> None:
         raise ValueError(
             f"composition {name!r}: layers {dense} are dense (one expert or no router); Mixtral needs every "
             "layer to be MoE. Export a fully dense composition with mergeserve.export.export_dense"
+        )
+    if composed.router_abs:
+        raise ValueError(
+            f"composition {name!r}: its router scores experts by |x · row| (router.kind=arrow), but Mixtral's "
+            "gate is linear (x · row) and cannot represent it; serve it with mergeserve instead"
         )
     counts = {len(layer.experts) for layer in composed.layers}
     if len(counts) > 1:
@@ -78,7 +89,8 @@ def export_mixtral(
     Writes model*.safetensors (sharded above `max_shard_bytes`), config.json,
     generation_config.json and the tokenizer files. lm_head is left out, with
     tie_word_embeddings set, when it equals the embedding. Raises ValueError for what
-    Mixtral cannot represent: attention or MLP biases (Qwen2 bases) and dense layers.
+    Mixtral cannot represent: attention or MLP biases (Qwen2 bases), dense layers and
+    absolute-value routers (router.kind=arrow).
     A composition with one expert is a dense model: `export_dense` writes it in its
     base's own architecture, and `export_composition` picks between the two.
     """

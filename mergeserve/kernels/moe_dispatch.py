@@ -13,14 +13,17 @@ from mergeserve.merge.composed import ExpertFFN
 
 
 def route(
-    x: torch.Tensor, router: torch.Tensor, top_k: int, bias: torch.Tensor | None = None,
+    x: torch.Tensor, router: torch.Tensor, top_k: int, bias: torch.Tensor | None = None, absolute: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixtral routing: softmax over all experts, keep the top k, renormalise.
 
     x [T, D], router [E, D], bias [T, E] or None (added to the logits; -inf bans an expert).
+    absolute: logits are |x · row| (ComposedModel.router_abs), taken before the bias.
     Returns weights [T, k] and expert ids [T, k].
     """
     logits = F.linear(x, router)  # [T, E]
+    if absolute:
+        logits = logits.abs()
     if bias is not None:
         logits = logits + bias
     probs = torch.softmax(logits, dim=-1)

@@ -6,18 +6,30 @@ only shared layers that differ between experts become new, averaged tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
+
 from mergeserve.experts import Checkpoint, CheckpointError, ExpertPool
 from mergeserve.merge.average import mean
 from mergeserve.merge.composed import Attention, ComposedModel, ExpertFFN, Layer
 from mergeserve.router import init_router
 from mergeserve.spec import CompositionSpec
 
+# Merges one named tensor across the experts (the key is the Hugging Face tensor name).
+MergeFn = Callable[[str], torch.Tensor]
+
 
 def build(spec: CompositionSpec, pool: ExpertPool) -> ComposedModel:
     base, experts = load_experts(spec, pool)
-    composed = compose(spec.name, base, experts, [e.name for e in spec.experts], spec.router.top_k)
+    return build_moe(spec, base, experts, lambda key: mean([e.tensors[key] for e in experts]))
+
+
+def build_moe(spec: CompositionSpec, base: Checkpoint, experts: list[Checkpoint], shared: MergeFn) -> ComposedModel:
+    """The MoE both BTX and MergeME build: `shared` merges the non-FFN tensors."""
+    composed = compose(spec.name, base, experts, [e.name for e in spec.experts], spec.router.top_k, shared)
     composed.sources = [spec.base] + [e.source for e in spec.experts]
-    init_router(composed, spec, base)
+    init_router(composed, spec, base, experts)
     return composed
 
 
@@ -29,13 +41,9 @@ def load_experts(spec: CompositionSpec, pool: ExpertPool) -> tuple[Checkpoint, l
 
 
 def compose(
-    name: str, base: Checkpoint, experts: list[Checkpoint], names: list[str], top_k: int,
-    weights: list[float] | None = None,
+    name: str, base: Checkpoint, experts: list[Checkpoint], names: list[str], top_k: int, shared: MergeFn,
 ) -> ComposedModel:
-    """Average the shared layers of `experts` (weighted), keep their FFNs; routers are left empty."""
-    def shared(key: str):
-        return mean([e.tensors[key] for e in experts], weights)
-
+    """Merge the shared layers of `experts` with `shared`, keep their FFNs; routers are left empty."""
     def optional(key: str):
         return shared(key) if key in base.tensors else None
 

@@ -9,9 +9,13 @@ the exporter writes them out.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from mergeserve.router.sequence import SequenceRouter
 
 
 @dataclass(eq=False)
@@ -39,6 +43,8 @@ class Layer:
     post_attn_norm: torch.Tensor  # [D]
     experts: list[ExpertFFN]  # one entry: a dense FFN
     router: torch.Tensor | None = None  # [E, D]; None for a dense layer
+    # Sequence routing: each expert's own whole decoder layer (dense, the pool's tensors).
+    expert_layers: list[Layer] | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -56,6 +62,10 @@ class ComposedModel:
     layers: list[Layer]
     expert_names: list[str]
     top_k: int = 2
+    # Router logits are |x · row| instead of x · row (arrow: a singular vector's sign is arbitrary).
+    router_abs: bool = False
+    # MergeME sequence-level routing: one alpha [E] per request from its prompt; no gate rows then.
+    sequence_router: SequenceRouter | None = None
     # Sources the composition was built from, so the pool can count references.
     sources: list[str] = field(default_factory=list)
 

@@ -23,12 +23,19 @@ from mergeserve.spec import CompositionSpec
 MAX_PROMPT_TOKENS = 256
 
 
+def calibration_model(composed: ComposedModel) -> Transformer:
+    """The composition as a model for `router_inputs`: its routers are placeholders, the bias decides."""
+    for layer, rows in zip(composed.layers, zero_rows(composed)):
+        layer.router = rows
+    return Transformer(composed, max_len=MAX_PROMPT_TOKENS)
+
+
 @torch.inference_mode()
-def _mean_router_inputs(model: Transformer, composed: ComposedModel, texts: list[str], expert: int) -> torch.Tensor:
-    """Mean router input per layer over all tokens of `texts`, FFNs forced to `expert`: [L, D].
+def router_inputs(model: Transformer, composed: ComposedModel, texts: list[str], expert: int) -> list[torch.Tensor]:
+    """Router input of every token of `texts` per layer, FFNs forced to `expert`: L x [tokens, D].
 
     One forward for all texts, right-padded: causal attention keeps the padding out of
-    every real token's state, and padded positions are left out of the mean.
+    every real token's state, and padded positions are left out.
     """
     ids = [composed.tokenizer(t, add_special_tokens=False)["input_ids"][:MAX_PROMPT_TOKENS] for t in texts]
     ids = [i for i in ids if i]
@@ -38,13 +45,16 @@ def _mean_router_inputs(model: Transformer, composed: ComposedModel, texts: list
     bias[:, expert] = 0.0
     captured: list[torch.Tensor] = []
     model(Batch.right_padded(ids, bias), capture=captured)
-    return torch.stack([c.mean(0) for c in captured])  # [L, D]
+    return captured
+
+
+def _mean_router_inputs(model: Transformer, composed: ComposedModel, texts: list[str], expert: int) -> torch.Tensor:
+    """Mean router input per layer over all tokens of `texts`, FFNs forced to `expert`: [L, D]."""
+    return torch.stack([c.mean(0) for c in router_inputs(model, composed, texts, expert)])
 
 
 def hidden_rows(composed: ComposedModel, spec: CompositionSpec) -> list[torch.Tensor]:
-    for layer, rows in zip(composed.layers, zero_rows(composed)):
-        layer.router = rows  # placeholder so the forward runs; every logit is overridden by the bias
-    model = Transformer(composed, max_len=MAX_PROMPT_TOKENS)
+    model = calibration_model(composed)
     means = [_mean_router_inputs(model, composed, e.prompts, i) for i, e in enumerate(spec.experts)]  # E x [L, D]
     rows = []
     for i, e in enumerate(spec.experts):

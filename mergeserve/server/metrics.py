@@ -34,16 +34,23 @@ class _EngineCollector(Collector):
             "mergeserve:expert_tokens", "Tokens routed to each expert, per MoE layer.",
             labels=["model", "layer", "expert"],
         )
+        weights = CounterMetricFamily(
+            "mergeserve:expert_routing_weight",
+            "Summed routing weight of the tokens routed to each expert, per MoE layer "
+            "(divided by mergeserve:expert_tokens_total: the mean routing weight).",
+            labels=["model", "layer", "expert"],
+        )
         for engine in self._engines():
             running.add_metric([engine.name], engine.num_running)
             waiting.add_metric([engine.name], engine.num_waiting)
             load = engine.expert_load
             if load is None:  # a dense composition
                 continue
-            for layer, row in enumerate(load.tolist()):
-                for expert, count in zip(engine.expert_names, row):
+            for layer, (counts, sums) in enumerate(zip(load.tolist(), engine.expert_weight.tolist())):
+                for expert, count, total in zip(engine.expert_names, counts, sums):
                     experts.add_metric([engine.name, str(layer), expert], count)
-        return [running, waiting, experts]
+                    weights.add_metric([engine.name, str(layer), expert], total)
+        return [running, waiting, experts, weights]
 
 
 class Metrics:

@@ -1,0 +1,78 @@
+"""Forward pieces for sequence-routed compositions: per-row expert weights alpha [B, E], fixed per request.
+
+separate attention: a layer's output is sum_e alpha_e * block_e(x), block_e expert e's own
+decoder layer (norms, attention, FFN). Each expert runs once per layer on the sub-batch of
+rows that chose it; its keys/values live in cache layer i * E + e (a "virtual layer"),
+which only those rows write and read.
+merged attention: the shared attention, then the MoE FFN with each row's alpha as the
+routing weights of all its tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from mergeserve.kernels import expert_mlp
+
+if TYPE_CHECKING:
+    from mergeserve.engine.kv_cache import KVCache
+    from mergeserve.engine.model import Batch, Transformer
+    from mergeserve.merge.composed import Layer
+
+
+def separate_layer(
+    model: Transformer, i: int, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    mask: torch.Tensor, batch: Batch, cache: KVCache | None,
+) -> torch.Tensor:
+    """x [B, T, D] -> sum_e alpha[:, e] * block_e(x), [B, T, D]; padding rows' values are don't-care."""
+    from mergeserve.engine.model import rms_norm
+
+    alpha, eps = batch.alpha, model.args.eps  # [B, E]
+    n_experts = alpha.shape[1]
+    out = torch.zeros_like(x)
+    for e, block in enumerate(layer.expert_layers):
+        rows = alpha[:, e].nonzero().squeeze(1)  # [b]
+        if rows.numel() == 0:
+            continue
+        h = x[rows]  # [b, T, D]
+        a = rms_norm(h, block.input_norm, eps)
+        h = h + model._attention(i * n_experts + e, block, a, cos[rows], sin[rows], mask[rows], sub_batch(batch, rows), cache)
+        h = h + expert_mlp(rms_norm(h, block.post_attn_norm, eps), block.experts[0])
+        out.index_add_(0, rows, alpha[rows, e].view(-1, 1, 1) * h)
+    count_routing(model, i, batch)
+    return out
+
+
+def sub_batch(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The rows `rows` of `batch`."""
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[rows]
+
+    return replace(
+        batch, tokens=batch.tokens[rows], positions=batch.positions[rows], slots=pick(batch.slots),
+        lengths=pick(batch.lengths), alpha=batch.alpha[rows],
+    )
+
+
+def count_routing(model: Transformer, i: int, batch: Batch) -> None:
+    """Layer i's router statistics: each row's real tokens count once for every expert it chose."""
+    alpha = batch.alpha  # [B, E]
+    tokens = batch.lengths if batch.lengths is not None else torch.full((alpha.shape[0],), batch.tokens.shape[1])
+    model.expert_load[i] += ((alpha > 0).long() * tokens.unsqueeze(1)).sum(0)
+    model.expert_weight[i] += (alpha.double() * tokens.unsqueeze(1)).sum(0)
+
+
+def fixed_routing(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights and expert ids of every real token, [N, k]: its row's nonzero alpha entries."""
+    alpha = batch.alpha  # [B, E]
+    k = int((alpha > 0).sum(1).max())
+    weights, ids = torch.topk(alpha, k, dim=1)  # [B, k]
+    t = batch.tokens.shape[1]
+    weights, ids = weights.unsqueeze(1).expand(-1, t, -1), ids.unsqueeze(1).expand(-1, t, -1)  # [B, T, k]
+    real = batch.real()
+    if real is None:
+        return weights.reshape(-1, k), ids.reshape(-1, k)
+    return weights[real], ids[real]

@@ -1,0 +1,61 @@
+"""Task-vector merge methods, one module each, and the one entry point `merge_tensor`.
+
+Every method is `merge(base, experts, weights, params, generator) -> Tensor`: fp32, the
+base's shape. Adding a method is adding a file, a line in `METHODS` and its name in
+`mergeserve.spec.TaskVectorMethod`.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from typing import Callable
+
+import torch
+from torch import Generator, Tensor
+
+from mergeserve.merge.methods import dare_linear, dare_ties, linear, slerp, task_arithmetic, ties
+from mergeserve.spec import MergeParams
+
+MergeFn = Callable[[Tensor, list[Tensor], list[float], MergeParams, Generator], Tensor]
+
+METHODS: dict[str, MergeFn] = {
+    "linear": linear.merge,
+    "task_arithmetic": task_arithmetic.merge,
+    "ties": ties.merge,
+    "dare_linear": dare_linear.merge,
+    "dare_ties": dare_ties.merge,
+    "slerp": slerp.merge,
+}
+
+
+def merge_tensor(
+    name: str, base: Tensor, experts: list[Tensor], weights: list[float], params: MergeParams
+) -> Tensor:
+    """Merge the tensor `name` of the experts onto `base` as `params` (and its overrides) say.
+
+    `base` itself, uncopied, when every expert shares its storage (LoRA leaves embeddings alone).
+    """
+    if all(t.data_ptr() == base.data_ptr() and t.shape == base.shape for t in experts):
+        return base
+    params = params_for(name, params)
+    if params.method not in METHODS:
+        raise ValueError(f"unknown merge method {params.method!r}; known: {sorted(METHODS)}")
+    generator = generator_for(name, params.seed, base.device)
+    return METHODS[params.method](base.float(), [t.float() for t in experts], weights, params, generator)
+
+
+def params_for(name: str, params: MergeParams) -> MergeParams:
+    """`params` with the fields of the first override whose `match` finds `name` in place."""
+    for override in params.overrides:
+        if re.search(override.match, name):
+            given = {f: getattr(override, f) for f in ("lambda_", "density", "t")}
+            return params.model_copy(update={f: v for f, v in given.items() if v is not None})
+    return params
+
+
+def generator_for(name: str, seed: int, device: torch.device) -> Generator:
+    # Seeded by (seed, name) and not by call order: a tensor's DARE masks are the same
+    # whichever tensors were merged before it. 32 bits, as the CPU generator (mt19937)
+    # ignores the rest; the crc32 of a name started from different seeds differs.
+    return torch.Generator(device).manual_seed(zlib.crc32(name.encode(), seed & 0xFFFFFFFF))

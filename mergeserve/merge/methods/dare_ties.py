@@ -1,0 +1,15 @@
+"""DARE-TIES: DARE's random drop and rescale, then TIES's sign election and disjoint merge."""
+
+from __future__ import annotations
+
+from torch import Generator, Tensor
+
+from mergeserve.merge.methods.dare_linear import dropped
+from mergeserve.merge.methods.ties import combine
+from mergeserve.spec import MergeParams
+
+
+def merge(
+    base: Tensor, experts: list[Tensor], weights: list[float], params: MergeParams, generator: Generator
+) -> Tensor:
+    return base + params.lambda_ * combine(dropped(base, experts, params, generator), weights, params)

@@ -1,0 +1,52 @@
+"""TIES merging (Yadav et al. 2023): trim each task vector, elect a sign per entry, merge the agreeing.
+
+The sign is elected on the weighted task vectors (as mergekit does; peft elects on the
+unweighted ones: the same when all weights are 1). `trim` and `combine` serve dare_ties too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Generator, Tensor
+
+from mergeserve.merge.methods.task_arithmetic import columns
+from mergeserve.spec import MergeParams
+
+
+def trim(tau: Tensor, density: float) -> Tensor:
+    """`tau` with all but its `density` fraction of largest-magnitude entries set to zero."""
+    if density >= 1:
+        return tau
+    mask = torch.zeros(tau.numel(), dtype=tau.dtype, device=tau.device)
+    mask[tau.abs().flatten().topk(int(density * tau.numel())).indices] = 1
+    return tau * mask.view_as(tau)
+
+
+def agreeing(weighted: Tensor, consensus: str) -> Tensor:
+    """[E, *shape] bool: where an expert's entry has the elected sign (a zero never has).
+
+    consensus "sum" elects the sign of the summed mass, "count" the more frequent sign; ties go to +.
+    """
+    signs = weighted.sign()
+    mass = weighted.sum(0) if consensus == "sum" else signs.sum(0)
+    return signs == torch.where(mass >= 0, 1.0, -1.0)
+
+
+def combine(taus: Tensor, weights: list[float], params: MergeParams) -> Tensor:
+    """Disjoint merge of stacked task vectors [E, *shape] -> [*shape]: the sum of the weighted
+    entries agreeing with the elected sign; if `normalize`, over the agreeing experts' weights."""
+    w = columns(weights, taus)
+    weighted = taus * w
+    agree = agreeing(weighted, params.consensus)
+    merged = (weighted * agree).sum(0)
+    if not params.normalize:
+        return merged
+    divisor = (w * agree).sum(0)
+    return merged / torch.where(divisor == 0, 1.0, divisor)
+
+
+def merge(
+    base: Tensor, experts: list[Tensor], weights: list[float], params: MergeParams, generator: Generator
+) -> Tensor:
+    taus = torch.stack([trim(e - base, params.density) for e in experts])  # [E, *shape]
+    return base + params.lambda_ * combine(taus, weights, params)

@@ -1,0 +1,146 @@
+"""Task-vector routing scores cos(-grad_theta L_base(x), tau_i), every prompt and expert in one pass.
+
+The sign: fine-tuning on a domain moves theta down that domain's loss gradient, so the
+expert trained on data like x is the one whose tau_i points along the descent direction
+-grad L_base(x). With +grad (the formula as usually quoted) top-k picks the least related
+experts: on the SmolLM2 zoo's held-out sets, cos(grad L, tau_i) was lowest for the
+example's own expert in 36 of 36 examples, and -grad routes all 36 to their own expert.
+
+theta: the attention and FFN projection matrices of every layer (q, k, v, o, gate, up,
+down); tau_i = W_i - W_base on them. Embeddings, norms and head are left out (LoRA
+experts leave them at the base's values). L_base(x) is the base model's mean next-token
+loss on the prompt.
+
+One forward and backward of the base (transformers' model over the pool's base tensors)
+for the whole right-padded batch, with the loss summed over the prompts. For a linear
+layer y = x W^T, prompt b's gradient is g_b = sum_t delta_t x_t^T over its tokens
+(delta_t = dL/dy_t; padding and other prompts' tokens have no path to L_b, so their
+delta is 0). Without forming g_b for every prompt:
+  <g_b, tau> = sum_t delta_t . (tau x_t)
+  |g_b|^2    = sum_{t,s} (delta_t . delta_s)(x_t . x_s)   (per-prompt Gram matrices)
+and, once T^2 exceeds the weight's size, g_b itself [Dout, Din] is the smaller object.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from mergeserve.experts import Checkpoint
+
+if TYPE_CHECKING:
+    from mergeserve.router.sequence import SequenceRouter
+
+PROJECTIONS = tuple(f"self_attn.{x}_proj" for x in "qkvo") + tuple(f"mlp.{x}_proj" for x in ("gate", "up", "down"))
+
+
+def routed_keys(num_layers: int) -> list[str]:
+    """Hugging Face names of the weight matrices task vectors are taken over."""
+    return [f"model.layers.{n}.{p}.weight" for n in range(num_layers) for p in PROJECTIONS]
+
+
+def tau(expert: Checkpoint, base: Checkpoint, key: str) -> torch.Tensor | None:
+    """tau = W_expert - W_base for one weight; None where the expert shares the base's tensor."""
+    w, w0 = expert.tensors[key], base.tensors[key]
+    return None if w.data_ptr() == w0.data_ptr() else w - w0
+
+
+def tau_norms(base: Checkpoint, experts: list[Checkpoint]) -> torch.Tensor:
+    """|tau_i| over all routed weights, [E]."""
+    keys = routed_keys(base.config.num_hidden_layers)
+    sq = torch.zeros(len(experts), dtype=torch.float64)
+    for i, e in enumerate(experts):
+        for key in keys:
+            if (t := tau(e, base, key)) is not None:
+                sq[i] += t.double().pow(2).sum()
+    return sq.sqrt().float()
+
+
+def base_module(base: Checkpoint) -> torch.nn.Module:
+    """The base as a transformers model whose parameters are the pool's tensors (no copy)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(base.config, dtype=torch.float32)
+    model.load_state_dict(base.tensors, strict=False, assign=True)
+    if base.config.tie_word_embeddings:
+        model.tie_weights()
+    # Buffers are not in the state dict: rebuild the rotary tables off the meta device.
+    model.model.rotary_emb = type(model.model.rotary_emb)(base.config)
+    return model.eval().requires_grad_(False)
+
+
+def linear_grad_stats(x: torch.Tensor, delta: torch.Tensor, taus: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, T, Din], delta [B, T, Dout] -> <g_b, tau_i> [B, E] and |g_b|^2 [B] for one weight."""
+    b, t, _ = x.shape
+    zero = x.new_zeros(b)
+    if t * t <= delta.shape[2] * x.shape[2]:
+        dots = [zero if tau is None else (delta * F.linear(x, tau)).sum((1, 2)) for tau in taus]
+        gram_x, gram_d = x @ x.transpose(1, 2), delta @ delta.transpose(1, 2)  # [B, T, T]
+        return torch.stack(dots, dim=1), (gram_x * gram_d).sum((1, 2))
+    g = delta.transpose(1, 2) @ x  # [B, Dout, Din]: each prompt's own gradient
+    dots = [zero if tau is None else (g * tau).sum((1, 2)) for tau in taus]
+    return torch.stack(dots, dim=1), g.pow(2).sum((1, 2))
+
+
+def prepare(router: SequenceRouter) -> dict:
+    """Build once what every call needs: the base model and |tau_i|."""
+    state = router._state
+    if "model" not in state:
+        state["model"] = base_module(router.base)
+        state["tau_norms"] = tau_norms(router.base, router.experts)
+    return state
+
+
+def task_vector_scores(router: SequenceRouter, prompts: list[list[int]]) -> torch.Tensor:
+    """cos(-grad L_base(prompt), tau_i) for every prompt and expert, [B, E]."""
+    state = prepare(router)
+    with torch.inference_mode(False), torch.enable_grad():  # the engine steps in inference mode
+        dots = torch.zeros(len(prompts), len(router.experts))  # <g_b, tau_i>
+        sq = torch.zeros(len(prompts))  # |g_b|^2
+
+        def accumulate(key: str, x: torch.Tensor, delta: torch.Tensor) -> None:
+            d, s = linear_grad_stats(x, delta, [tau(e, router.base, key) for e in router.experts])
+            dots.add_(d)
+            sq.add_(s)
+
+        backward_with_hooks(state["model"], prompts, accumulate)
+    norms = sq.sqrt().unsqueeze(1) * state["tau_norms"].unsqueeze(0)  # [B, E]
+    return torch.where(norms > 0, -dots / norms.clamp_min(1e-30), 0.0)  # -: the descent direction
+
+
+def backward_with_hooks(model: torch.nn.Module, prompts: list[list[int]], accumulate) -> None:
+    """Backward of sum_b mean-token-loss_b, calling accumulate(key, x, delta) for every routed linear."""
+    keys = set(routed_keys(model.config.num_hidden_layers))
+    handles = []
+
+    def watch(key: str):
+        def hook(_module, inputs, output):
+            x = inputs[0].detach()
+            output.register_hook(lambda grad: accumulate(key, x, grad.detach()))
+        return hook
+
+    for name, module in model.named_modules():
+        if name + ".weight" in keys:
+            handles.append(module.register_forward_hook(watch(name + ".weight")))
+    try:
+        sequence_loss(model, prompts).backward()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def sequence_loss(model: torch.nn.Module, prompts: list[list[int]]) -> torch.Tensor:
+    """sum over prompts of each one's mean next-token loss; right padding, causal attention only."""
+    width = max(len(p) for p in prompts)
+    tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts])  # [B, T]
+    real = torch.arange(width) < torch.tensor([len(p) for p in prompts]).unsqueeze(1)  # [B, T]
+    embeds = model.get_input_embeddings()(tokens).detach().requires_grad_()  # [B, T, D]: the graph starts here
+    hidden = model.model(inputs_embeds=embeds, use_cache=False).last_hidden_state  # [B, T, D]
+    predicted = real[:, 1:]  # position t predicts token t+1
+    logits = model.lm_head(hidden[:, :-1][predicted])  # [N, V]
+    nll = F.cross_entropy(logits, tokens[:, 1:][predicted], reduction="none")  # [N]
+    row = torch.arange(len(prompts)).unsqueeze(1).expand_as(predicted)[predicted]  # [N]
+    counts = predicted.sum(1).clamp_min(1)  # [B]
+    return (nll / counts[row]).sum()
