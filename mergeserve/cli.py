@@ -1,4 +1,4 @@
-"""`mergeserve serve | export | eval`: a thin argparse front end; each subcommand imports what it needs."""
+"""`mergeserve serve | export | eval | train-router`: a thin argparse front end; each subcommand imports what it needs."""
 
 from __future__ import annotations
 
@@ -53,6 +53,26 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_router(args: argparse.Namespace) -> int:
+    import torch
+
+    from mergeserve.router.train import RouterTrainConfig, train_router
+
+    torch.set_num_threads(args.threads)
+    try:
+        cfg = RouterTrainConfig(
+            steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+            warmup_steps=args.warmup_steps, alpha=args.alpha, seed=args.seed,
+        )
+        result = train_router(args.spec, args.data, args.out, cfg)
+    except (ValueError, OSError) as e:  # bad settings, spec, source or data file, or a base Mixtral cannot run
+        return _bad_input(args, e)
+    print(f"next-token loss {result.lm_loss[0]:.4f} -> {result.final_lm_loss:.4f}, "
+          f"load-balancing loss {result.aux_loss[0]:.4f} -> {result.final_aux_loss:.4f} (last steps' mean)")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _bad_input(args: argparse.Namespace, error: Exception) -> int:
     print(f"mergeserve {args.command}: {error}", file=sys.stderr)
     return EXIT_BAD_INPUT
@@ -102,6 +122,21 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=_positive, default=160, help="generated tokens per math problem (default: %(default)s)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the mixed set's sample and order (default: %(default)s)")
     ev.set_defaults(run=_eval)
+
+    tr = sub.add_parser("train-router", help="train only the router rows of an MoE spec on unlabeled text (next-token + load-balancing loss)")
+    tr.add_argument("--spec", required=True, type=Path, help="MoE composition spec (YAML); its router is the starting point")
+    tr.add_argument("--data", required=True, nargs="+", type=Path,
+                    help=".jsonl files (a \"text\" field per line), .txt files or folders of them; mixed evenly across files")
+    tr.add_argument("--out", required=True, type=Path, help="router file to write (.safetensors)")
+    tr.add_argument("--steps", type=_positive, default=50, help="optimizer steps (default: %(default)s)")
+    tr.add_argument("--batch-size", type=_positive, default=4, help="sequences per step (default: %(default)s)")
+    tr.add_argument("--seq-len", type=_positive, default=256, help="tokens per sequence (default: %(default)s)")
+    tr.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate of the router rows (default: %(default)s)")
+    tr.add_argument("--warmup-steps", type=int, default=5, help="linear warmup before the cosine decay (default: %(default)s)")
+    tr.add_argument("--alpha", type=float, default=0.01, help="weight of the load-balancing loss (default: %(default)s)")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the data order (default: %(default)s)")
+    tr.add_argument("--threads", type=_positive, default=2, help="torch CPU threads; 1 where other jobs share the cores (default: %(default)s)")
+    tr.set_defaults(run=_train_router)
     return p
 
 

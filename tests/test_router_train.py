@@ -1,0 +1,222 @@
+"""`mergeserve train-router`: only the gate rows learn, the loss falls, and the file they go to loads back."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+from mergeserve.cli import main, parser
+from mergeserve.engine.model import Batch, Transformer
+from mergeserve.experts import CheckpointError, ExpertPool
+from mergeserve.merge import build
+from mergeserve.router.learned import load_rows, save_rows
+from mergeserve.router.train import (
+    RouterTrainConfig, gate_rows, losses, mixtral_for_training, pack, pack_files, read_texts, train_rows,
+)
+from mergeserve.spec import load_composition, parse_composition
+from mergeserve.zoo.splits import write_jsonl
+from tiny import CORPUS, make_checkpoint, perturbed_copy
+
+FAST = RouterTrainConfig(steps=8, batch_size=2, seq_len=32, lr=5e-2, warmup_steps=0)
+
+
+def spec_dict(base: Path, experts: dict[str, Path], **router) -> dict:
+    return {"name": "moe", "base": str(base), "router": {"kind": "random", "top_k": 2, **router},
+            "experts": [{"name": n, "source": str(p)} for n, p in experts.items()]}
+
+
+def compose(base: Path, experts: dict[str, Path], **router):
+    return build(parse_composition(spec_dict(base, experts, **router)), ExpertPool())
+
+
+def train(composed, cfg: RouterTrainConfig = FAST):
+    return train_rows(mixtral_for_training(composed, cfg.alpha), corpus_tokens(composed, cfg), cfg, progress=False)
+
+
+def corpus_tokens(composed, cfg: RouterTrainConfig) -> torch.Tensor:
+    return pack(CORPUS, composed.tokenizer, cfg.steps * cfg.batch_size, cfg.seq_len, cfg.seed)
+
+
+@pytest.fixture(scope="module")
+def moe(zoo):
+    return compose(zoo["base"], {n: zoo[n] for n in ("code", "german", "math")})
+
+
+@pytest.fixture(scope="module")
+def good_and_bad(tmp_path_factory) -> dict[str, Path]:
+    """A base taught CORPUS, one expert that is that base and two whose FFNs are wrecked by noise."""
+    root = tmp_path_factory.mktemp("taught")
+    base = make_checkpoint(root / "base")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    x = pack(CORPUS, AutoTokenizer.from_pretrained(base), 8, 32, seed=0)
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):  # to about 0.01 nats per token
+        loss = model(input_ids=x, labels=x).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(base)
+    bad = {f"bad{i}": perturbed_copy(base, root / f"bad{i}", seed=i, scale=0.3, only="mlp") for i in (1, 2)}
+    return {"base": base, "good": base} | bad
+
+
+def test_training_forward_computes_what_the_engine_serves(moe):
+    ids = torch.tensor([moe.tokenizer(CORPUS[0] + CORPUS[2])["input_ids"]])  # [1, T]
+    engine = Transformer(moe, max_len=128)
+    served = engine.logits(engine(Batch(ids, torch.arange(ids.shape[1]).unsqueeze(0), None)))
+    trained = mixtral_for_training(moe, alpha=0.01)(input_ids=ids).logits
+    assert (served - trained).abs().max() < 1e-5
+
+
+def test_only_the_router_rows_change(moe):
+    before = [t.clone() for t in moe.tensors()]
+    model = mixtral_for_training(moe, alpha=0.01)
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    result = train_rows(model, corpus_tokens(moe, FAST), FAST, progress=False)
+
+    assert all(torch.equal(a, b) for a, b in zip(before, moe.tensors(), strict=True))  # the composition, bitwise
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)  # the model, bitwise
+    assert len(frozen) == len(list(model.parameters())) - len(moe.layers)  # all but one gate per layer
+    assert [p for p in model.parameters() if p.requires_grad] == gate_rows(model)
+    assert all(not torch.equal(new, layer.router) for new, layer in zip(result.rows, moe.layers))
+
+
+def test_frozen_weights_get_no_gradient(moe):
+    model = mixtral_for_training(moe, alpha=0.01)
+    total, _, _ = losses(model, corpus_tokens(moe, FAST)[:2])
+    total.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None for n, g in grads.items() if n.endswith("mlp.gate.weight"))
+    assert all(g is None for n, g in grads.items() if not n.endswith("mlp.gate.weight"))
+
+
+def test_next_token_loss_falls_when_routing_matters(good_and_bad):
+    composed = compose(good_and_bad["base"], {k: v for k, v in good_and_bad.items() if k != "base"})
+    result = train(composed, replace(FAST, steps=40, batch_size=4))
+    first, last = sum(result.lm_loss[:5]) / 5, sum(result.lm_loss[-10:]) / 10
+    assert last < first - 0.7, result.lm_loss  # tokens move from the wrecked FFNs to the good one
+
+
+def test_top_1_is_refused_because_its_router_gets_no_gradient(zoo):
+    composed = compose(zoo["base"], {"code": zoo["code"], "math": zoo["math"]}, top_k=1)
+    with pytest.raises(ValueError, match="top_k=1"):
+        mixtral_for_training(composed, alpha=0.01)
+
+
+def test_load_balancing_loss_by_hand():
+    # 4 tokens, 3 experts, top-2. Each token's top two: {0, 1}, {1, 2}, {2, 0}, {0, 1}.
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 5.0], [4.0, 2.0, 0.0]])
+    f = torch.tensor([3, 3, 2]) / 4  # fraction of tokens dispatched to each expert
+    p = torch.softmax(logits, dim=-1).mean(0)  # mean router probability per expert
+    expected = 3 * (f * p).sum()
+    assert torch.allclose(load_balancing_loss_func((logits,), num_experts=3, top_k=2), expected)
+    # At perfect balance the loss is top_k (f sums to k, P to 1).
+    assert math.isclose(float(load_balancing_loss_func((torch.zeros(6, 3),), 3, 2)), 2.0, rel_tol=1e-6)
+
+
+def test_alpha_weights_the_balance_term_in_the_total(moe):
+    batch = corpus_tokens(moe, FAST)[:2]
+    with torch.no_grad():
+        plain, lm, aux = losses(mixtral_for_training(moe, alpha=0.0), batch)
+        weighted, _, aux_again = losses(mixtral_for_training(moe, alpha=0.01), batch)
+    assert torch.equal(plain, lm) and torch.equal(aux, aux_again) and aux > 0
+    assert torch.allclose(weighted - plain, 0.01 * aux, rtol=1e-4)
+
+
+def test_data_is_mixed_evenly_across_files(moe, tmp_path):
+    code, german = CORPUS[:2], "Die Katze schläft im Haus."
+    write_jsonl(tmp_path / "code.jsonl", [{"text": t} for t in code])
+    (tmp_path / "german.txt").write_text(german)
+    texts = [read_texts(tmp_path / "code.jsonl"), read_texts(tmp_path / "german.txt")]
+    rows = pack_files(texts, moe.tokenizer, 5, 8, seed=0)  # [5, 8]
+    # The files take turns, each packed on its own (texts in seeded order, EOS after each, repeated).
+    assert torch.equal(rows[0::2], pack(code, moe.tokenizer, 3, 8, seed=0))
+    assert torch.equal(rows[1::2], pack([german], moe.tokenizer, 2, 8, seed=0))
+
+
+# --- the router file -------------------------------------------------------------------------
+
+def write_spec(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_a_learned_spec_builds_with_the_trained_rows(moe, zoo, tmp_path):
+    result = train(moe)
+    save_rows(tmp_path / "routers" / "moe.safetensors", result.rows, moe.expert_names, {"steps": FAST.steps})
+    # The spec lists the experts in another order: the rows follow their names.
+    experts = {n: zoo[n] for n in ("math", "code", "german")}
+    spec = write_spec(tmp_path / "learned.yaml", spec_dict(zoo["base"], experts, kind="learned", weights="routers/moe.safetensors"))
+    learned = build(load_composition(spec), ExpertPool())
+    order = [moe.expert_names.index(n) for n in experts]
+    assert all(torch.equal(layer.router, rows[order]) for layer, rows in zip(learned.layers, result.rows))
+
+
+def test_a_router_file_for_other_experts_is_refused(moe, zoo, tmp_path):
+    path = save_rows(tmp_path / "r.safetensors", [layer.router for layer in moe.layers], moe.expert_names, {})
+    two = parse_composition(spec_dict(zoo["base"], {"code": zoo["code"], "math": zoo["math"]}, kind="learned", weights=str(path)))
+    with pytest.raises(CheckpointError, match=r"r\.safetensors: trained for 3 experts"):
+        build(two, ExpertPool())
+
+
+def test_a_router_file_of_another_width_is_refused(moe, tmp_path):
+    wide = [torch.zeros(3, moe.config.hidden_size + 1) for _ in moe.layers]
+    path = save_rows(tmp_path / "wide.safetensors", wide, moe.expert_names, {})
+    with pytest.raises(CheckpointError, match=r"wide\.safetensors: layers\.0\.router has shape \[3, 65\]"):
+        load_rows(moe, path)
+    with pytest.raises(CheckpointError, match=r"missing\.safetensors"):
+        load_rows(moe, tmp_path / "missing.safetensors")
+
+
+# --- command line ----------------------------------------------------------------------------
+
+def test_cli_trains_and_writes_a_router_file(zoo, tmp_path, capsys):
+    spec = write_spec(tmp_path / "moe.yaml", spec_dict(zoo["base"], {n: zoo[n] for n in ("code", "german", "math")}))
+    data = tmp_path / "data"
+    write_jsonl(data / "code" / "train.jsonl", [{"text": t} for t in CORPUS[:2]])
+    write_jsonl(data / "german" / "train.jsonl", [{"text": t} for t in CORPUS[2:4]])
+    (tmp_path / "math.txt").write_text(CORPUS[4] + "\n" + CORPUS[5])
+    out = tmp_path / "router.safetensors"
+    argv = ["train-router", "--spec", str(spec), "--data", str(data), str(tmp_path / "math.txt"), "--out", str(out),
+            "--steps", "3", "--batch-size", "2", "--seq-len", "16", "--threads", "1"]
+    assert main(argv) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    with safe_open(str(out), "pt") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items() if k != "format"}
+        assert sorted(f.keys()) == ["layers.0.router", "layers.1.router"]
+    assert meta["expert_names"] == ["code", "german", "math"] and meta["steps"] == 3 and meta["hidden_size"] == 64
+    assert len(meta["data"]) == 3 and meta["lm_loss_final"] > 0
+
+
+def train_router_cli(spec: Path, data: Path, out: Path) -> int:
+    return main(["train-router", "--spec", str(spec), "--data", str(data), "--out", str(out), "--threads", "1"])
+
+
+def test_cli_refuses_a_qwen2_base(tmp_path, capsys):
+    base = make_checkpoint(tmp_path / "qwen", "qwen2", seed=0)
+    spec = write_spec(tmp_path / "q.yaml", spec_dict(base, {"a": base, "b": perturbed_copy(base, tmp_path / "b", seed=1)}))
+    (tmp_path / "d.txt").write_text("hello")
+    assert train_router_cli(spec, tmp_path / "d.txt", tmp_path / "r.safetensors") == 2
+    assert "attention biases" in capsys.readouterr().err and not (tmp_path / "r.safetensors").exists()
+
+
+def test_cli_refuses_bad_data_before_building_the_composition(tmp_path, capsys):
+    write_jsonl(tmp_path / "notes.jsonl", [{"body": "no text field"}])
+    spec = write_spec(tmp_path / "s.yaml", spec_dict(tmp_path / "nowhere", {"a": tmp_path / "a", "b": tmp_path / "b"}))
+    assert train_router_cli(spec, tmp_path / "notes.jsonl", tmp_path / "r.safetensors") == 2
+    assert f'{tmp_path / "notes.jsonl"}: every line must be a JSON object with a string "text" field' in capsys.readouterr().err
+
+
+def test_cli_defaults_are_the_config_defaults(tmp_path):
+    args = parser().parse_args(["train-router", "--spec", "s.yaml", "--data", "d.txt", "--out", "r.safetensors"])
+    assert {k: getattr(args, k) for k in asdict(RouterTrainConfig())} == asdict(RouterTrainConfig())
