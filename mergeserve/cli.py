@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -44,8 +45,10 @@ def _eval(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, per_domain=args.examples, mixed_per_domain=args.mixed,
         math_examples=args.math, max_new_tokens=args.max_new_tokens, seed=args.seed,
     )
+    earlier = args.out / "results.json"
+    reuse = json.loads(earlier.read_text()) if args.reuse and earlier.is_file() else None
     try:
-        results = evaluate(args.spec, args.data, settings, oracle=args.oracle)
+        results = evaluate(args.spec, args.data, settings, oracle=args.oracle, reuse=reuse)
     except (ValueError, OSError) as e:  # a bad spec or source (SpecError, CheckpointError), missing data
         return _bad_input(args, e)
     for path in write_all(args.out, results):
@@ -114,6 +117,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--spec", required=True, action="append", type=Path, help="composition spec (YAML); repeat for more rows")
     ev.add_argument("--out", required=True, type=Path, help="folder for results.json, results.md, loss.png")
     ev.add_argument("--oracle", action="store_true", help="add the oracle row (needs a single-expert spec per domain)")
+    ev.add_argument("--reuse", action="store_true",
+                    help="keep the rows of OUT/results.json whose spec, sources and settings are unchanged")
     ev.add_argument("--data", type=Path, default=ZOO_DIR / "data", help="folder of <domain>/heldout.jsonl (default: %(default)s)")
     ev.add_argument("--examples", type=_positive, help="loss examples per domain: the first N of each file (default: all)")
     ev.add_argument("--mixed", type=_positive, default=40, help="mixed-set examples per domain (default: %(default)s)")

@@ -200,20 +200,18 @@ def resolve_source(source: str, relative_to: Path) -> str:
     return str(path if path.is_absolute() else (relative_to / path).resolve())
 
 
+def _with_resolved_expert(expert: object, relative_to: Path) -> object:
+    if not isinstance(expert, dict):
+        return expert
+    return expert | {k: resolve_source(expert[k], relative_to) for k in ("source", "base") if isinstance(expert.get(k), str)}
+
+
 def _with_resolved_sources(spec: dict, relative_to: Path) -> dict:
     spec = dict(spec)
     if isinstance(spec.get("base"), str):
         spec["base"] = resolve_source(spec["base"], relative_to)
-    experts = []
-    for expert in spec.get("experts") or []:
-        if isinstance(expert, dict):
-            expert = dict(expert)
-            for key in ("source", "base"):
-                if isinstance(expert.get(key), str):
-                    expert[key] = resolve_source(expert[key], relative_to)
-        experts.append(expert)
-    if experts:
-        spec["experts"] = experts
+    if isinstance(spec.get("experts"), list):
+        spec["experts"] = [_with_resolved_expert(e, relative_to) for e in spec["experts"]]
     router = spec.get("router")
     if isinstance(router, dict) and isinstance(router.get("weights"), str):
         spec["router"] = router | {"weights": resolve_source(router["weights"], relative_to)}
@@ -247,12 +245,16 @@ def parse_composition(data: object, relative_to: Path = Path("."), origin: str =
 
 
 def load_composition(path: str | Path) -> CompositionSpec:
-    """Read a spec file; `experts` may name a YAML file holding the expert list (relative to
-    the spec), so several specs over the same experts and prompts share one list."""
+    """Read a spec file. `experts` may name a YAML file holding the expert list (sources relative
+    to that file), so several specs over the same experts and prompts share one list."""
     path = Path(path)
     data = _read_yaml(path)
     if isinstance(data, dict) and isinstance(data.get("experts"), str):
-        data = data | {"experts": _read_yaml(path.parent / data["experts"])}
+        included = path.parent / data["experts"]
+        experts = _read_yaml(included)
+        if not isinstance(experts, list):
+            raise SpecError(f"{included}: an experts file must be a YAML list, got {type(experts).__name__}")
+        data = data | {"experts": [_with_resolved_expert(e, included.parent.resolve()) for e in experts]}
     return parse_composition(data, path.parent.resolve(), str(path))
 
 

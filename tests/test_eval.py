@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 from pathlib import Path
 
@@ -241,6 +242,14 @@ def test_eval_command_writes_results(zoo, data_dir, tmp_path, capsys):
     table = (out / "results.md").read_text()
     assert "| oracle |" in table and "mixed loss" in table and "Experts against the base" in table
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --reuse keeps the rows whose spec and source files are unchanged; a touched source is re-run.
+    weights = next(zoo["math"].glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    assert main([*argv, "--reuse"]) == 0
+    again = json.loads((out / "results.json").read_text())["rows"]
+    kept = [new["timings"] == old["timings"] for new, old in zip(again, results["rows"])]
+    assert kept == [True, False, True, True, False, False]  # math, linear and moe read the math expert
 
     # --oracle without an expert per domain is a usage error, found before anything is built.
     assert main(["eval", "--spec", specs[1], "--oracle", "--out", str(tmp_path / "x"), "--data", str(data_dir)]) == 2

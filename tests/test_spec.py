@@ -24,6 +24,19 @@ def test_a_spec_file_resolves_sources_relative_to_itself(tmp_path):
     assert spec.router.top_k == 2 and spec.method == "btx"
 
 
+def test_specs_can_share_an_experts_file_whose_sources_are_relative_to_it(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "experts.yaml").write_text("- {name: code, source: ../zoo/code, prompts: [x]}\n")
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "moe.yaml").write_text("name: m\nbase: base\nexperts: ../shared/experts.yaml\n")
+    spec = load_composition(tmp_path / "specs" / "moe.yaml")
+    assert spec.experts[0].source == str(tmp_path / "zoo" / "code")
+    assert spec.base == str(tmp_path / "specs" / "base")
+    (tmp_path / "shared" / "experts.yaml").write_text("name: not a list\n")
+    with pytest.raises(SpecError, match="experts.yaml: an experts file must be a YAML list"):
+        load_composition(tmp_path / "specs" / "moe.yaml")
+
+
 @pytest.mark.parametrize("change, message", [
     ({"router": {"top_k": 0}}, "router.top_k: Input should be greater than or equal to 1"),
     ({"router": {"kind": "psychic"}}, "router.kind: Input should be 'hidden', 'centroid', 'arrow', 'learned', 'random', 'perplexity' or 'task_vector'"),

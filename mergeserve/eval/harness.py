@@ -17,6 +17,8 @@ For one model (`evaluate_engine`):
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,15 +76,17 @@ def math_accuracy(engine: Engine, problems: list[dict], settings: EvalSettings) 
                for p in problems]
     params = SamplingParams(max_tokens=settings.max_new_tokens, temperature=0, stop=MATH_STOP)
     outputs = engine.generate(prompts, params)
-    correct, samples = 0, []
+    correct, formatted, samples = 0, 0, []
     for problem, out in zip(problems, outputs):
         text = cut_at_answer_line(engine.tokenizer.decode(out, skip_special_tokens=True))
         got = extract_answer(text)
         ok = matches(got, problem["answer"])
         correct += ok
+        formatted += got is not None
         samples.append({"answer": problem["answer"], "extracted": got, "correct": ok, "output": text})
+    # `formatted`: outputs that end in an `Answer: N` line at all, the math expert's format.
     return {"accuracy": correct / len(problems), "correct": correct, "n": len(problems),
-            "generated_tokens": sum(map(len, outputs)), "samples": samples}
+            "formatted": formatted / len(problems), "generated_tokens": sum(map(len, outputs)), "samples": samples}
 
 
 def router_stats(picks: torch.Tensor, weight: torch.Tensor, names: list[str]) -> dict:
@@ -134,19 +138,40 @@ def row_kind(spec: CompositionSpec) -> dict:
     return {"kind": spec.method, "experts": [e.name for e in spec.experts]}
 
 
+def fingerprint(spec: CompositionSpec) -> str:
+    """The spec and the size and time of every file its sources (and router weights) hold:
+    a row computed for an equal fingerprint and equal settings can be reused."""
+    paths = [spec.base, *(e.source for e in spec.experts), *([spec.router.weights] if spec.router.weights else [])]
+    files = []
+    for path in map(Path, paths):
+        for f in sorted(path.rglob("*") if path.is_dir() else [path]):
+            if f.is_file():
+                files.append((str(f), f.stat().st_size, f.stat().st_mtime_ns))
+    return hashlib.sha256(json.dumps([spec.model_dump(mode="json"), files]).encode()).hexdigest()
+
+
 def evaluate_specs(
-    specs: list[tuple[str, CompositionSpec]], data: EvalData, settings: EvalSettings,
+    specs: list[tuple[str, CompositionSpec]], data: EvalData, settings: EvalSettings, reuse: dict | None = None,
 ) -> list[dict]:
-    """One row per (label, spec): built from one shared pool, one engine alive at a time."""
+    """One row per (label, spec): built from one shared pool, one engine alive at a time.
+
+    `reuse` is an earlier results.json: its rows with the same settings and spec fingerprint are kept.
+    """
     from mergeserve.experts import ExpertPool
     from mergeserve.merge import build
 
+    same = reuse is not None and reuse["settings"] == settings_dict(settings, data)
+    earlier = {r.get("fingerprint"): r for r in reuse["rows"]} if same else {}
     pool, rows = ExpertPool(), []
     for label, spec in tqdm(specs, desc="models", unit="model"):
+        key = fingerprint(spec)
+        if key in earlier:
+            rows.append(earlier[key] | {"spec": label})
+            continue
         start = time.perf_counter()
         engine = Engine(build(spec, pool), engine_config(settings))
         built = time.perf_counter() - start
-        row = {"name": spec.name, "spec": label, **row_kind(spec), **evaluate_engine(engine, data, settings)}
+        row = {"name": spec.name, "spec": label, "fingerprint": key, **row_kind(spec), **evaluate_engine(engine, data, settings)}
         row["timings"] = {"build": built, **row["timings"], "total": time.perf_counter() - start}
         rows.append(row)
         del engine
@@ -168,7 +193,7 @@ def oracle_row(rows: list[dict], domains: tuple[str, ...], math_domain: str = "m
         "name": "oracle", "spec": None, "kind": "oracle",
         "domains": {d: experts[d]["domains"][d] for d in domains},
         "mixed": {**sum(mixed_by.values(), LossSum()).as_dict(), "by_domain": {d: s.as_dict() for d, s in mixed_by.items()}},
-        "math": {k: math[k] for k in ("accuracy", "correct", "n")},
+        "math": {k: math[k] for k in ("accuracy", "correct", "n", "formatted") if k in math},
         "sources": {d: experts[d]["name"] for d in domains},
     }
 
@@ -188,7 +213,7 @@ def settings_dict(settings: EvalSettings, data: EvalData) -> dict:
 
 def evaluate(
     spec_paths: list[str | Path], data_dir: str | Path, settings: EvalSettings = EvalSettings(),
-    oracle: bool = False, domains: tuple[str, ...] | None = None,
+    oracle: bool = False, domains: tuple[str, ...] | None = None, reuse: dict | None = None,
 ) -> dict:
     """`mergeserve eval`: every spec's row (and the oracle's), with the settings and wall time."""
     from mergeserve.eval.datasets import load_eval_data
@@ -202,7 +227,7 @@ def evaluate(
         check_oracle([row_kind(spec) for _, spec in specs], domains)
     data = load_eval_data(data_dir, domains, settings.per_domain, settings.mixed_per_domain,
                           settings.math_examples, settings.seed)
-    rows = evaluate_specs(specs, data, settings)
+    rows = evaluate_specs(specs, data, settings, reuse)
     return {
         "domains": list(domains), "settings": settings_dict(settings, data), "rows": rows,
         "oracle": oracle_row(rows, domains) if oracle else None, "wall_s": time.perf_counter() - start,

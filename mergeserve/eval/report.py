@@ -47,13 +47,14 @@ def _cell(value: float, oracle: float | None, digits: int, percent: bool = False
 def main_table(results: dict) -> list[str]:
     domains = results["domains"]
     oracle = results.get("oracle")
-    head = ["model", *[f"{d} loss" for d in domains], "math acc", "mixed loss"]
+    head = ["model", *[f"{d} loss" for d in domains], "math acc", "math format", "mixed loss"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in _rows(results):
         o = oracle if oracle and row is not oracle else None
         cells = [row["name"]]
         cells += [_cell(row["domains"][d]["loss"], o["domains"][d]["loss"] if o else None, 3) for d in domains]
         cells.append(_cell(row["math"]["accuracy"], o["math"]["accuracy"] if o else None, 1, percent=True))
+        cells.append(_cell(row["math"].get("formatted", float("nan")), o["math"].get("formatted") if o else None, 1, percent=True))
         cells.append(_cell(row["mixed"]["loss"], o["mixed"]["loss"] if o else None, 3))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -102,7 +103,8 @@ def markdown(results: dict) -> str:
         f"Loss: mean negative log-likelihood per token (nats), token-weighted over the held-out examples "
         f"({loss_counts}); each example tokenized without special tokens, cut to {s['max_tokens']} tokens, "
         f"every token after the first scored. Math accuracy: exact match of the number after `Answer:` in "
-        f"greedy output (at most {s['max_new_tokens']} new tokens) on the first {s['math_problems']} held-out problems. "
+        f"greedy output (at most {s['max_new_tokens']} new tokens) on the first {s['math_problems']} held-out problems; "
+        f"math format: the share of those outputs that end in an `Answer: N` line at all. "
         f"Mixed: {s['mixed_examples']} examples ({s['mixed_per_domain']} per domain, seed {s['seed']}) interleaved.",
         "",
     ]
