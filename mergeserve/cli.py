@@ -43,7 +43,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     settings = EvalSettings(
         max_tokens=args.max_tokens, per_domain=args.examples, mixed_per_domain=args.mixed,
-        math_examples=args.math, max_new_tokens=args.max_new_tokens, seed=args.seed,
+        math_examples=args.math, max_new_tokens=args.max_new_tokens, seed=args.seed, route_tokens=args.route_tokens,
     )
     earlier = args.out / "results.json"
     reuse = json.loads(earlier.read_text()) if args.reuse and earlier.is_file() else None
@@ -113,6 +113,9 @@ def parser() -> argparse.ArgumentParser:
 
     from mergeserve.zoo import ZOO_DIR
 
+    from mergeserve.eval.harness import EvalSettings
+
+    d = EvalSettings()
     ev = sub.add_parser("eval", help="score compositions on the zoo's held-out sets: loss per domain, math accuracy, mixed set")
     ev.add_argument("--spec", required=True, action="append", type=Path, help="composition spec (YAML); repeat for more rows")
     ev.add_argument("--out", required=True, type=Path, help="folder for results.json, results.md, loss.png")
@@ -120,12 +123,15 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--reuse", action="store_true",
                     help="keep the rows of OUT/results.json whose spec, sources and settings are unchanged")
     ev.add_argument("--data", type=Path, default=ZOO_DIR / "data", help="folder of <domain>/heldout.jsonl (default: %(default)s)")
-    ev.add_argument("--examples", type=_positive, help="loss examples per domain: the first N of each file (default: all)")
-    ev.add_argument("--mixed", type=_positive, default=40, help="mixed-set examples per domain (default: %(default)s)")
-    ev.add_argument("--math", type=_positive, default=100, help="math problems for accuracy, the first N (default: %(default)s)")
-    ev.add_argument("--max-tokens", type=_positive, default=256, help="tokens kept per loss example (default: %(default)s)")
-    ev.add_argument("--max-new-tokens", type=_positive, default=160, help="generated tokens per math problem (default: %(default)s)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the mixed set's sample and order (default: %(default)s)")
+    ev.add_argument("--examples", type=_positive, default=d.per_domain, help="loss examples per domain: the first N of each file (default: %(default)s)")
+    ev.add_argument("--all-examples", dest="examples", action="store_const", const=None, help="every held-out example")
+    ev.add_argument("--mixed", type=_positive, default=d.mixed_per_domain, help="mixed-set examples per domain (default: %(default)s)")
+    ev.add_argument("--math", type=_positive, default=d.math_examples, help="math problems for accuracy, the first N (default: %(default)s)")
+    ev.add_argument("--max-tokens", type=_positive, default=d.max_tokens, help="tokens kept per loss example (default: %(default)s)")
+    ev.add_argument("--max-new-tokens", type=_positive, default=d.max_new_tokens, help="generated tokens per math problem (default: %(default)s)")
+    ev.add_argument("--route-tokens", type=_positive, default=d.route_tokens,
+                    help="sequence routers choose from each scored text's first N tokens (default: %(default)s)")
+    ev.add_argument("--seed", type=int, default=d.seed, help="seed of the mixed set's sample and order (default: %(default)s)")
     ev.set_defaults(run=_eval)
 
     tr = sub.add_parser("train-router", help="train only the router rows of an MoE spec on unlabeled text (next-token + load-balancing loss)")

@@ -241,6 +241,7 @@ def test_eval_command_writes_results(zoo, data_dir, tmp_path, capsys):
     assert "router" in results["rows"][5] and "router" not in results["rows"][4]
     table = (out / "results.md").read_text()
     assert "| oracle |" in table and "mixed loss" in table and "Experts against the base" in table
+    assert "| oracle | 100.0% | 100.0% | 100.0% | 100.0% |" in table  # the oracle keeps every expert's gain
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # --reuse keeps the rows whose spec and source files are unchanged; a touched source is re-run.

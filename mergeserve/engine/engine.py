@@ -229,12 +229,16 @@ class Engine:
         return self.model.logits(hidden)[0]
 
     @torch.inference_mode()
-    def score(self, sequences: list[list[int]], max_batch_tokens: int = 4096) -> list[torch.Tensor]:
+    def score(
+        self, sequences: list[list[int]], max_batch_tokens: int = 4096, route_tokens: int | None = None,
+    ) -> list[torch.Tensor]:
         """Log-probability of every token after the first given those before it, per sequence: [len - 1].
 
         Sequences are sorted by length and run in right-padded batches of at most
         `max_batch_tokens` (padding never reaches a real token through causal attention).
-        A sequence router routes each whole sequence (it is the prompt).
+        A sequence router routes each sequence on its first `route_tokens` tokens (all when
+        None): scoring text with a choice made from that same whole text would let a
+        perplexity router pick by the very loss being measured.
         """
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         out: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
@@ -244,7 +248,7 @@ class Engine:
             while end < len(order) and len(sequences[order[end]]) * (end + 1 - start) <= max_batch_tokens:
                 end += 1
             chunk = [sequences[i] for i in order[start:end]]
-            alpha = self.sequence_router.route(self.composed, chunk) if self.sequence_router else None
+            alpha = self.sequence_router.route(self.composed, [s[:route_tokens] for s in chunk]) if self.sequence_router else None
             batch = Batch.right_padded(chunk, alpha=alpha)
             hidden = self.model(batch)  # [B, T, D]
             for row, i in enumerate(order[start:end]):

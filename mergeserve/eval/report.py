@@ -82,6 +82,24 @@ def acceptance(results: dict) -> list[str]:
     return lines
 
 
+def gain_table(results: dict) -> list[str]:
+    """Per row and domain, the share of the domain expert's gain over the base the row keeps:
+    (base - row) / (base - expert), and the mean loss over the domains."""
+    rows, domains = results["rows"], results["domains"]
+    base = next((r for r in rows if r["kind"] == "base"), None)
+    experts = {r["expert"]: r for r in rows if r["kind"] == "expert"}
+    if base is None or any(d not in experts for d in domains):
+        return []
+    gain = {d: base["domains"][d]["loss"] - experts[d]["domains"][d]["loss"] for d in domains}
+    lines = ["| model | " + " | ".join(f"{d} gain kept" for d in domains) + " | lowest | mean loss |",
+             "|---|" + "---|" * (len(domains) + 2)]
+    for row in _rows(results):
+        kept = [(base["domains"][d]["loss"] - row["domains"][d]["loss"]) / gain[d] for d in domains]
+        mean = sum(row["domains"][d]["loss"] for d in domains) / len(domains)
+        lines.append(f"| {row['name']} | " + " | ".join(f"{k:.1%}" for k in kept) + f" | {min(kept):.1%} | {mean:.3f} |")
+    return lines
+
+
 def router_tables(results: dict) -> list[str]:
     lines = []
     for row in results["rows"]:
@@ -105,7 +123,9 @@ def markdown(results: dict) -> str:
         f"every token after the first scored. Math accuracy: exact match of the number after `Answer:` in "
         f"greedy output (at most {s['max_new_tokens']} new tokens) on the first {s['math_problems']} held-out problems; "
         f"math format: the share of those outputs that end in an `Answer: N` line at all. "
-        f"Mixed: {s['mixed_examples']} examples ({s['mixed_per_domain']} per domain, seed {s['seed']}) interleaved.",
+        f"Mixed: {s['mixed_examples']} examples ({s['mixed_per_domain']} per domain, seed {s['seed']}) interleaved. "
+        f"Sequence routers (perplexity, task_vector) choose each scored text's experts from its first "
+        f"{s.get('route_tokens', 'all')} tokens, as they would from a prompt.",
         "",
     ]
     if results.get("oracle"):
@@ -116,6 +136,10 @@ def markdown(results: dict) -> str:
         by = row["mixed"]["by_domain"]
         mixed_lines.append(f"| {row['name']} | " + " | ".join(f"{by[d]['loss']:.3f}" if d in by else "–" for d in domains) + " |")
     lines += mixed_lines
+    if gains := gain_table(results):
+        lines += ["", "## Share of each expert's gain kept", "",
+                  "(base loss - model loss) / (base loss - the domain expert's loss), per domain; mean loss "
+                  "averages the three domains' losses."] + gains
     if acc := acceptance(results):
         lines += ["", "## Experts against the base", ""] + acc
     if rt := router_tables(results):
