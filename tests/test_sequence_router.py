@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.model import Batch, Transformer
 from mergeserve.engine.sequence import SamplingParams
@@ -16,6 +19,7 @@ from mergeserve.experts import ExpertPool
 from mergeserve.export import export_composition
 from mergeserve.merge import build
 from mergeserve.router.sequence import top_k_softmax
+from mergeserve.server.metrics import Metrics
 from mergeserve.router.task_vector import routed_keys
 from mergeserve.spec import EngineConfig, parse_composition
 from tiny import perturbed_copy
@@ -96,6 +100,16 @@ def test_batched_generation_equals_one_at_a_time(zoo, experts, kind, attention):
     alone = [engine.generate([p], GREEDY)[0] for p in prompts]
     assert together == alone
     assert engine.expert_requests.sum() == 2 * 2 * len(prompts)  # top-2, each prompt routed twice
+
+
+def test_metrics_count_the_requests_each_expert_was_chosen_for(zoo, experts):
+    engine = Engine(compose(zoo, experts, kind="perplexity", top_k=1))
+    engine.generate(tokenize(engine.composed), GREEDY)
+    text = generate_latest(Metrics(lambda: [engine]).registry).decode()
+    samples = {s.labels["expert"]: s.value for f in text_string_to_metric_families(text)
+               if f.name == "mergeserve:expert_requests" for s in f.samples}
+    assert samples == dict(zip(NAMES, map(float, engine.expert_requests.tolist())))
+    assert sum(samples.values()) == len(TEXTS)
 
 
 @pytest.mark.parametrize("scale", [None, 300.0])

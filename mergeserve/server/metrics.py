@@ -40,7 +40,14 @@ class _EngineCollector(Collector):
             "(divided by mergeserve:expert_tokens_total: the mean routing weight).",
             labels=["model", "layer", "expert"],
         )
+        requests = CounterMetricFamily(
+            "mergeserve:expert_requests", "Requests a sequence router sent to each expert (top-k: k per request).",
+            labels=["model", "expert"],
+        )
         for engine in self._engines():
+            if engine.expert_requests is not None:
+                for expert, count in zip(engine.expert_names, engine.expert_requests.tolist()):
+                    requests.add_metric([engine.name, expert], count)
             running.add_metric([engine.name], engine.num_running)
             waiting.add_metric([engine.name], engine.num_waiting)
             load = engine.expert_load
@@ -50,7 +57,7 @@ class _EngineCollector(Collector):
                 for expert, count, total in zip(engine.expert_names, counts, sums):
                     experts.add_metric([engine.name, str(layer), expert], count)
                     weights.add_metric([engine.name, str(layer), expert], total)
-        return [running, waiting, experts, weights]
+        return [running, waiting, experts, weights, requests]
 
 
 class Metrics:
