@@ -115,3 +115,18 @@ def refuse_pickles(folder: Path, weights: list[Path]) -> None:
             "checkpoints: convert them to safetensors"
         )
     raise CheckpointError(f"{folder}: no *.safetensors weights found")
+
+
+def hf_module(checkpoint: Checkpoint) -> torch.nn.Module:
+    """The checkpoint as a transformers model whose parameters are its own tensors (no copy)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(checkpoint.config, dtype=torch.float32)
+    # assign=True makes the module's parameters *be* the checkpoint's tensors.
+    model.load_state_dict(checkpoint.tensors, strict=False, assign=True)
+    if checkpoint.config.tie_word_embeddings:
+        model.tie_weights()
+    # Buffers are not in the state dict: rebuild the rotary tables off the meta device.
+    model.model.rotary_emb = type(model.model.rotary_emb)(checkpoint.config)
+    return model

@@ -11,23 +11,12 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
 
-from mergeserve.experts.checkpoint import Checkpoint, CheckpointError, refuse_pickles
+from mergeserve.experts.checkpoint import Checkpoint, CheckpointError, hf_module, refuse_pickles
 
 
 def is_peft_folder(folder: Path) -> bool:
     return (folder / "adapter_config.json").is_file()
-
-
-def _base_module(base: Checkpoint) -> torch.nn.Module:
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(base.config, dtype=torch.float32)
-    # assign=True makes the module's parameters *be* the pool's tensors: no copy.
-    model.load_state_dict(base.tensors, strict=False, assign=True)
-    if base.config.tie_word_embeddings:
-        model.tie_weights()
-    return model
 
 
 def load_peft_adapter(folder: Path, base: Checkpoint) -> Checkpoint:
@@ -36,7 +25,7 @@ def load_peft_adapter(folder: Path, base: Checkpoint) -> Checkpoint:
     if adapter_config.get("peft_type") != "LORA":
         raise CheckpointError(f"{folder}/adapter_config.json: peft_type {adapter_config.get('peft_type')!r}, only LORA is supported")
     try:
-        model = PeftModel.from_pretrained(_base_module(base), str(folder))
+        model = PeftModel.from_pretrained(hf_module(base), str(folder))
         # safe_merge writes merged weights into new tensors instead of the shared base ones.
         merged = model.merge_and_unload(safe_merge=True)
     except (RuntimeError, ValueError, KeyError) as e:

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
 
 from mergeserve.experts import Checkpoint
+from mergeserve.experts.checkpoint import hf_module
 
 if TYPE_CHECKING:
     from mergeserve.router.sequence import SequenceRouter
@@ -59,17 +59,6 @@ def tau_norms(base: Checkpoint, experts: list[Checkpoint]) -> torch.Tensor:
     return sq.sqrt().float()
 
 
-def base_module(base: Checkpoint) -> torch.nn.Module:
-    """The base as a transformers model whose parameters are the pool's tensors (no copy)."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(base.config, dtype=torch.float32)
-    model.load_state_dict(base.tensors, strict=False, assign=True)
-    if base.config.tie_word_embeddings:
-        model.tie_weights()
-    # Buffers are not in the state dict: rebuild the rotary tables off the meta device.
-    model.model.rotary_emb = type(model.model.rotary_emb)(base.config)
-    return model.eval().requires_grad_(False)
-
 
 def linear_grad_stats(x: torch.Tensor, delta: torch.Tensor, taus: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, T, Din], delta [B, T, Dout] -> <g_b, tau_i> [B, E] and |g_b|^2 [B] for one weight."""
@@ -88,7 +77,7 @@ def prepare(router: SequenceRouter) -> dict:
     """Build once what every call needs: the base model and |tau_i|."""
     state = router._state
     if "model" not in state:
-        state["model"] = base_module(router.base)
+        state["model"] = hf_module(router.base).eval().requires_grad_(False)
         state["tau_norms"] = tau_norms(router.base, router.experts)
     return state
 
