@@ -20,6 +20,8 @@ def trim(tau: Tensor, density: float) -> Tensor:
     keep = int(density * tau.numel())
     if keep == 0:
         return torch.zeros_like(tau)
+    if not tau.any():  # e.g. the base itself as an expert: nothing to select from
+        return tau
     # The keep-th largest magnitude as a threshold: a selection, much faster than a topk this wide;
     # only exact ties at the threshold (which floats rarely have) keep an extra entry.
     magnitude = tau.abs()
