@@ -10,7 +10,6 @@ start from the spec's own router (hidden, random, or a learned file to continue 
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from mergeserve.merge import build
 from mergeserve.merge.composed import ComposedModel
 from mergeserve.router.learned import save_rows
 from mergeserve.spec import SpecError, load_composition
-from mergeserve.zoo.splits import read_jsonl
+from mergeserve.zoo.splits import pack, read_jsonl
 
 DATA_SUFFIXES = (".jsonl", ".txt")
 NO_GRADIENT_AT_TOP_1 = (
@@ -206,17 +205,6 @@ def read_texts(path: Path) -> list[str]:
         raise ValueError(f"{path}: every line must be a JSON object with a string \"text\" field")
     return [e["text"] for e in examples]
 
-
-def pack(texts: list[str], tokenizer: PreTrainedTokenizerBase, rows: int, seq_len: int, seed: int) -> torch.Tensor:
-    """`rows` sequences of `seq_len` tokens: texts in seeded random order, EOS after each, repeated if short."""
-    order, rng, ids, need = list(range(len(texts))), random.Random(seed), [], rows * seq_len
-    while len(ids) < need:
-        rng.shuffle(order)
-        for i in order:
-            ids += tokenizer(texts[i], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-            if len(ids) >= need:
-                break
-    return torch.tensor(ids[:need]).view(rows, seq_len)  # [rows, T]
 
 
 def pack_files(texts: list[list[str]], tokenizer: PreTrainedTokenizerBase, rows: int, seq_len: int, seed: int) -> torch.Tensor:

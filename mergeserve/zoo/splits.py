@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 from typing import Iterable
+
+import torch
+from transformers import PreTrainedTokenizerBase
 
 from mergeserve.zoo import BUILD_DIR, ZOO_DIR
 
@@ -67,3 +71,15 @@ def write_jsonl(path: Path, examples: list[Example]) -> None:
 def read_jsonl(path: Path) -> list[Example]:
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def pack(texts: list[str], tokenizer: PreTrainedTokenizerBase, rows: int, seq_len: int, seed: int) -> torch.Tensor:
+    """`rows` sequences of `seq_len` tokens: texts in seeded random order, EOS after each, repeated if short."""
+    order, rng, ids, need = list(range(len(texts))), random.Random(seed), [], rows * seq_len
+    while len(ids) < need:
+        rng.shuffle(order)
+        for i in order:
+            ids += tokenizer(texts[i], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            if len(ids) >= need:
+                break
+    return torch.tensor(ids[:need]).view(rows, seq_len)  # [rows, T]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import shutil
 import sys
 import time
@@ -30,7 +29,7 @@ from mergeserve.zoo import BASE_SOURCE, BUILD_DIR, DOMAINS, REPO, ZOO_DIR
 from mergeserve.zoo.card import write_card
 from mergeserve.zoo.data import SOURCES, load_split, write_splits
 from mergeserve.zoo.heldout import heldout_loss
-from mergeserve.zoo.splits import Example, heldout_path, train_path
+from mergeserve.zoo.splits import Example, heldout_path, pack, train_path
 
 # peft looks for the base's config.json to check the vocabulary; a GGUF base has none (embeddings are not trained).
 warnings.filterwarnings("ignore", message="Could not find a config file")
@@ -64,18 +63,6 @@ def load_base() -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     model.load_state_dict(checkpoint.tensors)
     return model, checkpoint.tokenizer
 
-
-def pack(examples: list[Example], tokenizer: PreTrainedTokenizerBase, rows: int, seq_len: int, seed: int) -> torch.Tensor:
-    """`rows` sequences of `seq_len` tokens: examples in seeded random order, EOS between them."""
-    order, rng, ids = list(range(len(examples))), random.Random(seed), []
-    need = rows * seq_len
-    while len(ids) < need:  # more than one pass only when the split is smaller than the budget
-        rng.shuffle(order)
-        for i in order:
-            ids += tokenizer(examples[i]["text"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-            if len(ids) >= need:
-                break
-    return torch.tensor(ids[:need]).view(rows, seq_len)  # [rows, seq_len]
 
 
 def eval_set(domain: str, cfg: TrainConfig) -> list[Example]:
@@ -152,7 +139,7 @@ def train(cfg: TrainConfig, out: Path | None = None, ckpt_dir: Path | None = Non
         torch.set_rng_state(saved.pop("rng"))
         state = saved
         print(f"{cfg.domain}: resuming from {ckpt_dir} at step {state['step']}", flush=True)
-    rows = pack(load_split(cfg.domain, "train"), tokenizer, cfg.steps * cfg.batch_size, cfg.seq_len, cfg.seed)
+    rows = pack([e["text"] for e in load_split(cfg.domain, "train")], tokenizer, cfg.steps * cfg.batch_size, cfg.seq_len, cfg.seed)
     heldout = eval_set(cfg.domain, cfg)
     if not state["curve"]:
         state["curve"].append([0, heldout_loss(model, tokenizer, heldout, cfg.seq_len)])
