@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 
 class SpecError(ValueError):
@@ -165,6 +165,9 @@ class EngineConfig(_Strict):
     max_model_len: int = Field(2048, ge=16)
     # Prompt tokens prefilled per step; bounds how long one step can stall decodes.
     max_prefill_tokens: int = Field(256, ge=1)
+    # Admission limits: a request past them is refused (400 / 429) rather than queued.
+    max_tokens_limit: int | None = Field(None, ge=1)  # None: only max_model_len bounds max_tokens
+    max_waiting: int = Field(64, ge=1)
 
 
 class ServeConfig(_Strict):
@@ -172,6 +175,11 @@ class ServeConfig(_Strict):
     port: int = Field(8000, ge=0, le=65535)
     compositions: list[CompositionSpec] = Field(min_length=1)
     engine: EngineConfig = EngineConfig()
+    # Bearer keys for /v1; none = open. Keys need not live in config files: MERGESERVE_API_KEYS
+    # (comma-separated) adds to api_keys, MERGESERVE_ADMIN_KEY overrides admin_key.
+    # SecretStr keeps them out of reprs and logs.
+    api_keys: list[SecretStr] = []
+    admin_key: SecretStr | None = None
 
     @field_validator("compositions")
     @classmethod
@@ -180,6 +188,14 @@ class ServeConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"composition names must be unique: {names}")
         return specs
+
+    @field_validator("api_keys", "admin_key")
+    @classmethod
+    def _non_empty(cls, keys: list[SecretStr] | SecretStr | None) -> list[SecretStr] | SecretStr | None:
+        listed = keys if isinstance(keys, list) else [keys] if keys is not None else []
+        if any(not k.get_secret_value().strip() for k in listed):
+            raise ValueError("keys must not be empty")
+        return keys
 
 
 def resolve_source(source: str, relative_to: Path) -> str:

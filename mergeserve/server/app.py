@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI routes plus /health, /ready and /metrics."""
+"""The FastAPI app: OpenAI routes (behind API keys when configured) plus open /health, /ready and /metrics."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mergeserve import __version__
 from mergeserve.server import errors
+from mergeserve.server.auth import Auth
 from mergeserve.server.metrics import HTTPMetricsMiddleware, Metrics
 from mergeserve.server.openai_routes import OpenAIRoutes
 from mergeserve.server.registry import Registry
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from mergeserve.engine.executor import Executor
 
 
-def create_app(registry: Registry, executor: Executor) -> FastAPI:
+def create_app(registry: Registry, executor: Executor, auth: Auth = Auth()) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         executor.start()
@@ -31,7 +32,7 @@ def create_app(registry: Registry, executor: Executor) -> FastAPI:
 
     app = FastAPI(title="mergeserve", version=__version__, lifespan=lifespan)
     metrics = Metrics(registry.engines)
-    app.state.registry, app.state.executor, app.state.metrics = registry, executor, metrics
+    app.state.registry, app.state.executor, app.state.metrics, app.state.auth = registry, executor, metrics, auth
     errors.install(app)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)
     app.include_router(OpenAIRoutes(registry, executor, metrics).router)

@@ -11,13 +11,16 @@ from starlette.exceptions import HTTPException
 class APIError(Exception):
     def __init__(
         self, status: int, message: str, *, type: str = "invalid_request_error",
-        param: str | None = None, code: str | None = None,
+        param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, type=self.type, param=self.param, code=self.code)
+        response = error_response(self.status, self.message, type=self.type, param=self.param, code=self.code)
+        response.headers.update(self.headers)
+        return response
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

@@ -15,13 +15,14 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import TYPE_CHECKING
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
 from mergeserve import __version__
 from mergeserve.engine.sequence import TokenLogprob
-from mergeserve.server import generation
+from mergeserve.server import generation, limits
+from mergeserve.server.auth import require_api_key
 from mergeserve.server.errors import APIError, bad_request
 from mergeserve.server.generation import Job
 from mergeserve.server.metrics import Metrics
@@ -47,7 +48,7 @@ class OpenAIRoutes:
     def __init__(self, registry: Registry, executor: Executor, metrics: Metrics) -> None:
         self.registry, self.executor, self.metrics = registry, executor, metrics
         self.created = int(time.time())
-        self.router = APIRouter(prefix="/v1")
+        self.router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
         self.router.add_api_route("/models", self.models, methods=["GET"])
         # response_model=None: these return either a model or a stream.
         self.router.add_api_route("/completions", self.completions, methods=["POST"], response_model=None)
@@ -58,7 +59,8 @@ class OpenAIRoutes:
 
     async def completions(self, body: CompletionRequest, request: Request) -> CompletionResponse | EventSourceResponse:
         body.check_supported()
-        engine = self.registry.get(body.model)
+        engine = limits.admit(self.registry, body.model)
+        limits.check_max_tokens(engine, body.max_tokens, "max_tokens")
         prompts = _completion_prompts(engine, body.prompt)
         max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
         for prompt in prompts:
@@ -84,10 +86,12 @@ class OpenAIRoutes:
         self, body: ChatCompletionRequest, request: Request,
     ) -> ChatCompletionResponse | EventSourceResponse:
         body.check_supported()
-        engine = self.registry.get(body.model)
-        prompt = _chat_prompt(engine, body)
+        engine = limits.admit(self.registry, body.model)
+        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         requested = body.max_completion_tokens or body.max_tokens
-        max_tokens = requested or engine.max_model_len - len(prompt)  # default: fill the context
+        limits.check_max_tokens(engine, requested, param)
+        prompt = _chat_prompt(engine, body)
+        max_tokens = requested or limits.default_max_tokens(engine, len(prompt))
         _check_length(engine, len(prompt), max_tokens, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(max_tokens, logprobs)

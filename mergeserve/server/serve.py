@@ -12,6 +12,7 @@ from mergeserve.engine.executor import Executor
 from mergeserve.experts import ExpertPool
 from mergeserve import merge
 from mergeserve.server.app import create_app
+from mergeserve.server.auth import Auth
 from mergeserve.server.registry import Registry
 from mergeserve.spec import ServeConfig
 
@@ -34,6 +35,8 @@ def build_registry(config: ServeConfig, pool: ExpertPool | None = None) -> Regis
 
 def serve(config: ServeConfig) -> None:
     registry = build_registry(config)
-    app = create_app(registry, Executor())
+    auth = Auth.from_config(config)
+    app = create_app(registry, Executor(), auth)
     log.info("serving %s on http://%s:%d", ", ".join(registry.names()), config.host, config.port)
+    log.info("API keys: %s", f"{len(auth.api_keys)} configured" if auth.api_keys else "none, /v1 is open")
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")
