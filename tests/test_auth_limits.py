@@ -134,6 +134,11 @@ def test_a_missing_key_is_401_on_every_v1_route(server: Server, headers: dict[st
         assert response.headers["www-authenticate"] == "Bearer"
 
 
+def test_the_key_is_checked_before_the_body_is_read(server: Server) -> None:
+    response = server.http.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
 def test_health_ready_and_metrics_stay_open(server: Server) -> None:
     for path in ("/health", "/ready", "/metrics"):
         assert server.http.get(path).status_code == 200, path

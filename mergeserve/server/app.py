@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mergeserve import __version__
 from mergeserve.server import errors
-from mergeserve.server.auth import Auth
+from mergeserve.server.auth import APIKeyMiddleware, Auth
 from mergeserve.server.metrics import HTTPMetricsMiddleware, Metrics
 from mergeserve.server.openai_routes import OpenAIRoutes
 from mergeserve.server.registry import Registry
@@ -34,7 +34,8 @@ def create_app(registry: Registry, executor: Executor, auth: Auth = Auth()) -> F
     metrics = Metrics(registry.engines)
     app.state.registry, app.state.executor, app.state.metrics, app.state.auth = registry, executor, metrics, auth
     errors.install(app)
-    app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)
+    app.add_middleware(APIKeyMiddleware, auth=auth)
+    app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)  # added last: outermost, so it counts 401s too
     app.include_router(OpenAIRoutes(registry, executor, metrics).router)
 
     @app.get("/health")

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mergeserve.server.errors import APIError
 from mergeserve.spec import ServeConfig
@@ -43,9 +44,21 @@ class Auth:
             raise _unauthorized(request)
 
 
-def require_api_key(request: Request) -> None:
-    """FastAPI dependency for the /v1 routes."""
-    _auth(request).check_api_key(request)
+class APIKeyMiddleware:
+    """Checks /v1 keys before a route reads the body, so a request without a valid key gets
+    401 even when its body is malformed (a route dependency would run after body parsing)."""
+
+    def __init__(self, app: ASGIApp, auth: Auth) -> None:
+        self.app, self.auth = app, auth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            try:
+                self.auth.check_api_key(Request(scope))
+            except APIError as e:
+                await e.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def require_admin(request: Request) -> None:

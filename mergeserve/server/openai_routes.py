@@ -15,14 +15,13 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import TYPE_CHECKING
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
 from mergeserve import __version__
 from mergeserve.engine.sequence import TokenLogprob
 from mergeserve.server import generation, limits
-from mergeserve.server.auth import require_api_key
 from mergeserve.server.errors import APIError, bad_request
 from mergeserve.server.generation import Job
 from mergeserve.server.metrics import Metrics
@@ -48,7 +47,7 @@ class OpenAIRoutes:
     def __init__(self, registry: Registry, executor: Executor, metrics: Metrics) -> None:
         self.registry, self.executor, self.metrics = registry, executor, metrics
         self.created = int(time.time())
-        self.router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+        self.router = APIRouter(prefix="/v1")
         self.router.add_api_route("/models", self.models, methods=["GET"])
         # response_model=None: these return either a model or a stream.
         self.router.add_api_route("/completions", self.completions, methods=["POST"], response_model=None)
