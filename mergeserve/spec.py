@@ -114,7 +114,7 @@ class MergeParams(_Strict):
 class CompositionSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.:-]+$")
     base: str
-    experts: list[ExpertSpec] = Field(min_length=1)
+    experts: list[ExpertSpec] = Field(min_length=1, max_length=64)
     # btx: MoE, FFNs kept as experts, the rest averaged; mergeme: MoE, the rest merged as
     # `merge` says (TIES by default); any task-vector method: one dense merged model.
     method: Literal["btx", "mergeme", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"] = "btx"
@@ -179,6 +179,9 @@ class ServeConfig(_Strict):
     # (comma-separated) adds to api_keys, MERGESERVE_ADMIN_KEY overrides admin_key.
     # SecretStr keeps them out of reprs and logs.
     api_keys: list[SecretStr] = []
+    # Folders every checkpoint source must lie under (symlinks followed; relative to the config
+    # file; `pkg://module/` for an installed package); empty: sources load from anywhere.
+    source_roots: list[str] = []
     admin_key: SecretStr | None = None
 
     @field_validator("compositions")
@@ -288,6 +291,8 @@ def load_serve_config(path: str | Path) -> ServeConfig:
         else:
             specs.append(parse_composition(entry, path.parent.resolve(), f"{path}: compositions.{i}"))
     data["compositions"] = specs
+    if isinstance(data.get("source_roots"), list):
+        data["source_roots"] = [resolve_source(r, path.parent.resolve()) if isinstance(r, str) else r for r in data["source_roots"]]
     try:
         return ServeConfig.model_validate(data)
     except ValidationError as e:

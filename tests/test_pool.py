@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from mergeserve.engine.engine import Engine
 from mergeserve.experts import CheckpointError, ExpertPool
 from mergeserve.merge import build
-from mergeserve.spec import parse_composition
+from mergeserve.spec import load_serve_config, parse_composition
 from tiny import make_checkpoint
 
 
@@ -120,3 +121,38 @@ def test_another_composition_over_the_same_experts_costs_no_expert_memory(tmp_pa
     ffn_bytes = sum(e.gate_proj.nbytes * 3 for layer in keep[0].layers for e in layer.experts)
     # Twenty copies of the experts would add 20 * ffn_bytes; the routers alone are tiny.
     assert rss_bytes() - before < 2 * ffn_bytes
+
+
+def test_sources_must_lie_under_the_configured_roots(zoo, tmp_path):
+    """No source outside the roots: not by path, not by `..`, not through a symlinked folder or file."""
+    root = tmp_path / "models"
+    inside = {name: shutil.copytree(path, root / name) for name, path in zoo.items()}
+    pool = ExpertPool(roots=[root])
+    build(moe_spec(inside, "inside"), pool)  # every checkpoint lies under the root
+
+    outside = shutil.copytree(zoo["code"], tmp_path / "outside")
+    with pytest.raises(CheckpointError, match="outside the allowed source roots"):
+        pool.get(str(outside))
+    with pytest.raises(CheckpointError, match="outside the allowed source roots"):
+        pool.get(str(root / "code" / ".." / ".." / "outside"))
+
+    linked_folder = root / "linked-folder"
+    linked_folder.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(CheckpointError, match="linked-folder: resolves to"):
+        pool.get(str(linked_folder))
+
+    smuggled = shutil.copytree(inside["math"], root / "smuggled")
+    weights = next(smuggled.glob("*.safetensors"))
+    weights.unlink()
+    weights.symlink_to(next(outside.glob("*.safetensors")))
+    with pytest.raises(CheckpointError, match=f"{weights.name} \\(inside .*smuggled\\)"):
+        pool.get(str(smuggled))
+
+
+def test_a_serve_config_names_its_source_roots_relative_to_itself(tmp_path):
+    (tmp_path / "moe.yaml").write_text("name: m\nbase: models/base\nexperts: [{name: a, source: models/a}]\n"
+                                       "router: {kind: random}\n")
+    (tmp_path / "serve.yaml").write_text("compositions: [moe.yaml]\nsource_roots: [models, 'pkg://pytest/']\n")
+    config = load_serve_config(tmp_path / "serve.yaml")
+    assert config.source_roots[0] == str(tmp_path / "models")
+    assert config.source_roots[1] == str(Path(pytest.__file__).parent)

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def build_registry(config: ServeConfig, pool: ExpertPool | None = None) -> Registry:
-    pool = pool or ExpertPool()
+    pool = pool or ExpertPool(config.source_roots or None)
     registry = Registry()
     for spec in config.compositions:
         start = time.perf_counter()
