@@ -10,19 +10,19 @@ from mergeserve.spec import CompositionSpec
 
 
 def init_router(
-    composed: ComposedModel, spec: CompositionSpec, base: Checkpoint, experts: list[Checkpoint] = (),
+    composed: ComposedModel, spec: CompositionSpec, base: Checkpoint, experts: list[Checkpoint],
 ) -> None:
     """Fill every MoE layer's router [E, D] as the spec's router section says.
 
     Sequence routers (perplexity, task_vector) have no gate rows: they attach each expert's
-    own layers and a SequenceRouter instead (router/sequence.py); they need `experts`.
+    own layers and a SequenceRouter instead (router/sequence.py).
     """
     if composed.num_experts == 1:
         return
     if spec.router.is_sequence:
         from mergeserve.router.sequence import attach_sequence_router
 
-        attach_sequence_router(composed, spec, base, list(experts))
+        attach_sequence_router(composed, spec, base, experts)
         return
     kind = spec.router.kind
     if kind == "random":

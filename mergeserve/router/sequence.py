@@ -125,10 +125,7 @@ def inverse_perplexities(composed: ComposedModel, prompts: list[list[int]]) -> t
     from mergeserve.engine.model import Batch, Transformer
 
     batch = Batch.right_padded(prompts)
-    predicted = batch.real()[:, 1:]  # [B, T-1]: position t predicts token t+1
-    targets = batch.tokens[:, 1:][predicted]  # [N]
-    row = torch.arange(len(prompts)).unsqueeze(1).expand_as(predicted)[predicted]  # [N]
-    counts = torch.bincount(row, minlength=len(prompts)).clamp_min(1)  # [B]
+    predicted, targets, row, counts = next_token_targets(batch)
     out = []
     for e in range(composed.num_experts):
         model = Transformer(expert_model(composed, e), max_len=batch.tokens.shape[1])
@@ -137,6 +134,16 @@ def inverse_perplexities(composed: ComposedModel, prompts: list[list[int]]) -> t
         mean_nll = torch.zeros(len(prompts)).index_add_(0, row, nll) / counts  # [B]
         out.append(torch.exp(-mean_nll))
     return torch.stack(out, dim=1)
+
+
+def next_token_targets(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Of a right-padded Batch: which positions predict a real token [B, T-1] (position t predicts
+    token t+1), those tokens [N], the prompt of each [N], and predictions per prompt [B] (at least 1)."""
+    predicted = batch.real()[:, 1:]
+    targets = batch.tokens[:, 1:][predicted]
+    row = torch.arange(len(predicted)).unsqueeze(1).expand_as(predicted)[predicted]
+    counts = torch.bincount(row, minlength=len(predicted)).clamp_min(1)
+    return predicted, targets, row, counts
 
 
 def token_nll(hidden: torch.Tensor, lm_head: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

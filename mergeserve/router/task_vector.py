@@ -59,7 +59,6 @@ def tau_norms(base: Checkpoint, experts: list[Checkpoint]) -> torch.Tensor:
     return sq.sqrt().float()
 
 
-
 def linear_grad_stats(x: torch.Tensor, delta: torch.Tensor, taus: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, T, Din], delta [B, T, Dout] -> <g_b, tau_i> [B, E] and |g_b|^2 [B] for one weight."""
     b, t, _ = x.shape
@@ -122,14 +121,13 @@ def backward_with_hooks(model: torch.nn.Module, prompts: list[list[int]], accumu
 
 def sequence_loss(model: torch.nn.Module, prompts: list[list[int]]) -> torch.Tensor:
     """sum over prompts of each one's mean next-token loss; right padding, causal attention only."""
-    width = max(len(p) for p in prompts)
-    tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts])  # [B, T]
-    real = torch.arange(width) < torch.tensor([len(p) for p in prompts]).unsqueeze(1)  # [B, T]
-    embeds = model.get_input_embeddings()(tokens).detach().requires_grad_()  # [B, T, D]: the graph starts here
+    from mergeserve.engine.model import Batch
+    from mergeserve.router.sequence import next_token_targets
+
+    batch = Batch.right_padded(prompts)
+    predicted, targets, row, counts = next_token_targets(batch)
+    embeds = model.get_input_embeddings()(batch.tokens).detach().requires_grad_()  # [B, T, D]: the graph starts here
     hidden = model.model(inputs_embeds=embeds, use_cache=False).last_hidden_state  # [B, T, D]
-    predicted = real[:, 1:]  # position t predicts token t+1
     logits = model.lm_head(hidden[:, :-1][predicted])  # [N, V]
-    nll = F.cross_entropy(logits, tokens[:, 1:][predicted], reduction="none")  # [N]
-    row = torch.arange(len(prompts)).unsqueeze(1).expand_as(predicted)[predicted]  # [N]
-    counts = predicted.sum(1).clamp_min(1)  # [B]
+    nll = F.cross_entropy(logits, targets, reduction="none")  # [N]
     return (nll / counts[row]).sum()

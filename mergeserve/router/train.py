@@ -206,7 +206,6 @@ def read_texts(path: Path) -> list[str]:
     return [e["text"] for e in examples]
 
 
-
 def pack_files(texts: list[list[str]], tokenizer: PreTrainedTokenizerBase, rows: int, seq_len: int, seed: int) -> torch.Tensor:
     """`rows` sequences [rows, T] from the texts of each file, the files taking turns so every batch mixes them evenly."""
     per_file = -(-rows // len(texts))

@@ -64,7 +64,6 @@ def load_base() -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     return model, checkpoint.tokenizer
 
 
-
 def eval_set(domain: str, cfg: TrainConfig) -> list[Example]:
     return load_split(domain, "heldout")[: cfg.eval_examples]
 
