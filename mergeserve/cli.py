@@ -20,7 +20,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         config = load_serve_config(args.config)
         overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-        serve(config.model_copy(update=overrides))
+        serve(config.model_copy(update=overrides), Path(args.config).parent.resolve())
     except (SpecError, CheckpointError) as e:
         return _bad_input(args, e)
     return 0

@@ -6,6 +6,7 @@ which router; a serve config says which compositions to serve and how.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 class SpecError(ValueError):
     """A spec or config that cannot be used; the message names the file and the field."""
+
+
+# Composition and alias names: they appear in URLs (/admin/compositions/{name}) and metric labels.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]+$")
 
 
 class _Strict(BaseModel):
@@ -112,7 +117,7 @@ class MergeParams(_Strict):
 
 
 class CompositionSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]+$")
+    name: str = Field(pattern=NAME_PATTERN.pattern, max_length=128)
     base: str
     experts: list[ExpertSpec] = Field(min_length=1, max_length=64)
     # btx: MoE, FFNs kept as experts, the rest averaged; mergeme: MoE, the rest merged as
@@ -167,13 +172,14 @@ class EngineConfig(_Strict):
     max_prefill_tokens: int = Field(256, ge=1)
     # Admission limits: a request past them is refused (400 / 429) rather than queued.
     max_tokens_limit: int | None = Field(None, ge=1)  # None: only max_model_len bounds max_tokens
+    max_prompt_tokens: int | None = Field(None, ge=1)  # None: only max_model_len bounds prompts
     max_waiting: int = Field(64, ge=1)
 
 
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    compositions: list[CompositionSpec] = Field(min_length=1)
+    compositions: list[CompositionSpec] = []  # at least one, unless state_dir holds saved ones
     engine: EngineConfig = EngineConfig()
     # Bearer keys for /v1; none = open. Keys need not live in config files: MERGESERVE_API_KEYS
     # (comma-separated) adds to api_keys, MERGESERVE_ADMIN_KEY overrides admin_key.
@@ -183,6 +189,17 @@ class ServeConfig(_Strict):
     # file; `pkg://module/` for an installed package); empty: sources load from anywhere.
     source_roots: list[str] = []
     admin_key: SecretStr | None = None
+    # Where the admin API's compositions and aliases are saved and restored from on restart
+    # (relative to the config file); none: admin changes last until the process exits.
+    state_dir: str | None = None
+    max_compositions: int = Field(16, ge=1, le=256)
+    max_source_file_bytes: int | None = Field(None, ge=1)  # refuse checkpoints holding a larger file
+
+    @model_validator(mode="after")
+    def _something_to_serve(self) -> ServeConfig:
+        if not self.compositions and self.state_dir is None:
+            raise ValueError("compositions: give at least one (or a state_dir to restore them from)")
+        return self
 
     @field_validator("compositions")
     @classmethod
@@ -291,6 +308,8 @@ def load_serve_config(path: str | Path) -> ServeConfig:
         else:
             specs.append(parse_composition(entry, path.parent.resolve(), f"{path}: compositions.{i}"))
     data["compositions"] = specs
+    if isinstance(data.get("state_dir"), str):
+        data["state_dir"] = resolve_source(data["state_dir"], path.parent.resolve())
     if isinstance(data.get("source_roots"), list):
         data["source_roots"] = [resolve_source(r, path.parent.resolve()) if isinstance(r, str) else r for r in data["source_roots"]]
     try:

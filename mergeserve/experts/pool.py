@@ -1,8 +1,14 @@
-"""ExpertPool: each source is loaded once and shared by every composition that names it."""
+"""ExpertPool: each source is loaded once and shared by every composition that names it.
+
+Builds that run under `claim(owner)` record which checkpoints they use; `release(owner)`
+drops a finished composition's claims and unloads what no other owner still uses.
+"""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mergeserve.experts.checkpoint import Checkpoint, CheckpointError, check_same_arch
@@ -12,22 +18,48 @@ from mergeserve.experts.peft_adapter import is_peft_folder, load_peft_adapter
 
 
 class ExpertPool:
-    def __init__(self, roots: list[str | Path] | None = None) -> None:
+    def __init__(self, roots: list[str | Path] | None = None, max_file_bytes: int | None = None) -> None:
         """`roots`: when given, every source (and every file inside a folder source, symlinks
-        followed) must lie under one of these folders; None loads from anywhere."""
+        followed) must lie under one of these folders; None loads from anywhere.
+        `max_file_bytes`: refuse sources holding a larger file."""
         self.roots = [Path(r).resolve() for r in roots] if roots is not None else None
+        self.max_file_bytes = max_file_bytes
         self._loaded: dict[tuple[str, str | None], Checkpoint] = {}
+        self._owners: dict[tuple[str, str | None], set[str]] = {}  # claimed checkpoints -> who uses them
+        self._claim = threading.local()  # the owner a build on this thread loads for
         # Builds may run off the request path; one lock keeps a source from loading twice.
         self._lock = threading.RLock()
 
+    @contextmanager
+    def claim(self, owner: str) -> Iterator[None]:
+        """Record every checkpoint this thread gets inside the block as used by `owner`."""
+        previous, self._claim.owner = getattr(self._claim, "owner", None), owner
+        try:
+            yield
+        finally:
+            self._claim.owner = previous
+
+    def release(self, owner: str) -> list[str]:
+        """Drop `owner`'s claims; unloads (and returns the sources of) checkpoints nobody claims now."""
+        with self._lock:
+            freed = []
+            for key, owners in list(self._owners.items()):
+                owners.discard(owner)
+                if not owners:
+                    del self._owners[key]
+                    freed.append(self._loaded.pop(key).source)
+            return freed
+
     def get(self, source: str, base: str | None = None) -> Checkpoint:
         """The checkpoint at `source`; `base` is the base a PEFT adapter applies to."""
-        self._confine(Path(source))
+        self.check_allowed(Path(source))
         path = Path(source).resolve()
         key = (str(path), str(Path(base).resolve()) if base and is_peft_folder(path) else None)
         with self._lock:
             if key not in self._loaded:
                 self._loaded[key] = self._load(path, key[1])
+            if (owner := getattr(self._claim, "owner", None)) is not None:
+                self._owners.setdefault(key, set()).add(owner)
             return self._loaded[key]
 
     def get_expert(self, source: str, base: str) -> Checkpoint:
@@ -36,11 +68,16 @@ class ExpertPool:
         check_same_arch(expert.source, expert.config, base_ckpt.source, base_ckpt.config)
         return expert
 
-    def _confine(self, source: Path) -> None:
+    def check_allowed(self, source: Path) -> None:
+        """Refuse `source` if it, or a file inside it, lies outside the roots or is too large."""
+        files = sorted(f for f in source.rglob("*") if f.is_file()) if source.is_dir() else [source]
+        limit = self.max_file_bytes
+        for f in files if limit is not None else []:
+            if f.is_file() and f.stat().st_size > limit:
+                raise CheckpointError(f"{f}: {f.stat().st_size} bytes, over the limit of {limit} bytes per file")
         if self.roots is None:
             return
-        files = sorted(f for f in source.rglob("*") if f.is_file()) if source.is_dir() else []
-        for path in [source, *files]:
+        for path in dict.fromkeys([source, *files]):
             real = path.resolve()  # follows symlinks and `..`
             if not any(real.is_relative_to(root) for root in self.roots):
                 where = "" if path == source else f" (inside {source})"
@@ -61,9 +98,15 @@ class ExpertPool:
             return load_peft_adapter(path, self.get(base))
         return load_hf_folder(path)
 
+    def storage_ptrs(self) -> set[int]:
+        """Where the loaded checkpoints' tensors live, to tell shared memory from a composition's own."""
+        with self._lock:
+            return {t.untyped_storage().data_ptr() for c in self._loaded.values() for t in c.tensors.values()}
+
     def sources(self) -> list[dict[str, object]]:
         with self._lock:
             return [
-                {"source": c.source, "kind": c.kind, "bytes": c.nbytes(), "model_type": c.config.model_type}
-                for c in self._loaded.values()
+                {"source": c.source, "base": key[1], "kind": c.kind, "bytes": c.nbytes(),
+                 "model_type": c.config.model_type, "used_by": sorted(self._owners.get(key, ()))}
+                for key, c in self._loaded.items()
             ]

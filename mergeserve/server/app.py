@@ -1,27 +1,36 @@
-"""The FastAPI app: OpenAI routes (behind API keys when configured) plus open /health, /ready and /metrics."""
+"""The FastAPI app: OpenAI routes (behind API keys when configured), the admin API (behind the
+admin key), and open /health, /ready and /metrics."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mergeserve import __version__
+from mergeserve.engine.executor import Executor
+from mergeserve.experts import ExpertPool
 from mergeserve.server import errors
+from mergeserve.server.admin_routes import AdminRoutes
 from mergeserve.server.auth import APIKeyMiddleware, Auth
+from mergeserve.server.builder import Builder
 from mergeserve.server.metrics import HTTPMetricsMiddleware, Metrics
 from mergeserve.server.openai_routes import OpenAIRoutes
 from mergeserve.server.registry import Registry
 
-if TYPE_CHECKING:
-    from mergeserve.engine.executor import Executor
 
+def create_app(
+    registry: Registry, executor: Executor, auth: Auth = Auth(), builder: Builder | None = None,
+    relative_to: Path = Path("."), max_compositions: int = 16,
+) -> FastAPI:
+    """`builder` builds what the admin API asks for (default: a fresh, unconfined pool);
+    `relative_to`: the folder relative sources in admin specs are resolved against."""
+    builder = builder or Builder(registry, ExpertPool(), executor)
 
-def create_app(registry: Registry, executor: Executor, auth: Auth = Auth()) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         executor.start()
@@ -29,14 +38,17 @@ def create_app(registry: Registry, executor: Executor, auth: Auth = Auth()) -> F
             yield
         finally:
             executor.stop()
+            builder.shutdown()
 
     app = FastAPI(title="mergeserve", version=__version__, lifespan=lifespan)
-    metrics = Metrics(registry.engines)
+    metrics = Metrics(registry.engines, registry.revisions)
     app.state.registry, app.state.executor, app.state.metrics, app.state.auth = registry, executor, metrics, auth
+    app.state.builder = builder
     errors.install(app)
     app.add_middleware(APIKeyMiddleware, auth=auth)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)  # added last: outermost, so it counts 401s too
     app.include_router(OpenAIRoutes(registry, executor, metrics).router)
+    app.include_router(AdminRoutes(registry, builder, relative_to.resolve(), max_compositions).router)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -44,6 +56,7 @@ def create_app(registry: Registry, executor: Executor, auth: Auth = Auth()) -> F
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
+        """200 while at least one composition serves."""
         names = registry.names()
         return JSONResponse({"ready": bool(names), "models": names}, status_code=200 if names else 503)
 

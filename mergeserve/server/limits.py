@@ -5,34 +5,38 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mergeserve.server.errors import APIError, bad_request
-from mergeserve.server.registry import Registry
+from mergeserve.server.registry import RETRY_AFTER_S, Lease, Registry
 
 if TYPE_CHECKING:
     from mergeserve.engine.engine import Engine
 
-RETRY_AFTER_S = "1"
 
-
-def admit(registry: Registry, model: str) -> Engine:
-    """The engine serving `model`, if it has room in its waiting queue."""
-    if not len(registry):
-        raise APIError(
-            503, "no model is loaded yet; retry shortly", type="server_error", code="not_ready",
-            headers={"Retry-After": RETRY_AFTER_S},
-        )
-    engine = registry.get(model)
+def admit(registry: Registry, model: str, sticky_key: str | None = None) -> Lease:
+    """A lease on the composition serving `model` (an alias picks one), if it has room in its queue."""
+    lease = registry.acquire(model, sticky_key)
+    engine = lease.engine
     if engine.num_waiting >= engine.config.max_waiting:
+        lease.release()
         raise APIError(
             429, f"the model {engine.name!r} has {engine.num_waiting} requests waiting (the limit); retry shortly",
             type="rate_limit_error", code="queue_full", headers={"Retry-After": RETRY_AFTER_S},
         )
-    return engine
+    return lease
 
 
 def check_max_tokens(engine: Engine, max_tokens: int | None, param: str) -> None:
     limit = engine.config.max_tokens_limit
     if max_tokens is not None and limit is not None and max_tokens > limit:
         raise bad_request(f"{param} is {max_tokens}; this server allows at most {limit}", param=param)
+
+
+def check_prompt_tokens(engine: Engine, prompt_tokens: int, param: str) -> None:
+    limit = engine.config.max_prompt_tokens
+    if limit is not None and prompt_tokens > limit:
+        raise bad_request(
+            f"the {param} has {prompt_tokens} tokens; this server allows at most {limit}",
+            param=param, code="context_length_exceeded",
+        )
 
 
 def default_max_tokens(engine: Engine, prompt_tokens: int) -> int:

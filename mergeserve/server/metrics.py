@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, Summary
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -16,9 +16,34 @@ from mergeserve.engine.sequence import RequestOutput
 
 if TYPE_CHECKING:
     from mergeserve.engine.engine import Engine
+    from mergeserve.server.registry import Revision
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class _CompositionCollector(Collector):
+    """Each revision's state and memory, read at scrape time."""
+
+    def __init__(self, revisions: Callable[[], Iterable[Revision]]) -> None:
+        self._revisions = revisions
+
+    def collect(self) -> Iterable[Metric]:
+        info = GaugeMetricFamily(
+            "mergeserve:composition_info", "Revisions held: 1 per (composition, revision, state); "
+            "state is building, ready, failed or draining.", labels=["model", "revision", "state"],
+        )
+        memory = GaugeMetricFamily(
+            "mergeserve:composition_memory_bytes",
+            "Bytes the live revision holds beyond the shared expert pool (merged layers, routers, KV cache).",
+            labels=["model"],
+        )
+        for r in self._revisions():
+            state = "draining" if r.retired and r.engine is not None else r.state
+            info.add_metric([r.name, str(r.number), state], 1)
+            if r.memory_bytes is not None and not r.retired:
+                memory.add_metric([r.name], r.memory_bytes)
+        return [info, memory]
 
 
 class _EngineCollector(Collector):
@@ -61,11 +86,29 @@ class _EngineCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, engines: Callable[[], Iterable[Engine]]) -> None:
+    """Every per-request series carries `model`, the composition that served it, so an A/B
+    comparison of two compositions needs no other join."""
+
+    def __init__(
+        self, engines: Callable[[], Iterable[Engine]], revisions: Callable[[], Iterable[Revision]] = lambda: (),
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.http_requests = Counter(
-            "mergeserve:http_requests", "HTTP requests by route and status.", ["route", "status"], registry=r,
+            "mergeserve:http_requests", "HTTP requests by route, status and composition (\"\" before one is chosen).",
+            ["route", "status", "model"], registry=r,
+        )
+        self.request_errors = Counter(
+            "mergeserve:request_errors", "Requests that failed after a composition was chosen, by error code.",
+            ["model", "code"], registry=r,
+        )
+        self.feedback = Summary(
+            "mergeserve:feedback_score", "Scores in [-1, 1] posted to /v1/feedback for the composition's responses.",
+            ["model"], registry=r,
+        )
+        self.alias_requests = Counter(
+            "mergeserve:alias_requests", "Requests an A/B alias sent to each target composition.",
+            ["alias", "model"], registry=r,
         )
         self.ttft = Histogram(
             "mergeserve:time_to_first_token_seconds", "Time to first token.", ["model"],
@@ -81,6 +124,7 @@ class Metrics:
             "mergeserve:request_success", "Requests finished, by reason.", ["model", "finished_reason"], registry=r,
         )
         r.register(_EngineCollector(engines))
+        r.register(_CompositionCollector(revisions))
 
     async def observe(self, model: str, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
         """Pass one engine request's deltas through, counting tokens and timing it."""
@@ -124,4 +168,5 @@ class HTTPMetricsMiddleware:
             await self.app(scope, receive, send_and_record)
         finally:
             route = scope.get("route")
-            self.metrics.http_requests.labels(getattr(route, "path", "unmatched"), str(status)).inc()
+            model = scope.get("state", {}).get("model", "")  # set by the route once it has chosen a composition
+            self.metrics.http_requests.labels(getattr(route, "path", "unmatched"), str(status), model).inc()

@@ -11,11 +11,12 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import TYPE_CHECKING
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
@@ -28,9 +29,9 @@ from mergeserve.server.metrics import Metrics
 from mergeserve.server.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
     ChatResponseMessage, ChatTokenLogprob, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-    Delta, ModelCard, ModelList, TopLogprob, Usage,
+    Delta, FeedbackRequest, FeedbackResponse, ModelCard, ModelList, TopLogprob, Usage,
 )
-from mergeserve.server.registry import Registry
+from mergeserve.server.registry import Lease, Registry
 
 if TYPE_CHECKING:
     from mergeserve.engine.engine import Engine
@@ -52,25 +53,48 @@ class OpenAIRoutes:
         # response_model=None: these return either a model or a stream.
         self.router.add_api_route("/completions", self.completions, methods=["POST"], response_model=None)
         self.router.add_api_route("/chat/completions", self.chat_completions, methods=["POST"], response_model=None)
+        self.router.add_api_route("/feedback", self.feedback, methods=["POST"])
 
     async def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=name, created=self.created) for name in self.registry.names()])
+        cards = [ModelCard(id=name, created=self.created) for name in self.registry.names()]
+        cards += [ModelCard(id=n, created=self.created, targets=a.targets) for n, a in self.registry.aliases().items()]
+        return ModelList(data=cards)
 
-    async def completions(self, body: CompletionRequest, request: Request) -> CompletionResponse | EventSourceResponse:
+    async def feedback(self, body: FeedbackRequest, request: Request) -> FeedbackResponse:
+        served = self.registry.served(body.id)
+        if served is None:
+            raise APIError(404, f"no recent response has the id {body.id!r}", param="id", code="response_not_found")
+        name, revision, _ = served
+        request.state.model = name
+        self.metrics.feedback.labels(name).observe(body.score)
+        return FeedbackResponse(id=body.id, model=name, revision=revision)
+
+    async def completions(
+        self, body: CompletionRequest, request: Request, response: Response,
+    ) -> CompletionResponse | EventSourceResponse:
         body.check_supported()
-        engine = limits.admit(self.registry, body.model)
-        limits.check_max_tokens(engine, body.max_tokens, "max_tokens")
-        prompts = _completion_prompts(engine, body.prompt)
-        max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
-        for prompt in prompts:
-            _check_length(engine, len(prompt), max_tokens, "prompt")
-        params = body.sampling_params(max_tokens, body.logprobs)
-        job = Job(engine, f"cmpl-{uuid.uuid4().hex}", prompts, body.n or 1, params)
-        if body.stream:
-            return EventSourceResponse(_sse(self._completion_chunks(job, body)))
-        choices = await generation.until_disconnected(request, generation.collect(self.executor, self.metrics, job))
+        lease = self._admit(body, request)
+        with _LeaseScope(lease, self.metrics) as scope:
+            engine = lease.engine
+            limits.check_max_tokens(engine, body.max_tokens, "max_tokens")
+            prompts = _completion_prompts(engine, body.prompt)
+            max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
+            for prompt in prompts:
+                _check_length(engine, len(prompt), max_tokens, "prompt")
+            params = body.sampling_params(max_tokens, body.logprobs)
+            job = Job(engine, f"cmpl-{uuid.uuid4().hex}", prompts, body.n or 1, params)
+            self.registry.remember(job.request_id, lease)
+            if body.stream:
+                return scope.stream(self._completion_chunks(job, body, lease))
+            choices = await generation.until_disconnected(request, generation.collect(self.executor, self.metrics, job))
+            response.headers.update(lease.headers)
+            return self._completion_response(job, body, lease, choices)
+
+    def _completion_response(
+        self, job: Job, body: CompletionRequest, lease: Lease, choices: list[generation.Choice],
+    ) -> CompletionResponse:
         return CompletionResponse(
-            id=job.request_id, created=int(time.time()), model=engine.name, system_fingerprint=SYSTEM_FINGERPRINT,
+            id=job.request_id, created=int(time.time()), model=lease.name, system_fingerprint=_fingerprint(lease),
             choices=[
                 CompletionChoice(
                     index=c.index, text=c.text, finish_reason=c.finish_reason,
@@ -82,24 +106,41 @@ class OpenAIRoutes:
         )
 
     async def chat_completions(
-        self, body: ChatCompletionRequest, request: Request,
+        self, body: ChatCompletionRequest, request: Request, response: Response,
     ) -> ChatCompletionResponse | EventSourceResponse:
         body.check_supported()
-        engine = limits.admit(self.registry, body.model)
-        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        requested = body.max_completion_tokens or body.max_tokens
-        limits.check_max_tokens(engine, requested, param)
-        prompt = _chat_prompt(engine, body)
-        max_tokens = requested or limits.default_max_tokens(engine, len(prompt))
-        _check_length(engine, len(prompt), max_tokens, "messages")
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = body.sampling_params(max_tokens, logprobs)
-        job = Job(engine, f"chatcmpl-{uuid.uuid4().hex}", [prompt], body.n or 1, params)
-        if body.stream:
-            return EventSourceResponse(_sse(self._chat_chunks(job, body)))
-        choices = await generation.until_disconnected(request, generation.collect(self.executor, self.metrics, job))
+        lease = self._admit(body, request)
+        with _LeaseScope(lease, self.metrics) as scope:
+            engine = lease.engine
+            param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+            requested = body.max_completion_tokens or body.max_tokens
+            limits.check_max_tokens(engine, requested, param)
+            prompt = _chat_prompt(engine, body)
+            max_tokens = requested or limits.default_max_tokens(engine, len(prompt))
+            _check_length(engine, len(prompt), max_tokens, "messages")
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            params = body.sampling_params(max_tokens, logprobs)
+            job = Job(engine, f"chatcmpl-{uuid.uuid4().hex}", [prompt], body.n or 1, params)
+            self.registry.remember(job.request_id, lease)
+            if body.stream:
+                return scope.stream(self._chat_chunks(job, body, lease))
+            choices = await generation.until_disconnected(request, generation.collect(self.executor, self.metrics, job))
+            response.headers.update(lease.headers)
+            return self._chat_response(job, body, lease, choices)
+
+    def _admit(self, body: CompletionRequest | ChatCompletionRequest, request: Request) -> Lease:
+        # Sticky A/B assignment: a session header wins over the OpenAI `user` field.
+        lease = limits.admit(self.registry, body.model, request.headers.get("x-session-id") or body.user)
+        request.state.model = lease.name
+        if lease.alias is not None:
+            self.metrics.alias_requests.labels(lease.alias, lease.name).inc()
+        return lease
+
+    def _chat_response(
+        self, job: Job, body: ChatCompletionRequest, lease: Lease, choices: list[generation.Choice],
+    ) -> ChatCompletionResponse:
         return ChatCompletionResponse(
-            id=job.request_id, created=int(time.time()), model=engine.name, system_fingerprint=SYSTEM_FINGERPRINT,
+            id=job.request_id, created=int(time.time()), model=lease.name, system_fingerprint=_fingerprint(lease),
             choices=[
                 ChatChoice(
                     index=c.index, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
@@ -110,7 +151,7 @@ class OpenAIRoutes:
             usage=_usage(job, sum(len(c.token_ids) for c in choices)),
         )
 
-    async def _completion_chunks(self, job: Job, body: CompletionRequest) -> AsyncIterator[BaseModel]:
+    async def _completion_chunks(self, job: Job, body: CompletionRequest, lease: Lease) -> AsyncIterator[BaseModel]:
         created = int(time.time())
         offsets = [0] * job.num_choices  # text_offset runs over the whole choice, not the chunk
         num_tokens = 0
@@ -124,7 +165,7 @@ class OpenAIRoutes:
                     logprobs = _completion_logprobs(out.logprobs, offsets[index])
                     offsets[index] += sum(len(t) for t in logprobs.tokens)
                 yield CompletionResponse(
-                    id=job.request_id, created=created, model=job.engine.name, system_fingerprint=SYSTEM_FINGERPRINT,
+                    id=job.request_id, created=created, model=lease.name, system_fingerprint=_fingerprint(lease),
                     choices=[CompletionChoice(
                         index=index, text=out.new_text, logprobs=logprobs,
                         finish_reason=out.finish_reason if out.finished else None,
@@ -132,16 +173,16 @@ class OpenAIRoutes:
                 )
         if body.include_usage:
             yield CompletionResponse(
-                id=job.request_id, created=created, model=job.engine.name, system_fingerprint=SYSTEM_FINGERPRINT,
+                id=job.request_id, created=created, model=lease.name, system_fingerprint=_fingerprint(lease),
                 choices=[], usage=_usage(job, num_tokens),
             )
 
-    async def _chat_chunks(self, job: Job, body: ChatCompletionRequest) -> AsyncIterator[BaseModel]:
+    async def _chat_chunks(self, job: Job, body: ChatCompletionRequest, lease: Lease) -> AsyncIterator[BaseModel]:
         created = int(time.time())
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
             return ChatCompletionChunk(
-                id=job.request_id, created=created, model=job.engine.name, system_fingerprint=SYSTEM_FINGERPRINT,
+                id=job.request_id, created=created, model=lease.name, system_fingerprint=_fingerprint(lease),
                 choices=choices, usage=usage,
             )
 
@@ -162,7 +203,34 @@ class OpenAIRoutes:
             yield chunk([], _usage(job, num_tokens))
 
 
-async def _sse(events: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+class _LeaseScope:
+    """Holds a request's lease until its response is done: the handler's end, or the stream's."""
+
+    def __init__(self, lease: Lease, metrics: Metrics) -> None:
+        self.lease, self.metrics, self._handed_over = lease, metrics, False
+
+    def __enter__(self) -> _LeaseScope:
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, _) -> None:
+        if isinstance(error, APIError):
+            self.metrics.request_errors.labels(self.lease.name, error.code or str(error.status)).inc()
+        if not self._handed_over or error is not None:
+            self.lease.release()
+
+    def stream(self, events: AsyncIterator[BaseModel]) -> EventSourceResponse:
+        def failed() -> None:
+            self.metrics.request_errors.labels(self.lease.name, "server_error").inc()
+
+        body = _sse(events, self.lease.release, failed)
+        weakref.finalize(body, self.lease.release)  # a stream that never starts releases when collected
+        self._handed_over = True
+        return EventSourceResponse(body, headers=self.lease.headers)
+
+
+async def _sse(
+    events: AsyncIterator[BaseModel], done: Callable[[], None], failed: Callable[[], None],
+) -> AsyncIterator[str]:
     """Server-sent `data:` payloads in OpenAI's framing; a failure mid-stream becomes an error event."""
     try:
         async with aclosing(events):
@@ -170,9 +238,17 @@ async def _sse(events: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
                 yield event.model_dump_json()
     except Exception:
         log.exception("stream failed")  # the 200 status is already sent; tell the client in-band
+        failed()
         error = {"message": "internal server error", "type": "server_error", "param": None, "code": None}
         yield json.dumps({"error": error})
+    finally:
+        done()
     yield "[DONE]"
+
+
+def _fingerprint(lease: Lease) -> str:
+    """Which build of which composition answered: changes with every replacement."""
+    return f"{SYSTEM_FINGERPRINT}:{lease.revision.fingerprint}"
 
 
 def _completion_prompts(engine: Engine, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
@@ -203,6 +279,7 @@ def _chat_prompt(engine: Engine, body: ChatCompletionRequest) -> list[int]:
 
 
 def _check_length(engine: Engine, prompt_tokens: int, max_tokens: int, param: str) -> None:
+    limits.check_prompt_tokens(engine, prompt_tokens, param)
     if max_tokens < 1 or prompt_tokens + max_tokens > engine.max_model_len:
         raise bad_request(
             f"this model's maximum context length is {engine.max_model_len} tokens; the request needs "

@@ -1,15 +1,30 @@
-"""Registry: the one owner of the served engines, by composition name."""
+"""Registry: the one owner of the served compositions, their revisions and the A/B aliases.
+
+A request leases the live revision of a composition for as long as it runs. Replacing a
+composition installs the new revision for every later lease; the old one is retired and
+freed (the `on_free` callback) when its last lease ends, so requests in flight finish
+where they started.
+"""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
+from mergeserve.server.aliases import Alias
 from mergeserve.server.errors import APIError
 
 if TYPE_CHECKING:
     from mergeserve.engine.engine import Engine
+    from mergeserve.spec import CompositionSpec
+
+State = Literal["building", "ready", "failed"]
+RETRY_AFTER_S = "1"
+MAX_REMEMBERED_RESPONSES = 100_000  # response id -> composition, for POST /v1/feedback
 
 
 class ModelNotFound(APIError):
@@ -21,35 +36,262 @@ class ModelNotFound(APIError):
         self.name = name
 
 
+def not_ready(message: str) -> APIError:
+    return APIError(503, message, type="server_error", code="not_ready", headers={"Retry-After": RETRY_AFTER_S})
+
+
+@dataclass(eq=False)
+class Revision:
+    """One build of a composition: `building` until its engine exists, then `ready` or `failed`."""
+
+    name: str
+    number: int
+    spec: CompositionSpec | None
+    state: State = "building"
+    engine: Engine | None = None
+    error: str | None = None
+    build_seconds: float | None = None
+    memory_bytes: int | None = None
+    created: float = field(default_factory=time.time)
+    in_flight: int = 0  # open leases
+    retired: bool = False
+
+    @property
+    def owner(self) -> str:
+        """The name this revision claims its pool checkpoints under."""
+        return f"{self.name}@{self.number}"
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.name}@{self.number}"
+
+
+@dataclass(eq=False)
+class Lease:
+    """A request's hold on one revision; release exactly once (further calls are no-ops)."""
+
+    revision: Revision
+    alias: str | None
+    _release: Callable[[Lease], None]
+    _released: bool = False
+
+    @property
+    def engine(self) -> Engine:
+        assert self.revision.engine is not None
+        return self.revision.engine
+
+    @property
+    def name(self) -> str:
+        return self.revision.name
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-Mergeserve-Composition": self.revision.name, "X-Mergeserve-Revision": str(self.revision.number)}
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._release(self)
+
+
+@dataclass
+class _Entry:
+    live: Revision | None = None  # what new requests get
+    latest: Revision | None = None  # the newest PUT: live, or a build in progress, or a failed one
+
+
 class Registry:
-    def __init__(self, engines: Iterable[Engine] = ()) -> None:
-        self._engines: dict[str, Engine] = {}
-        # Request handlers read while admin routes (later) swap entries.
-        self._lock = threading.Lock()
+    def __init__(
+        self, engines: Iterable[Engine] = (), on_free: Callable[[Revision, Engine | None], None] | None = None,
+    ) -> None:
+        self._entries: dict[str, _Entry] = {}
+        self._failed_new: dict[str, Revision] = {}  # names whose first build failed, for GET
+        self._draining: set[Revision] = set()  # retired, still finishing requests
+        self._aliases: dict[str, Alias] = {}
+        self._responses: OrderedDict[str, tuple[str, int, str | None]] = OrderedDict()
+        # Called with a revision that is retired and drained (or failed): its owner frees what it held.
+        self.on_free = on_free or (lambda revision, engine: None)
+        self._lock = threading.Lock()  # request handlers, the build thread and admin routes all come here
         for engine in engines:
             self.add(engine)
 
-    def add(self, engine: Engine) -> None:
+    # --- compositions ----------------------------------------------------------------------
+    def add(self, engine: Engine) -> Revision:
+        """Serve an already built engine as a new composition (startup, tests)."""
         with self._lock:
-            if engine.name in self._engines:
+            if engine.name in self._entries:
                 raise ValueError(f"a composition named {engine.name!r} is already registered")
-            self._engines[engine.name] = engine
+        revision = self.begin(engine.name, None)
+        self.install(revision, engine, 0.0, None)
+        return revision
+
+    def begin(self, name: str, spec: CompositionSpec | None, number: int | None = None) -> Revision:
+        """Register a build of `name` (new or a replacement); it serves once `install`ed."""
+        with self._lock:
+            if name in self._aliases:
+                raise APIError(409, f"{name!r} is an alias; delete the alias first", code="name_taken")
+            entry = self._entries.setdefault(name, _Entry())
+            if entry.latest is not None and entry.latest.state == "building":
+                raise APIError(409, f"{name!r} is already being built; retry when it is done", code="build_in_progress")
+            failed = self._failed_new.pop(name, None)
+            last = max(entry.latest.number if entry.latest else 0, failed.number if failed else 0)
+            entry.latest = Revision(name, number if number is not None else last + 1, spec)
+            return entry.latest
+
+    def install(self, revision: Revision, engine: Engine, seconds: float, memory_bytes: int | None) -> None:
+        """Make a built revision live; the one it replaces drains and is freed."""
+        with self._lock:
+            revision.engine, revision.state = engine, "ready"
+            revision.build_seconds, revision.memory_bytes = seconds, memory_bytes
+            entry = self._entries.get(revision.name)
+            if entry is None or entry.latest is not revision:  # deleted or superseded while building
+                revision.retired = True
+                old = revision
+            else:
+                old, entry.live = entry.live, revision
+                if old is not None:
+                    old.retired = True
+        self._free_if_drained(old)
+
+    def fail(self, revision: Revision, error: str) -> None:
+        with self._lock:
+            revision.state, revision.error = "failed", error
+            entry = self._entries.get(revision.name)
+            if entry is not None and entry.live is None and entry.latest is revision:
+                del self._entries[revision.name]  # a new name that never served is forgotten
+                self._failed_new[revision.name] = revision
+        self.on_free(revision, None)
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            if self._failed_new.pop(name, None) is not None:
+                return
+            if name not in self._entries:
+                raise ModelNotFound(name, sorted(self._entries))
+            users = sorted(a for a, alias in self._aliases.items() if name in alias.targets)
+            if users:
+                raise APIError(409, f"{name!r} is a target of the aliases {users}; change them first", code="in_use")
+            entry = self._entries.pop(name)
+            retired = [r for r in {entry.live, entry.latest} if r is not None]
+            for revision in retired:
+                revision.retired = True
+        for revision in retired:
+            if revision.state != "building":
+                self._free_if_drained(revision)
+
+    def revision(self, name: str) -> tuple[Revision | None, Revision | None]:
+        """(live, latest) for `name`, or the last failed build of a name that never served."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                failed = self._failed_new.get(name)
+                if failed is None:
+                    raise ModelNotFound(name, sorted(self._entries))
+                return None, failed
+            return entry.live, entry.latest
 
     def get(self, name: str) -> Engine:
+        """The live engine of a composition (not an alias)."""
         with self._lock:
-            engine = self._engines.get(name)
-            if engine is None:
-                raise ModelNotFound(name, sorted(self._engines))
-            return engine
+            live = self._live(name)
+            if live is None or live.engine is None:
+                raise ModelNotFound(name, sorted(self._entries))
+            return live.engine
 
     def names(self) -> list[str]:
+        """Compositions that serve now."""
         with self._lock:
-            return list(self._engines)
+            return [n for n, e in self._entries.items() if e.live is not None]
+
+    def all_names(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
 
     def engines(self) -> list[Engine]:
         with self._lock:
-            return list(self._engines.values())
+            return [e.live.engine for e in self._entries.values() if e.live is not None and e.live.engine]
+
+    def revisions(self) -> list[Revision]:
+        """Every revision that holds memory or is being built: live, latest, and draining ones."""
+        with self._lock:
+            found = {r for e in self._entries.values() for r in (e.live, e.latest) if r is not None} | self._draining
+        return sorted(found, key=lambda r: (r.name, r.number))
 
     def __len__(self) -> int:
+        return len(self.names())
+
+    # --- aliases ---------------------------------------------------------------------------
+    def set_alias(self, name: str, alias: Alias) -> None:
         with self._lock:
-            return len(self._engines)
+            if name in self._entries:
+                raise APIError(409, f"{name!r} is a composition; an alias needs a name of its own", code="name_taken")
+            unknown = sorted(set(alias.targets) - set(self._entries))
+            if unknown:
+                raise APIError(
+                    400, f"unknown target compositions {unknown}; known: {sorted(self._entries)}",
+                    param="targets", code="model_not_found",
+                )
+            self._aliases[name] = alias
+
+    def remove_alias(self, name: str) -> None:
+        with self._lock:
+            if self._aliases.pop(name, None) is None:
+                raise APIError(404, f"no alias named {name!r}", code="alias_not_found")
+
+    def aliases(self) -> dict[str, Alias]:
+        with self._lock:
+            return dict(self._aliases)
+
+    # --- requests --------------------------------------------------------------------------
+    def acquire(self, model: str, sticky_key: str | None = None) -> Lease:
+        """Lease the live revision `model` names (a composition, or an alias resolved to one target)."""
+        with self._lock:
+            alias = self._aliases.get(model)
+            if alias is not None:
+                ready = {t: w for t, w in alias.targets.items() if self._live(t) is not None}
+                if not ready:
+                    raise not_ready(f"no target of the alias {model!r} is ready; retry shortly")
+                target = alias.pick(model, ready, sticky_key)
+            else:
+                target = model
+            revision = self._live(target)
+            if revision is None:
+                if not any(e.live for e in self._entries.values()):
+                    raise not_ready("no model is loaded yet; retry shortly")
+                if target in self._entries:
+                    raise not_ready(f"the model {target!r} is still being built; retry shortly")
+                raise ModelNotFound(model, sorted([*self._entries, *self._aliases]))
+            revision.in_flight += 1
+            return Lease(revision, model if alias is not None else None, self._release)
+
+    def remember(self, response_id: str, lease: Lease) -> None:
+        with self._lock:
+            self._responses[response_id] = (lease.revision.name, lease.revision.number, lease.alias)
+            while len(self._responses) > MAX_REMEMBERED_RESPONSES:
+                self._responses.popitem(last=False)
+
+    def served(self, response_id: str) -> tuple[str, int, str | None] | None:
+        """(composition, revision, alias) of a recent response."""
+        with self._lock:
+            return self._responses.get(response_id)
+
+    def _live(self, name: str) -> Revision | None:
+        entry = self._entries.get(name)
+        return entry.live if entry is not None else None
+
+    def _release(self, lease: Lease) -> None:
+        with self._lock:
+            lease.revision.in_flight -= 1
+        self._free_if_drained(lease.revision)
+
+    def _free_if_drained(self, revision: Revision | None) -> None:
+        if revision is None:
+            return
+        with self._lock:
+            if not revision.retired or revision.engine is None:
+                return
+            free = revision.in_flight == 0
+            engine, revision.engine = (revision.engine, None) if free else (None, revision.engine)
+            (self._draining.discard if free else self._draining.add)(revision)
+        if free:
+            self.on_free(revision, engine)

@@ -1,42 +1,42 @@
-"""Build every composition of a serve config into an engine and serve them with uvicorn."""
+"""Build the compositions of a serve config (or restore the saved ones) and serve them with uvicorn."""
 
 from __future__ import annotations
 
 import logging
-import time
+from pathlib import Path
 
 import uvicorn
 
-from mergeserve.engine.engine import Engine
 from mergeserve.engine.executor import Executor
 from mergeserve.experts import ExpertPool
-from mergeserve import merge
 from mergeserve.server.app import create_app
 from mergeserve.server.auth import Auth
+from mergeserve.server.builder import Builder
 from mergeserve.server.registry import Registry
+from mergeserve.server.state import StateStore
 from mergeserve.spec import ServeConfig
 
 log = logging.getLogger(__name__)
 
 
-def build_registry(config: ServeConfig, pool: ExpertPool | None = None) -> Registry:
-    pool = pool or ExpertPool(config.source_roots or None)
-    registry = Registry()
-    for spec in config.compositions:
-        start = time.perf_counter()
-        composed = merge.build(spec, pool)
-        registry.add(Engine(composed, config.engine))
-        log.info(
-            "built composition %r (%d experts, router %s top-%d) in %.2f s",
-            spec.name, len(spec.experts), spec.router.kind, spec.router.top_k, time.perf_counter() - start,
-        )
-    return registry
+def start(config: ServeConfig) -> tuple[Registry, Builder, Executor]:
+    """Everything but HTTP: the registry, serving what the state dir saved (else the config's compositions)."""
+    registry, executor = Registry(), Executor()
+    pool = ExpertPool(config.source_roots or None, config.max_source_file_bytes)
+    store = StateStore(config.state_dir) if config.state_dir else None
+    builder = Builder(registry, pool, executor, config.engine, store)
+    builder.restore(config.compositions)
+    return registry, builder, executor
 
 
-def serve(config: ServeConfig) -> None:
-    registry = build_registry(config)
+def serve(config: ServeConfig, relative_to: Path = Path(".")) -> None:
+    """`relative_to`: where relative sources in admin specs point when no source roots are set."""
+    registry, builder, executor = start(config)
     auth = Auth.from_config(config)
-    app = create_app(registry, Executor(), auth)
-    log.info("serving %s on http://%s:%d", ", ".join(registry.names()), config.host, config.port)
+    roots = config.source_roots
+    app = create_app(registry, executor, auth, builder, Path(roots[0]) if roots else relative_to, config.max_compositions)
+    log.info("serving %s on http://%s:%d", ", ".join(registry.names()) or "nothing yet", config.host, config.port)
     log.info("API keys: %s", f"{len(auth.api_keys)} configured" if auth.api_keys else "none, /v1 is open")
+    log.info("admin API: %s", "enabled" if auth.admin_key else "disabled (no admin key)")
+    log.info("state: %s", config.state_dir or "not saved (no state_dir)")
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")

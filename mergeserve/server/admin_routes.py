@@ -1,0 +1,138 @@
+"""Admin API (admin key only): compositions built and swapped while traffic flows, A/B aliases, the pool.
+
+PUT returns 202 at once with a status URL; the build runs on the builder's thread and the
+new revision replaces the live one only when ready. A failed build leaves the live one serving.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Request
+from fastapi.responses import JSONResponse
+
+from mergeserve.experts import CheckpointError
+from mergeserve.server.aliases import Alias
+from mergeserve.server.auth import require_admin
+from mergeserve.server.builder import Builder
+from mergeserve.server.errors import APIError, bad_request
+from mergeserve.server.registry import Registry, Revision
+from mergeserve.spec import NAME_PATTERN, SpecError, parse_composition
+
+MAX_SPEC_BYTES = 1 << 20
+
+
+class AdminRoutes:
+    def __init__(self, registry: Registry, builder: Builder, relative_to: Path, max_compositions: int = 16) -> None:
+        self.registry, self.builder, self.relative_to = registry, builder, relative_to
+        self.max_compositions = max_compositions
+        r = self.router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], tags=["admin"])
+        r.add_api_route("/compositions", self.list_compositions, methods=["GET"])
+        r.add_api_route("/compositions/{name}", self.get_composition, methods=["GET"])
+        r.add_api_route("/compositions/{name}", self.put_composition, methods=["PUT"], status_code=202)
+        r.add_api_route("/compositions/{name}", self.delete_composition, methods=["DELETE"])
+        r.add_api_route("/aliases", self.list_aliases, methods=["GET"])
+        r.add_api_route("/aliases/{name}", self.put_alias, methods=["PUT"])
+        r.add_api_route("/aliases/{name}", self.delete_alias, methods=["DELETE"])
+        r.add_api_route("/pool", self.pool, methods=["GET"])
+
+    async def list_compositions(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self._status(n) for n in self.registry.all_names()]}
+
+    async def get_composition(self, name: str) -> dict[str, Any]:
+        return self._status(name)
+
+    async def put_composition(self, name: str, request: Request, spec: dict = Body(...)) -> JSONResponse:
+        _check_name(name)
+        if int(request.headers.get("content-length") or 0) > MAX_SPEC_BYTES:
+            raise APIError(413, f"a spec may be at most {MAX_SPEC_BYTES} bytes", code="too_large")
+        if spec.setdefault("name", name) != name:
+            raise bad_request(f"the spec's name {spec['name']!r} differs from the URL's {name!r}", param="name")
+        if name not in self.registry.all_names() and len(self.registry.all_names()) >= self.max_compositions:
+            raise APIError(409, f"this server holds at most {self.max_compositions} compositions", code="limit")
+        try:
+            parsed = parse_composition(spec, self.relative_to, origin=f"composition {name!r}")
+            revision, _ = self.builder.submit(parsed)
+        except (SpecError, CheckpointError) as e:
+            raise bad_request(str(e), code="invalid_spec") from None
+        url = f"/admin/compositions/{name}"
+        body = {"name": name, "revision": revision.number, "state": revision.state, "status_url": url}
+        return JSONResponse(body, status_code=202, headers={"Location": url})
+
+    async def delete_composition(self, name: str) -> dict[str, Any]:
+        self.registry.remove(name)
+        self.builder.save()
+        return {"name": name, "deleted": True}
+
+    async def list_aliases(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"name": n, **a.model_dump()} for n, a in self.registry.aliases().items()]}
+
+    async def put_alias(self, name: str, alias: Alias) -> dict[str, Any]:
+        _check_name(name)
+        self.registry.set_alias(name, alias)
+        self.builder.save()
+        return {"name": name, **alias.model_dump()}
+
+    async def delete_alias(self, name: str) -> dict[str, Any]:
+        self.registry.remove_alias(name)
+        self.builder.save()
+        return {"name": name, "deleted": True}
+
+    async def pool(self) -> dict[str, Any]:
+        return {"experts": self.builder.pool.sources(), "resident_bytes": resident_bytes()}
+
+    def _status(self, name: str) -> dict[str, Any]:
+        live, latest = self.registry.revision(name)
+        shown = latest or live
+        draining = [r.number for r in self.registry.revisions() if r.name == name and r.retired and r.engine]
+        return {
+            "name": name,
+            "state": shown.state,
+            "revision": shown.number,
+            "serving_revision": live.number if live else None,
+            "draining_revisions": draining,
+            "error": shown.error,
+            "build_seconds": shown.build_seconds,
+            "memory_bytes": (live or shown).memory_bytes,
+            "spec": _spec(live or shown),
+            "router": _router_stats(live),
+        }
+
+
+def _check_name(name: str) -> None:
+    if not NAME_PATTERN.fullmatch(name) or len(name) > 128:
+        raise bad_request(f"{name!r} is not a valid name (letters, digits, _ . : -)", param="name")
+
+
+def _spec(revision: Revision) -> dict | None:
+    from mergeserve.server.state import dump_spec
+
+    return dump_spec(revision.spec) if revision.spec is not None else None
+
+
+def _router_stats(live: Revision | None) -> dict[str, Any] | None:
+    """Share of routed tokens (and mean weight) per expert over all MoE layers, since the revision went live."""
+    engine = live.engine if live else None
+    if engine is None or engine.expert_load is None:
+        return None
+    tokens = engine.expert_load.sum(0)  # [E]
+    weights = engine.expert_weight.sum(0)  # [E]
+    total = max(int(tokens.sum()), 1)
+    return {
+        "kind": live.spec.router.kind if live.spec else None,
+        "experts": [
+            {"name": n, "token_share": int(t) / total, "mean_weight": float(w) / max(int(t), 1)}
+            for n, t, w in zip(engine.expert_names, tokens.tolist(), weights.tolist())
+        ],
+    }
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (Linux /proc; 0 elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")

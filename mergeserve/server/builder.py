@@ -1,0 +1,151 @@
+"""Builder: turns composition specs into engines off the request path, one build at a time.
+
+A build claims its checkpoints in the pool under the revision's name, so the pool unloads
+an expert once no live or draining revision uses it. Every change of what is served is
+written to the state store (when there is one) so a restart serves the same set.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from mergeserve import merge
+from mergeserve.engine.engine import Engine
+from mergeserve.engine.executor import Executor
+from mergeserve.experts import ExpertPool
+from mergeserve.server.registry import Registry, Revision
+from mergeserve.server.state import SavedComposition, SavedState, StateStore, dump_spec
+from mergeserve.spec import CompositionSpec, EngineConfig, parse_composition
+
+log = logging.getLogger(__name__)
+
+
+class Builder:
+    def __init__(
+        self, registry: Registry, pool: ExpertPool, executor: Executor,
+        engine_config: EngineConfig = EngineConfig(), store: StateStore | None = None,
+    ) -> None:
+        self.registry, self.pool, self.executor = registry, pool, executor
+        self.engine_config, self.store = engine_config, store
+        registry.on_free = self.free
+        # Two cores: builds queue behind each other rather than compete with serving and each other.
+        self._queue = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeserve-build")
+        self._save_lock = threading.Lock()
+
+    def check(self, spec: CompositionSpec) -> None:
+        """Refuse, before building, sources outside the pool's roots or over its size limit."""
+        sources = [spec.base, *(e.source for e in spec.experts), *(e.base for e in spec.experts if e.base)]
+        if spec.router.weights:
+            sources.append(spec.router.weights)
+        for source in dict.fromkeys(sources):
+            self.pool.check_allowed(Path(source))
+
+    def submit(self, spec: CompositionSpec, number: int | None = None) -> tuple[Revision, Future]:
+        """Start building `spec` in the background; it replaces the live revision once ready."""
+        self.check(spec)
+        revision = self.registry.begin(spec.name, spec, number)
+        self.save()  # a crash before the build ends rebuilds it on restart
+        return revision, self._queue.submit(self._build, revision)
+
+    def build_now(self, spec: CompositionSpec, number: int | None = None) -> Revision:
+        revision, future = self.submit(spec, number)
+        future.result()
+        return revision
+
+    def restore(self, initial: list[CompositionSpec]) -> None:
+        """Serve the saved state if there is one, else `initial` (the config's compositions).
+
+        Saved compositions that no longer build (a source was deleted) are reported as failed;
+        the server still starts with the rest.
+        """
+        saved = self.store.load() if self.store else None
+        if saved is None:
+            for spec in initial:
+                if self.build_now(spec).state == "failed":
+                    raise_failed(self.registry, spec.name)
+            return
+        for name, entry in saved.compositions.items():
+            self._restore_one(name, entry)
+        for name, entry in saved.pending.items():
+            self._restore_one(name, entry)
+        for name, alias in saved.aliases.items():
+            known = set(self.registry.all_names())
+            alias = alias.model_copy(update={"targets": {t: w for t, w in alias.targets.items() if t in known}})
+            if alias.targets:
+                self.registry.set_alias(name, alias)
+            else:
+                log.error("alias %r not restored: none of its targets could be built", name)
+        self.save()
+
+    def _restore_one(self, name: str, entry: SavedComposition) -> None:
+        try:
+            spec = parse_composition(entry.spec, origin=f"saved composition {name!r}")
+            revision = self.build_now(spec, entry.revision)
+        except Exception as e:  # noqa: BLE001 - a stale entry must not stop the others from serving
+            log.error("saved composition %r not restored: %s", name, e)
+            return
+        if revision.state == "failed":
+            log.error("saved composition %r revision %d failed to build: %s", name, revision.number, revision.error)
+
+    def _build(self, revision: Revision) -> None:
+        start = time.perf_counter()
+        try:
+            with self.pool.claim(revision.owner):
+                engine = Engine(merge.build(revision.spec, self.pool), self.engine_config)
+        except Exception as e:  # noqa: BLE001 - any failure is the build's result, reported to the admin
+            log.exception("building %s failed", revision.owner)
+            self.registry.fail(revision, f"{type(e).__name__}: {e}")
+            self.save()
+            return
+        seconds = time.perf_counter() - start
+        self.registry.install(revision, engine, seconds, own_bytes(engine, self.pool))
+        log.info("composition %s ready in %.2f s", revision.owner, seconds)
+        self.save()
+
+    def free(self, revision: Revision, engine: Engine | None) -> None:
+        """Registry callback: `revision` is retired and drained (or failed); drop what it held."""
+        if engine is not None:
+            self.executor.detach(engine)
+        unloaded = self.pool.release(revision.owner)
+        log.info("freed %s%s", revision.owner, f"; unloaded {unloaded}" if unloaded else "")
+
+    def snapshot(self) -> SavedState:
+        state = SavedState(aliases=self.registry.aliases())
+        for name in self.registry.all_names():
+            live, latest = self.registry.revision(name)
+            if live is not None and live.spec is not None:
+                state.compositions[name] = SavedComposition(revision=live.number, spec=dump_spec(live.spec))
+            if latest is not None and latest.state == "building" and latest.spec is not None:
+                state.pending[name] = SavedComposition(revision=latest.number, spec=dump_spec(latest.spec))
+        return state
+
+    def save(self) -> None:
+        if self.store is None:
+            return
+        with self._save_lock:  # snapshot and write together, so an older snapshot never lands last
+            self.store.save(self.snapshot())
+
+    def shutdown(self) -> None:
+        self._queue.shutdown(wait=False, cancel_futures=True)
+
+
+def raise_failed(registry: Registry, name: str) -> None:
+    from mergeserve.experts import CheckpointError
+
+    _, latest = registry.revision(name)
+    raise CheckpointError(f"composition {name!r}: {latest.error if latest else 'failed'}")
+
+
+def own_bytes(engine: Engine, pool: ExpertPool) -> int:
+    """Bytes this engine holds beyond the pool's checkpoints: merged shared layers, routers, KV cache."""
+    shared = pool.storage_ptrs()
+    storages = {}
+    for t in [*engine.composed.tensors(), engine.cache.k, engine.cache.v]:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in shared:
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())

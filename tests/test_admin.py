@@ -1,0 +1,213 @@
+"""The admin API: compositions built off the request path and swapped in, A/B aliases, the pool."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from live import live_server, wait_until
+from mergeserve.engine.executor import Executor
+from mergeserve.experts import ExpertPool
+from mergeserve.server import Registry, create_app
+from mergeserve.server.auth import Auth
+from mergeserve.server.builder import Builder
+from mergeserve.spec import EngineConfig
+
+ADMIN = {"Authorization": "Bearer admin-key"}
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@dataclass
+class Server:
+    http: httpx.Client
+    client: openai.OpenAI
+    registry: Registry
+    pool: ExpertPool
+    zoo: dict[str, Path]
+
+    def put(self, name: str, spec: dict) -> httpx.Response:
+        return self.http.put(f"/admin/compositions/{name}", json=spec, headers=ADMIN)
+
+    def status(self, name: str) -> dict:
+        return self.http.get(f"/admin/compositions/{name}", headers=ADMIN).json()
+
+    def put_and_wait(self, name: str, spec: dict) -> dict:
+        response = self.put(name, spec)
+        assert response.status_code == 202, response.text
+        revision = response.json()["revision"]
+        wait_until(lambda: self.status(name)["state"] != "building" or self.status(name)["revision"] != revision,
+                   what=f"{name} revision {revision} to build")
+        return self.status(name)
+
+    def moe(self, experts: tuple[str, ...] = ("code", "german", "math"), top_k: int = 2) -> dict:
+        return {
+            "base": str(self.zoo["base"]), "router": {"kind": "random", "top_k": top_k},
+            "experts": [{"name": e, "source": str(self.zoo[e])} for e in experts],
+        }
+
+
+@pytest.fixture()
+def server(zoo: dict[str, Path]) -> Iterator[Server]:
+    registry, executor = Registry(), Executor()
+    pool = ExpertPool(roots=[zoo["base"].parent])
+    builder = Builder(registry, pool, executor, EngineConfig(max_num_seqs=4, max_model_len=256))
+    app = create_app(registry, executor, Auth(admin_key="admin-key"), builder)
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        yield Server(http, client, registry, pool, zoo)
+
+
+def test_put_builds_in_the_background_and_then_serves(server: Server) -> None:
+    response = server.put("moe", server.moe())
+    assert response.status_code == 202
+    assert response.json()["status_url"] == "/admin/compositions/moe" == response.headers["location"]
+    wait_until(lambda: server.status("moe")["state"] == "ready", what="moe to build")
+    status = server.status("moe")
+    assert status["revision"] == status["serving_revision"] == 1 and status["error"] is None
+    assert status["build_seconds"] > 0 and status["memory_bytes"] > 0
+    assert [e["name"] for e in status["spec"]["experts"]] == ["code", "german", "math"]
+
+    chat = server.client.chat.completions.create(model="moe", messages=HELLO, max_tokens=3)
+    assert chat.model == "moe" and chat.system_fingerprint.endswith(":moe@1")
+    assert [m.id for m in server.client.models.list()] == ["moe"]
+    assert server.http.get("/ready").status_code == 200
+
+
+def test_replacing_a_composition_swaps_to_the_new_revision(server: Server) -> None:
+    server.put_and_wait("moe", server.moe(top_k=2))
+    assert server.put_and_wait("moe", server.moe(("code", "math"), top_k=1))["serving_revision"] == 2
+    raw = server.client.chat.completions.with_raw_response.create(model="moe", messages=HELLO, max_tokens=2)
+    assert raw.headers["x-mergeserve-composition"] == "moe" and raw.headers["x-mergeserve-revision"] == "2"
+    assert raw.parse().system_fingerprint.endswith(":moe@2")
+    assert server.registry.get("moe").expert_names == ["code", "math"]
+
+
+def test_a_failed_build_keeps_the_old_revision_serving_and_says_why(server: Server, tmp_path: Path) -> None:
+    server.put_and_wait("moe", server.moe())
+    broken = server.zoo["base"].parent / "broken"
+    broken.mkdir(exist_ok=True)
+    (broken / "config.json").write_text("{not json")
+    spec = server.moe() | {"experts": [{"name": "bad", "source": str(broken)}, {"name": "math", "source": str(server.zoo["math"])}]}
+    status = server.put_and_wait("moe", spec)
+    assert status["state"] == "failed" and status["revision"] == 2 and status["serving_revision"] == 1
+    assert "broken" in status["error"]
+    assert server.client.chat.completions.create(model="moe", messages=HELLO, max_tokens=2).system_fingerprint.endswith(":moe@1")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"base": "/x", "experts": []}, "experts"),
+    ({"base": "/etc", "router": {"kind": "random"}, "experts": [{"name": "a", "source": "/etc"}]}, "outside the allowed source roots"),
+    ({"name": "other", "base": "/x", "experts": [{"name": "a", "source": "/x"}]}, "differs from the URL"),
+])
+def test_a_bad_spec_is_400_before_anything_is_built(server: Server, spec: dict, message: str) -> None:
+    response = server.put("moe", spec)
+    assert response.status_code == 400 and message in response.json()["error"]["message"]
+    assert server.http.get("/admin/compositions", headers=ADMIN).json()["data"] == []
+
+
+def test_router_weights_outside_the_roots_are_refused(server: Server) -> None:
+    spec = server.moe() | {"router": {"kind": "learned", "weights": "/etc/hostname"}}
+    response = server.put("moe", spec)
+    assert response.status_code == 400 and "/etc/hostname" in response.json()["error"]["message"]
+
+
+def test_the_admin_api_wants_the_admin_key(server: Server) -> None:
+    assert server.http.get("/admin/compositions").status_code == 401
+    assert server.http.put("/admin/compositions/x", json={}, headers={"Authorization": "Bearer nope"}).status_code == 401
+
+
+def test_delete_stops_serving_and_unloads_experts_nobody_uses(server: Server) -> None:
+    server.put_and_wait("a", server.moe(("code", "german")))
+    server.put_and_wait("b", server.moe(("german", "math")))
+    used_by = {Path(e["source"]).name: e["used_by"] for e in server.http.get("/admin/pool", headers=ADMIN).json()["experts"]}
+    assert used_by == {"base": ["a@1", "b@1"], "code": ["a@1"], "german": ["a@1", "b@1"], "math": ["b@1"]}
+
+    assert server.http.delete("/admin/compositions/a", headers=ADMIN).status_code == 200
+    loaded = sorted(Path(e["source"]).name for e in server.http.get("/admin/pool", headers=ADMIN).json()["experts"])
+    assert loaded == ["base", "german", "math"]  # code was only a's
+    with pytest.raises(openai.NotFoundError):
+        server.client.chat.completions.create(model="a", messages=HELLO, max_tokens=2)
+
+
+def test_an_alias_splits_traffic_by_weight_and_sticks_to_a_user(server: Server) -> None:
+    server.put_and_wait("v1", server.moe())
+    server.put_and_wait("v2", server.moe(("code", "math")))
+    response = server.http.put("/admin/aliases/ab", json={"targets": {"v1": 3, "v2": 1}}, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    assert {m.id: getattr(m, "targets", None) for m in server.client.models.list()} == {
+        "v1": None, "v2": None, "ab": {"v1": 3.0, "v2": 1.0},
+    }
+
+    served = [server.client.completions.create(model="ab", prompt="hi", max_tokens=1, user=f"u{i}").model for i in range(40)]
+    assert set(served) == {"v1", "v2"} and 20 <= served.count("v1") <= 38  # 3:1, loosely
+    sticky = {server.client.completions.create(model="ab", prompt="hi", max_tokens=1, user="alice").model for _ in range(5)}
+    by_header = {
+        server.client.completions.with_raw_response.create(
+            model="ab", prompt="hi", max_tokens=1, extra_headers={"X-Session-Id": "s-1"},
+        ).headers["x-mergeserve-composition"]
+        for _ in range(5)
+    }
+    assert len(sticky) == 1 and len(by_header) == 1
+
+    metrics = _samples(server.http.get("/metrics").text)
+    counts = {s.labels["model"]: s.value for s in metrics["mergeserve:alias_requests"] if s.name.endswith("_total")}
+    assert counts["v1"] + counts["v2"] == 50
+
+
+def test_alias_mistakes_are_refused(server: Server) -> None:
+    server.put_and_wait("v1", server.moe())
+    put = lambda name, body: server.http.put(f"/admin/aliases/{name}", json=body, headers=ADMIN)  # noqa: E731
+    assert put("ab", {"targets": {"nope": 1}}).status_code == 400
+    assert put("ab", {"targets": {"v1": 0}}).status_code == 400
+    assert put("v1", {"targets": {"v1": 1}}).status_code == 409  # a composition's name
+    assert put("ab", {"targets": {"v1": 1}}).status_code == 200
+    assert server.put("ab", server.moe()).status_code == 409  # now an alias's name
+    assert server.http.delete("/admin/compositions/v1", headers=ADMIN).status_code == 409  # ab still sends to it
+
+
+def test_feedback_is_counted_for_the_composition_that_answered(server: Server) -> None:
+    server.put_and_wait("v1", server.moe())
+    answer = server.client.chat.completions.create(model="v1", messages=HELLO, max_tokens=2)
+    for score in (1, -1, 1):
+        response = server.http.post("/v1/feedback", json={"id": answer.id, "score": score})
+        assert response.status_code == 200 and response.json()["model"] == "v1"
+    assert server.http.post("/v1/feedback", json={"id": "chatcmpl-unknown", "score": 1}).status_code == 404
+    assert server.http.post("/v1/feedback", json={"id": answer.id, "score": 2}).status_code == 400
+
+    metrics = _samples(server.http.get("/metrics").text)
+    feedback = {s.name: s.value for s in metrics["mergeserve:feedback_score"] if s.labels["model"] == "v1"}
+    assert feedback == {"mergeserve:feedback_score_count": 3, "mergeserve:feedback_score_sum": 1}
+    latency = [s for s in metrics["mergeserve:e2e_request_latency_seconds"] if s.name.endswith("_count")]
+    assert [(s.labels["model"], s.value) for s in latency] == [("v1", 1)]
+    http = [s for s in metrics["mergeserve:http_requests"] if s.labels["route"] == "/v1/chat/completions"]
+    assert [(s.labels["model"], s.labels["status"]) for s in http] == [("v1", "200")]
+
+
+def _samples(text: str) -> dict[str, list]:
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def test_the_registry_frees_a_replaced_revision_only_when_its_last_request_ends(server: Server) -> None:
+    server.put_and_wait("moe", server.moe())
+    lease = server.registry.acquire("moe")  # a request in flight on revision 1
+    server.put_and_wait("moe", server.moe(("code", "math")))
+    assert server.status("moe")["draining_revisions"] == [1]
+    assert lease.engine.name == "moe" and server.registry.acquire("moe").revision.number == 2
+    lease.release()
+    assert server.status("moe")["draining_revisions"] == []
+    loaded = sorted(Path(e["source"]).name for e in server.http.get("/admin/pool", headers=ADMIN).json()["experts"])
+    assert loaded == ["base", "code", "math"]  # german was only revision 1's
+
+
+def test_ready_only_while_a_composition_serves(server: Server) -> None:
+    assert server.http.get("/ready").status_code == 503
+    server.put("moe", server.moe())
+    wait_until(lambda: server.http.get("/ready").status_code == 200, what="ready")
+    server.http.delete("/admin/compositions/moe", headers=ADMIN)
+    assert server.http.get("/ready").status_code == 503
