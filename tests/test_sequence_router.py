@@ -74,7 +74,7 @@ def test_requests_routed_to_different_experts_decode_like_each_expert_alone(zoo,
     composed = compose(zoo, experts, kind="perplexity")
     prompts = tokenize(composed)
     choice = {tuple(p): e for e, p in enumerate(prompts)}  # prompt i goes to expert i
-    monkeypatch.setattr(composed.sequence_router, "route", lambda _c, ps: one_hot([choice[tuple(p)] for p in ps]))
+    monkeypatch.setattr(composed.sequence_router, "route", lambda _c, ps, _bias=None: one_hot([choice[tuple(p)] for p in ps]))
     engine = Engine(composed, EngineConfig(max_num_seqs=4, max_prefill_tokens=8))  # chunked prefill
     together = engine.generate(prompts, GREEDY)
     for ids, got, name in zip(prompts, together, NAMES):

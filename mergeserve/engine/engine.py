@@ -6,6 +6,7 @@ from any thread and take effect at the start of the next step.
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from collections import deque
@@ -47,8 +48,21 @@ class Engine:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in max_model_len={self.max_model_len}")
+        if params.router_bias is not None:
+            self._check_router_bias(params.router_bias)
         with self._lock:
             self._inbox.append(("add", Sequence(request_id, list(prompt_ids), params)))
+
+    def _check_router_bias(self, bias: tuple[float, ...]) -> None:
+        e = self.composed.num_experts
+        if e <= 1:
+            raise ValueError(f"composition {self.name!r} is dense: there is no router to bias")
+        if len(bias) != e:
+            raise ValueError(f"router_bias has {len(bias)} entries for {e} experts")
+        if any(math.isnan(b) or b == math.inf for b in bias):
+            raise ValueError("router_bias entries must be finite or -inf")
+        if all(b == -math.inf for b in bias):
+            raise ValueError("router_bias excludes every expert")
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -105,7 +119,8 @@ class Engine:
             positions = torch.tensor([[s.num_tokens - 1] for s in batch.decode])
             self.cache.reserve(int(positions.max()) + 1)
             slots = torch.tensor([s.slot for s in batch.decode])
-            hidden = self.model(Batch(tokens, positions, slots, alpha=self._alpha(batch.decode)), self.cache)  # [B, 1, D]
+            bias = self._router_bias([(s, 1) for s in batch.decode])
+            hidden = self.model(Batch(tokens, positions, slots, bias, alpha=self._alpha(batch.decode)), self.cache)  # [B, 1, D]
             for seq in batch.decode:
                 seq.num_cached += 1
             rows += list(hidden[:, -1])
@@ -127,17 +142,33 @@ class Engine:
         self.cache.reserve(int(positions.max()) + 1)
         slots = torch.tensor([seq.slot for seq, _ in chunks])
         alpha = self._alpha([seq for seq, _ in chunks])
-        return self.model(Batch(tokens, positions, slots, lengths=lengths, alpha=alpha), self.cache)
+        return self.model(Batch(tokens, positions, slots, self._router_bias(chunks), lengths, alpha), self.cache)
 
     def _route_admitted(self) -> None:
         """Sequence routing: every newly admitted request's prompt, routed in one batch before its first chunk."""
         new = [seq for seq in self.scheduler.running if seq.alpha is None]
         if not new:
             return
-        alpha = self.sequence_router.route(self.composed, [seq.prompt_ids for seq in new])  # [N, E]
+        bias = self._bias_rows(new)  # [N, E] or None
+        alpha = self.sequence_router.route(self.composed, [seq.prompt_ids for seq in new], bias)  # [N, E]
         for seq, a in zip(new, alpha):
             seq.alpha = a
         self.expert_requests += (alpha > 0).sum(0)
+
+    def _router_bias(self, rows: list[tuple[Sequence, int]]) -> torch.Tensor | None:
+        """Token routing: the router bias of every real token of the batch, [tokens, E], row after row;
+        None when no request in it has one (the common path adds nothing)."""
+        if self.sequence_router is not None:
+            return None  # applied once, at admission
+        bias = self._bias_rows([seq for seq, _ in rows])  # [B, E]
+        return None if bias is None else bias.repeat_interleave(torch.tensor([n for _, n in rows]), dim=0)
+
+    def _bias_rows(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """Each request's router_bias, [B, E] (zeros for a request without one); None when none has one."""
+        if all(s.params.router_bias is None for s in seqs):
+            return None
+        zeros = (0.0,) * self.composed.num_experts
+        return torch.tensor([s.params.router_bias or zeros for s in seqs])
 
     def _alpha(self, seqs: list[Sequence]) -> torch.Tensor | None:
         """Per-row expert weights [B, E] under a sequence router; None for token routing."""

@@ -6,6 +6,10 @@ import torch
 
 from mergeserve.engine.sequence import SamplingParams
 
+# Temperatures below this sample greedily: dividing by a denormal like 5e-324 overflows the logits
+# to inf and the softmax to nan (vLLM draws the same line).
+MIN_TEMPERATURE = 1e-5
+
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """logits [V] -> logits with tokens outside top-k / the top-p nucleus set to -inf."""
@@ -16,6 +20,7 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
         drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # mass before this token already >= p
+        drop[0] = False  # the likeliest token always stays, even for a top_p that rounds to 0 in float32
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
     return logits
 
@@ -27,7 +32,7 @@ def sample(
     logprobs = torch.log_softmax(logits, dim=-1)
     tokens = torch.argmax(logits, dim=-1)
     for row, (p, gen) in enumerate(zip(params, generators)):
-        if p.temperature == 0:
+        if p.temperature < MIN_TEMPERATURE:
             continue
         scaled = _filter(logits[row] / p.temperature, p.top_k, p.top_p)
         probs = torch.softmax(scaled, dim=-1)

@@ -21,6 +21,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # how many alternatives to return per token; None: no logprobs
+    # [E] added to the router's logits (a sequence router's scores); -inf excludes an expert. None: no bias.
+    router_bias: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)

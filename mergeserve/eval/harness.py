@@ -211,7 +211,9 @@ def check_oracle(kinds: list[dict], domains: tuple[str, ...]) -> None:
 def settings_dict(settings: EvalSettings, data: EvalData) -> dict:
     return {**asdict(settings), "math_stop": list(MATH_STOP), "math_prompt": MATH_PROMPT,
             "loss_examples": {d: len(e) for d, e in data.domains.items()},
-            "mixed_examples": len(data.mixed), "math_problems": len(data.math)}
+            "mixed_examples": len(data.mixed), "math_problems": len(data.math),
+            # Rows scored on other texts (a regenerated held-out split) must not be reused.
+            "data_sha256": hashlib.sha256(json.dumps([data.domains, data.math, data.mixed], sort_keys=True).encode()).hexdigest()}
 
 
 def evaluate(

@@ -38,18 +38,25 @@ def expert_mlp(x: torch.Tensor, e: ExpertFFN) -> torch.Tensor:
 def moe_ffn(
     x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: list[ExpertFFN],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, D], weights/ids [T, k] -> output [T, D] and tokens per expert [E]."""
-    k = ids.shape[1]
-    flat = ids.reshape(-1)  # [T*k]
-    order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-    counts = torch.bincount(flat, minlength=len(experts))  # [E]
-    token = order // k  # [T*k] token of each grouped assignment
-    xs = x.index_select(0, token)  # [T*k, D]
+    """x [T, D], weights/ids [T, k] -> output [T, D] and tokens per expert [E].
+
+    A pick of weight 0 runs nothing and is not counted: top-k fills its slots with
+    experts a request excluded (or a row of a sequence router with fewer choices).
+    """
+    k, n_experts = ids.shape[1], len(experts)
+    w = weights.reshape(-1)  # [T*k]
+    flat = ids.reshape(-1).masked_fill(w == 0, n_experts)  # [T*k]; weight 0 -> past the last expert
+    order = torch.argsort(flat, stable=True)  # assignments grouped by expert, the weight-0 ones last
+    counts = torch.bincount(flat, minlength=n_experts + 1)[:n_experts]  # [E]
+    sizes = counts.tolist()
+    live = order[: sum(sizes)]  # [A] the assignments that run
+    token = live // k  # [A] token of each grouped assignment
+    xs = x.index_select(0, token)  # [A, D]
     out = torch.empty_like(xs)
     start = 0
-    for e, n in enumerate(counts.tolist()):
+    for e, n in enumerate(sizes):
         if n:
             out[start:start + n] = expert_mlp(xs[start:start + n], experts[e])
             start += n
-    out.mul_(weights.reshape(-1)[order].unsqueeze(1))
+    out.mul_(w[live].unsqueeze(1))
     return torch.zeros_like(x).index_add_(0, token, out), counts

@@ -56,9 +56,16 @@ class SequenceRouter:
                 out[group] = task_vector_scores(self, chunk)
         return out
 
-    def route(self, composed: ComposedModel, prompts: list[list[int]]) -> torch.Tensor:
-        """Routing weights alpha of every prompt, [B, E]: k nonzero entries per row, summing to 1."""
-        return top_k_softmax(self.scores(composed, prompts), self.top_k, self.temperature)
+    def route(
+        self, composed: ComposedModel, prompts: list[list[int]], bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Routing weights alpha of every prompt, [B, E]: at most k nonzero entries per row, summing to 1.
+
+        bias [B, E], added to the scores before the top k (a request's expert_bias); -inf
+        excludes an expert, so a row allowing fewer than k experts has fewer nonzero entries.
+        """
+        scores = self.scores(composed, prompts)
+        return top_k_softmax(scores if bias is None else scores + bias, self.top_k, self.temperature)
 
 
 def attach_sequence_router(

@@ -19,6 +19,7 @@ from mergeserve.server.auth import require_admin
 from mergeserve.server.builder import Builder
 from mergeserve.server.errors import APIError, bad_request
 from mergeserve.server.registry import Registry, Revision
+from mergeserve.server.state import dump_spec
 from mergeserve.spec import NAME_PATTERN, SpecError, parse_composition
 
 MAX_SPEC_BYTES = 1 << 20
@@ -107,8 +108,6 @@ def _check_name(name: str) -> None:
 
 
 def _spec(revision: Revision) -> dict | None:
-    from mergeserve.server.state import dump_spec
-
     return dump_spec(revision.spec) if revision.spec is not None else None
 
 

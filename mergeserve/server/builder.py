@@ -16,7 +16,7 @@ from pathlib import Path
 from mergeserve import merge
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.executor import Executor
-from mergeserve.experts import ExpertPool
+from mergeserve.experts import CheckpointError, ExpertPool
 from mergeserve.server.registry import Registry, Revision
 from mergeserve.server.state import SavedComposition, SavedState, StateStore, dump_spec
 from mergeserve.spec import CompositionSpec, EngineConfig, parse_composition
@@ -65,8 +65,8 @@ class Builder:
         saved = self.store.load() if self.store else None
         if saved is None:
             for spec in initial:
-                if self.build_now(spec).state == "failed":
-                    raise_failed(self.registry, spec.name)
+                if (revision := self.build_now(spec)).state == "failed":
+                    raise CheckpointError(f"composition {spec.name!r}: {revision.error}")
             return
         for name, entry in saved.compositions.items():
             self._restore_one(name, entry)
@@ -94,24 +94,24 @@ class Builder:
     def _build(self, revision: Revision) -> None:
         start = time.perf_counter()
         try:
-            with self.pool.claim(revision.owner):
+            with self.pool.claim(revision.id):
                 engine = Engine(merge.build(revision.spec, self.pool), self.engine_config)
         except Exception as e:  # noqa: BLE001 - any failure is the build's result, reported to the admin
-            log.exception("building %s failed", revision.owner)
+            log.exception("building %s failed", revision.id)
             self.registry.fail(revision, f"{type(e).__name__}: {e}")
             self.save()
             return
         seconds = time.perf_counter() - start
         self.registry.install(revision, engine, seconds, own_bytes(engine, self.pool))
-        log.info("composition %s ready in %.2f s", revision.owner, seconds)
+        log.info("composition %s ready in %.2f s", revision.id, seconds)
         self.save()
 
     def free(self, revision: Revision, engine: Engine | None) -> None:
         """Registry callback: `revision` is retired and drained (or failed); drop what it held."""
         if engine is not None:
             self.executor.detach(engine)
-        unloaded = self.pool.release(revision.owner)
-        log.info("freed %s%s", revision.owner, f"; unloaded {unloaded}" if unloaded else "")
+        unloaded = self.pool.release(revision.id)
+        log.info("freed %s%s", revision.id, f"; unloaded {unloaded}" if unloaded else "")
 
     def snapshot(self) -> SavedState:
         state = SavedState(aliases=self.registry.aliases())
@@ -131,13 +131,6 @@ class Builder:
 
     def shutdown(self) -> None:
         self._queue.shutdown(wait=False, cancel_futures=True)
-
-
-def raise_failed(registry: Registry, name: str) -> None:
-    from mergeserve.experts import CheckpointError
-
-    _, latest = registry.revision(name)
-    raise CheckpointError(f"composition {name!r}: {latest.error if latest else 'failed'}")
 
 
 def own_bytes(engine: Engine, pool: ExpertPool) -> int:

@@ -2,10 +2,45 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
+
+REF = "#/components/schemas/{model}"
+DESCRIPTIONS = {
+    400: "Invalid request: the body is not JSON, a field has the wrong type or range, or a value is not supported",
+    401: "Missing or invalid API key",
+    403: "Forbidden",
+    404: "Not found",
+    409: "Conflict with the current state",
+    413: "Request too large",
+    422: "The request is well formed but cannot be served (e.g. the chat template refuses the messages)",
+    429: "Too many requests waiting; retry after the Retry-After header's seconds",
+    500: "Internal server error",
+    503: "Not ready yet; retry after the Retry-After header's seconds",
+}
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope: the body of every 4xx and 5xx this server sends."""
+
+    error: ErrorBody
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses=` for the error statuses it can send, each with the envelope as its body."""
+    return {s: {"model": ErrorResponse, "description": DESCRIPTIONS.get(s, "Error")} for s in statuses}
 
 
 class APIError(Exception):
@@ -65,7 +100,9 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     else:
         message = str(exc.detail)
     type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return error_response(exc.status_code, message, type=type)
+    response = error_response(exc.status_code, message, type=type)
+    response.headers.update(exc.headers or {})  # e.g. a 405's Allow
+    return response
 
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -73,8 +110,40 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal server error", type="server_error")
 
 
+def _document_envelope(app: FastAPI) -> None:
+    """FastAPI documents a 422 HTTPValidationError for every route that validates input; we send
+    those errors as a 400 envelope (`_validation_error`), so the schema says 400 instead."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        envelope = ErrorResponse.model_json_schema(ref_template=REF)
+        components.update(envelope.pop("$defs", {}))
+        components.setdefault(ErrorResponse.__name__, envelope)
+        ref = {"$ref": REF.format(model=ErrorResponse.__name__)}
+        for operation in (op for path in schema.get("paths", {}).values() for op in path.values()):
+            documented = operation.setdefault("responses", {})
+            if "HTTPValidationError" in str(documented.get("422")):
+                del documented["422"]  # a 422 the route declares itself (its own errors) stays
+            if "requestBody" in operation or operation.get("parameters"):
+                documented.setdefault(
+                    "400", {"description": DESCRIPTIONS[400], "content": {"application/json": {"schema": ref}}},
+                )
+        if "HTTPValidationError" not in str(schema.get("paths")):
+            components.pop("HTTPValidationError", None)
+            components.pop("ValidationError", None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+    _document_envelope(app)

@@ -29,7 +29,7 @@ from mergeserve.server.metrics import Metrics
 from mergeserve.server.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
     ChatResponseMessage, ChatTokenLogprob, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-    Delta, FeedbackRequest, FeedbackResponse, ModelCard, ModelList, TopLogprob, Usage,
+    Delta, FeedbackRequest, FeedbackResponse, ModelCard, ModelList, TopLogprob, Usage, expert_names_of,
 )
 from mergeserve.server.registry import Lease, Registry
 
@@ -81,7 +81,7 @@ class OpenAIRoutes:
             max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
             for prompt in prompts:
                 _check_length(engine, len(prompt), max_tokens, "prompt")
-            params = body.sampling_params(max_tokens, body.logprobs)
+            params = body.sampling_params(max_tokens, body.logprobs, expert_names_of(engine))
             job = Job(engine, f"cmpl-{uuid.uuid4().hex}", prompts, body.n or 1, params)
             self.registry.remember(job.request_id, lease)
             if body.stream:
@@ -119,7 +119,7 @@ class OpenAIRoutes:
             max_tokens = requested or limits.default_max_tokens(engine, len(prompt))
             _check_length(engine, len(prompt), max_tokens, "messages")
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
-            params = body.sampling_params(max_tokens, logprobs)
+            params = body.sampling_params(max_tokens, logprobs, expert_names_of(engine))
             job = Job(engine, f"chatcmpl-{uuid.uuid4().hex}", [prompt], body.n or 1, params)
             self.registry.remember(job.request_id, lease)
             if body.stream:
@@ -248,7 +248,7 @@ async def _sse(
 
 def _fingerprint(lease: Lease) -> str:
     """Which build of which composition answered: changes with every replacement."""
-    return f"{SYSTEM_FINGERPRINT}:{lease.revision.fingerprint}"
+    return f"{SYSTEM_FINGERPRINT}:{lease.revision.id}"
 
 
 def _completion_prompts(engine: Engine, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:

@@ -7,14 +7,19 @@ Parameters we declare but cannot honour are rejected with 400 rather than ignore
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from mergeserve.engine.sequence import SamplingParams
 from mergeserve.server.errors import bad_request
 
+if TYPE_CHECKING:
+    from mergeserve.engine.engine import Engine
+
 MAX_N = 8
+MAX_EXPERT_BIAS = 100.0  # like OpenAI's logit_bias range
 
 
 class StreamOptions(BaseModel):
@@ -38,6 +43,9 @@ class _SamplingRequest(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False  # vLLM extension: generate max_tokens even past end-of-sequence
+    # mergeserve extensions, MoE compositions only: route to these experts only; add to their router logits.
+    experts: list[str] | None = None
+    expert_bias: dict[str, float] | None = None
 
     def check_supported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -58,7 +66,48 @@ class _SamplingRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def router_bias(self, expert_names: list[str] | None) -> tuple[float, ...] | None:
+        """SamplingParams.router_bias [E] from `experts` and `expert_bias`; None when neither asks for one.
+
+        expert_names: the composition's experts (expert_names_of), None for a dense composition.
+        """
+        if self.experts is None and not self.expert_bias:
+            return None
+        param = "experts" if self.experts is not None else "expert_bias"
+        if expert_names is None:
+            raise bad_request(f"{param} needs a mixture of experts; this model is dense (it has no router)", param=param)
+        allowed = self._allowed_experts(expert_names)
+        bias = self._checked_bias(expert_names, allowed)
+        return tuple(bias.get(n, 0.0) if n in allowed else -math.inf for n in expert_names)
+
+    def _allowed_experts(self, expert_names: list[str]) -> set[str]:
+        if self.experts is None:
+            return set(expert_names)
+        if not self.experts:
+            raise bad_request("experts must name at least one expert", param="experts")
+        _check_known(self.experts, expert_names, "experts")
+        repeated = sorted({n for n in self.experts if self.experts.count(n) > 1})
+        if repeated:
+            raise bad_request(f"experts must not repeat a name: {repeated}", param="experts")
+        return set(self.experts)
+
+    def _checked_bias(self, expert_names: list[str], allowed: set[str]) -> dict[str, float]:
+        bias = self.expert_bias or {}
+        _check_known(list(bias), expert_names, "expert_bias")
+        for name, value in bias.items():
+            if not (math.isfinite(value) and abs(value) <= MAX_EXPERT_BIAS):
+                raise bad_request(
+                    f"expert_bias[{name!r}] must be a finite number in [-{MAX_EXPERT_BIAS:g}, {MAX_EXPERT_BIAS:g}], got {value}",
+                    param="expert_bias",
+                )
+            if name not in allowed:
+                raise bad_request(f"expert_bias names {name!r}, which experts leaves out", param="expert_bias")
+        return bias
+
+    def sampling_params(
+        self, max_tokens: int, logprobs: int | None, expert_names: list[str] | None = None,
+    ) -> SamplingParams:
+        """expert_names: as for router_bias (expert_names_of the serving engine)."""
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -68,7 +117,19 @@ class _SamplingRequest(BaseModel):
             stop=self.stops,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            router_bias=self.router_bias(expert_names),
         )
+
+
+def expert_names_of(engine: Engine) -> list[str] | None:
+    """What `experts` and `expert_bias` may name on `engine`: its experts; None for a dense composition."""
+    return list(engine.expert_names) if engine.composed.num_experts > 1 else None
+
+
+def _check_known(names: list[str], expert_names: list[str], param: str) -> None:
+    unknown = [n for n in names if n not in expert_names]
+    if unknown:
+        raise bad_request(f"{param}: no expert named {unknown}; this model's experts are {expert_names}", param=param)
 
 
 class CompletionRequest(_SamplingRequest):
@@ -155,6 +216,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "mergeserve"
+    # An A/B alias lists the compositions it sends requests to, with their weights.
+    targets: dict[str, float] | None = None
 
 
 class ModelList(BaseModel):
@@ -244,3 +307,20 @@ class ChatCompletionChunk(BaseModel):
     system_fingerprint: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+class FeedbackRequest(BaseModel):
+    """POST /v1/feedback: a score for a response this server gave, e.g. 1 / -1 for thumbs up / down."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=256)  # the response's `id`
+    score: float = Field(ge=-1, le=1)
+
+
+class FeedbackResponse(BaseModel):
+    id: str
+    object: Literal["feedback"] = "feedback"
+    model: str  # the composition that served the response
+    revision: int
+

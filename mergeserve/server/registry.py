@@ -57,12 +57,8 @@ class Revision:
     retired: bool = False
 
     @property
-    def owner(self) -> str:
-        """The name this revision claims its pool checkpoints under."""
-        return f"{self.name}@{self.number}"
-
-    @property
-    def fingerprint(self) -> str:
+    def id(self) -> str:
+        """`name@number`: what it claims pool checkpoints under, and what responses report."""
         return f"{self.name}@{self.number}"
 
 
