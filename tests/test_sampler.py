@@ -38,3 +38,11 @@ def test_top_k_and_top_p_renormalise_what_they_keep():
 def test_logprobs_are_those_of_the_model_not_of_the_sampling_distribution():
     _, logprobs = sample(LOGITS.unsqueeze(0), [SamplingParams(temperature=0.3, top_k=1)], [None])
     torch.testing.assert_close(logprobs[0], torch.log_softmax(LOGITS, dim=-1))
+
+
+def test_tiny_top_p_and_temperature_fall_back_to_the_likeliest_token():
+    # Found by fuzzing the server: top_p=5e-324 rounds to 0 in float32 and dropped every token;
+    # temperature=5e-324 overflowed the logits; both made multinomial raise.
+    for params in (SamplingParams(top_p=5e-324), SamplingParams(temperature=5e-324), SamplingParams(temperature=1e-40)):
+        tokens, _ = sample(LOGITS.unsqueeze(0), [params], [torch.Generator().manual_seed(0)])
+        assert tokens.tolist() == [0], params

@@ -17,7 +17,7 @@ from mergeserve.experts import CheckpointError
 from mergeserve.server.aliases import Alias
 from mergeserve.server.auth import require_admin
 from mergeserve.server.builder import Builder
-from mergeserve.server.errors import APIError, bad_request
+from mergeserve.server.errors import APIError, bad_request, responses
 from mergeserve.server.registry import Registry, Revision
 from mergeserve.server.state import dump_spec
 from mergeserve.spec import NAME_PATTERN, SpecError, parse_composition
@@ -29,14 +29,21 @@ class AdminRoutes:
     def __init__(self, registry: Registry, builder: Builder, relative_to: Path, max_compositions: int = 16) -> None:
         self.registry, self.builder, self.relative_to = registry, builder, relative_to
         self.max_compositions = max_compositions
-        r = self.router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], tags=["admin"])
+        r = self.router = APIRouter(
+            prefix="/admin", dependencies=[Depends(require_admin)], tags=["admin"], responses=responses(401, 403),
+        )
         r.add_api_route("/compositions", self.list_compositions, methods=["GET"])
-        r.add_api_route("/compositions/{name}", self.get_composition, methods=["GET"])
-        r.add_api_route("/compositions/{name}", self.put_composition, methods=["PUT"], status_code=202)
-        r.add_api_route("/compositions/{name}", self.delete_composition, methods=["DELETE"])
+        r.add_api_route("/compositions/{name}", self.get_composition, methods=["GET"], responses=responses(404))
+        r.add_api_route(
+            "/compositions/{name}", self.put_composition, methods=["PUT"], status_code=202,
+            responses=responses(409, 413),
+        )
+        r.add_api_route(
+            "/compositions/{name}", self.delete_composition, methods=["DELETE"], responses=responses(404, 409),
+        )
         r.add_api_route("/aliases", self.list_aliases, methods=["GET"])
-        r.add_api_route("/aliases/{name}", self.put_alias, methods=["PUT"])
-        r.add_api_route("/aliases/{name}", self.delete_alias, methods=["DELETE"])
+        r.add_api_route("/aliases/{name}", self.put_alias, methods=["PUT"], responses=responses(409))
+        r.add_api_route("/aliases/{name}", self.delete_alias, methods=["DELETE"], responses=responses(404))
         r.add_api_route("/pool", self.pool, methods=["GET"])
 
     async def list_compositions(self) -> dict[str, Any]:

@@ -38,9 +38,21 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+HEADERS = {
+    401: {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "string"}}},
+    503: {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "string"}}},
+}
+
+
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """A route's `responses=` for the error statuses it can send, each with the envelope as its body."""
-    return {s: {"model": ErrorResponse, "description": DESCRIPTIONS.get(s, "Error")} for s in statuses}
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        out[status] = {"model": ErrorResponse, "description": DESCRIPTIONS.get(status, "Error")}
+        if status in HEADERS:
+            out[status]["headers"] = HEADERS[status]
+    return out
 
 
 class APIError(Exception):

@@ -23,6 +23,7 @@ from sse_starlette import EventSourceResponse
 from mergeserve import __version__
 from mergeserve.engine.sequence import TokenLogprob
 from mergeserve.server import generation, limits
+from mergeserve.server import errors
 from mergeserve.server.errors import APIError, bad_request
 from mergeserve.server.generation import Job
 from mergeserve.server.metrics import Metrics
@@ -48,12 +49,19 @@ class OpenAIRoutes:
     def __init__(self, registry: Registry, executor: Executor, metrics: Metrics) -> None:
         self.registry, self.executor, self.metrics = registry, executor, metrics
         self.created = int(time.time())
-        self.router = APIRouter(prefix="/v1")
+        # 401: only when API keys are configured.
+        self.router = APIRouter(prefix="/v1", responses=errors.responses(401))
         self.router.add_api_route("/models", self.models, methods=["GET"])
-        # response_model=None: these return either a model or a stream.
-        self.router.add_api_route("/completions", self.completions, methods=["POST"], response_model=None)
-        self.router.add_api_route("/chat/completions", self.chat_completions, methods=["POST"], response_model=None)
-        self.router.add_api_route("/feedback", self.feedback, methods=["POST"])
+        # response_model=None: these return either a model or a stream; `responses` documents both.
+        self.router.add_api_route(
+            "/completions", self.completions, methods=["POST"], response_model=None,
+            responses={200: _json_or_stream(CompletionResponse), **errors.responses(404, 429, 503)},
+        )
+        self.router.add_api_route(
+            "/chat/completions", self.chat_completions, methods=["POST"], response_model=None,
+            responses={200: _json_or_stream(ChatCompletionResponse), **errors.responses(404, 422, 429, 503)},
+        )
+        self.router.add_api_route("/feedback", self.feedback, methods=["POST"], responses=errors.responses(404))
 
     async def models(self) -> ModelList:
         cards = [ModelCard(id=name, created=self.created) for name in self.registry.names()]
@@ -201,6 +209,16 @@ class OpenAIRoutes:
                 )])
         if body.include_usage:
             yield chunk([], _usage(job, num_tokens))
+
+
+def _json_or_stream(model: type[BaseModel]) -> dict:
+    """OpenAPI for a 200 that is `model` as JSON, or with stream=true server-sent events of
+    JSON chunks (or an in-band error) ending with `[DONE]`."""
+    event = {"type": "string", "contentMediaType": "application/json"}
+    return {"model": model, "content": {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "properties": {"data": {"anyOf": [{"const": "[DONE]"}, event]}},
+    }}}}
 
 
 class _LeaseScope:

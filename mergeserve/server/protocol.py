@@ -315,7 +315,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(min_length=1, max_length=256)  # the response's `id`
-    score: float = Field(ge=-1, le=1)
+    score: float = Field(ge=-1, le=1, strict=True)  # a number: not "1", not false
 
 
 class FeedbackResponse(BaseModel):
