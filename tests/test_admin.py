@@ -99,6 +99,12 @@ def test_a_failed_build_keeps_the_old_revision_serving_and_says_why(server: Serv
     assert "broken" in status["error"]
     assert server.client.chat.completions.create(model="moe", messages=HELLO, max_tokens=2).system_fingerprint.endswith(":moe@1")
 
+    status = server.put_and_wait("new", spec)  # a new name whose first build fails: listed, not served
+    assert status["state"] == "failed" and status["serving_revision"] is None
+    listed = {c["name"]: c["state"] for c in server.http.get("/admin/compositions", headers=ADMIN).json()["data"]}
+    assert listed == {"moe": "failed", "new": "failed"}
+    assert [m.id for m in server.client.models.list()] == ["moe"]
+
 
 @pytest.mark.parametrize("spec, message", [
     ({"base": "/x", "experts": []}, "experts"),

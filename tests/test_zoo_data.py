@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+
 import re
 from pathlib import Path
 
@@ -58,6 +60,21 @@ def test_code_split_excludes_tests_and_holds_out_whole_files(tmp_path: Path) -> 
 def test_code_blocks_cut_before_top_level_definitions() -> None:
     source = "import os\n\n\n@decorator\ndef f():\n    x = 1\n\n    def inner():\n        pass\n\n\nclass C:\n    pass\n"
     assert code_data.blocks(source) == ["import os", "@decorator\ndef f():\n    x = 1\n\n    def inner():\n        pass", "class C:\n    pass"]
+
+
+def test_code_keeps_the_code_and_drops_docstrings_and_comments() -> None:
+    source = (
+        '"""Module docstring."""\n\nimport os  # why os\n\n\n'
+        'class Protocol:\n    """Only a docstring."""\n\n\n'
+        'def f(x):\n    """Says what f does.\n\n    At length.\n    """\n\n    # a comment line\n'
+        '    text = "# not a comment"\n    return x  # trailing\n'
+    )
+    stripped = code_data.strip_prose(source)
+    assert stripped == (
+        'import os\n\n\nclass Protocol:\n    pass\n\n\n'
+        'def f(x):\n    text = "# not a comment"\n    return x'
+    )
+    ast.parse(stripped)
 
 
 def test_split_units_respects_budget_and_size_cap() -> None:

@@ -47,10 +47,10 @@ class AdminRoutes:
         r.add_api_route("/pool", self.pool, methods=["GET"])
 
     async def list_compositions(self) -> dict[str, Any]:
-        return {"object": "list", "data": [self._status(n) for n in self.registry.all_names()]}
+        return {"object": "list", "data": [self._status(*entry) for entry in self.registry.entries()]}
 
     async def get_composition(self, name: str) -> dict[str, Any]:
-        return self._status(name)
+        return self._status(name, *self.registry.revision(name))
 
     async def put_composition(self, name: str, request: Request, spec: dict = Body(...)) -> JSONResponse:
         _check_name(name)
@@ -91,8 +91,7 @@ class AdminRoutes:
     async def pool(self) -> dict[str, Any]:
         return {"experts": self.builder.pool.sources(), "resident_bytes": resident_bytes()}
 
-    def _status(self, name: str) -> dict[str, Any]:
-        live, latest = self.registry.revision(name)
+    def _status(self, name: str, live: Revision | None, latest: Revision | None) -> dict[str, Any]:
         shown = latest or live
         draining = [r.number for r in self.registry.revisions() if r.name == name and r.retired and r.engine]
         return {

@@ -115,8 +115,7 @@ class Builder:
 
     def snapshot(self) -> SavedState:
         state = SavedState(aliases=self.registry.aliases())
-        for name in self.registry.all_names():
-            live, latest = self.registry.revision(name)
+        for name, live, latest in self.registry.entries():
             if live is not None and live.spec is not None:
                 state.compositions[name] = SavedComposition(revision=live.number, spec=dump_spec(live.spec))
             if latest is not None and latest.state == "building" and latest.spec is not None:

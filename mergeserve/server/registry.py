@@ -194,6 +194,12 @@ class Registry:
                 raise ModelNotFound(name, sorted(self._entries))
             return live.engine
 
+    def entries(self) -> list[tuple[str, Revision | None, Revision | None]]:
+        """(name, live, latest) of every composition (and of new names whose build failed), read at one instant."""
+        with self._lock:
+            failed = [(name, None, r) for name, r in self._failed_new.items()]
+            return [(name, e.live, e.latest) for name, e in self._entries.items()] + failed
+
     def names(self) -> list[str]:
         """Compositions that serve now."""
         with self._lock:

@@ -113,6 +113,7 @@ def save_adapter(model: PeftModel, folder: Path) -> None:
     config_file = folder / "adapter_config.json"
     config = json.loads(config_file.read_text())
     config["base_model_name_or_path"] = BASE_SOURCE  # not this machine's path
+    config["target_modules"] = sorted(config["target_modules"])  # peft writes a set: fix the order
     config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
