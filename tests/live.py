@@ -28,12 +28,12 @@ def is_up(http: httpx.Client) -> bool:
 
 
 @contextmanager
-def live_server(app: FastAPI) -> Iterator[str]:
-    """Serve `app` until the block ends; yields its base URL."""
+def live_server(app: FastAPI, **options: object) -> Iterator[str]:
+    """Serve `app` until the block ends; yields its base URL. `options` go to uvicorn.Config."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # a free port, held until uvicorn takes the socket over
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, **({"log_level": "warning"} | options)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     with httpx.Client(base_url=url, timeout=30) as http:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +12,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 from fastapi import Depends
 from fastapi.testclient import TestClient
 
+from live import live_server, wait_until
 from mergeserve import merge
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.executor import Executor
@@ -72,33 +70,11 @@ def server(zoo: dict[str, Path]) -> Iterator[Server]:
     registry = Registry([Engine(merge.build(spec, ExpertPool()), engine_config)])
     executor = PausableExecutor()
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     # log_config=None: uvicorn's loggers, access log included, propagate to caplog.
-    uv = uvicorn.Server(uvicorn.Config(create_app(registry, executor, auth), log_config=None, log_level="debug"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    with httpx.Client(base_url=url, timeout=30) as http:
-        wait_until(lambda: _is_up(http))
+    app = create_app(registry, executor, auth)
+    with live_server(app, log_config=None, log_level="debug") as url, httpx.Client(base_url=url, timeout=30) as http:
         yield Server(url, registry.get(MODEL), executor, http)
-    executor.running.set()
-    uv.should_exit = True
-    thread.join(timeout=10)
-
-
-def _is_up(http: httpx.Client) -> bool:
-    try:
-        return http.get("/health").status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+        executor.running.set()
 
 
 # --- API keys ----------------------------------------------------------------------------------

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,11 +12,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import PreTrainedTokenizerFast
 
+from live import live_server
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.executor import Executor
 from mergeserve.experts import ExpertPool
@@ -48,18 +46,6 @@ def strict_checkpoint(zoo: dict[str, Path], root: Path) -> Path:
     return make_checkpoint(root / "model", "llama", seed=7, tokenizer_from=root / "tokenizer")
 
 
-def wait_for_health(http: httpx.Client, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if http.get("/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server did not come up"
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def server(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     pool = ExpertPool()
@@ -75,19 +61,9 @@ def server(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> It
     config = EngineConfig(max_num_seqs=4, max_model_len=512)
     registry = Registry([Engine(merge.build(spec, pool), config) for spec in (moe, strict)])
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # a free port, held until uvicorn takes the socket over
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(registry, Executor()), log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=30) as http:
-        wait_for_health(http)
+    with live_server(create_app(registry, Executor())) as url, httpx.Client(base_url=url, timeout=30) as http:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30)
         yield Server(registry.get(MOE), client, http)
-    uv.should_exit = True
-    thread.join(timeout=10)
 
 
 def chat_prompt_tokens(engine: Engine, messages: list[dict[str, str]]) -> int:
