@@ -117,7 +117,8 @@ def parser() -> argparse.ArgumentParser:
 
     d = EvalSettings()
     ev = sub.add_parser("eval", help="score compositions on the zoo's held-out sets: loss per domain, math accuracy, mixed set")
-    ev.add_argument("--spec", required=True, action="append", type=Path, help="composition spec (YAML); repeat for more rows")
+    ev.add_argument("--spec", required=True, action="extend", nargs="+", type=Path,
+                    help="composition specs (YAML), one row each; repeatable")
     ev.add_argument("--out", required=True, type=Path, help="folder for results.json, results.md, loss.png")
     ev.add_argument("--oracle", action="store_true", help="add the oracle row (needs a single-expert spec per domain)")
     ev.add_argument("--reuse", action="store_true",

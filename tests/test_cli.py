@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergeserve.cli import main
+from mergeserve.cli import main, parser
 
 
 def write_spec(path: Path, zoo: dict[str, Path]) -> Path:
@@ -47,3 +47,8 @@ def test_export_writes_a_mixtral_checkpoint(zoo: dict[str, Path], tmp_path: Path
     assert main(["export", "--spec", str(write_spec(tmp_path / "spec.yaml", zoo)), "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "mixtral" and config["num_local_experts"] == 2
+
+
+def test_eval_takes_several_specs_after_one_flag_as_a_shell_glob_gives_them() -> None:
+    args = parser().parse_args(["eval", "--spec", "a.yaml", "b.yaml", "--spec", "c.yaml", "--out", "out"])
+    assert args.spec == [Path("a.yaml"), Path("b.yaml"), Path("c.yaml")]
