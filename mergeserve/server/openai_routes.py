@@ -91,11 +91,9 @@ class OpenAIRoutes:
                 _check_length(engine, len(prompt), max_tokens, "prompt")
             params = body.sampling_params(max_tokens, body.logprobs, expert_names_of(engine))
             job = Job(engine, f"cmpl-{uuid.uuid4().hex}", prompts, body.n or 1, params)
-            self.registry.remember(job.request_id, lease)
             if body.stream:
-                return scope.stream(self._completion_chunks(job, body, lease))
-            choices = await generation.until_disconnected(request, generation.collect(self.executor, self.metrics, job))
-            response.headers.update(lease.headers)
+                return self._stream(job, scope, self._completion_chunks(job, body, lease))
+            choices = await self._collect(job, lease, request, response)
             return self._completion_response(job, body, lease, choices)
 
     def _completion_response(
@@ -129,12 +127,21 @@ class OpenAIRoutes:
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
             params = body.sampling_params(max_tokens, logprobs, expert_names_of(engine))
             job = Job(engine, f"chatcmpl-{uuid.uuid4().hex}", [prompt], body.n or 1, params)
-            self.registry.remember(job.request_id, lease)
             if body.stream:
-                return scope.stream(self._chat_chunks(job, body, lease))
-            choices = await generation.until_disconnected(request, generation.collect(self.executor, self.metrics, job))
-            response.headers.update(lease.headers)
+                return self._stream(job, scope, self._chat_chunks(job, body, lease))
+            choices = await self._collect(job, lease, request, response)
             return self._chat_response(job, body, lease, choices)
+
+    def _stream(self, job: Job, scope: _LeaseScope, chunks: AsyncIterator[BaseModel]) -> EventSourceResponse:
+        self.registry.remember(job.request_id, scope.lease)
+        return scope.stream(chunks)
+
+    async def _collect(self, job: Job, lease: Lease, request: Request, response: Response) -> list[generation.Choice]:
+        """Run `job` to the end (cancelled if the client leaves); its response names the revision."""
+        self.registry.remember(job.request_id, lease)
+        choices = await generation.until_disconnected(request, generation.collect(self.executor, self.metrics, job))
+        response.headers.update(lease.headers)
+        return choices
 
     def _admit(self, body: CompletionRequest | ChatCompletionRequest, request: Request) -> Lease:
         # Sticky A/B assignment: a session header wins over the OpenAI `user` field.
