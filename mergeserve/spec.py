@@ -143,6 +143,12 @@ class CompositionSpec(_Strict):
         return self
 
     @property
+    def source_paths(self) -> list[str]:
+        """Every file or folder the spec reads: base, experts, experts' own bases, router weights."""
+        bases = [e.base for e in self.experts if e.base]
+        return [self.base, *(e.source for e in self.experts), *bases, *([self.router.weights] if self.router.weights else [])]
+
+    @property
     def is_moe(self) -> bool:
         return self.method in ("btx", "mergeme")
 

@@ -144,9 +144,8 @@ def row_kind(spec: CompositionSpec) -> dict:
 def fingerprint(spec: CompositionSpec) -> str:
     """The spec and the size and time of every file its sources (and router weights) hold:
     a row computed for an equal fingerprint and equal settings can be reused."""
-    paths = [spec.base, *(e.source for e in spec.experts), *([spec.router.weights] if spec.router.weights else [])]
     files = []
-    for path in map(Path, paths):
+    for path in map(Path, spec.source_paths):
         for f in sorted(path.rglob("*") if path.is_dir() else [path]):
             if f.is_file():
                 files.append((str(f), f.stat().st_size, f.stat().st_mtime_ns))

@@ -66,7 +66,7 @@ class ComposedModel:
     router_abs: bool = False
     # MergeME sequence-level routing: one alpha [E] per request from its prompt; no gate rows then.
     sequence_router: SequenceRouter | None = None
-    # Sources the composition was built from, so the pool can count references.
+    # Sources the composition was built from (base first; a learned router checks its base against it).
     sources: list[str] = field(default_factory=list)
 
     @property

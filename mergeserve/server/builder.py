@@ -38,10 +38,7 @@ class Builder:
 
     def check(self, spec: CompositionSpec) -> None:
         """Refuse, before building, sources outside the pool's roots or over its size limit."""
-        sources = [spec.base, *(e.source for e in spec.experts), *(e.base for e in spec.experts if e.base)]
-        if spec.router.weights:
-            sources.append(spec.router.weights)
-        for source in dict.fromkeys(sources):
+        for source in dict.fromkeys(spec.source_paths):
             self.pool.check_allowed(Path(source))
 
     def submit(self, spec: CompositionSpec, number: int | None = None) -> tuple[Revision, Future]:
@@ -72,8 +69,8 @@ class Builder:
             self._restore_one(name, entry)
         for name, entry in saved.pending.items():
             self._restore_one(name, entry)
+        known = set(self.registry.all_names())
         for name, alias in saved.aliases.items():
-            known = set(self.registry.all_names())
             alias = alias.model_copy(update={"targets": {t: w for t, w in alias.targets.items() if t in known}})
             if alias.targets:
                 self.registry.set_alias(name, alias)

@@ -219,9 +219,6 @@ class Registry:
             found = {r for e in self._entries.values() for r in (e.live, e.latest) if r is not None} | self._draining
         return sorted(found, key=lambda r: (r.name, r.number))
 
-    def __len__(self) -> int:
-        return len(self.names())
-
     # --- aliases ---------------------------------------------------------------------------
     def set_alias(self, name: str, alias: Alias) -> None:
         with self._lock:
