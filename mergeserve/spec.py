@@ -125,7 +125,9 @@ class CompositionSpec(_Strict):
     method: Literal["btx", "mergeme", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"] = "btx"
     merge: MergeParams = MergeParams()
     router: RouterSpec = RouterSpec()
-    dtype: Literal["float32"] = "float32"
+    # Compute and storage dtype of the composition's weights: float32, bfloat16, or auto (the
+    # faster here, by CPU flags and a short measurement at start). Unset: the serve config's.
+    dtype: Literal["auto", "float32", "bfloat16"] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> CompositionSpec:
@@ -200,6 +202,10 @@ class ServeConfig(_Strict):
     state_dir: str | None = None
     max_compositions: int = Field(16, ge=1, le=256)
     max_source_file_bytes: int | None = Field(None, ge=1)  # refuse checkpoints holding a larger file
+    # Weights of compositions whose spec sets no dtype: float32, bfloat16, or auto (see CompositionSpec.dtype).
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
+    # LoRA adapters: kept as factors over the shared base (factored) or merged into dense copies (merged).
+    lora: Literal["factored", "merged"] = "factored"
 
     @model_validator(mode="after")
     def _something_to_serve(self) -> ServeConfig:

@@ -36,8 +36,13 @@ def test_top_k_and_top_p_renormalise_what_they_keep():
 
 
 def test_logprobs_are_those_of_the_model_not_of_the_sampling_distribution():
-    _, logprobs = sample(LOGITS.unsqueeze(0), [SamplingParams(temperature=0.3, top_k=1)], [None])
+    _, logprobs = sample(LOGITS.unsqueeze(0), [SamplingParams(temperature=0.3, top_k=1, logprobs=0)], [None])
     torch.testing.assert_close(logprobs[0], torch.log_softmax(LOGITS, dim=-1))
+
+
+def test_no_logprobs_are_computed_when_no_request_asks_for_them():
+    _, logprobs = sample(LOGITS.unsqueeze(0), [SamplingParams(temperature=0)], [None])
+    assert logprobs is None
 
 
 def test_tiny_top_p_and_temperature_fall_back_to_the_likeliest_token():

@@ -13,12 +13,14 @@ from collections import deque
 
 import torch
 
+from mergeserve.engine.detokenizer import Detokenizer
 from mergeserve.engine.kv_cache import KVCache
-from mergeserve.engine.model import Batch, Transformer
+from mergeserve.engine.layers import Batch
+from mergeserve.engine.model import Transformer
 from mergeserve.engine.sampler import sample
 from mergeserve.engine.scheduler import Scheduler
 from mergeserve.engine.sequence import RequestOutput, SamplingParams, Sequence, TokenLogprob
-from mergeserve.merge.composed import ComposedModel
+from mergeserve.composition import ComposedModel
 from mergeserve.spec import EngineConfig
 
 
@@ -32,7 +34,9 @@ class Engine:
         self.max_model_len = min(config.max_model_len, composed.config.max_position_embeddings)
         self.model = Transformer(composed, self.max_model_len)
         args = self.model.args
-        self.cache = KVCache(self.model.cache_layers, config.max_num_seqs, args.n_kv_heads, args.head_dim, self.max_model_len)
+        self.cache = KVCache(
+            self.model.cache_layers, config.max_num_seqs, args.n_kv_heads, args.head_dim, self.max_model_len, self.model.dtype,
+        )
         self.scheduler = Scheduler(config.max_num_seqs, config.max_prefill_tokens)
         self.eos_ids = _eos_ids(composed)
         self._inbox: deque[tuple[str, object]] = deque()  # ("add", Sequence) | ("abort", request_id)
@@ -115,34 +119,42 @@ class Engine:
                     rows.append(hidden[row, n - 1])
                     ready.append(seq)
         if batch.decode:
-            tokens = torch.tensor([[s.token_ids[-1]] for s in batch.decode])
-            positions = torch.tensor([[s.num_tokens - 1] for s in batch.decode])
-            self.cache.reserve(int(positions.max()) + 1)
-            slots = torch.tensor([s.slot for s in batch.decode])
-            bias = self._router_bias([(s, 1) for s in batch.decode])
-            hidden = self.model(Batch(tokens, positions, slots, bias, alpha=self._alpha(batch.decode)), self.cache)  # [B, 1, D]
-            for seq in batch.decode:
-                seq.num_cached += 1
-            rows += list(hidden[:, -1])
-            ready += batch.decode
+            decode = sorted(batch.decode, key=lambda s: s.slot)  # consecutive slots read the cache as views
+            rows += list(self._decode(decode)[:, -1])
+            ready += decode
         if ready:
             outputs += self._sample(ready, self.model.logits(torch.stack(rows)))
         return outputs
 
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One token for each sequence, in one forward; hidden states [B, 1, D]."""
+        tokens = torch.tensor([[s.last_token] for s in seqs])
+        ends = [s.num_tokens for s in seqs]
+        positions = torch.tensor(ends).unsqueeze(1) - 1
+        slot_ids = [s.slot for s in seqs]
+        first = slot_ids[0] if slot_ids == list(range(slot_ids[0], slot_ids[0] + len(seqs))) else None
+        bias = self._router_bias([(s, 1) for s in seqs])
+        batch = Batch(tokens, positions, torch.tensor(slot_ids), bias, alpha=self._alpha(seqs), key_len=max(ends), first_slot=first)
+        hidden = self.model(batch, self.cache)
+        for seq in seqs:
+            seq.num_cached += 1
+        return hidden
+
     def _prefill(self, chunks: list[tuple[Sequence, int]]) -> torch.Tensor:
         """One forward for every prompt chunk of the step, right-padded: weights are read once."""
         lengths = torch.tensor([n for _, n in chunks])
-        width = int(lengths.max())
+        width = max(n for _, n in chunks)
         tokens = torch.zeros(len(chunks), width, dtype=torch.long)
         positions = torch.empty(len(chunks), width, dtype=torch.long)
         for row, (seq, n) in enumerate(chunks):
             tokens[row, :n] = torch.tensor(seq.prompt_ids[seq.num_cached:seq.num_cached + n])
             offsets = torch.arange(width).clamp_max(n - 1)  # padding repeats the last real position
             positions[row] = seq.num_cached + offsets
-        self.cache.reserve(int(positions.max()) + 1)
         slots = torch.tensor([seq.slot for seq, _ in chunks])
         alpha = self._alpha([seq for seq, _ in chunks])
-        return self.model(Batch(tokens, positions, slots, self._router_bias(chunks), lengths, alpha), self.cache)
+        key_len = max(seq.num_cached + n for seq, n in chunks)
+        batch = Batch(tokens, positions, slots, self._router_bias(chunks), lengths, alpha, key_len=key_len)
+        return self.model(batch, self.cache)
 
     def _route_admitted(self) -> None:
         """Sequence routing: every newly admitted request's prompt, routed in one batch before its first chunk."""
@@ -189,6 +201,7 @@ class Engine:
     def _add(self, seq: Sequence) -> None:
         seed = seq.params.seed if seq.params.seed is not None else random.getrandbits(63)
         self._generators[seq.request_id] = torch.Generator().manual_seed(seed)
+        seq.detokenizer = Detokenizer(self.tokenizer)
         self.scheduler.add(seq)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
@@ -198,7 +211,7 @@ class Engine:
         for row, seq in enumerate(seqs):
             token = int(tokens[row])
             seq.output_ids.append(token)
-            lp = [self._logprob(token, logprobs[row], seq.params.logprobs)] if seq.params.logprobs is not None else []
+            lp = [self._logprob(token, logprobs[row], seq.params.logprobs)] if logprobs is not None and seq.params.logprobs is not None else []
             reason = self._check_stop(seq, token)
             if reason:
                 self._finish(seq, reason)
@@ -208,8 +221,8 @@ class Engine:
     def _check_stop(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
         stopped_by_token = (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids
-        ids = seq.output_ids[:-1] if stopped_by_token else seq.output_ids
-        seq.text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if not stopped_by_token:
+            seq.text += seq.detokenizer.add(token)
         if p.stop:
             hits = [i for s in p.stop if (i := seq.text.find(s, max(0, seq.emitted - len(s)))) >= 0]
             if hits:
@@ -222,7 +235,9 @@ class Engine:
         return None
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        self.scheduler.finish(seq, reason)
+        if (moved := self.scheduler.finish(seq, reason)) is not None:
+            other, old_slot = moved
+            self.cache.move(old_slot, other.slot, other.num_cached)
         self._generators.pop(seq.request_id, None)
 
     def _output(self, seq: Sequence, new_ids: list[int], logprobs: list[TokenLogprob]) -> RequestOutput:

@@ -2,40 +2,28 @@
 
 from __future__ import annotations
 
+import mmap
+
 import torch
 
 
 class KVCache:
-    """k, v: [layers, slots + 1, kv_heads, capacity, head_dim]; capacity grows by doubling up to max_len.
+    """k, v: [layers, slots + 1, kv_heads, max_len, head_dim], allocated once at full size.
 
+    The buffers are anonymous memory maps: the OS hands out zero pages on first touch, so a
+    cache sized for max_num_seqs x max_model_len costs resident memory only for the positions
+    written, and never grows or moves. Zeros matter: masked positions still enter attention
+    as 0 * value, and garbage could be NaN.
     The extra last slot is scratch space: padding tokens of a batched prefill write there,
     never into a real sequence's slot.
     """
 
-    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int, initial: int = 256):
+    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int, dtype=torch.float32):
         self.max_len = max_len
         self.scratch_slot = slots
-        self.shape = (layers, slots + 1, kv_heads, min(initial, max_len), head_dim)
-        # Zeros, not empty: masked positions still enter attention as 0 * value, and garbage could be NaN.
-        self.k = torch.zeros(self.shape)
-        self.v = torch.zeros(self.shape)
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[3]
-
-    def reserve(self, length: int) -> None:
-        """Make room for positions [0, length)."""
-        if length <= self.capacity:
-            return
-        if length > self.max_len:
-            raise ValueError(f"sequence of {length} tokens exceeds max_model_len={self.max_len}")
-        new = min(self.max_len, max(length, 2 * self.capacity))
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            grown = torch.zeros(old.shape[:3] + (new, old.shape[4]))
-            grown[:, :, :, : old.shape[3]] = old
-            setattr(self, name, grown)
+        self.shape = (layers, slots + 1, kv_heads, max_len, head_dim)
+        self._maps = [mmap.mmap(-1, max(1, _numel(self.shape) * dtype.itemsize)) for _ in range(2)]
+        self.k, self.v = (torch.frombuffer(m, dtype=dtype, count=_numel(self.shape)).view(self.shape) for m in self._maps)
 
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """slots and positions [B, T] (one per token), k/v [B, KVH, T, Dh]."""
@@ -43,6 +31,28 @@ class KVCache:
         self.k[layer][slots, :, positions] = k.transpose(1, 2)
         self.v[layer][slots, :, positions] = v.transpose(1, 2)
 
-    def read(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of positions [0, length) for each slot: [B, KVH, length, Dh]."""
+    def read(self, layer: int, slots: torch.Tensor, length: int, first_slot: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions [0, length) for each slot: [B, KVH, length, Dh].
+
+        With `first_slot` (the slots are consecutive from there) they are views, not copies.
+        """
+        if first_slot is not None:
+            rows = slice(first_slot, first_slot + len(slots))
+            return self.k[layer, rows, :, :length], self.v[layer, rows, :, :length]
         return self.k[layer, slots, :, :length], self.v[layer, slots, :, :length]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy a sequence's first `length` positions from slot src to slot dst (all layers)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def resident_bytes(self) -> int:
+        """Bytes the cache could occupy at most (the OS backs only the pages written)."""
+        return sum(m.size() for m in self._maps)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

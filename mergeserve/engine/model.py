@@ -1,7 +1,9 @@
 """Llama-family transformer (Llama, Mistral, Qwen2) with dense or MoE FFN layers.
 
-The module wraps a ComposedModel's tensors without copying them. One forward takes a
-rectangular batch [B, T]: a prefill chunk is B=1, a decode step is T=1.
+The module wraps a ComposedModel's tensors without copying them: q/k/v and gate/up run as
+one matmul each over the pool's back-to-back tensors, and MoE layers of LoRA experts over
+one base run the LoRA-expert kernel. One forward takes a rectangular batch [B, T]: a
+prefill chunk is B=1, a decode step is T=1.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from mergeserve.composition import ComposedModel, Layer, Weight, fuse
 from mergeserve.engine.kv_cache import KVCache
+from mergeserve.engine.layers import Batch, attention, rms_norm
 from mergeserve.engine.sequence_layers import fixed_routing, separate_layer
 from mergeserve.experts.checkpoint import head_dim
-from mergeserve.kernels import expert_mlp, moe_ffn, route
-from mergeserve.merge.composed import ComposedModel, Layer
+from mergeserve.kernels import FusedFFN, LoraExperts, expert_mlp, lora_moe_ffn, moe_ffn, route
+from mergeserve.kernels.lowrank import prepared
+
+__all__ = ["Batch", "ModelArgs", "Transformer", "RunLayer"]
 
 
 @dataclass
@@ -42,52 +48,33 @@ class ModelArgs:
             sliding_window=window,
         )
 
+    @property
+    def attn_shape(self) -> tuple[int, int, int]:
+        return self.n_heads, self.n_kv_heads, self.head_dim
 
-@dataclass
-class Batch:
-    """Where the tokens of one forward sit: per row a cache slot and the positions of its tokens.
 
-    Rows may be right-padded: row b holds lengths[b] real tokens, and its padding repeats
-    the last real position (so it adds no keys) and writes its keys to the scratch slot.
-    """
+@dataclass(eq=False)
+class RunLayer:
+    """A Layer as the forward runs it: fused projections, prepared factors, the LoRA-expert tables."""
 
-    tokens: torch.Tensor  # [B, T]
-    positions: torch.Tensor  # [B, T]
-    slots: torch.Tensor | None  # [B]; None runs without a cache (whole sequences, causal)
-    router_bias: torch.Tensor | None = None  # [real tokens, E] added to every MoE layer's router logits
-    lengths: torch.Tensor | None = None  # [B]; None: no padding
-    alpha: torch.Tensor | None = None  # [B, E] each row's expert weights under a sequence router
+    layer: Layer
+    qkv: Weight
+    qkv_bias: torch.Tensor | None
+    o_proj: Weight
+    ffns: list[FusedFFN]
+    lora: LoraExperts | None  # the MoE's LoRA experts over one base FFN; None: all dense
+    dense_ids: torch.Tensor | None  # [E] bool: experts on the grouped dense path (mixed compositions)
 
     @classmethod
-    def right_padded(
-        cls, sequences: list[list[int]], router_bias: torch.Tensor | None = None, alpha: torch.Tensor | None = None,
-    ) -> Batch:
-        """Whole sequences from position 0, padded on the right, for a forward without cache."""
-        width = max(len(s) for s in sequences)
-        tokens = torch.tensor([s + [0] * (width - len(s)) for s in sequences])  # [B, T]
-        lengths = torch.tensor([len(s) for s in sequences])
-        return cls(tokens, torch.arange(width).expand_as(tokens), None, router_bias, lengths, alpha)
-
-    def real(self) -> torch.Tensor | None:
-        """Which tokens are not padding, [B, T]; None when none are."""
-        if self.lengths is None:
-            return None
-        return torch.arange(self.tokens.shape[1]) < self.lengths.unsqueeze(1)
-
-    def write_slots(self, scratch: int) -> torch.Tensor:
-        """Cache slot of every token, [B, T]: the row's own, or `scratch` for padding."""
-        slots = self.slots.unsqueeze(1).expand_as(self.tokens)
-        real = self.real()
-        return slots if real is None else torch.where(real, slots, scratch)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    def of(cls, layer: Layer) -> RunLayer:
+        a = layer.attn
+        # Builders lay q/k/v back to back, so this is a view; anything else is concatenated once.
+        qkv = fuse([prepared(w) for w in (a.q_proj, a.k_proj, a.v_proj)], copy=True)
+        bias = None if a.q_bias is None else torch.cat([a.q_bias, a.k_bias, a.v_bias])
+        lora = LoraExperts.build(layer.experts) if layer.is_moe else None
+        dense = None if lora is None or bool(lora.member.all()) else ~lora.member
+        ffns = [FusedFFN.of(e) for e in layer.experts]
+        return cls(layer, qkv, bias, prepared(a.o_proj), ffns, lora, dense)
 
 
 class Transformer(torch.nn.Module):
@@ -96,18 +83,22 @@ class Transformer(torch.nn.Module):
         self.composed = composed
         self.args = ModelArgs.from_config(composed.config)
         self.top_k = composed.top_k
+        self.dtype = composed.embed.dtype
         # cos/sin for every position, computed once by transformers' rotary code (handles rope scaling).
         rotary = LlamaRotaryEmbedding(composed.config)
         cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(max_len).unsqueeze(0))
-        self.cos, self.sin = cos[0], sin[0]  # [max_len, Dh]
+        self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [max_len, Dh]
         e = composed.num_experts
         # Router statistics: picks of each expert and the routing weight those picks carried.
         self.expert_load = torch.zeros(len(composed.layers), e, dtype=torch.int64)  # [L, E]
         self.expert_weight = torch.zeros(len(composed.layers), e, dtype=torch.float64)  # [L, E]
+        self._picks: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # this forward's (layer, weights, ids)
         # Separate attention: expert e's own layer i keeps its keys/values in cache layer i * E + e.
         seq = composed.sequence_router
         self.separate = seq is not None and seq.separate
         self.cache_layers = self.args.n_layers * (e if self.separate else 1)
+        self.run_layers = [RunLayer.of(layer) for layer in composed.layers]
+        self.expert_runs = [[RunLayer.of(x) for x in layer.expert_layers] if layer.expert_layers else None for layer in composed.layers]
 
     def forward(
         self, batch: Batch, cache: KVCache | None = None, capture: list[torch.Tensor] | None = None,
@@ -120,48 +111,28 @@ class Transformer(torch.nn.Module):
         c = self.composed
         x = F.embedding(batch.tokens, c.embed)  # [B, T, D]
         cos, sin = self.cos[batch.positions].unsqueeze(1), self.sin[batch.positions].unsqueeze(1)  # [B, 1, T, Dh]
-        mask = self._mask(batch)
+        mask = batch.mask(self.args.sliding_window)
         if c.sequence_router is not None and batch.alpha is None:
             raise ValueError(f"composition {c.name!r} routes per sequence: the batch needs alpha [B, E]")
-        for i, layer in enumerate(c.layers):
+        for i, run in enumerate(self.run_layers):
             if self.separate:
-                x = separate_layer(self, i, layer, x, cos, sin, mask, batch, cache)
+                x = separate_layer(self, i, self.expert_runs[i], x, cos, sin, mask, batch, cache)
                 continue
-            h = rms_norm(x, layer.input_norm, self.args.eps)
-            x = x + self._attention(i, layer, h, cos, sin, mask, batch, cache)
-            h = rms_norm(x, layer.post_attn_norm, self.args.eps)
-            x = x + self._ffn(i, layer, h, batch, capture)
+            x = x + self.attend(i, run, rms_norm(x, run.layer.input_norm, self.args.eps), cos, sin, mask, batch, cache)
+            x = x + self._ffn(i, run, rms_norm(x, run.layer.post_attn_norm, self.args.eps), batch, capture)
+        self._count_picks()
         return rms_norm(x, c.norm, self.args.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.composed.lm_head)
+        return F.linear(hidden, self.composed.lm_head).float()
 
-    def _mask(self, batch: Batch) -> torch.Tensor:
-        """Boolean [B, 1, T, S]: query at position p sees keys at positions j <= p (within the window)."""
-        keys = torch.arange(int(batch.positions.max()) + 1)  # [S]
-        q = batch.positions.unsqueeze(-1)  # [B, T, 1]
-        allowed = keys <= q
-        if self.args.sliding_window:
-            allowed &= keys > q - self.args.sliding_window
-        return allowed.unsqueeze(1)
+    def attend(self, cache_layer: int, run: RunLayer, x: torch.Tensor, cos, sin, mask, batch: Batch, cache: KVCache | None):
+        return attention(x, run.qkv, run.qkv_bias, run.o_proj, self.args.attn_shape, cos, sin, mask, batch, cache, cache_layer)
 
-    def _attention(self, i: int, layer: Layer, x: torch.Tensor, cos, sin, mask, batch: Batch, cache: KVCache | None):
-        a, args = layer.attn, self.args
-        b, t, _ = x.shape
-        q = F.linear(x, a.q_proj, a.q_bias).view(b, t, args.n_heads, args.head_dim).transpose(1, 2)
-        k = F.linear(x, a.k_proj, a.k_bias).view(b, t, args.n_kv_heads, args.head_dim).transpose(1, 2)
-        v = F.linear(x, a.v_proj, a.v_bias).view(b, t, args.n_kv_heads, args.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin  # [B, H, T, Dh]
-        k = k * cos + rotate_half(k) * sin  # [B, KVH, T, Dh]
-        if cache is not None:
-            cache.write(i, batch.write_slots(cache.scratch_slot), batch.positions, k, v)
-            k, v = cache.read(i, batch.slots, mask.shape[-1])  # [B, KVH, S, Dh]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, H, T, Dh]
-        return F.linear(out.transpose(1, 2).reshape(b, t, -1), a.o_proj)
-
-    def _ffn(self, i: int, layer: Layer, x: torch.Tensor, batch: Batch, capture: list | None) -> torch.Tensor:
+    def _ffn(self, i: int, run: RunLayer, x: torch.Tensor, batch: Batch, capture: list | None) -> torch.Tensor:
+        layer = run.layer
         if not layer.is_moe:
-            return expert_mlp(x, layer.experts[0])
+            return expert_mlp(x, run.ffns[0])
         flat = x.reshape(-1, x.shape[-1])  # [B*T, D]
         real = batch.real()
         if real is not None:  # padding is routed nowhere and costs no expert compute
@@ -173,9 +144,34 @@ class Transformer(torch.nn.Module):
             weights, ids = route(flat, layer.router, self.top_k, batch.router_bias, self.composed.router_abs)
         else:
             weights, ids = fixed_routing(batch)
-        out, counts = moe_ffn(flat, weights, ids, layer.experts)
-        self.expert_load[i] += counts
-        self.expert_weight[i].index_add_(0, ids.reshape(-1), weights.reshape(-1).double())
+        weights = weights.to(flat.dtype)
+        self._picks.append((i, weights, ids))
+        out = self._experts(run, flat, weights, ids)
         if real is None:
             return out.view_as(x)
         return torch.zeros_like(x).view(-1, x.shape[-1]).index_put_((real,), out).view_as(x)
+
+    def _experts(self, run: RunLayer, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The MoE FFN: LoRA experts through their kernel, dense ones grouped; a mix takes both."""
+        if run.lora is None:
+            return moe_ffn(x, weights, ids, run.ffns)
+        if run.dense_ids is None:
+            return lora_moe_ffn(x, weights, ids, run.lora)
+        on_dense = run.dense_ids[ids]  # [N, k]
+        return lora_moe_ffn(x, weights.masked_fill(on_dense, 0), ids, run.lora) \
+            + moe_ffn(x, weights.masked_fill(~on_dense, 0), ids, run.ffns)
+
+    def _count_picks(self) -> None:
+        """The router statistics of this forward, added once for all layers."""
+        if not self._picks:
+            return
+        n_experts = self.expert_load.shape[1]
+        layers = torch.tensor([i for i, _, _ in self._picks])  # [L']
+        ids = torch.stack([ids for _, _, ids in self._picks])  # [L', N, k]
+        weights = torch.stack([w for _, w, _ in self._picks]).double()  # [L', N, k]
+        self._picks = []
+        flat = (layers.view(-1, 1, 1) * n_experts + ids).reshape(-1)
+        live = (weights.reshape(-1) > 0).double()  # weight-0 picks ran nothing and count nowhere
+        size = self.expert_load.numel()
+        self.expert_load.view(-1).add_(torch.bincount(flat, live, minlength=size).long())
+        self.expert_weight.view(-1).add_(torch.bincount(flat, weights.reshape(-1), minlength=size))

@@ -27,9 +27,10 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] -> next tokens [B] and log-probabilities [B, V] of the unmodified distribution."""
-    logprobs = torch.log_softmax(logits, dim=-1)
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits [B, V] -> next tokens [B] and log-probabilities [B, V] of the unmodified distribution
+    (None when no request asks for logprobs: the log-softmax over the vocabulary is not free)."""
+    logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
     tokens = torch.argmax(logits, dim=-1)
     for row, (p, gen) in enumerate(zip(params, generators)):
         if p.temperature < MIN_TEMPERATURE:

@@ -47,15 +47,25 @@ class Scheduler:
                 budget -= n
         return batch
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence, reason: str) -> tuple[Sequence, int] | None:
+        """Retire `seq`. Running sequences stay on the lowest slots (so a decode batch's slots
+        are consecutive and its cache is read as views): when a hole opens below the highest
+        running slot, that sequence moves into it. Returns (moved sequence, its old slot) or None;
+        the caller moves its cache entries."""
         seq.status, seq.finish_reason = Status.FINISHED, reason
+        moved = None
         if seq in self.running:
             self.running.remove(seq)
-            self.free_slots.append(seq.slot)
+            hole = seq.slot
+            top = max(self.running, key=lambda s: s.slot, default=None)
+            if top is not None and top.slot > hole:
+                moved, hole, top.slot = (top, top.slot), top.slot, hole
+            self.free_slots.append(hole)
             self.free_slots.sort()
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.slot = None
+        return moved
 
     def find(self, request_id: str) -> Sequence | None:
         for seq in (*self.running, *self.waiting):

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from mergeserve.engine.detokenizer import Detokenizer
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -66,10 +68,15 @@ class Sequence:
     emitted: int = 0  # characters of `text` already handed out
     finish_reason: str | None = None
     alpha: torch.Tensor | None = None  # [E] expert weights of a sequence router, fixed at admission
+    detokenizer: Detokenizer | None = None  # turns each new token into its text, set at admission
 
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
     @property
     def num_tokens(self) -> int:

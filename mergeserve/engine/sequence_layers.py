@@ -15,32 +15,31 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mergeserve.engine.layers import Batch, rms_norm
 from mergeserve.kernels import expert_mlp
 
 if TYPE_CHECKING:
     from mergeserve.engine.kv_cache import KVCache
-    from mergeserve.engine.model import Batch, Transformer
-    from mergeserve.merge.composed import Layer
+    from mergeserve.engine.model import RunLayer, Transformer
 
 
 def separate_layer(
-    model: Transformer, i: int, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    mask: torch.Tensor, batch: Batch, cache: KVCache | None,
+    model: Transformer, i: int, blocks: list[RunLayer], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    mask: torch.Tensor | None, batch: Batch, cache: KVCache | None,
 ) -> torch.Tensor:
     """x [B, T, D] -> sum_e alpha[:, e] * block_e(x), [B, T, D]; padding rows' values are don't-care."""
-    from mergeserve.engine.model import rms_norm
-
-    alpha, eps = batch.alpha, model.args.eps  # [B, E]
+    alpha, eps = batch.alpha.to(x.dtype), model.args.eps  # [B, E]
     n_experts = alpha.shape[1]
     out = torch.zeros_like(x)
-    for e, block in enumerate(layer.expert_layers):
+    for e, block in enumerate(blocks):
         rows = alpha[:, e].nonzero().squeeze(1)  # [b]
         if rows.numel() == 0:
             continue
         h = x[rows]  # [b, T, D]
-        a = rms_norm(h, block.input_norm, eps)
-        h = h + model._attention(i * n_experts + e, block, a, cos[rows], sin[rows], mask[rows], sub_batch(batch, rows), cache)
-        h = h + expert_mlp(rms_norm(h, block.post_attn_norm, eps), block.experts[0])
+        a = rms_norm(h, block.layer.input_norm, eps)
+        sub_mask = None if mask is None else mask[rows]
+        h = h + model.attend(i * n_experts + e, block, a, cos[rows], sin[rows], sub_mask, sub_batch(batch, rows), cache)
+        h = h + expert_mlp(rms_norm(h, block.layer.post_attn_norm, eps), block.ffns[0])
         out.index_add_(0, rows, alpha[rows, e].view(-1, 1, 1) * h)
     count_routing(model, i, batch)
     return out
@@ -53,7 +52,7 @@ def sub_batch(batch: Batch, rows: torch.Tensor) -> Batch:
 
     return replace(
         batch, tokens=batch.tokens[rows], positions=batch.positions[rows], slots=pick(batch.slots),
-        lengths=pick(batch.lengths), alpha=batch.alpha[rows],
+        lengths=pick(batch.lengths), alpha=batch.alpha[rows], first_slot=None,
     )
 
 

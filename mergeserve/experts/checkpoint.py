@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from mergeserve.composition import LowRank, Weight, fuse_in_place
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -21,17 +24,55 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
 
 
+class FactoredTensors(Mapping[str, torch.Tensor]):
+    """Hugging Face name -> tensor, where factored weights are materialised on each access.
+
+    Code that wants a dense view of a LoRA expert (merges, export, task vectors) reads it
+    like any checkpoint's tensors; the dense result is the caller's, never kept here.
+    """
+
+    def __init__(self, stored: dict[str, torch.Tensor], factored: dict[str, LowRank]):
+        self.stored, self.factored = stored, factored
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self.factored:
+            return self.factored[key].dense()
+        return self.stored[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.stored
+        yield from (k for k in self.factored if k not in self.stored)
+
+    def __len__(self) -> int:
+        return len(self.stored.keys() | self.factored.keys())
+
+
 @dataclass
 class Checkpoint:
     source: str  # absolute path it was loaded from
     kind: str  # "hf" | "peft" | "gguf"
     config: PretrainedConfig
-    tensors: dict[str, torch.Tensor]  # Hugging Face names, fp32
+    stored: dict[str, torch.Tensor]  # Hugging Face names -> the tensors held (for an adapter: mostly the base's)
     tokenizer: PreTrainedTokenizerBase | None
+    # LoRA adapters kept as factors: name -> base weight + B @ A; these names are not in `stored`.
+    factored: dict[str, LowRank] = field(default_factory=dict)
+
+    @property
+    def tensors(self) -> Mapping[str, torch.Tensor]:
+        """Every weight as a dense tensor (factored ones materialised on access)."""
+        return FactoredTensors(self.stored, self.factored) if self.factored else self.stored
+
+    def weight(self, key: str) -> Weight:
+        """A projection as the engine should hold it: its factors when factored, else the tensor."""
+        return self.factored[key] if key in self.factored else self.stored[key]
+
+    def held(self) -> list[torch.Tensor]:
+        """Every tensor this checkpoint keeps alive (shared base tensors included)."""
+        return [*self.stored.values(), *(t for w in self.factored.values() for t in (w.base, w.a, w.b))]
 
     def nbytes(self) -> int:
         seen, total = set(), 0
-        for t in self.tensors.values():
+        for t in self.held():
             ptr = t.untyped_storage().data_ptr()
             if ptr not in seen:
                 seen.add(ptr)
@@ -103,6 +144,29 @@ def check_tensors(source: str, config: PretrainedConfig, tensors: dict[str, torc
                 f"{source}: tensor {key} has shape {tuple(tensors[key].shape)}, "
                 f"the config implies {shape}"
             )
+
+
+def fuse_projections(tensors: dict[str, torch.Tensor], config: PretrainedConfig) -> None:
+    """Lay each layer's q/k/v and gate/up weights back to back in one buffer (in place), so the
+    engine runs each group as one matmul over the pool's own memory, without a fused copy."""
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        for group in (["q", "k", "v"], ["gate", "up"]):
+            keys = [p + (f"self_attn.{x}_proj.weight" if x in "qkv" else f"mlp.{x}_proj.weight") for x in group]
+            for key, view in zip(keys, fuse_in_place([tensors[k] for k in keys])):
+                tensors[key] = view
+
+
+def in_dtype(checkpoint: Checkpoint, dtype: torch.dtype) -> Checkpoint:
+    """The checkpoint with its floating-point tensors in `dtype`, q/k/v and gate/up kept back to back."""
+    if all(t.dtype == dtype for t in checkpoint.stored.values()):
+        return checkpoint
+    tied = checkpoint.stored.get("lm_head.weight") is checkpoint.stored.get("model.embed_tokens.weight")
+    checkpoint.stored = {k: t.to(dtype) if t.is_floating_point() else t for k, t in checkpoint.stored.items()}
+    if tied:
+        checkpoint.stored["lm_head.weight"] = checkpoint.stored["model.embed_tokens.weight"]
+    fuse_projections(checkpoint.stored, checkpoint.config)
+    return checkpoint
 
 
 def refuse_pickles(folder: Path, weights: list[Path]) -> None:

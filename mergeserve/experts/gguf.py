@@ -6,7 +6,9 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergeserve.experts.checkpoint import Checkpoint, CheckpointError, check_model_type, check_tensors
+from mergeserve.experts.checkpoint import (
+    Checkpoint, CheckpointError, check_model_type, check_tensors, fuse_projections,
+)
 
 
 def load_gguf(path: Path) -> Checkpoint:
@@ -25,4 +27,5 @@ def load_gguf(path: Path) -> Checkpoint:
     if config.tie_word_embeddings:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
     check_tensors(str(path), config, tensors)
+    fuse_projections(tensors, config)
     return Checkpoint(str(path), "gguf", config, tensors, tokenizer)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from mergeserve.experts.checkpoint import (
-    Checkpoint, CheckpointError, check_model_type, check_tensors, refuse_pickles,
+    Checkpoint, CheckpointError, check_model_type, check_tensors, fuse_projections, refuse_pickles,
 )
 
 
@@ -45,4 +45,5 @@ def load_hf_folder(folder: Path) -> Checkpoint:
     if "lm_head.weight" not in tensors and config.tie_word_embeddings:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
     check_tensors(str(folder), config, tensors)
+    fuse_projections(tensors, config)
     return Checkpoint(str(folder), "hf", config, tensors, load_tokenizer(folder))

@@ -1,29 +1,120 @@
-"""PEFT LoRA adapter folders, merged into dense weights over their base by peft itself.
+"""PEFT LoRA adapter folders, kept as their factors over the shared base.
 
-Tensors the adapter does not touch stay the base's tensors (same storage), so an
-adapter expert costs only the projections it changes.
+Each adapted projection becomes a LowRank: the base's own tensor plus A [r, in] and
+B [out, r] with the scaling (alpha / r, or alpha / sqrt(r) for rsLoRA; per-module rank
+and alpha patterns) folded into B. Ranks may differ between modules and adapters.
+Adapters using what a plain B·A cannot express (DoRA, LoRA biases, `modules_to_save`,
+trainable tokens, embedding LoRA) are merged into dense weights by peft itself, and a
+log line says why.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import re
 from pathlib import Path
 
 import torch
 from peft import PeftModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from mergeserve.composition import LowRank
 from mergeserve.experts.checkpoint import Checkpoint, CheckpointError, hf_module, refuse_pickles
+
+log = logging.getLogger(__name__)
+
+# Adapter keys look like base_model.model.<module>.lora_A.weight (peft drops the adapter name).
+FACTOR_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def is_peft_folder(folder: Path) -> bool:
     return (folder / "adapter_config.json").is_file()
 
 
-def load_peft_adapter(folder: Path, base: Checkpoint) -> Checkpoint:
+def load_peft_adapter(folder: Path, base: Checkpoint, merge: bool = False) -> Checkpoint:
+    """`merge`: materialise every adapter as dense weights (the dense path) instead of factors."""
     refuse_pickles(folder, sorted(folder.glob("adapter_model.safetensors")))
-    adapter_config = json.loads((folder / "adapter_config.json").read_text())
-    if adapter_config.get("peft_type") != "LORA":
-        raise CheckpointError(f"{folder}/adapter_config.json: peft_type {adapter_config.get('peft_type')!r}, only LORA is supported")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{folder}/adapter_config.json: peft_type {config.get('peft_type')!r}, only LORA is supported")
+    why = None if merge else unfactorable(config)
+    if merge or why:
+        if why:
+            log.info("%s: merged into dense weights, not kept as factors: %s", folder, why)
+        return merged_adapter(folder, base)
+    try:
+        raw = load_file(str(folder / "adapter_model.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{folder}/adapter_model.safetensors: not a readable safetensors file: {e}") from e
+    factored, extra = factors(folder, raw, config, base)
+    if extra:
+        log.info("%s: merged into dense weights, not kept as factors: it holds %s", folder, extra[0])
+        return merged_adapter(folder, base)
+    stored = {k: t for k, t in base.stored.items() if k not in factored}
+    return Checkpoint(str(folder), "peft", base.config, stored, base.tokenizer, factored)
+
+
+def unfactorable(config: dict) -> str | None:
+    """Why this adapter cannot stay B·A over the base, or None."""
+    if config.get("use_dora"):
+        return "DoRA rescales each weight's columns by a learned magnitude"
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        return "it trains biases"
+    if config.get("modules_to_save"):
+        return f"modules_to_save {config['modules_to_save']} are whole replaced modules"
+    if config.get("trainable_token_indices"):
+        return "it trains token embeddings"
+    if config.get("fan_in_fan_out"):
+        return "fan_in_fan_out layers"
+    if config.get("layer_replication"):
+        return "layer_replication changes the layer stack"
+    return None
+
+
+def factors(folder: Path, raw: dict[str, torch.Tensor], config: dict, base: Checkpoint) -> tuple[dict[str, LowRank], list[str]]:
+    """The adapter's LowRank weights by Hugging Face name, and any keys that are not plain projection factors."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    extra = []
+    for key, t in raw.items():
+        m = FACTOR_KEY.match(key)
+        if m is None or m["module"].rsplit(".", 1)[-1] not in PROJECTIONS:
+            extra.append(key)
+            continue
+        pairs.setdefault(m["module"], {})[m["which"]] = t
+    out = {}
+    for module, ab in pairs.items():
+        name = module + ".weight"
+        if set(ab) != {"A", "B"}:
+            raise CheckpointError(f"{folder}: {module} has lora_{''.join(ab)} but not both lora_A and lora_B")
+        if name not in base.stored:
+            raise CheckpointError(f"{folder}: adapts {module}, which the base {base.source} does not have")
+        w, a, b = base.stored[name], ab["A"], ab["B"]  # the factors keep the file's dtype
+        r = a.shape[0]
+        if a.shape != (r, w.shape[1]) or b.shape != (w.shape[0], r):
+            raise CheckpointError(
+                f"{folder}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+                f"which do not fit the base weight {tuple(w.shape)}"
+            )
+        out[name] = LowRank(w, a.contiguous(), b.contiguous(), scaling(config, module, r))
+    return out, extra
+
+
+def scaling(config: dict, module: str, r: int) -> float:
+    """alpha / r (alpha / sqrt(r) with rsLoRA), alpha from alpha_pattern where a pattern matches (as peft)."""
+    alpha = config.get("lora_alpha", 8)
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = value
+            break
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def merged_adapter(folder: Path, base: Checkpoint) -> Checkpoint:
+    """The adapter merged into dense weights by peft; untouched tensors stay the base's own."""
     try:
         model = PeftModel.from_pretrained(hf_module(base), str(folder))
         # safe_merge writes merged weights into new tensors instead of the shared base ones.
@@ -35,6 +126,6 @@ def load_peft_adapter(folder: Path, base: Checkpoint) -> Checkpoint:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
     # Share storage with the base wherever the adapter left a tensor unchanged.
     for key, t in tensors.items():
-        if key in base.tensors and t.data_ptr() != base.tensors[key].data_ptr() and torch.equal(t, base.tensors[key]):
-            tensors[key] = base.tensors[key]
+        if key in base.stored and t.data_ptr() != base.stored[key].data_ptr() and torch.equal(t, base.stored[key]):
+            tensors[key] = base.stored[key]
     return Checkpoint(str(folder), "peft", base.config, tensors, base.tokenizer)

@@ -10,22 +10,33 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
-from mergeserve.experts.checkpoint import Checkpoint, CheckpointError, check_same_arch
+import torch
+
+from mergeserve.experts.checkpoint import Checkpoint, CheckpointError, check_same_arch, in_dtype
 from mergeserve.experts.gguf import load_gguf
 from mergeserve.experts.hf_folder import load_hf_folder
 from mergeserve.experts.peft_adapter import is_peft_folder, load_peft_adapter
 
 
 class ExpertPool:
-    def __init__(self, roots: list[str | Path] | None = None, max_file_bytes: int | None = None) -> None:
+    def __init__(
+        self, roots: list[str | Path] | None = None, max_file_bytes: int | None = None,
+        lora: Literal["factored", "merged"] = "factored", dtype: torch.dtype = torch.float32,
+    ) -> None:
         """`roots`: when given, every source (and every file inside a folder source, symlinks
         followed) must lie under one of these folders; None loads from anywhere.
-        `max_file_bytes`: refuse sources holding a larger file."""
+        `max_file_bytes`: refuse sources holding a larger file.
+        `lora`: keep LoRA adapters as their factors (the default) or merge them into dense weights.
+        `dtype`: what checkpoints are held in unless `get` asks for another (LoRA factors keep their file's)."""
         self.roots = [Path(r).resolve() for r in roots] if roots is not None else None
         self.max_file_bytes = max_file_bytes
-        self._loaded: dict[tuple[str, str | None], Checkpoint] = {}
-        self._owners: dict[tuple[str, str | None], set[str]] = {}  # claimed checkpoints -> who uses them
+        self.lora = lora
+        self.dtype = dtype
+        # (source, base of an adapter, dtype) -> the checkpoint
+        self._loaded: dict[tuple[str, str | None, torch.dtype], Checkpoint] = {}
+        self._owners: dict[tuple[str, str | None, torch.dtype], set[str]] = {}  # claimed checkpoints -> who uses them
         self._claim = threading.local()  # the owner a build on this thread loads for
         # Builds may run off the request path; one lock keeps a source from loading twice.
         self._lock = threading.RLock()
@@ -50,21 +61,22 @@ class ExpertPool:
                     freed.append(self._loaded.pop(key).source)
             return freed
 
-    def get(self, source: str, base: str | None = None) -> Checkpoint:
-        """The checkpoint at `source`; `base` is the base a PEFT adapter applies to."""
+    def get(self, source: str, base: str | None = None, dtype: torch.dtype | None = None) -> Checkpoint:
+        """The checkpoint at `source` in `dtype` (default: the pool's); `base` is the base a PEFT adapter applies to."""
         self.check_allowed(Path(source))
         path = Path(source).resolve()
-        key = (str(path), str(Path(base).resolve()) if base and is_peft_folder(path) else None)
+        dtype = dtype or self.dtype
+        key = (str(path), str(Path(base).resolve()) if base and is_peft_folder(path) else None, dtype)
         with self._lock:
             if key not in self._loaded:
-                self._loaded[key] = self._load(path, key[1])
+                self._loaded[key] = self._load(path, key[1], dtype)
             if (owner := getattr(self._claim, "owner", None)) is not None:
                 self._owners.setdefault(key, set()).add(owner)
             return self._loaded[key]
 
-    def get_expert(self, source: str, base: str) -> Checkpoint:
+    def get_expert(self, source: str, base: str, dtype: torch.dtype | None = None) -> Checkpoint:
         """An expert for a composition over `base`: loaded, and checked to share its architecture."""
-        expert, base_ckpt = self.get(source, base), self.get(base)
+        expert, base_ckpt = self.get(source, base, dtype), self.get(base, dtype=dtype)
         check_same_arch(expert.source, expert.config, base_ckpt.source, base_ckpt.config)
         return expert
 
@@ -85,28 +97,28 @@ class ExpertPool:
                     f"{path}{where}: resolves to {real}, outside the allowed source roots {[str(r) for r in self.roots]}"
                 )
 
-    def _load(self, path: Path, base: str | None) -> Checkpoint:
+    def _load(self, path: Path, base: str | None, dtype: torch.dtype) -> Checkpoint:
         if not path.exists():
             raise CheckpointError(f"{path}: no such file or folder")
         if path.is_file():
             if path.suffix == ".gguf":
-                return load_gguf(path)
+                return in_dtype(load_gguf(path), dtype)
             raise CheckpointError(f"{path}: a single file source must be .gguf (folders hold safetensors checkpoints)")
         if is_peft_folder(path):
             if base is None:
                 raise CheckpointError(f"{path}: a PEFT adapter needs a base")
-            return load_peft_adapter(path, self.get(base))
-        return load_hf_folder(path)
+            return load_peft_adapter(path, self.get(base, dtype=dtype), merge=self.lora == "merged")
+        return in_dtype(load_hf_folder(path), dtype)
 
     def storage_ptrs(self) -> set[int]:
         """Where the loaded checkpoints' tensors live, to tell shared memory from a composition's own."""
         with self._lock:
-            return {t.untyped_storage().data_ptr() for c in self._loaded.values() for t in c.tensors.values()}
+            return {t.untyped_storage().data_ptr() for c in self._loaded.values() for t in c.held()}
 
     def sources(self) -> list[dict[str, object]]:
         with self._lock:
             return [
-                {"source": c.source, "base": key[1], "kind": c.kind, "bytes": c.nbytes(),
+                {"source": c.source, "base": key[1], "dtype": str(key[2]).removeprefix("torch."), "kind": c.kind, "bytes": c.nbytes(),
                  "model_type": c.config.model_type, "used_by": sorted(self._owners.get(key, ()))}
                 for key, c in self._loaded.items()
             ]

@@ -8,7 +8,7 @@ import torch
 
 from mergeserve.export.dense import export_dense
 from mergeserve.export.mixtral import export_mixtral
-from mergeserve.merge.composed import ComposedModel
+from mergeserve.composition import ComposedModel
 
 __all__ = ["export_composition", "export_dense", "export_mixtral", "export_spec"]
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import GenerationConfig, PretrainedConfig
 
-from mergeserve.merge.composed import ComposedModel
+from mergeserve.composition import ComposedModel, Weight, dense
 
 DEFAULT_SHARD_BYTES = 1 << 30
 
@@ -26,10 +26,11 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def write_safetensors(
-    out_dir: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+    out_dir: Path, tensors: dict[str, Weight], dtype: torch.dtype,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> list[Path]:
-    """Save `tensors` (views allowed, storage may be shared) as model*.safetensors in `out_dir`.
+    """Save `tensors` (views allowed, storage may be shared; LoRA factors are made dense here)
+    as model*.safetensors in `out_dir`.
 
     Only one shard is materialised at a time; more than one shard also writes the
     `model.safetensors.index.json` that transformers and vLLM read.
@@ -37,7 +38,7 @@ def write_safetensors(
     shards: list[list[str]] = [[]]
     size = 0
     for key, t in tensors.items():
-        nbytes = t.numel() * dtype.itemsize
+        nbytes = t.shape.numel() * dtype.itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -48,12 +49,12 @@ def write_safetensors(
     weight_map: dict[str, str] = {}
     for name, keys in zip(names, shards):
         # copy=True: pool tensors are shared between experts and safetensors refuses shared storage.
-        part = {k: tensors[k].detach().to(dtype=dtype, copy=True).contiguous() for k in keys}
+        part = {k: dense(tensors[k]).detach().to(dtype=dtype, copy=True).contiguous() for k in keys}
         save_file(part, str(out_dir / name), metadata={"format": "pt"})
         weight_map |= dict.fromkeys(keys, name)
         del part
     if n > 1:
-        total = sum(t.numel() * dtype.itemsize for t in tensors.values())
+        total = sum(t.shape.numel() * dtype.itemsize for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return [out_dir / name for name in names]
@@ -64,7 +65,7 @@ def is_tied(composed: ComposedModel) -> bool:
     return composed.lm_head is composed.embed or torch.equal(composed.lm_head, composed.embed)
 
 
-def shared_tensors(composed: ComposedModel, tied: bool, biases: bool = False) -> dict[str, torch.Tensor]:
+def shared_tensors(composed: ComposedModel, tied: bool, biases: bool = False) -> dict[str, Weight]:
     """Embedding, final norm, head and per-layer attention and norms, by Hugging Face name."""
     out = {"model.embed_tokens.weight": composed.embed, "model.norm.weight": composed.norm}
     if not tied:

@@ -14,7 +14,7 @@ from transformers import MixtralConfig, PretrainedConfig
 
 from mergeserve.experts.checkpoint import head_dim
 from mergeserve.export.hf import DEFAULT_SHARD_BYTES, is_tied, parse_dtype, shared_tensors, write_checkpoint
-from mergeserve.merge.composed import ComposedModel
+from mergeserve.composition import ComposedModel
 
 
 def check_mixtral(composed: ComposedModel) -> None:

@@ -1,5 +1,8 @@
-"""Batched expert dispatch: route tokens, group them by expert, one matmul per expert group."""
+"""Batched expert dispatch: route tokens, then run dense experts grouped by expert
+(moe_dispatch.py) and LoRA experts over one base through the LoRA-expert kernel (lora_moe.py)."""
 
-from mergeserve.kernels.moe_dispatch import expert_mlp, moe_ffn, route
+from mergeserve.kernels.lora_moe import LoraExperts, lora_moe_ffn
+from mergeserve.kernels.lowrank import linear
+from mergeserve.kernels.moe_dispatch import FusedFFN, expert_mlp, moe_ffn, route
 
-__all__ = ["expert_mlp", "moe_ffn", "route"]
+__all__ = ["FusedFFN", "LoraExperts", "expert_mlp", "linear", "lora_moe_ffn", "moe_ffn", "route"]

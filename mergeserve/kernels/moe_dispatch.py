@@ -1,15 +1,34 @@
 """Torch reference MoE dispatch ("align tokens by expert, grouped matmul, weighted sum").
 
 The Python loop runs over experts, never over tokens: each expert sees one
-contiguous block of the tokens routed to it.
+contiguous block of the tokens routed to it. This is the path for dense experts (full
+fine-tunes); LoRA experts over one base run in lora_moe.py.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from mergeserve.merge.composed import ExpertFFN
+from mergeserve.composition import ExpertFFN, Weight, fuse
+from mergeserve.kernels.lowrank import linear, prepared
+
+
+@dataclass(eq=False)
+class FusedFFN:
+    """An FFN as the engine runs it: gate and up as one [2I, D] matmul where they can be."""
+
+    gate_up: Weight | None  # None: gate and up do not lie back to back; run them apart
+    gate: Weight
+    up: Weight
+    down: Weight
+
+    @classmethod
+    def of(cls, e: ExpertFFN) -> FusedFFN:
+        gate, up, down = (prepared(w) for w in (e.gate_proj, e.up_proj, e.down_proj))
+        return cls(fuse([gate, up]), gate, up, down)
 
 
 def route(
@@ -21,7 +40,7 @@ def route(
     absolute: logits are |x · row| (ComposedModel.router_abs), taken before the bias.
     Returns weights [T, k] and expert ids [T, k].
     """
-    logits = F.linear(x, router)  # [T, E]
+    logits = F.linear(x.to(router.dtype), router)  # [T, E], at the router's precision (fp32)
     if absolute:
         logits = logits.abs()
     if bias is not None:
@@ -31,24 +50,26 @@ def route(
     return weights / weights.sum(dim=-1, keepdim=True), ids
 
 
-def expert_mlp(x: torch.Tensor, e: ExpertFFN) -> torch.Tensor:
-    return F.linear(F.silu(F.linear(x, e.gate_proj)) * F.linear(x, e.up_proj), e.down_proj)
+def expert_mlp(x: torch.Tensor, e: FusedFFN) -> torch.Tensor:
+    if e.gate_up is not None:
+        g, u = linear(x, e.gate_up).chunk(2, dim=-1)
+    else:
+        g, u = linear(x, e.gate), linear(x, e.up)
+    return linear(F.silu(g) * u, e.down)
 
 
-def moe_ffn(
-    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: list[ExpertFFN],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, D], weights/ids [T, k] -> output [T, D] and tokens per expert [E].
+def moe_ffn(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: list[FusedFFN]) -> torch.Tensor:
+    """x [T, D], weights/ids [T, k] -> output [T, D].
 
-    A pick of weight 0 runs nothing and is not counted: top-k fills its slots with
-    experts a request excluded (or a row of a sequence router with fewer choices).
+    A pick of weight 0 runs nothing: top-k fills its slots with experts a request
+    excluded (or a row of a sequence router with fewer choices), and a composition
+    mixing LoRA and dense experts sends the LoRA picks elsewhere with weight 0 here.
     """
     k, n_experts = ids.shape[1], len(experts)
     w = weights.reshape(-1)  # [T*k]
     flat = ids.reshape(-1).masked_fill(w == 0, n_experts)  # [T*k]; weight 0 -> past the last expert
     order = torch.argsort(flat, stable=True)  # assignments grouped by expert, the weight-0 ones last
-    counts = torch.bincount(flat, minlength=n_experts + 1)[:n_experts]  # [E]
-    sizes = counts.tolist()
+    sizes = torch.bincount(flat, minlength=n_experts + 1)[:n_experts].tolist()  # the one host sync
     live = order[: sum(sizes)]  # [A] the assignments that run
     token = live // k  # [A] token of each grouped assignment
     xs = x.index_select(0, token)  # [A, D]
@@ -59,4 +80,5 @@ def moe_ffn(
             out[start:start + n] = expert_mlp(xs[start:start + n], experts[e])
             start += n
     out.mul_(w[live].unsqueeze(1))
-    return torch.zeros_like(x).index_add_(0, token, out), counts
+    return torch.zeros_like(x).index_add_(0, token, out)
+

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mergeserve.experts import ExpertPool
-from mergeserve.merge.composed import ComposedModel
+from mergeserve.composition import ComposedModel
 from mergeserve.spec import CompositionSpec
 
 

@@ -1,19 +1,31 @@
-"""Weighted averages of tensors, reusing storage where every source already agrees."""
+"""Weighted averages of weights, reusing storage where every source already agrees."""
 
 from __future__ import annotations
 
 import torch
 
+from mergeserve.composition import LowRank, Weight
 
-def mean(tensors: list[torch.Tensor], weights: list[float] | None = None) -> torch.Tensor:
-    """Weighted elementwise mean (weights normalised to sum 1); the first tensor itself,
-    uncopied, when all are the same storage."""
-    first = tensors[0]
-    if all(t.data_ptr() == first.data_ptr() and t.shape == first.shape for t in tensors):
-        return first
-    weights = weights or [1.0] * len(tensors)
+
+def mean(ws: list[Weight], weights: list[float] | None = None) -> torch.Tensor:
+    """Weighted elementwise mean (weights normalised to sum 1).
+
+    The first tensor itself, uncopied, when all are the same storage; LoRA experts over one
+    base average as base + sum_i w_i B_i A_i, one matmul over their stacked factors.
+    """
+    weights = weights or [1.0] * len(ws)
     total = sum(weights)
-    out = first * (weights[0] / total)
-    for t, w in zip(tensors[1:], weights[1:]):
-        out.add_(t, alpha=w / total)
+    bases = [w.base if isinstance(w, LowRank) else w for w in ws]
+    first = bases[0]
+    if all(t.data_ptr() == first.data_ptr() and t.shape == first.shape for t in bases):
+        low = [(w, c / total) for w, c in zip(ws, weights) if isinstance(w, LowRank)]
+        if not low:
+            return first
+        b = torch.cat([w.scaled_b(first.dtype) * c for w, c in low], dim=1)  # [out, sum r]
+        a = torch.cat([w.a.to(first.dtype) for w, _ in low])  # [sum r, in]
+        return torch.addmm(first, b, a)
+    dense = [w.dense() if isinstance(w, LowRank) else w for w in ws]
+    out = dense[0] * (weights[0] / total)
+    for t, c in zip(dense[1:], weights[1:]):
+        out.add_(t, alpha=c / total)
     return out

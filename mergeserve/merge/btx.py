@@ -11,8 +11,9 @@ from collections.abc import Callable
 import torch
 
 from mergeserve.experts import Checkpoint, CheckpointError, ExpertPool
+from mergeserve.kernels.capability import resolve_dtype
 from mergeserve.merge.average import mean
-from mergeserve.merge.composed import Attention, ComposedModel, ExpertFFN, Layer
+from mergeserve.composition import Attention, ComposedModel, ExpertFFN, Layer, fuse_in_place
 from mergeserve.router import init_router
 from mergeserve.spec import CompositionSpec
 
@@ -22,7 +23,7 @@ MergeFn = Callable[[str], torch.Tensor]
 
 def build(spec: CompositionSpec, pool: ExpertPool) -> ComposedModel:
     base, experts = load_experts(spec, pool)
-    return build_moe(spec, base, experts, lambda key: mean([e.tensors[key] for e in experts]))
+    return build_moe(spec, base, experts, lambda key: mean([e.weight(key) for e in experts]))
 
 
 def build_moe(spec: CompositionSpec, base: Checkpoint, experts: list[Checkpoint], shared: MergeFn) -> ComposedModel:
@@ -34,10 +35,11 @@ def build_moe(spec: CompositionSpec, base: Checkpoint, experts: list[Checkpoint]
 
 
 def load_experts(spec: CompositionSpec, pool: ExpertPool) -> tuple[Checkpoint, list[Checkpoint]]:
-    base = pool.get(spec.base)
+    dtype = resolve_dtype(spec.dtype) if spec.dtype else None  # None: the pool's
+    base = pool.get(spec.base, dtype=dtype)
     if base.tokenizer is None:
         raise CheckpointError(f"{base.source}: the base has no tokenizer files")
-    return base, [pool.get_expert(e.source, e.base or spec.base) for e in spec.experts]
+    return base, [pool.get_expert(e.source, e.base or spec.base, dtype) for e in spec.experts]
 
 
 def compose(
@@ -50,14 +52,10 @@ def compose(
     layers = []
     for n in range(base.config.num_hidden_layers):
         p = f"model.layers.{n}."
-        attn = Attention(
-            *(shared(p + f"self_attn.{x}_proj.weight") for x in "qkvo"),
-            *(optional(p + f"self_attn.{x}_proj.bias") for x in "qkv"),
-        )
-        ffns = [
-            ExpertFFN(*(e.tensors[p + f"mlp.{x}_proj.weight"] for x in ("gate", "up", "down")))
-            for e in experts
-        ]
+        q, k, v = fuse_in_place([shared(p + f"self_attn.{x}_proj.weight") for x in "qkv"])  # one qkv matmul, no copy
+        attn = Attention(q, k, v, shared(p + "self_attn.o_proj.weight"), *(optional(p + f"self_attn.{x}_proj.bias") for x in "qkv"))
+        # The pool's own tensors, or a LoRA expert's factors over the base: never a dense copy.
+        ffns = [ExpertFFN(*(e.weight(p + f"mlp.{x}_proj.weight") for x in ("gate", "up", "down"))) for e in experts]
         layers.append(Layer(shared(p + "input_layernorm.weight"), attn, shared(p + "post_attention_layernorm.weight"), ffns))
     embed = shared("model.embed_tokens.weight")
     lm_head = embed if base.config.tie_word_embeddings else shared("lm_head.weight")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from mergeserve.experts import ExpertPool
 from mergeserve.merge.btx import compose, load_experts
-from mergeserve.merge.composed import ComposedModel, ExpertFFN
+from mergeserve.composition import ComposedModel, ExpertFFN, fuse_in_place
 from mergeserve.merge.methods import merge_tensor
 from mergeserve.spec import CompositionSpec
 
@@ -24,6 +24,7 @@ def build(spec: CompositionSpec, pool: ExpertPool) -> ComposedModel:
     # compose() takes each expert's FFN as is; a dense model has one, merged like the rest.
     composed = compose(spec.name, base, experts[:1], [spec.name], 1, merged)
     for n, layer in enumerate(composed.layers):
-        layer.experts = [ExpertFFN(*(merged(f"model.layers.{n}.mlp.{x}_proj.weight") for x in ("gate", "up", "down")))]
+        gate, up = fuse_in_place([merged(f"model.layers.{n}.mlp.{x}_proj.weight") for x in ("gate", "up")])
+        layer.experts = [ExpertFFN(gate, up, merged(f"model.layers.{n}.mlp.down_proj.weight"))]
     composed.sources = [spec.base] + [e.source for e in spec.experts]
     return composed

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from mergeserve.experts import ExpertPool
 from mergeserve.merge.btx import build_moe, load_experts
-from mergeserve.merge.composed import ComposedModel
+from mergeserve.composition import ComposedModel
 from mergeserve.merge.methods import merge_tensor
 from mergeserve.spec import CompositionSpec
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mergeserve.experts import Checkpoint
-from mergeserve.merge.composed import ComposedModel
+from mergeserve.composition import ComposedModel
 from mergeserve.spec import CompositionSpec
 
 
@@ -46,7 +46,7 @@ def init_router(
 
         rows = load_rows(composed, spec.router.weights)
     for layer, r in zip(composed.layers, rows):
-        layer.router = r
+        layer.router = r.float()  # routing runs in fp32 whatever the weights: top-k is sensitive to rounding
 
 
 def zero_rows(composed: ComposedModel) -> list[torch.Tensor]:

@@ -1,8 +1,9 @@
 """`arrow` gate init (Ostapenko et al. 2024): training-free, from the experts' weights alone.
 
 An expert's prototype in a layer is the top right singular vector v of its weight delta,
-the direction of router-input space that its fine-tune changes most. LoRA adapters reach
-the pool merged into full weights, so the delta is expert - base, which equals B·A.
+the direction of router-input space that its fine-tune changes most. For a LoRA expert the
+delta is B·A, and its SVD comes from a QR of each factor (no dense delta is formed); for a
+dense expert it is expert - base.
 gate_proj and up_proj both read the router input x [D] (down_proj reads the [I] state,
 so it has no say); their deltas are stacked as one fused input projection [Δgate; Δup]
 [2I, D], so v maximises |Δgate x|² + |Δup x|² over unit x, and an adapter on only one
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from mergeserve.experts import Checkpoint
-from mergeserve.merge.composed import ComposedModel, Layer
+from mergeserve.composition import ComposedModel, Layer, LowRank, dense, fuse
 from mergeserve.spec import CompositionSpec
 
 # Randomised SVD subspace: exact for deltas of rank <= 32 (rank-16 LoRA on gate and up).
@@ -42,7 +43,14 @@ def _prototypes(layer: Layer, base: Checkpoint, n: int) -> torch.Tensor:
     """Each expert's prototype in layer `n`: [E, D]."""
     p = f"model.layers.{n}.mlp."
     base_in = torch.cat([base.tensors[p + "gate_proj.weight"], base.tensors[p + "up_proj.weight"]])  # [2I, D]
-    return torch.stack([prototype(torch.cat([e.gate_proj, e.up_proj]) - base_in, base_in) for e in layer.experts])
+    out = []
+    for e in layer.experts:
+        fused = fuse([e.gate_proj, e.up_proj], copy=True)  # [Δgate; Δup] = B' A' for a LoRA expert
+        if isinstance(fused, LowRank) and fused.base.data_ptr() == base.tensors[p + "gate_proj.weight"].data_ptr():
+            out.append(factor_prototype(fused.a, fused.b, base_in))
+        else:
+            out.append(prototype(dense(fused) - base_in, base_in))
+    return torch.stack(out)
 
 
 def prototype(delta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -51,3 +59,16 @@ def prototype(delta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         return torch.zeros(delta.shape[1])
     _, _, v = torch.svd_lowrank(delta, q=min(SUBSPACE, *delta.shape), niter=POWER_ITERS)
     return v[:, 0]  # [D]
+
+
+def factor_prototype(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Top right singular vector of delta = b @ a ([out, r] @ [r, D]) from its factors, exactly:
+    a^T = Qa Ra and b = Qb Rb give delta = Qb (Rb Ra^T) Qa^T, so the SVD of the small
+    r x r middle, U S V^T, gives delta's right singular vectors as Qa V."""
+    a, b = a.double(), b.double()
+    qa, ra = torch.linalg.qr(a.T)  # [D, r], [r, r]
+    qb, rb = torch.linalg.qr(b)  # [out, r], [r, r]
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    if s.numel() == 0 or s[0] <= ZERO_DELTA * base.double().norm():
+        return torch.zeros(a.shape[1])
+    return (qa @ vh[0]).float()  # [D]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mergeserve.merge.composed import ComposedModel
+from mergeserve.composition import ComposedModel
 from mergeserve.router.hidden import calibration_model, router_inputs
 from mergeserve.spec import CompositionSpec
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from mergeserve.engine.model import Batch, Transformer
-from mergeserve.merge.composed import ComposedModel
+from mergeserve.composition import ComposedModel
 from mergeserve.router import zero_rows
 from mergeserve.spec import CompositionSpec
 

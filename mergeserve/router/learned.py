@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mergeserve.experts import CheckpointError
-from mergeserve.merge.composed import ComposedModel
+from mergeserve.composition import ComposedModel
 
 log = logging.getLogger(__name__)
 

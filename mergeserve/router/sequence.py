@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mergeserve.experts import Checkpoint
-from mergeserve.merge.composed import Attention, ComposedModel, ExpertFFN, Layer
+from mergeserve.composition import Attention, ComposedModel, ExpertFFN, Layer
 from mergeserve.spec import CompositionSpec
 
 HEAD_CHUNK = 1024  # tokens per [chunk, V] logits block when scoring
@@ -87,13 +87,14 @@ def attach_sequence_router(
 
 
 def own_layer(expert: Checkpoint, n: int) -> Layer:
-    """Decoder layer n of `expert` as a dense Layer of the pool's tensors (no copy)."""
-    t, p = expert.tensors, f"model.layers.{n}."
+    """Decoder layer n of `expert` as a dense Layer of the pool's tensors (a LoRA expert's as
+    factors over the base: no copy either way)."""
+    t, w, p = expert.stored, expert.weight, f"model.layers.{n}."
     attn = Attention(
-        *(t[p + f"self_attn.{x}_proj.weight"] for x in "qkvo"),
+        *(w(p + f"self_attn.{x}_proj.weight") for x in "qkvo"),
         *(t.get(p + f"self_attn.{x}_proj.bias") for x in "qkv"),
     )
-    ffn = ExpertFFN(*(t[p + f"mlp.{x}_proj.weight"] for x in ("gate", "up", "down")))
+    ffn = ExpertFFN(*(w(p + f"mlp.{x}_proj.weight") for x in ("gate", "up", "down")))
     return Layer(t[p + "input_layernorm.weight"], attn, t[p + "post_attention_layernorm.weight"], [ffn])
 
 
@@ -157,6 +158,6 @@ def token_nll(hidden: torch.Tensor, lm_head: torch.Tensor, targets: torch.Tensor
     """-log p(target) of each token, [N], computing the [N, V] logits a chunk at a time."""
     out = []
     for start in range(0, hidden.shape[0], HEAD_CHUNK):
-        logits = F.linear(hidden[start:start + HEAD_CHUNK], lm_head)  # [chunk, V]
+        logits = F.linear(hidden[start:start + HEAD_CHUNK], lm_head).float()  # [chunk, V]
         out.append(F.cross_entropy(logits, targets[start:start + HEAD_CHUNK], reduction="none"))
     return torch.cat(out) if out else hidden.new_zeros(0)

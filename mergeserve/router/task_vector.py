@@ -42,10 +42,39 @@ def routed_keys(num_layers: int) -> list[str]:
     return [f"model.layers.{n}.{p}.weight" for n in range(num_layers) for p in PROJECTIONS]
 
 
-def tau(expert: Checkpoint, base: Checkpoint, key: str) -> torch.Tensor | None:
-    """tau = W_expert - W_base for one weight; None where the expert shares the base's tensor."""
+def tau(expert: Checkpoint, base: Checkpoint, key: str) -> Tau | None:
+    """tau = W_expert - W_base for one weight: a LoRA expert's factors (scale B, A), else the
+    dense difference; None where the expert shares the base's tensor."""
+    if key in expert.factored:
+        w = expert.factored[key]
+        return w.scaled_b(torch.float32), w.a.float()
     w, w0 = expert.tensors[key], base.tensors[key]
     return None if w.data_ptr() == w0.data_ptr() else w - w0
+
+
+# A task vector: a dense [Dout, Din] tensor, or low-rank factors (b [Dout, r], a [r, Din]) meaning b @ a.
+Tau = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def tau_sq_norm(t: Tau) -> torch.Tensor:
+    if isinstance(t, tuple):
+        b, a = (x.double() for x in t)
+        return ((b.T @ b) * (a @ a.T)).sum()  # |b a|_F^2 = tr(a^T b^T b a)
+    return t.double().pow(2).sum()
+
+
+def tau_apply(x: torch.Tensor, t: Tau) -> torch.Tensor:
+    """x tau^T, [..., Dout]."""
+    if isinstance(t, tuple):
+        return F.linear(F.linear(x, t[1]), t[0])
+    return F.linear(x, t)
+
+
+def tau_inner(g: torch.Tensor, t: Tau) -> torch.Tensor:
+    """<g_b, tau> for g [B, Dout, Din], [B]."""
+    if isinstance(t, tuple):
+        return ((g @ t[1].T) * t[0]).sum((1, 2))  # <g, b a> = <g a^T, b>
+    return (g * t).sum((1, 2))
 
 
 def tau_norms(base: Checkpoint, experts: list[Checkpoint]) -> torch.Tensor:
@@ -55,20 +84,20 @@ def tau_norms(base: Checkpoint, experts: list[Checkpoint]) -> torch.Tensor:
     for i, e in enumerate(experts):
         for key in keys:
             if (t := tau(e, base, key)) is not None:
-                sq[i] += t.double().pow(2).sum()
+                sq[i] += tau_sq_norm(t)
     return sq.sqrt().float()
 
 
-def linear_grad_stats(x: torch.Tensor, delta: torch.Tensor, taus: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_grad_stats(x: torch.Tensor, delta: torch.Tensor, taus: list[Tau | None]) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, T, Din], delta [B, T, Dout] -> <g_b, tau_i> [B, E] and |g_b|^2 [B] for one weight."""
     b, t, _ = x.shape
     zero = x.new_zeros(b)
     if t * t <= delta.shape[2] * x.shape[2]:
-        dots = [zero if tau is None else (delta * F.linear(x, tau)).sum((1, 2)) for tau in taus]
+        dots = [zero if tau is None else (delta * tau_apply(x, tau)).sum((1, 2)) for tau in taus]
         gram_x, gram_d = x @ x.transpose(1, 2), delta @ delta.transpose(1, 2)  # [B, T, T]
         return torch.stack(dots, dim=1), (gram_x * gram_d).sum((1, 2))
     g = delta.transpose(1, 2) @ x  # [B, Dout, Din]: each prompt's own gradient
-    dots = [zero if tau is None else (g * tau).sum((1, 2)) for tau in taus]
+    dots = [zero if tau is None else tau_inner(g, tau) for tau in taus]
     return torch.stack(dots, dim=1), g.pow(2).sum((1, 2))
 
 

@@ -21,7 +21,7 @@ from transformers.initialization import no_init_weights
 from mergeserve.experts import ExpertPool
 from mergeserve.export.mixtral import check_mixtral, mixtral_config, mixtral_tensors
 from mergeserve.merge import build
-from mergeserve.merge.composed import ComposedModel
+from mergeserve.composition import ComposedModel, dense
 from mergeserve.router.learned import save_rows
 from mergeserve.spec import SpecError, load_composition
 from mergeserve.zoo.splits import pack, read_jsonl
@@ -139,7 +139,7 @@ def _fused_state_dict(composed: ComposedModel) -> dict[str, torch.Tensor]:
     for n, layer in enumerate(composed.layers):
         p, e = f"model.layers.{n}.", range(len(layer.experts))
         out[p + "mlp.gate.weight"] = layer.router.detach().clone()
-        w = {x: [hub[p + f"block_sparse_moe.experts.{i}.{x}.weight"] for i in e] for x in ("w1", "w2", "w3")}
+        w = {x: [dense(hub[p + f"block_sparse_moe.experts.{i}.{x}.weight"]) for i in e] for x in ("w1", "w2", "w3")}
         out[p + "mlp.experts.gate_up_proj"] = torch.stack([torch.cat(gu) for gu in zip(w["w1"], w["w3"])])  # [E, 2I, D]
         out[p + "mlp.experts.down_proj"] = torch.stack(w["w2"])  # [E, D, I]
     return out

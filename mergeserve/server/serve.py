@@ -9,6 +9,7 @@ import uvicorn
 
 from mergeserve.engine.executor import Executor
 from mergeserve.experts import ExpertPool
+from mergeserve.kernels.capability import resolve_dtype
 from mergeserve.server.app import create_app
 from mergeserve.server.auth import Auth
 from mergeserve.server.builder import Builder
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 def start(config: ServeConfig) -> tuple[Registry, Builder, Executor]:
     """Everything but HTTP: the registry, serving what the state dir saved (else the config's compositions)."""
     registry, executor = Registry(), Executor()
-    pool = ExpertPool(config.source_roots or None, config.max_source_file_bytes)
+    pool = ExpertPool(config.source_roots or None, config.max_source_file_bytes, config.lora, resolve_dtype(config.dtype))
     store = StateStore(config.state_dir) if config.state_dir else None
     builder = Builder(registry, pool, executor, config.engine, store)
     builder.restore(config.compositions)

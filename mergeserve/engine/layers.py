@@ -1,0 +1,105 @@
+"""The transformer's building blocks that every forward shares: the batch layout, RMS norm,
+rotary embeddings and attention over the KV cache. Model, sequence routers and router
+calibration import these; this module imports nothing from merge, router or engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mergeserve.composition import Weight
+from mergeserve.kernels.lowrank import linear
+
+__all__ = ["Batch", "attention", "linear", "rms_norm", "rope"]
+
+
+@dataclass
+class Batch:
+    """Where the tokens of one forward sit: per row a cache slot and the positions of its tokens.
+
+    Rows may be right-padded: row b holds lengths[b] real tokens, and its padding repeats
+    the last real position (so it adds no keys) and writes its keys to the scratch slot.
+    """
+
+    tokens: torch.Tensor  # [B, T]
+    positions: torch.Tensor  # [B, T]
+    slots: torch.Tensor | None  # [B]; None runs without a cache (whole sequences, causal)
+    router_bias: torch.Tensor | None = None  # [real tokens, E] added to every MoE layer's router logits
+    lengths: torch.Tensor | None = None  # [B]; None: no padding
+    alpha: torch.Tensor | None = None  # [B, E] each row's expert weights under a sequence router
+    # Keys each row attends over, max position + 1; given by callers that know it (no host sync).
+    key_len: int | None = None
+    # The rows' slots are first_slot, first_slot + 1, ...: the cache is read as a view, not copied.
+    first_slot: int | None = None
+
+    @classmethod
+    def right_padded(
+        cls, sequences: list[list[int]], router_bias: torch.Tensor | None = None, alpha: torch.Tensor | None = None,
+    ) -> Batch:
+        """Whole sequences from position 0, padded on the right, for a forward without cache."""
+        width = max(len(s) for s in sequences)
+        tokens = torch.tensor([s + [0] * (width - len(s)) for s in sequences])  # [B, T]
+        lengths = torch.tensor([len(s) for s in sequences])
+        return cls(tokens, torch.arange(width).expand_as(tokens), None, router_bias, lengths, alpha, key_len=width)
+
+    def real(self) -> torch.Tensor | None:
+        """Which tokens are not padding, [B, T]; None when none are."""
+        if self.lengths is None:
+            return None
+        return torch.arange(self.tokens.shape[1]) < self.lengths.unsqueeze(1)
+
+    def write_slots(self, scratch: int) -> torch.Tensor:
+        """Cache slot of every token, [B, T]: the row's own, or `scratch` for padding."""
+        slots = self.slots.unsqueeze(1).expand_as(self.tokens)
+        real = self.real()
+        return slots if real is None else torch.where(real, slots, scratch)
+
+    def num_keys(self) -> int:
+        return self.key_len if self.key_len is not None else int(self.positions.max()) + 1
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor | None:
+        """Boolean [B, 1, T, S]: query at position p sees keys at positions j <= p (within the window).
+        None where every query sees every key (one row decoding one token): attention needs no mask."""
+        b, t = self.tokens.shape
+        if b == 1 and t == 1 and not sliding_window:
+            return None
+        keys = torch.arange(self.num_keys())  # [S]
+        q = self.positions.unsqueeze(-1)  # [B, T, 1]
+        allowed = keys <= q
+        if sliding_window:
+            allowed &= keys > q - sliding_window
+        return allowed.unsqueeze(1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, Dh], cos/sin [B, 1, T, Dh]."""
+    return x * cos + rotate_half(x) * sin
+
+
+def attention(
+    x: torch.Tensor, qkv: Weight, bias: torch.Tensor | None, o_proj: Weight, shape: tuple[int, int, int],
+    cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, batch: Batch, cache, layer: int,
+) -> torch.Tensor:
+    """Self-attention of x [B, T, D] with fused q/k/v projections; keys and values go through
+    `cache` (a KVCache, layer `layer`) when given. shape: (heads, kv heads, head dim)."""
+    n_heads, n_kv, dh = shape
+    b, t, _ = x.shape
+    qkv_out = linear(x, qkv, bias).view(b, t, n_heads + 2 * n_kv, dh).transpose(1, 2)  # [B, H + 2 KVH, T, Dh]
+    q, k, v = qkv_out.split([n_heads, n_kv, n_kv], dim=1)
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    if cache is not None:
+        cache.write(layer, batch.write_slots(cache.scratch_slot), batch.positions, k, v)
+        k, v = cache.read(layer, batch.slots, batch.num_keys(), batch.first_slot)  # [B, KVH, S, Dh]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return linear(out.transpose(1, 2).reshape(b, t, -1), o_proj)

@@ -1,0 +1,164 @@
+"""MoE FFN of LoRA experts over one shared base FFN: about one dense FFN per token, whatever k and E.
+
+Expert e's FFN is (W_d + dD_e) (silu((W_g + dG_e) x) * (W_u + dU_e) x), each delta B A.
+- The base gate/up run once for all tokens ([2I, D], one matmul).
+- All experts' gate/up A are stacked ([E * 2r, D]): one matmul gives every x A^T.
+- The low-rank terms of each (token, expert) assignment are then batched by one of three
+  strategies, chosen by the batch's shape (no per-token Python, no host sync but in `grouped`):
+  `stacked`: every expert's B on every token's own x A^T, [E, T, I], then gathered per
+  assignment; reads each factor once (best when T * k >= E and E * T is small: decode);
+  `gathered`: each assignment's own B gathered and applied by bmm (T * k < E: decode over
+  many experts, reading only the routed factors);
+  `grouped`: assignments sorted by expert, one segment matmul per expert that has any
+  (large batches over many experts: prefill).
+- The base down projection runs once, on the routing-weighted sum of the experts'
+  activations; the experts' down deltas are added: sum_k w_k B_e (A_e act_k).
+
+Ranks may differ: factors are zero-padded to the largest rank (zero rows add nothing).
+An expert that is the base itself (every projection the base's own tensor) has rank 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mergeserve.composition import ExpertFFN, LowRank, Weight, row_blocks
+
+STACKED_MAX_ELEMENTS = 1 << 22  # [E, T, I] activations of the stacked strategy (16 MiB in fp32)
+
+
+@dataclass(eq=False)
+class LoraExperts:
+    """One MoE layer's LoRA experts over one base FFN, factors stacked (scale folded into B)."""
+
+    gate_up: torch.Tensor  # [2I, D] base gate rows, then base up rows
+    down: torch.Tensor  # [D, I]
+    a_in: torch.Tensor  # [E * 2r, D]: per expert its gate A (r rows), then its up A
+    b_gate: torch.Tensor  # [E, r, I]: B^T of each expert's gate delta
+    b_up: torch.Tensor  # [E, r, I]
+    a_down: torch.Tensor  # [E, r, I]
+    b_down: torch.Tensor  # [E, r, D]: B^T of each expert's down delta
+    member: torch.Tensor  # [E] bool: the expert runs here (False: a dense expert, zero factors)
+
+    @property
+    def num_experts(self) -> int:
+        return self.b_gate.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.b_gate.shape[1]
+
+    @classmethod
+    def build(cls, experts: list[ExpertFFN]) -> LoraExperts | None:
+        """Stack the experts that are LoRA deltas of one base FFN; None when no expert is."""
+        bases = [_base(experts, p) for p in ("gate_proj", "up_proj", "down_proj")]
+        if any(b is None for b in bases) or not any(isinstance(w, LowRank) for e in experts for w in vars(e).values()):
+            return None
+        member = [all(_over(getattr(e, p), b) for p, b in zip(("gate_proj", "up_proj", "down_proj"), bases)) for e in experts]
+        base_gate, base_up, base_down = bases
+        dtype = base_gate.dtype
+        r = max(w.rank for e in experts for w in vars(e).values() if isinstance(w, LowRank))
+        factors = [[_padded(getattr(e, p), r, dtype) if m else None for p in ("gate_proj", "up_proj", "down_proj")]
+                   for e, m in zip(experts, member)]
+        zeros = (torch.zeros(r, base_gate.shape[1], dtype=dtype), torch.zeros(base_gate.shape[0], r, dtype=dtype))
+        zeros_down = (torch.zeros(r, base_down.shape[1], dtype=dtype), torch.zeros(base_down.shape[0], r, dtype=dtype))
+        gate = [f[0] or zeros for f in factors]
+        up = [f[1] or zeros for f in factors]
+        down = [f[2] or zeros_down for f in factors]
+        return cls(
+            gate_up=row_blocks([base_gate, base_up]), down=base_down,
+            a_in=torch.cat([torch.cat([g[0], u[0]]) for g, u in zip(gate, up)]),
+            b_gate=torch.stack([g[1].T for g in gate]).contiguous(),
+            b_up=torch.stack([u[1].T for u in up]).contiguous(),
+            a_down=torch.stack([d[0] for d in down]).contiguous(),
+            b_down=torch.stack([d[1].T for d in down]).contiguous(),
+            member=torch.tensor(member),
+        )
+
+
+def _base(experts: list[ExpertFFN], proj: str) -> torch.Tensor | None:
+    """The base tensor of `proj` that the LoRA experts share; None when they share none."""
+    for e in experts:
+        if isinstance(w := getattr(e, proj), LowRank):
+            return w.base
+    plain = [getattr(e, proj) for e in experts]  # no expert adapts proj: it is LoRA-able only if all share it
+    return plain[0] if all(p.data_ptr() == plain[0].data_ptr() for p in plain) else None
+
+
+def _over(w: Weight, base: torch.Tensor) -> bool:
+    """Whether `w` is `base` itself or a low-rank delta over it."""
+    t = w.base if isinstance(w, LowRank) else w
+    return t.data_ptr() == base.data_ptr() and t.shape == base.shape
+
+
+def _padded(w: Weight, r: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A [r, in], scale * B [out, r]) zero-padded to rank r; None for the base itself (rank 0)."""
+    if not isinstance(w, LowRank):
+        return None
+    a, b = w.a.to(dtype), w.scaled_b(dtype)
+    return F.pad(a, (0, 0, 0, r - w.rank)), F.pad(b, (0, r - w.rank))
+
+
+def choose_strategy(tokens: int, k: int, experts: int) -> str:
+    if tokens * k < experts:
+        return "gathered"
+    if tokens * experts <= STACKED_MAX_ELEMENTS // 2048:
+        return "stacked"
+    return "grouped"
+
+
+def lora_moe_ffn(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, lx: LoraExperts, strategy: str | None = None,
+) -> torch.Tensor:
+    """x [T, D], weights/ids [T, k] -> [T, D]. Picks of experts that are not members must come with weight 0."""
+    t, k = ids.shape
+    strategy = strategy or choose_strategy(t, k, lx.num_experts)
+    g, u = F.linear(x, lx.gate_up).chunk(2, dim=-1)  # [T, I] each: the base, once per token
+    xa = F.linear(x, lx.a_in).view(t, lx.num_experts, 2, lx.rank)  # [T, E, 2, r]: every x A^T
+    if strategy == "grouped":
+        return _grouped(x, g, u, xa, weights, ids, lx)
+    rows = torch.arange(t).unsqueeze(1)  # [T, 1]
+    if strategy == "stacked":
+        xa_e = xa.transpose(0, 1)  # [E, T, 2, r]
+        dg = torch.bmm(xa_e[:, :, 0], lx.b_gate)[ids, rows]  # [E, T, I] -> [T, k, I]
+        du = torch.bmm(xa_e[:, :, 1], lx.b_up)[ids, rows]
+    else:
+        sel = xa[rows, ids]  # [T, k, 2, r]
+        dg = (sel[:, :, 0].unsqueeze(2) @ lx.b_gate[ids]).squeeze(2)  # [T, k, 1, r] @ [T, k, r, I]
+        du = (sel[:, :, 1].unsqueeze(2) @ lx.b_up[ids]).squeeze(2)
+    act = F.silu(g.unsqueeze(1) + dg) * (u.unsqueeze(1) + du)  # [T, k, I]
+    w = weights.unsqueeze(-1)  # [T, k, 1]
+    out = F.linear((w * act).sum(1), lx.down)  # [T, D]: the base down once, on the weighted sum
+    e, r = lx.num_experts, lx.rank
+    if strategy == "stacked":
+        ad = F.linear(act, lx.a_down.view(e * r, -1)).view(t, k, e, r)  # [T, k, E, r]
+        ad = ad[rows, torch.arange(k), ids] * w  # [T, k, r]: each pick under its own expert's A
+        z = act.new_zeros(t, e, r).index_put_((rows.expand(t, k), ids), ad, accumulate=True)  # [T, E, r]
+        return out + z.view(t, e * r) @ lx.b_down.view(e * r, -1)
+    ad = (lx.a_down[ids] @ act.unsqueeze(-1)).squeeze(-1) * w  # [T, k, r, I] @ [T, k, I, 1] -> [T, k, r]
+    return out + (ad.unsqueeze(2) @ lx.b_down[ids]).squeeze(2).sum(1)  # [T, k, 1, r] @ [T, k, r, D]
+
+
+def _grouped(x, g, u, xa, weights, ids, lx: LoraExperts) -> torch.Tensor:
+    """Assignments sorted by expert; one segment matmul per expert that has any."""
+    t, k = ids.shape
+    flat, w = ids.reshape(-1), weights.reshape(-1)  # [T*k]
+    order = torch.argsort(flat, stable=True)
+    sizes = torch.bincount(flat, minlength=lx.num_experts).tolist()
+    token = order // k  # [A]
+    hidden = x.new_zeros(t, g.shape[1])  # [T, I]: sum_k w_k act_k
+    delta = torch.zeros_like(x)  # [T, D]: sum_k w_k B_d (A_d act_k)
+    start = 0
+    for e, n in enumerate(sizes):
+        if not n:
+            continue
+        tok, we = token[start:start + n], w[order[start:start + n]].unsqueeze(1)  # [n], [n, 1]
+        start += n
+        a = xa[tok, e]  # [n, 2, r]
+        act = F.silu(g[tok] + a[:, 0] @ lx.b_gate[e]) * (u[tok] + a[:, 1] @ lx.b_up[e])  # [n, I]
+        hidden.index_add_(0, tok, we * act)
+        delta.index_add_(0, tok, we * ((act @ lx.a_down[e].T) @ lx.b_down[e]))
+    return F.linear(hidden, lx.down) + delta
