@@ -39,10 +39,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--lora", choices=["factored", "merged"], default="factored")
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dtype", default=None, help="override the spec's dtype")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/profile_decode.json"))
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     spec = load_composition(args.spec)
     if args.dtype:
         spec = spec.model_copy(update={"dtype": args.dtype})

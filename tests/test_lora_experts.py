@@ -169,7 +169,7 @@ def test_a_composition_mixing_dense_and_lora_experts_equals_its_merged_twin(zoo,
         torch.testing.assert_close(factored.logits(ids), merged.logits(ids), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("strategy", ["stacked", "gathered", "grouped"])
+@pytest.mark.parametrize("strategy", ["masked", "gathered", "grouped"])
 def test_every_kernel_strategy_equals_a_per_token_loop(strategy):
     g = torch.Generator().manual_seed(0)
     d, i, n_experts = 16, 24, 5

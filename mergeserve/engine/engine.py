@@ -20,23 +20,23 @@ from mergeserve.engine.model import Transformer
 from mergeserve.engine.sampler import sample
 from mergeserve.engine.scheduler import Scheduler
 from mergeserve.engine.sequence import RequestOutput, SamplingParams, Sequence, TokenLogprob
+from mergeserve.kernels.packed import WeightPacker
 from mergeserve.composition import ComposedModel
 from mergeserve.spec import EngineConfig
 
 
 class Engine:
-    def __init__(self, composed: ComposedModel, config: EngineConfig = EngineConfig()):
+    def __init__(self, composed: ComposedModel, config: EngineConfig = EngineConfig(), packer: WeightPacker | None = None):
+        """`packer`: shares packed weights with other engines (the pool's); None packs for this engine alone."""
         self.composed = composed
         self.config = config
         self.name = composed.name
         self.tokenizer = composed.tokenizer
         self.expert_names = composed.expert_names
         self.max_model_len = min(config.max_model_len, composed.config.max_position_embeddings)
-        self.model = Transformer(composed, self.max_model_len)
+        self.model = Transformer(composed, self.max_model_len, packer or WeightPacker())
         args = self.model.args
-        self.cache = KVCache(
-            self.model.cache_layers, config.max_num_seqs, args.n_kv_heads, args.head_dim, self.max_model_len, self.model.dtype,
-        )
+        self.cache = KVCache(self.model.cache_layers, config.max_num_seqs, args.n_kv_heads, args.head_dim, self.max_model_len)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_prefill_tokens)
         self.eos_ids = _eos_ids(composed)
         self._inbox: deque[tuple[str, object]] = deque()  # ("add", Sequence) | ("abort", request_id)

@@ -12,6 +12,8 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import torch
+
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.sequence import RequestOutput, SamplingParams
 
@@ -29,7 +31,10 @@ class _Stream:
 
 
 class Executor:
-    def __init__(self) -> None:
+    def __init__(self, threads: int | None = None) -> None:
+        """`threads`: compute threads of the steps (None: torch's default). Set on the executor's
+        own thread: OpenMP's thread count is per calling thread, so the main thread's does not carry."""
+        self.threads = threads
         self._engines: list[Engine] = []
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
@@ -89,6 +94,8 @@ class Executor:
                 self._wake.set()
 
     def _run(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         while not self._stop.is_set():
             with self._lock:
                 busy = [e for e in self._engines if e.has_work()]

@@ -22,7 +22,10 @@ class KVCache:
         self.max_len = max_len
         self.scratch_slot = slots
         self.shape = (layers, slots + 1, kv_heads, max_len, head_dim)
-        self._maps = [mmap.mmap(-1, max(1, _numel(self.shape) * dtype.itemsize)) for _ in range(2)]
+        # NORESERVE: the reservation is address space, not committed memory (a large max_model_len
+        # must not be refused by overcommit accounting for pages that are never written).
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        self._maps = [mmap.mmap(-1, max(1, _numel(self.shape) * dtype.itemsize), flags=flags) for _ in range(2)]
         self.k, self.v = (torch.frombuffer(m, dtype=dtype, count=_numel(self.shape)).view(self.shape) for m in self._maps)
 
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -46,7 +49,7 @@ class KVCache:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
-    def resident_bytes(self) -> int:
+    def reserved_bytes(self) -> int:
         """Bytes the cache could occupy at most (the OS backs only the pages written)."""
         return sum(m.size() for m in self._maps)
 

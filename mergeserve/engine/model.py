@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from mergeserve.composition import ComposedModel, Layer, Weight, fuse
+from mergeserve.composition import ComposedModel, Layer, LowRank, Weight, fuse
 from mergeserve.engine.kv_cache import KVCache
-from mergeserve.engine.layers import Batch, attention, rms_norm
+from mergeserve.engine.layers import Batch, attention, rms_norm, signed_sin
 from mergeserve.engine.sequence_layers import fixed_routing, separate_layer
 from mergeserve.experts.checkpoint import head_dim
-from mergeserve.kernels import FusedFFN, LoraExperts, expert_mlp, lora_moe_ffn, moe_ffn, route
-from mergeserve.kernels.lowrank import prepared
+from mergeserve.kernels import FusedFFN, LoraExperts, expert_mlp, linear, lora_moe_ffn, moe_ffn, route
+from mergeserve.kernels.lowrank import Pack, packed, prepared
+from mergeserve.kernels.packed import Packed
 
 __all__ = ["Batch", "ModelArgs", "Transformer", "RunLayer"]
 
@@ -58,27 +59,36 @@ class RunLayer:
     """A Layer as the forward runs it: fused projections, prepared factors, the LoRA-expert tables."""
 
     layer: Layer
-    qkv: Weight
+    qkv: Weight | Packed
     qkv_bias: torch.Tensor | None
-    o_proj: Weight
+    o_proj: Weight | Packed
     ffns: list[FusedFFN]
     lora: LoraExperts | None  # the MoE's LoRA experts over one base FFN; None: all dense
-    dense_ids: torch.Tensor | None  # [E] bool: experts on the grouped dense path (mixed compositions)
+    dense_experts: torch.Tensor | None  # [E] bool: experts on the grouped dense path (mixed compositions)
+    input_norm: torch.Tensor  # [D] fp32: the residual stream is fp32 whatever the weights
+    post_attn_norm: torch.Tensor  # [D] fp32
 
     @classmethod
-    def of(cls, layer: Layer) -> RunLayer:
+    def of(cls, layer: Layer, pack: Pack | None = None) -> RunLayer:
+        """`pack`: a WeightPacker for the full-size weights (None: run them as they are)."""
         a = layer.attn
         # Builders lay q/k/v back to back, so this is a view; anything else is concatenated once.
         qkv = fuse([prepared(w) for w in (a.q_proj, a.k_proj, a.v_proj)], copy=True)
         bias = None if a.q_bias is None else torch.cat([a.q_bias, a.k_bias, a.v_bias])
         lora = LoraExperts.build(layer.experts) if layer.is_moe else None
+        if lora is not None and pack is not None:
+            lora = lora.packed(pack)
         dense = None if lora is None or bool(lora.member.all()) else ~lora.member
-        ffns = [FusedFFN.of(e) for e in layer.experts]
-        return cls(layer, qkv, bias, prepared(a.o_proj), ffns, lora, dense)
+        ffns = [FusedFFN.of(e, pack) for e in layer.experts] if lora is None or dense is not None else []
+        return cls(
+            layer, packed(qkv, pack), bias, packed(prepared(a.o_proj), pack), ffns, lora, dense,
+            layer.input_norm.float(), layer.post_attn_norm.float(),
+        )
 
 
 class Transformer(torch.nn.Module):
-    def __init__(self, composed: ComposedModel, max_len: int):
+    def __init__(self, composed: ComposedModel, max_len: int, pack: Pack | None = None):
+        """`pack`: packs the full-size weights for the decode path (a WeightPacker); None runs them as they are."""
         super().__init__()
         self.composed = composed
         self.args = ModelArgs.from_config(composed.config)
@@ -87,7 +97,7 @@ class Transformer(torch.nn.Module):
         # cos/sin for every position, computed once by transformers' rotary code (handles rope scaling).
         rotary = LlamaRotaryEmbedding(composed.config)
         cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(max_len).unsqueeze(0))
-        self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [max_len, Dh]
+        self.cos, self.sin = cos[0], signed_sin(sin[0])  # [max_len, Dh], fp32 like attention; see layers.rope
         e = composed.num_experts
         # Router statistics: picks of each expert and the routing weight those picks carried.
         self.expert_load = torch.zeros(len(composed.layers), e, dtype=torch.int64)  # [L, E]
@@ -97,8 +107,33 @@ class Transformer(torch.nn.Module):
         seq = composed.sequence_router
         self.separate = seq is not None and seq.separate
         self.cache_layers = self.args.n_layers * (e if self.separate else 1)
-        self.run_layers = [RunLayer.of(layer) for layer in composed.layers]
-        self.expert_runs = [[RunLayer.of(x) for x in layer.expert_layers] if layer.expert_layers else None for layer in composed.layers]
+        self.run_layers = [RunLayer.of(layer, pack) for layer in composed.layers]
+        self.expert_runs = [[RunLayer.of(x, pack) for x in layer.expert_layers] if layer.expert_layers else None
+                            for layer in composed.layers]
+        self.lm_head = packed(composed.lm_head, pack)
+        self.norm = composed.norm.float()
+
+    def held(self) -> list[torch.Tensor]:
+        """Tensors the forward keeps beyond the composition's own (fused copies, stacked LoRA factors)."""
+        return [self.cos, self.sin, *(t for w in self._run_weights() for t in run_tensors(w))]
+
+    def packed(self) -> list[Packed]:
+        """The packed copies this forward runs (shared with other engines over the same tensors)."""
+        found: dict[int, Packed] = {}
+        for w in self._run_weights():
+            inner = w.base if isinstance(w, LowRank) else w
+            if isinstance(inner, Packed):
+                found[id(inner)] = inner
+        return list(found.values())
+
+    def _run_weights(self) -> list:
+        runs = [*self.run_layers, *(r for rs in self.expert_runs if rs for r in rs)]
+        ws = [self.lm_head]
+        for run in runs:
+            ws += [run.qkv, run.o_proj, *(w for f in run.ffns for w in (f.gate_up, f.gate, f.up, f.down) if w is not None)]
+            if run.lora is not None:
+                ws += list(vars(run.lora).values())
+        return ws
 
     def forward(
         self, batch: Batch, cache: KVCache | None = None, capture: list[torch.Tensor] | None = None,
@@ -109,7 +144,9 @@ class Transformer(torch.nn.Module):
         (the post-attention, normalised state the router sees).
         """
         c = self.composed
-        x = F.embedding(batch.tokens, c.embed)  # [B, T, D]
+        # The residual stream and norms run in fp32 (cheap, and exact enough to keep bf16 weights honest);
+        # each linear takes its input in its weight's dtype.
+        x = F.embedding(batch.tokens, c.embed).float()  # [B, T, D]
         cos, sin = self.cos[batch.positions].unsqueeze(1), self.sin[batch.positions].unsqueeze(1)  # [B, 1, T, Dh]
         mask = batch.mask(self.args.sliding_window)
         if c.sequence_router is not None and batch.alpha is None:
@@ -118,13 +155,13 @@ class Transformer(torch.nn.Module):
             if self.separate:
                 x = separate_layer(self, i, self.expert_runs[i], x, cos, sin, mask, batch, cache)
                 continue
-            x = x + self.attend(i, run, rms_norm(x, run.layer.input_norm, self.args.eps), cos, sin, mask, batch, cache)
-            x = x + self._ffn(i, run, rms_norm(x, run.layer.post_attn_norm, self.args.eps), batch, capture)
+            x = x + self.attend(i, run, rms_norm(x, run.input_norm, self.args.eps), cos, sin, mask, batch, cache)
+            x = x + self._ffn(i, run, rms_norm(x, run.post_attn_norm, self.args.eps), batch, capture)
         self._count_picks()
-        return rms_norm(x, c.norm, self.args.eps)
+        return rms_norm(x, self.norm, self.args.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.composed.lm_head).float()
+        return linear(hidden, self.lm_head).float()
 
     def attend(self, cache_layer: int, run: RunLayer, x: torch.Tensor, cos, sin, mask, batch: Batch, cache: KVCache | None):
         return attention(x, run.qkv, run.qkv_bias, run.o_proj, self.args.attn_shape, cos, sin, mask, batch, cache, cache_layer)
@@ -144,20 +181,19 @@ class Transformer(torch.nn.Module):
             weights, ids = route(flat, layer.router, self.top_k, batch.router_bias, self.composed.router_abs)
         else:
             weights, ids = fixed_routing(batch)
-        weights = weights.to(flat.dtype)
         self._picks.append((i, weights, ids))
         out = self._experts(run, flat, weights, ids)
         if real is None:
             return out.view_as(x)
-        return torch.zeros_like(x).view(-1, x.shape[-1]).index_put_((real,), out).view_as(x)
+        return torch.zeros_like(x).view(-1, x.shape[-1]).index_put_((real,), out.to(x.dtype)).view_as(x)
 
     def _experts(self, run: RunLayer, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The MoE FFN: LoRA experts through their kernel, dense ones grouped; a mix takes both."""
         if run.lora is None:
             return moe_ffn(x, weights, ids, run.ffns)
-        if run.dense_ids is None:
+        if run.dense_experts is None:
             return lora_moe_ffn(x, weights, ids, run.lora)
-        on_dense = run.dense_ids[ids]  # [N, k]
+        on_dense = run.dense_experts[ids]  # [N, k]
         return lora_moe_ffn(x, weights.masked_fill(on_dense, 0), ids, run.lora) \
             + moe_ffn(x, weights.masked_fill(~on_dense, 0), ids, run.ffns)
 
@@ -175,3 +211,12 @@ class Transformer(torch.nn.Module):
         size = self.expert_load.numel()
         self.expert_load.view(-1).add_(torch.bincount(flat, live, minlength=size).long())
         self.expert_weight.view(-1).add_(torch.bincount(flat, weights.reshape(-1), minlength=size))
+
+
+def run_tensors(w) -> list[torch.Tensor]:
+    """The plain tensors behind a run weight (a packed copy's source; see Transformer.packed)."""
+    if isinstance(w, Packed):
+        return [w.source]
+    if isinstance(w, LowRank):
+        return [*run_tensors(w.base), w.a, w.b]
+    return [w] if isinstance(w, torch.Tensor) else []

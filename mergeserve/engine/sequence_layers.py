@@ -28,7 +28,7 @@ def separate_layer(
     mask: torch.Tensor | None, batch: Batch, cache: KVCache | None,
 ) -> torch.Tensor:
     """x [B, T, D] -> sum_e alpha[:, e] * block_e(x), [B, T, D]; padding rows' values are don't-care."""
-    alpha, eps = batch.alpha.to(x.dtype), model.args.eps  # [B, E]
+    alpha, eps = batch.alpha, model.args.eps  # [B, E]
     n_experts = alpha.shape[1]
     out = torch.zeros_like(x)
     for e, block in enumerate(blocks):
@@ -36,10 +36,10 @@ def separate_layer(
         if rows.numel() == 0:
             continue
         h = x[rows]  # [b, T, D]
-        a = rms_norm(h, block.layer.input_norm, eps)
+        a = rms_norm(h, block.input_norm, eps)
         sub_mask = None if mask is None else mask[rows]
         h = h + model.attend(i * n_experts + e, block, a, cos[rows], sin[rows], sub_mask, sub_batch(batch, rows), cache)
-        h = h + expert_mlp(rms_norm(h, block.layer.post_attn_norm, eps), block.ffns[0])
+        h = h + expert_mlp(rms_norm(h, block.post_attn_norm, eps), block.ffns[0])
         out.index_add_(0, rows, alpha[rows, e].view(-1, 1, 1) * h)
     count_routing(model, i, batch)
     return out

@@ -70,8 +70,10 @@ class Checkpoint:
         """Every tensor this checkpoint keeps alive (shared base tensors included)."""
         return [*self.stored.values(), *(t for w in self.factored.values() for t in (w.base, w.a, w.b))]
 
-    def nbytes(self) -> int:
-        seen, total = set(), 0
+    def nbytes(self, seen: set[int] | None = None) -> int:
+        """Bytes of the storage this checkpoint holds, leaving out storages already in `seen`
+        (which it extends): an adapter listed after its base counts only its own factors."""
+        seen, total = set() if seen is None else seen, 0
         for t in self.held():
             ptr = t.untyped_storage().data_ptr()
             if ptr not in seen:

@@ -18,6 +18,7 @@ from mergeserve.experts.checkpoint import Checkpoint, CheckpointError, check_sam
 from mergeserve.experts.gguf import load_gguf
 from mergeserve.experts.hf_folder import load_hf_folder
 from mergeserve.experts.peft_adapter import is_peft_folder, load_peft_adapter
+from mergeserve.kernels.packed import WeightPacker
 
 
 class ExpertPool:
@@ -34,6 +35,7 @@ class ExpertPool:
         self.max_file_bytes = max_file_bytes
         self.lora = lora
         self.dtype = dtype
+        self.packer = WeightPacker()  # packed copies of the weights engines run, shared between them
         # (source, base of an adapter, dtype) -> the checkpoint
         self._loaded: dict[tuple[str, str | None, torch.dtype], Checkpoint] = {}
         self._owners: dict[tuple[str, str | None, torch.dtype], set[str]] = {}  # claimed checkpoints -> who uses them
@@ -117,8 +119,9 @@ class ExpertPool:
 
     def sources(self) -> list[dict[str, object]]:
         with self._lock:
+            seen: set[int] = set()  # bytes shared with an earlier entry (an adapter's base) count once
             return [
-                {"source": c.source, "base": key[1], "dtype": str(key[2]).removeprefix("torch."), "kind": c.kind, "bytes": c.nbytes(),
+                {"source": c.source, "base": key[1], "dtype": str(key[2]).removeprefix("torch."), "kind": c.kind, "bytes": c.nbytes(seen),
                  "model_type": c.config.model_type, "used_by": sorted(self._owners.get(key, ()))}
                 for key, c in self._loaded.items()
             ]

@@ -5,10 +5,11 @@ Expert e's FFN is (W_d + dD_e) (silu((W_g + dG_e) x) * (W_u + dU_e) x), each del
 - All experts' gate/up A are stacked ([E * 2r, D]): one matmul gives every x A^T.
 - The low-rank terms of each (token, expert) assignment are then batched by one of three
   strategies, chosen by the batch's shape (no per-token Python, no host sync but in `grouped`):
-  `stacked`: every expert's B on every token's own x A^T, [E, T, I], then gathered per
-  assignment; reads each factor once (best when T * k >= E and E * T is small: decode);
-  `gathered`: each assignment's own B gathered and applied by bmm (T * k < E: decode over
-  many experts, reading only the routed factors);
+  `masked`: each pick's x A^T kept in its own expert's block of an [E * r] row, zeros
+  elsewhere, times all experts' B stacked ([E * r, I]): plain matmuls over factor tables read
+  once, which a WeightPacker can pack (few experts: decode and prefill);
+  `gathered`: each assignment's own B gathered and applied by bmm (T * k < E, E > 8: decode
+  over many experts, reading only the routed factors);
   `grouped`: assignments sorted by expert, one segment matmul per expert that has any
   (large batches over many experts: prefill).
 - The base down projection runs once, on the routing-weighted sum of the experts'
@@ -26,30 +27,50 @@ import torch
 import torch.nn.functional as F
 
 from mergeserve.composition import ExpertFFN, LowRank, Weight, row_blocks
+from mergeserve.kernels.lowrank import Pack, linear
+from mergeserve.kernels.packed import Packed
 
-STACKED_MAX_ELEMENTS = 1 << 22  # [E, T, I] activations of the stacked strategy (16 MiB in fp32)
+MASKED_MAX_EXPERTS = 8  # beyond this, reading every expert's factors per token costs more than gathering
+GROUPED_MIN_TOKENS = 64  # batches this large over many experts go expert by expert
 
 
 @dataclass(eq=False)
 class LoraExperts:
-    """One MoE layer's LoRA experts over one base FFN, factors stacked (scale folded into B)."""
+    """One MoE layer's LoRA experts over one base FFN, factors stacked (scale folded into B).
 
-    gate_up: torch.Tensor  # [2I, D] base gate rows, then base up rows
-    down: torch.Tensor  # [D, I]
-    a_in: torch.Tensor  # [E * 2r, D]: per expert its gate A (r rows), then its up A
-    b_gate: torch.Tensor  # [E, r, I]: B^T of each expert's gate delta
-    b_up: torch.Tensor  # [E, r, I]
-    a_down: torch.Tensor  # [E, r, I]
-    b_down: torch.Tensor  # [E, r, D]: B^T of each expert's down delta
+    Weights are in F.linear's [out, in] convention, so each may be packed for oneDNN.
+    """
+
+    gate_up: torch.Tensor | Packed  # [2I, D] base gate rows, then base up rows
+    down: torch.Tensor | Packed  # [D, I]
+    a_in: torch.Tensor | Packed  # [E * 2r, D]: per expert its gate A (r rows), then its up A
+    b_gate: torch.Tensor | Packed  # [I, E * r]: column block e is expert e's scale * B_gate
+    b_up: torch.Tensor | Packed  # [I, E * r]
+    a_down: torch.Tensor | Packed  # [E * r, I]
+    b_down: torch.Tensor | Packed  # [D, E * r]
     member: torch.Tensor  # [E] bool: the expert runs here (False: a dense expert, zero factors)
+    rank: int
 
     @property
     def num_experts(self) -> int:
-        return self.b_gate.shape[0]
+        return self.member.shape[0]
 
     @property
-    def rank(self) -> int:
-        return self.b_gate.shape[1]
+    def dtype(self) -> torch.dtype:
+        return self.per_expert("a_down").dtype
+
+    def packed(self, pack: Pack) -> LoraExperts:
+        """The tables packed for oneDNN where the masked strategy reads them whole (few experts)."""
+        tables = ("a_in", "b_gate", "b_up", "a_down", "b_down") if self.num_experts <= MASKED_MAX_EXPERTS else ()
+        return LoraExperts(**{**vars(self), "gate_up": pack(self.gate_up), "down": pack(self.down),
+                              **{name: pack(getattr(self, name)) for name in tables}})
+
+    def per_expert(self, name: str) -> torch.Tensor:
+        """A B table as [E, r, out] (each expert's B^T) or an A table as [E, r, in]: a view of the plain table."""
+        t = getattr(self, name)
+        t = t.source if isinstance(t, Packed) else t
+        e, r = self.num_experts, self.rank
+        return t.view(e, r, -1) if name in ("a_in", "a_down") else t.view(-1, e, r).permute(1, 2, 0)
 
     @classmethod
     def build(cls, experts: list[ExpertFFN]) -> LoraExperts | None:
@@ -71,11 +92,9 @@ class LoraExperts:
         return cls(
             gate_up=row_blocks([base_gate, base_up]), down=base_down,
             a_in=torch.cat([torch.cat([g[0], u[0]]) for g, u in zip(gate, up)]),
-            b_gate=torch.stack([g[1].T for g in gate]).contiguous(),
-            b_up=torch.stack([u[1].T for u in up]).contiguous(),
-            a_down=torch.stack([d[0] for d in down]).contiguous(),
-            b_down=torch.stack([d[1].T for d in down]).contiguous(),
-            member=torch.tensor(member),
+            b_gate=torch.cat([g[1] for g in gate], dim=1), b_up=torch.cat([u[1] for u in up], dim=1),
+            a_down=torch.cat([d[0] for d in down]), b_down=torch.cat([d[1] for d in down], dim=1),
+            member=torch.tensor(member), rank=r,
         )
 
 
@@ -103,11 +122,9 @@ def _padded(w: Weight, r: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
 
 
 def choose_strategy(tokens: int, k: int, experts: int) -> str:
-    if tokens * k < experts:
-        return "gathered"
-    if tokens * experts <= STACKED_MAX_ELEMENTS // 2048:
-        return "stacked"
-    return "grouped"
+    if experts <= MASKED_MAX_EXPERTS:
+        return "masked"
+    return "gathered" if tokens * k < experts or tokens < GROUPED_MIN_TOKENS else "grouped"
 
 
 def lora_moe_ffn(
@@ -115,31 +132,33 @@ def lora_moe_ffn(
 ) -> torch.Tensor:
     """x [T, D], weights/ids [T, k] -> [T, D]. Picks of experts that are not members must come with weight 0."""
     t, k = ids.shape
-    strategy = strategy or choose_strategy(t, k, lx.num_experts)
-    g, u = F.linear(x, lx.gate_up).chunk(2, dim=-1)  # [T, I] each: the base, once per token
-    xa = F.linear(x, lx.a_in).view(t, lx.num_experts, 2, lx.rank)  # [T, E, 2, r]: every x A^T
+    e, r = lx.num_experts, lx.rank
+    strategy = strategy or choose_strategy(t, k, e)
+    x, weights = x.to(lx.dtype), weights.to(lx.dtype)  # the residual stream may be fp32 over bf16 weights
+    g, u = linear(x, lx.gate_up).chunk(2, dim=-1)  # [T, I] each: the base, once per token
+    xa = linear(x, lx.a_in).view(t, e, 2, r)  # [T, E, 2, r]: every x A^T (gate, up)
     if strategy == "grouped":
         return _grouped(x, g, u, xa, weights, ids, lx)
     rows = torch.arange(t).unsqueeze(1)  # [T, 1]
-    if strategy == "stacked":
-        xa_e = xa.transpose(0, 1)  # [E, T, 2, r]
-        dg = torch.bmm(xa_e[:, :, 0], lx.b_gate)[ids, rows]  # [E, T, I] -> [T, k, I]
-        du = torch.bmm(xa_e[:, :, 1], lx.b_up)[ids, rows]
+    if strategy == "masked":
+        # one-hot of each pick's expert [T, k, E]: keeps x A^T of that expert only, then all B at once
+        onehot = x.new_zeros(t, k, e).scatter_(2, ids.unsqueeze(-1), 1.0)
+        z = xa.unsqueeze(1) * onehot[..., None, None]  # [T, k, E, 2, r]
+        dg = linear(z[:, :, :, 0].reshape(t, k, e * r), lx.b_gate)  # [T, k, I]
+        du = linear(z[:, :, :, 1].reshape(t, k, e * r), lx.b_up)
     else:
         sel = xa[rows, ids]  # [T, k, 2, r]
-        dg = (sel[:, :, 0].unsqueeze(2) @ lx.b_gate[ids]).squeeze(2)  # [T, k, 1, r] @ [T, k, r, I]
-        du = (sel[:, :, 1].unsqueeze(2) @ lx.b_up[ids]).squeeze(2)
+        dg = (sel[:, :, 0].unsqueeze(2) @ lx.per_expert("b_gate")[ids]).squeeze(2)  # [T, k, 1, r] @ [T, k, r, I]
+        du = (sel[:, :, 1].unsqueeze(2) @ lx.per_expert("b_up")[ids]).squeeze(2)
     act = F.silu(g.unsqueeze(1) + dg) * (u.unsqueeze(1) + du)  # [T, k, I]
     w = weights.unsqueeze(-1)  # [T, k, 1]
-    out = F.linear((w * act).sum(1), lx.down)  # [T, D]: the base down once, on the weighted sum
-    e, r = lx.num_experts, lx.rank
-    if strategy == "stacked":
-        ad = F.linear(act, lx.a_down.view(e * r, -1)).view(t, k, e, r)  # [T, k, E, r]
-        ad = ad[rows, torch.arange(k), ids] * w  # [T, k, r]: each pick under its own expert's A
-        z = act.new_zeros(t, e, r).index_put_((rows.expand(t, k), ids), ad, accumulate=True)  # [T, E, r]
-        return out + z.view(t, e * r) @ lx.b_down.view(e * r, -1)
-    ad = (lx.a_down[ids] @ act.unsqueeze(-1)).squeeze(-1) * w  # [T, k, r, I] @ [T, k, I, 1] -> [T, k, r]
-    return out + (ad.unsqueeze(2) @ lx.b_down[ids]).squeeze(2).sum(1)  # [T, k, 1, r] @ [T, k, r, D]
+    out = linear((w * act).sum(1), lx.down)  # [T, D]: the base down once, on the weighted sum
+    if strategy == "masked":
+        ad = linear(act, lx.a_down).view(t, k, e, r)  # [T, k, E, r]: every expert's A on each pick
+        z = (ad * (onehot * w).unsqueeze(-1)).sum(1)  # [T, E, r]: weighted, each pick in its own block
+        return out + linear(z.view(t, e * r), lx.b_down)
+    ad = (lx.per_expert("a_down")[ids] @ act.unsqueeze(-1)).squeeze(-1) * w  # [T, k, r, I] @ [T, k, I, 1] -> [T, k, r]
+    return out + (ad.unsqueeze(2) @ lx.per_expert("b_down")[ids]).squeeze(2).sum(1)  # [T, k, 1, r] @ [T, k, r, D]
 
 
 def _grouped(x, g, u, xa, weights, ids, lx: LoraExperts) -> torch.Tensor:
@@ -149,6 +168,7 @@ def _grouped(x, g, u, xa, weights, ids, lx: LoraExperts) -> torch.Tensor:
     order = torch.argsort(flat, stable=True)
     sizes = torch.bincount(flat, minlength=lx.num_experts).tolist()
     token = order // k  # [A]
+    b_gate, b_up, a_down, b_down = (lx.per_expert(n) for n in ("b_gate", "b_up", "a_down", "b_down"))
     hidden = x.new_zeros(t, g.shape[1])  # [T, I]: sum_k w_k act_k
     delta = torch.zeros_like(x)  # [T, D]: sum_k w_k B_d (A_d act_k)
     start = 0
@@ -158,7 +178,7 @@ def _grouped(x, g, u, xa, weights, ids, lx: LoraExperts) -> torch.Tensor:
         tok, we = token[start:start + n], w[order[start:start + n]].unsqueeze(1)  # [n], [n, 1]
         start += n
         a = xa[tok, e]  # [n, 2, r]
-        act = F.silu(g[tok] + a[:, 0] @ lx.b_gate[e]) * (u[tok] + a[:, 1] @ lx.b_up[e])  # [n, I]
+        act = F.silu(g[tok] + a[:, 0] @ b_gate[e]) * (u[tok] + a[:, 1] @ b_up[e])  # [n, I]
         hidden.index_add_(0, tok, we * act)
-        delta.index_add_(0, tok, we * ((act @ lx.a_down[e].T) @ lx.b_down[e]))
-    return F.linear(hidden, lx.down) + delta
+        delta.index_add_(0, tok, we * ((act @ a_down[e].T) @ b_down[e]))
+    return linear(hidden, lx.down) + delta

@@ -13,22 +13,26 @@ import torch
 import torch.nn.functional as F
 
 from mergeserve.composition import ExpertFFN, Weight, fuse
-from mergeserve.kernels.lowrank import linear, prepared
+from mergeserve.kernels.packed import Packed
+from mergeserve.kernels.lowrank import Pack, linear, packed, prepared
 
 
 @dataclass(eq=False)
 class FusedFFN:
     """An FFN as the engine runs it: gate and up as one [2I, D] matmul where they can be."""
 
-    gate_up: Weight | None  # None: gate and up do not lie back to back; run them apart
-    gate: Weight
-    up: Weight
-    down: Weight
+    gate_up: Weight | Packed | None  # None: gate and up do not lie back to back; run them apart
+    gate: Weight | Packed
+    up: Weight | Packed
+    down: Weight | Packed
 
     @classmethod
-    def of(cls, e: ExpertFFN) -> FusedFFN:
+    def of(cls, e: ExpertFFN, pack: Pack | None = None) -> FusedFFN:
         gate, up, down = (prepared(w) for w in (e.gate_proj, e.up_proj, e.down_proj))
-        return cls(fuse([gate, up]), gate, up, down)
+        gate_up = fuse([gate, up])
+        if gate_up is not None:  # run fused: the separate views are never used
+            return cls(packed(gate_up, pack), gate, up, packed(down, pack))
+        return cls(None, packed(gate, pack), packed(up, pack), packed(down, pack))
 
 
 def route(
@@ -45,9 +49,9 @@ def route(
         logits = logits.abs()
     if bias is not None:
         logits = logits + bias
-    probs = torch.softmax(logits, dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, k]
-    return weights / weights.sum(dim=-1, keepdim=True), ids
+    top, ids = torch.topk(logits, top_k, dim=-1)  # [T, k]
+    # softmax over all, top k, renormalise == softmax over the top k logits (two ops fewer per layer)
+    return torch.softmax(top, dim=-1), ids
 
 
 def expert_mlp(x: torch.Tensor, e: FusedFFN) -> torch.Tensor:

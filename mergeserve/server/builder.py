@@ -13,6 +13,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 from mergeserve import merge
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.executor import Executor
@@ -33,7 +35,12 @@ class Builder:
         self.engine_config, self.store = engine_config, store
         registry.on_free = self.free
         # Two cores: builds queue behind each other rather than compete with serving and each other.
-        self._queue = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeserve-build")
+        # A build thread computes with the executor's thread count (OpenMP's count is per thread).
+        threads = () if executor.threads is None else (executor.threads,)
+        self._queue = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="mergeserve-build",
+            initializer=torch.set_num_threads if threads else None, initargs=threads,
+        )
         self._save_lock = threading.Lock()
 
     def check(self, spec: CompositionSpec) -> None:
@@ -92,7 +99,7 @@ class Builder:
         start = time.perf_counter()
         try:
             with self.pool.claim(revision.id):
-                engine = Engine(merge.build(revision.spec, self.pool), self.engine_config)
+                engine = Engine(merge.build(revision.spec, self.pool), self.engine_config, self.pool.packer)
         except Exception as e:  # noqa: BLE001 - any failure is the build's result, reported to the admin
             log.exception("building %s failed", revision.id)
             self.registry.fail(revision, f"{type(e).__name__}: {e}")
@@ -130,11 +137,14 @@ class Builder:
 
 
 def own_bytes(engine: Engine, pool: ExpertPool) -> int:
-    """Bytes this engine holds beyond the pool's checkpoints: merged shared layers, routers, KV cache."""
+    """Bytes this engine holds beyond the pool's checkpoints: merged shared layers, routers, the
+    LoRA kernel's stacked factors, packed weights. The KV cache is reserved address space, backed only where
+    written, so it is not counted here."""
     shared = pool.storage_ptrs()
     storages = {}
-    for t in [*engine.composed.tensors(), engine.cache.k, engine.cache.v]:
+    for t in [*engine.composed.tensors(), *engine.model.held()]:
         storage = t.untyped_storage()
         if storage.data_ptr() not in shared:
             storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+    # Packed copies (oneDNN layout) of the weights it runs; shared with engines over the same tensors.
+    return sum(storages.values()) + sum(p.source.numel() * p.source.element_size() for p in engine.model.packed())

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 
+import torch
 import uvicorn
 
 from mergeserve.engine.executor import Executor
@@ -22,7 +25,11 @@ log = logging.getLogger(__name__)
 
 def start(config: ServeConfig) -> tuple[Registry, Builder, Executor]:
     """Everything but HTTP: the registry, serving what the state dir saved (else the config's compositions)."""
-    registry, executor = Registry(), Executor()
+    # The executor thread hands the GIL to the event loop at every op and needs it back at once.
+    sys.setswitchinterval(0.0005)  # measured: 1 client 17.2 -> 18.2 tok/s, 16 clients 99 -> 118 (5 ms default)
+    threads = config.engine.threads or max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(threads)  # this thread's (builds run on their own and set theirs)
+    registry, executor = Registry(), Executor(threads)
     pool = ExpertPool(config.source_roots or None, config.max_source_file_bytes, config.lora, resolve_dtype(config.dtype))
     store = StateStore(config.state_dir) if config.state_dir else None
     builder = Builder(registry, pool, executor, config.engine, store)
