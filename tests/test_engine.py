@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import make_checkpoint
 from transformers import AutoModelForCausalLM
 
 from mergeserve.composition import dense
@@ -14,7 +15,6 @@ from mergeserve.experts import ExpertPool
 from mergeserve.kernels import FusedFFN, moe_ffn, route
 from mergeserve.merge import build
 from mergeserve.spec import EngineConfig, parse_composition
-from tiny import make_checkpoint
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 TEXT = "def add(a, b):\n    return a + b\nDer Hund läuft schnell."

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
+from tiny import FFN_PROJECTIONS, make_adapter, perturbed_copy
 from transformers import AutoModelForCausalLM
 
 from mergeserve.composition import ExpertFFN, LowRank, dense
@@ -22,44 +23,15 @@ from mergeserve.kernels import LoraExperts, lora_moe_ffn
 from mergeserve.merge import build
 from mergeserve.router.arrow import factor_prototype, prototype
 from mergeserve.spec import EngineConfig, parse_composition
-from tiny import perturbed_copy
 
 TEXTS = ("def add(a, b):\n    return a + b\n", "Die Katze schläft im Haus.", "What is 12 + 7?", "Hello, how are you today?")
-FFN = ["gate_proj", "up_proj", "down_proj"]
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", *FFN]
-
-
-def make_adapter(base: Path, out: Path, seed: int, targets: list[str], r: int = 4, **extra) -> Path:
-    """A trained-looking LoRA adapter: peft's own random init of both factors, saved as peft saves it."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, **extra)
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():  # peft's init leaves B small; make every delta count
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    peft_model.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def adapters(zoo, tmp_path_factory) -> dict[str, Path]:
-    """Three adapters of different ranks, scalings and targets (rank and alpha patterns, rsLoRA)."""
-    root, base = tmp_path_factory.mktemp("adapters"), zoo["base"]
-    return {
-        "math": make_adapter(base, root / "math", 1, ALL, r=4),
-        "code": make_adapter(base, root / "code", 2, ALL, r=8, use_rslora=True,
-                             rank_pattern={"down_proj": 2}, alpha_pattern={"gate_proj": 5}),
-        "german": make_adapter(base, root / "german", 3, ["q_proj", "v_proj", "gate_proj", "up_proj"], r=6),
-    }
 
 
 @pytest.fixture(scope="module")
 def ffn_adapters(zoo, tmp_path_factory) -> dict[str, Path]:
     """Adapters on the FFN only: routed to one expert, a BTX MoE of them is that adapter's own model."""
     root = tmp_path_factory.mktemp("ffn_adapters")
-    return {n: make_adapter(zoo["base"], root / n, i + 4, FFN, r=2 + 2 * i) for i, n in enumerate(["math", "code", "german"])}
+    return {n: make_adapter(zoo["base"], root / n, i + 4, FFN_PROJECTIONS, r=2 + 2 * i) for i, n in enumerate(["math", "code", "german"])}
 
 
 def spec_of(base: Path, experts: dict[str, Path], **fields):
@@ -83,7 +55,7 @@ def test_the_pool_keeps_adapters_as_factors_over_the_shared_base(zoo, adapters):
     code = pool.get(str(adapters["code"]), base=str(zoo["base"]))
     assert code.kind == "peft" and set(code.factored) == {
         f"model.layers.{n}.{m}.weight" for n in range(2) for m in
-        [f"self_attn.{x}" for x in ("q_proj", "k_proj", "v_proj", "o_proj")] + [f"mlp.{x}" for x in FFN]
+        [f"self_attn.{x}" for x in ("q_proj", "k_proj", "v_proj", "o_proj")] + [f"mlp.{x}" for x in FFN_PROJECTIONS]
     }
     gate, down = code.factored["model.layers.0.mlp.gate_proj.weight"], code.factored["model.layers.0.mlp.down_proj.weight"]
     assert gate.base is base.stored["model.layers.0.mlp.gate_proj.weight"]  # the base's own tensor

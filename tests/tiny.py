@@ -11,8 +11,13 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
-    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast,
-    Qwen2Config, Qwen2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 CHAT_TEMPLATE = (
@@ -78,8 +83,9 @@ def make_checkpoint(
 
 def perturbed_copy(src: Path, dst: Path, seed: int, scale: float = 0.05, only: str = "") -> Path:
     """A fine-tune stand-in: `src` with noise added to the tensors whose names contain `only`."""
-    from safetensors.torch import load_file, save_file
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     shutil.copytree(src, dst)
     weights = dst / "model.safetensors"
@@ -90,3 +96,25 @@ def perturbed_copy(src: Path, dst: Path, seed: int, scale: float = 0.05, only: s
             tensors[k] = t + scale * torch.randn(t.shape, generator=g, dtype=t.dtype)
     save_file(tensors, str(weights), metadata={"format": "pt"})
     return dst
+
+
+FFN_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", *FFN_PROJECTIONS]
+
+
+def make_adapter(base: Path, out: Path, seed: int, targets: list[str], r: int = 4, **extra) -> Path:
+    """A trained-looking PEFT LoRA adapter over `base`: random A and B (peft leaves B at zero
+    or small), saved as peft saves it. `extra`: more LoraConfig fields (use_rslora, patterns, DoRA)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, **extra)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    peft_model.save_pretrained(out)
+    return out

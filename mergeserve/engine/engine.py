@@ -13,6 +13,7 @@ from collections import deque
 
 import torch
 
+from mergeserve.composition import ComposedModel
 from mergeserve.engine.detokenizer import Detokenizer
 from mergeserve.engine.kv_cache import KVCache
 from mergeserve.engine.layers import Batch
@@ -21,7 +22,6 @@ from mergeserve.engine.sampler import sample
 from mergeserve.engine.scheduler import Scheduler
 from mergeserve.engine.sequence import RequestOutput, SamplingParams, Sequence, TokenLogprob
 from mergeserve.kernels.packed import WeightPacker
-from mergeserve.composition import ComposedModel
 from mergeserve.spec import EngineConfig
 
 

@@ -23,7 +23,7 @@ from mergeserve.kernels import FusedFFN, LoraExperts, expert_mlp, linear, lora_m
 from mergeserve.kernels.lowrank import Pack, packed, prepared
 from mergeserve.kernels.packed import Packed
 
-__all__ = ["Batch", "ModelArgs", "Transformer", "RunLayer"]
+__all__ = ["ModelArgs", "RunLayer", "Transformer"]
 
 
 @dataclass
@@ -132,7 +132,7 @@ class Transformer(torch.nn.Module):
         for run in runs:
             ws += [run.qkv, run.o_proj, *(w for f in run.ffns for w in (f.gate_up, f.gate, f.up, f.down) if w is not None)]
             if run.lora is not None:
-                ws += list(vars(run.lora).values())
+                ws += list(vars(run.lora).values()) + (list(vars(run.lora.fused).values()) if run.lora.fused else [])
         return ws
 
     def forward(

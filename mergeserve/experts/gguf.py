@@ -7,7 +7,11 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergeserve.experts.checkpoint import (
-    Checkpoint, CheckpointError, check_model_type, check_tensors, fuse_projections,
+    Checkpoint,
+    CheckpointError,
+    check_model_type,
+    check_tensors,
+    fuse_projections,
 )
 
 

@@ -10,7 +10,12 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from mergeserve.experts.checkpoint import (
-    Checkpoint, CheckpointError, check_model_type, check_tensors, fuse_projections, refuse_pickles,
+    Checkpoint,
+    CheckpointError,
+    check_model_type,
+    check_tensors,
+    fuse_projections,
+    refuse_pickles,
 )
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
+from mergeserve.composition import ComposedModel
 from mergeserve.export.dense import export_dense
 from mergeserve.export.mixtral import export_mixtral
-from mergeserve.composition import ComposedModel
 
 __all__ = ["export_composition", "export_dense", "export_mixtral", "export_spec"]
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from transformers import MixtralConfig, PretrainedConfig
 
+from mergeserve.composition import ComposedModel
 from mergeserve.experts.checkpoint import head_dim
 from mergeserve.export.hf import DEFAULT_SHARD_BYTES, is_tied, parse_dtype, shared_tensors, write_checkpoint
-from mergeserve.composition import ComposedModel
 
 
 def check_mixtral(composed: ComposedModel) -> None:

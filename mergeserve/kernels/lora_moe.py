@@ -28,10 +28,19 @@ import torch.nn.functional as F
 
 from mergeserve.composition import ExpertFFN, LowRank, Weight, row_blocks
 from mergeserve.kernels.lowrank import Pack, linear
-from mergeserve.kernels.packed import Packed
+from mergeserve.kernels.packed import Packed, pack_private
 
 MASKED_MAX_EXPERTS = 8  # beyond this, reading every expert's factors per token costs more than gathering
 GROUPED_MIN_TOKENS = 64  # batches this large over many experts go expert by expert
+
+
+@dataclass(eq=False)
+class FusedTables:
+    """The masked strategy's matmuls with base and factors side by side (each packed)."""
+
+    gate_up_a: Packed  # [2I + E * 2r, D]: base gate, base up, then every expert's A_gate / A_up
+    b_gate_up: Packed  # [2I, 2 E r]: blockdiag(B_gate, B_up)
+    down_b: Packed  # [D, I + E r]: base down, then every expert's B_down
 
 
 @dataclass(eq=False)
@@ -50,6 +59,7 @@ class LoraExperts:
     b_down: torch.Tensor | Packed  # [D, E * r]
     member: torch.Tensor  # [E] bool: the expert runs here (False: a dense expert, zero factors)
     rank: int
+    fused: FusedTables | None = None  # base and factors in shared matmuls (packed builds only)
 
     @property
     def num_experts(self) -> int:
@@ -60,10 +70,18 @@ class LoraExperts:
         return self.per_expert("a_down").dtype
 
     def packed(self, pack: Pack) -> LoraExperts:
-        """The tables packed for oneDNN where the masked strategy reads them whole (few experts)."""
-        tables = ("a_in", "b_gate", "b_up", "a_down", "b_down") if self.num_experts <= MASKED_MAX_EXPERTS else ()
-        return LoraExperts(**{**vars(self), "gate_up": pack(self.gate_up), "down": pack(self.down),
-                              **{name: pack(getattr(self, name)) for name in tables}})
+        """The tables packed for oneDNN. With few experts (the masked strategy reads every table
+        whole) base and factors are also fused into shared matmuls: four oneDNN calls per layer
+        instead of seven; the fused copies are this composition's own (the plain ones are freed)."""
+        a_down = pack(self.a_down)
+        if self.num_experts > MASKED_MAX_EXPERTS or a_down is self.a_down:  # many experts, or nothing packs
+            return LoraExperts(**{**vars(self), "gate_up": pack(self.gate_up), "down": pack(self.down)})
+        fused = FusedTables(
+            gate_up_a=pack_private(torch.cat([self.gate_up, self.a_in])),
+            b_gate_up=pack_private(torch.block_diag(self.b_gate, self.b_up)),
+            down_b=pack_private(torch.cat([self.down, self.b_down], dim=1)),
+        )
+        return LoraExperts(**{**vars(self), "a_down": a_down, "fused": fused})
 
     def per_expert(self, name: str) -> torch.Tensor:
         """A B table as [E, r, out] (each expert's B^T) or an A table as [E, r, in]: a view of the plain table."""
@@ -135,30 +153,49 @@ def lora_moe_ffn(
     e, r = lx.num_experts, lx.rank
     strategy = strategy or choose_strategy(t, k, e)
     x, weights = x.to(lx.dtype), weights.to(lx.dtype)  # the residual stream may be fp32 over bf16 weights
+    if strategy == "masked":
+        return _masked(x, weights, ids, lx)
     g, u = linear(x, lx.gate_up).chunk(2, dim=-1)  # [T, I] each: the base, once per token
     xa = linear(x, lx.a_in).view(t, e, 2, r)  # [T, E, 2, r]: every x A^T (gate, up)
     if strategy == "grouped":
         return _grouped(x, g, u, xa, weights, ids, lx)
-    rows = torch.arange(t).unsqueeze(1)  # [T, 1]
-    if strategy == "masked":
-        # one-hot of each pick's expert [T, k, E]: keeps x A^T of that expert only, then all B at once
-        onehot = x.new_zeros(t, k, e).scatter_(2, ids.unsqueeze(-1), 1.0)
-        z = xa.unsqueeze(1) * onehot[..., None, None]  # [T, k, E, 2, r]
-        dg = linear(z[:, :, :, 0].reshape(t, k, e * r), lx.b_gate)  # [T, k, I]
-        du = linear(z[:, :, :, 1].reshape(t, k, e * r), lx.b_up)
-    else:
-        sel = xa[rows, ids]  # [T, k, 2, r]
-        dg = (sel[:, :, 0].unsqueeze(2) @ lx.per_expert("b_gate")[ids]).squeeze(2)  # [T, k, 1, r] @ [T, k, r, I]
-        du = (sel[:, :, 1].unsqueeze(2) @ lx.per_expert("b_up")[ids]).squeeze(2)
+    sel = xa[torch.arange(t).unsqueeze(1), ids]  # [T, k, 2, r]
+    dg = (sel[:, :, 0].unsqueeze(2) @ lx.per_expert("b_gate")[ids]).squeeze(2)  # [T, k, 1, r] @ [T, k, r, I]
+    du = (sel[:, :, 1].unsqueeze(2) @ lx.per_expert("b_up")[ids]).squeeze(2)
     act = F.silu(g.unsqueeze(1) + dg) * (u.unsqueeze(1) + du)  # [T, k, I]
     w = weights.unsqueeze(-1)  # [T, k, 1]
     out = linear((w * act).sum(1), lx.down)  # [T, D]: the base down once, on the weighted sum
-    if strategy == "masked":
-        ad = linear(act, lx.a_down).view(t, k, e, r)  # [T, k, E, r]: every expert's A on each pick
-        z = (ad * (onehot * w).unsqueeze(-1)).sum(1)  # [T, E, r]: weighted, each pick in its own block
-        return out + linear(z.view(t, e * r), lx.b_down)
     ad = (lx.per_expert("a_down")[ids] @ act.unsqueeze(-1)).squeeze(-1) * w  # [T, k, r, I] @ [T, k, I, 1] -> [T, k, r]
     return out + (ad.unsqueeze(2) @ lx.per_expert("b_down")[ids]).squeeze(2).sum(1)  # [T, k, 1, r] @ [T, k, r, D]
+
+
+def _masked(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, lx: LoraExperts) -> torch.Tensor:
+    """Each pick's x A^T kept in its own expert's block (zeros elsewhere), then every expert's B at
+    once. With `fused` tables (packed builds) the base and the factors share each matmul:
+    [W_gate; W_up; A_in] x, blockdiag(B_gate, B_up) z, and [W_down | B_down] [h; z_down]."""
+    t, k = ids.shape
+    e, r = lx.num_experts, lx.rank
+    n_inter = lx.a_down.shape[1]  # I
+    onehot = x.new_zeros(t, k, e).scatter_(2, ids.unsqueeze(-1), 1.0)  # [T, k, E]
+    w = weights.unsqueeze(-1)  # [T, k, 1]
+    fused = lx.fused
+    if fused is not None:
+        gu, xa = linear(x, fused.gate_up_a).split([2 * n_inter, 2 * e * r], dim=-1)  # [T, 2I], [T, E * 2r]
+    else:
+        gu, xa = linear(x, lx.gate_up), linear(x, lx.a_in)
+    z = xa.view(t, 1, e, 2, r) * onehot[..., None, None]  # [T, k, E, 2, r]: only the pick's own expert
+    if fused is not None:
+        dgu = linear(z.transpose(2, 3).reshape(t, k, 2 * e * r), fused.b_gate_up)  # [T, k, 2I]
+    else:
+        dgu = torch.cat([linear(z[:, :, :, i].reshape(t, k, e * r), b) for i, b in enumerate((lx.b_gate, lx.b_up))], -1)
+    g, u = (gu.unsqueeze(1) + dgu).chunk(2, dim=-1)  # [T, k, I] each
+    act = F.silu(g) * u  # [T, k, I]
+    h = (w * act).sum(1)  # [T, I]: the routing-weighted activations, for the base down
+    ad = linear(act, lx.a_down).view(t, k, e, r)  # [T, k, E, r]: every expert's A on each pick
+    z_down = (ad * (onehot * w).unsqueeze(-1)).sum(1).view(t, e * r)  # [T, E * r]: weighted, own blocks only
+    if fused is not None:
+        return linear(torch.cat([h, z_down], dim=-1), fused.down_b)
+    return linear(h, lx.down) + linear(z_down, lx.b_down)
 
 
 def _grouped(x, g, u, xa, weights, ids, lx: LoraExperts) -> torch.Tensor:

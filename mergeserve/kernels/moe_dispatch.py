@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from mergeserve.composition import ExpertFFN, Weight, fuse
-from mergeserve.kernels.packed import Packed
 from mergeserve.kernels.lowrank import Pack, linear, packed, prepared
+from mergeserve.kernels.packed import Packed
 
 
 @dataclass(eq=False)

@@ -25,20 +25,24 @@ class Packed:
     """A [out, in] weight in oneDNN's layout; `linear` runs it."""
 
     weight: torch.Tensor  # torch._mkldnn layout
-    source: torch.Tensor  # the plain weight: held, so no other tensor can take its address while this lives
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.source.shape
+    # The plain weight: held, so no other tensor can take its address while this lives (shared
+    # packs); an empty tensor of its dtype for a private pack.
+    source: torch.Tensor
+    shape: torch.Size
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.to(self.source.dtype), self.weight, bias, "none", [], "")
 
 
+def pack_private(w: torch.Tensor) -> Packed:
+    """`w` packed for one owner, not shared: the plain tensor is not kept (nothing else uses it)."""
+    return Packed(torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1), torch.empty(0, dtype=w.dtype), w.shape)
+
+
 def packing_works() -> bool:
     try:
         w = torch.ones(4, 4, dtype=torch.bfloat16)
-        out = Packed(torch.ops.mkldnn._reorder_linear_weight(w, 1), w)(torch.ones(1, 4, dtype=torch.bfloat16))
+        out = pack_private(w)(torch.ones(1, 4, dtype=torch.bfloat16))
         return bool(torch.backends.mkldnn.is_available()) and torch.equal(out, torch.full((1, 4), 4.0, dtype=torch.bfloat16))
     except (RuntimeError, AttributeError):
         return False
@@ -61,7 +65,7 @@ class WeightPacker:
         with self._lock:
             packed = self._packed.get(key)
             if packed is None:
-                packed = Packed(torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1), w)
+                packed = Packed(torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1), w, w.shape)
                 self._packed[key] = packed
             return packed
 

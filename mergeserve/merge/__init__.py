@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mergeserve.experts import ExpertPool
 from mergeserve.composition import ComposedModel
+from mergeserve.experts import ExpertPool
 from mergeserve.spec import CompositionSpec
 
 

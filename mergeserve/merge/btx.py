@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 import torch
 
+from mergeserve.composition import Attention, ComposedModel, ExpertFFN, Layer, fuse_in_place
 from mergeserve.experts import Checkpoint, CheckpointError, ExpertPool
 from mergeserve.kernels.capability import resolve_dtype
 from mergeserve.merge.average import mean
-from mergeserve.composition import Attention, ComposedModel, ExpertFFN, Layer, fuse_in_place
 from mergeserve.router import init_router
 from mergeserve.spec import CompositionSpec
 

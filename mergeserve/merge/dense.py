@@ -7,9 +7,9 @@ with the base (LoRA leaves embeddings alone) stay the base's own, uncopied.
 
 from __future__ import annotations
 
+from mergeserve.composition import ComposedModel, ExpertFFN, fuse_in_place
 from mergeserve.experts import ExpertPool
 from mergeserve.merge.btx import compose, load_experts
-from mergeserve.composition import ComposedModel, ExpertFFN, fuse_in_place
 from mergeserve.merge.methods import merge_tensor
 from mergeserve.spec import CompositionSpec
 

@@ -9,9 +9,9 @@ source as an expert's source.
 
 from __future__ import annotations
 
+from mergeserve.composition import ComposedModel
 from mergeserve.experts import ExpertPool
 from mergeserve.merge.btx import build_moe, load_experts
-from mergeserve.composition import ComposedModel
 from mergeserve.merge.methods import merge_tensor
 from mergeserve.spec import CompositionSpec
 

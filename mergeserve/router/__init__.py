@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mergeserve.experts import Checkpoint
 from mergeserve.composition import ComposedModel
+from mergeserve.experts import Checkpoint
 from mergeserve.spec import CompositionSpec
 
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from mergeserve.experts import Checkpoint
 from mergeserve.composition import ComposedModel, Layer, LowRank, dense, fuse
+from mergeserve.experts import Checkpoint
 from mergeserve.spec import CompositionSpec
 
 # Randomised SVD subspace: exact for deltas of rank <= 32 (rank-16 LoRA on gate and up).

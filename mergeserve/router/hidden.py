@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from mergeserve.engine.model import Batch, Transformer
 from mergeserve.composition import ComposedModel
+from mergeserve.engine.layers import Batch
+from mergeserve.engine.model import Transformer
 from mergeserve.router import zero_rows
 from mergeserve.spec import CompositionSpec
 

@@ -14,8 +14,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mergeserve.experts import CheckpointError
 from mergeserve.composition import ComposedModel
+from mergeserve.experts import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from mergeserve.experts import Checkpoint
 from mergeserve.composition import Attention, ComposedModel, ExpertFFN, Layer
+from mergeserve.engine.layers import Batch
+from mergeserve.engine.model import Transformer
+from mergeserve.experts import Checkpoint
 from mergeserve.spec import CompositionSpec
 
 HEAD_CHUNK = 1024  # tokens per [chunk, V] logits block when scoring
@@ -130,7 +132,6 @@ def padded_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
 @torch.inference_mode()
 def inverse_perplexities(composed: ComposedModel, prompts: list[list[int]]) -> torch.Tensor:
     """1 / PPL(prompt | expert e) for every prompt and expert, [B, E]: one padded forward per expert."""
-    from mergeserve.engine.model import Batch, Transformer
 
     batch = Batch.right_padded(prompts)
     predicted, targets, row, counts = next_token_targets(batch)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from mergeserve.engine.layers import Batch
 from mergeserve.experts import Checkpoint
 from mergeserve.experts.checkpoint import hf_module
 
@@ -150,7 +151,6 @@ def backward_with_hooks(model: torch.nn.Module, prompts: list[list[int]], accumu
 
 def sequence_loss(model: torch.nn.Module, prompts: list[list[int]]) -> torch.Tensor:
     """sum over prompts of each one's mean next-token loss; right padding, causal attention only."""
-    from mergeserve.engine.model import Batch
     from mergeserve.router.sequence import next_token_targets
 
     batch = Batch.right_padded(prompts)

@@ -18,10 +18,10 @@ from tqdm import tqdm
 from transformers import MixtralForCausalLM, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 from transformers.initialization import no_init_weights
 
+from mergeserve.composition import ComposedModel, dense
 from mergeserve.experts import ExpertPool
 from mergeserve.export.mixtral import check_mixtral, mixtral_config, mixtral_tensors
 from mergeserve.merge import build
-from mergeserve.composition import ComposedModel, dense
 from mergeserve.router.learned import save_rows
 from mergeserve.spec import SpecError, load_composition
 from mergeserve.zoo.splits import pack, read_jsonl

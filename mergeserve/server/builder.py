@@ -147,4 +147,4 @@ def own_bytes(engine: Engine, pool: ExpertPool) -> int:
         if storage.data_ptr() not in shared:
             storages[storage.data_ptr()] = storage.nbytes()
     # Packed copies (oneDNN layout) of the weights it runs; shared with engines over the same tensors.
-    return sum(storages.values()) + sum(p.source.numel() * p.source.element_size() for p in engine.model.packed())
+    return sum(storages.values()) + sum(p.shape.numel() * p.source.element_size() for p in engine.model.packed())
