@@ -93,7 +93,6 @@ class Transformer(torch.nn.Module):
         self.composed = composed
         self.args = ModelArgs.from_config(composed.config)
         self.top_k = composed.top_k
-        self.dtype = composed.embed.dtype
         # cos/sin for every position, computed once by transformers' rotary code (handles rope scaling).
         rotary = LlamaRotaryEmbedding(composed.config)
         cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(max_len).unsqueeze(0))
