@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 @dataclass(eq=False)
 class LowRank:
-    """A weight kept as its factors: base + b @ a (a LoRA expert's projection; scaling folded into b).
+    """A weight kept as its factors: base + scale * b @ a (a LoRA expert's projection).
 
     `base` is the pool's shared tensor; only the factors belong to the expert. `dense()`
     materialises the sum for whoever needs it (merges, export) and is never kept resident.

@@ -18,15 +18,16 @@ class KVCache:
     never into a real sequence's slot.
     """
 
-    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int, dtype=torch.float32):
+    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int):
         self.max_len = max_len
         self.scratch_slot = slots
         self.shape = (layers, slots + 1, kv_heads, max_len, head_dim)
         # NORESERVE: the reservation is address space, not committed memory (a large max_model_len
         # must not be refused by overcommit accounting for pages that are never written).
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-        self._maps = [mmap.mmap(-1, max(1, _numel(self.shape) * dtype.itemsize), flags=flags) for _ in range(2)]
-        self.k, self.v = (torch.frombuffer(m, dtype=dtype, count=_numel(self.shape)).view(self.shape) for m in self._maps)
+        # fp32 whatever the weights: attention runs in fp32 (layers.attention).
+        self._maps = [mmap.mmap(-1, max(1, _numel(self.shape) * 4), flags=flags) for _ in range(2)]
+        self.k, self.v = (torch.frombuffer(m, dtype=torch.float32, count=_numel(self.shape)).view(self.shape) for m in self._maps)
 
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """slots and positions [B, T] (one per token), k/v [B, KVH, T, Dh]."""
@@ -48,10 +49,6 @@ class KVCache:
         """Copy a sequence's first `length` positions from slot src to slot dst (all layers)."""
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
-
-    def reserved_bytes(self) -> int:
-        """Bytes the cache could occupy at most (the OS backs only the pages written)."""
-        return sum(m.size() for m in self._maps)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

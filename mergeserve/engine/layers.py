@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mergeserve.composition import Weight
 from mergeserve.kernels.lowrank import linear
 
-__all__ = ["Batch", "attention", "linear", "rms_norm", "rope"]
+__all__ = ["Batch", "attention", "rms_norm", "rope", "signed_sin"]
 
 
 @dataclass

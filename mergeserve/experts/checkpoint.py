@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from mergeserve.composition import LowRank, Weight, fuse_in_place
+from mergeserve.composition import LowRank, Weight, fuse_in_place, weight_tensors
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -68,7 +68,7 @@ class Checkpoint:
 
     def held(self) -> list[torch.Tensor]:
         """Every tensor this checkpoint keeps alive (shared base tensors included)."""
-        return [*self.stored.values(), *(t for w in self.factored.values() for t in (w.base, w.a, w.b))]
+        return [*self.stored.values(), *(t for w in self.factored.values() for t in weight_tensors(w))]
 
     def nbytes(self, seen: set[int] | None = None) -> int:
         """Bytes of the storage this checkpoint holds, leaving out storages already in `seen`

@@ -1,8 +1,8 @@
 """PEFT LoRA adapter folders, kept as their factors over the shared base.
 
-Each adapted projection becomes a LowRank: the base's own tensor plus A [r, in] and
-B [out, r] with the scaling (alpha / r, or alpha / sqrt(r) for rsLoRA; per-module rank
-and alpha patterns) folded into B. Ranks may differ between modules and adapters.
+Each adapted projection becomes a LowRank: the base's own tensor plus A [r, in],
+B [out, r] (in the file's dtype) and the scaling (alpha / r, or alpha / sqrt(r) for
+rsLoRA; per-module rank and alpha patterns). Ranks may differ between modules and adapters.
 Adapters using what a plain B·A cannot express (DoRA, LoRA biases, `modules_to_save`,
 trainable tokens, embedding LoRA) are merged into dense weights by peft itself, and a
 log line says why.

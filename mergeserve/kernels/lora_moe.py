@@ -72,7 +72,8 @@ class LoraExperts:
     def packed(self, pack: Pack) -> LoraExperts:
         """The tables packed for oneDNN. With few experts (the masked strategy reads every table
         whole) base and factors are also fused into shared matmuls: four oneDNN calls per layer
-        instead of seven; the fused copies are this composition's own (the plain ones are freed)."""
+        instead of seven. The fused copies are this composition's own; the plain factor tables
+        stay beside them (small with so few experts) for the other strategies' per-expert views."""
         a_down = pack(self.a_down)
         if self.num_experts > MASKED_MAX_EXPERTS or a_down is self.a_down:  # many experts, or nothing packs
             return LoraExperts(**{**vars(self), "gate_up": pack(self.gate_up), "down": pack(self.down)})
