@@ -15,7 +15,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 if TYPE_CHECKING:
-    from mergeserve.router.sequence import SequenceRouter
+    from mergeserve.experts import Checkpoint
 
 
 @dataclass(eq=False)
@@ -132,6 +132,26 @@ class Layer:
 
 
 @dataclass(eq=False)
+class SequenceRouting:
+    """MergeME sequence-level routing, as data: one alpha [E] per request, chosen from its prompt.
+
+    The engine owns the scoring (engine/sequence_router.py); each layer's `expert_layers`
+    hold what separate attention runs.
+    """
+
+    kind: str  # "perplexity" | "task_vector"
+    attention: str  # "separate" | "merged"
+    top_k: int
+    temperature: float  # multiplies the scores before the softmax
+    base: Checkpoint  # the pool's own; task_vector differentiates the base model
+    experts: list[Checkpoint]  # the pool's own, in expert order
+
+    @property
+    def separate(self) -> bool:
+        return self.attention == "separate"
+
+
+@dataclass(eq=False)
 class ComposedModel:
     name: str
     config: PretrainedConfig  # the base architecture's Hugging Face config
@@ -145,7 +165,7 @@ class ComposedModel:
     # Router logits are |x · row| instead of x · row (arrow: a singular vector's sign is arbitrary).
     router_abs: bool = False
     # MergeME sequence-level routing: one alpha [E] per request from its prompt; no gate rows then.
-    sequence_router: SequenceRouter | None = None
+    sequence_routing: SequenceRouting | None = None
     # Sources the composition was built from (base first; a learned router checks its base against it).
     sources: list[str] = field(default_factory=list)
 

@@ -18,9 +18,9 @@ from mergeserve.engine.sequence import SamplingParams
 from mergeserve.experts import ExpertPool
 from mergeserve.export import export_composition
 from mergeserve.merge import build
-from mergeserve.router.sequence import top_k_softmax
+from mergeserve.engine.sequence_router import SequenceRouter, top_k_softmax
 from mergeserve.server.metrics import Metrics
-from mergeserve.router.task_vector import routed_keys
+from mergeserve.engine.task_vector import routed_keys
 from mergeserve.spec import EngineConfig, parse_composition
 from tiny import perturbed_copy
 
@@ -74,8 +74,8 @@ def test_requests_routed_to_different_experts_decode_like_each_expert_alone(zoo,
     composed = compose(zoo, experts, kind="perplexity")
     prompts = tokenize(composed)
     choice = {tuple(p): e for e, p in enumerate(prompts)}  # prompt i goes to expert i
-    monkeypatch.setattr(composed.sequence_router, "route", lambda _c, ps, _bias=None: one_hot([choice[tuple(p)] for p in ps]))
     engine = Engine(composed, EngineConfig(max_num_seqs=4, max_prefill_tokens=8))  # chunked prefill
+    monkeypatch.setattr(engine.sequence_router, "route", lambda ps, _bias=None: one_hot([choice[tuple(p)] for p in ps]))
     together = engine.generate(prompts, GREEDY)
     for ids, got, name in zip(prompts, together, NAMES):
         with torch.no_grad():
@@ -117,7 +117,7 @@ def test_perplexity_routing_prefers_the_expert_with_the_lowest_perplexity(zoo, e
     router = {"kind": "perplexity", "top_k": 2} | ({"scale": scale} if scale else {})
     composed = compose(zoo, experts, **router)
     prompts = tokenize(composed)
-    alpha = composed.sequence_router.route(composed, prompts)  # [B, E]
+    alpha = SequenceRouter(composed).route(prompts)  # [B, E]
     ppl = torch.empty(len(prompts), len(NAMES))
     for e, name in enumerate(NAMES):
         reference = hf_model(experts[name])
@@ -137,7 +137,7 @@ def test_task_vector_scores_are_cosines_of_the_descent_direction_and_the_task_ve
     # Gram-matrix and the per-prompt-gradient forms of |g_b| are exercised.
     prompts = tokenize(composed, (TEXTS[0] * 5, TEXTS[1], "Hello, how are you today?"))
     assert len({len(p) for p in prompts}) == 3 and max(map(len, prompts)) ** 2 > 32 * 64
-    scores = composed.sequence_router.scores(composed, prompts)  # [B, E]
+    scores = SequenceRouter(composed).scores(prompts)  # [B, E]
 
     pool = ExpertPool()
     base, keys = pool.get(str(zoo["base"])).tensors, routed_keys(2)

@@ -21,6 +21,7 @@ from mergeserve.engine.model import Transformer
 from mergeserve.engine.sampler import sample
 from mergeserve.engine.scheduler import Scheduler
 from mergeserve.engine.sequence import RequestOutput, SamplingParams, Sequence, TokenLogprob
+from mergeserve.engine.sequence_router import SequenceRouter
 from mergeserve.kernels.packed import WeightPacker
 from mergeserve.spec import EngineConfig
 
@@ -42,7 +43,7 @@ class Engine:
         self._inbox: deque[tuple[str, object]] = deque()  # ("add", Sequence) | ("abort", request_id)
         self._lock = threading.Lock()
         self._generators: dict[str, torch.Generator] = {}
-        self.sequence_router = composed.sequence_router
+        self.sequence_router = SequenceRouter(composed) if composed.sequence_routing is not None else None
         # Sequence routing: requests that chose each expert (top-k choices count once each), [E].
         self.expert_requests = torch.zeros(composed.num_experts, dtype=torch.int64) if self.sequence_router else None
 
@@ -162,7 +163,7 @@ class Engine:
         if not new:
             return
         bias = self._bias_rows(new)  # [N, E] or None
-        alpha = self.sequence_router.route(self.composed, [seq.prompt_ids for seq in new], bias)  # [N, E]
+        alpha = self.sequence_router.route([seq.prompt_ids for seq in new], bias)  # [N, E]
         for seq, a in zip(new, alpha):
             seq.alpha = a
         self.expert_requests += (alpha > 0).sum(0)
@@ -270,7 +271,7 @@ class Engine:
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits of every position of one sequence, [T, V], without touching the cache."""
         positions = torch.arange(len(token_ids)).unsqueeze(0)
-        alpha = self.sequence_router.route(self.composed, [token_ids]) if self.sequence_router else None
+        alpha = self.sequence_router.route([token_ids]) if self.sequence_router else None
         hidden = self.model(Batch(torch.tensor([token_ids]), positions, None, alpha=alpha))
         return self.model.logits(hidden)[0]
 
@@ -294,7 +295,7 @@ class Engine:
             while end < len(order) and len(sequences[order[end]]) * (end + 1 - start) <= max_batch_tokens:
                 end += 1
             chunk = [sequences[i] for i in order[start:end]]
-            alpha = self.sequence_router.route(self.composed, [s[:route_tokens] for s in chunk]) if self.sequence_router else None
+            alpha = self.sequence_router.route([s[:route_tokens] for s in chunk]) if self.sequence_router else None
             batch = Batch.right_padded(chunk, alpha=alpha)
             hidden = self.model(batch)  # [B, T, D]
             for row, i in enumerate(order[start:end]):

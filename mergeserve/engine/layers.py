@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mergeserve.composition import Weight
 from mergeserve.kernels.lowrank import linear
 
-__all__ = ["Batch", "attention", "rms_norm", "rope", "signed_sin"]
+__all__ = ["Batch", "attention", "next_token_targets", "rms_norm", "rope", "signed_sin"]
 
 
 @dataclass
@@ -110,3 +110,13 @@ def attention(
         k, v = cache.read(layer, batch.slots, batch.num_keys(), batch.first_slot)  # [B, KVH, S, Dh]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     return linear(out.transpose(1, 2).reshape(b, t, -1).to(x.dtype), o_proj)
+
+
+def next_token_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Of a right-padded Batch: which positions predict a real token [B, T-1] (position t predicts
+    token t+1), those tokens [N], the prompt of each [N], and predictions per prompt [B] (at least 1)."""
+    predicted = batch.real()[:, 1:]
+    targets = batch.tokens[:, 1:][predicted]
+    row = torch.arange(len(predicted)).unsqueeze(1).expand_as(predicted)[predicted]
+    counts = torch.bincount(row, minlength=len(predicted)).clamp_min(1)
+    return predicted, targets, row, counts

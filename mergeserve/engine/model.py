@@ -103,7 +103,7 @@ class Transformer(torch.nn.Module):
         self.expert_weight = torch.zeros(len(composed.layers), e, dtype=torch.float64)  # [L, E]
         self._picks: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # this forward's (layer, weights, ids)
         # Separate attention: expert e's own layer i keeps its keys/values in cache layer i * E + e.
-        seq = composed.sequence_router
+        seq = composed.sequence_routing
         self.separate = seq is not None and seq.separate
         self.cache_layers = self.args.n_layers * (e if self.separate else 1)
         self.run_layers = [RunLayer.of(layer, pack) for layer in composed.layers]
@@ -148,7 +148,7 @@ class Transformer(torch.nn.Module):
         x = F.embedding(batch.tokens, c.embed).float()  # [B, T, D]
         cos, sin = self.cos[batch.positions].unsqueeze(1), self.sin[batch.positions].unsqueeze(1)  # [B, 1, T, Dh]
         mask = batch.mask(self.args.sliding_window)
-        if c.sequence_router is not None and batch.alpha is None:
+        if c.sequence_routing is not None and batch.alpha is None:
             raise ValueError(f"composition {c.name!r} routes per sequence: the batch needs alpha [B, E]")
         for i, run in enumerate(self.run_layers):
             if self.separate:

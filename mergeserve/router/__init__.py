@@ -15,7 +15,7 @@ def init_router(
     """Fill every MoE layer's router [E, D] as the spec's router section says.
 
     Sequence routers (perplexity, task_vector) have no gate rows: they attach each expert's
-    own layers and a SequenceRouter instead (router/sequence.py).
+    own layers and SequenceRouting data instead (router/sequence.py).
     """
     if composed.num_experts == 1:
         return

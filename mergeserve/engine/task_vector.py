@@ -23,17 +23,12 @@ and, once T^2 exceeds the weight's size, g_b itself [Dout, Din] is the smaller o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
-from mergeserve.engine.layers import Batch
+from mergeserve.engine.layers import Batch, next_token_targets
 from mergeserve.experts import Checkpoint
 from mergeserve.experts.checkpoint import hf_module
-
-if TYPE_CHECKING:
-    from mergeserve.router.sequence import SequenceRouter
 
 PROJECTIONS = tuple(f"self_attn.{x}_proj" for x in "qkvo") + tuple(f"mlp.{x}_proj" for x in ("gate", "up", "down"))
 
@@ -102,30 +97,28 @@ def linear_grad_stats(x: torch.Tensor, delta: torch.Tensor, taus: list[Tau | Non
     return torch.stack(dots, dim=1), g.pow(2).sum((1, 2))
 
 
-def prepare(router: SequenceRouter) -> dict:
-    """Build once what every call needs: the base model and |tau_i|."""
-    state = router._state
-    if "model" not in state:
-        state["model"] = hf_module(router.base).eval().requires_grad_(False)
-        state["tau_norms"] = tau_norms(router.base, router.experts)
-    return state
+class TaskVectorScorer:
+    """cos(-grad L_base(prompt), tau_i) for every prompt and expert; builds the base model and |tau_i| once."""
 
+    def __init__(self, base: Checkpoint, experts: list[Checkpoint]) -> None:
+        self.base, self.experts = base, experts
+        self.model = hf_module(base).eval().requires_grad_(False)
+        self.tau_norms = tau_norms(base, experts)  # [E]
 
-def task_vector_scores(router: SequenceRouter, prompts: list[list[int]]) -> torch.Tensor:
-    """cos(-grad L_base(prompt), tau_i) for every prompt and expert, [B, E]."""
-    state = prepare(router)
-    with torch.inference_mode(False), torch.enable_grad():  # the engine steps in inference mode
-        dots = torch.zeros(len(prompts), len(router.experts))  # <g_b, tau_i>
-        sq = torch.zeros(len(prompts))  # |g_b|^2
+    def scores(self, prompts: list[list[int]]) -> torch.Tensor:
+        """[B, E]."""
+        with torch.inference_mode(False), torch.enable_grad():  # the engine steps in inference mode
+            dots = torch.zeros(len(prompts), len(self.experts))  # <g_b, tau_i>
+            sq = torch.zeros(len(prompts))  # |g_b|^2
 
-        def accumulate(key: str, x: torch.Tensor, delta: torch.Tensor) -> None:
-            d, s = linear_grad_stats(x, delta, [tau(e, router.base, key) for e in router.experts])
-            dots.add_(d)
-            sq.add_(s)
+            def accumulate(key: str, x: torch.Tensor, delta: torch.Tensor) -> None:
+                d, s = linear_grad_stats(x, delta, [tau(e, self.base, key) for e in self.experts])
+                dots.add_(d)
+                sq.add_(s)
 
-        backward_with_hooks(state["model"], prompts, accumulate)
-    norms = sq.sqrt().unsqueeze(1) * state["tau_norms"].unsqueeze(0)  # [B, E]
-    return torch.where(norms > 0, -dots / norms.clamp_min(1e-30), 0.0)  # -: the descent direction
+            backward_with_hooks(self.model, prompts, accumulate)
+        norms = sq.sqrt().unsqueeze(1) * self.tau_norms.unsqueeze(0)  # [B, E]
+        return torch.where(norms > 0, -dots / norms.clamp_min(1e-30), 0.0)  # -: the descent direction
 
 
 def backward_with_hooks(model: torch.nn.Module, prompts: list[list[int]], accumulate) -> None:
@@ -151,8 +144,6 @@ def backward_with_hooks(model: torch.nn.Module, prompts: list[list[int]], accumu
 
 def sequence_loss(model: torch.nn.Module, prompts: list[list[int]]) -> torch.Tensor:
     """sum over prompts of each one's mean next-token loss; right padding, causal attention only."""
-    from mergeserve.router.sequence import next_token_targets
-
     batch = Batch.right_padded(prompts)
     predicted, targets, row, counts = next_token_targets(batch)
     embeds = model.get_input_embeddings()(batch.tokens).detach().requires_grad_()  # [B, T, D]: the graph starts here

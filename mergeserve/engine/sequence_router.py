@@ -1,0 +1,106 @@
+"""Scoring for MergeME sequence routers (composition.SequenceRouting): alpha [B, E] per prompt.
+
+One Engine owns one SequenceRouter and calls it once per request, when the request is
+admitted (Engine._route_admitted); the choice holds for every token of the request, prompt
+included. A one-token prompt predicts nothing and gives every expert the same score; ties
+go to the lower expert index.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mergeserve.composition import ComposedModel
+from mergeserve.engine.layers import Batch, next_token_targets
+from mergeserve.engine.model import Transformer
+from mergeserve.engine.task_vector import TaskVectorScorer
+
+HEAD_CHUNK = 1024  # tokens per [chunk, V] logits block when scoring
+
+
+class SequenceRouter:
+    def __init__(self, composed: ComposedModel, max_batch_tokens: int = 1024) -> None:
+        """Builds what scoring needs up front (the task-vector base model), off the request path.
+
+        max_batch_tokens: padded tokens per scoring forward (bounds activation memory).
+        """
+        self.composed = composed
+        self.routing = composed.sequence_routing
+        self.max_batch_tokens = max_batch_tokens
+        r = self.routing
+        self.task_vector = TaskVectorScorer(r.base, r.experts) if r.kind == "task_vector" else None
+
+    def scores(self, prompts: list[list[int]]) -> torch.Tensor:
+        """score_i of every prompt and expert, [B, E], in batches of at most `max_batch_tokens`."""
+        out = torch.empty(len(prompts), self.composed.num_experts)
+        for group in padded_groups([len(p) for p in prompts], self.max_batch_tokens):
+            chunk = [prompts[i] for i in group]
+            if self.task_vector is not None:
+                out[group] = self.task_vector.scores(chunk)
+            else:
+                out[group] = inverse_perplexities(self.composed, chunk)
+        return out
+
+    def route(self, prompts: list[list[int]], bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Routing weights alpha of every prompt, [B, E]: at most k nonzero entries per row, summing to 1.
+
+        bias [B, E], added to the scores before the top k (a request's expert_bias); -inf
+        excludes an expert, so a row allowing fewer than k experts has fewer nonzero entries.
+        """
+        scores = self.scores(prompts)
+        r = self.routing
+        return top_k_softmax(scores if bias is None else scores + bias, r.top_k, r.temperature)
+
+
+def expert_model(composed: ComposedModel, e: int) -> ComposedModel:
+    """Expert e's own dense model inside `composed`: its layers, the shared embeddings and head."""
+    return ComposedModel(
+        name=f"{composed.name}:{composed.expert_names[e]}", config=composed.config, tokenizer=composed.tokenizer,
+        embed=composed.embed, norm=composed.norm, lm_head=composed.lm_head,
+        layers=[layer.expert_layers[e] for layer in composed.layers], expert_names=[composed.expert_names[e]],
+        top_k=1,
+    )
+
+
+def top_k_softmax(scores: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
+    """alpha [B, E] = softmax(temperature * top-k scores) on the k best experts, 0 elsewhere."""
+    top, ids = torch.sort(scores, dim=1, descending=True, stable=True)  # stable: ties to the lower index
+    weights = torch.softmax(temperature * top[:, :k], dim=1)  # [B, k]
+    return torch.zeros_like(scores).scatter_(1, ids[:, :k], weights)
+
+
+def padded_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped by similar length so each right-padded group has at most `max_tokens` tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[i] * (len(groups[-1]) + 1) <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+@torch.inference_mode()
+def inverse_perplexities(composed: ComposedModel, prompts: list[list[int]]) -> torch.Tensor:
+    """1 / PPL(prompt | expert e) for every prompt and expert, [B, E]: one padded forward per expert."""
+    batch = Batch.right_padded(prompts)
+    predicted, targets, row, counts = next_token_targets(batch)
+    out = []
+    for e in range(composed.num_experts):
+        model = Transformer(expert_model(composed, e), max_len=batch.tokens.shape[1])
+        hidden = model(batch)[:, :-1][predicted]  # [N, D]
+        nll = token_nll(hidden, composed.lm_head, targets)  # [N]
+        mean_nll = torch.zeros(len(prompts)).index_add_(0, row, nll) / counts  # [B]
+        out.append(torch.exp(-mean_nll))
+    return torch.stack(out, dim=1)
+
+
+def token_nll(hidden: torch.Tensor, lm_head: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p(target) of each token, [N], computing the [N, V] logits a chunk at a time."""
+    out = []
+    for start in range(0, hidden.shape[0], HEAD_CHUNK):
+        logits = F.linear(hidden[start:start + HEAD_CHUNK], lm_head).float()  # [chunk, V]
+        out.append(F.cross_entropy(logits, targets[start:start + HEAD_CHUNK], reduction="none"))
+    return torch.cat(out) if out else hidden.new_zeros(0)
