@@ -20,7 +20,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         config = load_serve_config(args.config)
         overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-        serve(config.model_copy(update=overrides), Path(args.config).parent.resolve())
+        serve(config.model_copy(update=overrides), Path(args.config).parent.resolve(), args.config if args.watch else None)
     except (SpecError, CheckpointError) as e:
         return _bad_input(args, e)
     return 0
@@ -103,6 +103,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, type=Path, help="serve config (YAML)")
     serve.add_argument("--host", help="overrides the config's host")
     serve.add_argument("--port", type=_port, help="overrides the config's port")
+    serve.add_argument("--watch", action="store_true",
+                       help="apply edits of the config file while serving: changed compositions hot-swap, "
+                            "removed ones drain, aliases follow (a mounted ConfigMap)")
     serve.set_defaults(run=_serve)
 
     export = sub.add_parser("export", help="write a composition as a Hugging Face checkpoint (Mixtral for an MoE)")

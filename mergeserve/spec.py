@@ -6,6 +6,7 @@ which router; a serve config says which compositions to serve and how.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Literal
@@ -116,10 +117,41 @@ class MergeParams(_Strict):
     overrides: list[MergeOverride] = []
 
 
+class VLLMOptions(_Strict):
+    """How a `backend: vllm` composition's child server runs (vLLM's own option names)."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    data_parallel_size: int = Field(1, ge=1)
+    enable_expert_parallel: bool = False
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = None  # ray: multi-node
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int | None = Field(None, ge=16)
+    # Passed through to vllm.entrypoints.openai.api_server after the options above.
+    extra_args: list[str] = []
+    # Interpreter that has vLLM; unset: $MERGESERVE_VLLM_PYTHON, else this process's own.
+    python: str | None = None
+    startup_timeout_s: float = Field(900.0, gt=0)  # vLLM-CPU takes minutes to load
+    stop_grace_s: float = Field(30.0, ge=0)  # SIGTERM, then SIGKILL after this long
+
+
+Backend = Literal["local", "vllm", "openai"]
+
+
 class CompositionSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN.pattern, max_length=128)
-    base: str
-    experts: list[ExpertSpec] = Field(min_length=1, max_length=256)
+    # What serves it: local (the in-process engine), vllm (its export in a vLLM child process),
+    # openai (an OpenAI-compatible server already running at `url`; no base or experts then).
+    backend: Backend = "local"
+    base: str | None = None  # required unless backend=openai
+    experts: list[ExpertSpec] = Field([], max_length=256)
+    vllm: VLLMOptions | None = None  # backend=vllm only
+    # backend=openai: the upstream's base URL (ending in /v1), its model name (unset: the first
+    # it lists), and the environment variable holding its API key (unset: no key).
+    url: str | None = Field(None, pattern=r"^https?://")
+    upstream_model: str | None = None
+    api_key_env: str | None = None
+    timeout_s: float = Field(600.0, gt=0)  # backend=openai/vllm: per upstream request
     # btx: MoE, FFNs kept as experts, the rest averaged; mergeme: MoE, the rest merged as
     # `merge` says (TIES by default); any task-vector method: one dense merged model.
     method: Literal["btx", "mergeme", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"] = "btx"
@@ -131,6 +163,9 @@ class CompositionSpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> CompositionSpec:
+        self._check_backend()
+        if self.backend == "openai":
+            return self
         names = [e.name for e in self.experts]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -144,9 +179,27 @@ class CompositionSpec(_Strict):
         self._check_merge()
         return self
 
+    def _check_backend(self) -> None:
+        remote = self.backend == "openai"
+        if remote != (self.url is not None):
+            raise ValueError("url is required for backend=openai and only used by it")
+        for field in ("upstream_model", "api_key_env"):
+            if not remote and field in self.model_fields_set:
+                raise ValueError(f"{field} applies to backend=openai only")
+        if self.vllm is not None and self.backend != "vllm":
+            raise ValueError("the vllm section applies to backend=vllm only")
+        if remote and (self.base is not None or self.experts):
+            raise ValueError("backend=openai serves a remote model: give no base or experts")
+        if not remote and self.base is None:
+            raise ValueError(f"base: required (backend={self.backend})")
+        if not remote and not self.experts:
+            raise ValueError(f"experts: give at least one (backend={self.backend})")
+
     @property
     def source_paths(self) -> list[str]:
         """Every file or folder the spec reads: base, experts, experts' own bases, router weights."""
+        if self.base is None:
+            return []
         bases = [e.base for e in self.experts if e.base]
         return [self.base, *(e.source for e in self.experts), *bases, *([self.router.weights] if self.router.weights else [])]
 
@@ -188,10 +241,33 @@ class EngineConfig(_Strict):
     threads: int | None = Field(None, ge=1)
 
 
+MAX_TARGETS = 16
+
+
+class Alias(_Strict):
+    """An A/B alias: one model name whose requests go to its targets in proportion to their weights."""
+
+    targets: dict[str, float] = Field(min_length=1, max_length=MAX_TARGETS)
+    # "user": sticky by X-Session-Id or the request's `user`; "none": every request picks anew.
+    sticky: Literal["user", "none"] = "user"
+
+    @field_validator("targets")
+    @classmethod
+    def _weights(cls, targets: dict[str, float]) -> dict[str, float]:
+        for name, weight in targets.items():
+            if not NAME_PATTERN.fullmatch(name):
+                raise ValueError(f"{name!r} is not a composition name")
+            if not (math.isfinite(weight) and weight > 0):
+                raise ValueError(f"the weight of {name!r} must be a positive number, got {weight}")
+        return targets
+
+
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     compositions: list[CompositionSpec] = []  # at least one, unless state_dir holds saved ones
+    # A/B aliases over the compositions above: name -> {targets: {composition: weight}, sticky}.
+    aliases: dict[str, Alias] = {}
     engine: EngineConfig = EngineConfig()
     # Bearer keys for /v1; none = open. Keys need not live in config files: MERGESERVE_API_KEYS
     # (comma-separated) adds to api_keys, MERGESERVE_ADMIN_KEY overrides admin_key.
@@ -210,11 +286,24 @@ class ServeConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16"] = "float32"
     # LoRA adapters: kept as factors over the shared base (factored) or merged into dense copies (merged).
     lora: Literal["factored", "merged"] = "factored"
+    # On SIGTERM: /ready answers 503 at once, the listener closes `drain_delay_s` later (time for
+    # load balancers to notice), then requests in flight have `grace_period_s` to finish.
+    drain_delay_s: float = Field(5.0, ge=0)
+    grace_period_s: float = Field(30.0, ge=0)
+    # Where backend=vllm compositions are exported (relative to the config file); unset: the
+    # state dir's exports/ when there is one, else ~/.cache/mergeserve/exports.
+    export_dir: str | None = None
 
     @model_validator(mode="after")
     def _something_to_serve(self) -> ServeConfig:
         if not self.compositions and self.state_dir is None:
             raise ValueError("compositions: give at least one (or a state_dir to restore them from)")
+        names = {s.name for s in self.compositions}
+        for alias, spec in self.aliases.items():
+            if not NAME_PATTERN.fullmatch(alias) or alias in names:
+                raise ValueError(f"aliases.{alias}: an alias needs a valid name of its own")
+            if self.compositions and (unknown := sorted(set(spec.targets) - names)):
+                raise ValueError(f"aliases.{alias}: unknown target compositions {unknown}")
         return self
 
     @field_validator("compositions")
@@ -324,8 +413,9 @@ def load_serve_config(path: str | Path) -> ServeConfig:
         else:
             specs.append(parse_composition(entry, path.parent.resolve(), f"{path}: compositions.{i}"))
     data["compositions"] = specs
-    if isinstance(data.get("state_dir"), str):
-        data["state_dir"] = resolve_source(data["state_dir"], path.parent.resolve())
+    for key in ("state_dir", "export_dir"):
+        if isinstance(data.get(key), str):
+            data[key] = resolve_source(data[key], path.parent.resolve())
     if isinstance(data.get("source_roots"), list):
         data["source_roots"] = [resolve_source(r, path.parent.resolve()) if isinstance(r, str) else r for r in data["source_roots"]]
     try:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -43,3 +48,38 @@ def live_server(app: FastAPI, **options: object) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_ready(http: httpx.Client) -> bool:
+    try:
+        return http.get("/ready").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@contextmanager
+def server_process(
+    config: Path, port: int, log: Path, *args: str, headers: dict[str, str] | None = None,
+) -> Iterator[tuple[httpx.Client, subprocess.Popen]]:
+    """`mergeserve serve --config CONFIG --port PORT [ARGS]` in its own process, ready (a composition
+    serves) when the block starts; killed with SIGKILL (no clean shutdown) at the end, if still running."""
+    with log.open("a") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mergeserve.cli", "serve", "--config", str(config), "--port", str(port), *args],
+            stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1"},
+        )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30) as http:
+            wait_until(lambda: is_ready(http) or proc.poll() is not None, timeout=120, what="the server")
+            assert proc.poll() is None, log.read_text()
+            yield http, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)

@@ -85,7 +85,7 @@ def test_replacing_a_composition_swaps_to_the_new_revision(server: Server) -> No
     raw = server.client.chat.completions.with_raw_response.create(model="moe", messages=HELLO, max_tokens=2)
     assert raw.headers["x-mergeserve-composition"] == "moe" and raw.headers["x-mergeserve-revision"] == "2"
     assert raw.parse().system_fingerprint.endswith(":moe@2")
-    assert server.registry.get("moe").expert_names == ["code", "math"]
+    assert server.registry.get("moe").engine.expert_names == ["code", "math"]
 
 
 def test_a_failed_build_keeps_the_old_revision_serving_and_says_why(server: Server, tmp_path: Path) -> None:
@@ -204,7 +204,7 @@ def test_the_registry_frees_a_replaced_revision_only_when_its_last_request_ends(
     lease = server.registry.acquire("moe")  # a request in flight on revision 1
     server.put_and_wait("moe", server.moe(("code", "math")))
     assert server.status("moe")["draining_revisions"] == [1]
-    assert lease.engine.name == "moe" and server.registry.acquire("moe").revision.number == 2
+    assert lease.backend.name == "moe" and server.registry.acquire("moe").revision.number == 2
     lease.release()
     assert server.status("moe")["draining_revisions"] == []
     loaded = sorted(Path(e["source"]).name for e in server.http.get("/admin/pool", headers=ADMIN).json()["experts"])

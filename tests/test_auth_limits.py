@@ -19,6 +19,7 @@ from live import live_server, wait_until
 from mergeserve import merge
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.executor import Executor
+from mergeserve.server.backends.local import LocalBackend
 from mergeserve.experts import ExpertPool
 from mergeserve.server import Registry, create_app
 from mergeserve.server.auth import ADMIN_KEY_ENV, API_KEYS_ENV, Auth, require_admin
@@ -67,13 +68,13 @@ def server(zoo: dict[str, Path]) -> Iterator[Server]:
     with pytest.MonkeyPatch.context() as env:
         env.setenv(API_KEYS_ENV, f" {ENV_KEY} ,")
         auth = Auth.from_config(config)
-    registry = Registry([Engine(merge.build(spec, ExpertPool()), engine_config)])
     executor = PausableExecutor()
+    registry = Registry([LocalBackend(Engine(merge.build(spec, ExpertPool()), engine_config), executor)])
 
     # log_config=None: uvicorn's loggers, access log included, propagate to caplog.
     app = create_app(registry, executor, auth)
     with live_server(app, log_config=None, log_level="debug") as url, httpx.Client(base_url=url, timeout=30) as http:
-        yield Server(url, registry.get(MODEL), executor, http)
+        yield Server(url, registry.get(MODEL).engine, executor, http)
         executor.running.set()
 
 

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.executor import Executor
+from mergeserve.server.backends.local import LocalBackend
 from mergeserve.engine.sequence import SamplingParams
 from mergeserve.experts import ExpertPool
 from mergeserve.merge import build
@@ -233,7 +234,8 @@ def test_expert_names_of_an_engine(moe, zoo):
 @pytest.fixture(scope="module")
 def client(zoo, ffn_experts) -> Iterator[tuple[openai.OpenAI, Engine]]:
     engine = compose("moe", zoo["base"], ffn_experts, kind="random", top_k=2)
-    app = create_app(Registry([engine, dense(zoo["base"])]), Executor())
+    executor = Executor()
+    app = create_app(Registry([LocalBackend(e, executor) for e in (engine, dense(zoo["base"]))]), executor)
     with TestClient(app) as http:
         yield openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0), engine
 

@@ -13,6 +13,7 @@ from live import live_server
 from mergeserve import merge
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.executor import Executor
+from mergeserve.server.backends.local import LocalBackend
 from mergeserve.experts import ExpertPool
 from mergeserve.server import Registry, create_app
 from mergeserve.spec import EngineConfig, parse_composition
@@ -65,8 +66,9 @@ def served(zoo: dict[str, Path]) -> Iterator[tuple[str, str]]:
         "name": MODEL, "base": str(zoo["base"]), "router": {"kind": "random", "top_k": 1},
         "experts": [{"name": name, "source": str(zoo[name])} for name in ("code", "math")],
     })
-    registry = Registry([Engine(merge.build(spec, ExpertPool()), ENGINE)])
-    with live_server(create_app(registry, Executor())) as url:
+    executor = Executor()
+    registry = Registry([LocalBackend(Engine(merge.build(spec, ExpertPool()), ENGINE), executor)])
+    with live_server(create_app(registry, executor)) as url:
         hello = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         response = httpx.post(f"{url}/v1/chat/completions", json=hello, timeout=30)
         response.raise_for_status()

@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from live import wait_until
+from live import free_port, server_process, wait_until
 from mergeserve.server.aliases import Alias
 from mergeserve.server.state import SavedComposition, SavedState, StateStore
 
 ADMIN = {"Authorization": "Bearer admin-key"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def moe(zoo: dict[str, Path], *experts: str) -> dict:
@@ -33,31 +20,6 @@ def moe(zoo: dict[str, Path], *experts: str) -> dict:
         "base": str(zoo["base"]), "router": {"kind": "random", "top_k": 1},
         "experts": [{"name": e, "source": str(zoo[e])} for e in experts],
     }
-
-
-@contextmanager
-def server_process(config: Path, port: int, log: Path) -> Iterator[httpx.Client]:
-    """`mergeserve serve` in its own process; killed with SIGKILL (no clean shutdown) at the end."""
-    with log.open("a") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mergeserve.cli", "serve", "--config", str(config), "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1"},
-        )
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=ADMIN, timeout=30) as http:
-            wait_until(lambda: _ready(http) or proc.poll() is not None, timeout=120, what="the server")
-            assert proc.poll() is None, log.read_text()
-            yield http
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-
-
-def _ready(http: httpx.Client) -> bool:
-    try:
-        return http.get("/ready").status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def served(http: httpx.Client) -> dict[str, int | None]:
@@ -71,7 +33,7 @@ def test_compositions_and_aliases_come_back_after_a_kill(zoo: dict[str, Path], t
         "state_dir": "state", "admin_key": "admin-key", "source_roots": [str(zoo["base"].parent)],
     }))
     port, log = free_port(), tmp_path / "server.log"
-    with server_process(config, port, log) as http:
+    with server_process(config, port, log, headers=ADMIN) as (http, _):
         assert http.put("/admin/compositions/second", json=moe(zoo, "german")).status_code == 202
         wait_until(lambda: served(http).get("second") == 1, what="second to build")
         assert http.put("/admin/compositions/first", json=moe(zoo, "math")).status_code == 202
@@ -81,7 +43,7 @@ def test_compositions_and_aliases_come_back_after_a_kill(zoo: dict[str, Path], t
         # Killed while this replacement may still be building: it was accepted, so it comes back.
         assert http.put("/admin/compositions/second", json=moe(zoo, "code", "german")).status_code == 202
 
-    with server_process(config, port, log) as http:
+    with server_process(config, port, log, headers=ADMIN) as (http, _):
         wait_until(lambda: served(http) == {"first": 2, "second": 2}, what="the saved state to be rebuilt")
         assert http.get("/admin/aliases").json()["data"] == [{"name": "ab"} | alias]
         experts = http.get("/admin/compositions/second").json()["spec"]["experts"]

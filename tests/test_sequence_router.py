@@ -13,14 +13,16 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mergeserve.engine.engine import Engine
+from mergeserve.engine.executor import Executor
 from mergeserve.engine.model import Batch, Transformer
 from mergeserve.engine.sequence import SamplingParams
+from mergeserve.engine.sequence_router import SequenceRouter, top_k_softmax
+from mergeserve.engine.task_vector import routed_keys
 from mergeserve.experts import ExpertPool
 from mergeserve.export import export_composition
 from mergeserve.merge import build
-from mergeserve.engine.sequence_router import SequenceRouter, top_k_softmax
+from mergeserve.server.backends.local import LocalBackend
 from mergeserve.server.metrics import Metrics
-from mergeserve.engine.task_vector import routed_keys
 from mergeserve.spec import EngineConfig, parse_composition
 from tiny import perturbed_copy
 
@@ -105,7 +107,7 @@ def test_batched_generation_equals_one_at_a_time(zoo, experts, kind, attention):
 def test_metrics_count_the_requests_each_expert_was_chosen_for(zoo, experts):
     engine = Engine(compose(zoo, experts, kind="perplexity", top_k=1))
     engine.generate(tokenize(engine.composed), GREEDY)
-    text = generate_latest(Metrics(lambda: [engine]).registry).decode()
+    text = generate_latest(Metrics(lambda: [LocalBackend(engine, Executor())]).registry).decode()
     samples = {s.labels["expert"]: s.value for f in text_string_to_metric_families(text)
                if f.name == "mergeserve:expert_requests" for s in f.samples}
     assert samples == dict(zip(NAMES, map(float, engine.expert_requests.tolist())))

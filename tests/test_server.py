@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerFast
 from live import live_server
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.executor import Executor
+from mergeserve.server.backends.local import LocalBackend
 from mergeserve.experts import ExpertPool
 from mergeserve import merge
 from mergeserve.server import Registry, create_app
@@ -59,11 +60,12 @@ def server(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> It
         "experts": [{"name": "only", "source": str(strict_path)}],
     })
     config = EngineConfig(max_num_seqs=4, max_model_len=512)
-    registry = Registry([Engine(merge.build(spec, pool), config) for spec in (moe, strict)])
+    executor = Executor()
+    registry = Registry([LocalBackend(Engine(merge.build(spec, pool), config), executor) for spec in (moe, strict)])
 
-    with live_server(create_app(registry, Executor())) as url, httpx.Client(base_url=url, timeout=30) as http:
+    with live_server(create_app(registry, executor)) as url, httpx.Client(base_url=url, timeout=30) as http:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30)
-        yield Server(registry.get(MOE), client, http)
+        yield Server(registry.get(MOE).engine, client, http)
 
 
 def chat_prompt_tokens(engine: Engine, messages: list[dict[str, str]]) -> int:

@@ -93,7 +93,7 @@ class AdminRoutes:
 
     def _status(self, name: str, live: Revision | None, latest: Revision | None) -> dict[str, Any]:
         shown = latest or live
-        draining = [r.number for r in self.registry.revisions() if r.name == name and r.retired and r.engine]
+        draining = [r.number for r in self.registry.revisions() if r.name == name and r.retired and r.backend]
         return {
             "name": name,
             "state": shown.state,
@@ -105,6 +105,7 @@ class AdminRoutes:
             "memory_bytes": (live or shown).memory_bytes,
             "spec": _spec(live or shown),
             "router": _router_stats(live),
+            "backend": live.backend.describe() if live and live.backend else {"kind": shown.spec.backend if shown.spec else "local"},
         }
 
 
@@ -119,7 +120,7 @@ def _spec(revision: Revision) -> dict | None:
 
 def _router_stats(live: Revision | None) -> dict[str, Any] | None:
     """Share of routed tokens (and mean weight) per expert over all MoE layers, since the revision went live."""
-    engine = live.engine if live else None
+    engine = live.backend.engine if live and live.backend else None
     if engine is None or engine.expert_load is None:
         return None
     tokens = engine.expert_load.sum(0)  # [E]

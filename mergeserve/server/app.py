@@ -41,24 +41,28 @@ def create_app(
             builder.shutdown()
 
     app = FastAPI(title="mergeserve", version=__version__, lifespan=lifespan)
-    metrics = Metrics(registry.engines, registry.revisions)
+    metrics = Metrics(registry.backends, registry.revisions)
     app.state.registry, app.state.executor, app.state.metrics, app.state.auth = registry, executor, metrics, auth
     app.state.builder = builder
     errors.install(app)
     app.add_middleware(APIKeyMiddleware, auth=auth)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)  # added last: outermost, so it counts 401s too
-    app.include_router(OpenAIRoutes(registry, executor, metrics).router)
+    app.include_router(OpenAIRoutes(registry, metrics).router)
     app.include_router(AdminRoutes(registry, builder, relative_to.resolve(), max_compositions).router)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready", responses={503: {"description": "No composition is ready"}})
+    app.state.draining = False  # set on SIGTERM (server/serve.py): take this replica out of rotation
+
+    @app.get("/ready", responses={503: {"description": "No composition is ready, or the server is shutting down"}})
     async def ready() -> JSONResponse:
-        """200 while at least one composition serves."""
+        """200 while at least one composition serves and the server is not shutting down."""
         names = registry.names()
-        return JSONResponse({"ready": bool(names), "models": names}, status_code=200 if names else 503)
+        ok = bool(names) and not app.state.draining
+        body = {"ready": ok, "models": names, "draining": app.state.draining}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def scrape() -> Response:

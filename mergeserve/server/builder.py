@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,9 +21,11 @@ from mergeserve import merge
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.executor import Executor
 from mergeserve.experts import CheckpointError, ExpertPool
+from mergeserve.server.backends import Backend
+from mergeserve.server.backends.local import LocalBackend
 from mergeserve.server.registry import Registry, Revision
 from mergeserve.server.state import SavedComposition, SavedState, StateStore, dump_spec
-from mergeserve.spec import CompositionSpec, EngineConfig, parse_composition
+from mergeserve.spec import Alias, CompositionSpec, EngineConfig, parse_composition
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +34,12 @@ class Builder:
     def __init__(
         self, registry: Registry, pool: ExpertPool, executor: Executor,
         engine_config: EngineConfig = EngineConfig(), store: StateStore | None = None,
+        export_dir: Path | None = None,
     ) -> None:
+        """export_dir: where `backend: vllm` compositions are exported (default: the user's cache)."""
         self.registry, self.pool, self.executor = registry, pool, executor
         self.engine_config, self.store = engine_config, store
+        self.export_dir = export_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergeserve/exports"
         registry.on_free = self.free
         # Two cores: builds queue behind each other rather than compete with serving and each other.
         # A build thread computes with the executor's thread count (OpenMP's count is per thread).
@@ -45,8 +51,10 @@ class Builder:
         self._save_lock = threading.Lock()
 
     def check(self, spec: CompositionSpec) -> None:
-        """Refuse, before building, sources outside the pool's roots or over its size limit."""
+        """Refuse, before building, sources that are missing, outside the pool's roots or over its size limit."""
         for source in dict.fromkeys(spec.source_paths):
+            if not Path(source).exists():
+                raise CheckpointError(f"{source}: no such file or folder")
             self.pool.check_allowed(Path(source))
 
     def submit(self, spec: CompositionSpec, number: int | None = None) -> tuple[Revision, Future]:
@@ -61,61 +69,86 @@ class Builder:
         future.result()
         return revision
 
-    def restore(self, initial: list[CompositionSpec]) -> None:
-        """Serve the saved state if there is one, else `initial` (the config's compositions).
+    def restore(self, initial: list[CompositionSpec], aliases: dict[str, Alias] | None = None) -> None:
+        """Start building the saved state if there is one, else `initial` and `aliases` (the
+        config's); returns at once, each composition serving when its build is done.
 
-        Saved compositions that no longer build (a source was deleted) are reported as failed;
-        the server still starts with the rest.
+        A composition that does not build (a source was deleted, a file is corrupt) is
+        reported as failed; the others still serve.
         """
         saved = self.store.load() if self.store else None
         if saved is None:
+            saved = SavedState(aliases=aliases or {})
             for spec in initial:
-                if (revision := self.build_now(spec)).state == "failed":
-                    raise CheckpointError(f"composition {spec.name!r}: {revision.error}")
-            return
-        for name, entry in saved.compositions.items():
-            self._restore_one(name, entry)
-        for name, entry in saved.pending.items():
-            self._restore_one(name, entry)
+                self._restore_one(spec.name, spec)
+        else:
+            for name, entry in saved.compositions.items():
+                future = self._restore_one(name, entry)
+                if name in saved.pending and future is not None:  # its accepted replacement follows it
+                    future.add_done_callback(lambda _, n=name: self._restore_one(n, saved.pending[n]))
+            for name, entry in saved.pending.items():
+                if name not in saved.compositions:
+                    self._restore_one(name, entry)
         known = set(self.registry.all_names())
         for name, alias in saved.aliases.items():
             alias = alias.model_copy(update={"targets": {t: w for t, w in alias.targets.items() if t in known}})
             if alias.targets:
                 self.registry.set_alias(name, alias)
             else:
-                log.error("alias %r not restored: none of its targets could be built", name)
+                log.error("alias %r not set: none of its targets could be built", name)
         self.save()
 
-    def _restore_one(self, name: str, entry: SavedComposition) -> None:
+    def _restore_one(self, name: str, entry: SavedComposition | CompositionSpec) -> Future | None:
         try:
-            spec = parse_composition(entry.spec, origin=f"saved composition {name!r}")
-            revision = self.build_now(spec, entry.revision)
-        except Exception as e:  # noqa: BLE001 - a stale entry must not stop the others from serving
-            log.error("saved composition %r not restored: %s", name, e)
-            return
-        if revision.state == "failed":
-            log.error("saved composition %r revision %d failed to build: %s", name, revision.number, revision.error)
+            if isinstance(entry, CompositionSpec):
+                return self.submit(entry)[1]
+            return self.submit(parse_composition(entry.spec, origin=f"saved composition {name!r}"), entry.revision)[1]
+        except Exception as e:  # noqa: BLE001 - one bad entry must not stop the others from serving
+            log.error("composition %r not started: %s", name, e)
+            return None
 
     def _build(self, revision: Revision) -> None:
         start = time.perf_counter()
         try:
-            with self.pool.claim(revision.id):
-                engine = Engine(merge.build(revision.spec, self.pool), self.engine_config, self.pool.packer)
+            backend, memory = self._backend(revision)
         except Exception as e:  # noqa: BLE001 - any failure is the build's result, reported to the admin
             log.exception("building %s failed", revision.id)
             self.registry.fail(revision, f"{type(e).__name__}: {e}")
             self.save()
             return
         seconds = time.perf_counter() - start
-        release_free_heap()
-        self.registry.install(revision, engine, seconds, own_bytes(engine, self.pool))
+        self.registry.install(revision, backend, seconds, memory)
         log.info("composition %s ready in %.2f s", revision.id, seconds)
         self.save()
 
-    def free(self, revision: Revision, engine: Engine | None) -> None:
+    def _backend(self, revision: Revision) -> tuple[Backend, int | None]:
+        """What serves `revision`, and the bytes it holds in this process (None: elsewhere)."""
+        spec = revision.spec
+        if spec.backend == "openai":
+            from mergeserve.server.backends.proxy import ProxyBackend
+
+            return ProxyBackend.connect(spec), None
+        if spec.backend == "vllm":
+            from mergeserve.server.backends import vllm
+
+            def composed():
+                with self.pool.claim(revision.id):
+                    return merge.build(spec, self.pool)
+
+            try:
+                return vllm.start(spec, composed, self.export_dir), None
+            finally:
+                self.pool.release(revision.id)  # vLLM holds the weights, not this process
+                release_free_heap()
+        with self.pool.claim(revision.id):
+            engine = Engine(merge.build(spec, self.pool), self.engine_config, self.pool.packer)
+        release_free_heap()
+        return LocalBackend(engine, self.executor), own_bytes(engine, self.pool)
+
+    def free(self, revision: Revision, backend: Backend | None) -> None:
         """Registry callback: `revision` is retired and drained (or failed); drop what it held."""
-        if engine is not None:
-            self.executor.detach(engine)
+        if backend is not None:
+            backend.close()
         unloaded = self.pool.release(revision.id)
         log.info("freed %s%s", revision.id, f"; unloaded {unloaded}" if unloaded else "")
 
@@ -135,7 +168,11 @@ class Builder:
             self.store.save(self.snapshot())
 
     def shutdown(self) -> None:
+        """Stop building, and stop what serves elsewhere (vLLM children get SIGTERM, then SIGKILL)."""
         self._queue.shutdown(wait=False, cancel_futures=True)
+        for revision in self.registry.revisions():
+            if revision.backend is not None:
+                revision.backend.close(wait=True)
 
 
 def own_bytes(engine: Engine, pool: ExpertPool) -> int:

@@ -14,14 +14,16 @@ if TYPE_CHECKING:
 def admit(registry: Registry, model: str, sticky_key: str | None = None) -> Lease:
     """A lease on the composition serving `model` (an alias picks one), if it has room in its queue."""
     lease = registry.acquire(model, sticky_key)
-    engine = lease.engine
+    backend = lease.backend
+    if backend.max_waiting is None:  # the upstream queues and refuses on its own
+        return lease
     # Leases count requests admitted but not yet in the engine's queue, so concurrent
     # admissions see each other (the engine only learns of a request a little later).
-    waiting = max(engine.num_waiting, lease.revision.in_flight - 1 - engine.num_running)
-    if waiting >= engine.config.max_waiting:
+    waiting = max(backend.num_waiting, lease.revision.in_flight - 1 - backend.num_running)
+    if waiting >= backend.max_waiting:
         lease.release()
         raise APIError(
-            429, f"the model {engine.name!r} has {waiting} requests waiting (the limit); retry shortly",
+            429, f"the model {backend.name!r} has {waiting} requests waiting (the limit); retry shortly",
             type="rate_limit_error", code="queue_full", headers={"Retry-After": RETRY_AFTER_S},
         )
     return lease

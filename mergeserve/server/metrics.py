@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mergeserve.engine.sequence import RequestOutput
 
 if TYPE_CHECKING:
-    from mergeserve.engine.engine import Engine
+    from mergeserve.server.backends import Backend
     from mergeserve.server.registry import Revision
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
@@ -39,18 +39,19 @@ class _CompositionCollector(Collector):
             labels=["model"],
         )
         for r in self._revisions():
-            state = "draining" if r.retired and r.engine is not None else r.state
+            state = "draining" if r.retired and r.backend is not None else r.state
             info.add_metric([r.name, str(r.number), state], 1)
             if r.memory_bytes is not None and not r.retired:
                 memory.add_metric([r.name], r.memory_bytes)
         return [info, memory]
 
 
-class _EngineCollector(Collector):
-    """Engine state read at scrape time, so the gauges are never stale."""
+class _BackendCollector(Collector):
+    """Queue state (and an in-process engine's router statistics) read at scrape time, so the
+    gauges are never stale."""
 
-    def __init__(self, engines: Callable[[], Iterable[Engine]]) -> None:
-        self._engines = engines
+    def __init__(self, backends: Callable[[], Iterable[Backend]]) -> None:
+        self._backends = backends
 
     def collect(self) -> Iterable[Metric]:
         running = GaugeMetricFamily("mergeserve:num_requests_running", "Requests running.", labels=["model"])
@@ -69,12 +70,15 @@ class _EngineCollector(Collector):
             "mergeserve:expert_requests", "Requests a sequence router sent to each expert (top-k: k per request).",
             labels=["model", "expert"],
         )
-        for engine in self._engines():
+        for backend in self._backends():
+            running.add_metric([backend.name], backend.num_running)
+            waiting.add_metric([backend.name], backend.num_waiting)
+            engine = backend.engine
+            if engine is None:  # served elsewhere
+                continue
             if engine.expert_requests is not None:
                 for expert, count in zip(engine.expert_names, engine.expert_requests.tolist()):
                     requests.add_metric([engine.name, expert], count)
-            running.add_metric([engine.name], engine.num_running)
-            waiting.add_metric([engine.name], engine.num_waiting)
             load = engine.expert_load
             if load is None:  # a dense composition
                 continue
@@ -90,7 +94,7 @@ class Metrics:
     comparison of two compositions needs no other join."""
 
     def __init__(
-        self, engines: Callable[[], Iterable[Engine]], revisions: Callable[[], Iterable[Revision]] = lambda: (),
+        self, backends: Callable[[], Iterable[Backend]], revisions: Callable[[], Iterable[Revision]] = lambda: (),
     ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -123,7 +127,7 @@ class Metrics:
         self.request_success = Counter(
             "mergeserve:request_success", "Requests finished, by reason.", ["model", "finished_reason"], registry=r,
         )
-        r.register(_EngineCollector(engines))
+        r.register(_BackendCollector(backends))
         r.register(_CompositionCollector(revisions))
 
     async def observe(self, model: str, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:

@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from mergeserve.server.aliases import Alias
+from mergeserve.server.aliases import Alias, pick
 from mergeserve.server.errors import APIError
 
 if TYPE_CHECKING:
-    from mergeserve.engine.engine import Engine
+    from mergeserve.server.backends import Backend
     from mergeserve.spec import CompositionSpec
 
 State = Literal["building", "ready", "failed"]
@@ -42,13 +42,13 @@ def not_ready(message: str) -> APIError:
 
 @dataclass(eq=False)
 class Revision:
-    """One build of a composition: `building` until its engine exists, then `ready` or `failed`."""
+    """One build of a composition: `building` until its backend exists, then `ready` or `failed`."""
 
     name: str
     number: int
     spec: CompositionSpec | None
     state: State = "building"
-    engine: Engine | None = None
+    backend: Backend | None = None
     error: str | None = None
     build_seconds: float | None = None
     memory_bytes: int | None = None
@@ -72,9 +72,9 @@ class Lease:
     _released: bool = False
 
     @property
-    def engine(self) -> Engine:
-        assert self.revision.engine is not None
-        return self.revision.engine
+    def backend(self) -> Backend:
+        assert self.revision.backend is not None
+        return self.revision.backend
 
     @property
     def name(self) -> str:
@@ -98,7 +98,7 @@ class _Entry:
 
 class Registry:
     def __init__(
-        self, engines: Iterable[Engine] = (), on_free: Callable[[Revision, Engine | None], None] | None = None,
+        self, backends: Iterable[Backend] = (), on_free: Callable[[Revision, Backend | None], None] | None = None,
     ) -> None:
         self._entries: dict[str, _Entry] = {}
         self._failed_new: dict[str, Revision] = {}  # names whose first build failed, for GET
@@ -106,19 +106,19 @@ class Registry:
         self._aliases: dict[str, Alias] = {}
         self._responses: OrderedDict[str, tuple[str, int, str | None]] = OrderedDict()
         # Called with a revision that is retired and drained (or failed): its owner frees what it held.
-        self.on_free = on_free or (lambda revision, engine: None)
+        self.on_free = on_free or (lambda revision, backend: None)
         self._lock = threading.Lock()  # request handlers, the build thread and admin routes all come here
-        for engine in engines:
-            self.add(engine)
+        for backend in backends:
+            self.add(backend)
 
     # --- compositions ----------------------------------------------------------------------
-    def add(self, engine: Engine) -> Revision:
-        """Serve an already built engine as a new composition (startup, tests)."""
+    def add(self, backend: Backend) -> Revision:
+        """Serve an already built backend as a new composition (startup, tests)."""
         with self._lock:
-            if engine.name in self._entries:
-                raise ValueError(f"a composition named {engine.name!r} is already registered")
-        revision = self.begin(engine.name, None)
-        self.install(revision, engine, 0.0, None)
+            if backend.name in self._entries:
+                raise ValueError(f"a composition named {backend.name!r} is already registered")
+        revision = self.begin(backend.name, None)
+        self.install(revision, backend, 0.0, None)
         return revision
 
     def begin(self, name: str, spec: CompositionSpec | None, number: int | None = None) -> Revision:
@@ -134,10 +134,10 @@ class Registry:
             entry.latest = Revision(name, number if number is not None else last + 1, spec)
             return entry.latest
 
-    def install(self, revision: Revision, engine: Engine, seconds: float, memory_bytes: int | None) -> None:
+    def install(self, revision: Revision, backend: Backend, seconds: float, memory_bytes: int | None) -> None:
         """Make a built revision live; the one it replaces drains and is freed."""
         with self._lock:
-            revision.engine, revision.state = engine, "ready"
+            revision.backend, revision.state = backend, "ready"
             revision.build_seconds, revision.memory_bytes = seconds, memory_bytes
             entry = self._entries.get(revision.name)
             if entry is None or entry.latest is not revision:  # deleted or superseded while building
@@ -186,13 +186,13 @@ class Registry:
                 return None, failed
             return entry.live, entry.latest
 
-    def get(self, name: str) -> Engine:
-        """The live engine of a composition (not an alias)."""
+    def get(self, name: str) -> Backend:
+        """The live backend of a composition (not an alias)."""
         with self._lock:
             live = self._live(name)
-            if live is None or live.engine is None:
+            if live is None or live.backend is None:
                 raise ModelNotFound(name, sorted(self._entries))
-            return live.engine
+            return live.backend
 
     def entries(self) -> list[tuple[str, Revision | None, Revision | None]]:
         """(name, live, latest) of every composition (and of new names whose build failed), read at one instant."""
@@ -209,9 +209,9 @@ class Registry:
         with self._lock:
             return list(self._entries)
 
-    def engines(self) -> list[Engine]:
+    def backends(self) -> list[Backend]:
         with self._lock:
-            return [e.live.engine for e in self._entries.values() if e.live is not None and e.live.engine]
+            return [e.live.backend for e in self._entries.values() if e.live is not None and e.live.backend]
 
     def revisions(self) -> list[Revision]:
         """Every revision that holds memory or is being built: live, latest, and draining ones."""
@@ -250,7 +250,7 @@ class Registry:
                 ready = {t: w for t, w in alias.targets.items() if self._live(t) is not None}
                 if not ready:
                     raise not_ready(f"no target of the alias {model!r} is ready; retry shortly")
-                target = alias.pick(model, ready, sticky_key)
+                target = pick(alias, model, ready, sticky_key)
             else:
                 target = model
             revision = self._live(target)
@@ -287,10 +287,10 @@ class Registry:
         if revision is None:
             return
         with self._lock:
-            if not revision.retired or revision.engine is None:
+            if not revision.retired or revision.backend is None:
                 return
             free = revision.in_flight == 0
-            engine, revision.engine = (revision.engine, None) if free else (None, revision.engine)
+            backend, revision.backend = (revision.backend, None) if free else (None, revision.backend)
             (self._draining.discard if free else self._draining.add)(revision)
         if free:
-            self.on_free(revision, engine)
+            self.on_free(revision, backend)

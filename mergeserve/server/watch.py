@@ -1,0 +1,100 @@
+"""`mergeserve serve --watch`: edits of the serve config file applied to the running server.
+
+Replicas behind one Service agree by all following the same file (a mounted ConfigMap,
+which the kubelet swaps in place): a composition whose spec changed is rebuilt and
+hot-swapped, one no longer listed is drained and removed, aliases are set or removed to
+match. Compositions added through the admin API are left alone. A file that does not
+parse is logged and ignored; whatever serves keeps serving. A change that cannot be
+applied yet (its composition is still building) is retried at the next poll.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from pathlib import Path
+
+from mergeserve.experts import CheckpointError
+from mergeserve.server.builder import Builder
+from mergeserve.server.errors import APIError
+from mergeserve.server.state import dump_spec
+from mergeserve.spec import ServeConfig, SpecError, load_serve_config
+
+log = logging.getLogger(__name__)
+POLL_S = 2.0
+RESTART_FIELDS = ("host", "port", "engine", "api_keys", "admin_key", "source_roots", "state_dir", "dtype", "lora")
+
+
+class ConfigWatcher:
+    def __init__(self, path: Path, current: ServeConfig, builder: Builder, poll_s: float = POLL_S) -> None:
+        self.path, self.current, self.builder, self.poll_s = path, current, builder, poll_s
+        self._digest = _digest(path)
+        self._thread = threading.Thread(target=self._run, name="mergeserve-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            threading.Event().wait(self.poll_s)
+            digest = _digest(self.path)
+            if digest != self._digest and self.reload():
+                self._digest = digest
+
+    def reload(self) -> bool:
+        """Apply the file as it is now; False when something must be retried."""
+        try:
+            new = load_serve_config(self.path)
+        except SpecError as e:
+            log.error("%s changed but is not applied: %s", self.path, e)
+            return True  # nothing to retry until the file changes again
+        done = apply(self.builder, self.current, new)
+        if done:
+            self.current = new
+        return done
+
+
+def apply(builder: Builder, old: ServeConfig, new: ServeConfig) -> bool:
+    """Make the server serve `new` where it served `old`; False if a build in progress must finish first."""
+    registry, done = builder.registry, True
+    for field in RESTART_FIELDS:
+        if getattr(old, field) != getattr(new, field):
+            log.warning("serve config: %s changed; it takes effect on restart", field)
+    for spec in new.compositions:
+        known = spec.name in registry.all_names()
+        latest = registry.revision(spec.name)[1] if known else None
+        if latest is not None and latest.spec is not None and dump_spec(latest.spec) == dump_spec(spec):
+            continue
+        if latest is not None and latest.state == "building":
+            done = False  # retried once that build is done
+            continue
+        try:
+            builder.submit(spec)
+            log.info("serve config: %s %s", "rebuilding" if known else "adding", spec.name)
+        except (APIError, CheckpointError) as e:
+            log.error("serve config: composition %r not applied: %s", spec.name, getattr(e, "message", e))
+    for name, alias in new.aliases.items():
+        if registry.aliases().get(name) != alias:
+            _try(f"alias {name!r}", registry.set_alias, name, alias)
+    for name in old.aliases.keys() - new.aliases.keys():
+        _try(f"alias {name!r}", registry.remove_alias, name)
+    for name in {s.name for s in old.compositions} - {s.name for s in new.compositions}:
+        _try(f"composition {name!r}", registry.remove, name)
+        log.info("serve config: removed %s (it drains)", name)
+    builder.save()
+    return done
+
+
+def _try(what: str, change, *args) -> None:
+    try:
+        change(*args)
+    except APIError as e:
+        log.error("serve config: %s not applied: %s", what, e.message)
+
+
+def _digest(path: Path) -> bytes | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).digest()
+    except OSError:
+        return None
