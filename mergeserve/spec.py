@@ -389,14 +389,18 @@ def load_composition(path: str | Path) -> CompositionSpec:
     """Read a spec file. `experts` may name a YAML file holding the expert list (sources relative
     to that file), so several specs over the same experts and prompts share one list."""
     path = Path(path)
-    data = _read_yaml(path)
-    if isinstance(data, dict) and isinstance(data.get("experts"), str):
-        included = path.parent / data["experts"]
-        experts = _read_yaml(included)
-        if not isinstance(experts, list):
-            raise SpecError(f"{included}: an experts file must be a YAML list, got {type(experts).__name__}")
-        data = data | {"experts": [_with_resolved_expert(e, included.parent.resolve()) for e in experts]}
-    return parse_composition(data, path.parent.resolve(), str(path))
+    return parse_composition(_with_included_experts(_read_yaml(path), path.parent), path.parent.resolve(), str(path))
+
+
+def _with_included_experts(data: object, folder: Path) -> object:
+    """`experts: FILE` replaced by that file's list, its sources resolved against its own folder."""
+    if not (isinstance(data, dict) and isinstance(data.get("experts"), str)):
+        return data
+    included = folder / data["experts"]
+    experts = _read_yaml(included)
+    if not isinstance(experts, list):
+        raise SpecError(f"{included}: an experts file must be a YAML list, got {type(experts).__name__}")
+    return data | {"experts": [_with_resolved_expert(e, included.parent.resolve()) for e in experts]}
 
 
 def load_serve_config(path: str | Path) -> ServeConfig:
@@ -411,6 +415,7 @@ def load_serve_config(path: str | Path) -> ServeConfig:
         if isinstance(entry, str):
             specs.append(load_composition(path.parent / entry))
         else:
+            entry = _with_included_experts(entry, path.parent)
             specs.append(parse_composition(entry, path.parent.resolve(), f"{path}: compositions.{i}"))
     data["compositions"] = specs
     for key in ("state_dir", "export_dir"):

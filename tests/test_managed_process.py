@@ -52,10 +52,11 @@ def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path:
     server.start()
     server.wait_ready(30)
     assert server.log_tail[-1] == "listening"
-    pid, start = server.pid, time.monotonic()
+    reaper, start = server.pid, time.monotonic()
+    child = int(Path(f"/proc/{reaper}/task/{reaper}/children").read_text().split()[0])
     server.stop(wait=True)
     assert time.monotonic() - start >= 1.0 and server.state == "stopped"
-    assert not alive(pid)
+    assert not alive(reaper) and not alive(child)
 
 
 def test_a_child_that_never_becomes_healthy_fails_its_start_with_its_log(tmp_path: Path) -> None:
@@ -79,8 +80,9 @@ def test_no_child_outlives_a_parent_killed_with_sigkill(tmp_path: Path) -> None:
         time.sleep(600)
     ''')
     proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
-    child = int(proc.stdout.readline())
-    assert alive(child)
+    reaper = int(proc.stdout.readline())
+    server = int(Path(f"/proc/{reaper}/task/{reaper}/children").read_text().split()[0])
+    assert alive(reaper) and alive(server)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
-    wait_until(lambda: not alive(child), timeout=10, what="the orphan to die")
+    wait_until(lambda: not alive(reaper) and not alive(server), timeout=10, what="the orphans to die")

@@ -105,7 +105,7 @@ class AdminRoutes:
             "memory_bytes": (live or shown).memory_bytes,
             "spec": _spec(live or shown),
             "router": _router_stats(live),
-            "backend": live.backend.describe() if live and live.backend else {"kind": shown.spec.backend if shown.spec else "local"},
+            "backend": _backend(live, shown),
         }
 
 
@@ -116,6 +116,13 @@ def _check_name(name: str) -> None:
 
 def _spec(revision: Revision) -> dict | None:
     return dump_spec(revision.spec) if revision.spec is not None else None
+
+
+def _backend(live: Revision | None, shown: Revision) -> dict[str, Any]:
+    """What serves it (for a child server: its state, restarts and log tail)."""
+    if live is not None and live.backend is not None:
+        return live.backend.describe()
+    return {"kind": shown.spec.backend if shown.spec is not None else "local"}
 
 
 def _router_stats(live: Revision | None) -> dict[str, Any] | None:

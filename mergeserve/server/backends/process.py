@@ -5,23 +5,24 @@ that exits unexpectedly is `failed` until a restart (after 1, 2, 4 ... up to 30 
 healthy again. Stopping sends SIGTERM to the child's process group, then SIGKILL after a
 grace period.
 
-No orphans: the child runs in a process group of its own (stopped as a group), and asks
-the kernel to SIGKILL it when its parent thread dies (PR_SET_PDEATHSIG), which covers a
-`mergeserve serve` that is itself killed. The monitor thread that spawned the child lives
-exactly as long as the child is managed, as PR_SET_PDEATHSIG requires.
+No orphans: the command runs under a reaper (backends/reaper.py) that takes the command's
+whole process group down when the command exits, when it is told to stop, or when its
+parent dies (PR_SET_PDEATHSIG), which covers a `mergeserve serve` killed with SIGKILL. The
+monitor thread that spawned the reaper lives exactly as long as the child is managed, as
+PR_SET_PDEATHSIG requires (it fires when the spawning thread exits).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -29,23 +30,17 @@ import httpx
 log = logging.getLogger(__name__)
 
 State = Literal["starting", "ready", "failed", "stopped"]
-PR_SET_PDEATHSIG = 1
 HEALTH_POLL_S = 0.5
 MAX_BACKOFF_S = 30.0
 STABLE_S = 60.0  # up this long: the next failure starts the backoff again from 1 s
+REAPER_SLACK_S = 5.0
+REAPER = Path(__file__).with_name("reaper.py")
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # not Linux/glibc: the process group still lets stop() reach every process
-        pass
 
 
 class ManagedServer:
@@ -116,7 +111,6 @@ class ManagedServer:
             code = proc.wait()
             if self._stopping.is_set():
                 break
-            self._signal(proc, signal.SIGKILL)  # workers it left behind
             self.exit_code = code
             self._set("failed")
             if not healthy and self.restarts == 0:
@@ -131,9 +125,10 @@ class ManagedServer:
         self._set("stopped")
 
     def _spawn(self) -> subprocess.Popen:
+        reaper = [sys.executable, str(REAPER), str(os.getpid()), str(self.stop_grace_s), "--"]
         proc = subprocess.Popen(
-            self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent, text=True, errors="replace",
+            [*reaper, *self.argv], env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, errors="replace",
         )
         self._proc = proc
         threading.Thread(target=self._read_log, args=(proc,), name=f"mergeserve-log-{self.name}", daemon=True).start()
@@ -154,29 +149,20 @@ class ManagedServer:
                 pass
             time.sleep(HEALTH_POLL_S)
         if proc.poll() is None and not self._stopping.is_set():  # hung: treat as exited
-            self._signal(proc, signal.SIGKILL)
+            proc.terminate()
         return False
 
     def _terminate(self) -> None:
         proc = self._proc
-        if proc is None or proc.poll() is not None:
-            self._set("stopped")
-            return
-        self._signal(proc, signal.SIGTERM)
-        try:
-            proc.wait(self.stop_grace_s)
-        except subprocess.TimeoutExpired:
-            log.warning("%s: no exit %.0f s after SIGTERM; SIGKILL", self.name, self.stop_grace_s)
-            self._signal(proc, signal.SIGKILL)
-            proc.wait()
+        if proc is not None and proc.poll() is None:
+            proc.terminate()  # the reaper: SIGTERM to the server's group, SIGKILL after the grace period
+            try:
+                proc.wait(self.stop_grace_s + REAPER_SLACK_S)
+            except subprocess.TimeoutExpired:
+                log.error("%s: the reaper did not exit; SIGKILL", self.name)
+                proc.kill()
+                proc.wait()
         self._set("stopped")
-
-    @staticmethod
-    def _signal(proc: subprocess.Popen, sig: signal.Signals) -> None:
-        try:
-            os.killpg(proc.pid, sig)  # its own group: the server and whatever workers it started
-        except ProcessLookupError:
-            pass
 
     def _set(self, state: State) -> None:
         with self._changed:
