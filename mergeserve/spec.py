@@ -129,6 +129,9 @@ class VLLMOptions(_Strict):
     max_model_len: int | None = Field(None, ge=16)
     # Passed through to vllm.entrypoints.openai.api_server after the options above.
     extra_args: list[str] = []
+    # Set in the child's environment, e.g. CUDA_VISIBLE_DEVICES, or VLLM_CPU_OMP_THREADS_BIND
+    # so that a replacement child (both run during a swap) computes on other cores or GPUs.
+    env: dict[str, str] = {}
     # Interpreter that has vLLM; unset: $MERGESERVE_VLLM_PYTHON, else this process's own.
     python: str | None = None
     startup_timeout_s: float = Field(900.0, gt=0)  # vLLM-CPU takes minutes to load
@@ -235,7 +238,8 @@ class EngineConfig(_Strict):
     max_tokens_limit: int | None = Field(None, ge=1)  # None: only max_model_len bounds max_tokens
     max_prompt_tokens: int | None = Field(None, ge=1)  # None: only max_model_len bounds prompts
     max_waiting: int = Field(64, ge=1)
-    # Compute threads of the engines. None: one fewer than the cores (at least 1), so the HTTP
+    # Compute threads of the engines. None: one fewer than the cores this process may use (its
+    # affinity and cgroup CPU limit; at least 1), so the HTTP
     # event loop keeps a core: on 2 cores, 2 threads gave 12.4 tok/s to one streaming client and
     # 1 thread 16.8 (the loop and OpenMP's second thread fought for the same core).
     threads: int | None = Field(None, ge=1)

@@ -115,3 +115,18 @@ def _status(http: httpx.Client, path: str) -> int | None:
         return http.get(path).status_code
     except httpx.TransportError:
         return None
+
+
+def test_a_replica_restarted_with_watch_comes_back_to_what_the_file_says_now(zoo: dict[str, Path], tmp_path: Path) -> None:
+    config = tmp_path / "serve.yaml"
+    write(config, compositions=[moe(zoo, "first", "code")], state_dir="state")
+    port = free_port()
+    with server_process(config, port, tmp_path / "log", "--watch", headers=ADMIN) as (http, _):
+        assert served(http) == {"first": 1}
+    # Edited while the replica was down: its saved state says otherwise.
+    write(config, compositions=[moe(zoo, "first", "code", "math")], state_dir="state",
+          aliases={"ab": {"targets": {"first": 1.0}}})
+    with server_process(config, port, tmp_path / "log", "--watch", headers=ADMIN) as (http, _):
+        wait_until(lambda: served(http) == {"first": 2}, timeout=60, what="the file's version")
+        assert [e["name"] for e in http.get("/admin/compositions/first").json()["spec"]["experts"]] == ["code", "math"]
+        assert [a["name"] for a in http.get("/admin/aliases").json()["data"]] == ["ab"]

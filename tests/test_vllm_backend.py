@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,10 @@ pytestmark = [
 def demo_specs() -> tuple[dict, dict]:
     """examples/vllm.yaml's composition in fp32 (for token equality), and the same served locally."""
     spec = dump_spec(load_serve_config(ROOT / "examples/vllm.yaml").compositions[0])
-    spec["vllm"] |= {"dtype": "float32", "extra_args": ["--gpu-memory-utilization", "0.15"]}
+    # Core 0 for this child; the hot-swap test's replacement gets core 1, so on a 2-core machine
+    # the two (both run during a swap) do not spin on the same core.
+    spec["vllm"] |= {"dtype": "float32", "extra_args": ["--gpu-memory-utilization", "0.3"],
+                     "env": {"VLLM_CPU_OMP_THREADS_BIND": "0"}}
     local = {k: v for k, v in spec.items() if k not in ("vllm", "backend")} | {"name": "local", "dtype": "float32"}
     return spec, local
 
@@ -112,17 +116,21 @@ def test_a_hot_swap_of_the_vllm_composition_under_4_streaming_clients_loses_noth
                 failures.append(repr(e))
             if swapping.is_set() and len(done) >= 8:
                 return
+            time.sleep(1.0)  # leave the two cores some room for the new child to load
 
     threads = [threading.Thread(target=client) for _ in range(4)]
     for t in threads:
         t.start()
-    replacement = spec | {"vllm": spec["vllm"] | {"max_model_len": 1024}}  # a new child; the export is reused
-    assert gateway.http.put(f"/admin/compositions/{name}", json=replacement).status_code == 202
-    wait_until(lambda: gateway.http.get(f"/admin/compositions/{name}").json()["serving_revision"] == 2,
-               timeout=STARTUP_S, what="the new vLLM child")
-    done.clear()
-    swapping.set()
-    for t in threads:
-        t.join(timeout=300)
+    # A new child (the export is reused), on the other core.
+    replacement = spec | {"vllm": spec["vllm"] | {"max_model_len": 1024, "env": {"VLLM_CPU_OMP_THREADS_BIND": "1"}}}
+    try:
+        assert gateway.http.put(f"/admin/compositions/{name}", json=replacement).status_code == 202
+        wait_until(lambda: gateway.http.get(f"/admin/compositions/{name}").json()["serving_revision"] == 2,
+                   timeout=STARTUP_S, what="the new vLLM child")
+        done.clear()
+    finally:
+        swapping.set()  # the clients run 8 more requests (on the new child), then stop
+        for t in threads:
+            t.join(timeout=300)
     assert failures == [] and len(done) >= 8
     wait_until(lambda: not os.path.exists(f"/proc/{old}"), timeout=60, what="the old child to stop")

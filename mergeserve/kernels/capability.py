@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import os
 import time
 from pathlib import Path
 
@@ -29,6 +31,22 @@ def cpu_flags() -> set[str]:
         return set()
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
     return set(line.partition(":")[2].split())
+
+
+def usable_cpus() -> int:
+    """Cores this process may use: its affinity mask, capped by a cgroup v2 CPU limit (a
+    container's `limits.cpu`), rounded up; os.cpu_count() sees the whole node instead."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -9,7 +9,6 @@ config file (a mounted ConfigMap) to the running server (server/watch.py).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 from pathlib import Path
@@ -21,7 +20,7 @@ from sse_starlette.sse import AppStatus
 
 from mergeserve.engine.executor import Executor
 from mergeserve.experts import ExpertPool
-from mergeserve.kernels.capability import resolve_dtype
+from mergeserve.kernels.capability import resolve_dtype, usable_cpus
 from mergeserve.server.app import create_app
 from mergeserve.server.auth import Auth
 from mergeserve.server.builder import Builder
@@ -37,7 +36,7 @@ def start(config: ServeConfig) -> tuple[Registry, Builder, Executor]:
     building what the state dir saved (else the config's compositions and aliases)."""
     # The executor thread hands the GIL to the event loop at every op and needs it back at once.
     sys.setswitchinterval(0.0005)  # measured: 1 client 17.2 -> 18.2 tok/s, 16 clients 99 -> 118 (5 ms default)
-    threads = config.engine.threads or max(1, (os.cpu_count() or 2) - 1)
+    threads = config.engine.threads or max(1, usable_cpus() - 1)  # the container's limit, not the node's cores
     torch.set_num_threads(threads)  # this thread's (builds run on their own and set theirs)
     registry, executor = Registry(), Executor(threads)
     pool = ExpertPool(config.source_roots or None, config.max_source_file_bytes, config.lora, resolve_dtype(config.dtype))
@@ -64,7 +63,7 @@ def serve(config: ServeConfig, relative_to: Path = Path("."), watch: Path | None
     if watch is not None:
         from mergeserve.server.watch import ConfigWatcher
 
-        ConfigWatcher(watch, config, builder).start()
+        ConfigWatcher(watch, builder).start()
     # Streams finish on their own during the grace period instead of being cut at the signal.
     AppStatus.disable_automatic_graceful_drain()
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_level="info",

@@ -6,6 +6,10 @@ hot-swapped, one no longer listed is drained and removed, aliases are set or rem
 match. Compositions added through the admin API are left alone. A file that does not
 parse is logged and ignored; whatever serves keeps serving. A change that cannot be
 applied yet (its composition is still building) is retried at the next poll.
+
+Not covered: a composition removed from the file while a replica with a state dir was down
+comes back with that replica's saved state (nothing records which saved compositions the
+file had declared); remove it through the admin API, or run replicas without state_dir.
 """
 
 from __future__ import annotations
@@ -27,9 +31,12 @@ RESTART_FIELDS = ("host", "port", "engine", "api_keys", "admin_key", "source_roo
 
 
 class ConfigWatcher:
-    def __init__(self, path: Path, current: ServeConfig, builder: Builder, poll_s: float = POLL_S) -> None:
-        self.path, self.current, self.builder, self.poll_s = path, current, builder, poll_s
-        self._digest = _digest(path)
+    def __init__(self, path: Path, builder: Builder, poll_s: float = POLL_S) -> None:
+        """The first poll applies the file as it is: a server that restored its state dir comes
+        back to what the file says now (an edit made while it was down)."""
+        self.path, self.builder, self.poll_s = path, builder, poll_s
+        self.current = load_serve_config(path)  # as the file says, without command-line overrides
+        self._digest: bytes | None = None
         self._thread = threading.Thread(target=self._run, name="mergeserve-watch", daemon=True)
 
     def start(self) -> None:

@@ -81,7 +81,7 @@ class ManagedServer:
         if self.state != "ready":
             why = f"exited with code {self.exit_code}" if self.exit_code is not None else "did not become healthy in time"
             self.stop(wait=True)
-            tail = "\n".join(list(self.log_tail)[-20:])
+            tail = "\n".join(list(self.log_tail)[-40:])
             raise RuntimeError(f"the server of {self.name!r} {why}; its log ends:\n{tail}")
 
     def stop(self, wait: bool = False) -> None:

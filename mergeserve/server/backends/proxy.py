@@ -135,9 +135,7 @@ class ProxyBackend:
         try:
             response = await self._send(path, payload)
             if stream:
-                relay = self._relay(response, call, wants_usage, usage)
-                self._in_flight += 1  # the relay's own hold, dropped when it ends
-                return call.stream(relay)
+                return call.stream(self._relay(response, call, wants_usage, usage))
             try:
                 body = await until_disconnected(call.request, response.aread())
             finally:
@@ -172,6 +170,7 @@ class ProxyBackend:
         """The upstream's SSE `data:` payloads, `model` rewritten; [DONE] is added by Call.stream."""
         reasons: list[str | None] = []
         remembered = False
+        self._in_flight += 1  # while the stream runs (a stream that never starts never counts)
         try:
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):

@@ -89,7 +89,7 @@ def start(spec: CompositionSpec, build, cache: Path) -> ProxyBackend:
     model_dir = exported(spec, build, cache)
     port = free_port()
     o = options(spec)
-    server = ManagedServer(spec.name, argv(spec, model_dir, port), port,
+    server = ManagedServer(spec.name, argv(spec, model_dir, port), port, env=o.env,
                            startup_timeout_s=o.startup_timeout_s, stop_grace_s=o.stop_grace_s)
     server.start()
     server.wait_ready()
