@@ -238,10 +238,10 @@ class EngineConfig(_Strict):
     max_tokens_limit: int | None = Field(None, ge=1)  # None: only max_model_len bounds max_tokens
     max_prompt_tokens: int | None = Field(None, ge=1)  # None: only max_model_len bounds prompts
     max_waiting: int = Field(64, ge=1)
-    # Compute threads of the engines. None: one fewer than the cores this process may use (its
-    # affinity and cgroup CPU limit; at least 1), so the HTTP
-    # event loop keeps a core: on 2 cores, 2 threads gave 12.4 tok/s to one streaming client and
-    # 1 thread 16.8 (the loop and OpenMP's second thread fought for the same core).
+    # Compute threads of the engines. None: the cores this process may use (its affinity and
+    # cgroup CPU limit). Measured on 2 cores, one streaming client: 28.8 tok/s with 2 threads,
+    # 21.5 with 1 (the HTTP loop costs ~1 ms a token; see server/builder.py for the OpenMP trap
+    # that once made 2 threads look slower).
     threads: int | None = Field(None, ge=1)
 
 

@@ -250,10 +250,10 @@ def test_config_paths_are_the_mounted_volumes(rendered, overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_engine_threads_leave_one_core_of_the_limit(rendered, overlay):
-    """engine.threads leaves one core of the CPU limit to the HTTP loop (the default would too, from the cgroup limit)."""
+def test_engine_threads_match_the_cpu_limit(rendered, overlay):
+    """engine.threads is the CPU limit (the default would be too, from the cgroup limit)."""
     limit = cores(container(rendered[overlay])["resources"]["limits"]["cpu"])
-    assert serve_config(rendered[overlay])["engine"]["threads"] == int(limit) - 1
+    assert serve_config(rendered[overlay])["engine"]["threads"] == int(limit)
 
 
 def test_vllm_parallelism_uses_the_pods_gpus(rendered):

@@ -36,8 +36,10 @@ def start(config: ServeConfig) -> tuple[Registry, Builder, Executor]:
     building what the state dir saved (else the config's compositions and aliases)."""
     # The executor thread hands the GIL to the event loop at every op and needs it back at once.
     sys.setswitchinterval(0.0005)  # measured: 1 client 17.2 -> 18.2 tok/s, 16 clients 99 -> 118 (5 ms default)
-    threads = config.engine.threads or max(1, usable_cpus() - 1)  # the container's limit, not the node's cores
-    torch.set_num_threads(threads)  # this thread's (builds run on their own and set theirs)
+    threads = config.engine.threads or usable_cpus()  # the container's limit, not the node's cores
+    # This thread only serves HTTP: one OpenMP thread, so it never holds a team of its own (a
+    # second live team halves the executor's speed; see Builder._build_on_own_thread).
+    torch.set_num_threads(1)
     registry, executor = Registry(), Executor(threads)
     pool = ExpertPool(config.source_roots or None, config.max_source_file_bytes, config.lora, resolve_dtype(config.dtype))
     store = StateStore(config.state_dir) if config.state_dir else None
