@@ -34,6 +34,7 @@ import yaml
 from mergeserve.engine.engine import Engine
 from mergeserve.experts import ExpertPool
 from mergeserve.export import export_dense
+from mergeserve.kernels.capability import resolve_dtype
 from mergeserve.merge import build
 from mergeserve.spec import CompositionSpec, load_composition, parse_composition
 
@@ -51,9 +52,9 @@ def four_expert_spec(method: str) -> CompositionSpec:
                               "router": {"kind": "hidden", "top_k": 2}, "experts": experts})
 
 
-def time_mergeserve(repeats: int) -> dict:
+def time_mergeserve(repeats: int, dtype: torch.dtype) -> dict:
     spec = four_expert_spec("btx")
-    pool = ExpertPool()
+    pool = ExpertPool(dtype=dtype)
     start = time.perf_counter()
     for source in [spec.base] + [e.source for e in spec.experts]:
         pool.get_expert(source, spec.base)
@@ -102,6 +103,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mergekit-moe", default=shutil.which("mergekit-moe"), help="path of mergekit-moe (skipped if none)")
+    p.add_argument("--dtype", default="auto", help="the pool's weight format, as a serve config's `dtype` (auto: as the demo serves)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "build_time.json")
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -110,7 +112,8 @@ def main() -> None:
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
         "composition": "zoo math/german/code LoRA experts + the base as generalist, top-2, hidden gate",
-        "mergeserve": time_mergeserve(args.repeats),
+        "dtype": str(resolve_dtype(args.dtype)).removeprefix("torch."),
+        "mergeserve": time_mergeserve(args.repeats, resolve_dtype(args.dtype)),
     }
     if args.mergekit_moe:
         with tempfile.TemporaryDirectory() as tmp:

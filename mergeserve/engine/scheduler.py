@@ -1,8 +1,11 @@
 """Continuous batching: requests join and leave between steps. Knows nothing about tensors.
 
-Each step decodes one token for every running sequence and spends a bounded budget of
-prompt tokens on prefill, so a long prompt never stalls the decodes for long and a
-long generation never blocks a short request from starting.
+Each step either decodes one token for every running sequence or spends a bounded budget
+of prompt tokens on prefill, so a long prompt never stalls the decodes for long and a
+long generation never blocks a short request from starting. When both have work they take
+turns: prefill and decode are separate forwards anyway, and a prefill that runs alone
+hands its requests their first token one decode forward sooner (the running sequences
+wait for the same two forwards as when one step ran both).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class Scheduler:
         self.free_slots = list(range(max_num_seqs))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._decode_next = False  # the last step prefilled while sequences were waiting to decode
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -45,6 +49,14 @@ class Scheduler:
                 n = min(budget, len(seq.prompt_ids) - seq.num_cached)
                 batch.prefill.append((seq, n))
                 budget -= n
+        if batch.prefill and batch.decode:
+            if self._decode_next:
+                batch.prefill = []
+            else:
+                batch.decode = []
+            self._decode_next = not self._decode_next
+        else:
+            self._decode_next = False
         return batch
 
     def finish(self, seq: Sequence, reason: str) -> tuple[Sequence, int] | None:
