@@ -45,8 +45,11 @@ class FusedTables:
     gate_up_a: Packed  # [2I + E * 2r, D]: base gate, base up, then every expert's A_gate / A_up
     b_gate_up: Packed  # [2I, 2 E r]: blockdiag(B_gate, B_up)
     down_b: Packed  # [D, I + E r]: base down, then every expert's B_down
-    b_gate_up_f32: torch.Tensor  # [2I, 2 E r] fp32: b_gate_up for a few picks (SMALL_PICKS)
-    a_down_f32: torch.Tensor  # [E r, I] fp32
+    # fp32 copies of the factor tables for a few picks (SMALL_PICKS): B_gate and B_up apart, since
+    # blockdiag's zeros would double what a decode step reads.
+    b_gate_f32: torch.Tensor  # [I, E r]
+    b_up_f32: torch.Tensor  # [I, E r]
+    a_down_f32: torch.Tensor  # [E r, I]
 
 
 @dataclass(eq=False)
@@ -83,12 +86,11 @@ class LoraExperts:
         a_down = pack(self.a_down)
         if self.num_experts > MASKED_MAX_EXPERTS or a_down is self.a_down:  # many experts, or nothing packs
             return LoraExperts(**{**vars(self), "gate_up": pack(self.gate_up), "down": pack(self.down)})
-        b_gate_up = torch.block_diag(self.b_gate, self.b_up)
         fused = FusedTables(
             gate_up_a=pack_private(torch.cat([self.gate_up, self.a_in])),
-            b_gate_up=pack_private(b_gate_up),
+            b_gate_up=pack_private(torch.block_diag(self.b_gate, self.b_up)),
             down_b=pack_private(torch.cat([self.down, self.b_down], dim=1)),
-            b_gate_up_f32=b_gate_up.float(), a_down_f32=self.a_down.float(),
+            b_gate_f32=self.b_gate.float(), b_up_f32=self.b_up.float(), a_down_f32=self.a_down.float(),
         )
         return LoraExperts(**{**vars(self), "a_down": a_down, "fused": fused})
 
@@ -198,11 +200,11 @@ def _masked(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, lx: LoraE
     else:
         gu, xa = linear(x, lx.gate_up), linear(x, lx.a_in)
     z = xa.view(t, 1, e, 2, r) * onehot[..., None, None]  # [T, k, E, 2, r]: only the pick's own expert
-    if fused is not None:
-        z = z.transpose(2, 3).reshape(t, k, 2 * e * r)
-        dgu = F.linear(z, fused.b_gate_up_f32) if small else linear(z, fused.b_gate_up)  # [T, k, 2I]
+    if fused is not None and not small:
+        dgu = linear(z.transpose(2, 3).reshape(t, k, 2 * e * r), fused.b_gate_up)  # [T, k, 2I]
     else:
-        dgu = torch.cat([linear(z[:, :, :, i].reshape(t, k, e * r), b) for i, b in enumerate((lx.b_gate, lx.b_up))], -1)
+        tables = (fused.b_gate_f32, fused.b_up_f32) if small else (lx.b_gate, lx.b_up)
+        dgu = torch.cat([linear(z[:, :, :, i].reshape(t, k, e * r), b) for i, b in enumerate(tables)], -1)
     g, u = (gu.unsqueeze(1) + dgu).chunk(2, dim=-1)  # [T, k, I] each
     act = F.silu(g) * u  # [T, k, I]
     h = (w * act).sum(1)  # [T, I]: the routing-weighted activations, for the base down
