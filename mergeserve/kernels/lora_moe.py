@@ -207,12 +207,21 @@ def _masked(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, lx: LoraE
         dgu = torch.cat([linear(z[:, :, :, i].reshape(t, k, e * r), b) for i, b in enumerate(tables)], -1)
     g, u = (gu.unsqueeze(1) + dgu).chunk(2, dim=-1)  # [T, k, I] each
     act = F.silu(g) * u  # [T, k, I]
-    h = (w * act).sum(1)  # [T, I]: the routing-weighted activations, for the base down
+    h = _weighted_sum(act, weights)  # [T, I]: the routing-weighted activations, for the base down
     ad = (F.linear(act, fused.a_down_f32) if small else linear(act, lx.a_down)).view(t, k, e, r)  # [T, k, E, r]: every expert's A on each pick
     z_down = (ad * (onehot * w).unsqueeze(-1)).sum(1).view(t, e * r)  # [T, E * r]: weighted, own blocks only
     if fused is not None:
         return linear(torch.cat([h, z_down], dim=-1), fused.down_b)
     return linear(h, lx.down) + linear(z_down, lx.b_down)
+
+
+def _weighted_sum(act: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[:, k] * act[:, k] for act [T, k, I], weights [T, k]: k fused multiply-adds.
+    bf16 `(w * act).sum(1)` measured 5x slower at prefill (490 vs 97 us, 247 tokens, k = 2)."""
+    h = act[:, 0] * weights[:, :1]
+    for j in range(1, act.shape[1]):
+        h = torch.addcmul(h, act[:, j], weights[:, j:j + 1])
+    return h
 
 
 def _grouped(x, g, u, xa, weights, ids, lx: LoraExperts) -> torch.Tensor:
