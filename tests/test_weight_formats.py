@@ -67,7 +67,7 @@ def test_auto_measures_when_the_cpu_has_bf16(monkeypatch):
         capability.fastest_dtype.cache_clear()
 
 
-@pytest.mark.parametrize("tokens", [1, 5])  # 2 picks take the fp32 factor tables (SMALL_PICKS), 10 the packed ones
+@pytest.mark.parametrize("tokens", [1, 5])  # a decode step and a small prefill
 def test_the_packed_lora_kernel_with_fused_tables_equals_the_plain_one(tokens: int):
     from mergeserve.composition import ExpertFFN, LowRank
     from mergeserve.kernels import LoraExperts, lora_moe_ffn

@@ -31,10 +31,6 @@ from mergeserve.kernels.lowrank import Pack, linear
 from mergeserve.kernels.packed import Packed, pack_private
 
 MASKED_MAX_EXPERTS = 8  # beyond this, reading every expert's factors per token costs more than gathering
-# Picks (tokens x k) up to which the fused path runs its two small factor matmuls on fp32 copies:
-# oneDNN's packed bf16 linear costs ~25 us a call whatever the size, plain fp32 5-11 us at 1-2
-# rows (SmolLM2's [3072, 96] and [48, 1536] tables, 2 threads, AMX Xeon); from 16 rows packed wins.
-SMALL_PICKS = 8
 GROUPED_MIN_TOKENS = 64  # batches this large over many experts go expert by expert
 
 
@@ -45,11 +41,6 @@ class FusedTables:
     gate_up_a: Packed  # [2I + E * 2r, D]: base gate, base up, then every expert's A_gate / A_up
     b_gate_up: Packed  # [2I, 2 E r]: blockdiag(B_gate, B_up)
     down_b: Packed  # [D, I + E r]: base down, then every expert's B_down
-    # fp32 copies of the factor tables for a few picks (SMALL_PICKS): B_gate and B_up apart, since
-    # blockdiag's zeros would double what a decode step reads.
-    b_gate_f32: torch.Tensor  # [I, E r]
-    b_up_f32: torch.Tensor  # [I, E r]
-    a_down_f32: torch.Tensor  # [E r, I]
 
 
 @dataclass(eq=False)
@@ -90,7 +81,6 @@ class LoraExperts:
             gate_up_a=pack_private(torch.cat([self.gate_up, self.a_in])),
             b_gate_up=pack_private(torch.block_diag(self.b_gate, self.b_up)),
             down_b=pack_private(torch.cat([self.down, self.b_down], dim=1)),
-            b_gate_f32=self.b_gate.float(), b_up_f32=self.b_up.float(), a_down_f32=self.a_down.float(),
         )
         return LoraExperts(**{**vars(self), "a_down": a_down, "fused": fused})
 
@@ -163,10 +153,9 @@ def lora_moe_ffn(
     t, k = ids.shape
     e, r = lx.num_experts, lx.rank
     strategy = strategy or choose_strategy(t, k, e)
-    x = x.to(lx.dtype)  # the residual stream may be fp32 over bf16 weights
+    x, weights = x.to(lx.dtype), weights.to(lx.dtype)  # the residual stream may be fp32 over bf16 weights
     if strategy == "masked":
         return _masked(x, weights, ids, lx)
-    weights = weights.to(lx.dtype)
     g, u = linear(x, lx.gate_up).chunk(2, dim=-1)  # [T, I] each: the base, once per token
     xa = linear(x, lx.a_in).view(t, e, 2, r)  # [T, E, 2, r]: every x A^T (gate, up)
     if strategy == "grouped":
@@ -188,27 +177,22 @@ def _masked(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, lx: LoraE
     t, k = ids.shape
     e, r = lx.num_experts, lx.rank
     n_inter = lx.a_down.shape[1]  # I
-    fused = lx.fused
-    # A few picks on fused tables: the factor products and the elementwise work run in fp32 (the
-    # onehot's dtype carries them there; see SMALL_PICKS), the big base matmuls in packed bf16.
-    small = fused is not None and t * k <= SMALL_PICKS
-    weights = weights.float() if small else weights.to(lx.dtype)
-    onehot = weights.new_zeros(t, k, e).scatter_(2, ids.unsqueeze(-1), 1.0)  # [T, k, E]
+    onehot = x.new_zeros(t, k, e).scatter_(2, ids.unsqueeze(-1), 1.0)  # [T, k, E]
     w = weights.unsqueeze(-1)  # [T, k, 1]
+    fused = lx.fused
     if fused is not None:
         gu, xa = linear(x, fused.gate_up_a).split([2 * n_inter, 2 * e * r], dim=-1)  # [T, 2I], [T, E * 2r]
     else:
         gu, xa = linear(x, lx.gate_up), linear(x, lx.a_in)
     z = xa.view(t, 1, e, 2, r) * onehot[..., None, None]  # [T, k, E, 2, r]: only the pick's own expert
-    if fused is not None and not small:
+    if fused is not None:
         dgu = linear(z.transpose(2, 3).reshape(t, k, 2 * e * r), fused.b_gate_up)  # [T, k, 2I]
     else:
-        tables = (fused.b_gate_f32, fused.b_up_f32) if small else (lx.b_gate, lx.b_up)
-        dgu = torch.cat([linear(z[:, :, :, i].reshape(t, k, e * r), b) for i, b in enumerate(tables)], -1)
+        dgu = torch.cat([linear(z[:, :, :, i].reshape(t, k, e * r), b) for i, b in enumerate((lx.b_gate, lx.b_up))], -1)
     g, u = (gu.unsqueeze(1) + dgu).chunk(2, dim=-1)  # [T, k, I] each
     act = F.silu(g) * u  # [T, k, I]
     h = _weighted_sum(act, weights)  # [T, I]: the routing-weighted activations, for the base down
-    ad = (F.linear(act, fused.a_down_f32) if small else linear(act, lx.a_down)).view(t, k, e, r)  # [T, k, E, r]: every expert's A on each pick
+    ad = linear(act, lx.a_down).view(t, k, e, r)  # [T, k, E, r]: every expert's A on each pick
     z_down = (ad * (onehot * w).unsqueeze(-1)).sum(1).view(t, e * r)  # [T, E * r]: weighted, own blocks only
     if fused is not None:
         return linear(torch.cat([h, z_down], dim=-1), fused.down_b)
