@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.sequence import SamplingParams
 from mergeserve.experts import ExpertPool
-from mergeserve.kernels.capability import cpu_flags, resolve_dtype
+from mergeserve.kernels.capability import cpu_flags, resolve_dtype, usable_cpus
 from mergeserve.merge import build
 from mergeserve.spec import EngineConfig, parse_composition, resolve_source
 
@@ -76,10 +76,11 @@ def main() -> None:
     p.add_argument("--adapters", type=int, default=100)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: the cores this process may use, as the server)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/lora_pool.json"))
     args = p.parse_args()
+    args.threads = args.threads or usable_cpus()
     torch.set_num_threads(args.threads)
     stages = {"start": rss_mb()}
     folders = [write_adapter(ROOT / ".cache/lora_pool" / f"r{args.rank}-{i:03d}", i, args.rank) for i in range(args.adapters)]
