@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from mergeserve.experts import ExpertPool
 from mergeserve.server import Registry, create_app
 from mergeserve.server.auth import Auth
 from mergeserve.server.builder import Builder
-from mergeserve.spec import EngineConfig
+from mergeserve.spec import EngineConfig, parse_composition
 
 ADMIN = {"Authorization": "Bearer admin-key"}
 HELLO = [{"role": "user", "content": "hello"}]
@@ -61,6 +62,19 @@ def server(zoo: dict[str, Path]) -> Iterator[Server]:
     with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         yield Server(http, client, registry, pool, zoo)
+
+
+def test_a_build_runs_on_a_thread_that_ends_with_it(zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live thread keeps its OpenMP team, and two live teams on 2 cores made libgomp sleep
+    between parallel regions: the executor's decode ran at half speed beside an idle build thread."""
+    builder = Builder(Registry(), ExpertPool(), Executor(threads=2), EngineConfig(max_num_seqs=2, max_model_len=64))
+    ran_on = []
+    build = builder._build
+    monkeypatch.setattr(builder, "_build", lambda revision: (ran_on.append(threading.current_thread()), build(revision)))
+    spec = parse_composition({"name": "base", "base": str(zoo["base"]), "experts": [{"name": "base", "source": str(zoo["base"])}]})
+    assert builder.build_now(spec).state == "ready"
+    assert len(ran_on) == 1 and not ran_on[0].is_alive()
+    builder.shutdown()
 
 
 def test_put_builds_in_the_background_and_then_serves(server: Server) -> None:
