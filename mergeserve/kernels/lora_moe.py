@@ -165,7 +165,7 @@ def lora_moe_ffn(
     du = (sel[:, :, 1].unsqueeze(2) @ lx.per_expert("b_up")[ids]).squeeze(2)
     act = F.silu(g.unsqueeze(1) + dg) * (u.unsqueeze(1) + du)  # [T, k, I]
     w = weights.unsqueeze(-1)  # [T, k, 1]
-    out = linear((w * act).sum(1), lx.down)  # [T, D]: the base down once, on the weighted sum
+    out = linear(_weighted_sum(act, weights), lx.down)  # [T, D]: the base down once, on the weighted sum
     ad = (lx.per_expert("a_down")[ids] @ act.unsqueeze(-1)).squeeze(-1) * w  # [T, k, r, I] @ [T, k, I, 1] -> [T, k, r]
     return out + (ad.unsqueeze(2) @ lx.per_expert("b_down")[ids]).squeeze(2).sum(1)  # [T, k, 1, r] @ [T, k, r, D]
 
