@@ -1,4 +1,4 @@
-"""`mergeserve serve | export | eval | train-router`: a thin argparse front end; each subcommand imports what it needs."""
+"""`mergeserve serve | export | eval | train-router | tune-merge | fisher | shrink`: a thin argparse front end; each subcommand imports what it needs."""
 
 from __future__ import annotations
 
@@ -74,6 +74,68 @@ def _train_router(args: argparse.Namespace) -> int:
           f"load-balancing loss {result.aux_loss[0]:.4f} -> {result.final_aux_loss:.4f} (last steps' mean)")
     print(f"wrote {args.out}")
     return 0
+
+
+def _tune_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from mergeserve.merge.tune import TuneConfig, tune_merge
+
+    torch.set_num_threads(args.threads)
+    try:
+        cfg = TuneConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                         objective=args.objective, reg=args.reg, seed=args.seed)
+        result = tune_merge(args.spec, _expert_data(args.data), args.out, cfg)
+    except (ValueError, OSError) as e:  # bad settings, spec, source or data
+        return _bad_input(args, e)
+    print(f"loss {result.loss[0]:.4f} -> {result.loss[-1]:.4f}; coefficients per expert, mean over layers: "
+          f"{[round(x, 3) for x in result.coefficients.mean(0).tolist()]}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _fisher(args: argparse.Namespace) -> int:
+    import torch
+
+    from mergeserve.merge.fisher import FisherConfig, compute_fishers
+
+    torch.set_num_threads(args.threads)
+    try:
+        paths = compute_fishers(args.spec, _expert_data(args.data), args.out, FisherConfig(args.samples, args.seq_len))
+    except (ValueError, OSError) as e:
+        return _bad_input(args, e)
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def _shrink(args: argparse.Namespace) -> int:
+    import torch
+
+    from mergeserve.merge.shrink import shrink
+
+    torch.set_num_threads(args.threads)
+    try:
+        path = shrink(args.spec, args.to, args.out, args.data, args.metrics, args.samples, args.seq_len)
+    except (ValueError, OSError) as e:
+        return _bad_input(args, e)
+    print(f"wrote {path}")
+    return 0
+
+
+def _expert_data(items: list[str]) -> dict[str, list[Path]]:
+    """`NAME=PATH` pairs and folders with a subfolder per expert -> expert name -> paths."""
+    data: dict[str, list[Path]] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if sep:
+            data.setdefault(name, []).append(Path(path))
+        elif Path(item).is_dir():
+            for sub in sorted(p for p in Path(item).iterdir() if p.is_dir()):
+                data.setdefault(sub.name, []).append(sub)
+        else:
+            raise ValueError(f"{item}: give NAME=PATH, or a folder with a subfolder per expert")
+    return data
 
 
 def _bad_input(args: argparse.Namespace, error: Exception) -> int:
@@ -152,6 +214,46 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0, help="seed of the data order (default: %(default)s)")
     tr.add_argument("--threads", type=_positive, default=2, help="torch CPU threads; 1 where other jobs share the cores (default: %(default)s)")
     tr.set_defaults(run=_train_router)
+
+    from mergeserve.merge.tune import TuneConfig
+
+    t = TuneConfig()
+    tm = sub.add_parser("tune-merge", help="learn a task-vector merge's coefficient per expert per layer from each expert's unlabeled text")
+    tm.add_argument("--spec", required=True, type=Path, help="a dense task-vector merge or MergeME spec of LoRA experts (YAML)")
+    tm.add_argument("--data", required=True, nargs="+",
+                    help="NAME=PATH per expert (.jsonl/.txt files or folders), or folders holding a subfolder per expert name")
+    tm.add_argument("--out", required=True, type=Path, help="coefficients file to write (.safetensors); a spec names it as merge.coefficients")
+    tm.add_argument("--objective", choices=["expert_merging", "entropy"], default=t.objective,
+                    help="match each expert's states and logits on its text (Expert Merging), or minimise entropy (AdaMerging) (default: %(default)s)")
+    tm.add_argument("--steps", type=_positive, default=t.steps, help="optimizer steps (default: %(default)s)")
+    tm.add_argument("--batch-size", type=_positive, default=t.batch_size, help="sequences of each expert's text per step (default: %(default)s)")
+    tm.add_argument("--seq-len", type=_positive, default=t.seq_len, help="tokens per sequence (default: %(default)s)")
+    tm.add_argument("--lr", type=float, default=t.lr, help="Adam learning rate of the coefficients (default: %(default)s)")
+    tm.add_argument("--reg", type=float, default=t.reg, help="weight of the squared distance to the spec's own coefficients (default: %(default)s)")
+    tm.add_argument("--seed", type=int, default=t.seed, help="seed of the data order (default: %(default)s)")
+    tm.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default: %(default)s)")
+    tm.set_defaults(run=_tune_merge)
+
+    fi = sub.add_parser("fisher", help="compute and cache each expert's diagonal Fisher on its own text (for method: fisher)")
+    fi.add_argument("--spec", required=True, type=Path, help="a spec listing the experts (YAML)")
+    fi.add_argument("--data", required=True, nargs="+", help="NAME=PATH per expert, or folders holding a subfolder per expert name")
+    fi.add_argument("--out", required=True, type=Path, help="folder for <expert>.safetensors; a fisher spec names it as merge.fisher")
+    fi.add_argument("--samples", type=_positive, default=16, help="sequences per expert, one backward each (default: %(default)s)")
+    fi.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence (default: %(default)s)")
+    fi.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default: %(default)s)")
+    fi.set_defaults(run=_fisher)
+
+    sh = sub.add_parser("shrink", help="merge experts whose routing and weights are alike into fewer experts (M-SMoE); writes a spec")
+    sh.add_argument("--spec", required=True, type=Path, help="an MoE spec of LoRA experts (YAML)")
+    sh.add_argument("--to", required=True, type=_positive, help="number of experts to keep")
+    sh.add_argument("--out", required=True, type=Path, help="folder for the merged adapters and spec.yaml")
+    stats = sh.add_mutually_exclusive_group(required=True)
+    stats.add_argument("--data", nargs="+", type=Path, help="calibration text (.jsonl/.txt files or folders) for the routing statistics")
+    stats.add_argument("--metrics", help="a live server's /metrics URL: its expert_tokens_total for this composition")
+    sh.add_argument("--samples", type=_positive, default=8, help="calibration sequences (default: %(default)s)")
+    sh.add_argument("--seq-len", type=_positive, default=256, help="tokens per sequence (default: %(default)s)")
+    sh.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default: %(default)s)")
+    sh.set_defaults(run=_shrink)
     return p
 
 

@@ -125,6 +125,10 @@ class Layer:
     router: torch.Tensor | None = None  # [E, D]; None for a dense layer
     # Sequence routing: each expert's own whole decoder layer (dense, the pool's tensors).
     expert_layers: list[Layer] | None = None
+    # Routed attention (router.attention: routed): `attn` is the base's own, and each expert's
+    # attention is low-rank deltas over it, mixed per token by `attn_router` [E, D].
+    attn_experts: list[Attention] | None = None
+    attn_router: torch.Tensor | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -162,8 +166,10 @@ class ComposedModel:
     layers: list[Layer]
     expert_names: list[str]
     top_k: int = 2
-    # Router logits are |x · row| instead of x · row (arrow: a singular vector's sign is arbitrary).
-    router_abs: bool = False
+    # 0: router logits are x · row. k >= 1: each expert has k router rows (singular vectors of its
+    # delta, whose signs are arbitrary) and its logit is the norm of x's projection on them
+    # (arrow: k = 1, |x · v|; SMILE: k = router.subspace).
+    router_subspace: int = 0
     # MergeME sequence-level routing: one alpha [E] per request from its prompt; no gate rows then.
     sequence_routing: SequenceRouting | None = None
     # Sources the composition was built from (base first; a learned router checks its base against it).
@@ -179,6 +185,7 @@ class ComposedModel:
             out += [layer.input_norm, layer.post_attn_norm]
             out += [t for w in vars(layer.attn).values() if w is not None for t in weight_tensors(w)]
             out += [t for e in layer.experts for w in (e.gate_proj, e.up_proj, e.down_proj) for t in weight_tensors(w)]
-            if layer.router is not None:
-                out.append(layer.router)
+            for a in layer.attn_experts or []:
+                out += [t for w in vars(a).values() if w is not None for t in weight_tensors(w)]
+            out += [r for r in (layer.router, layer.attn_router) if r is not None]
         return out

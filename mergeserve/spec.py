@@ -40,35 +40,53 @@ class ExpertSpec(_Strict):
 
 
 class RouterSpec(_Strict):
-    # Token routers, a gate per layer. hidden/centroid: from each expert's prompts; arrow: from
+    # Token routers, a gate per layer. hidden/centroid: from each expert's prompts; arrow, smile: from
     # each expert's weight deltas (LoRA B·A); learned: rows read from `weights` (written by
     # `mergeserve train-router`). Sequence routers (MergeME), one choice per request from its
     # prompt: perplexity (1/PPL under each expert), task_vector (cos(grad_base L, tau_i)).
-    kind: Literal["hidden", "centroid", "arrow", "learned", "random", "perplexity", "task_vector"] = "hidden"
-    # Sequence routers: `separate` runs each chosen expert's own attention (and norms) and mixes
-    # the layer outputs; `merged` shares the merged attention and mixes only the FFNs.
-    attention: Literal["separate", "merged"] = "separate"
+    kind: Literal["hidden", "centroid", "arrow", "smile", "learned", "random", "perplexity", "task_vector"] = "hidden"
+    # What the experts' attention becomes. Token routers: `averaged` (the default) shares one
+    # attention merged as the method says (BTX averages, MergeME merges task vectors); `routed`
+    # keeps LoRA experts' attention deltas and routes them per token with a gate of their own,
+    # reading the input-normed state. Sequence routers: `separate` (the default) runs each chosen
+    # expert's own attention (and norms) and mixes the layer outputs; `merged` shares the merged
+    # attention and mixes only the FFNs; `dynamic` merges every layer per request with the
+    # request's routing weights (Twin-Merging; LoRA experts, as a mix of their low-rank deltas).
+    attention: Literal["averaged", "routed", "separate", "merged", "dynamic"] | None = None
     top_k: int = Field(2, ge=1)
     seed: int = 0
     # Router logit margin between an expert's own domain and the rest; larger is sharper.
     scale: float = Field(4.0, gt=0)
     # safetensors file of router rows for kind=learned (relative to the spec's folder).
     weights: str | None = None
+    # kind=smile: right singular vectors of each expert's delta whose span scores a token.
+    subspace: int = Field(4, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> RouterSpec:
         if (self.kind == "learned") != (self.weights is not None):
             raise ValueError("router.weights is required for kind=learned and only used by it")
-        if "attention" in self.model_fields_set and not self.is_sequence:
-            raise ValueError(f"router.attention applies to the sequence routers (perplexity, task_vector), not {self.kind}")
+        if "subspace" in self.model_fields_set and self.kind != "smile":
+            raise ValueError(f"router.subspace applies to kind=smile, not {self.kind}")
+        allowed = ("separate", "merged", "dynamic") if self.is_sequence else ("averaged", "routed")
+        if self.attention is None:
+            self.attention = allowed[0]
+        elif self.attention not in allowed:
+            kinds = "sequence routers (perplexity, task_vector)" if self.is_sequence else "token routers"
+            raise ValueError(f"router.attention={self.attention} does not apply to kind={self.kind}: {kinds} take {', '.join(allowed)}")
         return self
+
+    @property
+    def keeps_attention_deltas(self) -> bool:
+        """Whether the experts' attention stays per expert, as deltas over the base's."""
+        return self.attention in ("routed", "dynamic")
 
     @property
     def is_sequence(self) -> bool:
         return self.kind in ("perplexity", "task_vector")
 
 
-TaskVectorMethod = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"]
+TaskVectorMethod = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "consensus"]
 
 
 class MergeOverride(_Strict):
@@ -100,7 +118,7 @@ class MergeParams(_Strict):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     # Set for `mergeme` (default ties); for a dense spec it is the spec's own `method`.
-    method: TaskVectorMethod | None = None
+    method: TaskVectorMethod | Literal["fisher"] | None = None
     lambda_: float = Field(1.0, alias="lambda")
     # Fraction of each task vector kept: by magnitude for ties, at random for dare.
     density: float = Field(1.0, gt=0, le=1)
@@ -111,10 +129,19 @@ class MergeParams(_Strict):
     consensus: Literal["sum", "count"] = "sum"
     # dare: rescale kept entries by 1/density.
     rescale: bool = True
+    # consensus: a task's TALL mask keeps the entries where |tau_i| >= tall_lambda * |tau_MTL - tau_i|,
+    # and only entries at least consensus_k masks keep survive.
+    tall_lambda: float = Field(0.6, gt=0)
+    consensus_k: int = Field(2, ge=1)
     # slerp: interpolation factor from the first expert (0) to the second (1).
     t: float = Field(0.5, ge=0, le=1)
     seed: int = 0
     overrides: list[MergeOverride] = []
+    # safetensors file of learned coefficients [layers, experts] (`mergeserve tune-merge`, relative
+    # to the spec's folder): expert i's task vector in layer n is weighted by coefficients[n, i].
+    coefficients: str | None = None
+    # method fisher: the folder of the experts' cached diagonal Fishers (`mergeserve fisher`), relative to the spec.
+    fisher: str | None = None
 
 
 class VLLMOptions(_Strict):
@@ -157,7 +184,7 @@ class CompositionSpec(_Strict):
     timeout_s: float = Field(600.0, gt=0)  # backend=openai/vllm: per upstream request
     # btx: MoE, FFNs kept as experts, the rest averaged; mergeme: MoE, the rest merged as
     # `merge` says (TIES by default); any task-vector method: one dense merged model.
-    method: Literal["btx", "mergeme", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"] = "btx"
+    method: Literal["btx", "mergeme", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "consensus", "fisher"] = "btx"
     merge: MergeParams = MergeParams()
     router: RouterSpec = RouterSpec()
     # Compute and storage dtype of the composition's weights: float32, bfloat16, or auto (the
@@ -204,7 +231,8 @@ class CompositionSpec(_Strict):
         if self.base is None:
             return []
         bases = [e.base for e in self.experts if e.base]
-        return [self.base, *(e.source for e in self.experts), *bases, *([self.router.weights] if self.router.weights else [])]
+        files = [f for f in (self.router.weights, self.merge.coefficients, self.merge.fisher) if f]
+        return [self.base, *(e.source for e in self.experts), *bases, *files]
 
     @property
     def is_moe(self) -> bool:
@@ -225,6 +253,11 @@ class CompositionSpec(_Strict):
             if merge.method not in (None, self.method):
                 raise ValueError(f"merge.method={merge.method} contradicts method={self.method}")
             self.merge = merge.model_copy(update={"method": self.method})
+        if (self.merge.method == "fisher") != (self.merge.fisher is not None):
+            raise ValueError("merge.fisher (a folder written by `mergeserve fisher`) is required for method=fisher and only used by it")
+        if self.merge.coefficients is not None and self.merge.method in ("linear", "slerp", "fisher"):
+            raise ValueError(f"merge.coefficients weight task vectors; merge.method={self.merge.method} does not take them "
+                             "(use task_arithmetic, ties, dare_linear or dare_ties)")
         if self.merge.method == "slerp" and len(self.experts) != 2:
             raise ValueError(f"slerp merges exactly two experts, got {len(self.experts)}")
 
@@ -357,9 +390,10 @@ def _with_resolved_sources(spec: dict, relative_to: Path) -> dict:
         spec["base"] = resolve_source(spec["base"], relative_to)
     if isinstance(spec.get("experts"), list):
         spec["experts"] = [_with_resolved_expert(e, relative_to) for e in spec["experts"]]
-    router = spec.get("router")
-    if isinstance(router, dict) and isinstance(router.get("weights"), str):
-        spec["router"] = router | {"weights": resolve_source(router["weights"], relative_to)}
+    for section, key in (("router", "weights"), ("merge", "coefficients"), ("merge", "fisher")):
+        fields = spec.get(section)
+        if isinstance(fields, dict) and isinstance(fields.get(key), str):
+            spec[section] = fields | {key: resolve_source(fields[key], relative_to)}
     return spec
 
 

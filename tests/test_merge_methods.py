@@ -193,3 +193,21 @@ def test_tensors_every_expert_shares_with_the_base_are_returned_uncopied(method)
     base = torch.randn(4, 4)
     merged = merge_tensor("model.embed_tokens.weight", base, [base, base], [1.0, 2.0], MergeParams(method=method))
     assert merged is base
+
+
+def test_consensus_keeps_what_at_least_two_tall_masks_keep():
+    """Consensus / TALL masks by hand, on three one-entry-per-case task vectors."""
+    base = torch.zeros(4)
+    taus = torch.tensor([
+        [1.0, 1.0, 0.0, 0.01],  # entry 0: all agree; entry 1: two of three; entry 2: only task 3 (selfish)
+        [1.0, 1.0, 0.0, 0.0],
+        [1.0, 0.0, 5.0, 0.0],  # entry 3: a tiny value no task needs much: masked out (catastrophic for consensus)
+    ])
+    merged = merge_tensor("w", base, list(taus), [1.0] * 3, MergeParams(method="consensus", tall_lambda=0.6, consensus_k=2))
+    # tau_MTL = [3, 2, 5, 0.01]; |tau_i| >= 0.6 |tau_MTL - tau_i| per task:
+    # entry 0: 1 >= 1.2? no for all -> 0 masks; entry 1: tasks 1, 2: 1 >= 0.6 yes, task 3: 0 >= 1.2 no -> 2 masks
+    # entry 2: task 3 only (5 >= 0) plus tasks 1, 2 (0 >= 3 no) -> 1 mask; entry 3: task 1 (0.01 >= 0), tasks 2, 3 (0 >= 0.006 no) -> 1
+    assert_close(merged, torch.tensor([0.0, 2.0, 0.0, 0.0]))
+    # Wider masks (a smaller lambda_t) let the all-agree entry through too.
+    wide = merge_tensor("w", base, list(taus), [1.0] * 3, MergeParams(method="consensus", tall_lambda=0.4, consensus_k=2))
+    assert_close(wide, torch.tensor([3.0, 2.0, 0.0, 0.0]))

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergeserve.engine.model import Batch, Transformer
+from mergeserve.engine.model import Batch, Capture, Transformer
 from mergeserve.experts import ExpertPool
 from mergeserve.export import export_mixtral
-from mergeserve.kernels import route
+from mergeserve.kernels import route, router_logits
 from mergeserve.merge import build
 from mergeserve.spec import parse_composition
 
@@ -57,10 +57,10 @@ def test_random_router_is_seeded(zoo):
 def test_centroid_logits_are_scale_times_cosine(zoo):
     composed = domain_composition(zoo, "centroid", scale=10.0)
     model = Transformer(composed, max_len=128)
-    captured: list[torch.Tensor] = []
+    captured = Capture(ffn=[])
     ids = [composed.tokenizer(p)["input_ids"] for prompts in DOMAINS.values() for p in prompts]
     model(Batch.right_padded(ids), capture=captured)
-    for layer, x in zip(composed.layers, captured):  # x [tokens, D]: what the router sees
+    for layer, x in zip(composed.layers, captured.ffn):  # x [tokens, D]: what the router sees
         norms = layer.router.norm(dim=-1)  # [E]
         assert torch.allclose(norms, norms[0])  # one scale for all experts: no expert is favoured
         # Row norm is scale / (typical router-input norm), so |logit| <= scale for a typical token.
@@ -105,7 +105,7 @@ def arrow_composition(zoo, experts: dict[str, Path], scale: float = 4.0):
 def test_arrow_prototypes_are_the_deltas_directions(zoo, arrow_zoo):
     experts, directions = arrow_zoo
     composed = arrow_composition(zoo, experts, scale=4.0)
-    assert composed.router_abs
+    assert composed.router_subspace == 1
     for n, layer in enumerate(composed.layers):
         rows = layer.router / 4.0  # [E, D]: prototypes, unit up to sign
         for i in range(2):
@@ -120,7 +120,7 @@ def test_arrow_routes_a_token_along_its_experts_direction(zoo, arrow_zoo):
     for n, layer in enumerate(composed.layers):
         # Router inputs of norm 8 (~sqrt(D)) along each direction, either sign: |x · v| ignores it.
         x = 8.0 * torch.stack([directions[0, n], -directions[0, n], directions[1, n], -directions[1, n]])
-        _, ids = route(x, layer.router, top_k=1, absolute=composed.router_abs)
+        _, ids = route(x, layer.router, top_k=1, subspace=composed.router_subspace)
         assert ids[:, 0].tolist() == [0, 0, 1, 1]
 
 
@@ -128,9 +128,9 @@ def test_engine_routes_by_absolute_logits(zoo, arrow_zoo):
     experts, _ = arrow_zoo
     composed = arrow_composition(zoo, experts)
     model = Transformer(composed, max_len=128)
-    captured: list[torch.Tensor] = []
+    captured = Capture(ffn=[])
     model(Batch.right_padded([composed.tokenizer(p)["input_ids"] for p in DOMAINS["code"]]), capture=captured)
-    for n, (layer, x) in enumerate(zip(composed.layers, captured)):
+    for n, (layer, x) in enumerate(zip(composed.layers, captured.ffn)):
         scores = (x @ layer.router.T).abs()  # [tokens, E]
         assert torch.equal(model.expert_load[n], torch.bincount(scores.argmax(-1), minlength=3))
 
@@ -140,3 +140,24 @@ def test_arrow_composition_does_not_export_to_mixtral(zoo, arrow_zoo, tmp_path):
     with pytest.raises(ValueError, match="Mixtral's gate is linear"):
         export_mixtral(composed, tmp_path / "moe")
     assert not (tmp_path / "moe").exists()
+
+
+def test_smile_logits_are_the_norm_of_the_projection_on_each_deltas_top_singular_vectors(zoo, adapters):
+    """SMILE by hand: an SVD of each expert's dense [Δgate; Δup] gives the same logits as the
+    rows built from the LoRA factors."""
+    pool = ExpertPool()
+    composed = build(parse_composition({
+        "name": "smile", "base": str(zoo["base"]), "router": {"kind": "smile", "subspace": 2, "scale": 1.0},
+        "experts": [{"name": n, "source": str(p)} for n, p in adapters.items()],
+    }), pool)
+    assert composed.router_subspace == 2 and composed.layers[0].router.shape == (3 * 2, composed.config.hidden_size)
+    base = pool.get(str(zoo["base"]))
+    x = torch.randn(5, composed.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for n, layer in enumerate(composed.layers):
+        logits = router_logits(x, layer.router, composed.router_subspace)  # [5, E]
+        for e, path in enumerate(adapters.values()):
+            expert = pool.get_expert(str(path), str(zoo["base"]))
+            key = f"model.layers.{n}.mlp.{{}}_proj.weight"
+            delta = torch.cat([expert.tensors[key.format(p)] - base.tensors[key.format(p)] for p in ("gate", "up")]).double()
+            v = torch.linalg.svd(delta).Vh[:2]  # [2, D]
+            torch.testing.assert_close(logits[:, e], (x.double() @ v.T).norm(dim=-1).float(), atol=1e-4, rtol=1e-4)

@@ -238,6 +238,60 @@ def test_logprobs(server: Server) -> None:
     assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content)
 
 
+def test_echo_returns_the_prompt_with_the_logprob_of_every_token_after_the_first(server: Server) -> None:
+    """What lm-eval's loglikelihood requests send (echo, max_tokens 1, logprobs 1): the prompt's
+    token logprobs must equal the engine's own scoring of the same tokens."""
+    prompt = "Tom has 5 apples and buys 3 more"
+    ids = server.engine.tokenizer.encode(prompt)
+    out = server.client.completions.create(model=MOE, prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text.startswith(server.engine.tokenizer.decode(ids))
+    assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert "".join(lp.tokens) == out.choices[0].text
+    expected = server.engine.score([ids])[0]  # [len - 1]
+    assert lp.token_logprobs[1:-1] == pytest.approx(expected.tolist(), abs=1e-4)
+    assert all(max(top.values()) >= t - 1e-6 for t, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:]))
+
+    streamed = list(server.client.completions.create(model=MOE, prompt=prompt, max_tokens=3, temperature=0, logprobs=0,
+                                                     echo=True, stream=True))
+    first = streamed[0].choices[0]
+    assert first.text.startswith(prompt) and first.logprobs.token_logprobs[0] is None
+    plain = server.client.completions.create(model=MOE, prompt=prompt, max_tokens=3, temperature=0, echo=True)
+    assert plain.choices[0].text == "".join(c.choices[0].text for c in streamed if c.choices)
+
+
+def test_lm_eval_scores_a_loglikelihood_task_against_the_server(server: Server, tmp_path: Path) -> None:
+    """The real lm-eval harness, `--model local-completions`, on a two-question task of our own:
+    every choice's loglikelihood it reports is the engine's own score of that continuation."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    docs = [("Tom has 5 apples and buys 3 more, so he has", ["8.", "2 apples."]), ("What is 12 + 7? 12 + 7 =", ["19.", "5."])]
+    (tmp_path / "arith.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "label": 0}) + "\n" for q, c in docs))
+    (tmp_path / "arith.yaml").write_text(
+        "task: tiny_arith\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'arith.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_target: label\ndoc_to_choice: '{{choices}}'\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+    tokenizer = tmp_path / "tokenizer"
+    server.engine.tokenizer.save_pretrained(tokenizer)
+    url = str(server.client.base_url).rstrip("/")
+    results = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["tiny_arith"], task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
+        model_args=f"model={MOE},base_url={url}/completions,tokenizer={tokenizer},tokenizer_backend=huggingface,max_retries=1",
+    )
+    samples = results["samples"]["tiny_arith"]
+    tok = server.engine.tokenizer
+    for sample, (question, choices) in zip(sorted(samples, key=lambda s: s["doc_id"]), docs):
+        for (loglikelihood, _), choice in zip(sample["filtered_resps"], choices):
+            context = tok.encode(question)
+            whole = tok.encode(question + " " + choice)  # lm-eval's target delimiter, then its split of the pair
+            continuation = len(whole) - len(context)
+            assert float(loglikelihood) == pytest.approx(float(server.engine.score([whole])[0][-continuation:].sum()), abs=1e-3)
+    assert results["results"]["tiny_arith"]["acc,none"] in (0.0, 0.5, 1.0)
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 
@@ -246,7 +300,7 @@ def test_logprobs(server: Server) -> None:
     ({"max_tokens": 0}, "max_tokens"),
     ({"n": 9}, "n"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"echo": True}, "echo"),
+    ({"suffix": "and so on"}, "suffix"),
 ])
 def test_invalid_parameters_are_400(server: Server, bad: dict, param: str) -> None:
     with pytest.raises(openai.BadRequestError) as error:

@@ -115,6 +115,8 @@ class Engine:
         if batch.prefill:
             hidden = self._prefill(batch.prefill)  # [B, T, D]
             for row, (seq, n) in enumerate(batch.prefill):
+                if seq.params.prompt_logprobs is not None:
+                    self._score_prompt_chunk(seq, hidden[row, :n])
                 seq.num_cached += n
                 if not seq.in_prefill:
                     rows.append(hidden[row, n - 1])
@@ -156,6 +158,17 @@ class Engine:
         key_len = max(seq.num_cached + n for seq, n in chunks)
         batch = Batch(tokens, positions, slots, self._router_bias(chunks), lengths, alpha, key_len=key_len)
         return self.model(batch, self.cache)
+
+    def _score_prompt_chunk(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens that this prefill chunk's positions predict (hidden [n, D])."""
+        start = seq.num_cached
+        targets = seq.prompt_ids[start + 1:start + 1 + hidden.shape[0]]  # the last prompt position predicts the output
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [None]  # nothing predicts the first token
+        if targets:
+            logprobs = torch.log_softmax(self.model.logits(hidden[:len(targets)]), dim=-1)  # [m, V]
+            top = seq.params.prompt_logprobs
+            seq.prompt_logprobs += [self._logprob(t, lp, top) for t, lp in zip(targets, logprobs)]
 
     def _route_admitted(self) -> None:
         """Sequence routing: every newly admitted request's prompt, routed in one batch before its first chunk."""
@@ -216,7 +229,10 @@ class Engine:
             reason = self._check_stop(seq, token)
             if reason:
                 self._finish(seq, reason)
-            outputs.append(self._output(seq, [token], lp))
+            out = self._output(seq, [token], lp)
+            if len(seq.output_ids) == 1:
+                out.prompt_logprobs = seq.prompt_logprobs
+            outputs.append(out)
         return outputs
 
     def _check_stop(self, seq: Sequence, token: int) -> str | None:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from mergeserve.composition import Weight
 from mergeserve.kernels.lowrank import linear
+from mergeserve.kernels.routed_lowrank import RoutedAttention
 
 __all__ = ["Batch", "attention", "next_token_targets", "rms_norm", "rope", "signed_sin"]
 
@@ -95,21 +96,30 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.
 def attention(
     x: torch.Tensor, qkv: Weight, bias: torch.Tensor | None, o_proj: Weight, shape: tuple[int, int, int],
     cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, batch: Batch, cache, layer: int,
+    routed: tuple[RoutedAttention, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Self-attention of x [B, T, D] with fused q/k/v projections; keys and values go through
     `cache` (a KVCache, layer `layer`) when given. shape: (heads, kv heads, head dim);
-    sin: signed_sin of the sin table."""
+    sin: signed_sin of the sin table. routed: the experts' attention deltas and each token's
+    gate over them [B * T, E], added to the q/k/v and o projections."""
     n_heads, n_kv, dh = shape
     b, t, _ = x.shape
+    deltas, gate = routed if routed is not None else (None, None)
+    qkv_out = linear(x, qkv, bias)
+    if deltas is not None and deltas.qkv is not None:
+        qkv_out = qkv_out + deltas.qkv(x.reshape(b * t, -1), gate).view_as(qkv_out)
     # Attention itself runs in fp32 whatever the weights: CPU SDPA in bf16 is ~4x slower (measured).
-    qkv_out = linear(x, qkv, bias).float().view(b, t, n_heads + 2 * n_kv, dh).transpose(1, 2)  # [B, H + 2 KVH, T, Dh]
+    qkv_out = qkv_out.float().view(b, t, n_heads + 2 * n_kv, dh).transpose(1, 2)  # [B, H + 2 KVH, T, Dh]
     qk, v = qkv_out.split([n_heads + n_kv, n_kv], dim=1)
     q, k = rope(qk, cos, sin).split([n_heads, n_kv], dim=1)
     if cache is not None:
         cache.write(layer, batch.write_slots(cache.scratch_slot), batch.positions, k, v)
         k, v = cache.read(layer, batch.slots, batch.num_keys(), batch.first_slot)  # [B, KVH, S, Dh]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    return linear(out.transpose(1, 2).reshape(b, t, -1).to(x.dtype), o_proj)
+    y = out.transpose(1, 2).reshape(b, t, -1).to(x.dtype)  # [B, T, H * Dh]
+    if deltas is not None and deltas.o is not None:
+        return linear(y, o_proj) + deltas.o(y.view(b * t, -1), gate).view(b, t, -1)
+    return linear(y, o_proj)
 
 
 def next_token_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -17,13 +17,14 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from mergeserve.composition import ComposedModel, Layer, LowRank, Weight, fuse
 from mergeserve.engine.kv_cache import KVCache
 from mergeserve.engine.layers import Batch, attention, rms_norm, signed_sin
-from mergeserve.engine.sequence_layers import fixed_routing, separate_layer
+from mergeserve.engine.sequence_layers import count_routing, fixed_routing, separate_layer
 from mergeserve.experts.checkpoint import head_dim
 from mergeserve.kernels import FusedFFN, LoraExperts, expert_mlp, linear, lora_moe_ffn, moe_ffn, route
 from mergeserve.kernels.lowrank import Pack, packed, prepared
 from mergeserve.kernels.packed import Packed
+from mergeserve.kernels.routed_lowrank import MergedFFN, RoutedAttention
 
-__all__ = ["ModelArgs", "RunLayer", "Transformer"]
+__all__ = ["Capture", "ModelArgs", "RunLayer", "Transformer"]
 
 
 @dataclass
@@ -67,14 +68,21 @@ class RunLayer:
     dense_experts: torch.Tensor | None  # [E] bool: experts on the grouped dense path (mixed compositions)
     input_norm: torch.Tensor  # [D] fp32: the residual stream is fp32 whatever the weights
     post_attn_norm: torch.Tensor  # [D] fp32
+    attn_deltas: RoutedAttention | None = None  # routed attention: the experts' deltas over `qkv`/`o_proj`
+    merged_ffn: MergedFFN | None = None  # per-request merging: the FFN merged from the experts' deltas
 
     @classmethod
-    def of(cls, layer: Layer, pack: Pack | None = None) -> RunLayer:
-        """`pack`: a WeightPacker for the full-size weights (None: run them as they are)."""
+    def of(cls, layer: Layer, pack: Pack | None = None, merge_per_request: bool = False) -> RunLayer:
+        """`pack`: a WeightPacker for the full-size weights (None: run them as they are).
+        merge_per_request: the experts' FFNs are merged per request (router.attention: dynamic)."""
         a = layer.attn
         # Builders lay q/k/v back to back, so this is a view; anything else is concatenated once.
         qkv = fuse([prepared(w) for w in (a.q_proj, a.k_proj, a.v_proj)], copy=True)
         bias = None if a.q_bias is None else torch.cat([a.q_bias, a.k_bias, a.v_bias])
+        deltas = RoutedAttention.build(layer.attn_experts, a.o_proj.dtype, pack) if layer.attn_experts else None
+        if merge_per_request:
+            return cls(layer, packed(qkv, pack), bias, packed(prepared(a.o_proj), pack), [], None, None,
+                       layer.input_norm.float(), layer.post_attn_norm.float(), deltas, MergedFFN.build(layer.experts, pack))
         lora = LoraExperts.build(layer.experts) if layer.is_moe else None
         if lora is not None and pack is not None:
             lora = lora.packed(pack)
@@ -82,8 +90,17 @@ class RunLayer:
         ffns = [FusedFFN.of(e, pack) for e in layer.experts] if lora is None or dense is not None else []
         return cls(
             layer, packed(qkv, pack), bias, packed(prepared(a.o_proj), pack), ffns, lora, dense,
-            layer.input_norm.float(), layer.post_attn_norm.float(),
+            layer.input_norm.float(), layer.post_attn_norm.float(), deltas,
         )
+
+
+@dataclass
+class Capture:
+    """States a forward hands out, per layer, in the lists that are not None."""
+
+    ffn: list[torch.Tensor] | None = None  # each MoE layer's router input [real tokens, D] (post-attention, normed)
+    attention: list[torch.Tensor] | None = None  # the attention router's input (input-normed), routed attention only
+    layers: list[torch.Tensor] | None = None  # the residual stream after each layer, [B, T, D]
 
 
 class Transformer(torch.nn.Module):
@@ -105,12 +122,16 @@ class Transformer(torch.nn.Module):
         # Separate attention: expert e's own layer i keeps its keys/values in cache layer i * E + e.
         seq = composed.sequence_routing
         self.separate = seq is not None and seq.separate
+        self.dynamic = seq is not None and seq.attention == "dynamic"  # every layer merged per request
         self.cache_layers = self.args.n_layers * (e if self.separate else 1)
-        self.run_layers = [RunLayer.of(layer, pack) for layer in composed.layers]
+        self.run_layers = [RunLayer.of(layer, pack, self.dynamic) for layer in composed.layers]
         self.expert_runs = [[RunLayer.of(x, pack) for x in layer.expert_layers] if layer.expert_layers else None
                             for layer in composed.layers]
         self.lm_head = packed(composed.lm_head, pack)
         self.norm = composed.norm.float()
+        # [L, E]: every token merged with these per-layer expert weights instead of its request's alpha
+        # (a dynamic composition only: what `mergeserve tune-merge` trains).
+        self.merge_coefficients: torch.Tensor | None = None
 
     def held(self) -> list[torch.Tensor]:
         """Tensors the forward keeps beyond the composition's own (fused copies, stacked LoRA factors)."""
@@ -132,52 +153,89 @@ class Transformer(torch.nn.Module):
             ws += [run.qkv, run.o_proj, *(w for f in run.ffns for w in (f.gate_up, f.gate, f.up, f.down) if w is not None)]
             if run.lora is not None:
                 ws += list(vars(run.lora).values()) + (list(vars(run.lora.fused).values()) if run.lora.fused else [])
+            if run.attn_deltas is not None:
+                ws += [t for d in (run.attn_deltas.qkv, run.attn_deltas.o) if d is not None for t in (d.a, d.b)]
+            if (m := run.merged_ffn) is not None:
+                ws += [m.gate_up, m.down, *(t for d in (m.gate_up_deltas, m.down_deltas) if d is not None for t in (d.a, d.b))]
         return ws
 
-    def forward(
-        self, batch: Batch, cache: KVCache | None = None, capture: list[torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Hidden states after the final norm, [B, T, D].
-
-        capture, when given, receives each MoE layer's router input [real tokens, D]
-        (the post-attention, normalised state the router sees).
-        """
+    def forward(self, batch: Batch, cache: KVCache | None = None, capture: Capture | None = None) -> torch.Tensor:
+        """Hidden states after the final norm, [B, T, D]; `capture` collects states on the way."""
         c = self.composed
         # The residual stream and norms run in fp32 (cheap, and exact enough to keep bf16 weights honest);
         # each linear takes its input in its weight's dtype.
         x = F.embedding(batch.tokens, c.embed).float()  # [B, T, D]
         cos, sin = self.cos[batch.positions].unsqueeze(1), self.sin[batch.positions].unsqueeze(1)  # [B, 1, T, Dh]
         mask = batch.mask(self.args.sliding_window)
-        if c.sequence_routing is not None and batch.alpha is None:
+        merged = self.merge_coefficients
+        if c.sequence_routing is not None and batch.alpha is None and merged is None:
             raise ValueError(f"composition {c.name!r} routes per sequence: the batch needs alpha [B, E]")
+        # Per-request merging: every token's gate over the experts is its row's alpha, [B * T, E].
+        gate = batch.alpha.repeat_interleave(batch.tokens.shape[1], dim=0) if self.dynamic and merged is None else None
         for i, run in enumerate(self.run_layers):
             if self.separate:
                 x = separate_layer(self, i, self.expert_runs[i], x, cos, sin, mask, batch, cache)
                 continue
-            x = x + self.attend(i, run, rms_norm(x, run.input_norm, self.args.eps), cos, sin, mask, batch, cache)
-            x = x + self._ffn(i, run, rms_norm(x, run.post_attn_norm, self.args.eps), batch, capture)
+            if merged is not None:  # one merge for every token, layer by layer
+                gate = merged[i].expand(batch.tokens.numel(), -1)
+            normed = rms_norm(x, run.input_norm, self.args.eps)
+            x = x + self.attend(i, run, normed, cos, sin, mask, batch, cache, capture and capture.attention, gate)
+            normed = rms_norm(x, run.post_attn_norm, self.args.eps)
+            if run.merged_ffn is not None:
+                if merged is None:
+                    count_routing(self, i, batch)
+                x = x + run.merged_ffn(normed.reshape(-1, normed.shape[-1]), gate).view_as(x)
+            else:
+                x = x + self._ffn(i, run, normed, batch, capture and capture.ffn)
+            if capture is not None and capture.layers is not None:
+                capture.layers.append(x)
         self._count_picks()
         return rms_norm(x, self.norm, self.args.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.lm_head).float()
 
-    def attend(self, cache_layer: int, run: RunLayer, x: torch.Tensor, cos, sin, mask, batch: Batch, cache: KVCache | None):
-        return attention(x, run.qkv, run.qkv_bias, run.o_proj, self.args.attn_shape, cos, sin, mask, batch, cache, cache_layer)
+    def attend(
+        self, cache_layer: int, run: RunLayer, x: torch.Tensor, cos, sin, mask, batch: Batch, cache: KVCache | None,
+        capture: list | None = None, gate: torch.Tensor | None = None,
+    ):
+        """gate: every token's weights over the experts' attention deltas [B * T, E]; None routes them
+        with the layer's attention router (where the layer has deltas)."""
+        routed = None
+        if run.attn_deltas is not None:
+            routed = (run.attn_deltas, gate if gate is not None else self._attention_gate(run, x, batch, capture))
+        return attention(x, run.qkv, run.qkv_bias, run.o_proj, self.args.attn_shape, cos, sin, mask, batch, cache, cache_layer, routed)
+
+    def _attention_gate(self, run: RunLayer, x: torch.Tensor, batch: Batch, capture: list | None) -> torch.Tensor:
+        """Each token's routing weights over the experts' attention deltas, [B * T, E] (zero rows for padding)."""
+        flat, real = self._real_tokens(x, batch)  # [N, D]
+        if capture is not None:
+            capture.append(flat)
+        weights, ids = route(flat, run.layer.attn_router, self.top_k, batch.router_bias, self.composed.router_subspace)
+        gate = flat.new_zeros(len(flat), self.composed.num_experts).scatter_(1, ids, weights)  # [N, E]
+        if real is None:
+            return gate
+        return gate.new_zeros(real.numel(), gate.shape[1]).index_put_((real,), gate)
+
+    @staticmethod
+    def _real_tokens(x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The states of the real (not padding) tokens [N, D], and which of the B * T they are (None: all)."""
+        flat = x.reshape(-1, x.shape[-1])  # [B*T, D]
+        real = batch.real()
+        if real is None:
+            return flat, None
+        real = real.reshape(-1)
+        return flat[real], real
 
     def _ffn(self, i: int, run: RunLayer, x: torch.Tensor, batch: Batch, capture: list | None) -> torch.Tensor:
         layer = run.layer
         if not layer.is_moe:
             return expert_mlp(x, run.ffns[0])
-        flat = x.reshape(-1, x.shape[-1])  # [B*T, D]
-        real = batch.real()
-        if real is not None:  # padding is routed nowhere and costs no expert compute
-            real = real.reshape(-1)
-            flat = flat[real]  # [N, D]
+        flat, real = self._real_tokens(x, batch)  # padding is routed nowhere and costs no expert compute
         if capture is not None:
             capture.append(flat)
         if batch.alpha is None:
-            weights, ids = route(flat, layer.router, self.top_k, batch.router_bias, self.composed.router_abs)
+            weights, ids = route(flat, layer.router, self.top_k, batch.router_bias, self.composed.router_subspace)
         else:
             weights, ids = fixed_routing(batch)
         self._picks.append((i, weights, ids))
@@ -203,7 +261,7 @@ class Transformer(torch.nn.Module):
         n_experts = self.expert_load.shape[1]
         layers = torch.tensor([i for i, _, _ in self._picks])  # [L']
         ids = torch.stack([ids for _, _, ids in self._picks])  # [L', N, k]
-        weights = torch.stack([w for _, w, _ in self._picks]).double()  # [L', N, k]
+        weights = torch.stack([w for _, w, _ in self._picks]).detach().double()  # [L', N, k]
         self._picks = []
         flat = (layers.view(-1, 1, 1) * n_experts + ids).reshape(-1)
         live = (weights.reshape(-1) > 0).double()  # weight-0 picks ran nothing and count nowhere

@@ -23,6 +23,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # how many alternatives to return per token; None: no logprobs
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo); None: none
     # [E] added to the router's logits (a sequence router's scores); -inf excludes an expert. None: no bias.
     router_bias: tuple[float, ...] | None = None
 
@@ -47,6 +48,8 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort"
     num_prompt_tokens: int
     num_output_tokens: int
+    # On a request's first output, when it asked for them: one per prompt token, None for the first.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class Status(enum.Enum):
@@ -69,6 +72,7 @@ class Sequence:
     finish_reason: str | None = None
     alpha: torch.Tensor | None = None  # [E] expert weights of a sequence router, fixed at admission
     detokenizer: Detokenizer | None = None  # turns each new token into its text, set at admission
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # filled chunk by chunk during prefill
 
     @property
     def token_ids(self) -> list[int]:

@@ -66,6 +66,23 @@ class Checkpoint:
         """A projection as the engine should hold it: its factors when factored, else the tensor."""
         return self.factored[key] if key in self.factored else self.stored[key]
 
+    def factored_over(self, base: Mapping[str, torch.Tensor], keys: list[str], name: str) -> list[Weight]:
+        """The weights `keys`, each the base's own tensor or LoRA factors over it; a dense tensor
+        of this checkpoint's own is refused, naming the expert (routed or per-request merged
+        layers keep experts as deltas over the base)."""
+        ws = []
+        for key in keys:
+            w = self.weight(key)
+            own = w.base if isinstance(w, LowRank) else w
+            if own.data_ptr() != base[key].data_ptr():
+                raise CheckpointError(
+                    f"expert {name!r} ({self.source}): router.attention=routed/dynamic needs LoRA experts over the base, "
+                    f"kept as factors; its {key} is a dense tensor of its own (a full fine-tune, an adapter that "
+                    "cannot stay factored, or a pool that merges adapters)"
+                )
+            ws.append(w)
+        return ws
+
     def held(self) -> list[torch.Tensor]:
         """Every tensor this checkpoint keeps alive (shared base tensors included)."""
         return [*self.stored.values(), *(t for w in self.factored.values() for t in weight_tensors(w))]

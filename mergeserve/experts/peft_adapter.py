@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mergeserve.composition import LowRank
 from mergeserve.experts.checkpoint import Checkpoint, CheckpointError, hf_module, refuse_pickles
@@ -129,3 +129,25 @@ def merged_adapter(folder: Path, base: Checkpoint) -> Checkpoint:
         if key in base.stored and t.data_ptr() != base.stored[key].data_ptr() and torch.equal(t, base.stored[key]):
             tensors[key] = base.stored[key]
     return Checkpoint(str(folder), "peft", base.config, tensors, base.tokenizer)
+
+
+def save_factors(folder: Path, weights: dict[str, LowRank], base_source: str) -> Path:
+    """Write LoRA factors as a PEFT adapter folder that peft and this loader read back.
+
+    Every module gets one rank r (smaller ones zero-padded) and lora_alpha = r, so the
+    scaling is 1: each LowRank's own scale is folded into B.
+    """
+    r = max(w.rank for w in weights.values())
+    tensors = {}
+    for name, w in weights.items():
+        module = name.removesuffix(".weight")
+        a, b = w.a.float(), w.scaled_b(torch.float32)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.nn.functional.pad(a, (0, 0, 0, r - w.rank)).contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.nn.functional.pad(b, (0, r - w.rank)).contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    targets = sorted({n.removesuffix(".weight").rsplit(".", 1)[-1] for n in weights})
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": targets, "lora_dropout": 0.0,
+              "bias": "none", "base_model_name_or_path": base_source, "task_type": "CAUSAL_LM"}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder

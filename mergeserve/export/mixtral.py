@@ -26,6 +26,11 @@ def check_mixtral(composed: ComposedModel) -> None:
             f"(MergeME sequence routing, {composed.sequence_routing.attention} attention); a Mixtral checkpoint "
             "routes every token with a linear gate and cannot represent it; serve it with mergeserve instead"
         )
+    if any(layer.attn_experts for layer in composed.layers):
+        raise ValueError(
+            f"composition {name!r}: router.attention=routed mixes the experts' attention per token; a Mixtral "
+            "checkpoint has one shared attention per layer and cannot represent it; serve it with mergeserve instead"
+        )
     if any(b is not None for layer in composed.layers for b in (layer.attn.q_bias, layer.attn.k_bias, layer.attn.v_bias)) \
             or getattr(config, "attention_bias", False):
         raise ValueError(
@@ -42,9 +47,9 @@ def check_mixtral(composed: ComposedModel) -> None:
             f"composition {name!r}: layers {dense} are dense (one expert or no router); Mixtral needs every "
             "layer to be MoE. Export a fully dense composition with mergeserve.export.export_dense"
         )
-    if composed.router_abs:
+    if composed.router_subspace:
         raise ValueError(
-            f"composition {name!r}: its router scores experts by |x · row| (router.kind=arrow), but Mixtral's "
+            f"composition {name!r}: its router scores experts by the norm of a projection (router.kind=arrow/smile), but Mixtral's "
             "gate is linear (x · row) and cannot represent it; serve it with mergeserve instead"
         )
     counts = {len(layer.experts) for layer in composed.layers}

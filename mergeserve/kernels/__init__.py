@@ -3,6 +3,6 @@
 
 from mergeserve.kernels.lora_moe import LoraExperts, lora_moe_ffn
 from mergeserve.kernels.lowrank import linear
-from mergeserve.kernels.moe_dispatch import FusedFFN, expert_mlp, moe_ffn, route
+from mergeserve.kernels.moe_dispatch import FusedFFN, expert_mlp, moe_ffn, route, router_logits
 
-__all__ = ["FusedFFN", "LoraExperts", "expert_mlp", "linear", "lora_moe_ffn", "moe_ffn", "route"]
+__all__ = ["FusedFFN", "LoraExperts", "expert_mlp", "linear", "lora_moe_ffn", "moe_ffn", "route", "router_logits"]

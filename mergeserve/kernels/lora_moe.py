@@ -94,10 +94,10 @@ class LoraExperts:
     @classmethod
     def build(cls, experts: list[ExpertFFN]) -> LoraExperts | None:
         """Stack the experts that are LoRA deltas of one base FFN; None when no expert is."""
-        bases = [_base(experts, p) for p in ("gate_proj", "up_proj", "down_proj")]
+        bases = [shared_base(experts, p) for p in ("gate_proj", "up_proj", "down_proj")]
         if any(b is None for b in bases) or not any(isinstance(w, LowRank) for e in experts for w in vars(e).values()):
             return None
-        member = [all(_over(getattr(e, p), b) for p, b in zip(("gate_proj", "up_proj", "down_proj"), bases)) for e in experts]
+        member = [all(is_over(getattr(e, p), b) for p, b in zip(("gate_proj", "up_proj", "down_proj"), bases)) for e in experts]
         base_gate, base_up, base_down = bases
         dtype = base_gate.dtype
         r = max(w.rank for e in experts for w in vars(e).values() if isinstance(w, LowRank))
@@ -117,7 +117,7 @@ class LoraExperts:
         )
 
 
-def _base(experts: list[ExpertFFN], proj: str) -> torch.Tensor | None:
+def shared_base(experts: list[ExpertFFN], proj: str) -> torch.Tensor | None:
     """The base tensor of `proj` that the LoRA experts share; None when they share none."""
     for e in experts:
         if isinstance(w := getattr(e, proj), LowRank):
@@ -126,7 +126,7 @@ def _base(experts: list[ExpertFFN], proj: str) -> torch.Tensor | None:
     return plain[0] if all(p.data_ptr() == plain[0].data_ptr() for p in plain) else None
 
 
-def _over(w: Weight, base: torch.Tensor) -> bool:
+def is_over(w: Weight, base: torch.Tensor) -> bool:
     """Whether `w` is `base` itself or a low-rank delta over it."""
     t = w.base if isinstance(w, LowRank) else w
     return t.data_ptr() == base.data_ptr() and t.shape == base.shape

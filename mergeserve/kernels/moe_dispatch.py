@@ -35,18 +35,25 @@ class FusedFFN:
         return cls(None, packed(gate, pack), packed(up, pack), packed(down, pack))
 
 
+def router_logits(x: torch.Tensor, router: torch.Tensor, subspace: int = 0) -> torch.Tensor:
+    """x [T, D] -> [T, E]: x · row for router [E, D] (subspace 0); with subspace k, router
+    [E * k, D] holds k rows per expert and the logit is the norm of x's projection on them,
+    ||x · rows_e|| (ComposedModel.router_subspace; k = 1 is |x · row|)."""
+    logits = F.linear(x.to(router.dtype), router)  # at the router's precision (fp32)
+    if subspace == 0:
+        return logits
+    return logits.view(*logits.shape[:-1], -1, subspace).norm(dim=-1)
+
+
 def route(
-    x: torch.Tensor, router: torch.Tensor, top_k: int, bias: torch.Tensor | None = None, absolute: bool = False,
+    x: torch.Tensor, router: torch.Tensor, top_k: int, bias: torch.Tensor | None = None, subspace: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixtral routing: softmax over all experts, keep the top k, renormalise.
 
-    x [T, D], router [E, D], bias [T, E] or None (added to the logits; -inf bans an expert).
-    absolute: logits are |x · row| (ComposedModel.router_abs), taken before the bias.
-    Returns weights [T, k] and expert ids [T, k].
+    x [T, D], router [E, D] (or [E * subspace, D], see router_logits), bias [T, E] or None
+    (added to the logits; -inf bans an expert). Returns weights [T, k] and expert ids [T, k].
     """
-    logits = F.linear(x.to(router.dtype), router)  # [T, E], at the router's precision (fp32)
-    if absolute:
-        logits = logits.abs()
+    logits = router_logits(x, router, subspace)  # [T, E]
     if bias is not None:
         logits = logits + bias
     top, ids = torch.topk(logits, top_k, dim=-1)  # [T, k]

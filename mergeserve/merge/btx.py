@@ -28,7 +28,8 @@ def build(spec: CompositionSpec, pool: ExpertPool) -> ComposedModel:
 
 def build_moe(spec: CompositionSpec, base: Checkpoint, experts: list[Checkpoint], shared: MergeFn) -> ComposedModel:
     """The MoE both BTX and MergeME build: `shared` merges the non-FFN tensors."""
-    composed = compose(spec.name, base, experts, [e.name for e in spec.experts], spec.router.top_k, shared)
+    names = [e.name for e in spec.experts]
+    composed = compose(spec.name, base, experts, names, spec.router.top_k, shared, routed_attention=spec.router.keeps_attention_deltas)
     composed.sources = [spec.base] + [e.source for e in spec.experts]
     init_router(composed, spec, base, experts)
     return composed
@@ -44,22 +45,39 @@ def load_experts(spec: CompositionSpec, pool: ExpertPool) -> tuple[Checkpoint, l
 
 def compose(
     name: str, base: Checkpoint, experts: list[Checkpoint], names: list[str], top_k: int, shared: MergeFn,
+    routed_attention: bool = False,
 ) -> ComposedModel:
-    """Merge the shared layers of `experts` with `shared`, keep their FFNs; routers are left empty."""
+    """Merge the shared layers of `experts` with `shared`, keep their FFNs; routers are left empty.
+
+    routed_attention: each layer's attention is the base's own, and every expert's attention
+    its low-rank deltas over it (router.attention: routed or dynamic), instead of one merged attention.
+    """
     def optional(key: str):
         return shared(key) if key in base.tensors else None
 
     layers = []
     for n in range(base.config.num_hidden_layers):
         p = f"model.layers.{n}."
-        q, k, v = fuse_in_place([shared(p + f"self_attn.{x}_proj.weight") for x in "qkv"])  # one qkv matmul, no copy
-        attn = Attention(q, k, v, shared(p + "self_attn.o_proj.weight"), *(optional(p + f"self_attn.{x}_proj.bias") for x in "qkv"))
+        merged = base.stored.get if routed_attention else optional  # routed: the base's own attention
+        q, k, v = fuse_in_place([merged(p + f"self_attn.{x}_proj.weight") for x in "qkv"])  # one qkv matmul, no copy
+        attn = Attention(q, k, v, merged(p + "self_attn.o_proj.weight"), *(merged(p + f"self_attn.{x}_proj.bias") for x in "qkv"))
         # The pool's own tensors, or a LoRA expert's factors over the base: never a dense copy.
         ffns = [ExpertFFN(*(e.weight(p + f"mlp.{x}_proj.weight") for x in ("gate", "up", "down"))) for e in experts]
-        layers.append(Layer(shared(p + "input_layernorm.weight"), attn, shared(p + "post_attention_layernorm.weight"), ffns))
+        layer = Layer(shared(p + "input_layernorm.weight"), attn, shared(p + "post_attention_layernorm.weight"), ffns)
+        if routed_attention:
+            layer.attn_experts = [expert_attention(e, x, p + "self_attn.", base.stored) for e, x in zip(experts, names)]
+        layers.append(layer)
     embed = shared("model.embed_tokens.weight")
     lm_head = embed if base.config.tie_word_embeddings else shared("lm_head.weight")
     return ComposedModel(
         name=name, config=base.config, tokenizer=base.tokenizer, embed=embed, norm=shared("model.norm.weight"),
         lm_head=lm_head, layers=layers, expert_names=names, top_k=min(top_k, len(experts)),
     )
+
+
+def expert_attention(expert: Checkpoint, name: str, prefix: str, base: dict[str, torch.Tensor]) -> Attention:
+    """The expert's q/k/v/o as the base's tensors or LoRA factors over them."""
+    for x in "qkv":
+        if (bias := expert.stored.get(prefix + f"{x}_proj.bias")) is not None and bias.data_ptr() != base[prefix + f"{x}_proj.bias"].data_ptr():
+            raise CheckpointError(f"expert {name!r} ({expert.source}): router.attention=routed/dynamic cannot mix its own {x}_proj bias")
+    return Attention(*expert.factored_over(base, [prefix + f"{x}_proj.weight" for x in "qkvo"], name))

@@ -10,17 +10,13 @@ from __future__ import annotations
 from mergeserve.composition import ComposedModel, ExpertFFN, fuse_in_place
 from mergeserve.experts import ExpertPool
 from mergeserve.merge.btx import compose, load_experts
-from mergeserve.merge.methods import merge_tensor
+from mergeserve.merge.methods import spec_merger
 from mergeserve.spec import CompositionSpec
 
 
 def build(spec: CompositionSpec, pool: ExpertPool) -> ComposedModel:
     base, experts = load_experts(spec, pool)
-    weights = [e.weight for e in spec.experts]
-
-    def merged(key: str):
-        return merge_tensor(key, base.tensors[key], [e.tensors[key] for e in experts], weights, spec.merge)
-
+    merged = spec_merger(spec, base, experts)
     # compose() takes each expert's FFN as is; a dense model has one, merged like the rest.
     composed = compose(spec.name, base, experts[:1], [spec.name], 1, merged)
     for n, layer in enumerate(composed.layers):

@@ -12,15 +12,10 @@ from __future__ import annotations
 from mergeserve.composition import ComposedModel
 from mergeserve.experts import ExpertPool
 from mergeserve.merge.btx import build_moe, load_experts
-from mergeserve.merge.methods import merge_tensor
+from mergeserve.merge.methods import spec_merger
 from mergeserve.spec import CompositionSpec
 
 
 def build(spec: CompositionSpec, pool: ExpertPool) -> ComposedModel:
     base, experts = load_experts(spec, pool)
-    weights = [e.weight for e in spec.experts]
-
-    def shared(key: str):
-        return merge_tensor(key, base.tensors[key], [e.tensors[key] for e in experts], weights, spec.merge)
-
-    return build_moe(spec, base, experts, shared)
+    return build_moe(spec, base, experts, spec_merger(spec, base, experts))

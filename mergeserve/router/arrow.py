@@ -10,19 +10,22 @@ so it has no say); their deltas are stacked as one fused input projection [Δgat
 of the two still gets its own direction.
 
 logit_i = scale * |x · v_i|: the absolute value because v's sign is arbitrary
-(ComposedModel.router_abs, applied by the engine), then softmax -> top-k -> renormalise,
+(ComposedModel.router_subspace = 1, applied by the engine), then softmax -> top-k -> renormalise,
 which equals peft's top-k -> softmax(|x · v| / temperature): scale is peft's
 1 / router_temperature, and scale=1 its default. x is the router input as the engine
 has it (normed, not unit), as in peft. An expert whose delta is zero in a layer (the
-base itself as an expert) gets a zero row: logit 0 for every token.
+base itself as an expert) gets a zero row: logit 0 for every token. With routed attention,
+the attention router's prototypes come the same way from the fused [Δq; Δk; Δv] deltas.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from mergeserve.composition import ComposedModel, Layer, LowRank, dense, fuse
+from mergeserve.composition import ComposedModel, LowRank, dense, fuse
 from mergeserve.experts import Checkpoint
+from mergeserve.router import Rows
 from mergeserve.spec import CompositionSpec
 
 # Randomised SVD subspace: exact for deltas of rank <= 32 (rank-16 LoRA on gate and up).
@@ -32,43 +35,62 @@ POWER_ITERS = 2
 ZERO_DELTA = 1e-6
 
 
-def arrow_rows(composed: ComposedModel, spec: CompositionSpec, base: Checkpoint) -> list[torch.Tensor]:
-    composed.router_abs = True  # the rows are prototypes, meaningful only up to sign
+def arrow_rows(composed: ComposedModel, spec: CompositionSpec, base: Checkpoint) -> Rows:
+    return subspace_rows(composed, spec, base, k=1)  # logits |x · v|: the rows are meaningful only up to sign
+
+
+def subspace_rows(composed: ComposedModel, spec: CompositionSpec, base: Checkpoint, k: int) -> Rows:
+    """scale times each expert's top-k right singular vectors, [E * k, D] per layer and router site;
+    the engine's logits are then the norm of x's projection on them (ComposedModel.router_subspace)."""
+    composed.router_subspace = k
+    sites = {"ffn": lambda layer, n: _subspaces(layer.experts, ("gate_proj", "up_proj"), base, f"model.layers.{n}.mlp.", k)}
+    if composed.layers[0].attn_experts:  # routed attention: q/k/v read the attention router's input
+        sites["attention"] = lambda layer, n: _subspaces(layer.attn_experts, ("q_proj", "k_proj", "v_proj"), base, f"model.layers.{n}.self_attn.", k)
     with torch.random.fork_rng(devices=[]):  # svd_lowrank draws from the global generator
         torch.manual_seed(spec.router.seed)
-        return [spec.router.scale * _prototypes(layer, base, n) for n, layer in enumerate(composed.layers)]
+        return {site: [spec.router.scale * rows(layer, n) for n, layer in enumerate(composed.layers)] for site, rows in sites.items()}
 
 
-def _prototypes(layer: Layer, base: Checkpoint, n: int) -> torch.Tensor:
-    """Each expert's prototype in layer `n`: [E, D]."""
-    p = f"model.layers.{n}.mlp."
-    base_in = torch.cat([base.tensors[p + "gate_proj.weight"], base.tensors[p + "up_proj.weight"]])  # [2I, D]
+def _subspaces(experts: list, projections: tuple[str, ...], base: Checkpoint, prefix: str, k: int) -> torch.Tensor:
+    """Each expert's top-k right singular vectors over the input projections that read the router's input: [E * k, D]."""
+    base_ws = [base.tensors[prefix + f"{x}.weight"] for x in projections]
+    base_in = torch.cat(base_ws)  # [sum out, D]
     out = []
-    for e in layer.experts:
-        fused = fuse([e.gate_proj, e.up_proj], copy=True)  # [Δgate; Δup] = B' A' for a LoRA expert
-        if isinstance(fused, LowRank) and fused.base.data_ptr() == base.tensors[p + "gate_proj.weight"].data_ptr():
-            out.append(factor_prototype(fused.a, fused.b, base_in))
+    for e in experts:
+        fused = fuse([getattr(e, x) for x in projections], copy=True)  # [Δgate; Δup] = B' A' for a LoRA expert
+        if isinstance(fused, LowRank) and fused.base.data_ptr() == base_ws[0].data_ptr():
+            out.append(factor_subspace(fused.a, fused.b, base_in, k))
         else:
-            out.append(prototype(dense(fused) - base_in, base_in))
-    return torch.stack(out)
+            out.append(subspace(dense(fused) - base_in, base_in, k))
+    return torch.cat(out)
 
 
 def prototype(delta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """Top right singular vector of `delta` [out, D], unit; zeros when `delta` is ~0 next to `base`."""
+    return subspace(delta, base, 1)[0]
+
+
+def subspace(delta: torch.Tensor, base: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k right singular vectors of `delta` [out, D] as rows [k, D]; zeros when `delta` is ~0 next to `base`."""
     if delta.norm() <= ZERO_DELTA * base.norm():
-        return torch.zeros(delta.shape[1])
-    _, _, v = torch.svd_lowrank(delta, q=min(SUBSPACE, *delta.shape), niter=POWER_ITERS)
-    return v[:, 0]  # [D]
+        return torch.zeros(k, delta.shape[1])
+    _, _, v = torch.svd_lowrank(delta, q=min(max(SUBSPACE, k), *delta.shape), niter=POWER_ITERS)
+    return F.pad(v[:, :k].T, (0, 0, 0, k - min(k, v.shape[1])))
 
 
 def factor_prototype(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """Top right singular vector of delta = b @ a ([out, r] @ [r, D]) from its factors, exactly:
-    a^T = Qa Ra and b = Qb Rb give delta = Qb (Rb Ra^T) Qa^T, so the SVD of the small
-    r x r middle, U S V^T, gives delta's right singular vectors as Qa V."""
+    return factor_subspace(a, b, base, 1)[0]
+
+
+def factor_subspace(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k right singular vectors of delta = b @ a ([out, r] @ [r, D]) from its factors, exactly,
+    as rows [k, D] (zero rows past the rank): a^T = Qa Ra and b = Qb Rb give
+    delta = Qb (Rb Ra^T) Qa^T, so the SVD of the small r x r middle, U S V^T, gives delta's
+    right singular vectors as Qa V."""
     a, b = a.double(), b.double()
     qa, ra = torch.linalg.qr(a.T)  # [D, r], [r, r]
     qb, rb = torch.linalg.qr(b)  # [out, r], [r, r]
-    u, s, vh = torch.linalg.svd(rb @ ra.T)
-    if s.numel() == 0 or s[0] <= ZERO_DELTA * base.double().norm():
-        return torch.zeros(a.shape[1])
-    return (qa @ vh[0]).float()  # [D]
+    _, s, vh = torch.linalg.svd(rb @ ra.T)
+    kept = int((s > ZERO_DELTA * base.double().norm()).sum().clamp_max(k))  # only directions the delta has
+    v = (qa @ vh[:kept].T).T.float()  # [kept, D]
+    return F.pad(v, (0, 0, 0, k - kept))

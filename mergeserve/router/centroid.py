@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mergeserve.composition import ComposedModel
+from mergeserve.router import Rows
 from mergeserve.router.hidden import calibration_model, router_inputs
 from mergeserve.spec import CompositionSpec
 
@@ -29,10 +30,13 @@ def _centroids_and_norms(states: list[torch.Tensor]) -> tuple[torch.Tensor, torc
     return centroids, torch.stack([n.mean() for n in norms])
 
 
-def centroid_rows(composed: ComposedModel, spec: CompositionSpec) -> list[torch.Tensor]:
+def centroid_rows(composed: ComposedModel, spec: CompositionSpec) -> Rows:
     model = calibration_model(composed)
-    stats = [_centroids_and_norms(router_inputs(model, composed, e.prompts, i)) for i, e in enumerate(spec.experts)]
-    centroids = torch.stack([c for c, _ in stats], dim=1)  # [L, E, D]
-    norm = torch.stack([n for _, n in stats]).mean(0)  # [L] typical router-input norm
-    rows = spec.router.scale * F.normalize(centroids, dim=-1) / norm[:, None, None]
-    return list(rows)  # L x [E, D]
+    inputs = [router_inputs(model, composed, e.prompts, i) for i, e in enumerate(spec.experts)]  # E x {site: L x [tokens, D]}
+    rows = {}
+    for site in inputs[0]:
+        stats = [_centroids_and_norms(x[site]) for x in inputs]
+        centroids = torch.stack([c for c, _ in stats], dim=1)  # [L, E, D]
+        norm = torch.stack([n for _, n in stats]).mean(0)  # [L] typical router-input norm
+        rows[site] = list(spec.router.scale * F.normalize(centroids, dim=-1) / norm[:, None, None])  # L x [E, D]
+    return rows

@@ -1,5 +1,8 @@
 """`hidden` gate init: each expert's row points from the rest towards its own domain.
 
+With routed attention the attention router's rows are made the same way from the state it
+reads (the input-normed state before attention), every router forced to the expert.
+
 Unlike mergekit-moe, which reads the residual stream before attention of the base
 model, this reads the state the router actually sees: the post-attention, normalised
 hidden state of the composed model itself, with every layer's FFN set to the expert
@@ -17,8 +20,8 @@ import torch
 
 from mergeserve.composition import ComposedModel
 from mergeserve.engine.layers import Batch
-from mergeserve.engine.model import Transformer
-from mergeserve.router import zero_rows
+from mergeserve.engine.model import Capture, Transformer
+from mergeserve.router import SITES, Rows, zero_rows
 from mergeserve.spec import CompositionSpec
 
 MAX_PROMPT_TOKENS = 256
@@ -28,12 +31,15 @@ def calibration_model(composed: ComposedModel) -> Transformer:
     """The composition as a model for `router_inputs`: its routers are placeholders, the bias decides."""
     for layer, rows in zip(composed.layers, zero_rows(composed)):
         layer.router = rows
+        if layer.attn_experts:
+            layer.attn_router = rows
     return Transformer(composed, max_len=MAX_PROMPT_TOKENS)
 
 
 @torch.inference_mode()
-def router_inputs(model: Transformer, composed: ComposedModel, texts: list[str], expert: int) -> list[torch.Tensor]:
-    """Router input of every token of `texts` per layer, FFNs forced to `expert`: L x [tokens, D].
+def router_inputs(model: Transformer, composed: ComposedModel, texts: list[str], expert: int) -> dict[str, list[torch.Tensor]]:
+    """Router inputs of every token of `texts` per site and layer, every router forced to
+    `expert`: site -> L x [tokens, D] (the attention site only with routed attention).
 
     One forward for all texts, right-padded: causal attention keeps the padding out of
     every real token's state, and padded positions are left out.
@@ -44,25 +50,24 @@ def router_inputs(model: Transformer, composed: ComposedModel, texts: list[str],
         raise ValueError(f"expert {composed.expert_names[expert]}: its prompts tokenize to nothing")
     bias = torch.full((sum(len(i) for i in ids), composed.num_experts), float("-inf"))  # [real tokens, E]
     bias[:, expert] = 0.0
-    captured: list[torch.Tensor] = []
+    captured = Capture(ffn=[], attention=[])
     model(Batch.right_padded(ids, bias), capture=captured)
-    return captured
+    return {site: states for site in SITES if (states := getattr(captured, site))}
 
 
-def _mean_router_inputs(model: Transformer, composed: ComposedModel, texts: list[str], expert: int) -> torch.Tensor:
-    """Mean router input per layer over all tokens of `texts`, FFNs forced to `expert`: [L, D]."""
-    return torch.stack([c.mean(0) for c in router_inputs(model, composed, texts, expert)])
+def _mean_router_inputs(model: Transformer, composed: ComposedModel, texts: list[str], expert: int) -> dict[str, torch.Tensor]:
+    """Mean router input per site and layer over all tokens of `texts`, routers forced to `expert`: site -> [L, D]."""
+    return {site: torch.stack([c.mean(0) for c in states]) for site, states in router_inputs(model, composed, texts, expert).items()}
 
 
-def hidden_rows(composed: ComposedModel, spec: CompositionSpec) -> list[torch.Tensor]:
+def hidden_rows(composed: ComposedModel, spec: CompositionSpec) -> Rows:
     model = calibration_model(composed)
-    means = [_mean_router_inputs(model, composed, e.prompts, i) for i, e in enumerate(spec.experts)]  # E x [L, D]
-    rows = []
+    means = [_mean_router_inputs(model, composed, e.prompts, i) for i, e in enumerate(spec.experts)]  # E x {site: [L, D]}
+    rows: dict[str, list[torch.Tensor]] = {site: [] for site in means[0]}
     for i, e in enumerate(spec.experts):
-        if e.negative_prompts:
-            reference = _mean_router_inputs(model, composed, e.negative_prompts, i)
-        else:
-            reference = torch.stack([m for j, m in enumerate(means) if j != i]).mean(0)
-        d = means[i] - reference  # [L, D]
-        rows.append(spec.router.scale * d / d.pow(2).sum(-1, keepdim=True).clamp_min(1e-12))
-    return list(torch.stack(rows, dim=1))  # L x [E, D]
+        negative = _mean_router_inputs(model, composed, e.negative_prompts, i) if e.negative_prompts else None
+        for site in rows:
+            reference = negative[site] if negative else torch.stack([m[site] for j, m in enumerate(means) if j != i]).mean(0)
+            d = means[i][site] - reference  # [L, D]
+            rows[site].append(spec.router.scale * d / d.pow(2).sum(-1, keepdim=True).clamp_min(1e-12))
+    return {site: list(torch.stack(r, dim=1)) for site, r in rows.items()}  # site -> L x [E, D]

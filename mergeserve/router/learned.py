@@ -20,15 +20,20 @@ from mergeserve.experts import CheckpointError
 log = logging.getLogger(__name__)
 
 
-def row_key(layer: int) -> str:
-    return f"layers.{layer}.router"
+def row_key(layer: int, site: str = "ffn") -> str:
+    return f"layers.{layer}.router" if site == "ffn" else f"layers.{layer}.attn_router"
 
 
-def save_rows(path: str | Path, rows: list[torch.Tensor], expert_names: list[str], metadata: dict[str, object]) -> Path:
-    """Write L router tensors [E, D]; metadata values are stored as JSON strings (safetensors holds only strings)."""
+def save_rows(
+    path: str | Path, rows: list[torch.Tensor], expert_names: list[str], metadata: dict[str, object],
+    attention_rows: list[torch.Tensor] | None = None,
+) -> Path:
+    """Write L router tensors [E, D] (and L attention-router tensors for routed attention);
+    metadata values are stored as JSON strings (safetensors holds only strings)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {row_key(n): r.detach().to(torch.float32).contiguous() for n, r in enumerate(rows)}
+    sites = {"ffn": rows, "attention": attention_rows or []}
+    tensors = {row_key(n, site): r.detach().to(torch.float32).contiguous() for site, rs in sites.items() for n, r in enumerate(rs)}
     meta = {k: json.dumps(v) for k, v in metadata.items()} | {"format": "pt", "expert_names": json.dumps(expert_names)}
     save_file(tensors, str(path), metadata=meta)
     return path
@@ -43,25 +48,28 @@ def read_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         raise CheckpointError(f"{path}: not a readable safetensors router file: {e}") from e
 
 
-def load_rows(composed: ComposedModel, path: str | Path | None) -> list[torch.Tensor]:
-    """The file's rows for every layer of `composed`, reordered to its experts: L x [E, D]."""
+def load_rows(composed: ComposedModel, path: str | Path | None, site: str = "ffn") -> list[torch.Tensor]:
+    """The file's rows of one router site (ffn, attention) for every layer of `composed`,
+    reordered to its experts: L x [E, D]."""
     if path is None:
         raise CheckpointError("router.kind=learned needs router.weights (a file written by `mergeserve train-router`)")
     tensors, meta = read_file(path)
     order = _expert_order(path, meta, composed.expert_names)
     _warn_other_base(path, meta, composed)
     layers = len(composed.layers)
-    expected = {row_key(n) for n in range(layers)}
-    if set(tensors) != expected:
-        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise CheckpointError(f"{path}: the composition has {layers} layers; missing {missing[:3]}, unexpected {extra[:3]}")
+    expected = {row_key(n, site) for n in range(layers)}
+    known = expected | {row_key(n, other) for n in range(layers) for other in ("ffn", "attention")}
+    if not expected <= set(tensors) or not set(tensors) <= known:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - known)
+        what = "" if site == "ffn" else " (routed attention needs attention-router rows: train them with router.attention: routed)"
+        raise CheckpointError(f"{path}: the composition has {layers} layers; missing {missing[:3]}, unexpected {extra[:3]}{what}")
     shape = (len(order), composed.config.hidden_size)
     for key, t in tensors.items():
         if tuple(t.shape) != shape:
             raise CheckpointError(
                 f"{path}: {key} has shape {list(t.shape)}, the composition needs [experts, hidden size] = {list(shape)}"
             )
-    return [tensors[row_key(n)][order].to(torch.float32) for n in range(layers)]
+    return [tensors[row_key(n, site)][order].to(torch.float32) for n in range(layers)]
 
 
 def _meta(path: str | Path, meta: dict[str, str], key: str) -> object:

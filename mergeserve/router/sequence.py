@@ -24,9 +24,14 @@ def attach_sequence_router(
     composed: ComposedModel, spec: CompositionSpec, base: Checkpoint, experts: list[Checkpoint],
 ) -> None:
     """Give every layer its experts' own decoder layers and the composition its sequence routing."""
+    names = [e.name for e in spec.experts]
     for n, layer in enumerate(composed.layers):
         layer.expert_layers = [own_layer(e, n) for e in experts]
         layer.router = None
+        if spec.router.attention == "dynamic":  # every FFN merged per request: LoRA experts only
+            keys = [f"model.layers.{n}.mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+            for e, name in zip(experts, names):
+                e.factored_over(base.stored, keys, name)
     r = spec.router
     composed.sequence_routing = SequenceRouting(
         kind=r.kind, attention=r.attention, top_k=composed.top_k,

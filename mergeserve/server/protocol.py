@@ -141,8 +141,6 @@ class CompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise bad_request("echo is not supported", param="echo")
         if self.suffix:
             raise bad_request("suffix is not supported", param="suffix")
 
@@ -227,8 +225,9 @@ class ModelList(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] = []
+    # None for an echoed prompt's first token, which nothing predicts (as OpenAI and vLLM send it).
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
 
 

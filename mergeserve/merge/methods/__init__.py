@@ -14,8 +14,10 @@ from typing import Callable
 import torch
 from torch import Generator, Tensor
 
-from mergeserve.merge.methods import dare_linear, dare_ties, linear, slerp, task_arithmetic, ties
-from mergeserve.spec import MergeParams
+from mergeserve.experts import Checkpoint
+from mergeserve.merge import coefficients
+from mergeserve.merge.methods import consensus, dare_linear, dare_ties, linear, slerp, task_arithmetic, ties
+from mergeserve.spec import CompositionSpec, MergeParams
 
 MergeFn = Callable[[Tensor, list[Tensor], list[float], MergeParams, Generator], Tensor]
 
@@ -26,6 +28,7 @@ METHODS: dict[str, MergeFn] = {
     "dare_linear": dare_linear.merge,
     "dare_ties": dare_ties.merge,
     "slerp": slerp.merge,
+    "consensus": consensus.merge,
 }
 
 
@@ -43,6 +46,41 @@ def merge_tensor(
         raise ValueError(f"unknown merge method {params.method!r}; known: {sorted(METHODS)}")
     generator = generator_for(name, params.seed, base.device)
     return METHODS[params.method](base.float(), [t.float() for t in experts], weights, params, generator)
+
+
+def spec_merger(spec: CompositionSpec, base: Checkpoint, experts: list[Checkpoint]) -> Callable[[str], Tensor]:
+    """Merges one named tensor of the experts as the spec's merge section says, each layer's
+    expert weights from its learned coefficients file when it names one."""
+    weights, params, table = [e.weight for e in spec.experts], spec.merge, None
+    if spec.merge.method == "fisher":
+        return _fisher_merger(spec, base, experts)
+    if spec.merge.coefficients:
+        table = coefficients.load(spec.merge.coefficients, [e.name for e in spec.experts], base.config.num_hidden_layers)
+        params = params.model_copy(update={"lambda_": 1.0})  # the coefficients are lambda * weight, learned
+
+    def merged(key: str) -> Tensor:
+        w = coefficients.weights_for(key, table, weights)
+        return merge_tensor(key, base.tensors[key], [e.tensors[key] for e in experts], w, params)
+
+    return merged
+
+
+def _fisher_merger(spec: CompositionSpec, base: Checkpoint, experts: list[Checkpoint]) -> Callable[[str], Tensor]:
+    from mergeserve.merge import fisher
+
+    weights = [e.weight for e in spec.experts]
+    files = fisher.FisherFiles(spec.merge.fisher, [e.name for e in spec.experts], [e.source for e in spec.experts])
+
+    def merged(key: str) -> Tensor:
+        tensors = [e.tensors[key] for e in experts]
+        if all(t.data_ptr() == base.tensors[key].data_ptr() for t in tensors):
+            return base.tensors[key]
+        fishers = files.get(key)
+        if fishers is None:  # a tensor outside the layers' weights (norms): the weighted average
+            return METHODS["linear"](base.tensors[key].float(), [t.float() for t in tensors], weights, spec.merge, None)
+        return fisher.merge(base.tensors[key].float(), [t.float() for t in tensors], weights, fishers)
+
+    return merged
 
 
 def params_for(name: str, params: MergeParams) -> MergeParams:

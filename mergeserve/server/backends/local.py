@@ -7,6 +7,7 @@ client disconnects.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -71,27 +72,36 @@ class LocalBackend:
         for prompt in prompts:
             _check_length(engine, len(prompt), max_tokens, "prompt")
         params = body.sampling_params(max_tokens, body.logprobs, expert_names_of(engine))
+        if body.echo and body.logprobs is not None:
+            params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
         job = Job(engine, f"cmpl-{uuid.uuid4().hex}", prompts, body.n or 1, params)
+        echo = _echo_texts(engine, body.prompt, prompts) if body.echo else None
         if body.stream:
             call.remember(job.request_id)
-            return call.stream(self._completion_chunks(job, body, call))
+            return call.stream(self._completion_chunks(job, body, call, echo))
         choices = await self._collect(job, call)
-        return self._completion_response(job, body, lease, choices)
+        return self._completion_response(job, body, lease, choices, echo)
 
     def _completion_response(
-        self, job: Job, body: CompletionRequest, lease: Lease, choices: list[generation.Choice],
+        self, job: Job, body: CompletionRequest, lease: Lease, choices: list[generation.Choice], echo: list[str] | None,
     ) -> CompletionResponse:
         return CompletionResponse(
             id=job.request_id, created=int(time.time()), model=lease.name, system_fingerprint=_fingerprint(lease),
             choices=[
                 CompletionChoice(
-                    index=c.index, text=c.text, finish_reason=c.finish_reason,
-                    logprobs=None if body.logprobs is None else _completion_logprobs(c.logprobs, 0),
+                    index=c.index, text=(echo[c.index // job.n] if echo else "") + c.text, finish_reason=c.finish_reason,
+                    logprobs=None if body.logprobs is None else _completion_logprobs(c.logprobs, 0, self._echoed(job, c.index, c.prompt_logprobs)),
                 )
                 for c in choices
             ],
             usage=_usage(job, sum(len(c.token_ids) for c in choices)),
         )
+
+    def _echoed(self, job: Job, index: int, prompt_logprobs: list[TokenLogprob | None] | None) -> Echoed | None:
+        """The echoed prompt's first token (which has no logprob) and the rest's logprobs."""
+        if prompt_logprobs is None:
+            return None
+        return self.engine.tokenizer.decode(job.prompts[index // job.n][:1]), prompt_logprobs[1:]
 
     async def chat_completions(self, body: ChatCompletionRequest, call: Call) -> BaseModel:
         body.check_supported()
@@ -134,23 +144,28 @@ class LocalBackend:
             usage=_usage(job, sum(len(c.token_ids) for c in choices)),
         )
 
-    async def _completion_chunks(self, job: Job, body: CompletionRequest, call: Call) -> AsyncIterator[BaseModel]:
+    async def _completion_chunks(
+        self, job: Job, body: CompletionRequest, call: Call, echo: list[str] | None,
+    ) -> AsyncIterator[BaseModel]:
         lease, created = call.lease, int(time.time())
         offsets = [0] * job.num_choices  # text_offset runs over the whole choice, not the chunk
+        echoed = [echo is None] * job.num_choices  # whether the choice's first chunk (the echo) went out
         num_tokens = 0
         async with aclosing(generation.run(self.executor, call.metrics, job)) as stream:
             async for index, out in stream:
                 num_tokens += len(out.new_token_ids)
-                if not (out.new_text or out.finished or out.logprobs):
+                if not (out.new_text or out.finished or out.logprobs or not echoed[index]):
                     continue
+                text = out.new_text if echoed[index] else echo[index // job.n] + out.new_text
+                echoed[index] = True
                 logprobs = None
                 if body.logprobs is not None:
-                    logprobs = _completion_logprobs(out.logprobs, offsets[index])
+                    logprobs = _completion_logprobs(out.logprobs, offsets[index], self._echoed(job, index, out.prompt_logprobs))
                     offsets[index] += sum(len(t) for t in logprobs.tokens)
                 yield CompletionResponse(
                     id=job.request_id, created=created, model=lease.name, system_fingerprint=_fingerprint(lease),
                     choices=[CompletionChoice(
-                        index=index, text=out.new_text, logprobs=logprobs,
+                        index=index, text=text, logprobs=logprobs,
                         finish_reason=out.finish_reason if out.finished else None,
                     )],
                 )
@@ -238,8 +253,26 @@ def _lp(logprob: float) -> float:
     return max(logprob, MIN_LOGPROB)
 
 
-def _completion_logprobs(logprobs: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+Echoed = tuple[str, list[TokenLogprob]]  # an echoed prompt's first token, then its other tokens' logprobs
+
+
+def _echo_texts(engine: Engine, prompt: str | list, prompts: list[list[int]]) -> list[str]:
+    """What echo puts before each prompt's completions: the prompt as the request gave it, text
+    as text and token ids decoded."""
+    given = [prompt] if isinstance(prompt, str) else [None] if all(isinstance(t, int) for t in prompt) else prompt
+    return [p if isinstance(p, str) else engine.tokenizer.decode(ids) for p, ids in zip(given, prompts)]
+
+
+def _completion_logprobs(logprobs: list[TokenLogprob], offset: int, echoed: Echoed | None = None) -> CompletionLogprobs:
     out = CompletionLogprobs()
+    if echoed is not None:
+        first, prompt = echoed
+        out.tokens.append(first)
+        out.token_logprobs.append(None)
+        out.top_logprobs.append(None)
+        out.text_offset.append(offset)
+        offset += len(first)
+        logprobs = prompt + logprobs
     for t in logprobs:
         out.tokens.append(t.token)
         out.token_logprobs.append(_lp(t.logprob))

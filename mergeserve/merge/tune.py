@@ -1,0 +1,126 @@
+"""`mergeserve tune-merge`: learn a merge coefficient per expert per layer from unlabeled text.
+
+Expert Merging (and AdaMerging's entropy objective as an option). The merged model is
+base + sum_i c[n, i] tau_i in layer n. With LoRA experts that is the per-request merging
+forward (router.attention: dynamic) with every token's gate set to the layer's row of c:
+the task vectors stay low-rank factors and only c [L, E] gets gradients.
+
+Objective `expert_merging`: on each expert's own calibration text, the merged model's
+residual stream after every layer and its next-token distribution are pulled towards that
+expert's (relative squared error of the states, plus KL(expert || merged)). `entropy`:
+the merged model's mean predictive entropy on all the text (AdaMerging). Both add
+`reg * mean (c - c0)^2`, c0 the spec's own merge (lambda * weight), where training starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mergeserve.calibration import data_files, pack_files, read_texts
+from mergeserve.composition import ComposedModel
+from mergeserve.engine.layers import Batch
+from mergeserve.engine.model import Capture, Transformer
+from mergeserve.engine.sequence_router import expert_model
+from mergeserve.experts import ExpertPool
+from mergeserve.merge import build, coefficients
+from mergeserve.spec import CompositionSpec, SpecError, load_composition
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    steps: int = 30
+    batch_size: int = 2  # sequences of each expert's text per step
+    seq_len: int = 256
+    lr: float = 0.02  # Adam moves each coefficient by about this per step
+    objective: Literal["expert_merging", "entropy"] = "expert_merging"
+    hidden_weight: float = 1.0  # the states' term against the KL term
+    reg: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.steps, self.batch_size, self.seq_len) < 1 or self.lr <= 0 or self.reg < 0 or self.hidden_weight < 0:
+            raise ValueError(f"steps, batch size, sequence length and lr must be positive, reg and hidden_weight not negative: {self}")
+
+
+@dataclass
+class TuneResult:
+    coefficients: torch.Tensor  # [L, E]
+    init: torch.Tensor  # [L, E]
+    loss: list[float] = field(default_factory=list)  # per step, regulariser included
+
+
+def tune_merge(
+    spec_path: str | Path, data: dict[str, list[str | Path]], out: str | Path, cfg: TuneConfig = TuneConfig(),
+    progress: bool = True,
+) -> TuneResult:
+    """Learn the coefficients of the spec's merge from each expert's text (`data`: expert -> files)."""
+    spec = load_composition(spec_path)
+    names = [e.name for e in spec.experts]
+    if (spec.is_moe and spec.method != "mergeme") or len(names) < 2:
+        raise SpecError(f"{spec_path}: tune-merge learns the coefficients of a task-vector merge (a dense method, or mergeme's shared layers) of two or more experts")
+    if missing := [n for n in names if n not in data]:
+        raise ValueError(f"no calibration text for the experts {missing} (give --data NAME=PATH, or a folder with a subfolder per expert)")
+    texts = {n: [read_texts(f) for f in data_files(data[n])] for n in names}  # bad data fails before the slow build
+    composed = build(merging_spec(spec), ExpertPool())
+    init = torch.tensor([[spec.merge.lambda_ * e.weight for e in spec.experts]] * len(composed.layers))
+    tokens = {n: pack_files(texts[n], composed.tokenizer, cfg.steps * cfg.batch_size, cfg.seq_len, cfg.seed) for n in names}
+    result = train_coefficients(composed, [tokens[n] for n in names], init, cfg, progress)
+    coefficients.save(out, result.coefficients, names, {
+        "base": spec.base, "composition": spec.name, "method": spec.merge.method, **asdict(cfg),
+        "loss_first": result.loss[0], "loss_final": sum(result.loss[-5:]) / len(result.loss[-5:]),
+        "data": {n: [str(f) for f in data_files(data[n])] for n in names},
+    })
+    return result
+
+
+def merging_spec(spec: CompositionSpec) -> CompositionSpec:
+    """The spec's experts as a per-request merging composition: what the training forward runs."""
+    return spec.model_copy(update={
+        "method": "mergeme", "merge": spec.merge.model_copy(update={"coefficients": None}),
+        "router": spec.router.model_copy(update={"kind": "perplexity", "attention": "dynamic", "top_k": len(spec.experts)}),
+    })
+
+
+def train_coefficients(
+    composed: ComposedModel, tokens: list[torch.Tensor], init: torch.Tensor, cfg: TuneConfig, progress: bool = True,
+) -> TuneResult:
+    """Adam on c [L, E] from `init`; tokens: each expert's rows [steps * B, T], step i reads rows [i*B, (i+1)*B)."""
+    student = Transformer(composed, max_len=cfg.seq_len)
+    c = init.clone().requires_grad_()
+    student.merge_coefficients = c
+    teachers = [Transformer(expert_model(composed, e), max_len=cfg.seq_len) for e in range(composed.num_experts)]
+    opt = torch.optim.Adam([c], lr=cfg.lr)
+    result = TuneResult(c, init)
+    bar = tqdm(range(cfg.steps), desc="tune-merge", unit="step", disable=not progress)
+    for step in bar:
+        rows = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+        loss = sum(_loss(student, teacher, t[rows], cfg) for teacher, t in zip(teachers, tokens)) / len(teachers)
+        loss = loss + cfg.reg * (c - init).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        result.loss.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    result.coefficients = c.detach().clone()
+    return result
+
+
+def _loss(student: Transformer, teacher: Transformer, tokens: torch.Tensor, cfg: TuneConfig) -> torch.Tensor:
+    batch = Batch(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None, key_len=tokens.shape[1])
+    mine = Capture(layers=[])
+    logits = student.logits(student(batch, capture=mine))  # [B, T, V]
+    log_p = F.log_softmax(logits, dim=-1)
+    if cfg.objective == "entropy":
+        return -(log_p.exp() * log_p).sum(-1).mean()
+    theirs = Capture(layers=[])
+    with torch.no_grad():
+        target = F.log_softmax(teacher.logits(teacher(batch, capture=theirs)), dim=-1)
+    states = sum((s - t).pow(2).sum(-1).mean() / t.pow(2).sum(-1).mean() for s, t in zip(mine.layers, theirs.layers))
+    kl = F.kl_div(log_p.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+    return cfg.hidden_weight * states / len(mine.layers) + kl

@@ -1,0 +1,123 @@
+"""`mergeserve tune-merge`: merge coefficients learned from unlabeled text, and specs that use them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tiny import CORPUS
+
+from mergeserve.cli import main
+from mergeserve.experts import CheckpointError, ExpertPool
+from mergeserve.merge import build, coefficients, fisher
+from mergeserve.merge.tune import TuneConfig, merging_spec, train_coefficients
+from mergeserve.spec import SpecError, load_composition, parse_composition
+from mergeserve.zoo.splits import pack, write_jsonl
+
+FAST = TuneConfig(steps=40, batch_size=2, seq_len=32, lr=0.05, reg=0.0)
+
+
+def spec_dict(base: Path, experts: dict[str, Path], **merge) -> dict:
+    return {"name": "merged", "base": str(base), "method": "task_arithmetic", "merge": merge,
+            "experts": [{"name": n, "source": str(p)} for n, p in experts.items()]}
+
+
+def test_two_copies_of_one_expert_learn_coefficients_that_sum_to_one(zoo, adapters):
+    """The known best mix: with tau_a = tau_b, the merge is base + (c_a + c_b) tau, and matching
+    either expert on its text needs c_a + c_b = 1 in every layer. Training starts at 0.3 + 0.3."""
+    spec = parse_composition(spec_dict(zoo["base"], {"a": adapters["math"], "b": adapters["math"]}, **{"lambda": 0.3}))
+    composed = build(merging_spec(spec), ExpertPool())
+    tokens = pack(CORPUS, composed.tokenizer, FAST.steps * FAST.batch_size, FAST.seq_len, seed=0)
+    init = torch.full((len(composed.layers), 2), 0.3)
+    result = train_coefficients(composed, [tokens, tokens], init, FAST, progress=False)
+    torch.testing.assert_close(result.coefficients.sum(1), torch.ones(len(composed.layers)), atol=0.05, rtol=0)
+    assert result.loss[-1] < result.loss[0] / 10
+
+
+def test_a_spec_with_coefficients_merges_each_layer_with_its_row(zoo, adapters, tmp_path):
+    experts = {"math": adapters["math"], "code": adapters["code"]}
+    table = torch.tensor([[0.2, 0.9], [0.7, -0.1]])  # [L, E]
+    coefficients.save(tmp_path / "c.safetensors", table, ["code", "math"][::-1], {})  # any column order: names decide
+    spec = spec_dict(zoo["base"], experts, coefficients=str(tmp_path / "c.safetensors"), **{"lambda": 0.5})
+    merged = build(parse_composition(spec), ExpertPool())  # the coefficients are lambda * weight: lambda is not applied again
+    pool = ExpertPool()
+    base = pool.get(str(zoo["base"]))
+    for n in range(2):
+        key = f"model.layers.{n}.self_attn.q_proj.weight"
+        taus = [pool.get_expert(str(p), str(zoo["base"])).tensors[key] - base.tensors[key] for p in experts.values()]
+        expected = base.tensors[key] + table[n, 0] * taus[0] + table[n, 1] * taus[1]
+        torch.testing.assert_close(merged.layers[n].attn.q_proj, expected, atol=1e-5, rtol=0)
+
+
+def test_a_coefficients_file_for_other_experts_or_methods_is_refused(zoo, adapters, tmp_path):
+    coefficients.save(tmp_path / "c.safetensors", torch.ones(2, 2), ["math", "german"], {})
+    spec = spec_dict(zoo["base"], {"math": adapters["math"], "code": adapters["code"]}, coefficients=str(tmp_path / "c.safetensors"))
+    with pytest.raises(CheckpointError, match=r"c\.safetensors: coefficients for the experts \['math', 'german'\]"):
+        build(parse_composition(spec), ExpertPool())
+    with pytest.raises(SpecError, match="merge.method=linear does not take them"):
+        parse_composition(spec | {"method": "linear"})
+
+
+def test_cli_tunes_a_merge_from_each_experts_text(zoo, adapters, tmp_path, capsys):
+    spec = tmp_path / "merge.yaml"
+    spec.write_text(yaml.safe_dump(spec_dict(zoo["base"], {"math": adapters["math"], "code": adapters["code"]})))
+    write_jsonl(tmp_path / "data" / "math" / "train.jsonl", [{"text": t} for t in CORPUS[4:6]])
+    write_jsonl(tmp_path / "data" / "code" / "train.jsonl", [{"text": t} for t in CORPUS[:2]])
+    out = tmp_path / "coefficients.safetensors"
+    argv = ["tune-merge", "--spec", str(spec), "--data", str(tmp_path / "data"), "--out", str(out),
+            "--steps", "2", "--batch-size", "1", "--seq-len", "16", "--threads", "1"]
+    assert main(argv) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    with safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()["expert_names"]) == ["math", "code"] and f.get_tensor("coefficients").shape == (2, 2)
+    tuned = tmp_path / "tuned.yaml"
+    tuned.write_text(yaml.safe_dump(spec_dict(zoo["base"], {"math": adapters["math"], "code": adapters["code"]}, coefficients=out.name)))
+    assert build(load_composition(tuned), ExpertPool()).num_experts == 1
+
+
+def test_cli_refuses_an_expert_without_text(zoo, adapters, tmp_path, capsys):
+    spec = tmp_path / "merge.yaml"
+    spec.write_text(yaml.safe_dump(spec_dict(zoo["base"], {"math": adapters["math"], "code": adapters["code"]})))
+    write_jsonl(tmp_path / "data" / "math" / "train.jsonl", [{"text": CORPUS[4]}])
+    assert main(["tune-merge", "--spec", str(spec), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "c.st")]) == 2
+    assert "no calibration text for the experts ['code']" in capsys.readouterr().err
+
+
+# --- Fisher merging --------------------------------------------------------------------------
+
+
+def test_fisher_merge_by_hand():
+    a, b = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 0.0, 5.0])
+    fa, fb = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([1.0, 2.0, 0.0])
+    merged = fisher.merge(torch.zeros(3), [a, b], [1.0, 3.0], [fa, fb])
+    # entry 0: (1*1*1 + 3*1*3) / (1 + 3) = 2.5; entry 1: only b's Fisher counts: 0; entry 2: no Fisher: the weighted mean 4.5
+    torch.testing.assert_close(merged, torch.tensor([2.5, 0.0, 4.5]))
+
+
+def test_cli_caches_fishers_and_a_fisher_spec_merges_with_them(zoo, adapters, tmp_path):
+    experts = {"math": adapters["math"], "code": adapters["code"]}
+    spec = tmp_path / "merge.yaml"
+    spec.write_text(yaml.safe_dump(spec_dict(zoo["base"], experts)))
+    write_jsonl(tmp_path / "data" / "math" / "train.jsonl", [{"text": t} for t in CORPUS[4:6]])
+    write_jsonl(tmp_path / "data" / "code" / "train.jsonl", [{"text": t} for t in CORPUS[:2]])
+    argv = ["fisher", "--spec", str(spec), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "fisher"),
+            "--samples", "2", "--seq-len", "16", "--threads", "1"]
+    assert main(argv) == 0
+    fishers = {n: load_file(str(tmp_path / "fisher" / f"{n}.safetensors")) for n in experts}
+    key = "model.layers.1.mlp.up_proj.weight"
+    assert fishers["math"][key].shape == (96, 64) and fishers["math"][key].gt(0).any()
+
+    d = spec_dict(zoo["base"], experts) | {"method": "fisher", "merge": {"fisher": str(tmp_path / "fisher")}}
+    merged = build(parse_composition(d), ExpertPool())
+    pool = ExpertPool()
+    thetas = [pool.get_expert(str(p), str(zoo["base"])).tensors[key] for p in experts.values()]
+    expected = fisher.merge(thetas[0], thetas, [1.0, 1.0], [fishers[n][key] for n in experts])
+    torch.testing.assert_close(merged.layers[1].experts[0].up_proj, expected)
+    swapped = spec_dict(zoo["base"], {"math": adapters["german"], "code": adapters["code"]}) | {"method": "fisher", "merge": d["merge"]}
+    with pytest.raises(CheckpointError, match=r"math\.safetensors: computed for .*math, the spec's 'math' is .*german"):
+        build(parse_composition(swapped), ExpertPool())
