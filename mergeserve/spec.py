@@ -187,6 +187,9 @@ class CompositionSpec(_Strict):
     method: Literal["btx", "mergeme", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "consensus", "fisher"] = "btx"
     merge: MergeParams = MergeParams()
     router: RouterSpec = RouterSpec()
+    # Refuse a LoRA adapter whose adapter_config.json names another base than the one it is applied
+    # to (false: log a warning; shapes alone cannot tell two bases of one architecture apart).
+    strict_base: bool = False
     # Compute and storage dtype of the composition's weights: float32, bfloat16, or auto (the
     # faster here, by CPU flags and a short measurement at start). Unset: the serve config's.
     dtype: Literal["auto", "float32", "bfloat16"] | None = None

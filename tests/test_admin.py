@@ -231,3 +231,37 @@ def test_ready_only_while_a_composition_serves(server: Server) -> None:
     wait_until(lambda: server.http.get("/ready").status_code == 200, what="ready")
     server.http.delete("/admin/compositions/moe", headers=ADMIN)
     assert server.http.get("/ready").status_code == 503
+
+
+def test_the_admin_key_is_checked_before_the_body_is_read(server: Server) -> None:
+    """Without the key, a malformed or huge body is still 401 (not 422 or 413)."""
+    response = server.http.put("/admin/compositions/x", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_body_over_the_limit_is_413_even_when_streamed_without_a_length(server: Server) -> None:
+    """A chunked body declares no Content-Length: the bytes are counted as they arrive."""
+    def chunks():
+        yield b'{"base": "'
+        for _ in range(40):
+            yield b"x" * 32768  # 1.25 MiB in all, past the 1 MiB limit
+        yield b'"}'
+
+    response = server.http.put("/admin/compositions/x", content=chunks(), headers={**ADMIN, "Content-Type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "too_large"
+    declared = server.http.put("/admin/compositions/x", content=b"x" * (2 << 20), headers={**ADMIN, "Content-Type": "application/json"})
+    assert declared.status_code == 413
+    assert server.put_and_wait("small", server.moe())["state"] == "ready"  # the server goes on serving
+
+
+def test_memory_bytes_is_measured_now_with_the_kv_cache(server: Server) -> None:
+    """The KV cache is backed by the OS only where written: a long request makes it grow, and the
+    admin API reports the figure of the moment, not the one from the build."""
+    server.put_and_wait("moe", server.moe())
+    before = server.status("moe")
+    server.client.completions.create(model="moe", prompt=[5] * 180, max_tokens=40, extra_body={"ignore_eos": True})
+    after = server.status("moe")
+    engine = server.registry.get("moe").engine
+    per_position = 2 * engine.model.args.n_layers * engine.model.args.n_kv_heads * engine.model.args.head_dim * 4  # K and V, fp32
+    assert after["kv_cache_bytes"] >= before["kv_cache_bytes"] + 200 * per_position
+    assert after["memory_bytes"] - before["memory_bytes"] == after["kv_cache_bytes"] - before["kv_cache_bytes"]

@@ -9,7 +9,7 @@ from tiny import make_checkpoint
 from transformers import AutoModelForCausalLM
 
 from mergeserve.composition import dense
-from mergeserve.engine.engine import Engine
+from mergeserve.engine.engine import Engine, StepFailed
 from mergeserve.engine.sequence import SamplingParams
 from mergeserve.experts import ExpertPool
 from mergeserve.kernels import FusedFFN, moe_ffn, route
@@ -42,6 +42,24 @@ def test_dense_model_matches_transformers(tmp_path, family):
     torch.testing.assert_close(engine.logits(ids), expected, atol=1e-4, rtol=0)
     # Generation goes through the KV cache, the scheduler and the sampler.
     assert engine.generate([ids], GREEDY)[0] == expected_tokens
+
+
+@pytest.mark.parametrize("family, window", [
+    ("mistral", {"sliding_window": 5}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1}),  # layer 0 full, then windows
+])
+def test_sliding_windows_past_their_length_match_transformers(tmp_path, family, window):
+    """Prompts and generations several windows long, prefilled in chunks smaller than the prompt."""
+    path = make_checkpoint(tmp_path / family, family, layers=3, **window)
+    engine = engine_for(dense_spec(path), max_prefill_tokens=7)
+    ids = engine.tokenizer(TEXT)["input_ids"]
+    assert len(ids) > 3 * window["sliding_window"]
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    generated = engine.generate([ids], GREEDY)[0]  # through the KV cache, past the window
+    with torch.no_grad():
+        logits = reference(torch.tensor([ids + generated])).logits[0]
+    torch.testing.assert_close(engine.logits(ids), logits[:len(ids)], atol=1e-4, rtol=0)
+    assert generated == logits[len(ids) - 1:-1].argmax(-1).tolist()  # each token transformers' greedy pick
 
 
 def test_moe_of_base_copies_reproduces_the_base(zoo):
@@ -187,3 +205,32 @@ def test_a_linear_merge_is_one_dense_model_of_averaged_weights(zoo):
     torch.testing.assert_close(composed.layers[1].experts[0].up_proj, 0.75 * code[key] + 0.25 * math[key])
     key = "model.layers.0.self_attn.q_proj.weight"
     torch.testing.assert_close(composed.layers[0].attn.q_proj, 0.75 * code[key] + 0.25 * math[key])
+
+
+def test_a_step_that_raises_fails_only_its_own_requests(zoo):
+    """A poisoned prompt makes the forward raise (injected): its request fails, the request
+    decoding beside it and the requests after it are served, and the failure is counted."""
+    engine = engine_for(dense_spec(zoo["base"]))
+    poison = 7
+    forward = engine.model.forward
+
+    def failing(batch, *args, **kwargs):
+        if bool((batch.tokens == poison).any()):
+            raise RuntimeError("injected fault")
+        return forward(batch, *args, **kwargs)
+
+    engine.model.forward = failing
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    engine.add_request("a", [5, 6, 8], params)
+    tokens = {"a": engine.step()[0].new_token_ids}  # a is prefilled and decoding
+    engine.add_request("p", [5, poison, 8], params)
+    failed = []
+    while engine.has_work():
+        try:
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        except StepFailed as e:
+            failed += e.request_ids
+    assert failed == ["p"] and "p" not in tokens and engine.failed_steps == 1
+    assert not engine.scheduler.running and len(engine.scheduler.free_slots) == engine.config.max_num_seqs
+    assert engine.generate([[5, 6, 8]], params) == [tokens["a"]]  # a finished whole, and the engine still serves

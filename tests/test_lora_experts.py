@@ -3,8 +3,10 @@ from them, each checked against the same thing done with dense merged experts or
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from mergeserve.composition import ExpertFFN, LowRank, dense
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.sequence import SamplingParams
-from mergeserve.experts import ExpertPool
+from mergeserve.experts import CheckpointError, ExpertPool
 from mergeserve.export import export_composition
 from mergeserve.kernels import LoraExperts, lora_moe_ffn
 from mergeserve.merge import build
@@ -209,3 +211,19 @@ def test_the_mixtral_export_of_a_lora_native_moe_equals_the_merged_one(zoo, adap
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+
+
+def test_an_adapter_that_names_another_base_is_logged_or_refused(zoo, adapters, tmp_path, caplog):
+    """Shapes cannot tell two bases of one architecture apart; the adapter's own record can."""
+    other = tmp_path / "other"
+    shutil.copytree(adapters["math"], other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "someorg/another-model"}))
+    spec = {"name": "m", "base": str(zoo["base"]), "router": {"kind": "random"},
+            "experts": [{"name": "math", "source": str(other)}, {"name": "code", "source": str(adapters["code"])}]}
+    with caplog.at_level(logging.WARNING, logger="mergeserve.merge.btx"):
+        build(parse_composition(spec), ExpertPool())
+    assert "'someorg/another-model'" in caplog.text and "code" not in caplog.text  # the matching adapter passes quietly
+    with pytest.raises(CheckpointError, match=r"expert 'math' .* names the base 'someorg/another-model'"):
+        build(parse_composition(spec | {"strict_base": True}), ExpertPool())
+    build(parse_composition({**spec, "strict_base": True, "experts": spec["experts"][1:] * 1}), ExpertPool())

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 from peft.utils.merge_utils import calculate_majority_sign_mask, prune, ties
+from transformers import AutoModelForCausalLM
 
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.sequence import SamplingParams
 from mergeserve.experts import ExpertPool
+from mergeserve.export import export_dense
 from mergeserve.merge import build
 from mergeserve.spec import parse_composition
 
@@ -37,10 +39,16 @@ def test_a_dense_ties_spec_is_one_model_merged_like_peft_ties(zoo):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
-def test_a_dense_merge_serves_through_the_engine(zoo):
+def test_a_dense_merge_serves_through_the_engine(zoo, tmp_path):
+    """The engine's greedy tokens are transformers' on the merged weights, exported."""
     composed = build(spec(zoo, method="dare_ties", merge={"density": 0.7, "seed": 3}), ExpertPool())
-    out = Engine(composed).generate([composed.tokenizer("hello").input_ids], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
-    assert len(out[0]) == 5
+    ids = composed.tokenizer("hello").input_ids
+    out = Engine(composed).generate([ids], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    exported = export_dense(composed, tmp_path / "dare_ties")
+    reference = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = reference(torch.tensor([ids + out])).logits[0]
+    assert out == logits[len(ids) - 1:-1].argmax(-1).tolist()
 
 
 def test_mergeme_keeps_the_pools_ffns_and_ties_merges_the_shared_layers(zoo):

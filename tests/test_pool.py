@@ -156,3 +156,43 @@ def test_a_serve_config_names_its_source_roots_relative_to_itself(tmp_path):
     config = load_serve_config(tmp_path / "serve.yaml")
     assert config.source_roots[0] == str(tmp_path / "models")
     assert config.source_roots[1] == str(Path(pytest.__file__).parent)
+
+
+def test_a_checkpoint_truncated_on_disk_is_refused_by_name(zoo, tmp_path):
+    """Between two builds the file is cut short: the pool that loaded it refuses to hand out what
+    no longer matches the disk, and a fresh load names the broken file. Nothing half-loaded is used."""
+    source = tmp_path / "expert"
+    shutil.copytree(zoo["code"], source)
+    spec = parse_composition({"name": "x", "base": str(zoo["base"]), "experts": [{"name": "code", "source": str(source)}]})
+    pool = ExpertPool()
+    build(spec, pool)
+    weights = source / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"expert: changed on disk since it was loaded \(model\.safetensors\)"):
+        build(spec, pool)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
+        build(spec, ExpertPool())
+
+
+def test_a_symlink_swapped_while_loading_is_refused(zoo, tmp_path, monkeypatch):
+    """Checked, then swapped to point outside the roots before the loader opens it (injected
+    at the moment of loading): what was loaded is not what was checked, so it is refused."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    shutil.copytree(zoo["code"], outside)
+    shutil.copytree(zoo["code"], allowed / "real")
+    link = allowed / "expert"
+    link.symlink_to(allowed / "real")
+    pool = ExpertPool(roots=[allowed, zoo["base"].parent])
+    load = ExpertPool._load
+
+    def swap_then_load(self, path, base, dtype):
+        if path == (allowed / "real").resolve():
+            shutil.rmtree(allowed / "real")
+            (allowed / "real").symlink_to(outside)  # the checked folder now leads outside the roots
+        return load(self, path, base, dtype)
+
+    monkeypatch.setattr(ExpertPool, "_load", swap_then_load)
+    with pytest.raises(CheckpointError, match="outside the allowed source roots|changed on disk while it was loading"):
+        pool.get(str(link))
+    assert not pool.sources()

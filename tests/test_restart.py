@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import tempfile
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from live import free_port, server_process, wait_until
+from live import free_port, live_server, server_process, wait_until
+from mergeserve.engine.executor import Executor
+from mergeserve.experts import ExpertPool
+from mergeserve.server import Registry, create_app
 from mergeserve.server.aliases import Alias
+from mergeserve.server.auth import Auth
+from mergeserve.server.builder import Builder
 from mergeserve.server.state import SavedComposition, SavedState, StateStore
+from mergeserve.spec import EngineConfig
 
 ADMIN = {"Authorization": "Bearer admin-key"}
 
@@ -68,3 +76,34 @@ def test_a_crash_while_writing_leaves_the_previous_state(tmp_path: Path, monkeyp
     (tmp_path / ".state.json.half-written.tmp").write_text('{"compositions": {"x"')  # what a kill -9 can leave
     assert store.load() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == [".state.json.half-written.tmp"]
+
+
+def test_a_state_write_that_fails_is_a_500_and_what_serves_keeps_serving(
+    zoo: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Disk full (injected into the state folder's writes): the admin call says why, the state file
+    keeps the previous state, and the live composition goes on answering."""
+    registry, executor = Registry(), Executor()
+    builder = Builder(registry, ExpertPool(), executor, EngineConfig(max_num_seqs=2, max_model_len=128), StateStore(tmp_path))
+    with live_server(create_app(registry, executor, Auth(admin_key="admin-key"), builder)) as url, \
+            httpx.Client(base_url=url, timeout=30, headers=ADMIN) as http:
+        assert http.put("/admin/compositions/first", json=moe(zoo, "code")).status_code == 202
+        wait_until(lambda: served(http).get("first") == 1, what="first to build")
+        saved = (tmp_path / "state.json").read_bytes()
+        real_mkstemp = tempfile.mkstemp
+
+        def disk_full(*args, **kwargs):
+            if kwargs.get("dir") == tmp_path:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_mkstemp(*args, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", disk_full)
+        for response in (http.put("/admin/compositions/first", json=moe(zoo, "math")),
+                         http.put("/admin/aliases/ab", json={"targets": {"first": 1.0}})):
+            assert response.status_code == 500
+            assert response.json()["error"]["code"] == "state_not_saved" and "No space left on device" in response.json()["error"]["message"]
+        monkeypatch.undo()
+        assert (tmp_path / "state.json").read_bytes() == saved and StateStore(tmp_path).load() is not None
+        assert served(http) == {"first": 1}
+        answer = http.post("/v1/completions", json={"model": "first", "prompt": "hi", "max_tokens": 2})
+        assert answer.status_code == 200

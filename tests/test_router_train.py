@@ -16,7 +16,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 from mergeserve.calibration import pack_files, read_texts
 from mergeserve.cli import main, parser
-from mergeserve.engine.model import Batch, Transformer
+from mergeserve.engine.model import Batch, Capture, Transformer
 from mergeserve.experts import CheckpointError, ExpertPool
 from mergeserve.merge import build
 from mergeserve.router.learned import load_rows, save_rows
@@ -138,6 +138,20 @@ def test_load_balancing_loss_by_hand():
     assert torch.allclose(load_balancing_loss_func((logits,), num_experts=3, top_k=2), expected)
     # At perfect balance the loss is top_k (f sums to k, P to 1).
     assert math.isclose(float(load_balancing_loss_func((torch.zeros(6, 3),), 3, 2)), 2.0, rel_tol=1e-6)
+
+
+def test_the_trainers_balance_term_is_the_switch_loss_over_every_layers_router(moe):
+    """N * sum_i f_i P_i by hand, from the router inputs of the served forward, all layers pooled."""
+    batch = corpus_tokens(moe, FAST)[:2]
+    with torch.no_grad():
+        _, _, aux = RouterTrainer(moe, alpha=0.01).losses(batch)
+        captured = Capture(ffn=[])
+        Transformer(moe, max_len=64)(Batch(batch, torch.arange(batch.shape[1]).expand_as(batch), None), capture=captured)
+    logits = torch.cat([x @ layer.router.T for x, layer in zip(captured.ffn, moe.layers)])  # [L * tokens, E]
+    probs = torch.softmax(logits, dim=-1)
+    picked = torch.nn.functional.one_hot(probs.topk(2, dim=-1).indices, 3).float()  # [N, k, E]
+    expected = 3 * (picked.mean(0) * probs.mean(0)).sum()
+    assert float(aux) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_alpha_weights_the_balance_term_in_the_total(moe):

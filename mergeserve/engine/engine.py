@@ -19,11 +19,20 @@ from mergeserve.engine.kv_cache import KVCache
 from mergeserve.engine.layers import Batch
 from mergeserve.engine.model import Transformer
 from mergeserve.engine.sampler import sample
-from mergeserve.engine.scheduler import Scheduler
+from mergeserve.engine.scheduler import ScheduledBatch, Scheduler
 from mergeserve.engine.sequence import RequestOutput, SamplingParams, Sequence, TokenLogprob
 from mergeserve.engine.sequence_router import SequenceRouter
 from mergeserve.kernels.packed import WeightPacker
 from mergeserve.spec import EngineConfig
+
+
+class StepFailed(RuntimeError):
+    """A step raised (its cause is the error): the requests it ran failed and are gone; the
+    outputs it had produced before (aborts) still belong to their requests."""
+
+    def __init__(self, request_ids: list[str], outputs: list[RequestOutput]) -> None:
+        super().__init__(f"a step failed; its requests {request_ids} were ended")
+        self.request_ids, self.outputs = request_ids, outputs
 
 
 class Engine:
@@ -46,6 +55,7 @@ class Engine:
         self.sequence_router = SequenceRouter(composed) if composed.sequence_routing is not None else None
         # Sequence routing: requests that chose each expert (top-k choices count once each), [E].
         self.expert_requests = torch.zeros(composed.num_experts, dtype=torch.int64) if self.sequence_router else None
+        self.failed_steps = 0  # steps that raised: their requests failed, the engine went on
 
     # --- thread-safe surface -------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -106,10 +116,25 @@ class Engine:
     # --- the step ------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        """One scheduling step. If it fails, only the requests it was running fail (StepFailed
+        names them; their slots are freed) and the engine goes on with the rest."""
         outputs = self._drain_inbox()
         batch = self.scheduler.schedule()
+        try:
+            return outputs + self._run(batch)
+        except Exception as e:
+            failed = [seq for seq, _ in batch.prefill] + list(batch.decode)
+            if self.sequence_router is not None:  # the new requests it was routing fail too
+                failed += [seq for seq in self.scheduler.running if seq.alpha is None and seq not in failed]
+            for seq in failed:
+                self._finish(seq, "error")
+            self.failed_steps += 1
+            raise StepFailed([s.request_id for s in failed], outputs) from e
+
+    def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
         if self.sequence_router is not None:
             self._route_admitted()
+        outputs: list[RequestOutput] = []
         rows: list[torch.Tensor] = []  # last-position hidden state of each sequence that samples now
         ready: list[Sequence] = []
         if batch.prefill:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergeserve.engine.engine import Engine
+from mergeserve.engine.engine import Engine, StepFailed
 from mergeserve.engine.sequence import RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,13 @@ class Executor:
     def _step(self, engine: Engine) -> None:
         try:
             outputs = engine.step()
-        except Exception as e:  # one broken engine must not take the others down
-            log.exception("engine %s failed a step", engine.name)
+        except StepFailed as failure:  # only the step's own requests fail; the engine goes on
+            log.error("engine %s failed a step; ended %s", engine.name, failure.request_ids, exc_info=failure.__cause__)
+            for request_id in failure.request_ids:
+                self._deliver(request_id, failure.__cause__)
+            outputs = failure.outputs
+        except Exception as e:  # outside a step's requests (the inbox, the scheduler): every request fails
+            log.exception("engine %s failed", engine.name)
             for request_id in engine.abort_all():
                 self._deliver(request_id, e)
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 
 import torch
@@ -45,10 +46,29 @@ class KVCache:
             return self.k[layer, rows, :, :length], self.v[layer, rows, :, :length]
         return self.k[layer, slots, :, :length], self.v[layer, slots, :, :length]
 
+    def resident_bytes(self) -> int | None:
+        """Bytes of the cache the OS backs right now (pages written at least once), measured with
+        mincore(2); None where that cannot be asked (not Linux/glibc)."""
+        try:
+            return sum(_resident(m) for m in self._maps)
+        except (OSError, AttributeError, ValueError):
+            return None
+
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy a sequence's first `length` positions from slot src to slot dst (all layers)."""
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+def _resident(m: mmap.mmap) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    pages = (len(m) + page - 1) // page
+    vec = (ctypes.c_ubyte * pages)()
+    address = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(len(m)), vec) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return sum(1 for v in vec if v & 1) * page
 
 
 def _numel(shape: tuple[int, ...]) -> int:

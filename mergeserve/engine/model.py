@@ -35,24 +35,34 @@ class ModelArgs:
     n_kv_heads: int
     head_dim: int
     eps: float
-    sliding_window: int | None
+    windows: tuple[int | None, ...]  # per layer: its sliding window, or None for full attention
 
     @classmethod
     def from_config(cls, config) -> ModelArgs:
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (silu only)")
-        window = getattr(config, "sliding_window", None)
-        if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
-            window = None
         return cls(
             dim=config.hidden_size, n_layers=config.num_hidden_layers, n_heads=config.num_attention_heads,
             n_kv_heads=config.num_key_value_heads, head_dim=head_dim(config), eps=config.rms_norm_eps,
-            sliding_window=window,
+            windows=layer_windows(config),
         )
 
     @property
     def attn_shape(self) -> tuple[int, int, int]:
         return self.n_heads, self.n_kv_heads, self.head_dim
+
+
+def layer_windows(config) -> tuple[int | None, ...]:
+    """Each layer's sliding window. Qwen2 slides only with use_sliding_window, and only in the
+    layers from max_window_layers on: transformers records that as config.layer_types; Mistral
+    slides in every layer when it has a sliding_window."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return tuple(window if t == "sliding_attention" else None for t in types)
+    if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+        window = None
+    return (window,) * config.num_hidden_layers
 
 
 @dataclass(eq=False)
@@ -166,13 +176,14 @@ class Transformer(torch.nn.Module):
         # each linear takes its input in its weight's dtype.
         x = F.embedding(batch.tokens, c.embed).float()  # [B, T, D]
         cos, sin = self.cos[batch.positions].unsqueeze(1), self.sin[batch.positions].unsqueeze(1)  # [B, 1, T, Dh]
-        mask = batch.mask(self.args.sliding_window)
+        masks = {w: batch.mask(w) for w in set(self.args.windows)}  # one mask per distinct window
         merged = self.merge_coefficients
         if c.sequence_routing is not None and batch.alpha is None and merged is None:
             raise ValueError(f"composition {c.name!r} routes per sequence: the batch needs alpha [B, E]")
         # Per-request merging: every token's gate over the experts is its row's alpha, [B * T, E].
         gate = batch.alpha.repeat_interleave(batch.tokens.shape[1], dim=0) if self.dynamic and merged is None else None
         for i, run in enumerate(self.run_layers):
+            mask = masks[self.args.windows[i]]
             if self.separate:
                 x = separate_layer(self, i, self.expert_runs[i], x, cos, sin, mask, batch, cache)
                 continue

@@ -56,6 +56,8 @@ class Checkpoint:
     tokenizer: PreTrainedTokenizerBase | None
     # LoRA adapters kept as factors: name -> base weight + B @ A; these names are not in `stored`.
     factored: dict[str, LowRank] = field(default_factory=dict)
+    # An adapter's own record of the base it was trained on (PEFT's base_model_name_or_path).
+    declared_base: str | None = None
 
     @property
     def tensors(self) -> Mapping[str, torch.Tensor]:

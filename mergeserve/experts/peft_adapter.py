@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -42,10 +43,11 @@ def load_peft_adapter(folder: Path, base: Checkpoint, merge: bool = False) -> Ch
     if config.get("peft_type") != "LORA":
         raise CheckpointError(f"{folder}/adapter_config.json: peft_type {config.get('peft_type')!r}, only LORA is supported")
     why = None if merge else unfactorable(config)
+    declared = config.get("base_model_name_or_path")
     if merge or why:
         if why:
             log.info("%s: merged into dense weights, not kept as factors: %s", folder, why)
-        return merged_adapter(folder, base)
+        return replace(merged_adapter(folder, base), declared_base=declared)
     try:
         raw = load_file(str(folder / "adapter_model.safetensors"))
     except (SafetensorError, OSError) as e:
@@ -53,9 +55,23 @@ def load_peft_adapter(folder: Path, base: Checkpoint, merge: bool = False) -> Ch
     factored, extra = factors(folder, raw, config, base)
     if extra:
         log.info("%s: merged into dense weights, not kept as factors: it holds %s", folder, extra[0])
-        return merged_adapter(folder, base)
+        return replace(merged_adapter(folder, base), declared_base=declared)
     stored = {k: t for k, t in base.stored.items() if k not in factored}
-    return Checkpoint(str(folder), "peft", base.config, stored, base.tokenizer, factored)
+    return Checkpoint(str(folder), "peft", base.config, stored, base.tokenizer, factored, declared)
+
+
+def names_base(declared: str, base: Checkpoint) -> bool:
+    """Whether an adapter's base_model_name_or_path names `base`: the same path (`pkg://`
+    resolved), the same final name (a hub id such as org/SmolLM2-135M-Instruct against a local
+    copy of that folder), or the name the base's own config records."""
+    from mergeserve.spec import SpecError, resolve_source
+
+    try:
+        resolved = resolve_source(declared, Path("/")) if declared.startswith(("pkg://", "/")) else declared
+    except SpecError:  # a pkg:// whose package is not installed here
+        resolved = declared
+    ours = Path(base.source)
+    return resolved == str(ours) or Path(declared).name in (ours.name, ours.stem) or declared == getattr(base.config, "_name_or_path", None)
 
 
 def unfactorable(config: dict) -> str | None:

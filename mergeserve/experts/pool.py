@@ -38,6 +38,7 @@ class ExpertPool:
         self.packer = WeightPacker()  # packed copies of the weights engines run, shared between them
         # (source, base of an adapter, dtype) -> the checkpoint
         self._loaded: dict[tuple[str, str | None, torch.dtype], Checkpoint] = {}
+        self._stamps: dict[tuple[str, str | None, torch.dtype], Stamp] = {}  # the files as they were loaded
         self._owners: dict[tuple[str, str | None, torch.dtype], set[str]] = {}  # claimed checkpoints -> who uses them
         self._claim = threading.local()  # the owner a build on this thread loads for
         # Builds may run off the request path; one lock keeps a source from loading twice.
@@ -60,18 +61,31 @@ class ExpertPool:
                 owners.discard(owner)
                 if not owners:
                     del self._owners[key]
+                    self._stamps.pop(key, None)
                     freed.append(self._loaded.pop(key).source)
             return freed
 
     def get(self, source: str, base: str | None = None, dtype: torch.dtype | None = None) -> Checkpoint:
-        """The checkpoint at `source` in `dtype` (default: the pool's); `base` is the base a PEFT adapter applies to."""
-        self.check_allowed(Path(source))
+        """The checkpoint at `source` in `dtype` (default: the pool's); `base` is the base a PEFT adapter applies to.
+
+        The source is resolved once, and what is loaded is what was checked: every file's identity
+        (device, inode, size, mtime) is taken at the check and again after loading, so a file
+        swapped (a symlink turned elsewhere) or rewritten in between is refused, as is a loaded
+        checkpoint whose files changed on disk since."""
         path = Path(source).resolve()
+        stamp = stamp_of(self.check_allowed(Path(source)))  # checked as given, so errors name what was given
         dtype = dtype or self.dtype
         key = (str(path), str(Path(base).resolve()) if base and is_peft_folder(path) else None, dtype)
         with self._lock:
+            if key in self._loaded and self._stamps[key] != stamp:
+                raise CheckpointError(f"{path}: changed on disk since it was loaded ({changed(self._stamps[key], stamp)}); "
+                                      f"it is not used again until the compositions holding it are removed")
             if key not in self._loaded:
-                self._loaded[key] = self._load(path, key[1], dtype)
+                checkpoint = self._load(path, key[1], dtype)
+                after = stamp_of(self.check_allowed(Path(source))) if Path(source).resolve() == path else {}
+                if after != stamp:
+                    raise CheckpointError(f"{path}: changed on disk while it was loading ({changed(stamp, after)}); nothing of it is used")
+                self._loaded[key], self._stamps[key] = checkpoint, stamp
             if (owner := getattr(self._claim, "owner", None)) is not None:
                 self._owners.setdefault(key, set()).add(owner)
             return self._loaded[key]
@@ -82,15 +96,16 @@ class ExpertPool:
         check_same_arch(expert.source, expert.config, base_ckpt.source, base_ckpt.config)
         return expert
 
-    def check_allowed(self, source: Path) -> None:
-        """Refuse `source` if it, or a file inside it, lies outside the roots or is too large."""
+    def check_allowed(self, source: Path) -> list[Path]:
+        """Refuse `source` if it, or a file inside it, lies outside the roots or is too large;
+        returns its files."""
         files = sorted(f for f in source.rglob("*") if f.is_file()) if source.is_dir() else [source]
         limit = self.max_file_bytes
         for f in files if limit is not None else []:
             if f.is_file() and f.stat().st_size > limit:
                 raise CheckpointError(f"{f}: {f.stat().st_size} bytes, over the limit of {limit} bytes per file")
         if self.roots is None:
-            return
+            return files
         for path in dict.fromkeys([source, *files]):
             real = path.resolve()  # follows symlinks and `..`
             if not any(real.is_relative_to(root) for root in self.roots):
@@ -98,6 +113,7 @@ class ExpertPool:
                 raise CheckpointError(
                     f"{path}{where}: resolves to {real}, outside the allowed source roots {[str(r) for r in self.roots]}"
                 )
+        return files
 
     def _load(self, path: Path, base: str | None, dtype: torch.dtype) -> Checkpoint:
         if not path.exists():
@@ -125,3 +141,23 @@ class ExpertPool:
                  "model_type": c.config.model_type, "used_by": sorted(self._owners.get(key, ()))}
                 for key, c in self._loaded.items()
             ]
+
+
+Stamp = dict[str, tuple[int, int, int, int]]  # file -> (device, inode, size, mtime_ns) of what it resolves to
+
+
+def stamp_of(files: list[Path]) -> Stamp:
+    out = {}
+    for f in files:
+        try:
+            st = f.stat()  # follows symlinks: the identity of what would be opened
+        except FileNotFoundError:
+            continue  # gone: the next check finds the difference
+        out[str(f)] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def changed(before: Stamp, after: Stamp) -> str:
+    """The files that differ, named, for an error message."""
+    names = sorted(f for f in before.keys() | after.keys() if before.get(f) != after.get(f))
+    return ", ".join(Path(n).name for n in names[:3]) + (" and more" if len(names) > 3 else "")

@@ -6,16 +6,20 @@ only shared layers that differ between experts become new, averaged tensors.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 
 from mergeserve.composition import Attention, ComposedModel, ExpertFFN, Layer, fuse_in_place
 from mergeserve.experts import Checkpoint, CheckpointError, ExpertPool
+from mergeserve.experts.peft_adapter import names_base
 from mergeserve.kernels.capability import resolve_dtype
 from mergeserve.merge.average import mean
 from mergeserve.router import init_router
 from mergeserve.spec import CompositionSpec
+
+log = logging.getLogger(__name__)
 
 # Merges one named tensor across the experts (the key is the Hugging Face tensor name).
 MergeFn = Callable[[str], torch.Tensor]
@@ -40,7 +44,22 @@ def load_experts(spec: CompositionSpec, pool: ExpertPool) -> tuple[Checkpoint, l
     base = pool.get(spec.base, dtype=dtype)
     if base.tokenizer is None:
         raise CheckpointError(f"{base.source}: the base has no tokenizer files")
-    return base, [pool.get_expert(e.source, e.base or spec.base, dtype) for e in spec.experts]
+    experts = [pool.get_expert(e.source, e.base or spec.base, dtype) for e in spec.experts]
+    for e, loaded in zip(spec.experts, experts):
+        check_declared_base(loaded, e.name, pool.get(e.base, dtype=dtype) if e.base else base, spec.strict_base)
+    return base, experts
+
+
+def check_declared_base(expert: Checkpoint, name: str, base: Checkpoint, strict: bool) -> None:
+    """An adapter trained on another base fits any base of the same shapes, so shapes prove nothing:
+    compare the base it names. A mismatch is logged, or refused with `strict_base: true`."""
+    if expert.declared_base is None or names_base(expert.declared_base, base):
+        return
+    message = (f"expert {name!r} ({expert.source}): its adapter_config.json names the base "
+               f"{expert.declared_base!r}, the composition applies it to {base.source}")
+    if strict:
+        raise CheckpointError(message + " (strict_base: true)")
+    log.warning("%s; set strict_base: true to refuse such adapters", message)
 
 
 def compose(

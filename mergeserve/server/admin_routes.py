@@ -22,8 +22,6 @@ from mergeserve.server.registry import Registry, Revision
 from mergeserve.server.state import dump_spec
 from mergeserve.spec import NAME_PATTERN, SpecError, parse_composition
 
-MAX_SPEC_BYTES = 1 << 20
-
 
 class AdminRoutes:
     def __init__(self, registry: Registry, builder: Builder, relative_to: Path, max_compositions: int = 16) -> None:
@@ -52,10 +50,8 @@ class AdminRoutes:
     async def get_composition(self, name: str) -> dict[str, Any]:
         return self._status(name, *self.registry.revision(name))
 
-    async def put_composition(self, name: str, request: Request, spec: dict = Body(...)) -> JSONResponse:
-        _check_name(name)
-        if int(request.headers.get("content-length") or 0) > MAX_SPEC_BYTES:
-            raise APIError(413, f"a spec may be at most {MAX_SPEC_BYTES} bytes", code="too_large")
+    async def put_composition(self, name: str, spec: dict = Body(...)) -> JSONResponse:
+        _check_name(name)  # the body's size is bounded by server/body_limit.py, before it is parsed
         if spec.setdefault("name", name) != name:
             raise bad_request(f"the spec's name {spec['name']!r} differs from the URL's {name!r}", param="name")
         if name not in self.registry.all_names() and len(self.registry.all_names()) >= self.max_compositions:
@@ -65,13 +61,15 @@ class AdminRoutes:
             revision, _ = self.builder.submit(parsed)
         except (SpecError, CheckpointError) as e:
             raise bad_request(str(e), code="invalid_spec") from None
+        except OSError as e:
+            raise not_saved(e, "nothing was built; the live revision keeps serving") from e
         url = f"/admin/compositions/{name}"
         body = {"name": name, "revision": revision.number, "state": revision.state, "status_url": url}
         return JSONResponse(body, status_code=202, headers={"Location": url})
 
     async def delete_composition(self, name: str) -> dict[str, Any]:
         self.registry.remove(name)
-        self.builder.save()
+        self._save()
         return {"name": name, "deleted": True}
 
     async def list_aliases(self) -> dict[str, Any]:
@@ -80,13 +78,19 @@ class AdminRoutes:
     async def put_alias(self, name: str, alias: Alias) -> dict[str, Any]:
         _check_name(name)
         self.registry.set_alias(name, alias)
-        self.builder.save()
+        self._save()
         return {"name": name, **alias.model_dump()}
 
     async def delete_alias(self, name: str) -> dict[str, Any]:
         self.registry.remove_alias(name)
-        self.builder.save()
+        self._save()
         return {"name": name, "deleted": True}
+
+    def _save(self) -> None:
+        try:
+            self.builder.save()
+        except OSError as e:
+            raise not_saved(e, "the change is in effect until this process exits") from e
 
     async def pool(self) -> dict[str, Any]:
         return {"experts": self.builder.pool.sources(), "resident_bytes": resident_bytes()}
@@ -102,11 +106,18 @@ class AdminRoutes:
             "draining_revisions": draining,
             "error": shown.error,
             "build_seconds": shown.build_seconds,
-            "memory_bytes": (live or shown).memory_bytes,
+            "memory_bytes": (live or shown).current_memory_bytes(),  # now, KV cache included
+            "kv_cache_bytes": (live or shown).kv_cache_bytes(),
             "spec": _spec(live or shown),
             "router": _router_stats(live),
             "backend": _backend(live, shown),
         }
+
+
+def not_saved(error: OSError, consequence: str) -> APIError:
+    """500 naming why the state file could not be written (it still holds the previous state)."""
+    return APIError(500, f"the state file could not be written ({error}); it keeps the previous state, and {consequence}",
+                    type="server_error", code="state_not_saved")
 
 
 def _check_name(name: str) -> None:

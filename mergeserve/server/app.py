@@ -17,6 +17,7 @@ from mergeserve.experts import ExpertPool
 from mergeserve.server import errors
 from mergeserve.server.admin_routes import AdminRoutes
 from mergeserve.server.auth import APIKeyMiddleware, Auth
+from mergeserve.server.body_limit import BodyLimitMiddleware
 from mergeserve.server.builder import Builder
 from mergeserve.server.metrics import HTTPMetricsMiddleware, Metrics
 from mergeserve.server.openai_routes import OpenAIRoutes
@@ -45,6 +46,7 @@ def create_app(
     app.state.registry, app.state.executor, app.state.metrics, app.state.auth = registry, executor, metrics, auth
     app.state.builder = builder
     errors.install(app)
+    app.add_middleware(BodyLimitMiddleware)  # inside the key check: a request without a key is 401 whatever its size
     app.add_middleware(APIKeyMiddleware, auth=auth)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)  # added last: outermost, so it counts 401s too
     app.include_router(OpenAIRoutes(registry, metrics).router)

@@ -45,16 +45,19 @@ class Auth:
 
 
 class APIKeyMiddleware:
-    """Checks /v1 keys before a route reads the body, so a request without a valid key gets
-    401 even when its body is malformed (a route dependency would run after body parsing)."""
+    """Checks /v1 keys and the admin key before a route reads the body, so a request without a
+    valid key gets 401 even when its body is malformed or huge (a route dependency would run
+    after body parsing)."""
 
     def __init__(self, app: ASGIApp, auth: Auth) -> None:
         self.app, self.auth = app, auth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        path = scope["path"] if scope["type"] == "http" else ""
+        check = self.auth.check_api_key if path.startswith("/v1") else self.auth.check_admin_key if path.startswith("/admin") else None
+        if check is not None:
             try:
-                self.auth.check_api_key(Request(scope))
+                check(Request(scope))
             except APIError as e:
                 await e.response()(scope, receive, send)
                 return

@@ -56,7 +56,11 @@ class Builder:
         """Start building `spec` in the background; it replaces the live revision once ready."""
         self.check(spec)
         revision = self.registry.begin(spec.name, spec, number)
-        self.save()  # a crash before the build ends rebuilds it on restart
+        try:
+            self.save()  # a crash before the build ends rebuilds it on restart
+        except OSError as e:  # not built: what serves now keeps serving, and the state file stays as it was
+            self.registry.fail(revision, f"the state file could not be written: {e}")
+            raise
         return revision, self._queue.submit(self._build_on_own_thread, revision)
 
     def _build_on_own_thread(self, revision: Revision) -> None:
@@ -123,12 +127,19 @@ class Builder:
         except Exception as e:  # noqa: BLE001 - any failure is the build's result, reported to the admin
             log.exception("building %s failed", revision.id)
             self.registry.fail(revision, f"{type(e).__name__}: {e}")
-            self.save()
+            self._save_logged()
             return
         seconds = time.perf_counter() - start
         self.registry.install(revision, backend, seconds, memory)
         log.info("composition %s ready in %.2f s", revision.id, seconds)
-        self.save()
+        self._save_logged()
+
+    def _save_logged(self) -> None:
+        """save() off the request path: a failure has no caller to answer, so it is logged."""
+        try:
+            self.save()
+        except OSError as e:
+            log.error("the state file could not be written after a build (%s); it keeps the previous state", e)
 
     def _backend(self, revision: Revision) -> tuple[Backend, int | None]:
         """What serves `revision`, and the bytes it holds in this process (None: elsewhere)."""

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from starlette.requests import Request
 
+from mergeserve.engine.executor import EngineError
 from mergeserve.engine.sequence import RequestOutput, SamplingParams, TokenLogprob
 from mergeserve.server.errors import APIError
 from mergeserve.server.metrics import Metrics
@@ -74,9 +75,9 @@ class Job:
 def run(executor: Executor, metrics: Metrics, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Submit every choice of `job`; yields (choice index, delta) as the engine produces them."""
     streams = [
-        metrics.observe(job.engine.name, executor.generate(
+        metrics.observe(job.engine.name, _engine_errors(executor.generate(
             job.engine, f"{job.request_id}-{i * job.n + j}", prompt, job.choice_params(j),
-        ))
+        )))
         for i, prompt in enumerate(job.prompts)
         for j in range(job.n)
     ]
@@ -103,6 +104,17 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
                 raise APIError(499, "the client closed the request", code="client_closed_request")
     finally:
         task.cancel()
+
+
+async def _engine_errors(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    """A failed engine step as a 500 in the OpenAI envelope (the engine itself goes on serving)."""
+    async with aclosing(stream):
+        try:
+            async for out in stream:
+                yield out
+        except EngineError as e:
+            raise APIError(500, f"the engine failed while running this request: {e}", type="server_error",
+                           code="engine_error") from e
 
 
 async def _single(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -42,7 +42,7 @@ class _CompositionCollector(Collector):
             state = "draining" if r.retired and r.backend is not None else r.state
             info.add_metric([r.name, str(r.number), state], 1)
             if r.memory_bytes is not None and not r.retired:
-                memory.add_metric([r.name], r.memory_bytes)
+                memory.add_metric([r.name], r.current_memory_bytes())
         return [info, memory]
 
 
@@ -70,12 +70,16 @@ class _BackendCollector(Collector):
             "mergeserve:expert_requests", "Requests a sequence router sent to each expert (top-k: k per request).",
             labels=["model", "expert"],
         )
+        failures = CounterMetricFamily(
+            "mergeserve:engine_step_failures", "Engine steps that raised; the requests they ran got an error.", labels=["model"],
+        )
         for backend in self._backends():
             running.add_metric([backend.name], backend.num_running)
             waiting.add_metric([backend.name], backend.num_waiting)
             engine = backend.engine
             if engine is None:  # served elsewhere
                 continue
+            failures.add_metric([engine.name], engine.failed_steps)
             if engine.expert_requests is not None:
                 for expert, count in zip(engine.expert_names, engine.expert_requests.tolist()):
                     requests.add_metric([engine.name, expert], count)
@@ -86,7 +90,7 @@ class _BackendCollector(Collector):
                 for expert, count, total in zip(engine.expert_names, counts, sums):
                     experts.add_metric([engine.name, str(layer), expert], count)
                     weights.add_metric([engine.name, str(layer), expert], total)
-        return [running, waiting, experts, weights, requests]
+        return [running, waiting, experts, weights, requests, failures]
 
 
 class Metrics:

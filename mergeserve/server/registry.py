@@ -61,6 +61,16 @@ class Revision:
         """`name@number`: what it claims pool checkpoints under, and what responses report."""
         return f"{self.name}@{self.number}"
 
+    def kv_cache_bytes(self) -> int | None:
+        """The KV cache's resident bytes now (an in-process engine's); None where there is none."""
+        return getattr(self.backend, "kv_cache_bytes", None)
+
+    def current_memory_bytes(self) -> int | None:
+        """What it holds now beyond the shared pool: its own weights (measured at build) plus the KV cache."""
+        if self.memory_bytes is None:
+            return None
+        return self.memory_bytes + (self.kv_cache_bytes() or 0)
+
 
 @dataclass(eq=False)
 class Lease:

@@ -113,10 +113,12 @@ async def _sse(
         async with aclosing(events):
             async for event in events:
                 yield event if isinstance(event, str) else event.model_dump_json()
-    except Exception:
+    except Exception as e:
         log.exception("stream failed")  # the 200 status is already sent; tell the client in-band
         failed()
         error = {"message": "internal server error", "type": "server_error", "param": None, "code": None}
+        if isinstance(e, APIError):
+            error = {"message": e.message, "type": e.type, "param": e.param, "code": e.code}
         yield json.dumps({"error": error})
     finally:
         done()

@@ -57,6 +57,10 @@ class LocalBackend:
     def max_waiting(self) -> int:
         return self.engine.config.max_waiting
 
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        return self.engine.cache.resident_bytes()
+
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind}
 

@@ -1,0 +1,76 @@
+"""Quality against the number of experts: a composition and its `mergeserve shrink` versions.
+
+Reads the merge-quality results (benchmarks/results/merge_quality/results.json, where the
+eval harness scored the full composition and its shrunk specs on the same held-out data)
+and writes a table and a plot: each domain's loss, the share of the full composition's gain
+over the base each keeps, and math accuracy.
+
+    python benchmarks/shrink_quality.py [--results FILE] [--rows btx btx-2 btx-1] [--out benchmarks/results/shrink]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def table(results: dict, names: list[str]) -> tuple[list[str], list[dict]]:
+    rows = {r["name"]: r for r in results["rows"]}
+    base, full = rows["base"], rows[names[0]]
+    domains = results["domains"]
+    points = []
+    for name in names:
+        row = rows[name]
+        losses = {d: row["domains"][d]["loss"] for d in domains}
+        gain = sum(base["domains"][d]["loss"] - losses[d] for d in domains)
+        full_gain = sum(base["domains"][d]["loss"] - full["domains"][d]["loss"] for d in domains)
+        points.append({"name": name, "experts": len(row["experts"]), "losses": losses, "kept": gain / full_gain,
+                       "math_accuracy": row["math"]["accuracy"]})
+    lines = [f"| composition | experts | {' | '.join(f'{d} loss' for d in domains)} | gain over the base kept | math acc |",
+             "|---|---|" + "---|" * len(domains) + "---|---|"]
+    for p in points:
+        lines.append(f"| {p['name']} | {p['experts']} | " + " | ".join(f"{p['losses'][d]:.3f}" for d in domains)
+                     + f" | {p['kept']:.1%} | {p['math_accuracy']:.0%} |")
+    return lines, points
+
+
+def plot(points: list[dict], domains: list[str], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    experts = [p["experts"] for p in points]
+    for d in domains:
+        ax.plot(experts, [p["losses"][d] for p in points], marker="o", label=f"{d} loss")
+    ax.set_xlabel("experts")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_xticks(sorted(set(experts)))
+    ax.invert_xaxis()
+    ax.legend()
+    ax.set_title("Quality against the number of experts (mergeserve shrink)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=RESULTS / "merge_quality" / "results.json")
+    p.add_argument("--rows", nargs="+", default=["btx", "btx-2", "btx-1"], help="the full composition first, then its shrunk versions")
+    p.add_argument("--out", type=Path, default=RESULTS / "shrink")
+    args = p.parse_args()
+    results = json.loads(args.results.read_text())
+    lines, points = table(results, args.rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(points, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(points, results["domains"], args.out.with_suffix(".png"))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
