@@ -274,6 +274,9 @@ class EngineConfig(_Strict):
     max_tokens_limit: int | None = Field(None, ge=1)  # None: only max_model_len bounds max_tokens
     max_prompt_tokens: int | None = Field(None, ge=1)  # None: only max_model_len bounds prompts
     max_waiting: int = Field(64, ge=1)
+    # Bytes the KV cache may hold (K and V, fp32, every layer): fewer sequences run at once where
+    # max_num_seqs x max_model_len would need more; the others wait (or get 429 past max_waiting).
+    kv_cache_budget_bytes: int | None = Field(None, ge=1)
     # Compute threads of the engines. None: the cores this process may use (its affinity and
     # cgroup CPU limit). Measured on 2 cores, one streaming client: 28.8 tok/s with 2 threads,
     # 21.5 with 1 (the HTTP loop costs ~1 ms a token; see server/builder.py for the OpenMP trap
@@ -321,6 +324,10 @@ class ServeConfig(_Strict):
     # (relative to the config file); none: admin changes last until the process exits.
     state_dir: str | None = None
     max_compositions: int = Field(16, ge=1, le=256)
+    # Replaced revisions of one composition that may still be draining; past it a PUT is 409.
+    max_draining: int = Field(2, ge=1)
+    # Resident bytes of the server at or past which the admin API refuses new builds (507); unset: none.
+    memory_budget_bytes: int | None = Field(None, ge=1)
     max_source_file_bytes: int | None = Field(None, ge=1)  # refuse checkpoints holding a larger file
     # Weights of compositions whose spec sets no dtype: float32, bfloat16, or auto (see CompositionSpec.dtype).
     dtype: Literal["auto", "float32", "bfloat16"] = "float32"

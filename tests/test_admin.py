@@ -265,3 +265,34 @@ def test_memory_bytes_is_measured_now_with_the_kv_cache(server: Server) -> None:
     per_position = 2 * engine.model.args.n_layers * engine.model.args.n_kv_heads * engine.model.args.head_dim * 4  # K and V, fp32
     assert after["kv_cache_bytes"] >= before["kv_cache_bytes"] + 200 * per_position
     assert after["memory_bytes"] - before["memory_bytes"] == after["kv_cache_bytes"] - before["kv_cache_bytes"]
+
+
+def test_replacements_stop_at_max_draining_and_builds_at_the_memory_budget(zoo: dict[str, Path]) -> None:
+    """A revision with a request in flight stays draining after its replacement: past
+    max_draining the next PUT is 409 with Retry-After; past the memory budget (the process's
+    resident size, measured at the PUT) a PUT is 507. What serves keeps serving either way."""
+    from mergeserve.server.admin_routes import AdminLimits, resident_bytes
+
+    registry, executor = Registry(), Executor()
+    builder = Builder(registry, ExpertPool(), executor, EngineConfig(max_num_seqs=4, max_model_len=256))
+    app = create_app(registry, executor, Auth(admin_key="admin-key"), builder, limits=AdminLimits(max_draining=1))
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        server = Server(http, openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0), registry, builder.pool, zoo)
+        server.put_and_wait("moe", server.moe())
+        held = registry.acquire("moe")  # a request in flight on revision 1
+        server.put_and_wait("moe", server.moe(("code", "math")))  # revision 1 drains
+        refused = server.put("moe", server.moe(("german", "math")))
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "too_many_draining"
+        assert "Retry-After" in refused.headers
+        held.release()  # drained: the next replacement is accepted
+        wait_until(lambda: not [r for r in registry.revisions() if r.retired], what="revision 1 to be freed")
+        assert server.put_and_wait("moe", server.moe(("german", "math")))["serving_revision"] == 3
+
+        assert server.client.completions.create(model="moe", prompt="hi", max_tokens=2).choices[0].finish_reason
+
+    budget = AdminLimits(memory_budget_bytes=resident_bytes() // 2)  # this process is past it already
+    app = create_app(registry, executor, Auth(admin_key="admin-key"), builder, limits=budget)
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        over = http.put("/admin/compositions/other", json=server.moe(), headers=ADMIN)
+        assert over.status_code == 507 and over.json()["error"]["code"] == "memory_budget"
+        assert "memory budget" in over.json()["error"]["message"]

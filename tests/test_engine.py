@@ -234,3 +234,25 @@ def test_a_step_that_raises_fails_only_its_own_requests(zoo):
     assert failed == ["p"] and "p" not in tokens and engine.failed_steps == 1
     assert not engine.scheduler.running and len(engine.scheduler.free_slots) == engine.config.max_num_seqs
     assert engine.generate([[5, 6, 8]], params) == [tokens["a"]]  # a finished whole, and the engine still serves
+
+
+def test_the_kv_cache_budget_bounds_the_sequences_that_run_at_once(zoo):
+    """A budget for two whole sequences: a burst of four long requests runs two at a time, the
+    cache is sized for two, and everything finishes."""
+    spec = dense_spec(zoo["base"])
+    probe = engine_for(spec, max_model_len=64)
+    per_sequence = probe.cache.k[:, 0].numel() * 4 * 2  # K and V of one slot, fp32
+    engine = engine_for(spec, max_model_len=64, max_num_seqs=8, kv_cache_budget_bytes=2 * per_sequence + 100)
+    assert engine.slots == 2 and engine.cache.k.shape[1] == 2 + 1  # plus the scratch slot
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    for i in range(4):
+        engine.add_request(str(i), [5, 6, 7, 8], params)
+    most, done = 0, set()
+    while engine.has_work():
+        for out in engine.step():
+            if out.finished:
+                done.add(out.request_id)
+        most = max(most, engine.num_running)
+    assert most == 2 and done == {"0", "1", "2", "3"}
+    with pytest.raises(ValueError, match="holds no sequence"):
+        engine_for(spec, max_model_len=64, kv_cache_budget_bytes=per_sequence // 2)

@@ -85,7 +85,7 @@ def test_sigterm_turns_ready_off_first_and_lets_streams_finish(zoo: dict[str, Pa
             assert chunks[-2][1].choices[0].finish_reason == "length"
             assert chunks[-1][1].usage.completion_tokens == 480
         assert max(chunks[-1][0] for chunks in streams) - signalled > 0.5  # they ran on after the listener closed
-        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+        assert proc.wait(timeout=30) == 0  # a drained SIGTERM is a clean exit
         assert _status(http, "/health") is None  # the listener is closed
 
 

@@ -6,6 +6,7 @@ from any thread and take effect at the start of the next step.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import threading
@@ -24,6 +25,23 @@ from mergeserve.engine.sequence import RequestOutput, SamplingParams, Sequence, 
 from mergeserve.engine.sequence_router import SequenceRouter
 from mergeserve.kernels.packed import WeightPacker
 from mergeserve.spec import EngineConfig
+
+log = logging.getLogger(__name__)
+
+
+def kv_slots(config: EngineConfig, bytes_per_position: int, max_len: int) -> int:
+    """Sequences that run at once: max_num_seqs, fewer where the KV cache budget holds fewer
+    whole sequences (a request waits for a slot, or is refused past max_waiting: the cache
+    never grows past the budget). bytes_per_position: K and V of one position, every layer."""
+    if config.kv_cache_budget_bytes is None:
+        return config.max_num_seqs
+    fits = config.kv_cache_budget_bytes // (bytes_per_position * max_len)
+    if fits < 1:
+        raise ValueError(f"engine.kv_cache_budget_bytes={config.kv_cache_budget_bytes} holds no sequence of "
+                         f"max_model_len={max_len} ({bytes_per_position * max_len} bytes); raise it or lower max_model_len")
+    if fits < config.max_num_seqs:
+        log.info("KV cache budget of %d bytes: %d sequences at once instead of max_num_seqs=%d", config.kv_cache_budget_bytes, fits, config.max_num_seqs)
+    return min(fits, config.max_num_seqs)
 
 
 class StepFailed(RuntimeError):
@@ -46,8 +64,9 @@ class Engine:
         self.max_model_len = min(config.max_model_len, composed.config.max_position_embeddings)
         self.model = Transformer(composed, self.max_model_len, packer or WeightPacker())
         args = self.model.args
-        self.cache = KVCache(self.model.cache_layers, config.max_num_seqs, args.n_kv_heads, args.head_dim, self.max_model_len)
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_prefill_tokens)
+        self.slots = kv_slots(config, self.model.cache_layers * args.n_kv_heads * args.head_dim * 2 * 4, self.max_model_len)
+        self.cache = KVCache(self.model.cache_layers, self.slots, args.n_kv_heads, args.head_dim, self.max_model_len)
+        self.scheduler = Scheduler(self.slots, config.max_prefill_tokens)
         self.eos_ids = _eos_ids(composed)
         self._inbox: deque[tuple[str, object]] = deque()  # ("add", Sequence) | ("abort", request_id)
         self._lock = threading.Lock()

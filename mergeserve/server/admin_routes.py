@@ -7,6 +7,7 @@ new revision replaces the live one only when ready. A failed build leaves the li
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,28 @@ from mergeserve.server.aliases import Alias
 from mergeserve.server.auth import require_admin
 from mergeserve.server.builder import Builder
 from mergeserve.server.errors import APIError, bad_request, responses
-from mergeserve.server.registry import Registry, Revision
+from mergeserve.server.registry import RETRY_AFTER_S, Registry, Revision
 from mergeserve.server.state import dump_spec
 from mergeserve.spec import NAME_PATTERN, SpecError, parse_composition
 
 
+@dataclass(frozen=True)
+class AdminLimits:
+    """What the admin API refuses a PUT over, rather than letting memory grow without bound."""
+
+    max_compositions: int = 16
+    # Revisions of one composition still draining (replaced, with requests in flight): past
+    # this a replacement is refused with 409 and Retry-After until one has drained.
+    max_draining: int = 2
+    # Resident bytes of this process (measured when the PUT arrives) at or past which a new
+    # build is refused with 507; None: no budget.
+    memory_budget_bytes: int | None = None
+
+
 class AdminRoutes:
-    def __init__(self, registry: Registry, builder: Builder, relative_to: Path, max_compositions: int = 16) -> None:
+    def __init__(self, registry: Registry, builder: Builder, relative_to: Path, limits: AdminLimits = AdminLimits()) -> None:
         self.registry, self.builder, self.relative_to = registry, builder, relative_to
-        self.max_compositions = max_compositions
+        self.limits = limits
         r = self.router = APIRouter(
             prefix="/admin", dependencies=[Depends(require_admin)], tags=["admin"], responses=responses(401, 403),
         )
@@ -34,7 +48,7 @@ class AdminRoutes:
         r.add_api_route("/compositions/{name}", self.get_composition, methods=["GET"], responses=responses(404))
         r.add_api_route(
             "/compositions/{name}", self.put_composition, methods=["PUT"], status_code=202,
-            responses=responses(409, 413),
+            responses=responses(409, 413, 507),
         )
         r.add_api_route(
             "/compositions/{name}", self.delete_composition, methods=["DELETE"], responses=responses(404, 409),
@@ -54,8 +68,7 @@ class AdminRoutes:
         _check_name(name)  # the body's size is bounded by server/body_limit.py, before it is parsed
         if spec.setdefault("name", name) != name:
             raise bad_request(f"the spec's name {spec['name']!r} differs from the URL's {name!r}", param="name")
-        if name not in self.registry.all_names() and len(self.registry.all_names()) >= self.max_compositions:
-            raise APIError(409, f"this server holds at most {self.max_compositions} compositions", code="limit")
+        self._check_room(name)
         try:
             parsed = parse_composition(spec, self.relative_to, origin=f"composition {name!r}")
             revision, _ = self.builder.submit(parsed)
@@ -66,6 +79,20 @@ class AdminRoutes:
         url = f"/admin/compositions/{name}"
         body = {"name": name, "revision": revision.number, "state": revision.state, "status_url": url}
         return JSONResponse(body, status_code=202, headers={"Location": url})
+
+    def _check_room(self, name: str) -> None:
+        limits = self.limits
+        if name not in self.registry.all_names() and len(self.registry.all_names()) >= limits.max_compositions:
+            raise APIError(409, f"this server holds at most {limits.max_compositions} compositions", code="limit")
+        draining = [r.number for r in self.registry.revisions() if r.name == name and r.retired and r.backend]
+        if len(draining) >= limits.max_draining:
+            raise APIError(409, f"{len(draining)} replaced revisions of {name!r} are still draining (revisions {draining}; "
+                           f"the limit is {limits.max_draining}); retry once they finish their requests",
+                           code="too_many_draining", headers={"Retry-After": RETRY_AFTER_S})
+        if limits.memory_budget_bytes is not None and (rss := resident_bytes()) >= limits.memory_budget_bytes:
+            raise APIError(507, f"this process holds {rss} bytes, at or past its memory budget of "
+                           f"{limits.memory_budget_bytes} bytes; delete a composition or wait for replaced ones to drain",
+                           type="server_error", code="memory_budget")
 
     async def delete_composition(self, name: str) -> dict[str, Any]:
         self.registry.remove(name)

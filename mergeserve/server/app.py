@@ -15,7 +15,7 @@ from mergeserve import __version__
 from mergeserve.engine.executor import Executor
 from mergeserve.experts import ExpertPool
 from mergeserve.server import errors
-from mergeserve.server.admin_routes import AdminRoutes
+from mergeserve.server.admin_routes import AdminLimits, AdminRoutes
 from mergeserve.server.auth import APIKeyMiddleware, Auth
 from mergeserve.server.body_limit import BodyLimitMiddleware
 from mergeserve.server.builder import Builder
@@ -26,7 +26,7 @@ from mergeserve.server.registry import Registry
 
 def create_app(
     registry: Registry, executor: Executor, auth: Auth = Auth(), builder: Builder | None = None,
-    relative_to: Path = Path("."), max_compositions: int = 16,
+    relative_to: Path = Path("."), limits: AdminLimits = AdminLimits(),
 ) -> FastAPI:
     """`builder` builds what the admin API asks for (default: a fresh, unconfined pool);
     `relative_to`: the folder relative sources in admin specs are resolved against."""
@@ -50,7 +50,7 @@ def create_app(
     app.add_middleware(APIKeyMiddleware, auth=auth)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)  # added last: outermost, so it counts 401s too
     app.include_router(OpenAIRoutes(registry, metrics).router)
-    app.include_router(AdminRoutes(registry, builder, relative_to.resolve(), max_compositions).router)
+    app.include_router(AdminRoutes(registry, builder, relative_to.resolve(), limits).router)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -22,6 +22,7 @@ DESCRIPTIONS = {
     429: "Too many requests waiting; retry after the Retry-After header's seconds",
     500: "Internal server error",
     503: "Not ready yet; retry after the Retry-After header's seconds",
+    507: "The server is at its memory budget: nothing new is built until memory is freed",
 }
 
 

@@ -9,6 +9,7 @@ config file (a mounted ConfigMap) to the running server (server/watch.py).
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -21,6 +22,7 @@ from sse_starlette.sse import AppStatus
 from mergeserve.engine.executor import Executor
 from mergeserve.experts import ExpertPool
 from mergeserve.kernels.capability import resolve_dtype, usable_cpus
+from mergeserve.server.admin_routes import AdminLimits
 from mergeserve.server.app import create_app
 from mergeserve.server.auth import Auth
 from mergeserve.server.builder import Builder
@@ -57,7 +59,8 @@ def serve(config: ServeConfig, relative_to: Path = Path("."), watch: Path | None
     registry, builder, executor = start(config)
     auth = Auth.from_config(config)
     roots = config.source_roots
-    app = create_app(registry, executor, auth, builder, Path(roots[0]) if roots else relative_to, config.max_compositions)
+    limits = AdminLimits(config.max_compositions, config.max_draining, config.memory_budget_bytes)
+    app = create_app(registry, executor, auth, builder, Path(roots[0]) if roots else relative_to, limits)
     log.info("serving on http://%s:%d; building %s", config.host, config.port, ", ".join(registry.all_names()) or "nothing")
     log.info("API keys: %s", f"{len(auth.api_keys)} configured" if auth.api_keys else "none, /v1 is open")
     log.info("admin API: %s", "enabled" if auth.admin_key else "disabled (no admin key)")
@@ -70,6 +73,9 @@ def serve(config: ServeConfig, relative_to: Path = Path("."), watch: Path | None
     AppStatus.disable_automatic_graceful_drain()
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
                         timeout_graceful_shutdown=config.grace_period_s)
+    # uvicorn re-raises the signal it handled once it has shut down; a drained SIGTERM is a
+    # clean exit (status 0), which is what an orchestrator expects of a graceful stop.
+    signal.signal(signal.SIGTERM, lambda *_: log.info("drained; exiting"))
     DrainingServer(uv, app, config.drain_delay_s).run()
 
 
