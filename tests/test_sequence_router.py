@@ -177,3 +177,26 @@ def test_export_refuses_a_sequence_routed_composition(zoo, experts, tmp_path):
     composed = compose(zoo, experts, kind="task_vector")
     with pytest.raises(ValueError, match="routes once per request"):
         export_composition(composed, tmp_path / "out")
+
+
+def test_task_vector_routing_holds_no_dense_task_vector(zoo, experts):
+    """Built once per engine: every dense task vector is the pool's two tensors, never their difference."""
+    composed = compose(zoo, experts, kind="task_vector")
+    router = SequenceRouter(composed)
+    pool_ptrs = {t.data_ptr() for c in (composed.sequence_routing.base, *composed.sequence_routing.experts) for t in c.held()}
+    for taus in router.task_vector.taus.values():
+        for t in taus:
+            assert t is None or (t.w.data_ptr() in pool_ptrs and t.w0.data_ptr() in pool_ptrs)
+
+
+def test_a_step_routes_prompts_of_at_most_max_prefill_tokens(zoo, experts):
+    """Scoring runs every expert over a prompt: long prompts are routed a few per step, not all in one."""
+    composed = compose(zoo, experts, kind="perplexity")
+    engine = Engine(composed, EngineConfig(max_num_seqs=4, max_prefill_tokens=40, max_model_len=128))
+    for i in range(3):
+        engine.add_request(str(i), list(range(5, 35)), SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    routed = []
+    while engine.has_work():
+        engine.step()
+        routed.append(int(engine.expert_requests.sum()) // composed.top_k)
+    assert routed[:3] == [1, 2, 3]  # 30-token prompts, a 40-token budget: one a step

@@ -153,6 +153,7 @@ class Engine:
     def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
         if self.sequence_router is not None:
             self._route_admitted()
+            batch.prefill = [(seq, n) for seq, n in batch.prefill if seq.alpha is not None]  # the rest wait their turn
         outputs: list[RequestOutput] = []
         rows: list[torch.Tensor] = []  # last-position hidden state of each sequence that samples now
         ready: list[Sequence] = []
@@ -215,8 +216,15 @@ class Engine:
             seq.prompt_logprobs += [self._logprob(t, lp, top) for t, lp in zip(targets, logprobs)]
 
     def _route_admitted(self) -> None:
-        """Sequence routing: every newly admitted request's prompt, routed in one batch before its first chunk."""
-        new = [seq for seq in self.scheduler.running if seq.alpha is None]
+        """Sequence routing: newly admitted requests' prompts, routed in one batch before their first
+        chunk. Scoring a prompt runs every expert over it, so a step routes prompts of at most
+        max_prefill_tokens tokens in all (at least one prompt), as prefill is bounded: a burst of
+        long prompts cannot stall every engine on the executor thread for one huge step."""
+        new, tokens = [], 0
+        for seq in self.scheduler.running:
+            if seq.alpha is None and (not new or tokens + len(seq.prompt_ids) <= self.config.max_prefill_tokens):
+                new.append(seq)
+                tokens += len(seq.prompt_ids)
         if not new:
             return
         bias = self._bias_rows(new)  # [N, E] or None

@@ -23,6 +23,8 @@ and, once T^2 exceeds the weight's size, g_b itself [Dout, Din] is the smaller o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -38,48 +40,61 @@ def routed_keys(num_layers: int) -> list[str]:
     return [f"model.layers.{n}.{p}.weight" for n in range(num_layers) for p in PROJECTIONS]
 
 
+@dataclass(frozen=True)
+class LowRankTau:
+    """tau = b @ a: a LoRA expert's factors (scale folded into b)."""
+
+    b: torch.Tensor  # [Dout, r]
+    a: torch.Tensor  # [r, Din]
+
+
+@dataclass(frozen=True)
+class DenseTau:
+    """tau = w - w0, never formed: every use is a difference of two uses of the pool's own tensors."""
+
+    w: torch.Tensor  # the expert's [Dout, Din]
+    w0: torch.Tensor  # the base's
+
+
+Tau = LowRankTau | DenseTau
+
+
 def tau(expert: Checkpoint, base: Checkpoint, key: str) -> Tau | None:
-    """tau = W_expert - W_base for one weight: a LoRA expert's factors (scale B, A), else the
-    dense difference; None where the expert shares the base's tensor."""
+    """tau = W_expert - W_base for one weight; None where the expert shares the base's tensor."""
     if key in expert.factored:
         w = expert.factored[key]
-        return w.scaled_b(torch.float32), w.a.float()
+        return LowRankTau(w.scaled_b(torch.float32), w.a.float())
     w, w0 = expert.tensors[key], base.tensors[key]
-    return None if w.data_ptr() == w0.data_ptr() else w - w0
-
-
-# A task vector: a dense [Dout, Din] tensor, or low-rank factors (b [Dout, r], a [r, Din]) meaning b @ a.
-Tau = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+    return None if w.data_ptr() == w0.data_ptr() else DenseTau(w, w0)
 
 
 def tau_sq_norm(t: Tau) -> torch.Tensor:
-    if isinstance(t, tuple):
-        b, a = (x.double() for x in t)
+    if isinstance(t, LowRankTau):
+        b, a = t.b.double(), t.a.double()
         return ((b.T @ b) * (a @ a.T)).sum()  # |b a|_F^2 = tr(a^T b^T b a)
-    return t.double().pow(2).sum()
+    return (t.w.double() - t.w0.double()).pow(2).sum()  # once, at build
 
 
 def tau_apply(x: torch.Tensor, t: Tau) -> torch.Tensor:
     """x tau^T, [..., Dout]."""
-    if isinstance(t, tuple):
-        return F.linear(F.linear(x, t[1]), t[0])
-    return F.linear(x, t)
+    if isinstance(t, LowRankTau):
+        return F.linear(F.linear(x, t.a), t.b)
+    return F.linear(x, t.w) - F.linear(x, t.w0)
 
 
 def tau_inner(g: torch.Tensor, t: Tau) -> torch.Tensor:
     """<g_b, tau> for g [B, Dout, Din], [B]."""
-    if isinstance(t, tuple):
-        return ((g @ t[1].T) * t[0]).sum((1, 2))  # <g, b a> = <g a^T, b>
-    return (g * t).sum((1, 2))
+    if isinstance(t, LowRankTau):
+        return ((g @ t.a.T) * t.b).sum((1, 2))  # <g, b a> = <g a^T, b>
+    return (g * t.w).sum((1, 2)) - (g * t.w0).sum((1, 2))
 
 
-def tau_norms(base: Checkpoint, experts: list[Checkpoint]) -> torch.Tensor:
+def tau_norms(taus: dict[str, list[Tau | None]], num_experts: int) -> torch.Tensor:
     """|tau_i| over all routed weights, [E]."""
-    keys = routed_keys(base.config.num_hidden_layers)
-    sq = torch.zeros(len(experts), dtype=torch.float64)
-    for i, e in enumerate(experts):
-        for key in keys:
-            if (t := tau(e, base, key)) is not None:
+    sq = torch.zeros(num_experts, dtype=torch.float64)
+    for per_expert in taus.values():
+        for i, t in enumerate(per_expert):
+            if t is not None:
                 sq[i] += tau_sq_norm(t)
     return sq.sqrt().float()
 
@@ -103,7 +118,9 @@ class TaskVectorScorer:
     def __init__(self, base: Checkpoint, experts: list[Checkpoint]) -> None:
         self.base, self.experts = base, experts
         self.model = hf_module(base).eval().requires_grad_(False)
-        self.tau_norms = tau_norms(base, experts)  # [E]
+        # Built once: factors cast to fp32, dense deltas as views of the pool's tensors.
+        self.taus = {key: [tau(e, base, key) for e in experts] for key in routed_keys(base.config.num_hidden_layers)}
+        self.tau_norms = tau_norms(self.taus, len(experts))  # [E]
 
     def scores(self, prompts: list[list[int]]) -> torch.Tensor:
         """[B, E]."""
@@ -112,7 +129,7 @@ class TaskVectorScorer:
             sq = torch.zeros(len(prompts))  # |g_b|^2
 
             def accumulate(key: str, x: torch.Tensor, delta: torch.Tensor) -> None:
-                d, s = linear_grad_stats(x, delta, [tau(e, self.base, key) for e in self.experts])
+                d, s = linear_grad_stats(x, delta, self.taus[key])
                 dots.add_(d)
                 sq.add_(s)
 
