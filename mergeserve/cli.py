@@ -84,12 +84,12 @@ def _tune_merge(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     try:
         cfg = TuneConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                         objective=args.objective, reg=args.reg, seed=args.seed)
+                         objective=args.objective, granularity=args.granularity, reg=args.reg, seed=args.seed)
         result = tune_merge(args.spec, _expert_data(args.data), args.out, cfg)
     except (ValueError, OSError) as e:  # bad settings, spec, source or data
         return _bad_input(args, e)
     print(f"loss {result.loss[0]:.4f} -> {result.loss[-1]:.4f}; coefficients per expert, mean over layers: "
-          f"{[round(x, 3) for x in result.coefficients.mean(0).tolist()]}")
+          f"{[round(x, 3) for x in result.coefficients.flatten(0, -2).mean(0).tolist()]}")
     print(f"wrote {args.out}")
     return 0
 
@@ -225,6 +225,8 @@ def parser() -> argparse.ArgumentParser:
     tm.add_argument("--out", required=True, type=Path, help="coefficients file to write (.safetensors); a spec names it as merge.coefficients")
     tm.add_argument("--objective", choices=["expert_merging", "entropy"], default=t.objective,
                     help="match each expert's states and logits on its text (Expert Merging), or minimise entropy (AdaMerging) (default: %(default)s)")
+    tm.add_argument("--granularity", choices=["layer", "module"], default=t.granularity,
+                    help="a coefficient per expert per layer, or per layer for attention and FFN apart (default: %(default)s)")
     tm.add_argument("--steps", type=_positive, default=t.steps, help="optimizer steps (default: %(default)s)")
     tm.add_argument("--batch-size", type=_positive, default=t.batch_size, help="sequences of each expert's text per step (default: %(default)s)")
     tm.add_argument("--seq-len", type=_positive, default=t.seq_len, help="tokens per sequence (default: %(default)s)")

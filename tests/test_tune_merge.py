@@ -27,15 +27,16 @@ def spec_dict(base: Path, experts: dict[str, Path], **merge) -> dict:
             "experts": [{"name": n, "source": str(p)} for n, p in experts.items()]}
 
 
-def test_two_copies_of_one_expert_learn_coefficients_that_sum_to_one(zoo, adapters):
+@pytest.mark.parametrize("shape", [(2,), (2, 2)], ids=["per-layer", "per-module"])
+def test_two_copies_of_one_expert_learn_coefficients_that_sum_to_one(zoo, adapters, shape):
     """The known best mix: with tau_a = tau_b, the merge is base + (c_a + c_b) tau, and matching
-    either expert on its text needs c_a + c_b = 1 in every layer. Training starts at 0.3 + 0.3."""
+    either expert on its text needs c_a + c_b = 1 in every layer (and module). Training starts at 0.3 + 0.3."""
     spec = parse_composition(spec_dict(zoo["base"], {"a": adapters["math"], "b": adapters["math"]}, **{"lambda": 0.3}))
     composed = build(merging_spec(spec), ExpertPool())
     tokens = pack(CORPUS, composed.tokenizer, FAST.steps * FAST.batch_size, FAST.seq_len, seed=0)
-    init = torch.full((len(composed.layers), 2), 0.3)
+    init = torch.full((len(composed.layers), *shape), 0.3)
     result = train_coefficients(composed, [tokens, tokens], init, FAST, progress=False)
-    torch.testing.assert_close(result.coefficients.sum(1), torch.ones(len(composed.layers)), atol=0.05, rtol=0)
+    torch.testing.assert_close(result.coefficients.sum(-1), torch.ones(len(composed.layers), *shape[:-1]), atol=0.05, rtol=0)
     assert result.loss[-1] < result.loss[0] / 10
 
 
@@ -52,6 +53,20 @@ def test_a_spec_with_coefficients_merges_each_layer_with_its_row(zoo, adapters, 
         taus = [pool.get_expert(str(p), str(zoo["base"])).tensors[key] - base.tensors[key] for p in experts.values()]
         expected = base.tensors[key] + table[n, 0] * taus[0] + table[n, 1] * taus[1]
         torch.testing.assert_close(merged.layers[n].attn.q_proj, expected, atol=1e-5, rtol=0)
+
+
+def test_module_coefficients_merge_attention_and_ffn_with_their_own_rows(zoo, adapters, tmp_path):
+    experts = {"math": adapters["math"], "code": adapters["code"]}
+    table = torch.tensor([[[0.2, 0.9], [0.5, 0.5]], [[0.7, -0.1], [1.0, 0.0]]])  # [L, 2, E]
+    coefficients.save(tmp_path / "c.safetensors", table, list(experts), {})
+    merged = build(parse_composition(spec_dict(zoo["base"], experts, coefficients=str(tmp_path / "c.safetensors"))), ExpertPool())
+    pool = ExpertPool()
+    base = pool.get(str(zoo["base"]))
+    for key, module, got in (("model.layers.1.self_attn.q_proj.weight", 0, merged.layers[1].attn.q_proj),
+                             ("model.layers.1.mlp.up_proj.weight", 1, merged.layers[1].experts[0].up_proj)):
+        taus = [pool.get_expert(str(p), str(zoo["base"])).tensors[key] - base.tensors[key] for p in experts.values()]
+        expected = base.tensors[key] + table[1, module, 0] * taus[0] + table[1, module, 1] * taus[1]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_a_coefficients_file_for_other_experts_or_methods_is_refused(zoo, adapters, tmp_path):

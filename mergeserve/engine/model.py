@@ -139,8 +139,8 @@ class Transformer(torch.nn.Module):
                             for layer in composed.layers]
         self.lm_head = packed(composed.lm_head, pack)
         self.norm = composed.norm.float()
-        # [L, E]: every token merged with these per-layer expert weights instead of its request's alpha
-        # (a dynamic composition only: what `mergeserve tune-merge` trains).
+        # [L, E], or [L, 2, E] for attention and FFN apart: every token merged with these expert weights
+        # instead of its request's alpha (a dynamic composition only: what `mergeserve tune-merge` trains).
         self.merge_coefficients: torch.Tensor | None = None
 
     def held(self) -> list[torch.Tensor]:
@@ -187,15 +187,17 @@ class Transformer(torch.nn.Module):
             if self.separate:
                 x = separate_layer(self, i, self.expert_runs[i], x, cos, sin, mask, batch, cache)
                 continue
-            if merged is not None:  # one merge for every token, layer by layer
-                gate = merged[i].expand(batch.tokens.numel(), -1)
+            ffn_gate = gate
+            if merged is not None:  # one merge for every token, layer by layer ([L, E]) or module by module ([L, 2, E])
+                rows = merged[i] if merged.dim() == 3 else merged[i].expand(2, -1)  # [2, E]: attention, FFN
+                gate, ffn_gate = (r.expand(batch.tokens.numel(), -1) for r in rows)
             normed = rms_norm(x, run.input_norm, self.args.eps)
             x = x + self.attend(i, run, normed, cos, sin, mask, batch, cache, capture and capture.attention, gate)
             normed = rms_norm(x, run.post_attn_norm, self.args.eps)
             if run.merged_ffn is not None:
                 if merged is None:
                     count_routing(self, i, batch)
-                x = x + run.merged_ffn(normed.reshape(-1, normed.shape[-1]), gate).view_as(x)
+                x = x + run.merged_ffn(normed.reshape(-1, normed.shape[-1]), ffn_gate).view_as(x)
             else:
                 x = x + self._ffn(i, run, normed, batch, capture and capture.ffn)
             if capture is not None and capture.layers is not None:

@@ -2,7 +2,8 @@
 
 `mergeserve tune-merge` writes them (merge/tune.py). A spec's `merge.coefficients` names the
 file; its task-vector merge then weights expert i's task vector in layer n by
-`coefficients[n, i]` instead of `lambda * weight`. Tensors outside the layers
+`coefficients[n, i]` (or `coefficients[n, m, i]`, m = 0 for attention and 1 for the FFN)
+instead of `lambda * weight`. Tensors outside the layers
 (embeddings, final norm, head) keep the spec's weights, and lambda.
 """
 
@@ -18,7 +19,7 @@ from safetensors.torch import save_file
 
 from mergeserve.experts import CheckpointError
 
-KEY = "coefficients"  # [L, E]
+KEY = "coefficients"  # [L, E], or [L, 2, E]: attention (q/k/v/o) and FFN (gate/up/down) apart
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -43,9 +44,10 @@ def load(path: str | Path, expert_names: list[str], num_layers: int) -> torch.Te
     theirs = json.loads(meta.get("expert_names", "null"))
     if not isinstance(theirs, list) or sorted(theirs) != sorted(expert_names):
         raise CheckpointError(f"{path}: coefficients for the experts {theirs}, the spec has {expert_names}")
-    if tuple(table.shape) != (num_layers, len(expert_names)):
-        raise CheckpointError(f"{path}: coefficients of shape {list(table.shape)}, the base needs [layers, experts] = {[num_layers, len(expert_names)]}")
-    return table[:, [theirs.index(n) for n in expert_names]].float()
+    if tuple(table.shape) not in ((num_layers, len(expert_names)), (num_layers, 2, len(expert_names))):
+        raise CheckpointError(f"{path}: coefficients of shape {list(table.shape)}, the base needs [layers, experts] = "
+                              f"{[num_layers, len(expert_names)]} or [layers, 2, experts]")
+    return table[..., [theirs.index(n) for n in expert_names]].float()
 
 
 def weights_for(key: str, table: torch.Tensor | None, default: list[float]) -> list[float]:
@@ -53,4 +55,5 @@ def weights_for(key: str, table: torch.Tensor | None, default: list[float]) -> l
     m = _LAYER.match(key)
     if table is None or m is None:
         return default
-    return table[int(m.group(1))].tolist()
+    row = table[int(m.group(1))]
+    return (row[0 if ".self_attn." in key else 1] if row.dim() == 2 else row).tolist()

@@ -39,6 +39,9 @@ class TuneConfig:
     seq_len: int = 256
     lr: float = 0.02  # Adam moves each coefficient by about this per step
     objective: Literal["expert_merging", "entropy"] = "expert_merging"
+    # layer: a coefficient per expert per layer; module: attention and FFN apart in every layer
+    # (Expert Merging++'s finer chunks, though for every layer rather than those that matter most).
+    granularity: Literal["layer", "module"] = "layer"
     hidden_weight: float = 1.0  # the states' term against the KL term
     reg: float = 0.01
     seed: int = 0
@@ -68,7 +71,9 @@ def tune_merge(
         raise ValueError(f"no calibration text for the experts {missing} (give --data NAME=PATH, or a folder with a subfolder per expert)")
     texts = {n: [read_texts(f) for f in data_files(data[n])] for n in names}  # bad data fails before the slow build
     composed = build(merging_spec(spec), ExpertPool())
-    init = torch.tensor([[spec.merge.lambda_ * e.weight for e in spec.experts]] * len(composed.layers))
+    init = torch.tensor([[spec.merge.lambda_ * e.weight for e in spec.experts]] * len(composed.layers))  # [L, E]
+    if cfg.granularity == "module":
+        init = init.unsqueeze(1).repeat(1, 2, 1)  # [L, 2, E]
     tokens = {n: pack_files(texts[n], composed.tokenizer, cfg.steps * cfg.batch_size, cfg.seq_len, cfg.seed) for n in names}
     result = train_coefficients(composed, [tokens[n] for n in names], init, cfg, progress)
     coefficients.save(out, result.coefficients, names, {
