@@ -101,6 +101,6 @@ def token_nll(hidden: torch.Tensor, lm_head: torch.Tensor, targets: torch.Tensor
     """-log p(target) of each token, [N], computing the [N, V] logits a chunk at a time."""
     out = []
     for start in range(0, hidden.shape[0], HEAD_CHUNK):
-        logits = F.linear(hidden[start:start + HEAD_CHUNK], lm_head).float()  # [chunk, V]
+        logits = F.linear(hidden[start:start + HEAD_CHUNK].to(lm_head.dtype), lm_head).float()  # [chunk, V]; bf16 weights take bf16 input
         out.append(F.cross_entropy(logits, targets[start:start + HEAD_CHUNK], reduction="none"))
     return torch.cat(out) if out else hidden.new_zeros(0)
