@@ -202,10 +202,11 @@ def test_a_step_routes_prompts_of_at_most_max_prefill_tokens(zoo, experts):
     assert routed[:3] == [1, 2, 3]  # 30-token prompts, a 40-token budget: one a step
 
 
-def test_perplexity_routing_runs_over_bf16_weights(zoo, experts):
-    """The scoring head takes its input in the weights' dtype (bf16 weights, an fp32 residual stream)."""
+@pytest.mark.parametrize("kind", ["perplexity", "task_vector"])
+def test_sequence_routing_runs_over_bf16_weights(zoo, experts, kind):
+    """Scoring takes its inputs in the weights' dtype (bf16 weights, an fp32 residual stream)."""
     spec = parse_composition({
-        "name": "seq", "base": str(zoo["base"]), "dtype": "bfloat16", "router": {"kind": "perplexity", "top_k": 2},
+        "name": "seq", "base": str(zoo["base"]), "dtype": "bfloat16", "router": {"kind": kind, "top_k": 2},
         "experts": [{"name": n, "source": str(p)} for n, p in experts.items()],
     })
     engine = Engine(build(spec, ExpertPool()), EngineConfig(max_model_len=128))

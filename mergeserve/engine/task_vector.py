@@ -79,7 +79,7 @@ def tau_apply(x: torch.Tensor, t: Tau) -> torch.Tensor:
     """x tau^T, [..., Dout]."""
     if isinstance(t, LowRankTau):
         return F.linear(F.linear(x, t.a), t.b)
-    return F.linear(x, t.w) - F.linear(x, t.w0)
+    return F.linear(x.to(t.w.dtype), t.w).float() - F.linear(x.to(t.w0.dtype), t.w0).float()
 
 
 def tau_inner(g: torch.Tensor, t: Tau) -> torch.Tensor:
@@ -101,6 +101,7 @@ def tau_norms(taus: dict[str, list[Tau | None]], num_experts: int) -> torch.Tens
 
 def linear_grad_stats(x: torch.Tensor, delta: torch.Tensor, taus: list[Tau | None]) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, T, Din], delta [B, T, Dout] -> <g_b, tau_i> [B, E] and |g_b|^2 [B] for one weight."""
+    x, delta = x.float(), delta.float()  # the statistics in fp32 whatever the weights
     b, t, _ = x.shape
     zero = x.new_zeros(b)
     if t * t <= delta.shape[2] * x.shape[2]:
