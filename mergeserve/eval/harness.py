@@ -43,7 +43,7 @@ class EvalSettings:
     max_tokens: int = 256  # tokens kept per example for the loss
     per_domain: int | None = 48  # loss examples per domain: the first N of each file (None: all)
     mixed_per_domain: int = 8
-    math_examples: int = 20  # the first N held-out math problems
+    math_examples: int = 50  # the first N held-out math problems
     max_new_tokens: int = 160
     seed: int = 0  # the mixed set's sample and order
     chunk: int = 32  # sequences per `Engine.score` call (the progress bar's step)
