@@ -365,7 +365,8 @@ def report(soak: Soak, exit_code: int, duration: float, clients: int) -> dict:
     ok = [r for r in valid if r.outcome == "ok"]
     rss = [s for s in soak.samples if "rss_mb" in s]
     warm = [s["rss_mb"] for s in rss if s["t"] >= 0.25 * duration]
-    swap_rss = [min((s["rss_mb"] for s in rss if s["t"] >= t), default=float("nan")) for t in soak.swaps]
+    ends = [*soak.swaps[1:], float("inf")]  # each cycle's RSS: the last sample before the next cycle starts
+    swap_rss = [next((s["rss_mb"] for s in reversed(rss) if start <= s["t"] < end), float("nan")) for start, end in zip(soak.swaps, ends)]
     checks = {
         "valid requests finished with a finish reason, or were disconnected by the client, or got 429/503 with Retry-After":
             all(r.outcome in ("ok", "disconnected") or (r.outcome in ("429", "503") and r.retry_after) for r in valid),
@@ -377,6 +378,7 @@ def report(soak: Soak, exit_code: int, duration: float, clients: int) -> dict:
         "admin calls answered as expected": all(r.outcome == "ok" for r in records if r.kind.startswith("admin:") and r.kind != "admin:failing_build"),
         "failing builds were accepted (and fail in the background)": all(r.outcome == "ok" for r in records if r.kind == "admin:failing_build"),
         "RSS flat after warm-up (max within 10 % of min)": bool(warm) and max(warm) <= 1.10 * min(warm),
+        "no RSS growth per swap cycle (last third of cycles within 5 % of the middle third)": no_growth(swap_rss),
         "SIGTERM: exit status 0": exit_code == 0,
     }
     return {
@@ -393,6 +395,15 @@ def report(soak: Soak, exit_code: int, duration: float, clients: int) -> dict:
         "samples": soak.samples, "swaps": soak.swaps,
         "latency_series": [(r.start, r.latency) for r in ok],
     }
+
+
+def no_growth(after_swaps: list[float]) -> bool:
+    """The RSS after the last third of the swap cycles against the middle third (the first is warm-up)."""
+    third = len(after_swaps) // 3
+    if third == 0:
+        return True  # too few cycles to tell
+    middle, last = after_swaps[third:2 * third], after_swaps[2 * third:]
+    return statistics.fmean(last) <= 1.05 * statistics.fmean(middle)
 
 
 def plot(result: dict, path: Path) -> None:
