@@ -399,6 +399,7 @@ def report(soak: Soak, exit_code: int, duration: float, clients: int) -> dict:
 
 def no_growth(after_swaps: list[float]) -> bool:
     """The RSS after the last third of the swap cycles against the middle third (the first is warm-up)."""
+    after_swaps = [v for v in after_swaps if v == v]  # a cycle without a sample (NaN) tells nothing
     third = len(after_swaps) // 3
     if third == 0:
         return True  # too few cycles to tell
