@@ -32,7 +32,8 @@ def table(results: dict, names: list[str]) -> tuple[list[str], list[dict]]:
         losses = {d: row["domains"][d]["loss"] for d in domains}
         gain = sum(base["domains"][d]["loss"] - losses[d] for d in domains)
         full_gain = sum(base["domains"][d]["loss"] - full["domains"][d]["loss"] for d in domains)
-        points.append({"name": name, "experts": len(row["experts"]), "losses": losses, "kept": gain / full_gain,
+        experts = len(row.get("experts") or [row["expert"]])  # a one-expert row names its expert alone
+        points.append({"name": name, "experts": experts, "losses": losses, "kept": gain / full_gain,
                        "math_accuracy": row["math"]["accuracy"]})
     lines = [f"| composition | experts | {' | '.join(f'{d} loss' for d in domains)} | gain over the base kept | math acc |",
              "|---|---|" + "---|" * len(domains) + "---|---|"]
