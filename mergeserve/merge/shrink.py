@@ -82,16 +82,15 @@ def routing_stats(composed: ComposedModel, tokens: torch.Tensor) -> RoutingStats
     """Usage and router-logit similarity of the experts on `tokens` [B, T] (one forward each row)."""
     model = Transformer(composed, max_len=tokens.shape[1])
     e = composed.num_experts
-    gram, norms = torch.zeros(e, e, dtype=torch.float64), torch.zeros(e, dtype=torch.float64)
+    gram = torch.zeros(e, e, dtype=torch.float64)  # sum over layers and tokens of logits_i * logits_j
     for row in tokens:
         captured = Capture(ffn=[])
         model(Batch(row.unsqueeze(0), torch.arange(row.numel()).unsqueeze(0), None), capture=captured)
         for x, layer in zip(captured.ffn, composed.layers):
             logits = router_logits(x, layer.router, composed.router_subspace).double()  # [T, E]
             gram += logits.T @ logits
-    norms = gram.diagonal().sqrt()
     usage = model.expert_load.sum(0).double()
-    return RoutingStats((usage / usage.sum()).float(), (gram / torch.outer(norms, norms)).float())
+    return RoutingStats((usage / usage.sum()).float(), cosines(gram))
 
 
 def metrics_usage(url: str, model: str, names: list[str]) -> torch.Tensor:
@@ -123,6 +122,11 @@ def task_vector_similarity(deltas: list[dict[str, LowRank]]) -> torch.Tensor:
                     dot = ((bi.T @ bj) * (wi.a.double() @ wj.a.double().T)).sum()
                     gram[i, j] += dot
                     gram[j, i] += dot if i != j else 0
+    return cosines(gram)
+
+
+def cosines(gram: torch.Tensor) -> torch.Tensor:
+    """The cosine matrix [E, E] of vectors given by their Gram matrix (a zero vector has cosine 0)."""
     norms = gram.diagonal().sqrt().clamp_min(1e-30)
     return (gram / torch.outer(norms, norms)).float()
 
@@ -155,8 +159,8 @@ def write_shrunk(
 ) -> Path:
     experts = []
     for group in groups:
-        total = float(usage[group].sum()) or 1.0
-        weights = [float(usage[i]) / total if float(usage[group].sum()) else 1 / len(group) for i in group]
+        total = float(usage[group].sum())
+        weights = [float(usage[i]) / total if total else 1 / len(group) for i in group]  # unused experts: equal parts
         name = "-".join(names[i] for i in group)
         save_factors(out / name, merged_deltas([deltas[i] for i in group], weights), spec.base)
         members = [spec.experts[i] for i in group]
