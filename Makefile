@@ -6,6 +6,8 @@
 # make test-deploy  the deploy/ tests with checkov and hadolint (installs them into .cache/deploy-venv)
 # make clean  remove the venv and caches
 # make zoo    rebuild the expert zoo's data splits and train its missing experts (resumable; ZOO_ARGS=--force retrains)
+# make zoo-full  build the zoo's two full fine-tunes (math, code) into build/zoo/full from their committed recipes
+# make zoo-hetero  and the heterogeneous zoo's other members: a depth-pruned german expert, a Qwen2 code expert
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -86,3 +88,17 @@ HANDBOOK := /usr/share/doc/debian-handbook/html/de-DE
 zoo: $(STAMP)
 	@test -d $(HANDBOOK) || [ "$$(id -u)" != 0 ] || (apt-get update && apt-get install -y debian-handbook)
 	$(PY) -m mergeserve.zoo all $(ZOO_ARGS)
+
+# ~25 minutes each on 2 cores; recipe.json under examples/zoo/full/<domain> lists the sha256 a rebuild must match.
+.PHONY: zoo-full
+zoo-full: $(STAMP)
+	$(PY) -m mergeserve.zoo data --domain math && $(PY) -m mergeserve.zoo data --domain code
+	$(PY) -m mergeserve.zoo train --full $(ZOO_ARGS)
+
+# ~12 and ~17 minutes on 2 cores; the math member is zoo-full's.
+.PHONY: zoo-hetero
+zoo-hetero: zoo-full
+	@test -d $(HANDBOOK) || [ "$$(id -u)" != 0 ] || (apt-get update && apt-get install -y debian-handbook)
+	$(PY) -m mergeserve.zoo data --domain german
+	$(PY) -m mergeserve.zoo train --full --domain german --keep-layers 20 --steps 200 $(ZOO_ARGS)
+	$(PY) -m mergeserve.zoo train --full --domain code --arch qwen2 --steps 200 $(ZOO_ARGS)

@@ -48,7 +48,7 @@ def _eval(args: argparse.Namespace) -> int:
     earlier = args.out / "results.json"
     reuse = json.loads(earlier.read_text()) if args.reuse and earlier.is_file() else None
     try:
-        results = evaluate(args.spec, args.data, settings, oracle=args.oracle, reuse=reuse)
+        results = evaluate(args.spec, args.data, settings, oracle=args.oracle, domains=tuple(args.domains or ()) or None, reuse=reuse)
     except (ValueError, OSError) as e:  # a bad spec or source (SpecError, CheckpointError), missing data
         return _bad_input(args, e)
     for path in write_all(args.out, results):
@@ -60,9 +60,12 @@ def _train_router(args: argparse.Namespace) -> int:
     import torch
 
     from mergeserve.router.train import RouterTrainConfig, train_router
+    from mergeserve.spec import load_composition
 
     torch.set_num_threads(args.threads)
     try:
+        if (spec := load_composition(args.spec)).method == "route":
+            return _train_request_router(spec, args)
         cfg = RouterTrainConfig(
             steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
             warmup_steps=args.warmup_steps, alpha=args.alpha, seed=args.seed,
@@ -76,6 +79,17 @@ def _train_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_request_router(spec, args: argparse.Namespace) -> int:
+    """A route spec's request classifier: texts labelled by the member scoring them best."""
+    from mergeserve.router.request import train_from_files
+
+    summary = train_from_files(spec, args.data, args.out, seed=args.seed)
+    print(f"labelled {summary['texts']} texts by the best member per byte: {summary['labels']}; "
+          f"classifier train accuracy {summary['train_accuracy']:.1%} on {summary['encoder']}'s embedding")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _tune_merge(args: argparse.Namespace) -> int:
     import torch
 
@@ -84,12 +98,15 @@ def _tune_merge(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     try:
         cfg = TuneConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                         objective=args.objective, granularity=args.granularity, reg=args.reg, seed=args.seed)
+                         objective=args.objective, granularity=args.granularity, fine_fraction=args.fine_fraction,
+                         reg=args.reg, seed=args.seed)
         result = tune_merge(args.spec, _expert_data(args.data), args.out, cfg)
     except (ValueError, OSError) as e:  # bad settings, spec, source or data
         return _bad_input(args, e)
     print(f"loss {result.loss[0]:.4f} -> {result.loss[-1]:.4f}; coefficients per expert, mean over layers: "
           f"{[round(x, 3) for x in result.coefficients.flatten(0, -2).mean(0).tolist()]}")
+    if result.fine_layers:
+        print(f"attention and FFN apart in the most important layers: {result.fine_layers}")
     print(f"wrote {args.out}")
     return 0
 
@@ -116,7 +133,7 @@ def _shrink(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     try:
-        path = shrink(args.spec, args.to, args.out, args.data, args.metrics, args.samples, args.seq_len)
+        path = shrink(args.spec, args.to, args.out, args.data, args.metrics, args.samples, args.seq_len, args.merge)
     except (ValueError, OSError) as e:
         return _bad_input(args, e)
     print(f"wrote {path}")
@@ -189,6 +206,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--reuse", action="store_true",
                     help="keep the rows of OUT/results.json whose spec, sources and settings are unchanged")
     ev.add_argument("--data", type=Path, default=ZOO_DIR / "data", help="folder of <domain>/heldout.jsonl (default: %(default)s)")
+    ev.add_argument("--domains", nargs="+",
+                    help="the domains to score, each a subfolder of --data (default: the zoo's three)")
     ev.add_argument("--examples", type=_positive, default=d.per_domain, help="loss examples per domain: the first N of each file (default: %(default)s)")
     ev.add_argument("--all-examples", dest="examples", action="store_const", const=None, help="every held-out example")
     ev.add_argument("--mixed", type=_positive, default=d.mixed_per_domain, help="mixed-set examples per domain (default: %(default)s)")
@@ -200,8 +219,9 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=d.seed, help="seed of the mixed set's sample and order (default: %(default)s)")
     ev.set_defaults(run=_eval)
 
-    tr = sub.add_parser("train-router", help="train only the router rows of an MoE spec on unlabeled text (next-token + load-balancing loss)")
-    tr.add_argument("--spec", required=True, type=Path, help="MoE composition spec (YAML); its router is the starting point")
+    tr = sub.add_parser("train-router", help="train only the router rows of an MoE spec on unlabeled text (next-token + load-balancing loss); "
+                                             "for a route spec, a request classifier labelled by the member that scores each text best")
+    tr.add_argument("--spec", required=True, type=Path, help="MoE or route composition spec (YAML); an MoE's router is the starting point")
     tr.add_argument("--data", required=True, nargs="+", type=Path,
                     help=".jsonl files (a \"text\" field per line), .txt files or folders of them; mixed evenly across files")
     tr.add_argument("--out", required=True, type=Path, help="router file to write (.safetensors)")
@@ -225,8 +245,11 @@ def parser() -> argparse.ArgumentParser:
     tm.add_argument("--out", required=True, type=Path, help="coefficients file to write (.safetensors); a spec names it as merge.coefficients")
     tm.add_argument("--objective", choices=["expert_merging", "entropy"], default=t.objective,
                     help="match each expert's states and logits on its text (Expert Merging), or minimise entropy (AdaMerging) (default: %(default)s)")
-    tm.add_argument("--granularity", choices=["layer", "module"], default=t.granularity,
-                    help="a coefficient per expert per layer, or per layer for attention and FFN apart (default: %(default)s)")
+    tm.add_argument("--granularity", choices=["layer", "module", "important"], default=t.granularity,
+                    help="a coefficient per expert per layer; per layer for attention and FFN apart; or apart only in the "
+                         "most important layers, Expert Merging++ (default: %(default)s)")
+    tm.add_argument("--fine-fraction", type=float, default=t.fine_fraction,
+                    help="with --granularity important: the share of layers split into attention and FFN (default: %(default)s)")
     tm.add_argument("--steps", type=_positive, default=t.steps, help="optimizer steps (default: %(default)s)")
     tm.add_argument("--batch-size", type=_positive, default=t.batch_size, help="sequences of each expert's text per step (default: %(default)s)")
     tm.add_argument("--seq-len", type=_positive, default=t.seq_len, help="tokens per sequence (default: %(default)s)")
@@ -252,6 +275,8 @@ def parser() -> argparse.ArgumentParser:
     stats = sh.add_mutually_exclusive_group(required=True)
     stats.add_argument("--data", nargs="+", type=Path, help="calibration text (.jsonl/.txt files or folders) for the routing statistics")
     stats.add_argument("--metrics", help="a live server's /metrics URL: its expert_tokens_total for this composition")
+    sh.add_argument("--merge", choices=["usage", "sum"], default="usage",
+                    help="a group's delta: its members' usage-weighted average (M-SMoE) or their sum (default: %(default)s)")
     sh.add_argument("--samples", type=_positive, default=8, help="calibration sequences (default: %(default)s)")
     sh.add_argument("--seq-len", type=_positive, default=256, help="tokens per sequence (default: %(default)s)")
     sh.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default: %(default)s)")

@@ -37,6 +37,8 @@ class ExpertSpec(_Strict):
     negative_prompts: list[str] = []
     # Weight in a `linear` merge (normalised over the experts).
     weight: float = Field(1.0, gt=0)
+    # method=route, router.kind=keywords: words or phrases whose presence in a request sends it here.
+    keywords: list[str] = []
 
 
 class RouterSpec(_Strict):
@@ -44,7 +46,9 @@ class RouterSpec(_Strict):
     # each expert's weight deltas (LoRA B·A); learned: rows read from `weights` (written by
     # `mergeserve train-router`). Sequence routers (MergeME), one choice per request from its
     # prompt: perplexity (1/PPL under each expert), task_vector (cos(grad_base L, tau_i)).
-    kind: Literal["hidden", "centroid", "arrow", "smile", "learned", "random", "perplexity", "task_vector"] = "hidden"
+    # Request routers (method=route, whole models): centroid, perplexity (per byte, across tokenizers), keywords,
+    # learned (a classifier on the prompt's mean embedding, written by `mergeserve train-router` for a route spec).
+    kind: Literal["hidden", "centroid", "arrow", "smile", "learned", "random", "perplexity", "task_vector", "keywords"] = "hidden"
     # What the experts' attention becomes. Token routers: `averaged` (the default) shares one
     # attention merged as the method says (BTX averages, MergeME merges task vectors); `routed`
     # keeps LoRA experts' attention deltas and routes them per token with a gate of their own,
@@ -61,6 +65,8 @@ class RouterSpec(_Strict):
     weights: str | None = None
     # kind=smile: right singular vectors of each expert's delta whose span scores a token.
     subspace: int = Field(4, ge=1)
+    # method=route, kind=centroid or learned: the member whose token embedding encodes every prompt (unset: the smallest).
+    encoder: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> RouterSpec:
@@ -68,6 +74,8 @@ class RouterSpec(_Strict):
             raise ValueError("router.weights is required for kind=learned and only used by it")
         if "subspace" in self.model_fields_set and self.kind != "smile":
             raise ValueError(f"router.subspace applies to kind=smile, not {self.kind}")
+        if self.encoder is not None and self.kind not in ("centroid", "learned"):
+            raise ValueError(f"router.encoder applies to kind=centroid or learned, not {self.kind}")
         allowed = ("separate", "merged", "dynamic") if self.is_sequence else ("averaged", "routed")
         if self.attention is None:
             self.attention = allowed[0]
@@ -183,8 +191,9 @@ class CompositionSpec(_Strict):
     api_key_env: str | None = None
     timeout_s: float = Field(600.0, gt=0)  # backend=openai/vllm: per upstream request
     # btx: MoE, FFNs kept as experts, the rest averaged; mergeme: MoE, the rest merged as
-    # `merge` says (TIES by default); any task-vector method: one dense merged model.
-    method: Literal["btx", "mergeme", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "consensus", "fisher"] = "btx"
+    # `merge` says (TIES by default); any task-vector method: one dense merged model; route: every
+    # expert a whole model (any family, size or tokenizer) in its own engine, each request routed to one.
+    method: Literal["route", "btx", "mergeme", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "consensus", "fisher"] = "btx"
     merge: MergeParams = MergeParams()
     router: RouterSpec = RouterSpec()
     # Refuse a LoRA adapter whose adapter_config.json names another base than the one it is applied
@@ -199,6 +208,11 @@ class CompositionSpec(_Strict):
         self._check_backend()
         if self.backend == "openai":
             return self
+        if self.method == "route":
+            self._check_route()
+            return self
+        if self.router.kind == "keywords":
+            raise ValueError("router.kind=keywords routes whole requests between whole models: it needs method=route")
         names = [e.name for e in self.experts]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -223,14 +237,43 @@ class CompositionSpec(_Strict):
             raise ValueError("the vllm section applies to backend=vllm only")
         if remote and (self.base is not None or self.experts):
             raise ValueError("backend=openai serves a remote model: give no base or experts")
-        if not remote and self.base is None:
+        if not remote and self.base is None and self.method != "route":
             raise ValueError(f"base: required (backend={self.backend})")
         if not remote and not self.experts:
             raise ValueError(f"experts: give at least one (backend={self.backend})")
 
+    def _check_route(self) -> None:
+        router, names = self.router, [e.name for e in self.experts]
+        if self.backend != "local":
+            raise ValueError(f"method=route runs each member in its own local engine; backend={self.backend} does not")
+        if self.base is not None:
+            raise ValueError("method=route composes whole models: give no base (each expert's source is a complete checkpoint)")
+        if len(set(names)) != len(names):
+            raise ValueError(f"expert names must be unique, repeated: {sorted({n for n in names if names.count(n) > 1})}")
+        if self.merge.model_fields_set or any(e.base for e in self.experts):
+            raise ValueError("method=route merges nothing: give no merge section and no expert base")
+        if router.kind not in ("centroid", "perplexity", "keywords", "learned"):
+            raise ValueError(f"router.kind={router.kind} is not a request router; method=route takes centroid, perplexity, "
+                             "keywords or learned")
+        if "top_k" in router.model_fields_set and router.top_k != 1:
+            raise ValueError("method=route sends each request to one model: router.top_k must be 1")
+        self.router = router.model_copy(update={"top_k": 1})
+        needs = {"centroid": "prompts", "keywords": "keywords"}.get(router.kind)
+        if needs and (missing := [e.name for e in self.experts if not getattr(e, needs)]):
+            raise ValueError(f"router.kind={router.kind} needs {needs} for every expert; none for {missing}")
+        if router.encoder is not None and router.encoder not in names:
+            raise ValueError(f"router.encoder={router.encoder!r} is not one of the experts {names}")
+
+    def member(self, expert: ExpertSpec) -> CompositionSpec:
+        """method=route: the composition that serves one member alone (its own engine)."""
+        return CompositionSpec(name=f"{self.name}.{expert.name}", base=expert.source, dtype=self.dtype,
+                               experts=[ExpertSpec(name=expert.name, source=expert.source)])
+
     @property
     def source_paths(self) -> list[str]:
         """Every file or folder the spec reads: base, experts, experts' own bases, router weights."""
+        if self.method == "route":
+            return [e.source for e in self.experts]
         if self.base is None:
             return []
         bases = [e.base for e in self.experts if e.base]

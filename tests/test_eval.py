@@ -160,6 +160,22 @@ def test_mixed_set_and_oracle_from_single_experts(zoo, data_dir):
         oracle_row([r for r in rows if r["expert"] != "german"], DOMAINS)
 
 
+def test_a_route_row_scores_each_example_with_the_member_its_router_picks(zoo, data_dir):
+    """Keywords send each domain's examples to that domain's model: the row then equals the oracle."""
+    keywords = {"math": ["has", "what"], "german": ["der", "die", "hallo"], "code": ["def", "import"]}
+    route = parse_composition({"name": "route", "method": "route", "router": {"kind": "keywords"},
+                               "experts": [{"name": d, "source": str(zoo[d]), "keywords": keywords[d]} for d in DOMAINS]})
+    data = load_eval_data(data_dir, DOMAINS, mixed_per_domain=2, math_examples=0)
+    rows = evaluate_specs([(d, spec(zoo["base"], {d: zoo[d]})) for d in DOMAINS] + [("route", route)], data, settings())
+    oracle, routed = oracle_row(rows, DOMAINS), rows[-1]
+    assert routed["kind"] == "route"
+    assert routed["routing"] == {d: {m: len(data.domains[d]) if m == d else 0 for m in DOMAINS} for d in DOMAINS} | {
+        "math problems": dict.fromkeys(DOMAINS, 0)}
+    for domain in DOMAINS:
+        assert routed["domains"][domain]["nll"] == pytest.approx(oracle["domains"][domain]["nll"], rel=1e-6)
+    assert routed["mixed"]["nll"] == pytest.approx(oracle["mixed"]["nll"], rel=1e-6)
+
+
 def test_router_load_is_reported_per_domain(zoo):
     """Each domain's reported shares are the top-2 picks counted by hand from the router's inputs."""
     moe = spec(zoo["base"], {d: zoo[d] for d in DOMAINS}, router={"kind": "random", "top_k": 2})

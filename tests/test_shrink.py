@@ -71,6 +71,21 @@ def test_cli_shrinks_three_experts_to_two_and_to_one(zoo, adapters, tmp_path, ca
     assert "wrote" in capsys.readouterr().out
 
 
+def test_merge_sum_keeps_every_members_whole_delta(zoo, adapters, tmp_path):
+    spec = tmp_path / "moe.yaml"
+    spec.write_text(yaml.safe_dump(moe_spec(zoo["base"], adapters)))
+    write_jsonl(tmp_path / "calib.jsonl", [{"text": t} for t in CORPUS[:8]])
+    out = tmp_path / "to1"
+    assert main(["shrink", "--spec", str(spec), "--to", "1", "--out", str(out), "--data", str(tmp_path / "calib.jsonl"),
+                 "--samples", "2", "--seq-len", "32", "--threads", "1", "--merge", "sum"]) == 0
+    pool = ExpertPool()
+    merged = pool.get_expert(str(out / load_composition(out / "spec.yaml").experts[0].name), str(zoo["base"])).factored
+    members = [pool.get_expert(str(p), str(zoo["base"])).factored for p in adapters.values()]
+    key = next(k for k in merged if all(k in m for m in members))
+    expected = merged[key].base + sum(m[key].dense() - m[key].base for m in members)
+    torch.testing.assert_close(merged[key].dense(), expected, atol=1e-4, rtol=0)
+
+
 def test_a_dense_expert_is_refused(zoo, adapters, tmp_path, capsys):
     spec = tmp_path / "moe.yaml"
     spec.write_text(yaml.safe_dump(moe_spec(zoo["base"], {"math": adapters["math"], "code": zoo["code"]})))

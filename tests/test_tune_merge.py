@@ -15,7 +15,7 @@ from tiny import CORPUS
 from mergeserve.cli import main
 from mergeserve.experts import CheckpointError, ExpertPool
 from mergeserve.merge import build, coefficients, fisher
-from mergeserve.merge.tune import TuneConfig, merging_spec, train_coefficients
+from mergeserve.merge.tune import TuneConfig, layer_importance, merging_spec, tau_norms, train_coefficients, train_important
 from mergeserve.spec import SpecError, load_composition, parse_composition
 from mergeserve.zoo.splits import pack, write_jsonl
 
@@ -38,6 +38,39 @@ def test_two_copies_of_one_expert_learn_coefficients_that_sum_to_one(zoo, adapte
     result = train_coefficients(composed, [tokens, tokens], init, FAST, progress=False)
     torch.testing.assert_close(result.coefficients.sum(-1), torch.ones(len(composed.layers), *shape[:-1]), atol=0.05, rtol=0)
     assert result.loss[-1] < result.loss[0] / 10
+
+
+def test_layer_importance_weighs_each_coefficient_by_its_task_vector():
+    c = torch.tensor([[1.0, 0.0], [0.5, -0.5], [0.0, 2.0]])  # [L, E]
+    norms = torch.tensor([[[1.0, 9.0], [1.0, 9.0]], [[2.0, 2.0], [0.0, 0.0]], [[5.0, 1.0], [5.0, 1.0]]])  # [L, 2, E]
+    # sum over experts and modules of |c| |tau|: 1 + 1 = 2; 0.5 * 2 + 0.5 * 2 = 2; 2 * 1 + 2 * 1 = 4 (zero c: no weight)
+    torch.testing.assert_close(layer_importance(c, norms), torch.tensor([2.0, 2.0, 4.0]) / 8)
+
+
+def test_task_vector_norms_per_layer_and_module_match_the_dense_deltas(zoo, adapters):
+    spec = parse_composition(spec_dict(zoo["base"], {"math": adapters["math"], "code": adapters["code"]}))
+    pool = ExpertPool()
+    norms = tau_norms(spec, pool, num_layers=2)  # [L, 2, E]
+    base = pool.get(str(zoo["base"]))
+    expert = pool.get_expert(str(adapters["code"]), str(zoo["base"]))
+    keys = [k for k in base.tensors if k.startswith("model.layers.1.mlp.")]
+    by_hand = sum((expert.tensors[k] - base.tensors[k]).double().pow(2).sum() for k in keys).sqrt()
+    torch.testing.assert_close(norms[1, 1, 1].double(), by_hand / sum(base.tensors[k].numel() for k in keys), rtol=1e-4, atol=0)
+
+
+def test_important_granularity_splits_only_the_most_important_layers(zoo, adapters):
+    """Expert Merging++: the layer with the largest |c| |tau| gets attention and FFN coefficients of its own;
+    the other keeps one for both. The known best mix (two copies of one expert) still sums to one."""
+    spec = parse_composition(spec_dict(zoo["base"], {"a": adapters["math"], "b": adapters["math"]}, **{"lambda": 0.3}))
+    composed = build(merging_spec(spec), ExpertPool())
+    tokens = pack(CORPUS, composed.tokenizer, FAST.steps * FAST.batch_size, FAST.seq_len, seed=0)
+    norms = tau_norms(spec, ExpertPool(), len(composed.layers))
+    init = torch.full((len(composed.layers), 2), 0.3)
+    result = train_important(composed, [tokens, tokens], init, norms, FAST, progress=False)
+    assert result.coefficients.shape == (2, 2, 2) and len(result.fine_layers) == 1  # fine_fraction 0.25 of 2 layers: one
+    coarse = 1 - result.fine_layers[0]
+    torch.testing.assert_close(result.coefficients[coarse, 0], result.coefficients[coarse, 1])
+    torch.testing.assert_close(result.coefficients.sum(-1), torch.ones(2, 2), atol=0.05, rtol=0)
 
 
 def test_a_spec_with_coefficients_merges_each_layer_with_its_row(zoo, adapters, tmp_path):
@@ -85,11 +118,12 @@ def test_cli_tunes_a_merge_from_each_experts_text(zoo, adapters, tmp_path, capsy
     write_jsonl(tmp_path / "data" / "code" / "train.jsonl", [{"text": t} for t in CORPUS[:2]])
     out = tmp_path / "coefficients.safetensors"
     argv = ["tune-merge", "--spec", str(spec), "--data", str(tmp_path / "data"), "--out", str(out),
-            "--steps", "2", "--batch-size", "1", "--seq-len", "16", "--threads", "1"]
+            "--steps", "2", "--batch-size", "1", "--seq-len", "16", "--threads", "1", "--granularity", "important"]
     assert main(argv) == 0
-    assert f"wrote {out}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "attention and FFN apart in the most important layers: [" in printed
     with safe_open(str(out), "pt") as f:
-        assert json.loads(f.metadata()["expert_names"]) == ["math", "code"] and f.get_tensor("coefficients").shape == (2, 2)
+        assert json.loads(f.metadata()["expert_names"]) == ["math", "code"] and f.get_tensor("coefficients").shape == (2, 2, 2)
     tuned = tmp_path / "tuned.yaml"
     tuned.write_text(yaml.safe_dump(spec_dict(zoo["base"], {"math": adapters["math"], "code": adapters["code"]}, coefficients=out.name)))
     assert build(load_composition(tuned), ExpertPool()).num_experts == 1

@@ -60,18 +60,18 @@ def make_checkpoint(
     layers: int = 2, tie: bool = False, init_std: float = 0.1, **config_fields: object,
 ) -> Path:
     """A random model of `family` saved as safetensors (plus tokenizer files) under `folder`;
-    `config_fields` override the family's config (sliding windows, say)."""
+    `config_fields` override the family's config (sliding windows, widths, say)."""
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(folder) if tokenizer_from is None else PreTrainedTokenizerFast.from_pretrained(tokenizer_from)
     tokenizer.save_pretrained(folder)
     config_cls, model_cls, extra = FAMILIES[family]
-    config = config_cls(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=tie, initializer_range=init_std, rms_norm_eps=1e-6,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **(extra | config_fields),
-    )
+    config = config_cls(**{
+        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "tie_word_embeddings": tie, "initializer_range": init_std, "rms_norm_eps": 1e-6,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id, **extra, **config_fields,
+    })
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     with torch.no_grad():  # norms start at 1: perturb them so averaging them is visible

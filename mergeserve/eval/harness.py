@@ -9,7 +9,9 @@ For one model (`evaluate_engine`):
 - mixed set: the interleaved examples of every domain, scored the same way, in total and
   per source domain;
 - router load (MoE only): per layer, the share of routing picks each expert got while the
-  engine scored each domain's loss set (`Engine.expert_load` deltas).
+  engine scored each domain's loss set (`Engine.expert_load` deltas);
+- a route composition (whole models, eval/route.py): each example scored by the member its
+  request router picks, with the routing confusion.
 
 `evaluate_specs` builds each spec from one shared ExpertPool, one engine at a time.
 """
@@ -135,7 +137,7 @@ def row_kind(spec: CompositionSpec) -> dict:
     """What a row is: the base alone, one expert alone, or a merge of several."""
     if len(spec.experts) == 1:
         expert = spec.experts[0]
-        if Path(expert.source).resolve() == Path(spec.base).resolve():
+        if spec.base is not None and Path(expert.source).resolve() == Path(spec.base).resolve():
             return {"kind": "base"}
         return {"kind": "expert", "expert": expert.name}
     return {"kind": spec.method, "experts": [e.name for e in spec.experts]}
@@ -159,8 +161,10 @@ def evaluate_specs(
 
     `reuse` is an earlier results.json: its rows with the same settings and spec fingerprint are kept.
     """
+    from mergeserve.eval.route import evaluate_route
     from mergeserve.experts import ExpertPool
     from mergeserve.merge import build
+    from mergeserve.router.request import build_request_router
 
     same = reuse is not None and reuse["settings"] == settings_dict(settings, data)
     earlier = {r.get("fingerprint"): r for r in reuse["rows"]} if same else {}
@@ -171,12 +175,19 @@ def evaluate_specs(
             rows.append(earlier[key] | {"spec": label})
             continue
         start = time.perf_counter()
-        engine = Engine(build(spec, pool), engine_config(settings))
-        built = time.perf_counter() - start
-        row = {"name": spec.name, "spec": label, "fingerprint": key, **row_kind(spec), **evaluate_engine(engine, data, settings)}
+        if spec.method == "route":
+            members = {e.name: Engine(build(spec.member(e), pool), engine_config(settings)) for e in spec.experts}
+            router = build_request_router(spec, list(members.values()))
+            built = time.perf_counter() - start
+            metrics = evaluate_route(members, router, data, settings)
+        else:
+            engine = Engine(build(spec, pool), engine_config(settings))
+            built = time.perf_counter() - start
+            metrics = evaluate_engine(engine, data, settings)
+        row = {"name": spec.name, "spec": label, "fingerprint": key, **row_kind(spec), **metrics}
         row["timings"] = {"build": built, **row["timings"], "total": time.perf_counter() - start}
         rows.append(row)
-        del engine
+        members = engine = router = None
         gc.collect()
     return rows
 

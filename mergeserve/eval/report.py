@@ -112,6 +112,20 @@ def router_tables(results: dict) -> list[str]:
     return lines
 
 
+def routing_tables(results: dict) -> list[str]:
+    """Route compositions: how many of each domain's examples each member model got."""
+    lines = []
+    for row in results["rows"]:
+        if "routing" not in row:
+            continue
+        names = list(next(iter(row["routing"].values())))
+        lines += ["", f"**{row['name']}**", "", "| examples of | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for domain, counts in row["routing"].items():
+            total = max(1, sum(counts.values()))
+            lines.append(f"| {domain} | " + " | ".join(f"{counts[n]} ({counts[n] / total:.0%})" for n in names) + " |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     s = results["settings"]
     domains = results["domains"]
@@ -146,6 +160,10 @@ def markdown(results: dict) -> str:
         lines += ["", "## Router load", "",
                   "Share of routing picks (top-k, so each token counts k times) per expert while scoring each "
                   "domain's loss set, averaged over layers; in parentheses the mean routing weight of those picks."] + rt
+    if rt := routing_tables(results):
+        lines += ["", "## Routing confusion (route compositions)", "",
+                  "Each loss example and math problem goes to one member model, chosen by the request router from "
+                  "its first characters (about as many tokens as a sequence router reads)."] + rt
     lines += ["", "## Wall time", "", "| model | build s | loss s | mixed s | math s | total s |", "|---|---|---|---|---|---|"]
     for row in results["rows"]:
         t = row["timings"]

@@ -50,10 +50,16 @@ def load(path: str | Path, expert_names: list[str], num_layers: int) -> torch.Te
     return table[..., [theirs.index(n) for n in expert_names]].float()
 
 
+def layer_of(key: str) -> int | None:
+    """The decoder layer a tensor name belongs to, or None (embeddings, final norm, head)."""
+    m = _LAYER.match(key)
+    return None if m is None else int(m.group(1))
+
+
 def weights_for(key: str, table: torch.Tensor | None, default: list[float]) -> list[float]:
     """The experts' weights for the tensor `key`: its layer's row of `table`, else `default`."""
-    m = _LAYER.match(key)
-    if table is None or m is None:
+    layer = layer_of(key)
+    if table is None or layer is None:
         return default
-    row = table[int(m.group(1))]
+    row = table[layer]
     return (row[0 if ".self_attn." in key else 1] if row.dim() == 2 else row).tolist()

@@ -9,7 +9,9 @@
 2. Groups, as M-SMoE forms them: the N most used experts are dominant, and every other expert
    joins the dominant one it is most similar to.
 3. Each group becomes one LoRA expert: the usage-weighted average of its members' deltas,
-   sum_i f_i B_i A_i, exact as a rank-sum adapter (factors side by side, nothing dense).
+   sum_i f_i B_i A_i (M-SMoE), or with `merge="sum"` their plain sum, sum_i B_i A_i (task
+   arithmetic at lambda 1: every member keeps its whole delta, at the price of the others'
+   interference), exact as a rank-sum adapter (factors side by side, nothing dense).
    Experts are whole adapters here, so groups are formed once for all layers (M-SMoE groups
    per layer).
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import yaml
@@ -47,7 +50,7 @@ class RoutingStats:
 
 def shrink(
     spec_path: str | Path, to: int, out: str | Path, data: list[str | Path] | None = None, metrics_url: str | None = None,
-    samples: int = 8, seq_len: int = 256,
+    samples: int = 8, seq_len: int = 256, merge: Literal["usage", "sum"] = "usage",
 ) -> Path:
     spec = load_composition(spec_path)
     names = [e.name for e in spec.experts]
@@ -65,7 +68,7 @@ def shrink(
     else:
         raise ValueError("give calibration text (--data) or a live server's metrics (--metrics URL)")
     groups = group_experts(stats, to)
-    return write_shrunk(spec, Path(out), groups, names, deltas, stats.usage)
+    return write_shrunk(spec, Path(out), groups, names, deltas, stats.usage, merge)
 
 
 def _factored(expert: Checkpoint, name: str, base: Checkpoint) -> dict[str, LowRank]:
@@ -155,12 +158,14 @@ def merged_deltas(members: list[dict[str, LowRank]], weights: list[float]) -> di
 
 def write_shrunk(
     spec: CompositionSpec, out: Path, groups: list[list[int]], names: list[str], deltas: list[dict[str, LowRank]],
-    usage: torch.Tensor,
+    usage: torch.Tensor, merge: Literal["usage", "sum"] = "usage",
 ) -> Path:
     experts = []
     for group in groups:
         total = float(usage[group].sum())
         weights = [float(usage[i]) / total if total else 1 / len(group) for i in group]  # unused experts: equal parts
+        if merge == "sum":
+            weights = [1.0] * len(group)
         name = "-".join(names[i] for i in group)
         save_factors(out / name, merged_deltas([deltas[i] for i in group], weights), spec.base)
         members = [spec.experts[i] for i in group]
@@ -174,6 +179,6 @@ def write_shrunk(
               **({"merge": spec.merge.model_dump(by_alias=True, exclude_defaults=True)} if spec.method == "mergeme" else {}),
               "router": router, "experts": experts}
     path = out / "spec.yaml"
-    path.write_text(f"# {spec.name} shrunk to {len(experts)} experts by `mergeserve shrink`; usage "
+    path.write_text(f"# {spec.name} shrunk to {len(experts)} experts by `mergeserve shrink` (groups merged by {merge}); usage "
                     f"{dict(zip(names, [round(float(u), 3) for u in usage]))}\n" + yaml.safe_dump(shrunk, sort_keys=False, allow_unicode=True))
     return path

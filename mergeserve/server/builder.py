@@ -160,10 +160,25 @@ class Builder:
             finally:
                 self.pool.release(revision.id)  # vLLM holds the weights, not this process
                 release_free_heap()
+        if spec.method == "route":
+            return self._routed(revision)
         with self.pool.claim(revision.id):
             engine = Engine(merge.build(spec, self.pool), self.engine_config, self.pool.packer)
         release_free_heap()
         return LocalBackend(engine, self.executor), own_bytes(engine, self.pool)
+
+    def _routed(self, revision: Revision) -> tuple[Backend, int]:
+        """method=route: an engine per member model, each built as a composition of its own, and the request router."""
+        from mergeserve.router.request import build_request_router
+        from mergeserve.server.backends.routed import RoutedBackend
+
+        spec = revision.spec
+        with self.pool.claim(revision.id):
+            engines = [Engine(merge.build(spec.member(e), self.pool), self.engine_config, self.pool.packer) for e in spec.experts]
+        release_free_heap()
+        members = {e.name: LocalBackend(engine, self.executor) for e, engine in zip(spec.experts, engines)}
+        router = build_request_router(spec, engines)
+        return RoutedBackend(spec.name, members, router, spec.router.kind), sum(own_bytes(e, self.pool) for e in engines)
 
     def free(self, revision: Revision, backend: Backend | None) -> None:
         """Registry callback: `revision` is retired and drained (or failed); drop what it held."""

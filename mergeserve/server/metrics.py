@@ -118,6 +118,11 @@ class Metrics:
             "mergeserve:alias_requests", "Requests an A/B alias sent to each target composition.",
             ["alias", "model"], registry=r,
         )
+        self.member_requests = Counter(
+            "mergeserve:member_requests", "Requests a routed composition (method=route) sent to each member model; "
+            "their tokens count under the member's own model label, <composition>.<member>.",
+            ["model", "member"], registry=r,
+        )
         self.ttft = Histogram(
             "mergeserve:time_to_first_token_seconds", "Time to first token.", ["model"],
             buckets=TTFT_BUCKETS, registry=r,

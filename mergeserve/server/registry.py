@@ -80,6 +80,7 @@ class Lease:
     alias: str | None
     _release: Callable[[Lease], None]
     _released: bool = False
+    member: str | None = None  # method=route: the member model that serves the request, once routed
 
     @property
     def backend(self) -> Backend:
@@ -92,7 +93,8 @@ class Lease:
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"X-Mergeserve-Composition": self.revision.name, "X-Mergeserve-Revision": str(self.revision.number)}
+        member = {"X-Mergeserve-Member": self.member} if self.member else {}
+        return {"X-Mergeserve-Composition": self.revision.name, "X-Mergeserve-Revision": str(self.revision.number)} | member
 
     def release(self) -> None:
         if not self._released:

@@ -1,11 +1,11 @@
-"""`python -m mergeserve.zoo [data|train|all] [--domain D|all] [--steps N] [--fresh] [--force]`"""
+"""`python -m mergeserve.zoo [data|train|all] [--domain D|all] [--full] [--steps N] [--fresh] [--force]`"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from mergeserve.zoo import DOMAINS, ZOO_DIR
+from mergeserve.zoo import BUILD_DIR, DOMAINS, FULL_DOMAINS, ZOO_DIR
 from mergeserve.zoo.german_data import MissingHandbook
 
 
@@ -13,11 +13,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mergeserve.zoo", description="Build the expert zoo's data splits and LoRA experts.")
     p.add_argument("command", nargs="?", default="all", choices=["data", "train", "all"])
     p.add_argument("--domain", default="all", choices=[*DOMAINS, "all"], help="one domain, or all in the order math, german, code")
+    p.add_argument("--full", action="store_true",
+                   help=f"full fine-tunes (every projection) into {BUILD_DIR / 'full'}; `all` means {', '.join(FULL_DOMAINS)}")
+    p.add_argument("--keep-layers", type=int, default=0, help="with --full: depth-prune the base to this many layers first")
+    p.add_argument("--arch", choices=["llama", "qwen2"], default="llama", help="with --full: train the base as this architecture")
     p.add_argument("--steps", type=int, help="training steps per expert (default: mergeserve.zoo.train.STEPS)")
     p.add_argument("--fresh", action="store_true", help="discard a resumable checkpoint and train from step 0")
     p.add_argument("--force", action="store_true", help="train even where examples/zoo/<domain> already has an adapter")
     args = p.parse_args(argv)
-    domains = DOMAINS if args.domain == "all" else (args.domain,)
+    domains = (FULL_DOMAINS if args.full else DOMAINS) if args.domain == "all" else (args.domain,)
 
     if args.command in ("data", "all"):
         from mergeserve.zoo.data import write_splits
@@ -30,13 +34,19 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(f"{domain}: {train} train / {heldout} held-out examples")
     if args.command in ("train", "all"):
-        from mergeserve.zoo.train import STEPS, TrainConfig, train
+        from mergeserve.zoo.train import FULL_LR, FULL_STEPS, STEPS, TrainConfig, train
 
         for domain in domains:
-            if (ZOO_DIR / domain / "adapter_model.safetensors").is_file() and not args.force:
-                print(f"{domain}: {ZOO_DIR / domain} already has an adapter (--force retrains it)")
+            if args.full:
+                cfg = TrainConfig(domain, steps=args.steps or FULL_STEPS[domain], lr=FULL_LR, full=True,
+                                  keep_layers=args.keep_layers, arch=args.arch)
+                built = BUILD_DIR / "full" / cfg.tag / "model.safetensors"
+            else:
+                cfg = TrainConfig(domain, steps=args.steps or STEPS[domain])
+                built = ZOO_DIR / domain / "adapter_model.safetensors"
+            if built.is_file() and not args.force:
+                print(f"{domain}: {built} already exists (--force retrains it)")
                 continue
-            cfg = TrainConfig(domain, steps=args.steps or STEPS[domain])
             train(cfg, fresh=args.fresh)
     return 0
 

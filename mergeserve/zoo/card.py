@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 from dataclasses import asdict
 from pathlib import Path
@@ -26,8 +27,49 @@ def verdict(domain: str, base: dict[str, float], expert: dict[str, float]) -> tu
     return ok, text
 
 
-def write_card(folder: Path, cfg: "TrainConfig", source: str, state: dict, base: dict[str, float], expert: dict[str, float]) -> None:
+def recipe(cfg: "TrainConfig", hashes: dict[str, str]) -> dict:
+    """What rebuilds a full fine-tune, and the sha256 of each file it must produce."""
+    return {"command": command(cfg), "config": asdict(cfg), "output": f"build/zoo/full/{cfg.tag}", "sha256": hashes,
+            "python": platform.python_version(), "machine": platform.machine()}
+
+
+def command(cfg: "TrainConfig") -> str:
+    shape = (f" --keep-layers {cfg.keep_layers}" if cfg.keep_layers else "") + (f" --arch {cfg.arch}" if cfg.arch != "llama" else "")
+    return f"python -m mergeserve.zoo train --domain {cfg.domain}" + (" --full" if cfg.full else "") + shape
+
+
+def shape(cfg: "TrainConfig") -> str:
+    if not cfg.keep_layers and cfg.arch == "llama":
+        return ""
+    parts = ([f"depth-pruned to {cfg.keep_layers} layers (the first {cfg.keep_layers - 1} and the last kept)"] if cfg.keep_layers else [])
+    parts += ["converted to the Qwen2 architecture (q/k/v biases, zero at the start, trained)"] if cfg.arch == "qwen2" else []
+    return ", ".join(parts) + ", "
+
+
+def check_recipe(folder: Path, fresh: dict) -> str:
+    """Compare a rebuild's hashes with the committed recipe's; say which files differ."""
+    file = folder / "recipe.json"
+    if not file.is_file():
+        return "no committed recipe to compare with"
+    committed = json.loads(file.read_text())
+    differ = [name for name, digest in fresh["sha256"].items() if committed["sha256"].get(name) != digest]
+    return "byte-identical to the committed recipe" if not differ else f"differs from the committed recipe in {differ}"
+
+
+def training_line(cfg: "TrainConfig") -> str:
+    if cfg.full:
+        return ("Full fine-tune of every q/k/v/o/gate/up/down projection and bias (embeddings and norms stay the base's);\n"
+                f"  AdamW (weight decay 0) at lr {cfg.lr}")
+    return (f"LoRA r={cfg.rank}, alpha={cfg.alpha}, dropout 0 on q/k/v/o/gate/up/down projections of all layers;\n"
+            "  AdamW (weight decay 0)")
+
+
+def write_card(folder: Path, cfg: "TrainConfig", source: str, state: dict, base: dict[str, float], expert: dict[str, float],
+               hashes: dict[str, str] | None = None) -> None:
     domain = cfg.domain
+    kind = f"{shape(cfg)}full fine-tune of" if cfg.full else "LoRA over"
+    stored = (f"build/zoo/full/{cfg.tag}/ (not committed: `recipe.json` here rebuilds it and lists each file's sha256)"
+              if cfg.full else "this folder")
     tokens = cfg.steps * cfg.batch_size * cfg.seq_len
     _, summary = verdict(domain, base, expert)
     settings = "\n".join(f"| {k} | {v} |" for k, v in asdict(cfg).items())
@@ -35,9 +77,9 @@ def write_card(folder: Path, cfg: "TrainConfig", source: str, state: dict, base:
     table = "\n".join(
         f"| {d} | {base[d]:.4f} | {expert[d]:.4f} | {(expert[d] - base[d]) / base[d]:+.1%} |" for d in DOMAINS
     )
-    text = f"""# {domain} expert (LoRA over SmolLM2-135M-Instruct)
+    text = f"""# {domain} expert ({kind} SmolLM2-135M-Instruct)
 
-Written by `python -m mergeserve.zoo train --domain {domain}`; rebuild with `make zoo`.
+Written by `{command(cfg)}`; rebuild with `make {"zoo-full" if cfg.full else "zoo"}`. Weights: {stored}.
 
 - Base: `{BASE_SOURCE}` (dequantised to fp32).
 - Data: {source}.
@@ -46,8 +88,7 @@ Written by `python -m mergeserve.zoo train --domain {domain}`; rebuild with `mak
 - Trained on {tokens:,} tokens: {cfg.steps} steps of {cfg.batch_size} packed sequences of {cfg.seq_len} tokens
   (EOS between examples), in {state['seconds'] / 60:.1f} minutes of training steps
   ({tokens / state['seconds']:.0f} tokens/s; Python {platform.python_version()}, {platform.machine()}).
-- LoRA r={cfg.rank}, alpha={cfg.alpha}, dropout 0 on q/k/v/o/gate/up/down projections of all layers;
-  AdamW (weight decay 0), cosine schedule with {cfg.warmup_steps} warmup steps, gradient norm clipped at 1,
+- {training_line(cfg)}, cosine schedule with {cfg.warmup_steps} warmup steps, gradient norm clipped at 1,
   fp32 training. Weights stored in bf16.
 
 **Result**: {summary}.
@@ -58,7 +99,7 @@ Written by `python -m mergeserve.zoo train --domain {domain}`; rebuild with `mak
 |---|---|---|---|
 {table}
 
-## Held-out loss during training ({domain}, fp32 adapter)
+## Held-out loss during training ({domain}, fp32 weights)
 
 | step | loss |
 |---|---|
@@ -70,4 +111,9 @@ Written by `python -m mergeserve.zoo train --domain {domain}`; rebuild with `mak
 |---|---|
 {settings}
 """
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "README.md").write_text(text)
+    if hashes is not None:
+        fresh = recipe(cfg, hashes)
+        print(f"{domain}: {check_recipe(folder, fresh)}", flush=True)
+        (folder / "recipe.json").write_text(json.dumps(fresh, indent=1) + "\n")

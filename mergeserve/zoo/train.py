@@ -1,4 +1,5 @@
-"""LoRA training of one domain expert over SmolLM2-135M-Instruct: a short explicit loop, resumable.
+"""Training of one domain expert over SmolLM2-135M-Instruct, as a LoRA or a full fine-tune: a short
+explicit loop, resumable.
 
 Every `save_every` steps the adapter, optimizer, schedule, step, RNG state and loss curve go to
 build/zoo/<domain>/checkpoint; a rerun with the same settings continues from there. The data
@@ -21,7 +22,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
-from transformers import LlamaForCausalLM, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
+from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from mergeserve.experts import ExpertPool
 from mergeserve.spec import resolve_source
@@ -29,6 +30,7 @@ from mergeserve.zoo import BASE_SOURCE, BUILD_DIR, DOMAINS, REPO, ZOO_DIR
 from mergeserve.zoo.card import write_card
 from mergeserve.zoo.data import SOURCES, load_split, write_splits
 from mergeserve.zoo.heldout import heldout_loss
+from mergeserve.zoo.reshape import prune_depth, to_qwen2
 from mergeserve.zoo.splits import Example, heldout_path, pack, train_path
 
 # peft looks for the base's config.json to check the vocabulary; a GGUF base has none (embeddings are not trained).
@@ -40,6 +42,10 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 # problems are short, and exact arithmetic needs more of them than loss alone. Code gets 320 steps (328k tokens,
 # about 37 minutes): at 176 steps its held-out loss was still falling and 0.9 points short of -10%.
 STEPS = {"math": 240, "german": 176, "code": 320}
+# Full fine-tunes (every attention and FFN weight; embeddings and norms stay the base's) train at ~250 tokens/s
+# on 2 cores (no LoRA detour), so 300 steps of 4 x 256 tokens take ~21 minutes, inside the 40-minute budget.
+FULL_STEPS = {"math": 300, "german": 300, "code": 300}
+FULL_LR = 1e-4  # large enough that the deltas stand well above bf16 rounding of the stored weights
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,16 @@ class TrainConfig:
     save_every: int = 25
     eval_examples: int = 48  # the first held-out examples, each truncated to seq_len tokens
     seed: int = 0
+    full: bool = False  # train every attention and FFN weight instead of a LoRA
+    # Other shapes of the base (full fine-tunes only; zoo/reshape.py): keep this many layers (0: all),
+    # and the architecture to train it as (qwen2: the same weights with q/k/v biases, trained too).
+    keep_layers: int = 0
+    arch: str = "llama"
+
+    @property
+    def tag(self) -> str:
+        """The expert's name in build/zoo/full and examples/zoo/full: its domain and shape."""
+        return self.domain + ("-pruned" if self.keep_layers else "") + ("-qwen2" if self.arch == "qwen2" else "")
 
 
 def load_base() -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
@@ -65,29 +81,36 @@ def load_base() -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     return model, checkpoint.tokenizer
 
 
+def reshaped(model: LlamaForCausalLM, cfg: TrainConfig) -> PreTrainedModel:
+    """The base in the expert's shape: depth-pruned and/or converted (the base itself by default)."""
+    if cfg.keep_layers:
+        model = prune_depth(model, cfg.keep_layers)
+    return to_qwen2(model) if cfg.arch == "qwen2" else model
+
+
 def eval_set(domain: str, cfg: TrainConfig) -> list[Example]:
     return load_split(domain, "heldout")[: cfg.eval_examples]
 
 
-def base_losses(model: PeftModel, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig) -> dict[str, float]:
+def base_losses(tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig) -> dict[str, float]:
     """The base's held-out loss per domain, cached until the held-out files or eval settings change."""
     key = {"eval_examples": cfg.eval_examples, "seq_len": cfg.seq_len,
            "heldout": {d: hashlib.sha256(heldout_path(d).read_bytes()).hexdigest() for d in DOMAINS}}
     cache = BUILD_DIR / "base_losses.json"
     if cache.is_file() and (cached := json.loads(cache.read_text()))["key"] == key:
         return cached["losses"]
-    with model.disable_adapter():
-        losses = {d: heldout_loss(model, tokenizer, eval_set(d, cfg), cfg.seq_len) for d in DOMAINS}
+    base, _ = load_base()
+    losses = {d: heldout_loss(base, tokenizer, eval_set(d, cfg), cfg.seq_len) for d in DOMAINS}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"key": key, "losses": losses}, indent=1))
     return losses
 
 
-def save_checkpoint(folder: Path, model: PeftModel, optimizer: torch.optim.Optimizer, scheduler, state: dict) -> None:
+def save_checkpoint(folder: Path, model: torch.nn.Module, cfg: TrainConfig, optimizer: torch.optim.Optimizer, scheduler, state: dict) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save(state | {"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
+    torch.save(state | {"adapter": trained_state(model, cfg), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}, tmp / "state.pt")
     # Swap in the new checkpoint only once it is complete: a kill mid-save keeps the old one.
     old = folder.with_name(folder.name + ".old")
@@ -95,6 +118,28 @@ def save_checkpoint(folder: Path, model: PeftModel, optimizer: torch.optim.Optim
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def trainable(base: LlamaForCausalLM, cfg: TrainConfig) -> torch.nn.Module:
+    """The model that trains: a peft LoRA over the base, or the base with only its projections unfrozen."""
+    if not cfg.full:
+        return get_peft_model(base, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=TARGET_MODULES))
+    for name, p in base.named_parameters():
+        p.requires_grad_(name.rsplit(".", 2)[-2] in TARGET_MODULES)
+    return base
+
+
+def trained_state(model: torch.nn.Module, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    if not cfg.full:
+        return get_peft_model_state_dict(model)
+    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 2)[-2] in TARGET_MODULES}
+
+
+def load_trained_state(model: torch.nn.Module, cfg: TrainConfig, tensors: dict[str, torch.Tensor]) -> None:
+    if cfg.full:
+        model.load_state_dict(tensors, strict=False)
+    else:
+        set_peft_model_state_dict(model, tensors)
 
 
 def load_checkpoint(folder: Path, cfg: TrainConfig) -> dict | None:
@@ -118,23 +163,39 @@ def save_adapter(model: PeftModel, folder: Path) -> None:
     config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def save_full(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, folder: Path) -> dict[str, str]:
+    """A Hugging Face checkpoint in bf16, and the sha256 of each of its files (the recipe's check)."""
+    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    model.float()
+    tokenizer.save_pretrained(folder)
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir()) if f.is_file()}
+
+
+def default_paths(cfg: TrainConfig) -> tuple[Path, Path]:
+    """(the output folder, the checkpoint folder). Full fine-tunes (270 MB) are built into build/, not committed."""
+    if cfg.full:
+        return BUILD_DIR / "full" / cfg.tag, BUILD_DIR / "full" / f"{cfg.tag}-checkpoint"
+    return ZOO_DIR / cfg.domain, BUILD_DIR / cfg.domain / "checkpoint"
+
+
 def train(cfg: TrainConfig, out: Path | None = None, ckpt_dir: Path | None = None, fresh: bool = False) -> Path:
-    out = out or ZOO_DIR / cfg.domain
-    ckpt_dir = ckpt_dir or BUILD_DIR / cfg.domain / "checkpoint"
+    default_out, default_ckpt = default_paths(cfg)
+    out, ckpt_dir = out or default_out, ckpt_dir or default_ckpt
     if fresh:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     if not train_path(cfg.domain).is_file() or not heldout_path(cfg.domain).is_file():
         write_splits(cfg.domain)
     torch.set_num_threads(2)
     torch.manual_seed(cfg.seed)  # the LoRA A matrices' initialisation
+    torch.use_deterministic_algorithms(True)  # the recipe promises the same bytes on a rerun
     base, tokenizer = load_base()
-    model = get_peft_model(base, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=TARGET_MODULES))
+    model = trainable(reshaped(base, cfg), cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     state = {"config": asdict(cfg), "step": 0, "curve": [], "train_loss": [], "seconds": 0.0}
     if (saved := load_checkpoint(ckpt_dir, cfg)) is not None:
-        set_peft_model_state_dict(model, saved.pop("adapter"))
+        load_trained_state(model, cfg, saved.pop("adapter"))
         optimizer.load_state_dict(saved.pop("optimizer"))
         scheduler.load_state_dict(saved.pop("scheduler"))
         torch.set_rng_state(saved.pop("rng"))
@@ -170,16 +231,20 @@ def train(cfg: TrainConfig, out: Path | None = None, ckpt_dir: Path | None = Non
                       f"(train loss {sum(state['train_loss'][-cfg.eval_every:]) / len(state['train_loss'][-cfg.eval_every:]):.4f}, "
                       f"{tok_s:.0f} tokens/s training)")
         if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(ckpt_dir, model, optimizer, scheduler, state)
+            save_checkpoint(ckpt_dir, model, cfg, optimizer, scheduler, state)
     bar.close()
 
-    # Score what is shipped: the adapter rounded to bf16.
+    # Score what is shipped: the adapter (or, for a full fine-tune, every weight) rounded to bf16.
     with torch.no_grad():
-        for p in params:
+        for p in params if not cfg.full else model.parameters():
             p.copy_(p.to(torch.bfloat16).float())
     expert = {d: heldout_loss(model, tokenizer, eval_set(d, cfg), cfg.seq_len) for d in DOMAINS}
-    base_loss = base_losses(model, tokenizer, cfg)
-    save_adapter(model, out)
-    write_card(out, cfg, SOURCES[cfg.domain], state, base_loss, expert)
+    base_loss = base_losses(tokenizer, cfg)
+    if cfg.full:
+        hashes = save_full(model, tokenizer, out)
+        write_card(ZOO_DIR / "full" / cfg.tag, cfg, SOURCES[cfg.domain], state, base_loss, expert, hashes)
+    else:
+        save_adapter(model, out)
+        write_card(out, cfg, SOURCES[cfg.domain], state, base_loss, expert)
     print(f"{cfg.domain}: wrote {out}; held-out loss base {base_loss} expert {expert}", flush=True)
     return out

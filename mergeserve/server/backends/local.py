@@ -207,8 +207,8 @@ class LocalBackend:
 
 
 def _fingerprint(lease: Lease) -> str:
-    """Which build of which composition answered: changes with every replacement."""
-    return f"{SYSTEM_FINGERPRINT}:{lease.revision.id}"
+    """Which build of which composition (and, routed, which member model) answered: changes with every replacement."""
+    return f"{SYSTEM_FINGERPRINT}:{lease.revision.id}" + (f":{lease.member}" if lease.member else "")
 
 
 def _completion_prompts(engine: Engine, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:

@@ -1,0 +1,177 @@
+"""Request routers of `method: route`: each request goes to one whole model, chosen from its text.
+
+Members may differ in family, size and tokenizer, so every router scores raw text:
+- keywords: how often each member's keywords occur in the text (Symbolic-MoE's skill table);
+- centroid: cosine of the text's mean token embedding, under one shared encoder (the smallest
+  member's embedding, or the spec's `router.encoder`), against each member's example prompts;
+- perplexity: minus the text's loss per UTF-8 byte under each member (bytes, not tokens, so
+  members with different tokenizers compare fairly); one batched forward per member;
+- learned: a linear classifier on the encoder's mean embedding, trained on unlabeled text
+  labelled by the member that scores each text best (BTM's domain posterior, made hard): the
+  perplexity router's choice at the centroid router's cost (`train_request_router`).
+
+`scores(texts)` returns [N, M] (higher is better); the backend adds a request's `expert_bias`,
+masks members outside its `experts`, and takes the argmax.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from mergeserve.engine.engine import Engine
+from mergeserve.experts import CheckpointError
+from mergeserve.spec import CompositionSpec
+
+
+class RequestRouter(Protocol):
+    def scores(self, texts: list[str]) -> torch.Tensor:
+        """[N, M]: how well each member suits each text; higher is better."""
+
+
+class KeywordRouter:
+    def __init__(self, keywords: list[list[str]]) -> None:
+        # One case-insensitive pattern per member; a keyword matches as a whole word or phrase.
+        self.patterns = [re.compile("|".join(rf"(?<!\w){re.escape(k)}(?!\w)" for k in ks), re.IGNORECASE) for ks in keywords]
+
+    def scores(self, texts: list[str]) -> torch.Tensor:
+        return torch.tensor([[float(len(p.findall(t))) for p in self.patterns] for t in texts])
+
+
+def embed(encoder: Engine, texts: list[str]) -> torch.Tensor:
+    """Each text's mean token embedding under the encoder member, unit length: [N, D]."""
+    table = encoder.composed.embed
+    rows = [table[encoder.tokenizer.encode(t, add_special_tokens=False) or [0]].float().mean(0) for t in texts]
+    return F.normalize(torch.stack(rows), dim=-1)
+
+
+class CentroidRouter:
+    def __init__(self, encoder: Engine, prompts: list[list[str]]) -> None:
+        self.encoder = encoder
+        self.centroids = F.normalize(torch.stack([embed(encoder, ps).mean(0) for ps in prompts]), dim=-1)  # [M, D]
+
+    def scores(self, texts: list[str]) -> torch.Tensor:
+        return embed(self.encoder, texts) @ self.centroids.T
+
+
+class LearnedRouter:
+    def __init__(self, encoder: Engine, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        self.encoder, self.weight, self.bias = encoder, weight, bias  # [M, D], [M]
+
+    def scores(self, texts: list[str]) -> torch.Tensor:
+        return torch.log_softmax(embed(self.encoder, texts) @ self.weight.T + self.bias, dim=-1)
+
+
+class PerplexityRouter:
+    def __init__(self, members: list[Engine]) -> None:
+        self.members = members
+
+    def scores(self, texts: list[str]) -> torch.Tensor:
+        nbytes = torch.tensor([max(1, len(t.encode())) for t in texts], dtype=torch.float32)
+        return torch.stack([self._log_likelihood(m, texts) / nbytes for m in self.members], dim=1)
+
+    @staticmethod
+    def _log_likelihood(member: Engine, texts: list[str]) -> torch.Tensor:
+        """Summed log-probability of each text under one member, all texts in one batched score: [N].
+        A member composition is dense (no router): its forward keeps no state, so this may run
+        beside the executor's steps of the same engine."""
+        ids = [member.tokenizer.encode(t, add_special_tokens=False)[: member.config.max_model_len] for t in texts]
+        bos = member.tokenizer.bos_token_id
+        ids = [([bos] if bos is not None else []) + seq for seq in ids]  # the first text token is scored too
+        return torch.stack([lp.sum() if lp.numel() else torch.tensor(0.0) for lp in member.score(ids)])
+
+
+def build_request_router(spec: CompositionSpec, members: list[Engine]) -> RequestRouter:
+    kind = spec.router.kind
+    if kind == "keywords":
+        return KeywordRouter([e.keywords for e in spec.experts])
+    if kind == "perplexity":
+        return PerplexityRouter(members)
+    name, encoder = encoder_of(spec, members)
+    if kind == "learned":
+        weight, bias = load_classifier(spec.router.weights, [e.name for e in spec.experts], name, encoder.composed.embed.shape[1])
+        return LearnedRouter(encoder, weight, bias)
+    return CentroidRouter(encoder, [e.prompts for e in spec.experts])
+
+
+def encoder_of(spec: CompositionSpec, members: list[Engine]) -> tuple[str, Engine]:
+    """The member whose embedding encodes prompts: router.encoder, else the smallest member."""
+    names = [e.name for e in spec.experts]
+    i = names.index(spec.router.encoder) if spec.router.encoder else \
+        min(range(len(members)), key=lambda j: sum(t.numel() for t in members[j].composed.tensors()))
+    return names[i], members[i]
+
+
+def load_classifier(path: str, names: list[str], encoder: str, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learned request router's weight [M, D] and bias [M], rows in the order of `names` (safetensors only)."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a request router written by `mergeserve train-router` ({e})") from e
+    theirs = json.loads(meta.get("expert_names", "null"))
+    if not isinstance(theirs, list) or sorted(theirs) != sorted(names):
+        raise CheckpointError(f"{path}: a request router for the members {theirs}, the spec has {names}")
+    if meta.get("encoder") != encoder or weight.shape != (len(names), dim):
+        raise CheckpointError(f"{path}: trained on {meta.get('encoder')!r}'s embedding (weight {list(weight.shape)}); "
+                              f"the spec encodes with {encoder!r} ({dim} wide)")
+    order = [theirs.index(n) for n in names]
+    return weight[order].float(), bias[order].float()
+
+
+def train_request_router(
+    spec: CompositionSpec, members: list[Engine], texts: list[str], out: str | Path, steps: int = 300, lr: float = 0.05,
+    max_chars: int = 512,
+) -> dict:
+    """Label each text (its first `max_chars` characters: a prompt's length) by the member with the
+    best loss per byte, then fit a linear classifier on its mean embedding (Adam, cross-entropy, a
+    little weight decay). Writes `out`; returns its summary."""
+    texts = [t[:max_chars] for t in texts if t.strip()]
+    if not texts:
+        raise ValueError("no calibration text to label")
+    labels = PerplexityRouter(members).scores(texts).argmax(1)  # [N]
+    name, encoder = encoder_of(spec, members)
+    x = embed(encoder, texts)  # [N, D]
+    weight = torch.zeros(len(members), x.shape[1], requires_grad=True)
+    bias = torch.zeros(len(members), requires_grad=True)
+    opt = torch.optim.Adam([weight, bias], lr=lr, weight_decay=1e-4)
+    for _ in range(steps):
+        loss = F.cross_entropy(x @ weight.T + bias, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    loss = loss.detach()
+    names = [e.name for e in spec.experts]
+    accuracy = float(((x @ weight.T + bias).argmax(1) == labels).float().mean())
+    summary = {"expert_names": names, "encoder": name, "texts": len(texts), "train_accuracy": accuracy,
+               "labels": {n: int((labels == i).sum()) for i, n in enumerate(names)}, "loss": float(loss)}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_file({"weight": weight.detach().contiguous(), "bias": bias.detach().contiguous()}, str(out),
+              metadata={k: json.dumps(v) if not isinstance(v, str) else v for k, v in summary.items()} | {"format": "pt"})
+    return summary
+
+
+def train_from_files(spec: CompositionSpec, data: list[str | Path], out: str | Path, per_file: int = 64, seed: int = 0,
+                     **options) -> dict:
+    """`mergeserve train-router` for a route spec: build the members, read the text, train."""
+    from mergeserve import merge
+    from mergeserve.calibration import data_files, read_texts
+    from mergeserve.experts import ExpertPool
+
+    rng = random.Random(seed)
+    texts = []
+    for f in data_files(data):  # bad data fails before the builds
+        found = read_texts(f)
+        texts += rng.sample(found, min(per_file, len(found)))  # every file (domain) equally
+    pool = ExpertPool()
+    members = [Engine(merge.build(spec.member(e), pool)) for e in spec.experts]
+    return train_request_router(spec, members, texts, out, **options)

@@ -1,0 +1,213 @@
+"""`method: route`: whole models of different families and sizes behind one name, each request
+routed at admission to one of them (keywords, centroid or perplexity), each model in its own engine."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import yaml
+from live import live_server
+from safetensors.torch import save_file
+from tiny import make_checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mergeserve.cli import main
+from mergeserve.engine.executor import Executor
+from mergeserve.experts import ExpertPool
+from mergeserve.server import Registry, create_app
+from mergeserve.server.auth import Auth
+from mergeserve.server.builder import Builder
+from mergeserve.spec import EngineConfig, parse_composition
+from mergeserve.zoo.splits import write_jsonl
+
+CODE, GERMAN, MATH = "def add(a, b):\n    return a + b\n", "Die Katze schläft im Haus.", "What is 12 + 7? 12 + 7 = 19."
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory) -> dict[str, Path]:
+    """Three whole models of different families, widths and depths."""
+    root = tmp_path_factory.mktemp("members")
+    return {
+        "coder": make_checkpoint(root / "coder", "llama", seed=1, layers=2),
+        "german": make_checkpoint(root / "german", "mistral", seed=2, layers=3, hidden_size=96, intermediate_size=128),
+        "math": make_checkpoint(root / "math", "qwen2", seed=3, layers=1, hidden_size=32, intermediate_size=64),
+    }
+
+
+def route_spec(members: dict[str, Path], name: str = "zoo", **router) -> dict:
+    extra = {"coder": {"keywords": ["def", "return", "python"], "prompts": [CODE]},
+             "german": {"keywords": ["die", "katze", "haus"], "prompts": [GERMAN]},
+             "math": {"keywords": ["plus", "sum", "12"], "prompts": [MATH]}}
+    return {"name": name, "method": "route", "router": router or {"kind": "keywords"},
+            "experts": [{"name": n, "source": str(p)} | extra[n] for n, p in members.items()]}
+
+
+@dataclass
+class Server:
+    http: httpx.Client
+    client: openai.OpenAI
+    builder: Builder
+
+
+@pytest.fixture()
+def server(members) -> Iterator[Server]:
+    registry, executor = Registry(), Executor()
+    builder = Builder(registry, ExpertPool(), executor, EngineConfig(max_num_seqs=4, max_model_len=128))
+    app = create_app(registry, executor, Auth(), builder)
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        yield Server(http, openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0), builder)
+
+
+def complete(server: Server, model: str, prompt: str, **extra) -> tuple[str, str, str]:
+    """(the member that served it, the greedy text, the system fingerprint)."""
+    raw = server.client.completions.with_raw_response.create(
+        model=model, prompt=prompt, max_tokens=6, temperature=0, extra_body={"ignore_eos": True, **extra})
+    body = raw.parse()
+    return raw.headers["x-mergeserve-member"], body.choices[0].text, body.system_fingerprint
+
+
+@pytest.mark.parametrize("kind", ["keywords", "centroid"])
+def test_each_request_goes_to_the_model_its_text_names(server, members, kind):
+    server.builder.build_now(parse_composition(route_spec(members, **{"kind": kind})))
+    for prompt, expected in ((CODE, "coder"), (GERMAN, "german"), (MATH, "math")):
+        member, _, fingerprint = complete(server, "zoo", prompt)
+        assert member == expected and fingerprint.endswith(f":{expected}")
+
+
+def bits_per_byte(path: Path, text: str) -> float:
+    """The reference: the member's loss per UTF-8 byte under transformers itself."""
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    ids = torch.tensor([[tok.bos_token_id, *tok.encode(text, add_special_tokens=False)]])
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss * (ids.shape[1] - 1)
+    return float(loss) / len(text.encode())
+
+
+def test_the_perplexity_router_picks_the_lowest_loss_per_byte(server, members):
+    server.builder.build_now(parse_composition(route_spec(members, kind="perplexity")))
+    for prompt in (CODE, GERMAN, MATH, "Hello, how are you today?"):
+        expected = min(members, key=lambda n: bits_per_byte(members[n], prompt))
+        assert complete(server, "zoo", prompt)[0] == expected
+
+
+def test_experts_restrict_and_expert_bias_shifts_the_choice(server, members):
+    server.builder.build_now(parse_composition(route_spec(members)))
+    assert complete(server, "zoo", CODE, experts=["german", "math"])[0] in ("german", "math")
+    assert complete(server, "zoo", CODE, expert_bias={"math": 50.0})[0] == "math"
+    with pytest.raises(openai.BadRequestError, match="no expert named"):
+        complete(server, "zoo", CODE, experts=["nobody"])
+
+
+def test_a_request_routed_to_one_model_equals_that_model_served_alone(server, members):
+    server.builder.build_now(parse_composition(route_spec(members)))
+    for name, path in members.items():
+        server.builder.build_now(parse_composition({"name": f"alone-{name}", "base": str(path),
+                                                    "experts": [{"name": name, "source": str(path)}]}))
+    for prompt, member in ((CODE, "coder"), (GERMAN, "german"), (MATH, "math")):
+        assert complete(server, "zoo", prompt)[1] == server.client.completions.create(
+            model=f"alone-{member}", prompt=prompt, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+
+
+def test_a_mixed_batch_equals_each_request_run_alone(server, members):
+    server.builder.build_now(parse_composition(route_spec(members)))
+    prompts = [CODE, GERMAN, MATH, CODE + " # again", GERMAN + " Ja."]
+    alone = [complete(server, "zoo", p)[:2] for p in prompts]
+    together: list = [None] * len(prompts)
+
+    def send(i: int) -> None:
+        together[i] = complete(server, "zoo", prompts[i])[:2]
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
+
+
+def test_chat_uses_the_chosen_models_own_template_and_streams(server, members):
+    server.builder.build_now(parse_composition(route_spec(members)))
+    raw = server.client.chat.completions.with_raw_response.create(
+        model="zoo", messages=[{"role": "user", "content": "Die Katze und das Haus"}], max_tokens=4, temperature=0)
+    assert raw.headers["x-mergeserve-member"] == "german" and raw.parse().choices[0].message.content is not None
+    chunks = list(server.client.chat.completions.create(
+        model="zoo", messages=[{"role": "user", "content": "def f(): return 1"}], max_tokens=4, stream=True))
+    assert chunks and all(c.system_fingerprint.endswith(":coder") for c in chunks)
+
+
+def test_token_id_prompts_are_refused_since_members_tokenize_differently(server, members):
+    server.builder.build_now(parse_composition(route_spec(members)))
+    with pytest.raises(openai.BadRequestError, match="as text"):
+        server.client.completions.create(model="zoo", prompt=[1, 2, 3], max_tokens=2)
+
+
+def test_members_count_their_own_requests_and_tokens(server, members):
+    server.builder.build_now(parse_composition(route_spec(members)))
+    complete(server, "zoo", CODE)
+    complete(server, "zoo", MATH)
+    text = server.http.get("/metrics").text
+    assert 'mergeserve:member_requests_total{member="coder",model="zoo"} 1.0' in text
+    assert 'mergeserve:generation_tokens_total{model="zoo.math"} 6.0' in text
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"base": "/somewhere"}, "give no base"),
+    ({"router": {"kind": "keywords", "top_k": 2}}, "top_k must be 1"),
+    ({"router": {"kind": "hidden"}}, "not a request router"),
+    ({"router": {"kind": "centroid", "encoder": "nobody"}}, "not one of the experts"),
+])
+def test_a_broken_route_spec_is_refused_by_name(members, change, message):
+    with pytest.raises(ValueError, match=message):
+        parse_composition(route_spec(members) | change)
+
+
+def test_keywords_are_required_for_every_member(members):
+    spec = route_spec(members)
+    spec["experts"][1]["keywords"] = []
+    with pytest.raises(ValueError, match=r"keywords for every expert; none for \['german'\]"):
+        parse_composition(spec)
+
+
+def test_a_learned_router_trained_on_unlabeled_text_routes_like_the_best_member(server, members, tmp_path):
+    """train-router on a route spec labels each text by the member with the best loss per byte
+    (the perplexity router's choice) and learns to predict it from the prompt's mean embedding."""
+    texts = [CODE, GERMAN, MATH, "Hello, how are you today?", "Der Hund läuft schnell über die Straße.",
+             "import os\nprint(os.getcwd())\n", "Tom has 5 apples and buys 3 more, so he has 8."]
+    write_jsonl(tmp_path / "calib.jsonl", [{"text": t} for t in texts])
+    spec = route_spec(members, kind="learned", weights=str(tmp_path / "router.safetensors"))
+    (tmp_path / "route.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["train-router", "--spec", str(tmp_path / "route.yaml"), "--data", str(tmp_path / "calib.jsonl"),
+                 "--out", str(tmp_path / "router.safetensors"), "--threads", "1"]) == 0
+    expected = {t: min(members, key=lambda n: bits_per_byte(members[n], t)) for t in texts}
+    server.builder.build_now(parse_composition(spec))
+    assert {t: complete(server, "zoo", t)[0] for t in texts} == expected
+
+
+def test_a_learned_router_for_other_members_is_refused(server, members, tmp_path):
+    save_file({"weight": torch.zeros(2, 32), "bias": torch.zeros(2)}, str(tmp_path / "r.safetensors"),
+              metadata={"expert_names": '["coder", "math"]', "encoder": "math"})
+    revision = server.builder.build_now(parse_composition(route_spec(members, kind="learned", weights=str(tmp_path / "r.safetensors"))))
+    assert revision.state == "failed" and "a request router for the members ['coder', 'math']" in revision.error
+
+
+def test_replacing_one_member_reloads_only_that_model(server, members, tmp_path):
+    def weights(revision) -> dict[str, int]:
+        return {n: m.engine.composed.embed.data_ptr() for n, m in revision.backend.members.items()}
+
+    first = weights(server.builder.build_now(parse_composition(route_spec(members))))
+    other = make_checkpoint(tmp_path / "other", "qwen2", seed=9, layers=2, hidden_size=32, intermediate_size=64)
+    spec = route_spec(members)
+    spec["experts"][2]["source"] = str(other)
+    second = server.builder.build_now(parse_composition(spec))
+    assert second.state == "ready"
+    now = weights(second)  # the unchanged members run on the very tensors the pool loaded for the first build
+    assert (now["coder"], now["german"]) == (first["coder"], first["german"]) and now["math"] != first["math"]
+    used = {e["source"]: e["used_by"] for e in server.builder.pool.sources()}
+    assert used[str(members["coder"])] == [second.id] and str(members["math"]) not in used

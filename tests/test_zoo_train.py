@@ -1,0 +1,55 @@
+"""The zoo trainer's full fine-tune mode, on a tiny Llama: what trains, and a checkpoint the pool serves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from mergeserve.experts import ExpertPool
+from mergeserve.zoo.reshape import kept_layers, prune_depth, to_qwen2
+from mergeserve.zoo.train import TARGET_MODULES, TrainConfig, save_full, trainable, trained_state
+
+
+def test_a_full_fine_tune_trains_every_projection_and_nothing_else(zoo):
+    model = trainable(LlamaForCausalLM.from_pretrained(zoo["base"]), TrainConfig("math", full=True))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(n.rsplit(".", 2)[-2] in TARGET_MODULES for n in trained)
+    assert not any("embed" in n or "norm" in n for n in trained)
+    assert set(trained_state(model, TrainConfig("math", full=True))) == {n for n in model.state_dict() if n in trained}
+
+
+def test_a_full_fine_tune_is_saved_byte_for_byte_the_same_and_served_as_an_expert(zoo, tmp_path: Path):
+    model = LlamaForCausalLM.from_pretrained(zoo["base"])
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(0.25)
+    tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
+    first, second = save_full(model, tokenizer, tmp_path / "a"), save_full(model, tokenizer, tmp_path / "b")
+    assert first == second and "model.safetensors" in first
+    expert = ExpertPool().get_expert(str(tmp_path / "a"), str(zoo["base"]))
+    key = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(expert.tensors[key].float(), model.state_dict()[key].to(torch.bfloat16).float())
+
+
+def test_depth_pruning_keeps_the_first_layers_and_the_last(zoo, tmp_path: Path):
+    from tiny import make_checkpoint
+
+    assert kept_layers(30, 20) == [*range(19), 29]
+    model = LlamaForCausalLM.from_pretrained(make_checkpoint(tmp_path / "deep", "llama", seed=4, layers=4))
+    pruned = prune_depth(model, 2)
+    assert pruned.config.num_hidden_layers == 2 and len(pruned.model.layers) == 2
+    for new, old in enumerate([0, 3]):
+        torch.testing.assert_close(pruned.model.layers[new].mlp.up_proj.weight, model.model.layers[old].mlp.up_proj.weight)
+    torch.testing.assert_close(pruned.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_a_llama_converted_to_qwen2_computes_the_same_logits_and_gains_trainable_biases(zoo):
+    model = LlamaForCausalLM.from_pretrained(zoo["base"]).eval()
+    qwen = to_qwen2(model).eval()
+    assert qwen.config.model_type == "qwen2" and not qwen.model.layers[0].self_attn.q_proj.bias.any()
+    ids = torch.tensor([[1, 5, 9, 33, 7, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(qwen(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    trained = {n for n, p in trainable(qwen, TrainConfig("code", full=True)).named_parameters() if p.requires_grad}
+    assert "model.layers.0.self_attn.q_proj.bias" in trained
