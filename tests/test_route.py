@@ -155,6 +155,7 @@ def test_members_count_their_own_requests_and_tokens(server, members):
     text = server.http.get("/metrics").text
     assert 'mergeserve:member_requests_total{member="coder",model="zoo"} 1.0' in text
     assert 'mergeserve:generation_tokens_total{model="zoo.math"} 6.0' in text
+    assert 'mergeserve:engine_step_failures_total{model="zoo.german"} 0.0' in text
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -175,7 +175,8 @@ def write_shrunk(
     if spec.router.kind == "learned":  # its rows were trained for the old experts
         router["kind"] = "hidden" if all(e["prompts"] for e in experts) else "arrow"
     router["top_k"] = min(spec.router.top_k, len(experts))
-    shrunk = {"name": f"{spec.name}-{len(experts)}", "base": spec.base, "method": spec.method,
+    suffix = "" if merge == "usage" else f"-{merge}"
+    shrunk = {"name": f"{spec.name}-{len(experts)}{suffix}", "base": spec.base, "method": spec.method,
               **({"merge": spec.merge.model_dump(by_alias=True, exclude_defaults=True)} if spec.method == "mergeme" else {}),
               "router": router, "experts": experts}
     path = out / "spec.yaml"

@@ -83,7 +83,7 @@ class PerplexityRouter:
         """Summed log-probability of each text under one member, all texts in one batched score: [N].
         A member composition is dense (no router): its forward keeps no state, so this may run
         beside the executor's steps of the same engine."""
-        ids = [member.tokenizer.encode(t, add_special_tokens=False)[: member.config.max_model_len] for t in texts]
+        ids = [member.tokenizer.encode(t, add_special_tokens=False)[: member.config.max_model_len - 1] for t in texts]
         bos = member.tokenizer.bos_token_id
         ids = [([bos] if bos is not None else []) + seq for seq in ids]  # the first text token is scored too
         return torch.stack([lp.sum() if lp.numel() else torch.tensor(0.0) for lp in member.score(ids)])

@@ -76,20 +76,19 @@ class _BackendCollector(Collector):
         for backend in self._backends():
             running.add_metric([backend.name], backend.num_running)
             waiting.add_metric([backend.name], backend.num_waiting)
-            engine = backend.engine
-            if engine is None:  # served elsewhere
-                continue
-            failures.add_metric([engine.name], engine.failed_steps)
-            if engine.expert_requests is not None:
-                for expert, count in zip(engine.expert_names, engine.expert_requests.tolist()):
-                    requests.add_metric([engine.name, expert], count)
-            load = engine.expert_load
-            if load is None:  # a dense composition
-                continue
-            for layer, (counts, sums) in enumerate(zip(load.tolist(), engine.expert_weight.tolist())):
-                for expert, count, total in zip(engine.expert_names, counts, sums):
-                    experts.add_metric([engine.name, str(layer), expert], count)
-                    weights.add_metric([engine.name, str(layer), expert], total)
+            # A route composition has an engine per member model; a remote backend has none here.
+            for engine in getattr(backend, "engines", None) or ([backend.engine] if backend.engine else []):
+                failures.add_metric([engine.name], engine.failed_steps)
+                if engine.expert_requests is not None:
+                    for expert, count in zip(engine.expert_names, engine.expert_requests.tolist()):
+                        requests.add_metric([engine.name, expert], count)
+                load = engine.expert_load
+                if load is None:  # a dense composition
+                    continue
+                for layer, (counts, sums) in enumerate(zip(load.tolist(), engine.expert_weight.tolist())):
+                    for expert, count, total in zip(engine.expert_names, counts, sums):
+                        experts.add_metric([engine.name, str(layer), expert], count)
+                        weights.add_metric([engine.name, str(layer), expert], total)
         return [running, waiting, experts, weights, requests, failures]
 
 
