@@ -283,3 +283,10 @@ def test_eval_command_writes_results(zoo, data_dir, tmp_path, capsys):
     # --oracle without an expert per domain is a usage error, found before anything is built.
     assert main(["eval", "--spec", specs[1], "--oracle", "--out", str(tmp_path / "x"), "--data", str(data_dir)]) == 2
     assert "none for" in capsys.readouterr().err
+
+    # --domains scores a subset: the oracle then needs an expert for those domains only.
+    two = [*specs[:4], *specs[6:8], *specs[10:]]  # base, math, code, moe
+    assert main(["eval", *two, "--oracle", "--domains", "math", "code", "--out", str(tmp_path / "two"), "--data", str(data_dir),
+                 "--max-tokens", "12", "--mixed", "2", "--math", "2", "--max-new-tokens", "8"]) == 0
+    subset = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert subset["domains"] == ["math", "code"] and set(subset["oracle"]["domains"]) == {"math", "code"}

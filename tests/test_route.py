@@ -3,6 +3,7 @@ routed at admission to one of them (keywords, centroid or perplexity), each mode
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,8 +22,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mergeserve.cli import main
 from mergeserve.engine.executor import Executor
 from mergeserve.experts import ExpertPool
+from mergeserve.router.request import KeywordRouter
 from mergeserve.server import Registry, create_app
 from mergeserve.server.auth import Auth
+from mergeserve.server.backends.routed import BatchedRouter
 from mergeserve.server.builder import Builder
 from mergeserve.spec import EngineConfig, parse_composition
 from mergeserve.zoo.splits import write_jsonl
@@ -212,3 +215,25 @@ def test_replacing_one_member_reloads_only_that_model(server, members, tmp_path)
     assert (now["coder"], now["german"]) == (first["coder"], first["german"]) and now["math"] != first["math"]
     used = {e["source"]: e["used_by"] for e in server.builder.pool.sources()}
     assert used[str(members["coder"])] == [second.id] and str(members["math"]) not in used
+
+
+def test_prompts_that_arrive_together_are_routed_in_one_batch():
+    """The perplexity router's cost is a forward per member: the backend scores every prompt that
+    arrived while the last routing ran in one call (here, all five in the first)."""
+    router = KeywordRouter([["def"], ["die"], ["12"]])
+    calls = []
+
+    class Counted:
+        def scores(self, texts: list[str]) -> torch.Tensor:
+            calls.append(len(texts))
+            return router.scores(texts)
+
+    texts = [CODE, GERMAN, MATH, CODE, GERMAN]
+
+    async def route_all() -> list[torch.Tensor]:
+        batcher = BatchedRouter(Counted())
+        return await asyncio.gather(*(batcher.scores(t) for t in texts))
+
+    rows = asyncio.run(route_all())
+    assert calls == [5]
+    torch.testing.assert_close(torch.stack(rows), router.scores(texts))

@@ -27,7 +27,7 @@ class RoutedBackend:
 
     def __init__(self, name: str, members: dict[str, LocalBackend], router: RequestRouter, router_kind: str) -> None:
         self.name, self.members, self.router_kind = name, members, router_kind
-        self._batcher = _Batcher(router)
+        self._batcher = BatchedRouter(router)
 
     @property
     def num_running(self) -> int:
@@ -88,7 +88,7 @@ def _unrouted(body: BaseModel) -> BaseModel:
     return body.model_copy(update={"experts": None, "expert_bias": None})
 
 
-class _Batcher:
+class BatchedRouter:
     """Routes every text that arrives while a routing forward runs together in the next one:
     one batched forward per member for all new prompts. Lives on the event loop (no locks)."""
 
