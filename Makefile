@@ -7,7 +7,7 @@
 # make clean  remove the venv and caches
 # make zoo    rebuild the expert zoo's data splits and train its missing experts (resumable; ZOO_ARGS=--force retrains)
 # make zoo-full  build the zoo's two full fine-tunes (math, code) into build/zoo/full from their committed recipes
-# make zoo-hetero  and the heterogeneous zoo's other members: a depth-pruned german expert, a Qwen2 code expert
+# make zoo-hetero  the heterogeneous zoo's members of other shapes: a depth-pruned math expert, a Qwen2 code expert
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -95,10 +95,9 @@ zoo-full: $(STAMP)
 	$(PY) -m mergeserve.zoo data --domain math && $(PY) -m mergeserve.zoo data --domain code
 	$(PY) -m mergeserve.zoo train --full $(ZOO_ARGS)
 
-# ~12 and ~17 minutes on 2 cores; the math member is zoo-full's.
+# ~12 and ~17 minutes on 2 cores; the german member is the committed LoRA.
 .PHONY: zoo-hetero
-zoo-hetero: zoo-full
-	@test -d $(HANDBOOK) || [ "$$(id -u)" != 0 ] || (apt-get update && apt-get install -y debian-handbook)
-	$(PY) -m mergeserve.zoo data --domain german
-	$(PY) -m mergeserve.zoo train --full --domain german --keep-layers 20 --steps 200 $(ZOO_ARGS)
+zoo-hetero: $(STAMP)
+	$(PY) -m mergeserve.zoo data --domain math && $(PY) -m mergeserve.zoo data --domain code
+	$(PY) -m mergeserve.zoo train --full --domain math --keep-layers 20 --steps 200 $(ZOO_ARGS)
 	$(PY) -m mergeserve.zoo train --full --domain code --arch qwen2 --steps 200 $(ZOO_ARGS)

@@ -247,11 +247,12 @@ class CompositionSpec(_Strict):
         if self.backend != "local":
             raise ValueError(f"method=route runs each member in its own local engine; backend={self.backend} does not")
         if self.base is not None:
-            raise ValueError("method=route composes whole models: give no base (each expert's source is a complete checkpoint)")
+            raise ValueError("method=route composes whole models: give no base (each expert's source is a complete "
+                             "checkpoint, or a LoRA adapter with a base of its own)")
         if len(set(names)) != len(names):
             raise ValueError(f"expert names must be unique, repeated: {sorted({n for n in names if names.count(n) > 1})}")
-        if self.merge.model_fields_set or any(e.base for e in self.experts):
-            raise ValueError("method=route merges nothing: give no merge section and no expert base")
+        if self.merge.model_fields_set:
+            raise ValueError("method=route merges nothing: give no merge section")
         if router.kind not in ("centroid", "perplexity", "keywords", "learned"):
             raise ValueError(f"router.kind={router.kind} is not a request router; method=route takes centroid, perplexity, "
                              "keywords or learned")
@@ -265,15 +266,16 @@ class CompositionSpec(_Strict):
             raise ValueError(f"router.encoder={router.encoder!r} is not one of the experts {names}")
 
     def member(self, expert: ExpertSpec) -> CompositionSpec:
-        """method=route: the composition that serves one member alone (its own engine)."""
-        return CompositionSpec(name=f"{self.name}.{expert.name}", base=expert.source, dtype=self.dtype,
+        """method=route: the composition that serves one member alone (its own engine): a whole
+        checkpoint, or a LoRA adapter over the member's own `base`."""
+        return CompositionSpec(name=f"{self.name}.{expert.name}", base=expert.base or expert.source, dtype=self.dtype,
                                experts=[ExpertSpec(name=expert.name, source=expert.source)])
 
     @property
     def source_paths(self) -> list[str]:
         """Every file or folder the spec reads: base, experts, experts' own bases, router weights."""
         if self.method == "route":
-            return [e.source for e in self.experts]
+            return [*(e.source for e in self.experts), *(e.base for e in self.experts if e.base)]
         if self.base is None:
             return []
         bases = [e.base for e in self.experts if e.base]

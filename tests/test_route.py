@@ -237,3 +237,14 @@ def test_prompts_that_arrive_together_are_routed_in_one_batch():
     rows = asyncio.run(route_all())
     assert calls == [5]
     torch.testing.assert_close(torch.stack(rows), router.scores(texts))
+
+
+def test_a_member_may_be_a_lora_adapter_over_its_own_base(server, members, adapters, zoo):
+    spec = route_spec(members)
+    spec["experts"].append({"name": "adapted", "source": str(adapters["math"]), "base": str(zoo["base"]), "keywords": ["apples"]})
+    server.builder.build_now(parse_composition(spec))
+    server.builder.build_now(parse_composition({"name": "alone", "base": str(zoo["base"]),
+                                                "experts": [{"name": "adapted", "source": str(adapters["math"])}]}))
+    member, text, _ = complete(server, "zoo", "Tom has 5 apples")
+    assert member == "adapted" and text == server.client.completions.create(
+        model="alone", prompt="Tom has 5 apples", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}).choices[0].text
