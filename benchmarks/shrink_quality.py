@@ -5,7 +5,7 @@ eval harness scored the full composition and its shrunk specs on the same held-o
 and writes a table and a plot: each domain's loss, the share of the full composition's gain
 over the base each keeps, and math accuracy.
 
-    python benchmarks/shrink_quality.py [--results FILE] [--rows btx btx-2 btx-1] [--out benchmarks/results/shrink]
+    python benchmarks/shrink_quality.py [--results FILE] [--rows btx btx-2 btx-1 btx-2-sum btx-1-sum] [--out benchmarks/results/shrink]
 """
 
 from __future__ import annotations
@@ -44,10 +44,18 @@ def table(results: dict, names: list[str]) -> tuple[list[str], list[dict]]:
 
 
 def plot(points: list[dict], domains: list[str], path: Path) -> None:
+    """One line per domain and merge mode: the full composition, then its usage-averaged
+    (`--merge usage`) shrinks solid and its summed (`--merge sum`) shrinks dashed."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    full, rest = points[0], points[1:]
     experts = [p["experts"] for p in points]
-    for d in domains:
-        ax.plot(experts, [p["losses"][d] for p in points], marker="o", label=f"{d} loss")
+    for mode, style in (("usage", "-"), ("sum", "--")):
+        series = [full] + [p for p in rest if p["name"].endswith("-sum") == (mode == "sum")]
+        if len(series) == 1:
+            continue
+        for i, d in enumerate(domains):
+            ax.plot([p["experts"] for p in series], [p["losses"][d] for p in series], style, marker="o", color=f"C{i}",
+                    label=f"{d} loss ({mode})")
     ax.set_xlabel("experts")
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_xticks(sorted(set(experts)))
@@ -61,7 +69,8 @@ def plot(points: list[dict], domains: list[str], path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", type=Path, default=RESULTS / "merge_quality" / "results.json")
-    p.add_argument("--rows", nargs="+", default=["btx", "btx-2", "btx-1"], help="the full composition first, then its shrunk versions")
+    p.add_argument("--rows", nargs="+", default=["btx", "btx-2", "btx-1", "btx-2-sum", "btx-1-sum"],
+                   help="the full composition first, then its shrunk versions (names ending -sum: merged with --merge sum)")
     p.add_argument("--out", type=Path, default=RESULTS / "shrink")
     args = p.parse_args()
     results = json.loads(args.results.read_text())
