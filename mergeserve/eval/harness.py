@@ -134,10 +134,12 @@ def evaluate_engine(engine: Engine, data: EvalData, settings: EvalSettings) -> d
 
 
 def row_kind(spec: CompositionSpec) -> dict:
-    """What a row is: the base alone, one expert alone, or a merge of several."""
+    """What a row is: the base alone, one expert alone, or a merge of several. The base alone is
+    an expert named `base` whose source is the spec's base; a whole model of another shape served
+    alone (its source is its own base) is an expert."""
     if len(spec.experts) == 1:
         expert = spec.experts[0]
-        if spec.base is not None and Path(expert.source).resolve() == Path(spec.base).resolve():
+        if expert.name == "base" and spec.base is not None and Path(expert.source).resolve() == Path(spec.base).resolve():
             return {"kind": "base"}
         return {"kind": "expert", "expert": expert.name}
     return {"kind": spec.method, "experts": [e.name for e in spec.experts]}
