@@ -153,7 +153,7 @@ def markdown(results: dict) -> str:
     if gains := gain_table(results):
         lines += ["", "## Share of each expert's gain kept", "",
                   "(base loss - model loss) / (base loss - the domain expert's loss), per domain; mean loss "
-                  "averages the three domains' losses.", ""] + gains
+                  "averages the domains' losses.", ""] + gains
     if acc := acceptance(results):
         lines += ["", "## Experts against the base", ""] + acc
     if rt := router_tables(results):
