@@ -153,7 +153,9 @@ def fingerprint(spec: CompositionSpec) -> str:
         for f in sorted(path.rglob("*") if path.is_dir() else [path]):
             if f.is_file():
                 files.append((str(f), f.stat().st_size, f.stat().st_mtime_ns))
-    return hashlib.sha256(json.dumps([spec.model_dump(mode="json"), files]).encode()).hexdigest()
+    # Fields left at their defaults are left out, so that a spec field added later (at a default
+    # that changes nothing) does not invalidate every row computed before it.
+    return hashlib.sha256(json.dumps([spec.model_dump(mode="json", exclude_defaults=True), files]).encode()).hexdigest()
 
 
 def evaluate_specs(
