@@ -5,7 +5,7 @@ eval harness scored the full composition and its shrunk specs on the same held-o
 and writes a table and a plot: each domain's loss, the share of the full composition's gain
 over the base each keeps, and math accuracy.
 
-    python benchmarks/shrink_quality.py [--results FILE] [--rows btx btx-2 btx-1 btx-2-sum btx-1-sum] [--out benchmarks/results/shrink]
+    python benchmarks/shrink_quality.py [--results FILE...] [--rows btx btx-2 btx-1 btx-2-sum btx-1-sum] [--out benchmarks/results/shrink]
 """
 
 from __future__ import annotations
@@ -68,12 +68,17 @@ def plot(points: list[dict], domains: list[str], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--results", type=Path, default=RESULTS / "merge_quality" / "results.json")
+    p.add_argument("--results", type=Path, nargs="+",
+                   default=[RESULTS / "merge_quality" / "results.json", RESULTS / "shrink_sum" / "results.json"],
+                   help="eval results.json files scored with the same settings; their rows are joined by name")
     p.add_argument("--rows", nargs="+", default=["btx", "btx-2", "btx-1", "btx-2-sum", "btx-1-sum"],
                    help="the full composition first, then its shrunk versions (names ending -sum: merged with --merge sum)")
     p.add_argument("--out", type=Path, default=RESULTS / "shrink")
     args = p.parse_args()
-    results = json.loads(args.results.read_text())
+    files = [json.loads(f.read_text()) for f in args.results if f.is_file()]
+    if any(f["settings"] != files[0]["settings"] for f in files):
+        raise SystemExit("the results files were scored with different settings: their rows do not compare")
+    results = files[0] | {"rows": list({r["name"]: r for f in files for r in f["rows"]}.values())}
     lines, points = table(results, args.rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(points, indent=1) + "\n")

@@ -17,7 +17,7 @@ import yaml
 from live import live_server
 from safetensors.torch import save_file
 from tiny import make_checkpoint
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from mergeserve.cli import main
 from mergeserve.engine.executor import Executor
@@ -85,8 +85,9 @@ def test_each_request_goes_to_the_model_its_text_names(server, members, kind):
 
 
 def bits_per_byte(path: Path, text: str) -> float:
-    """The reference: the member's loss per UTF-8 byte under transformers itself."""
-    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    """The reference: the member's loss per UTF-8 byte under transformers itself, with the tokenizer
+    the checkpoint ships (saved as the generic class; AutoTokenizer would pick Qwen2's own for qwen2)."""
+    tok, model = PreTrainedTokenizerFast.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
     ids = torch.tensor([[tok.bos_token_id, *tok.encode(text, add_special_tokens=False)]])
     with torch.no_grad():
         loss = model(ids, labels=ids).loss * (ids.shape[1] - 1)
@@ -133,6 +134,13 @@ def test_a_mixed_batch_equals_each_request_run_alone(server, members):
     for t in threads:
         t.join()
     assert together == alone
+
+
+def test_a_converted_model_keeps_the_tokenizer_it_was_saved_with(members):
+    """The Qwen2 member was saved with a generic tokenizer: the pool serves exactly that one."""
+    text = "def f(x):\n    return  x + 123\n"
+    served = ExpertPool().get(str(members["math"])).tokenizer
+    assert served.encode(text) == PreTrainedTokenizerFast.from_pretrained(members["math"]).encode(text)
 
 
 def test_chat_uses_the_chosen_models_own_template_and_streams(server, members):

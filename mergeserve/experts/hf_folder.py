@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from mergeserve.experts.checkpoint import (
     Checkpoint,
@@ -30,9 +31,19 @@ def load_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
+    """The tokenizer the checkpoint ships. One saved as the generic class is loaded as such: its
+    tokenizer.json is the whole truth, where AutoTokenizer would swap in the model type's own class
+    and its pre-tokenizer (a Llama converted to Qwen2 would then tokenize the Qwen way)."""
     if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
+    config = folder / "tokenizer_config.json"
+    declared = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    if declared in GENERIC_TOKENIZERS and (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
     return AutoTokenizer.from_pretrained(str(folder))
 
 
