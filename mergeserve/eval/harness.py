@@ -103,6 +103,14 @@ def router_stats(picks: torch.Tensor, weight: torch.Tensor, names: list[str]) ->
             "mean_weight": dict(zip(names, mean_weight.mean(0).tolist())), "mean_weight_per_layer": mean_weight.tolist()}
 
 
+def mixed_result(mixed: list[tuple[str, dict]], sums: list[LossSum]) -> dict:
+    """The mixed set's loss in total and per source domain, from each example's LossSum."""
+    by_domain: dict[str, LossSum] = {}
+    for (domain, _), s in zip(mixed, sums):
+        by_domain[domain] = by_domain.get(domain, LossSum()) + s
+    return {**sum(sums, LossSum()).as_dict(), "by_domain": {d: s.as_dict() for d, s in by_domain.items()}}
+
+
 def evaluate_engine(engine: Engine, data: EvalData, settings: EvalSettings) -> dict:
     """Every metric of one model (see the module docstring); timings in seconds."""
     result: dict = {"domains": {}, "timings": {}}
@@ -119,10 +127,7 @@ def evaluate_engine(engine: Engine, data: EvalData, settings: EvalSettings) -> d
 
     start = time.perf_counter()
     sums = score_examples(engine, [e["text"] for _, e in data.mixed], settings, f"{engine.name} mixed")
-    by_domain: dict[str, LossSum] = {}
-    for (domain, _), s in zip(data.mixed, sums):
-        by_domain[domain] = by_domain.get(domain, LossSum()) + s
-    result["mixed"] = {**sum(sums, LossSum()).as_dict(), "by_domain": {d: s.as_dict() for d, s in by_domain.items()}}
+    result["mixed"] = mixed_result(data.mixed, sums)
     result["timings"]["mixed"] = time.perf_counter() - start
 
     start = time.perf_counter()

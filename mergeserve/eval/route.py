@@ -13,6 +13,7 @@ import time
 
 from mergeserve.engine.engine import Engine
 from mergeserve.eval.datasets import EvalData
+from mergeserve.eval.harness import math_accuracy, mixed_result, score_examples
 from mergeserve.eval.metrics import MATH_PROMPT, LossSum
 from mergeserve.router.request import RequestRouter
 
@@ -32,8 +33,6 @@ def by_member(chosen: list[str]) -> dict[str, list[int]]:
 
 
 def score_routed(members: dict[str, Engine], chosen: list[str], texts: list[str], settings, desc: str) -> list[LossSum]:
-    from mergeserve.eval.harness import score_examples
-
     out = [LossSum() for _ in texts]
     for name, idx in by_member(chosen).items():
         for i, s in zip(idx, score_examples(members[name], [texts[i] for i in idx], settings, f"{desc} -> {name}")):
@@ -42,8 +41,6 @@ def score_routed(members: dict[str, Engine], chosen: list[str], texts: list[str]
 
 
 def math_routed(members: dict[str, Engine], router: RequestRouter, problems: list[dict], settings) -> tuple[dict, list[str]]:
-    from mergeserve.eval.harness import math_accuracy
-
     names = list(members)
     prompts = [MATH_PROMPT.format(question=p["question"]) for p in problems]
     chosen = choose(router, names, prompts, CHARS_PER_TOKEN * settings.route_tokens)
@@ -78,10 +75,7 @@ def evaluate_route(members: dict[str, Engine], router: RequestRouter, data: Eval
     start = time.perf_counter()
     texts = [e["text"] for _, e in data.mixed]
     sums = score_routed(members, choose(router, names, texts, chars), texts, settings, "mixed")
-    by_domain: dict[str, LossSum] = {}
-    for (domain, _), s in zip(data.mixed, sums):
-        by_domain[domain] = by_domain.get(domain, LossSum()) + s
-    result["mixed"] = {**sum(sums, LossSum()).as_dict(), "by_domain": {d: s.as_dict() for d, s in by_domain.items()}}
+    result["mixed"] = mixed_result(data.mixed, sums)
     result["timings"]["mixed"] = time.perf_counter() - start
 
     start = time.perf_counter()
