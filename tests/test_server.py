@@ -325,6 +325,7 @@ def test_a_failed_engine_step_is_a_500_for_its_request_only(server: Server) -> N
 
 @pytest.mark.parametrize("bad, param", [
     ({"temperature": -1}, "temperature"),
+    ({"temperature": True}, "temperature"),  # JSON true is not 1.0
     ({"max_tokens": 0}, "max_tokens"),
     ({"n": 9}, "n"),
     ({"presence_penalty": 0.5}, "presence_penalty"),

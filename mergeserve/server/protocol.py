@@ -8,9 +8,9 @@ Parameters we declare but cannot honour are rejected with 400 rather than ignore
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from mergeserve.engine.sequence import SamplingParams
 from mergeserve.server.errors import bad_request
@@ -28,6 +28,15 @@ class StreamOptions(BaseModel):
 
 class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: object, info: ValidationInfo) -> object:
+        """JSON true is not a number: pydantic would read it as 1 (temperature: true -> 1.0)."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and bool not in (annotation, *get_args(annotation)):
+            raise ValueError("expected a number or a string, got a boolean")
+        return value
 
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
