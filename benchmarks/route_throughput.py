@@ -6,6 +6,11 @@ its three member models. The same clients, prompts and token counts then go to t
 member served alone. Each engine batches its own member's requests; the executor steps the
 member engines in turn. Reported: output tok/s of both, TTFT p50, and the ratio.
 
+Then, in this process with nothing else running, the cause: the median time of one decode step
+of each member at the batch its clients make (client i's domain is member i % 3, as the keyword
+router sends them) and of the largest member at all the clients. `decode_bound` is the ratio if
+serving were decode steps alone: one step of the largest member against one of every member.
+
     .venv/bin/python benchmarks/route_throughput.py [--spec examples/zoo/specs/hetero/route_keywords.yaml]
 
 Writes benchmarks/results/route_throughput.json and .png.
@@ -29,7 +34,11 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving import CACHE, ROOT, cpu_flags, free_port, one_request, pct, server  # noqa: E402
 
-from mergeserve.spec import load_composition  # noqa: E402
+from mergeserve.engine.engine import Engine  # noqa: E402
+from mergeserve.engine.sequence import SamplingParams  # noqa: E402
+from mergeserve.experts import ExpertPool  # noqa: E402
+from mergeserve.merge import build  # noqa: E402
+from mergeserve.spec import CompositionSpec, EngineConfig, load_composition, parse_composition  # noqa: E402
 
 DOMAIN_PROMPTS = [
     ["Question: Mia saves $6 every week for 8 weeks, then spends $29 on shoes. How many dollars does Mia have left?",
@@ -90,6 +99,30 @@ def run(name: str, cmd: list[str], port: int, model: str, args) -> dict:
     return level | {"peak_rss_mb": rss.peak / 2**20}
 
 
+def decode_step_ms(spec: CompositionSpec, batch: int, pool: ExpertPool, steps: int = 16) -> float:
+    """Median time of one decode step of `batch` sequences (40-token prompts, prefilled first)."""
+    engine = Engine(build(spec, pool), EngineConfig(max_num_seqs=batch, max_model_len=512), pool.packer)
+    for i in range(batch):
+        engine.add_request(f"r{i}", list(range(100, 140)), SamplingParams(max_tokens=steps + 8, ignore_eos=True, temperature=0))
+    while engine.num_waiting or any(s.in_prefill for s in engine.scheduler.running):
+        engine.step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def decode_steps(spec_path: Path, single: dict, args) -> dict:
+    spec, pool = load_composition(spec_path), ExpertPool()
+    members = {e.name: decode_step_ms(spec.member(e).model_copy(update={"dtype": args.dtype}),
+                                      len(range(j, args.clients, len(spec.experts))), pool)
+               for j, e in enumerate(spec.experts)}
+    alone = decode_step_ms(parse_composition(single | {"dtype": args.dtype}), args.clients, pool)
+    return {"members_ms": members, "largest_alone_ms": alone, "decode_bound": alone / sum(members.values())}
+
+
 def plot(results: dict, out: Path) -> None:
     import matplotlib
 
@@ -129,6 +162,8 @@ def main() -> None:
         results["servers"]["largest member alone"] = run("single", serve_cmd(single, port, tmp, "single", args), port,
                                                          single["name"], args)
     results["ratio"] = results["servers"]["route"]["tok_per_s"] / results["servers"]["largest member alone"]["tok_per_s"]
+    results["decode_steps"] = decode_steps(spec, single, args)
+    print(f"decode step ms: {results['decode_steps']}")
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out.with_suffix(".png"))

@@ -87,9 +87,9 @@ def fuse(ws: list[Weight], copy: bool = False) -> Weight | None:
     bases = row_blocks([w.base if isinstance(w, LowRank) else w for w in ws], copy)
     if bases is None:
         return None
-    dtype = bases.dtype
-    a = [w.a.to(dtype) if isinstance(w, LowRank) else w.new_zeros(0, w.shape[1]) for w in ws]
-    b = [w.scaled_b(dtype) if isinstance(w, LowRank) else w.new_zeros(w.shape[0], 0) for w in ws]
+    dtype = next(w.a.dtype for w in ws if isinstance(w, LowRank))  # the factors keep their precision
+    a = [w.a.to(dtype) if isinstance(w, LowRank) else w.new_zeros(0, w.shape[1], dtype=dtype) for w in ws]
+    b = [w.scaled_b(dtype) if isinstance(w, LowRank) else w.new_zeros(w.shape[0], 0, dtype=dtype) for w in ws]
     return LowRank(bases, torch.cat(a), torch.block_diag(*b))
 
 

@@ -46,7 +46,7 @@ class RouterSpec(_Strict):
     # each expert's weight deltas (LoRA B·A); learned: rows read from `weights` (written by
     # `mergeserve train-router`). Sequence routers (MergeME), one choice per request from its
     # prompt: perplexity (1/PPL under each expert), task_vector (cos(grad_base L, tau_i)).
-    # Request routers (method=route, whole models): centroid, perplexity (per byte, across tokenizers), keywords,
+    # Request routers (method=route, whole models): centroid, perplexity (log-likelihood of the text, across tokenizers), keywords,
     # learned (a classifier on the prompt's mean embedding, written by `mergeserve train-router` for a route spec).
     kind: Literal["hidden", "centroid", "arrow", "smile", "learned", "random", "perplexity", "task_vector", "keywords"] = "hidden"
     # What the experts' attention becomes. Token routers: `averaged` (the default) shares one
@@ -192,7 +192,8 @@ class CompositionSpec(_Strict):
     timeout_s: float = Field(600.0, gt=0)  # backend=openai/vllm: per upstream request
     # btx: MoE, FFNs kept as experts, the rest averaged; mergeme: MoE, the rest merged as
     # `merge` says (TIES by default); any task-vector method: one dense merged model; route: every
-    # expert a whole model (any family, size or tokenizer) in its own engine, each request routed to one.
+    # expert a whole model (any family, size or tokenizer) in its own engine, each request routed to one
+    # (router.top_k > 1: to its top k among the members sharing its tokenizer, tokens drawn from their mixture).
     method: Literal["route", "btx", "mergeme", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "consensus", "fisher"] = "btx"
     merge: MergeParams = MergeParams()
     router: RouterSpec = RouterSpec()
@@ -256,9 +257,10 @@ class CompositionSpec(_Strict):
         if router.kind not in ("centroid", "perplexity", "keywords", "learned"):
             raise ValueError(f"router.kind={router.kind} is not a request router; method=route takes centroid, perplexity, "
                              "keywords or learned")
-        if "top_k" in router.model_fields_set and router.top_k != 1:
-            raise ValueError("method=route sends each request to one model: router.top_k must be 1")
-        self.router = router.model_copy(update={"top_k": 1})
+        if router.top_k > len(self.experts):
+            raise ValueError(f"router.top_k={router.top_k} exceeds the {len(self.experts)} experts")
+        if "top_k" not in router.model_fields_set:  # one model per request unless asked
+            self.router = router.model_copy(update={"top_k": 1})
         needs = {"centroid": "prompts", "keywords": "keywords"}.get(router.kind)
         if needs and (missing := [e.name for e in self.experts if not getattr(e, needs)]):
             raise ValueError(f"router.kind={router.kind} needs {needs} for every expert; none for {missing}")

@@ -55,15 +55,18 @@ def engine_for(composition) -> Engine:
     return Engine(build(composition, ExpertPool()), engine_config(settings()))
 
 
-def reference_nll(folder: Path, texts: list[str], max_tokens: int = MAX_TOKENS) -> tuple[float, int]:
-    """Summed NLL and token count by hand: transformers' logits, log_softmax, token by token."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+def reference_nll(folder: Path | list[Path], texts: list[str], max_tokens: int = MAX_TOKENS) -> tuple[float, int]:
+    """Summed NLL and token count by hand: transformers' logits, log_softmax, token by token;
+    several folders: the NLL of their equal-weight mixture, log mean_i p_i(token)."""
+    folders = folder if isinstance(folder, list) else [folder]
+    models = [AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32).eval() for f in folders]
+    tokenizer = AutoTokenizer.from_pretrained(folders[0])
     nll, count = 0.0, 0
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False).input_ids[:max_tokens]
         with torch.no_grad():
-            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)  # [T, V]
+            each = torch.stack([torch.log_softmax(m(torch.tensor([ids])).logits[0].double(), dim=-1) for m in models])
+        logprobs = torch.logsumexp(each, dim=0) - math.log(len(models))  # [T, V]
         for t in range(1, len(ids)):
             nll -= float(logprobs[t - 1, ids[t]])
             count += 1
@@ -174,6 +177,18 @@ def test_a_route_row_scores_each_example_with_the_member_its_router_picks(zoo, d
     for domain in DOMAINS:
         assert routed["domains"][domain]["nll"] == pytest.approx(oracle["domains"][domain]["nll"], rel=1e-6)
     assert routed["mixed"]["nll"] == pytest.approx(oracle["mixed"]["nll"], rel=1e-6)
+
+
+def test_a_top_k_route_row_scores_each_example_under_its_members_mixture(zoo, data_dir):
+    """No keyword occurs anywhere: every example goes to both members, mixed at equal weight."""
+    route = parse_composition({"name": "route", "method": "route", "router": {"kind": "keywords", "top_k": 2},
+                               "experts": [{"name": d, "source": str(zoo[d]), "keywords": ["zzzz"]} for d in ("math", "german")]})
+    data = load_eval_data(data_dir, DOMAINS, mixed_per_domain=2, math_examples=2)
+    row = evaluate_specs([("route", route)], data, settings())[0]
+    for domain in DOMAINS:
+        nll, count = reference_nll([zoo["math"], zoo["german"]], [e["text"] for e in data.domains[domain]])
+        assert (row["domains"][domain]["nll"], row["domains"][domain]["tokens"]) == (pytest.approx(nll, rel=1e-5), count)
+    assert {s["member"] for s in row["math"]["samples"]} <= {"math+german", "german+math"} and row["math"]["n"] == 2
 
 
 def test_router_load_is_reported_per_domain(zoo):

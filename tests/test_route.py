@@ -119,8 +119,11 @@ def test_a_request_routed_to_one_model_equals_that_model_served_alone(server, me
             model=f"alone-{member}", prompt=prompt, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}).choices[0].text
 
 
-def test_a_mixed_batch_equals_each_request_run_alone(server, members):
-    server.builder.build_now(parse_composition(route_spec(members)))
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_a_mixed_batch_equals_each_request_run_alone(server, members, top_k):
+    """Concurrent requests, each on its member (top_k=2: on two members in lockstep, 10 sequences
+    over three engines of 4 slots, so some wait for a slot), give what each gives alone."""
+    server.builder.build_now(parse_composition(route_spec(members, kind="keywords", top_k=top_k)))
     prompts = [CODE, GERMAN, MATH, CODE + " # again", GERMAN + " Ja."]
     alone = [complete(server, "zoo", p)[:2] for p in prompts]
     together: list = [None] * len(prompts)
@@ -171,7 +174,7 @@ def test_members_count_their_own_requests_and_tokens(server, members):
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"base": "/somewhere"}, "give no base"),
-    ({"router": {"kind": "keywords", "top_k": 2}}, "top_k must be 1"),
+    ({"router": {"kind": "keywords", "top_k": 4}}, "top_k=4 exceeds the 3 experts"),
     ({"router": {"kind": "hidden"}}, "not a request router"),
     ({"router": {"kind": "centroid", "encoder": "nobody"}}, "not one of the experts"),
 ])
@@ -256,3 +259,52 @@ def test_a_member_may_be_a_lora_adapter_over_its_own_base(server, members, adapt
     member, text, _ = complete(server, "zoo", "Tom has 5 apples")
     assert member == "adapted" and text == server.client.completions.create(
         model="alone", prompt="Tom has 5 apples", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+
+
+def mixture_greedy(paths: list[Path], weights: torch.Tensor, prompt: str, steps: int) -> tuple[list[str], list[float]]:
+    """The reference for top-k routing: greedy tokens of sum_i w_i p_i(token), each p_i from
+    transformers' own forward over the whole sequence; each token's text and mixture log-prob."""
+    tok = PreTrainedTokenizerFast.from_pretrained(paths[0])
+    models = [AutoModelForCausalLM.from_pretrained(p) for p in paths]
+    ids, tokens, logprobs = tok.encode(prompt), [], []
+    for _ in range(steps):
+        with torch.no_grad():
+            probs = torch.stack([m(torch.tensor([ids])).logits[0, -1].softmax(-1) for m in models])  # [k, V]
+        mixed = (weights.unsqueeze(1) * probs).sum(0)
+        ids.append(int(mixed.argmax()))
+        tokens.append(tok.decode(ids[-1:]))
+        logprobs.append(float(mixed.max().log()))
+    return tokens, logprobs
+
+
+def test_top_k_routing_draws_each_token_from_the_members_mixture(server, members):
+    """router.top_k=2: the request runs on its two best members, each in its own engine, and each
+    greedy token is the argmax of their distributions mixed by softmax of the router's scores."""
+    spec = parse_composition(route_spec(members, kind="keywords", top_k=2))
+    server.builder.build_now(spec)
+    prompt = "def total(a, b): return the sum of 12 and die"  # keywords: coder 2, math 2, german 1
+    raw = server.client.completions.with_raw_response.create(
+        model="zoo", prompt=prompt, max_tokens=6, temperature=0, logprobs=0,
+        extra_body={"ignore_eos": True, "expert_bias": {"math": 0.5}})  # math ahead of coder
+    assert raw.headers["x-mergeserve-member"] == "math+coder"
+    served = raw.parse().choices[0].logprobs
+    scores = KeywordRouter([e.keywords for e in spec.experts]).scores([prompt])[0] + torch.tensor([0.0, 0.0, 0.5])
+    tokens, logprobs = mixture_greedy([members["math"], members["coder"]], torch.softmax(scores[[2, 0]], dim=0), prompt, 6)
+    assert served.tokens == tokens
+    torch.testing.assert_close(torch.tensor(served.token_logprobs), torch.tensor(logprobs), atol=1e-4, rtol=1e-4)
+
+
+def test_top_k_never_mixes_a_member_of_another_tokenizer(server, members, tmp_path):
+    odd = make_checkpoint(tmp_path / "odd", "llama", seed=4, layers=1, tokenizer_vocab=300)
+    spec = route_spec(members, kind="keywords", top_k=2)
+    spec["experts"].append({"name": "odd", "source": str(odd), "keywords": ["def"]})
+    server.builder.build_now(parse_composition(spec))
+    assert complete(server, "zoo", CODE, expert_bias={"odd": 10.0})[0] == "odd"  # the best, alone
+    # coder 2, odd 1.5, math 0.2, german 0: odd is the runner-up, but math is mixed in instead
+    assert complete(server, "zoo", CODE, expert_bias={"odd": 0.5, "math": 0.2})[0] == "coder+math"
+
+
+def test_a_mixed_request_refuses_prompt_logprobs(server, members):
+    server.builder.build_now(parse_composition(route_spec(members, kind="keywords", top_k=2)))
+    with pytest.raises(openai.BadRequestError, match="mixed over several"):
+        server.client.completions.create(model="zoo", prompt=CODE, max_tokens=2, echo=True, logprobs=1)

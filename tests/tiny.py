@@ -38,12 +38,12 @@ FAMILIES = {
 }
 
 
-def make_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+def make_tokenizer(folder: Path, vocab_size: int = 400) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
@@ -57,12 +57,12 @@ def make_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
 
 def make_checkpoint(
     folder: Path, family: str = "llama", seed: int = 0, tokenizer_from: Path | None = None,
-    layers: int = 2, tie: bool = False, init_std: float = 0.1, **config_fields: object,
+    layers: int = 2, tie: bool = False, init_std: float = 0.1, tokenizer_vocab: int = 400, **config_fields: object,
 ) -> Path:
     """A random model of `family` saved as safetensors (plus tokenizer files) under `folder`;
     `config_fields` override the family's config (sliding windows, widths, say)."""
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer(folder) if tokenizer_from is None else PreTrainedTokenizerFast.from_pretrained(tokenizer_from)
+    tokenizer = make_tokenizer(folder, tokenizer_vocab) if tokenizer_from is None else PreTrainedTokenizerFast.from_pretrained(tokenizer_from)
     tokenizer.save_pretrained(folder)
     config_cls, model_cls, extra = FAMILIES[family]
     config = config_cls(**{

@@ -18,6 +18,7 @@ from mergeserve.composition import ComposedModel
 from mergeserve.engine.detokenizer import Detokenizer
 from mergeserve.engine.kv_cache import KVCache
 from mergeserve.engine.layers import Batch
+from mergeserve.engine.mixing import MixGroup
 from mergeserve.engine.model import Transformer
 from mergeserve.engine.sampler import sample
 from mergeserve.engine.scheduler import ScheduledBatch, Scheduler
@@ -84,8 +85,33 @@ class Engine:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in max_model_len={self.max_model_len}")
         if params.router_bias is not None:
             self._check_router_bias(params.router_bias)
+        seq = Sequence(request_id, list(prompt_ids), params)
+        followers = self._mix_group(seq) if params.mix is not None else []
+        self._enqueue(seq)
+        for engine, follower in zip(params.mix.engines if params.mix else (), followers):
+            engine._enqueue(follower)  # every engine's queue sees groups in one order: admission cannot deadlock
+
+    def _enqueue(self, seq: Sequence) -> None:
         with self._lock:
-            self._inbox.append(("add", Sequence(request_id, list(prompt_ids), params)))
+            self._inbox.append(("add", seq))
+
+    def _mix_group(self, lead: Sequence) -> list[Sequence]:
+        """The follower sequences (one per other engine) of a request decoded as a mixture."""
+        mix = lead.params.mix
+        engines = (self, *mix.engines)
+        if len(mix.log_weights) != len(engines):
+            raise ValueError(f"a mixture of {len(engines)} engines needs {len(engines)} weights, got {len(mix.log_weights)}")
+        if lead.params.prompt_logprobs is not None:
+            raise ValueError("prompt logprobs of a mixed request are not computed")
+        if (short := min(e.max_model_len for e in engines)) <= len(lead.prompt_ids):
+            raise ValueError(f"prompt of {len(lead.prompt_ids)} tokens leaves no room in a mixed member's max_model_len={short}")
+        follow = SamplingParams(max_tokens=lead.params.max_tokens, ignore_eos=True)  # followers never sample
+        followers = [Sequence(lead.request_id, list(lead.prompt_ids), follow) for _ in mix.engines]
+        weights = torch.log_softmax(torch.tensor(mix.log_weights, dtype=torch.float32), dim=0)
+        group = MixGroup([lead, *followers], weights, short)
+        for seq in group.members:
+            seq.group = group
+        return followers
 
     def _check_router_bias(self, bias: tuple[float, ...]) -> None:
         e = self.composed.num_experts
@@ -137,7 +163,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One scheduling step. If it fails, only the requests it was running fail (StepFailed
         names them; their slots are freed) and the engine goes on with the rest."""
-        outputs = self._drain_inbox()
+        outputs = self._drain_inbox() + self._settle_groups()
         batch = self.scheduler.schedule()
         try:
             return outputs + self._run(batch)
@@ -171,7 +197,29 @@ class Engine:
             rows += list(self._decode(decode)[:, -1])
             ready += decode
         if ready:
-            outputs += self._sample(ready, self.model.logits(torch.stack(rows)))
+            logits = self.model.logits(torch.stack(rows))  # [N, V]
+            plain = [i for i, seq in enumerate(ready) if seq.group is None]
+            for i, seq in enumerate(ready):
+                if seq.group is not None:
+                    seq.group.deposit(seq, logits[i])
+            if plain:
+                outputs += self._sample([ready[i] for i in plain], logits[plain])
+            if len(plain) < len(ready):
+                outputs += self._settle_groups()
+        return outputs
+
+    def _settle_groups(self) -> list[RequestOutput]:
+        """Mixed requests: a group led here whose members have all contributed draws its token
+        (the lead samples from the mixture, the followers take the token); a follower whose
+        group ended leaves, and a lead whose follower failed ends (its stream has the error)."""
+        outputs: list[RequestOutput] = []
+        for seq in [s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.group is not None]:
+            group = seq.group
+            if group.ended:
+                self._finish(seq, "abort" if seq is not group.lead else "error")
+            elif seq is group.lead and group.complete():
+                outputs += self._sample([seq], group.mixture().unsqueeze(0))
+                group.advance(seq.output_ids[-1])
         return outputs
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -299,11 +347,14 @@ class Engine:
                 return "stop"
         if stopped_by_token:
             return "stop"
-        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        max_len = seq.group.max_len if seq.group is not None else self.max_model_len
+        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= max_len:
             return "length"
         return None
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.group is not None:
+            seq.group.ended = True  # the lead is done, or a member failed: the others leave at their next step
         if (moved := self.scheduler.finish(seq, reason)) is not None:
             other, old_slot = moved
             self.cache.move(old_slot, other.slot, other.num_cached)
@@ -373,15 +424,20 @@ class Engine:
             start = end
         return out
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-        """Run prompts to completion through the continuous-batching loop; output token ids per prompt."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion through the continuous-batching loop; output token ids per prompt.
+        `params`: one for all, or one per prompt; the engines of mixed requests are stepped too."""
         ids = [f"offline-{i}" for i in range(len(prompts))]
-        for rid, prompt in zip(ids, prompts):
-            self.add_request(rid, prompt, params)
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        for rid, prompt, p in zip(ids, prompts, per_prompt):
+            self.add_request(rid, prompt, p)
+        engines = list(dict.fromkeys([self, *(e for p in per_prompt if p.mix for e in p.mix.engines)]))
         results: dict[str, list[int]] = {rid: [] for rid in ids}
-        while self.has_work():
-            for out in self.step():
-                results[out.request_id] += out.new_token_ids
+        while any(e.has_work() for e in engines):
+            for engine in engines:
+                outputs = engine.step() if engine.has_work() else []
+                for out in outputs if engine is self else ():  # followers emit nothing
+                    results[out.request_id] += out.new_token_ids
         return [results[rid] for rid in ids]
 
 

@@ -74,7 +74,8 @@ class Executor:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
             self._streams[request_id] = stream
-        self.attach(engine)
+        for stepped in (engine, *(params.mix.engines if params.mix else ())):  # a mixed request's followers step too
+            self.attach(stepped)
         finished = False
         try:
             engine.add_request(request_id, prompt_ids, params)

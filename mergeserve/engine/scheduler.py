@@ -43,6 +43,8 @@ class Scheduler:
             self.running.append(seq)
         batch, budget = ScheduledBatch(), self.max_prefill_tokens
         for seq in self.running:
+            if seq.awaiting:
+                continue
             if not seq.in_prefill:
                 batch.decode.append(seq)
             elif budget > 0:

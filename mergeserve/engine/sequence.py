@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     import torch
 
     from mergeserve.engine.detokenizer import Detokenizer
+    from mergeserve.engine.mixing import MixGroup, Mixture
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo); None: none
     # [E] added to the router's logits (a sequence router's scores); -inf excludes an expert. None: no bias.
     router_bias: tuple[float, ...] | None = None
+    # Top-k request routing: each token drawn from this engine's and other engines' mixed distributions.
+    mix: Mixture | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,12 @@ class Sequence:
     alpha: torch.Tensor | None = None  # [E] expert weights of a sequence router, fixed at admission
     detokenizer: Detokenizer | None = None  # turns each new token into its text, set at admission
     prompt_logprobs: list[TokenLogprob | None] | None = None  # filled chunk by chunk during prefill
+    group: MixGroup | None = None  # decoded together with other engines' sequences (engine/mixing.py)
+
+    @property
+    def awaiting(self) -> bool:
+        """Its next-token distribution waits in its mix group for the other members'."""
+        return self.group is not None and self.group.awaits(self)
 
     @property
     def token_ids(self) -> list[int]:

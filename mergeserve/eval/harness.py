@@ -22,13 +22,14 @@ import gc
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from mergeserve.engine.engine import Engine
+from mergeserve.engine.mixing import Mixture
 from mergeserve.engine.sequence import SamplingParams
 from mergeserve.eval.datasets import EvalData
 from mergeserve.eval.metrics import MATH_PROMPT, LossSum, cut_at_answer_line, extract_answer, loss_sum, matches, tokenize
@@ -61,26 +62,33 @@ def engine_config(settings: EvalSettings) -> EngineConfig:
     )
 
 
-def score_examples(engine: Engine, texts: list[str], settings: EvalSettings, desc: str) -> list[LossSum]:
-    """One LossSum per text (examples shorter than two tokens score nothing)."""
+def token_logprobs(engine: Engine, texts: list[str], settings: EvalSettings, desc: str) -> list[torch.Tensor | None]:
+    """Per text, the log-probability of each token after its first; None for a text of under two tokens."""
     ids = tokenize(engine.tokenizer, texts, settings.max_tokens)
     keep = [i for i, x in enumerate(ids) if len(x) >= 2]
-    out = [LossSum() for _ in texts]
+    out: list[torch.Tensor | None] = [None] * len(texts)
     for start in tqdm(range(0, len(keep), settings.chunk), desc=desc, unit="chunk", leave=False):
         batch = keep[start:start + settings.chunk]
-        logprobs = engine.score([ids[i] for i in batch], settings.max_batch_tokens, settings.route_tokens)
-        for i, lp in zip(batch, logprobs):
-            out[i] = loss_sum([lp])
+        for i, lp in zip(batch, engine.score([ids[i] for i in batch], settings.max_batch_tokens, settings.route_tokens)):
+            out[i] = lp
     return out
 
 
-def math_accuracy(engine: Engine, problems: list[dict], settings: EvalSettings) -> dict:
+def score_examples(engine: Engine, texts: list[str], settings: EvalSettings, desc: str) -> list[LossSum]:
+    """One LossSum per text (examples shorter than two tokens score nothing)."""
+    return [LossSum() if lp is None else loss_sum([lp]) for lp in token_logprobs(engine, texts, settings, desc)]
+
+
+def math_accuracy(
+    engine: Engine, problems: list[dict], settings: EvalSettings, mixes: list[Mixture | None] | None = None,
+) -> dict:
+    """`mixes`: per problem, the other engines (and weights) its tokens are drawn from with this one's."""
     if not problems:
         return {"accuracy": float("nan"), "correct": 0, "n": 0, "generated_tokens": 0, "samples": []}
     prompts = [engine.tokenizer(MATH_PROMPT.format(question=p["question"]), add_special_tokens=False).input_ids
                for p in problems]
     params = SamplingParams(max_tokens=settings.max_new_tokens, temperature=0, stop=MATH_STOP)
-    outputs = engine.generate(prompts, params)
+    outputs = engine.generate(prompts, [replace(params, mix=m) for m in mixes] if mixes else params)
     correct, formatted, samples = 0, 0, []
     for problem, out in zip(problems, outputs):
         text = cut_at_answer_line(engine.tokenizer.decode(out, skip_special_tokens=True))
@@ -188,7 +196,7 @@ def evaluate_specs(
             members = {e.name: Engine(build(spec.member(e), pool), engine_config(settings)) for e in spec.experts}
             router = build_request_router(spec, list(members.values()))
             built = time.perf_counter() - start
-            metrics = evaluate_route(members, router, data, settings)
+            metrics = evaluate_route(members, router, data, settings, spec.router.top_k)
         else:
             engine = Engine(build(spec, pool), engine_config(settings))
             built = time.perf_counter() - start

@@ -4,14 +4,16 @@ Members may differ in family, size and tokenizer, so every router scores raw tex
 - keywords: how often each member's keywords occur in the text (Symbolic-MoE's skill table);
 - centroid: cosine of the text's mean token embedding, under one shared encoder (the smallest
   member's embedding, or the spec's `router.encoder`), against each member's example prompts;
-- perplexity: minus the text's loss per UTF-8 byte under each member (bytes, not tokens, so
-  members with different tokenizers compare fairly); one batched forward per member;
+- perplexity: the text's log-likelihood under each member: the probability of the same bytes,
+  so members with different tokenizers compare fairly (the best per byte is the best in total),
+  and its softmax is BTM's domain posterior under a uniform prior; one batched forward per member;
 - learned: a linear classifier on the encoder's mean embedding, trained on unlabeled text
   labelled by the member that scores each text best (BTM's domain posterior, made hard): the
   perplexity router's choice at the centroid router's cost (`train_request_router`).
 
-`scores(texts)` returns [N, M] (higher is better); the backend adds a request's `expert_bias`,
-masks members outside its `experts`, and takes the argmax.
+`scores(texts)` returns [N, M] logits over the members (higher is better); the backend adds a
+request's `expert_bias`, masks members outside its `experts`, and takes the argmax (top_k > 1:
+the top k, mixed with weights softmax(scores) over them).
 """
 
 from __future__ import annotations
@@ -75,8 +77,7 @@ class PerplexityRouter:
         self.members = members
 
     def scores(self, texts: list[str]) -> torch.Tensor:
-        nbytes = torch.tensor([max(1, len(t.encode())) for t in texts], dtype=torch.float32)
-        return torch.stack([self._log_likelihood(m, texts) / nbytes for m in self.members], dim=1)
+        return torch.stack([self._log_likelihood(m, texts) for m in self.members], dim=1)
 
     @staticmethod
     def _log_likelihood(member: Engine, texts: list[str]) -> torch.Tensor:
@@ -87,6 +88,21 @@ class PerplexityRouter:
         bos = member.tokenizer.bos_token_id
         ids = [([bos] if bos is not None else []) + seq for seq in ids]  # the first text token is scored too
         return torch.stack([lp.sum() if lp.numel() else torch.tensor(0.0) for lp in member.score(ids)])
+
+
+def top_members(scores: torch.Tensor, top_k: int, vocab: list[int]) -> list[int]:
+    """One request's members from the router's `scores` [M] (bias added; -inf excluded): the best,
+    then up to top_k - 1 runners-up whose tokenizer has the best's vocabulary (`vocab`, a key per
+    member): token ids must mean the same text in every distribution that is mixed."""
+    order = scores.argsort(descending=True).tolist()
+    lead = order[0]
+    mates = [i for i in order[1:] if scores[i] > -torch.inf and vocab[i] == vocab[lead]]
+    return [lead, *mates][:top_k]
+
+
+def tokenizer_key(tokenizer) -> int:
+    """Equal for tokenizers whose every token id stands for the same string."""
+    return hash(tuple(sorted(tokenizer.get_vocab().items())))
 
 
 def build_request_router(spec: CompositionSpec, members: list[Engine]) -> RequestRouter:

@@ -178,7 +178,7 @@ class Builder:
         release_free_heap()
         members = {e.name: LocalBackend(engine, self.executor) for e, engine in zip(spec.experts, engines)}
         router = build_request_router(spec, engines)
-        return RoutedBackend(spec.name, members, router, spec.router.kind), sum(own_bytes(e, self.pool) for e in engines)
+        return RoutedBackend(spec.name, members, router, spec.router.kind, spec.router.top_k), sum(own_bytes(e, self.pool) for e in engines)
 
     def free(self, revision: Revision, backend: Backend | None) -> None:
         """Registry callback: `revision` is retired and drained (or failed); drop what it held."""

@@ -4,6 +4,11 @@ Every member is an ordinary local backend (its own engine and KV cache) on the s
 which steps the engines in turn: requests for the same member batch together in its forward.
 The routing decision is made on the request's text, before any tokenization, because members
 may have different tokenizers; the chosen member then applies its own chat template.
+
+With router.top_k > 1 a request goes to its best member and up to k - 1 runners-up that share its
+tokenizer: every one of them runs it in its own engine, and each token is drawn from their
+distributions mixed with weights softmax(router scores) (engine/mixing.py). Members with another
+tokenizer are never mixed in.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from mergeserve.router.request import RequestRouter
+from mergeserve.router.request import RequestRouter, tokenizer_key, top_members
+from mergeserve.engine.mixing import Mixture
 from mergeserve.server.backends import Call
 from mergeserve.server.backends.local import LocalBackend
 from mergeserve.server.errors import bad_request
@@ -25,9 +31,13 @@ class RoutedBackend:
     kind = "local"
     engine = None  # no single engine: each member has its own (router statistics are per member)
 
-    def __init__(self, name: str, members: dict[str, LocalBackend], router: RequestRouter, router_kind: str) -> None:
-        self.name, self.members, self.router_kind = name, members, router_kind
+    def __init__(
+        self, name: str, members: dict[str, LocalBackend], router: RequestRouter, router_kind: str, top_k: int = 1,
+    ) -> None:
+        self.name, self.members, self.router_kind, self.top_k = name, members, router_kind, top_k
         self._batcher = BatchedRouter(router)
+        # Members whose tokenizers have the same vocabulary (token ids mean the same text) can be mixed.
+        self._vocab = [tokenizer_key(m.engine.tokenizer) for m in members.values()] if top_k > 1 else [0] * len(members)
 
     @property
     def num_running(self) -> int:
@@ -50,7 +60,7 @@ class RoutedBackend:
         return [m.engine for m in self.members.values()]
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "route", "router": self.router_kind, "members": {
+        return {"kind": "route", "router": self.router_kind, "top_k": self.top_k, "members": {
             n: {"architecture": m.engine.composed.config.model_type, "kv_cache_bytes": m.kv_cache_bytes}
             for n, m in self.members.items()}}
 
@@ -72,15 +82,22 @@ class RoutedBackend:
         return await member.chat_completions(_unrouted(body), call)
 
     async def _choose(self, text: str, body: CompletionRequest | ChatCompletionRequest, call: Call) -> LocalBackend:
-        """The member for this request: the router's scores, shifted by `expert_bias`, outside `experts` masked."""
+        """What serves this request: the best member by the router's scores (shifted by `expert_bias`,
+        outside `experts` masked), mixed with its runners-up of the same tokenizer when top_k > 1."""
         names = list(self.members)
         scores = await self._batcher.scores(text)  # [M]
         if (bias := body.router_bias(names)) is not None:
             scores = scores + torch.tensor(bias)
-        name = names[int(scores.argmax())]
-        call.lease.member = name
-        call.metrics.member_requests.labels(self.name, name).inc()
-        return self.members[name]
+        chosen = top_members(scores, self.top_k, self._vocab)
+        lead = names[chosen[0]]
+        call.lease.member = "+".join(names[i] for i in chosen)
+        for i in chosen:
+            call.metrics.member_requests.labels(self.name, names[i]).inc()
+        if len(chosen) == 1:
+            return self.members[lead]
+        member = self.members[lead]
+        mix = Mixture(tuple(self.members[names[i]].engine for i in chosen[1:]), tuple(float(scores[i]) for i in chosen))
+        return LocalBackend(member.engine, member.executor, mix)
 
 
 def _unrouted(body: BaseModel) -> BaseModel:

@@ -1,0 +1,65 @@
+"""Top-k request routing over whole models that share a tokenizer: one request decoded by several
+engines in lockstep, each token drawn from the weighted mixture of their next-token distributions
+(Branch-Train-Merge's ensemble).
+
+The request's own engine (the lead) samples and emits its outputs; every other member runs a
+follower sequence of the same request that only contributes its distribution at each position.
+A member that has contributed waits (the scheduler skips it) until the lead has drawn the token.
+Groups are touched only on the executor thread, which steps every engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from mergeserve.engine.engine import Engine
+    from mergeserve.engine.sequence import Sequence
+
+
+@dataclass(frozen=True, eq=False)
+class Mixture:
+    """`SamplingParams.mix`: draw each token from the mixture of the lead's distribution and
+    these engines' (same tokenizer), weighted by softmax(log_weights), the lead's first."""
+
+    engines: tuple[Engine, ...]
+    log_weights: tuple[float, ...]  # [1 + len(engines)]
+
+
+@dataclass(eq=False)
+class MixGroup:
+    members: list[Sequence]  # the lead first, then one follower per other engine
+    log_weights: torch.Tensor  # [k], normalised
+    max_len: int  # the smallest member's max_model_len: every member must hold the sequence
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)  # member index -> next-token log-probs [V]
+    ended: bool = False  # the lead finished (or a member failed): followers are dropped
+
+    @property
+    def lead(self) -> Sequence:
+        return self.members[0]
+
+    def deposit(self, seq: Sequence, logits: torch.Tensor) -> None:
+        self.rows[self.members.index(seq)] = torch.log_softmax(logits.float(), dim=-1)
+
+    def awaits(self, seq: Sequence) -> bool:
+        """`seq` has contributed at its position; it decodes again once the token is drawn."""
+        return self.members.index(seq) in self.rows
+
+    def complete(self) -> bool:
+        return len(self.rows) == len(self.members)
+
+    def mixture(self) -> torch.Tensor:
+        """log sum_i w_i p_i(token): the lead samples from these logits, [V] (the shortest
+        member vocabulary: larger embeddings only pad the tokenizer's). Clears the rows."""
+        v = min(r.shape[-1] for r in self.rows.values())
+        rows = torch.stack([self.rows[i][:v] for i in range(len(self.members))])  # [k, V]
+        self.rows.clear()
+        return torch.logsumexp(self.log_weights.unsqueeze(1) + rows, dim=0)
+
+    def advance(self, token: int) -> None:
+        """The lead drew `token`: every follower continues with it."""
+        for seq in self.members[1:]:
+            seq.output_ids.append(token)
