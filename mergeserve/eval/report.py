@@ -163,7 +163,9 @@ def markdown(results: dict) -> str:
     if rt := routing_tables(results):
         lines += ["", "## Routing confusion (route compositions)", "",
                   "Each loss example and math problem goes to one member model, chosen by the request router from "
-                  "its first characters (about as many tokens as a sequence router reads)."] + rt
+                  "its first characters (about as many tokens as a sequence router reads). In a top-k row (`-top2`) "
+                  "the example goes to that member and its runners-up, mixed token by token; the table counts the "
+                  "member that leads the mixture."] + rt
     lines += ["", "## Wall time", "", "| model | build s | loss s | mixed s | math s | total s |", "|---|---|---|---|---|---|"]
     for row in results["rows"]:
         t = row["timings"]
