@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,3 +309,44 @@ def test_a_mixed_request_refuses_prompt_logprobs(server, members):
     server.builder.build_now(parse_composition(route_spec(members, kind="keywords", top_k=2)))
     with pytest.raises(openai.BadRequestError, match="mixed over several"):
         server.client.completions.create(model="zoo", prompt=CODE, max_tokens=2, echo=True, logprobs=1)
+
+
+def test_a_mixed_request_counts_its_tokens_for_every_member_it_ran_on(server, members):
+    server.builder.build_now(parse_composition(route_spec(members, kind="keywords", top_k=2)))
+    assert complete(server, "zoo", CODE, expert_bias={"math": 1.0})[0] == "coder+math"
+    text = server.http.get("/metrics").text
+    for member in ("coder", "math"):
+        assert f'mergeserve:generation_tokens_total{{model="zoo.{member}"}} 6.0' in text
+        assert f'mergeserve:member_requests_total{{member="{member}",model="zoo"}} 1.0' in text
+
+
+def wait_until_idle(engines: list, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(engine.has_work() for engine in engines):
+        assert time.monotonic() < deadline, "a member still holds a sequence"
+        time.sleep(0.05)
+
+
+def test_a_client_that_leaves_a_mixed_request_frees_every_members_slot(server, members):
+    revision = server.builder.build_now(parse_composition(route_spec(members, kind="keywords", top_k=3)))
+    stream = server.client.completions.create(model="zoo", prompt=CODE, max_tokens=100, stream=True,
+                                              extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()
+    wait_until_idle(revision.backend.engines)
+
+
+def test_a_mixed_request_finishes_while_one_of_its_members_is_replaced(server, members, tmp_path):
+    old = server.builder.build_now(parse_composition(route_spec(members, kind="keywords", top_k=2))).backend.engines
+    stream = server.client.completions.create(model="zoo", prompt=CODE, max_tokens=40, stream=True,
+                                              extra_body={"ignore_eos": True, "expert_bias": {"math": 1.0}})
+    chunks = iter(stream)
+    tokens = [next(chunks)]
+    spec = route_spec(members, kind="keywords", top_k=2)
+    spec["experts"][2]["source"] = str(make_checkpoint(tmp_path / "math2", "qwen2", seed=5, layers=1, hidden_size=32,
+                                                       intermediate_size=64))
+    assert server.builder.build_now(parse_composition(spec)).state == "ready"
+    tokens += list(chunks)
+    assert tokens[-1].choices[0].finish_reason == "length"
+    assert complete(server, "zoo", CODE, expert_bias={"math": 1.0})[0] == "coder+math"  # the new build serves
+    wait_until_idle(old)  # the old build drained: no member holds a follower

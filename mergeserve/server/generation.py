@@ -74,10 +74,11 @@ class Job:
 
 def run(executor: Executor, metrics: Metrics, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Submit every choice of `job`; yields (choice index, delta) as the engine produces them."""
+    followers = tuple(e.name for e in job.params.mix.engines) if job.params.mix else ()
     streams = [
         metrics.observe(job.engine.name, _engine_errors(executor.generate(
             job.engine, f"{job.request_id}-{i * job.n + j}", prompt, job.choice_params(j),
-        )))
+        )), followers)
         for i, prompt in enumerate(job.prompts)
         for j in range(job.n)
     ]

@@ -138,19 +138,24 @@ class Metrics:
         r.register(_BackendCollector(backends))
         r.register(_CompositionCollector(revisions))
 
-    async def observe(self, model: str, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-        """Pass one engine request's deltas through, counting tokens and timing it."""
+    async def observe(
+        self, model: str, stream: AsyncIterator[RequestOutput], also: tuple[str, ...] = (),
+    ) -> AsyncIterator[RequestOutput]:
+        """Pass one engine request's deltas through, counting tokens and timing it. `also`: the
+        other engines that ran it (a mixed request's followers): their token counts grow too."""
         start = time.perf_counter()
         seen_output = seen_token = False
         async with aclosing(stream):
             async for out in stream:
                 if not seen_output:
-                    self.prompt_tokens.labels(model).inc(out.num_prompt_tokens)
+                    for name in (model, *also):
+                        self.prompt_tokens.labels(name).inc(out.num_prompt_tokens)
                     seen_output = True
                 if not seen_token and out.new_token_ids:
                     self.ttft.labels(model).observe(time.perf_counter() - start)
                     seen_token = True
-                self.generation_tokens.labels(model).inc(len(out.new_token_ids))
+                for name in (model, *also):
+                    self.generation_tokens.labels(name).inc(len(out.new_token_ids))
                 if out.finished:
                     self.e2e.labels(model).observe(time.perf_counter() - start)
                     if out.finish_reason != "abort":
