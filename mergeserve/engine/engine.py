@@ -198,14 +198,15 @@ class Engine:
             ready += decode
         if ready:
             logits = self.model.logits(torch.stack(rows))  # [N, V]
+            if all(seq.group is None for seq in ready):  # the common path: no copy of the logits
+                return outputs + self._sample(ready, logits)
             plain = [i for i, seq in enumerate(ready) if seq.group is None]
             for i, seq in enumerate(ready):
                 if seq.group is not None:
                     seq.group.deposit(seq, logits[i])
             if plain:
                 outputs += self._sample([ready[i] for i in plain], logits[plain])
-            if len(plain) < len(ready):
-                outputs += self._settle_groups()
+            outputs += self._settle_groups()
         return outputs
 
     def _settle_groups(self) -> list[RequestOutput]:

@@ -11,6 +11,7 @@ member each domain's examples went to first) is part of the row.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -26,11 +27,10 @@ CHARS_PER_TOKEN = 4  # the prefix a request router sees: about route_tokens toke
 Choice = list[tuple[str, float]]  # the members one text goes to, the lead first, with their mixing logits
 
 
-def choose(router: RequestRouter, members: dict[str, Engine], texts: list[str], chars: int, top_k: int = 1) -> list[Choice]:
+def choose(router: RequestRouter, names: list[str], texts: list[str], chars: int, top_k: int, vocab: list[int]) -> list[Choice]:
+    """Each text's members; `vocab`: a tokenizer key per member (only members of the lead's are mixed)."""
     if not texts:
         return []
-    names = list(members)
-    vocab = [tokenizer_key(m.tokenizer) for m in members.values()] if top_k > 1 else [0] * len(names)
     scores = router.scores([t[:chars] for t in texts])  # [N, M]
     return [[(names[i], float(row[i])) for i in top_members(row, top_k, vocab)] for row in scores]
 
@@ -41,13 +41,14 @@ def leads(choices: list[Choice]) -> list[str]:
 
 def score_routed(members: dict[str, Engine], choices: list[Choice], texts: list[str], settings, desc: str) -> list[LossSum]:
     """Each text's loss under its members' mixture, sum_i softmax(logits)_i p_i(token) (one member: its own)."""
+    logits = [dict(c) for c in choices]  # per text: member -> mixing logit
     parts: list[list[tuple[float, torch.Tensor]]] = [[] for _ in texts]
     for name, engine in members.items():
-        idx = [i for i, c in enumerate(choices) if name in dict(c)]
+        idx = [i for i, c in enumerate(logits) if name in c]
         if idx:
             for i, lp in zip(idx, token_logprobs(engine, [texts[i] for i in idx], settings, f"{desc} -> {name}")):
                 if lp is not None:
-                    parts[i].append((dict(choices[i])[name], lp.double()))
+                    parts[i].append((logits[i][name], lp.double()))
     out = []
     for mix in parts:
         if not mix:
@@ -58,9 +59,11 @@ def score_routed(members: dict[str, Engine], choices: list[Choice], texts: list[
     return out
 
 
-def math_routed(members: dict[str, Engine], router: RequestRouter, problems: list[dict], settings, top_k: int) -> tuple[dict, list[str]]:
-    prompts = [MATH_PROMPT.format(question=p["question"]) for p in problems]
-    choices = choose(router, members, prompts, CHARS_PER_TOKEN * settings.route_tokens, top_k)
+def math_routed(
+    members: dict[str, Engine], problems: list[dict], settings, route: Callable[[list[str]], list[Choice]],
+) -> tuple[dict, list[str]]:
+    """`route`: each text's members."""
+    choices = route([MATH_PROMPT.format(question=p["question"]) for p in problems])
     samples: list = [None] * len(problems)
     generated = 0
     for name in members:
@@ -85,23 +88,28 @@ def evaluate_route(members: dict[str, Engine], router: RequestRouter, data: Eval
     """The row of a route composition: the harness's metrics, plus `routing`: per domain, how
     many of its examples (loss set and math problems) each member got (as the lead of a mixture)."""
     names, chars = list(members), CHARS_PER_TOKEN * settings.route_tokens
+    vocab = [tokenizer_key(m.tokenizer) for m in members.values()] if top_k > 1 else [0] * len(names)
+
+    def route(texts: list[str]) -> list[Choice]:
+        return choose(router, names, texts, chars, top_k, vocab)
+
     result: dict = {"domains": {}, "timings": {}, "routing": {}}
     for domain, examples in data.domains.items():
         start = time.perf_counter()
         texts = [e["text"] for e in examples]
-        choices = choose(router, members, texts, chars, top_k)
+        choices = route(texts)
         result["domains"][domain] = sum(score_routed(members, choices, texts, settings, domain), LossSum()).as_dict()
         result["routing"][domain] = {n: leads(choices).count(n) for n in names}
         result["timings"][f"loss_{domain}"] = time.perf_counter() - start
 
     start = time.perf_counter()
     texts = [e["text"] for _, e in data.mixed]
-    sums = score_routed(members, choose(router, members, texts, chars, top_k), texts, settings, "mixed")
+    sums = score_routed(members, route(texts), texts, settings, "mixed")
     result["mixed"] = mixed_result(data.mixed, sums)
     result["timings"]["mixed"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    result["math"], chosen = math_routed(members, router, data.math, settings, top_k)
+    result["math"], chosen = math_routed(members, data.math, settings, route)
     result["routing"]["math problems"] = {n: chosen.count(n) for n in names}
     result["timings"]["math"] = time.perf_counter() - start
     return result
