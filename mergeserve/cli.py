@@ -215,7 +215,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=_positive, default=d.max_tokens, help="tokens kept per loss example (default: %(default)s)")
     ev.add_argument("--max-new-tokens", type=_positive, default=d.max_new_tokens, help="generated tokens per math problem (default: %(default)s)")
     ev.add_argument("--route-tokens", type=_positive, default=d.route_tokens,
-                    help="sequence routers choose from each scored text's first N tokens (default: %(default)s)")
+                    help="each scored text's first N tokens are context only: routers choose from them, every row scores the rest (default: %(default)s)")
     ev.add_argument("--seed", type=int, default=d.seed, help="seed of the mixed set's sample and order (default: %(default)s)")
     ev.set_defaults(run=_eval)
 

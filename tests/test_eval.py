@@ -18,16 +18,18 @@ from mergeserve.engine.engine import Engine
 from mergeserve.engine.model import Batch, Capture, Transformer
 from mergeserve.eval.datasets import EvalData, load_eval_data
 from mergeserve.eval.harness import EvalSettings, engine_config, evaluate_engine, evaluate_specs, oracle_row
-from mergeserve.eval.metrics import cut_at_answer_line, extract_answer, matches, normalise_number
+from mergeserve.eval.metrics import LossSum, cut_at_answer_line, extract_answer, matches, normalise_number
 from mergeserve.experts import ExpertPool
 from mergeserve.kernels import route
 from mergeserve.merge import build
+from mergeserve.router.request import KeywordRouter
 from mergeserve.spec import parse_composition
 from mergeserve.zoo.splits import write_jsonl
-from tiny import make_checkpoint
+from tiny import make_checkpoint, perturbed_copy
 
 DOMAINS = ("math", "german", "code")
 MAX_TOKENS = 12  # short enough that most examples below are cut
+ROUTE_TOKENS = 5  # each text's context, never scored: "Hallo" (5 tokens) scores nothing
 TEXTS = {
     "math": ["Tom has 5 apples and buys 3 more, so he has 8.", "What is 12 + 7? 12 + 7 = 19. Then 19 + 1 = 20."],
     "german": ["Der Hund läuft schnell über die Straße.", "Die Katze schläft im Haus.", "Hallo"],
@@ -43,7 +45,7 @@ PROBLEMS = [  # what the taught model memorises: question, worked steps, answer
 
 def settings(**kw) -> EvalSettings:
     return EvalSettings(**{"max_tokens": MAX_TOKENS, "mixed_per_domain": 2, "math_examples": 0,
-                           "max_new_tokens": 24, "max_num_seqs": 4, "chunk": 2, **kw})
+                           "max_new_tokens": 24, "max_num_seqs": 4, "chunk": 2, "route_tokens": ROUTE_TOKENS, **kw})
 
 
 def spec(base: Path, experts: dict[str, Path], **extra):
@@ -55,22 +57,25 @@ def engine_for(composition) -> Engine:
     return Engine(build(composition, ExpertPool()), engine_config(settings()))
 
 
-def reference_nll(folder: Path | list[Path], texts: list[str], max_tokens: int = MAX_TOKENS) -> tuple[float, int]:
-    """Summed NLL and token count by hand: transformers' logits, log_softmax, token by token;
-    several folders: the NLL of their equal-weight mixture, log mean_i p_i(token)."""
+def reference_nll(
+    folder: Path | list[Path], texts: list[str], max_tokens: int = MAX_TOKENS, context: int = ROUTE_TOKENS,
+) -> LossSum:
+    """Summed NLL, token and example counts by hand: transformers' logits, log_softmax, token by
+    token from position `context` on; several folders: the NLL of their equal-weight mixture,
+    log mean_i p_i(token)."""
     folders = folder if isinstance(folder, list) else [folder]
     models = [AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32).eval() for f in folders]
     tokenizer = AutoTokenizer.from_pretrained(folders[0])
-    nll, count = 0.0, 0
+    total = LossSum()
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False).input_ids[:max_tokens]
+        if len(ids) <= context:
+            continue
         with torch.no_grad():
             each = torch.stack([torch.log_softmax(m(torch.tensor([ids])).logits[0].double(), dim=-1) for m in models])
         logprobs = torch.logsumexp(each, dim=0) - math.log(len(models))  # [T, V]
-        for t in range(1, len(ids)):
-            nll -= float(logprobs[t - 1, ids[t]])
-            count += 1
-    return nll, count
+        total += LossSum(-sum(float(logprobs[t - 1, ids[t]]) for t in range(context, len(ids))), len(ids) - context, 1)
+    return total
 
 
 @pytest.fixture(scope="module")
@@ -129,18 +134,19 @@ def test_uniform_model_loss_is_log_vocab(tmp_path):
     vocab = engine.composed.config.vocab_size
     assert result["domains"]["german"]["loss"] == pytest.approx(math.log(vocab), abs=1e-5)
     ids = [engine.tokenizer(t, add_special_tokens=False).input_ids[:MAX_TOKENS] for t in TEXTS["german"]]
-    assert result["domains"]["german"]["tokens"] == sum(len(x) - 1 for x in ids)
+    assert result["domains"]["german"]["tokens"] == sum(max(0, len(x) - ROUTE_TOKENS) for x in ids) > 0
+    assert result["domains"]["german"]["examples"] == 2  # "Hallo" is all context
 
 
 def test_loss_matches_a_hand_computed_value(zoo):
     engine = engine_for(spec(zoo["base"], {"math": zoo["math"]}))
     result = evaluate_engine(engine, loss_data(), settings())
     for domain in DOMAINS:
-        nll, count = reference_nll(zoo["math"], TEXTS[domain])
+        expected = reference_nll(zoo["math"], TEXTS[domain])
         got = result["domains"][domain]
-        assert got["tokens"] == count and got["examples"] == len(TEXTS[domain])
-        assert got["nll"] == pytest.approx(nll, rel=1e-5)
-        assert got["loss"] == pytest.approx(nll / count, rel=1e-5)  # token-weighted, not per example
+        assert (got["tokens"], got["examples"]) == (expected.tokens, expected.examples)
+        assert got["nll"] == pytest.approx(expected.nll, rel=1e-5)
+        assert got["loss"] == pytest.approx(expected.nll / expected.tokens, rel=1e-5)  # token-weighted, not per example
 
 
 def test_mixed_set_and_oracle_from_single_experts(zoo, data_dir):
@@ -151,14 +157,14 @@ def test_mixed_set_and_oracle_from_single_experts(zoo, data_dir):
     specs = [(d, spec(zoo["base"], {d: zoo[d]})) for d in DOMAINS]
     rows = evaluate_specs(specs, data, settings())
     oracle = oracle_row(rows, DOMAINS)
-    total_nll, total_count = 0.0, 0
+    total = LossSum()
     for domain in DOMAINS:
-        texts = [e["text"] for d, e in data.mixed if d == domain]
-        nll, count = reference_nll(zoo[domain], texts)
-        total_nll, total_count = total_nll + nll, total_count + count
-        assert oracle["mixed"]["by_domain"][domain]["nll"] == pytest.approx(nll, rel=1e-5)
+        expected = reference_nll(zoo[domain], [e["text"] for d, e in data.mixed if d == domain])
+        total += expected
+        assert oracle["mixed"]["by_domain"][domain]["nll"] == pytest.approx(expected.nll, rel=1e-5)
+        assert oracle["mixed"]["by_domain"][domain]["tokens"] == expected.tokens
         assert oracle["domains"][domain] == rows[DOMAINS.index(domain)]["domains"][domain]
-    assert oracle["mixed"]["loss"] == pytest.approx(total_nll / total_count, rel=1e-5)
+    assert oracle["mixed"]["loss"] == pytest.approx(total.loss, rel=1e-5)
     with pytest.raises(ValueError, match="german"):
         oracle_row([r for r in rows if r["expert"] != "german"], DOMAINS)
 
@@ -172,7 +178,9 @@ def test_a_route_row_scores_each_example_with_the_member_its_router_picks(zoo, d
     rows = evaluate_specs([(d, spec(zoo["base"], {d: zoo[d]})) for d in DOMAINS] + [("route", route)], data, settings())
     oracle, routed = oracle_row(rows, DOMAINS), rows[-1]
     assert routed["kind"] == "route"
-    assert routed["routing"] == {d: {m: len(data.domains[d]) if m == d else 0 for m in DOMAINS} for d in DOMAINS} | {
+    scored = {d: rows[DOMAINS.index(d)]["domains"][d]["examples"] for d in DOMAINS}  # "Hallo" is neither routed nor scored
+    assert scored["german"] == len(data.domains["german"]) - 1
+    assert routed["routing"] == {d: {m: scored[d] if m == d else 0 for m in DOMAINS} for d in DOMAINS} | {
         "math problems": dict.fromkeys(DOMAINS, 0)}
     for domain in DOMAINS:
         assert routed["domains"][domain]["nll"] == pytest.approx(oracle["domains"][domain]["nll"], rel=1e-6)
@@ -186,9 +194,74 @@ def test_a_top_k_route_row_scores_each_example_under_its_members_mixture(zoo, da
     data = load_eval_data(data_dir, DOMAINS, mixed_per_domain=2, math_examples=2)
     row = evaluate_specs([("route", route)], data, settings())[0]
     for domain in DOMAINS:
-        nll, count = reference_nll([zoo["math"], zoo["german"]], [e["text"] for e in data.domains[domain]])
-        assert (row["domains"][domain]["nll"], row["domains"][domain]["tokens"]) == (pytest.approx(nll, rel=1e-5), count)
+        expected = reference_nll([zoo["math"], zoo["german"]], [e["text"] for e in data.domains[domain]])
+        assert (row["domains"][domain]["nll"], row["domains"][domain]["tokens"]) == (pytest.approx(expected.nll, rel=1e-5), expected.tokens)
     assert {s["member"] for s in row["math"]["samples"]} <= {"math+german", "german+math"} and row["math"]["n"] == 2
+
+
+def test_a_sequence_routed_row_scores_only_the_tokens_after_those_it_routes_on(zoo, tmp_path, monkeypatch):
+    """A perplexity-routed MoE chooses each text's expert from its first ROUTE_TOKENS tokens and
+    scores the tokens after them, the same positions as a plain row, each under the expert chosen."""
+    experts = {d: perturbed_copy(zoo["base"], tmp_path / d, seed=i + 1, only="model.layers.") for i, d in enumerate(DOMAINS)}
+    engine = engine_for(spec(zoo["base"], experts, router={"kind": "perplexity", "top_k": 1}))
+    chosen, route = {}, engine.sequence_router.route
+
+    def spy(prompts, bias=None):
+        alpha = route(prompts, bias)  # [N, E], one-hot
+        chosen.update(zip(map(tuple, prompts), alpha.argmax(1).tolist()))
+        return alpha
+
+    monkeypatch.setattr(engine.sequence_router, "route", spy)
+    routed = evaluate_engine(engine, loss_data(), settings())
+    plain = evaluate_engine(engine_for(spec(zoo["base"], {"math": experts["math"]})), loss_data(), settings())
+    assert {len(p) for p in chosen} == {ROUTE_TOKENS}
+    for domain in DOMAINS:
+        ids = {t: engine.tokenizer(t, add_special_tokens=False).input_ids[:MAX_TOKENS] for t in TEXTS[domain]}
+        long = {t: x for t, x in ids.items() if len(x) > ROUTE_TOKENS}
+        # Each text by hand under the expert its context chose (separate attention: that expert's own model).
+        expected = sum((reference_nll(experts[DOMAINS[chosen[tuple(x[:ROUTE_TOKENS])]]], [t]) for t, x in long.items()), LossSum())
+        got = routed["domains"][domain]
+        assert got["tokens"] == plain["domains"][domain]["tokens"] == sum(len(x) - ROUTE_TOKENS for x in long.values()) == expected.tokens
+        assert got["examples"] == plain["domains"][domain]["examples"] == len(long)
+        assert got["nll"] == pytest.approx(expected.nll, rel=1e-5)
+    assert len(set(chosen.values())) > 1  # the texts did go to different experts
+
+
+def test_a_route_row_scores_the_tokens_after_the_prefix_it_routes_on(zoo, tmp_path, monkeypatch):
+    """Members of two tokenizers: the request router reads the text of the first member's first
+    ROUTE_TOKENS tokens; that member scores its tokens after them, the other member its tokens
+    that start at or after that text's end."""
+    other = make_checkpoint(tmp_path / "other", "llama", seed=5, tokenizer_vocab=300)  # fewer merges: other tokens
+    route = parse_composition({"name": "route", "method": "route", "router": {"kind": "keywords"}, "experts": [
+        {"name": "math", "source": str(zoo["math"]), "keywords": ["has", "what", "def", "import"]},
+        {"name": "other", "source": str(other), "keywords": ["der", "die"]},
+    ]})
+    seen, scores = [], KeywordRouter.scores
+    monkeypatch.setattr(KeywordRouter, "scores", lambda self, texts: seen.extend(texts) or scores(self, texts))
+    max_tokens = 40  # the other tokenizer needs ~3x the tokens for the same text
+    row = evaluate_specs([("route", route)], loss_data(), settings(max_tokens=max_tokens))[0]
+    reference, theirs = AutoTokenizer.from_pretrained(zoo["math"]), AutoTokenizer.from_pretrained(other)
+    prefixes = []
+    for domain in DOMAINS:
+        expected = LossSum()
+        for text in TEXTS[domain]:
+            ours = reference(text, add_special_tokens=False, return_offsets_mapping=True)
+            if len(ours.input_ids) <= ROUTE_TOKENS:
+                continue
+            end = ours.offset_mapping[ROUTE_TOKENS - 1][1]
+            prefixes.append(text[:end])
+            if domain != "german":
+                expected += reference_nll(zoo["math"], [text], max_tokens)
+            else:
+                offsets = theirs(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+                context = sum(start < end for start, _ in offsets)
+                assert context > ROUTE_TOKENS  # the same text is more of the other tokenizer's tokens
+                expected += reference_nll(other, [text], max_tokens, context)
+        got = row["domains"][domain]
+        assert (got["tokens"], got["examples"]) == (expected.tokens, expected.examples) and got["tokens"] > 0
+        assert got["nll"] == pytest.approx(expected.nll, rel=1e-5)
+    assert seen == prefixes and prefixes[0] == "Tom has 5 apples"
+    assert row["routing"]["german"] == {"math": 0, "other": 2} and row["routing"]["math"] == {"math": 2, "other": 0}
 
 
 def test_router_load_is_reported_per_domain(zoo):
@@ -202,6 +275,8 @@ def test_router_load_is_reported_per_domain(zoo):
         picks = torch.zeros(len(engine.composed.layers), 3)  # [L, E]
         for example in examples:
             ids = engine.tokenizer(example["text"], add_special_tokens=False).input_ids[:MAX_TOKENS]
+            if len(ids) <= ROUTE_TOKENS:  # scores nothing, so never runs
+                continue
             captured = Capture(ffn=[])
             Transformer(engine.composed, max_len=MAX_TOKENS)(Batch.right_padded([ids]), capture=captured)
             for n, x in enumerate(captured.ffn):
@@ -274,13 +349,16 @@ def test_eval_command_writes_results(zoo, data_dir, tmp_path, capsys):
         specs += ["--spec", str(path)]
     out = tmp_path / "out"
     argv = ["eval", *specs, "--oracle", "--out", str(out), "--data", str(data_dir),
-            "--max-tokens", "12", "--mixed", "2", "--math", "2", "--max-new-tokens", "8"]
+            "--max-tokens", "12", "--route-tokens", "5", "--mixed", "2", "--math", "2", "--max-new-tokens", "8"]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in results["rows"]] == ["base", *DOMAINS, "linear", "moe"]
     assert [r["kind"] for r in results["rows"]] == ["base", "expert", "expert", "expert", "linear", "btx"]
     assert results["oracle"]["domains"]["code"] == results["rows"][3]["domains"]["code"]
     assert results["settings"]["loss_examples"] == {"math": 6, "german": 3, "code": 2}
+    hallo = sum(e["text"] == "Hallo" for _, e in load_eval_data(data_dir, DOMAINS, mixed_per_domain=2).mixed)
+    assert results["settings"]["unscored"] == {"math": 0, "german": 1, "code": 0, "mixed": hallo}  # every row alike
+    assert "examples of at most 5 tokens score nothing: german 1" in (out / "results.md").read_text().lower()
     assert "router" in results["rows"][5] and "router" not in results["rows"][4]
     table = (out / "results.md").read_text()
     assert "| oracle |" in table and "mixed loss" in table and "Experts against the base" in table
@@ -302,6 +380,6 @@ def test_eval_command_writes_results(zoo, data_dir, tmp_path, capsys):
     # --domains scores a subset: the oracle then needs an expert for those domains only.
     two = [*specs[:4], *specs[6:8], *specs[10:]]  # base, math, code, moe
     assert main(["eval", *two, "--oracle", "--domains", "math", "code", "--out", str(tmp_path / "two"), "--data", str(data_dir),
-                 "--max-tokens", "12", "--mixed", "2", "--math", "2", "--max-new-tokens", "8"]) == 0
+                 "--max-tokens", "12", "--route-tokens", "5", "--mixed", "2", "--math", "2", "--max-new-tokens", "8"]) == 0
     subset = json.loads((tmp_path / "two" / "results.json").read_text())
     assert subset["domains"] == ["math", "code"] and set(subset["oracle"]["domains"]) == {"math", "code"}

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import ast
-
+import hashlib
+import json
 import re
 from pathlib import Path
 
 import pytest
 
 from mergeserve.zoo import code_data, german_data, math_data
-from mergeserve.zoo.splits import chunk, split_units
+from mergeserve.zoo.splits import chunk, heldout_path, read_jsonl, split_units
 
 PAGE = """<html><head><title>Kapitel 1</title></head><body>
 <div id="banner"><a>Download the ebook</a></div><ul class="docnav"><li>Zurück</li></ul>
@@ -101,3 +102,15 @@ def test_math_answers_follow_from_the_worked_steps() -> None:
                 assert eval(expression) == int(result), line
         assert lines[-2].rstrip(".").split(" = ")[-1].split()[0] == e["answer"]
     assert math_data.build() == (train, heldout)
+
+
+def test_math_heldout_shares_no_worked_arithmetic_with_training() -> None:
+    train, heldout = math_data.build()
+    keys = {math_data.arithmetic_key(e) for e in train}
+    assert not any(math_data.arithmetic_key(e) in keys for e in heldout)
+    assert math_data.arithmetic_key(heldout[0]) == ((4, "*", 12), (6, "*", 6), (48, "+", 36))
+    assert all(len(math_data.arithmetic_key(e)) >= 2 for e in train + heldout)  # every step's sum is read
+    # Training is what the committed math expert was trained on, byte for byte.
+    lines = "".join(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in train)
+    assert hashlib.sha256(lines.encode()).hexdigest() == "c7a7ee52d24c3c4f6f8ffe8c3f2776c6f1a7701dcfdf68ca19923dfc7af2a414"
+    assert read_jsonl(heldout_path("math")) == heldout  # the committed file is what build() writes

@@ -1,9 +1,13 @@
 """Score compositions with the mergeserve engine.
 
+Every row scores the same tokens: each example is tokenized without special tokens and cut to
+`max_tokens` tokens; its first N = `route_tokens` tokens are context only (a router, if the row
+has one, chooses from them) and the tokens at positions >= N are scored, each conditioned on all
+before it. An example of at most N tokens scores nothing (the results count these, `unscored`).
+
 For one model (`evaluate_engine`):
 - loss per domain: total negative log-likelihood over total scored tokens of that domain's
-  held-out examples, each tokenized without special tokens, cut to `max_tokens` tokens and
-  scored on every token after its first (`Engine.score`, batched and padded);
+  held-out examples (`Engine.score`, batched and padded; a sequence router reads the first N);
 - math accuracy: greedy generation from `Question: <question>\\n` (one `Engine.generate`
   call for all problems), cut after the first `Answer:` line, exact match of its number;
 - mixed set: the interleaved examples of every domain, scored the same way, in total and
@@ -11,7 +15,7 @@ For one model (`evaluate_engine`):
 - router load (MoE only): per layer, the share of routing picks each expert got while the
   engine scored each domain's loss set (`Engine.expert_load` deltas);
 - a route composition (whole models, eval/route.py): each example scored by the member its
-  request router picks, with the routing confusion.
+  request router picks from the text of the first N tokens, with the routing confusion.
 
 `evaluate_specs` builds each spec from one shared ExpertPool, one engine at a time.
 """
@@ -52,7 +56,11 @@ class EvalSettings:
     chunk: int = 32  # sequences per `Engine.score` call (the progress bar's step)
     max_num_seqs: int = 32  # concurrent generations
     max_batch_tokens: int = 4096  # padded tokens per scoring forward
-    route_tokens: int = 32  # a sequence router chooses from each scored text's first tokens
+    route_tokens: int = 32  # each text's first N tokens are context only (routers choose from them); the rest are scored
+
+    def __post_init__(self) -> None:
+        if self.route_tokens < 1:
+            raise ValueError("route_tokens must be at least 1: the first token has nothing to be scored against")
 
 
 def engine_config(settings: EvalSettings) -> EngineConfig:
@@ -62,21 +70,26 @@ def engine_config(settings: EvalSettings) -> EngineConfig:
     )
 
 
-def token_logprobs(engine: Engine, texts: list[str], settings: EvalSettings, desc: str) -> list[torch.Tensor | None]:
-    """Per text, the log-probability of each token after its first; None for a text of under two tokens."""
-    ids = tokenize(engine.tokenizer, texts, settings.max_tokens)
-    keep = [i for i, x in enumerate(ids) if len(x) >= 2]
-    out: list[torch.Tensor | None] = [None] * len(texts)
+def token_logprobs(
+    engine: Engine, ids: list[list[int]], context: list[int], settings: EvalSettings, desc: str,
+) -> list[torch.Tensor | None]:
+    """Per sequence, the log-probability of each token at a position >= its `context` (>= 1),
+    given every token before it; None where no token is. A sequence router reads the first
+    `route_tokens` tokens."""
+    keep = [i for i, x in enumerate(ids) if len(x) > context[i]]
+    out: list[torch.Tensor | None] = [None] * len(ids)
     for start in tqdm(range(0, len(keep), settings.chunk), desc=desc, unit="chunk", leave=False):
         batch = keep[start:start + settings.chunk]
         for i, lp in zip(batch, engine.score([ids[i] for i in batch], settings.max_batch_tokens, settings.route_tokens)):
-            out[i] = lp
+            out[i] = lp[context[i] - 1:]  # lp[t - 1] scores token t
     return out
 
 
 def score_examples(engine: Engine, texts: list[str], settings: EvalSettings, desc: str) -> list[LossSum]:
-    """One LossSum per text (examples shorter than two tokens score nothing)."""
-    return [LossSum() if lp is None else loss_sum([lp]) for lp in token_logprobs(engine, texts, settings, desc)]
+    """One LossSum per text: its tokens from position `route_tokens` on (a shorter text scores nothing)."""
+    ids = tokenize(engine.tokenizer, texts, settings.max_tokens)
+    lps = token_logprobs(engine, ids, [settings.route_tokens] * len(ids), settings, desc)
+    return [LossSum() if lp is None else loss_sum([lp]) for lp in lps]
 
 
 def math_accuracy(
@@ -183,7 +196,7 @@ def evaluate_specs(
     from mergeserve.merge import build
     from mergeserve.router.request import build_request_router
 
-    same = reuse is not None and reuse["settings"] == settings_dict(settings, data)
+    same = reuse is not None and {k: v for k, v in reuse["settings"].items() if k != "unscored"} == settings_dict(settings, data)
     earlier = {r.get("fingerprint"): r for r in reuse["rows"]} if same else {}
     pool, rows = ExpertPool(), []
     for label, spec in tqdm(specs, desc="models", unit="model"):
@@ -235,8 +248,16 @@ def check_oracle(kinds: list[dict], domains: tuple[str, ...]) -> None:
         raise ValueError(f"--oracle needs a single-expert spec per domain (its expert named after the domain); none for {missing}")
 
 
+def unscored(row: dict, data: EvalData) -> dict[str, int]:
+    """The texts a row scored nothing of (at most `route_tokens` tokens): per domain, and in the mixed set."""
+    return {**{d: len(e) - row["domains"][d]["examples"] for d, e in data.domains.items()},
+            "mixed": len(data.mixed) - row["mixed"]["examples"]}
+
+
 def settings_dict(settings: EvalSettings, data: EvalData) -> dict:
     return {**asdict(settings), "math_stop": list(MATH_STOP), "math_prompt": MATH_PROMPT,
+            # Rows scored by an earlier rule (every token after the first) must not be reused.
+            "scored": "tokens at positions >= route_tokens, after the max_tokens cut; routers choose from the tokens before",
             "loss_examples": {d: len(e) for d, e in data.domains.items()},
             "mixed_examples": len(data.mixed), "math_problems": len(data.math),
             # Rows scored on other texts (a regenerated held-out split) must not be reused.
@@ -260,7 +281,11 @@ def evaluate(
     data = load_eval_data(data_dir, domains, settings.per_domain, settings.mixed_per_domain,
                           settings.math_examples, settings.seed)
     rows = evaluate_specs(specs, data, settings, reuse)
+    # Texts too short to score: the same for rows of one tokenizer (all the zoo's), else per row.
+    counts = [unscored(r, data) for r in rows]
+    same = all(c == counts[0] for c in counts)
+    short = counts[0] if counts and same else {r["name"]: c for r, c in zip(rows, counts)}
     return {
-        "domains": list(domains), "settings": settings_dict(settings, data), "rows": rows,
+        "domains": list(domains), "settings": settings_dict(settings, data) | {"unscored": short}, "rows": rows,
         "oracle": oracle_row(rows, domains) if oracle else None, "wall_s": time.perf_counter() - start,
     }

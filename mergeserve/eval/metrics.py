@@ -44,7 +44,7 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_tokens: i
 
 
 def loss_sum(logprobs: list[torch.Tensor]) -> LossSum:
-    """Sum of -log p over every scored token (a sequence's tokens after its first)."""
+    """Sum of -log p over every scored token (a sequence's tokens after its context)."""
     nll = sum(-float(lp.double().sum()) for lp in logprobs)
     return LossSum(nll, sum(lp.numel() for lp in logprobs), len(logprobs))
 

@@ -126,6 +126,22 @@ def routing_tables(results: dict) -> list[str]:
     return lines
 
 
+def scoring(s: dict) -> str:
+    """Which tokens were scored, as the settings record it."""
+    if "scored" not in s:  # results from before the rule: every token after the first
+        return (f"Every token after the first scored; sequence routers chose from the first "
+                f"{s.get('route_tokens', 'all')} tokens.")
+    n, short = s["route_tokens"], s.get("unscored") or {}
+    text = (f"Every row alike, the first {n} tokens of each are context only (a sequence or request router "
+            f"chooses from them) and the tokens after them are scored.")
+    if short and all(isinstance(v, int) for v in short.values()):
+        counts = ", ".join(f"{d} {k}" for d, k in short.items() if k)
+        text += f" Examples of at most {n} tokens score nothing: {counts or 'none'}."
+    elif short:
+        text += f" Rows of different tokenizers leave different examples of at most {n} tokens unscored (results.json)."
+    return text
+
+
 def markdown(results: dict) -> str:
     s = results["settings"]
     domains = results["domains"]
@@ -133,13 +149,11 @@ def markdown(results: dict) -> str:
     lines = [
         "# Merge quality", "",
         f"Loss: mean negative log-likelihood per token (nats), token-weighted over the held-out examples "
-        f"({loss_counts}); each example tokenized without special tokens, cut to {s['max_tokens']} tokens, "
-        f"every token after the first scored. Math accuracy: exact match of the number after `Answer:` in "
+        f"({loss_counts}); each example tokenized without special tokens and cut to {s['max_tokens']} tokens. "
+        f"{scoring(s)} Math accuracy: exact match of the number after `Answer:` in "
         f"greedy output (at most {s['max_new_tokens']} new tokens) on the first {s['math_problems']} held-out problems; "
         f"math format: the share of those outputs that end in an `Answer: N` line at all. "
-        f"Mixed: {s['mixed_examples']} examples ({s['mixed_per_domain']} per domain, seed {s['seed']}) interleaved. "
-        f"Sequence routers (perplexity, task_vector) choose each scored text's experts from its first "
-        f"{s.get('route_tokens', 'all')} tokens, as they would from a prompt.",
+        f"Mixed: {s['mixed_examples']} examples ({s['mixed_per_domain']} per domain, seed {s['seed']}) interleaved.",
         "",
     ]
     if results.get("oracle"):
@@ -162,8 +176,8 @@ def markdown(results: dict) -> str:
                   "domain's loss set, averaged over layers; in parentheses the mean routing weight of those picks."] + rt
     if rt := routing_tables(results):
         lines += ["", "## Routing confusion (route compositions)", "",
-                  "Each loss example and math problem goes to one member model, chosen by the request router from "
-                  "its first characters (about as many tokens as a sequence router reads). In a top-k row (`-top2`) "
+                  "Each scored loss example goes to one member model, chosen by the request router from the text of "
+                  "its context tokens; each math problem, from its prompt's first characters (4 per context token). In a top-k row (`-top2`) "
                   "the example goes to that member and its runners-up, mixed token by token; the table counts the "
                   "member that leads the mixture."] + rt
     lines += ["", "## Wall time", "", "| model | build s | loss s | mixed s | math s | total s |", "|---|---|---|---|---|---|"]

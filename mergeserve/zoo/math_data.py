@@ -5,12 +5,26 @@ Each example's `text` is `Question: <question>\\n<steps>\\nAnswer: <n>`; `questi
 learn from the zoo's training budget: 1-2 digit operands, 2-3 steps, products within the
 times tables up to 12, and several phrasings of each template, so that the expert has to
 read the question rather than recall one sentence shape.
+
+Held-out problems share no arithmetic with training. A problem's key is the tuple of its worked
+steps' `(operand, operator, operand)` triples, e.g. `((3, '*', 4), (5, '*', 6), (12, '+', 30))`:
+the sums the expert would have to recall. It is stricter than (template, operands), since two
+templates can work the same sums (savings and garden both multiply, then subtract). Training
+is what the committed math expert was trained on: 4000 seed-1 problems whose questions are not
+among the first 200 of the seed-2 stream. The held-out set is the first 200 problems of the
+seed-2 stream that share neither a question nor a key with training problems: 84 of the first
+284 candidates were dropped (sharing 35, garden 17, ages 10, savings 7, packing 6, shopping 5,
+distance 2, stamps 2), so the template with the smallest operand space, sharing, is gone.
+Held-out mix: stamps 33, shopping 32, distance 31, savings 31, ages 30, packing 23, garden 20,
+sharing 0.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Callable
+import re
+from collections.abc import Callable, Iterator
+from itertools import islice
 
 from mergeserve.zoo.splits import Example
 
@@ -130,18 +144,48 @@ def garden(r: random.Random) -> Problem:
 TEMPLATES: list[Callable[[random.Random], Problem]] = [shopping, packing, sharing, stamps, distance, ages, savings, garden]
 
 
-def problems(seed: int, count: int, exclude: set[str] = frozenset()) -> list[Example]:
-    r, examples, seen = random.Random(seed), [], set(exclude)
-    while len(examples) < count:
-        question, steps, answer = r.choice(TEMPLATES)(r)
+def stream(seed: int) -> Iterator[tuple[str, Example]]:
+    """Endless seeded problems, each question once, with the name of its template."""
+    r, seen = random.Random(seed), set()
+    while True:
+        template = r.choice(TEMPLATES)
+        question, steps, answer = template(r)
         if question in seen:
             continue
         seen.add(question)
         text = f"Question: {question}\n" + "\n".join(steps) + f"\nAnswer: {answer}"
-        examples.append({"question": question, "answer": str(answer), "text": text})
-    return examples
+        yield template.__name__, {"question": question, "answer": str(answer), "text": text}
+
+
+def problems(seed: int, count: int, exclude: set[str] = frozenset()) -> list[Example]:
+    """The first `count` problems of the seed's stream whose question is not in `exclude`."""
+    return list(islice((e for _, e in stream(seed) if e["question"] not in exclude), count))
+
+
+def arithmetic_key(example: Example) -> tuple[tuple[int, str, int], ...]:
+    """The `(operand, operator, operand)` of every `a op b = c` in the worked steps, in order."""
+    steps = example["text"].split("\n", 1)[1]
+    return tuple((int(a), op, int(b)) for a, op, b in re.findall(r"(\d+) ([-+*/]) (\d+) =", steps))
+
+
+def heldout_problems(train: list[Example], count: int = HELDOUT_SIZE) -> tuple[list[Example], dict[str, int], int]:
+    """The first `count` seed-2 problems that share neither a question nor an arithmetic key with
+    `train`; with how many each template gave and how many candidates were dropped."""
+    keys, questions = {arithmetic_key(e) for e in train}, {e["question"] for e in train}
+    kept, mix, dropped = [], dict.fromkeys((t.__name__ for t in TEMPLATES), 0), 0
+    for template, e in stream(HELDOUT_SEED):
+        if len(kept) == count:
+            break
+        if e["question"] in questions or arithmetic_key(e) in keys:
+            dropped += 1
+            continue
+        kept.append(e)
+        mix[template] += 1
+    return kept, mix, dropped
 
 
 def build() -> tuple[list[Example], list[Example]]:
-    heldout = problems(HELDOUT_SEED, HELDOUT_SIZE)
-    return problems(TRAIN_SEED, TRAIN_SIZE, exclude={e["question"] for e in heldout}), heldout
+    # Training stays apart from the seed-2 stream's first 200 questions (the held-out set it was
+    # trained beside), so that its bytes, and the committed expert, stay as they were.
+    train = problems(TRAIN_SEED, TRAIN_SIZE, exclude={e["question"] for e in problems(HELDOUT_SEED, HELDOUT_SIZE)})
+    return train, heldout_problems(train)[0]
