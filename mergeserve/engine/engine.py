@@ -63,7 +63,7 @@ class Engine:
         self.tokenizer = composed.tokenizer
         self.expert_names = composed.expert_names
         self.max_model_len = min(config.max_model_len, composed.config.max_position_embeddings)
-        self.model = Transformer(composed, self.max_model_len, packer or WeightPacker())
+        self.model = Transformer(composed, self.max_model_len, packer if packer is not None else WeightPacker())
         args = self.model.args
         self.slots = kv_slots(config, self.model.cache_layers * args.n_kv_heads * args.head_dim * 2 * 4, self.max_model_len)
         self.cache = KVCache(self.model.cache_layers, self.slots, args.n_kv_heads, args.head_dim, self.max_model_len)

@@ -1,0 +1,154 @@
+"""Render the README's figures from the committed result files, so that they cannot drift.
+
+Each figure block in README.md sits between `<!-- results: NAME -->` and `<!-- /results -->`;
+this script rewrites the text between them from `benchmarks/results/`. `--check` only compares
+and exits 1 on a difference (tests/test_readme_figures.py runs the same check).
+
+    .venv/bin/python benchmarks/readme.py [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fmt  # noqa: E402
+
+BLOCK = re.compile(r"(<!-- results: (?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def machine_line(m: dict) -> str:
+    """`measured 2026-12-06 on <cpu> (flags), N cores`."""
+    return f"Measured {m['date'][:10]} on {m.get('cpu', '?')} (`{' '.join(m['cpu_flags'])}`), {m.get('cores', '?')} cores."
+
+
+def quality() -> list[str]:
+    """The share of each domain expert's gain over the base that every row keeps."""
+    from mergeserve.eval.report import gain_table
+
+    results = load("merge_quality/results.json")
+    s = results["settings"]
+    rows = gain_table(results)
+    acc = {r["name"]: r["math"]["accuracy"] for r in results["rows"] + [results["oracle"]]}
+    rows[0] += " math acc |"
+    rows[1] += "---|"
+    for i, line in enumerate(rows[2:], 2):
+        name = line.split("|")[1].strip()
+        rows[i] = line + f" {acc[name]:.0%} |"
+    return [*rows, "",
+            f"Held-out examples per domain: {s['per_domain']}, cut to {s['max_tokens']} tokens; the first "
+            f"{s['route_tokens']} tokens of each only choose (every row alike) and the rest are scored; "
+            f"math accuracy on {s['math_problems']} held-out problems. From "
+            "[`benchmarks/results/merge_quality.md`](benchmarks/results/merge_quality.md)."]
+
+
+def dtype_loss() -> list[str]:
+    d = load("dtype_loss.json")
+    cells = ", ".join(f"{dom} {diff:+.4f} ({d['relative'][dom]:+.2%})" for dom, diff in d["bfloat16_minus_float32"].items())
+    return [f"Held-out loss of `{d['spec']}`, bf16 minus fp32 ({d['examples_per_domain']} examples per domain, "
+            f"{d['max_tokens']} tokens; one run, `{' '.join(d['cpu_flags'])}`): {cells}."]
+
+
+def lora_pool() -> list[str]:
+    d = load("lora_pool.json")
+    tok = " / ".join(f"{v:.1f}" for v in d["decode_tok_s"].values())
+    batches = " / ".join(d["decode_tok_s"])
+    return [f"{d['adapters']} rank-{d['rank']} adapters ({d['dtype']}) in one pool, composed into one "
+            f"{d['adapters']}-expert top-2 MoE: peak RSS {d['peak_rss_mb']:.0f} MB, the pool listing "
+            f"{d['pool_mb']:.0f} MB; loading the adapters {d['adapter_load_s']:.1f} s, composing {d['build_s']:.1f} s; "
+            f"decode {tok} tok/s at batch {batches} ({d['threads']} threads; one run, {d['date'][:10]}, "
+            f"`{' '.join(d['cpu_flags'])}`)."]
+
+
+def soak() -> list[str]:
+    d = load("soak.json")
+    outcomes: dict[str, int] = {}
+    for kinds in d["by_outcome"].values():
+        for outcome, n in kinds.items():
+            outcomes[outcome] = outcomes.get(outcome, 0) + n
+    checks = [f"{'pass' if ok else 'FAIL'}: {name}" for name, ok in d["checks"].items()]
+    return [f"{d['duration_s'] / 60:.0f} minutes, {d['clients']} clients, {d['requests']} requests "
+            f"({', '.join(f'{n} {o}' for o, n in sorted(outcomes.items()))}); TTFT p50 {d['ttft_s']['p50']:.2f} s, "
+            f"p99 {d['ttft_s']['p99']:.1f} s; RSS after warm-up {d['rss_mb']['warm_min']:.0f}-{d['rss_mb']['warm_max']:.0f} MB.",
+            "", *[f"- {c}" for c in checks]]
+
+
+def route_throughput() -> list[str]:
+    lines = ["| request routing | clients | route tok/s | largest member alone | ratio |", "|---|---|---|---|---|"]
+    for name, label in (("route_throughput.json", "top-1"), ("route_throughput_top2.json", "top-2")):
+        d = load(name)
+        s = d["servers"]
+        lines.append(f"| {label} (`{Path(d['spec']).name}`) | {d['clients']} | {s['route']['tok_per_s']:.1f} | "
+                     f"{s['largest member alone']['tok_per_s']:.1f} | {d['ratio']:.2f}x |")
+    d = load("route_throughput.json")
+    return [*lines, "", f"One run each, {d['date'][:10]}, `{' '.join(d['cpu_flags'])}`."]
+
+
+def profile() -> list[str]:
+    """The demo's decode step by op (torch.profiler), at batch 1 and 8."""
+    lines = ["| batch | step | linears (calls, time) | the rest |", "|---|---|---|---|"]
+    for batch in (1, 8):
+        d = load(f"profile_decode_after_b{batch}.json")
+        linear = next(op for op in d["top_ops_per_step"] if "linear" in op["op"])
+        lines.append(f"| {batch} | {d['step_ms']:.1f} ms | {linear['calls_per_step']:.0f}, {linear['self_cpu_ms']:.1f} ms "
+                     f"| {d['step_ms'] - linear['self_cpu_ms']:.1f} ms |")
+    return [*lines, "", f"`{d['lora']}` experts, {d['dtype']}; one run each, `{' '.join(d['cpu_flags'])}`."]
+
+
+def btx_attention() -> list[str]:
+    d = load("btx_attention.json")
+    by_dtype: dict[str, list[float]] = {}
+    for r in d["results"]:
+        by_dtype.setdefault(r["dtype"], []).append(r["stacked_over_materialised"])
+    rows = sorted({r["rows"] for r in d["results"]})
+    cells = "; ".join(f"{dt} {min(v):.2f}x-{max(v):.2f}x" for dt, v in by_dtype.items())
+    return [f"Stacked factors over materialised attention ({d['experts']} rank-{d['rank']} experts, "
+            f"{' / '.join(map(str, rows))} rows; one run): {cells}."]
+
+
+RENDERERS: dict[str, Callable[[], list[str]]] = {
+    "quality": quality, "dtype_loss": dtype_loss, "lora_pool": lora_pool, "soak": soak,
+    "route_throughput": route_throughput, "profile": profile, "btx_attention": btx_attention,
+}
+
+
+def render(text: str) -> str:
+    """`text` with every results block rewritten; an unknown block name is an error."""
+    def block(m: re.Match) -> str:
+        name = m["name"]
+        if name not in RENDERERS:
+            raise KeyError(f"README block {name!r} has no renderer in benchmarks/readme.py")
+        return m.group(1) + "\n".join(RENDERERS[name]()) + "\n" + m.group(4)
+
+    return BLOCK.sub(block, text)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="compare only; exit 1 where README.md differs")
+    args = p.parse_args()
+    text = README.read_text()
+    rendered = render(text)
+    if args.check:
+        if rendered != text:
+            print("README.md's figures differ from benchmarks/results/: run benchmarks/readme.py", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(rendered)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
