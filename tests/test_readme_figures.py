@@ -1,7 +1,7 @@
-"""Every measured figure in the README comes from a committed result file.
+"""Every measured figure in the README and the docs comes from a committed result file.
 
 The figures live in blocks that `benchmarks/readme.py` renders from `benchmarks/results/`;
-outside those blocks (and code), the README states no measurements.
+outside those blocks (and code), the README and docs/ state no measurements.
 """
 
 from __future__ import annotations
@@ -40,13 +40,14 @@ def test_readme_figures_are_the_result_files():
     assert readme.render(text) == text, "README.md's figures differ from benchmarks/results/: run benchmarks/readme.py"
 
 
-def test_readme_states_no_figure_outside_rendered_blocks():
+def test_readme_and_docs_state_no_figure_outside_rendered_blocks():
     hits = []
-    for number, line in prose_lines(readme.README.read_text()):
-        for allowed in NOT_MEASURED:
-            line = line.replace(allowed, "")
-        if MEASURED.search(line):
-            hits.append(f"README.md:{number}: {line.strip()}")
+    for path in [readme.README, *sorted((ROOT / "docs").rglob("*.md"))]:
+        for number, line in prose_lines(path.read_text()):
+            for allowed in NOT_MEASURED:
+                line = line.replace(allowed, "")
+            if MEASURED.search(line):
+                hits.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not hits, "measured figures outside a results block:\n" + "\n".join(hits)
 
 
