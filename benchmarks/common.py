@@ -66,3 +66,13 @@ def commit() -> str:
     git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy so far (every process, niced ones included).
+    Over a measurement, its difference minus the benchmark's own CPU seconds, divided by the wall
+    time, is `other_cpu_cores`: the cores other processes took meanwhile (what disturbed it)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)

@@ -7,9 +7,14 @@ Builds the composition from a spec, then in one run measures greedy decoding of
 (left padding for the batch), and
 (c) with --server, `mergeserve serve` in its own process, driven over HTTP by 1 and
 `--batch` concurrent streaming clients of the official openai package (the whole stack).
+`--rounds` rounds, interleaved: in each, for each batch size (1, then `--batch`), every side
+in turn ((a), (b), then (c) with --server; each side warmed up once per batch size before
+round 1). Every round is kept, with the CPU cores other processes on the machine used during it
+(`other_cpu_cores`); each figure is a spread over the rounds (median, min, max;
+benchmarks/common.py), and so are the ratios mergeserve / transformers, taken per round.
 Writes benchmarks/results/decode_throughput.json.
 
-    .venv/bin/python benchmarks/decode_throughput.py [SPEC] [--new-tokens 64] [--batch 8]
+    .venv/bin/python benchmarks/decode_throughput.py [SPEC] [--new-tokens 64] [--batch 8] [--rounds 3] [--server]
 """
 
 from __future__ import annotations
@@ -17,23 +22,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import sys
 import tempfile
 import time
-from contextlib import contextmanager
-from datetime import datetime, timezone
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import psutil
 import torch
 import transformers
 from transformers import MixtralForCausalLM, PreTrainedTokenizerBase
 
-from mergeserve.engine.engine import Engine
-from mergeserve.engine.sequence import SamplingParams
-from mergeserve.experts import ExpertPool
-from mergeserve.export import export_mixtral
-from mergeserve.merge import build
-from mergeserve.spec import EngineConfig, load_composition
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import busy_seconds, commit, machine, spread  # noqa: E402
+
+from mergeserve.engine.engine import Engine  # noqa: E402
+from mergeserve.engine.sequence import SamplingParams  # noqa: E402
+from mergeserve.experts import ExpertPool  # noqa: E402
+from mergeserve.export import export_mixtral  # noqa: E402
+from mergeserve.kernels.capability import usable_cpus  # noqa: E402
+from mergeserve.merge import build  # noqa: E402
+from mergeserve.spec import EngineConfig, load_composition  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -122,7 +131,7 @@ def served(spec_path: str, batch: int):
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "serve.yaml"
         config.write_text(json.dumps({
-            "compositions": [str(Path(spec_path).resolve())], "engine": {"max_num_seqs": max(8, batch)},
+            "compositions": [str(Path(spec_path).resolve())], "dtype": "float32", "engine": {"max_num_seqs": max(8, batch)},
         }))
         cmd = [sys.executable, "-m", "mergeserve.cli", "serve", "--config", str(config), "--port", str(port)]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -142,6 +151,18 @@ def served(spec_path: str, batch: int):
             proc.wait(timeout=60)
 
 
+def own_seconds() -> float:
+    """CPU seconds of this process and its live children (the served mergeserve with --server)."""
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            total += sum(p.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
 def summarise(generated: int, wall: float, ttfts: list[float]) -> dict[str, float | None]:
     # Decode rate leaves the prefill out: tokens after each sequence's first, over the time after the last first token.
     decode_time = wall - max(ttfts)
@@ -155,25 +176,35 @@ def summarise(generated: int, wall: float, ttfts: list[float]) -> dict[str, floa
     }
 
 
-def machine() -> dict[str, object]:
-    import subprocess
-
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return {
-        "commit": commit.stdout.strip() or None,
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-def table(results: dict[str, dict[str, dict[str, float | None]]]) -> str:
-    lines = [f"{'backend':<14}{'batch':>6}{'tok/s':>9}{'decode tok/s':>14}{'TTFT mean s':>13}"]
+def table(results: dict[str, dict[str, dict]]) -> str:
+    """Medians over the rounds."""
+    lines = [f"{'backend':<16}{'batch':>6}{'tok/s':>9}{'decode tok/s':>14}{'TTFT mean s':>13}"]
+    nan = {"median": float("nan")}
     for backend, runs in results.items():
         for batch, r in runs.items():
-            decode = r["decode_tok_per_s"] if r["decode_tok_per_s"] is not None else float("nan")
-            lines.append(f"{backend:<14}{batch:>6}{r['tok_per_s']:>9.2f}{decode:>14.2f}{r['ttft_mean_s']:>13.3f}")
+            s = r["summary"]
+            lines.append(f"{backend:<16}{batch:>6}{s['tok_per_s']['median']:>9.2f}"
+                         f"{s.get('decode_tok_per_s', nan)['median']:>14.2f}{s['ttft_mean_s']['median']:>13.3f}")
     return "\n".join(lines)
+
+
+def summary(runs: list[dict]) -> dict:
+    """Each figure of `runs` (one per round) as a spread; a figure missing from some round is left out."""
+    keys = [k for k in runs[0] if k != "round" and all(r.get(k) is not None for r in runs)]
+    return {k: spread([r[k] for r in runs]) for k in keys}
+
+
+def ratios(results: dict, num: str, den: str) -> dict:
+    """num's figure over den's, round by round, as a spread per batch size."""
+    out = {}
+    for batch, a in results.get(num, {}).items():
+        b = {r["round"]: r for r in results[den][batch]["rounds"]}
+        out[f"batch_{batch}"] = {
+            k: spread([r[k] / b[r["round"]][k] for r in a["rounds"]])
+            for k in ("tok_per_s", "decode_tok_per_s")
+            if all(r[k] and b[r["round"]][k] for r in a["rounds"])
+        }
+    return out
 
 
 def main() -> None:
@@ -181,14 +212,14 @@ def main() -> None:
     parser.add_argument("spec", nargs="?", default=str(ROOT / "examples" / "demo_moe.yaml"))
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2, help="runs per side and batch size; the best is kept")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the sides and batch sizes")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_throughput.json"))
     parser.add_argument("--server", action="store_true", help="also measure over HTTP with streaming openai clients")
     parser.add_argument("--export-dir", help="keep the exported Mixtral checkpoint here (default: a temporary folder)")
     args = parser.parse_args()
 
-    load_start = os.getloadavg()[0]
-    spec = load_composition(args.spec)
+    started, info = time.perf_counter(), machine()
+    spec = load_composition(args.spec).model_copy(update={"dtype": "float32"})
     start = time.perf_counter()
     composed = build(spec, ExpertPool())
     build_s = time.perf_counter() - start
@@ -198,61 +229,64 @@ def main() -> None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     sizes = {"1": prompt_ids(tokenizer, 1), str(args.batch): prompt_ids(tokenizer, args.batch)}
-    results: dict[str, dict[str, dict[str, float | None]]] = {"mergeserve": {}, "transformers": {}}
+    texts = {"1": PROMPTS[:1], str(args.batch): [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]}
+    rounds: dict[str, dict[str, list[dict]]] = {}
 
-    with torch.inference_mode(), tempfile.TemporaryDirectory() as tmp:
+    with torch.inference_mode(), tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         model = MixtralForCausalLM.from_pretrained(export_mixtral(composed, args.export_dir or tmp), dtype=torch.float32)
         model.eval().generation_config.eos_token_id = None  # always generate all new tokens, as ignore_eos does
         sides = {
-            "mergeserve": lambda prompts, n: run_engine(engine, prompts, n),
-            "transformers": lambda prompts, n: run_transformers(model, tokenizer, prompts, n),
+            "mergeserve": lambda batch, n: run_engine(engine, sizes[batch], n),
+            "transformers": lambda batch, n: run_transformers(model, tokenizer, sizes[batch], n),
         }
-        for batch, prompts in sizes.items():
+        if args.server:
+            client = stack.enter_context(served(args.spec, args.batch))
+            sides["mergeserve-http"] = lambda batch, n: run_server_clients(client, composed.name, texts[batch], n)
+        for batch in sizes:
             for run in sides.values():
-                run(prompts, 4)  # warm-up at this batch size
-            # Interleaved and best of --repeats: the cores are shared, so load from others hits both sides alike.
-            for _ in range(args.repeats):
+                run(batch, 4)  # warm-up at this batch size
+        for r in range(1, args.rounds + 1):
+            for batch in sizes:
                 for side, run in sides.items():
-                    r = run(prompts, args.new_tokens)
-                    if batch not in results[side] or r["tok_per_s"] > results[side][batch]["tok_per_s"]:
-                        results[side][batch] = r
+                    busy, own, start = busy_seconds(), own_seconds(), time.perf_counter()
+                    res = run(batch, args.new_tokens)
+                    res["other_cpu_cores"] = (busy_seconds() - busy - (own_seconds() - own)) / (time.perf_counter() - start)
+                    rounds.setdefault(side, {}).setdefault(batch, []).append({"round": r, **res})
+                    print(f"round {r} batch {batch:>2} {side:>15}: {res['tok_per_s']:7.2f} tok/s "
+                          f"(other processes {res['other_cpu_cores']:.2f} cores)", flush=True)
 
-    if args.server:
-        texts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
-        results["mergeserve-http"] = {}
-        with served(args.spec, args.batch) as client:
-            for batch, prompts in {"1": texts[:1], str(args.batch): texts}.items():
-                run_server_clients(client, composed.name, prompts, 4)  # warm-up
-                runs = [run_server_clients(client, composed.name, prompts, args.new_tokens) for _ in range(args.repeats)]
-                results["mergeserve-http"][batch] = max(runs, key=lambda r: r["tok_per_s"])
-
-    ratios = {
-        f"batch_{b}": {
-            k: round(results["mergeserve"][b][k] / results["transformers"][b][k], 2)
-            for k in ("tok_per_s", "decode_tok_per_s") if results["transformers"][b][k]
-        }
-        for b in sizes
-    }
+    results = {side: {b: {"rounds": rs, "summary": summary(rs)} for b, rs in by_batch.items()}
+               for side, by_batch in rounds.items()}
     report = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        # 1-minute load averages: other processes on the shared cores make numbers noisy.
-        "machine": machine() | {"load_average_start": load_start, "load_average_end": os.getloadavg()[0]},
-        "spec": str(Path(args.spec).resolve()),
+        "machine": info | {"load_1m_end": os.getloadavg()[0]}, "commit": commit(),
+        "spec": str(Path(args.spec).resolve().relative_to(ROOT)),
         "composition": {
             "name": composed.name, "experts": composed.expert_names, "top_k": composed.top_k,
             "layers": len(composed.layers), "build_s": round(build_s, 2),
         },
         "settings": {
-            "new_tokens": args.new_tokens, "batch": args.batch, "repeats": args.repeats, "dtype": "float32",
-            "greedy": True, "prompt_tokens": [len(p) for p in sizes[str(args.batch)]],
+            "new_tokens": args.new_tokens, "batch": args.batch, "greedy": True,
+            "prompt_tokens": [len(p) for p in sizes[str(args.batch)]],
+            "mergeserve": {"dtype": "float32", "threads": torch.get_num_threads(), "in_process": True},
+            "transformers": {"version": transformers.__version__, "dtype": "float32", "threads": torch.get_num_threads(),
+                             "model": "MixtralForCausalLM on the export_mixtral checkpoint, left padding"},
+            **({"mergeserve-http": {"dtype": "float32", "threads": usable_cpus(), "max_num_seqs": max(8, args.batch),
+                                    "client": "openai, streaming completions, one thread per request"}}
+               if args.server else {}),
         },
+        "method": {"rounds": args.rounds, "order": "per round, per batch size, the sides in turn",
+                   "decode_tok_per_s": "tokens after each sequence's first / time after the last first token",
+                   "other_cpu_cores": "CPU cores every other process on the machine used during the run (what disturbed it)"},
         "results": results,
-        "ratio_mergeserve_over_transformers": ratios,
+        "ratio_mergeserve_over_transformers": ratios(results, "mergeserve", "transformers"),
+        "wall_s": time.perf_counter() - started,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(table(results))
-    print("mergeserve / transformers:", json.dumps(ratios))
+    print("mergeserve / transformers, median of the per-round ratios:",
+          json.dumps({b: {k: round(v["median"], 2) for k, v in r.items()}
+                      for b, r in report["ratio_mergeserve_over_transformers"].items()}))
     print(f"wrote {args.out}")
 
 

@@ -2,8 +2,10 @@
 
 Scores the zoo's held-out splits (the first `--examples` of each domain, `--max-tokens`
 tokens each, as the eval harness does) with the composition built in float32 and in
-bfloat16, and reports each domain's mean per-token loss and the difference. Writes
-benchmarks/results/dtype_loss.json.
+bfloat16, and reports each domain's mean per-token loss and the difference. The losses are
+deterministic (one run; a rerun on the same machine and versions gives the same figures), so
+there are no rounds; `seconds` per dtype is one reading, kept for the record only.
+Writes benchmarks/results/dtype_loss.json.
 
     .venv/bin/python benchmarks/dtype_loss.py [--spec examples/demo_moe.yaml] [--examples 24]
 """
@@ -12,20 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from mergeserve.engine.engine import Engine
-from mergeserve.eval.datasets import load_eval_data
-from mergeserve.eval.harness import EvalSettings, engine_config, score_examples
-from mergeserve.eval.metrics import LossSum
-from mergeserve.experts import ExpertPool
-from mergeserve.kernels.capability import cpu_flags
-from mergeserve.merge import build
-from mergeserve.spec import load_composition
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import commit, machine  # noqa: E402
+
+from mergeserve.engine.engine import Engine  # noqa: E402
+from mergeserve.eval.datasets import load_eval_data  # noqa: E402
+from mergeserve.eval.harness import EvalSettings, engine_config, score_examples  # noqa: E402
+from mergeserve.eval.metrics import LossSum  # noqa: E402
+from mergeserve.experts import ExpertPool  # noqa: E402
+from mergeserve.merge import build  # noqa: E402
+from mergeserve.spec import load_composition  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOMAINS = ("math", "german", "code")
@@ -39,6 +44,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/dtype_loss.json"))
     args = p.parse_args()
+    started, info = time.perf_counter(), machine()
     torch.set_num_threads(args.threads)
     data = load_eval_data(ROOT / "examples/zoo/data", DOMAINS, per_domain=args.examples, mixed_per_domain=0, math_examples=0)
     settings = EvalSettings(max_tokens=args.max_tokens, per_domain=args.examples)
@@ -55,11 +61,12 @@ def main() -> None:
         print(dtype, {d: round(v, 4) for d, v in losses.items()}, flush=True)
     diff = {d: rows["bfloat16"]["loss"][d] - rows["float32"]["loss"][d] for d in DOMAINS}
     result = {
+        "machine": info | {"load_1m_end": os.getloadavg()[0]}, "commit": commit(),
         "spec": str(Path(args.spec).resolve().relative_to(ROOT)), "examples_per_domain": args.examples,
-        "max_tokens": args.max_tokens, "cpu": platform.processor() or platform.machine(),
-        "cpu_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
+        "max_tokens": args.max_tokens, "threads": args.threads, "deterministic": True,
         "rows": rows, "bfloat16_minus_float32": diff,
         "relative": {d: diff[d] / rows["float32"]["loss"][d] for d in DOMAINS},
+        "wall_s": time.perf_counter() - started,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["bfloat16_minus_float32"], indent=2))

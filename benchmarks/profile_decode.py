@@ -1,84 +1,118 @@
 """Profile the engine's decode step with torch.profiler: where a token's time goes.
 
-Builds a composition (the demo by default), starts `--batch` greedy requests, runs the
-prefill, then profiles `--steps` decode steps and prints the top operators by self CPU
-time, plus time per step. Writes benchmarks/results/profile_decode.json.
+Builds a composition (the demo by default) and its engine once. `--rounds` rounds; in each,
+for every batch size of `--batch` in turn (1 then 8 by default): start that many greedy
+requests, run their prefill and 4 warm-up decode steps, profile `--steps` decode steps, time
+`--steps` more without the profiler, then drop the requests. Recorded per round and batch: the
+untraced time per step (`step_ms`), the top operators by self CPU time per step, and the
+biggest linear operator (`linear`: the oneDNN or BLAS matmuls) with `rest_ms` = step_ms minus
+its self time. Every round is kept; each figure is a spread (median, min, max;
+benchmarks/common.py). Writes benchmarks/results/profile_decode.json.
 
-    .venv/bin/python benchmarks/profile_decode.py [SPEC] [--batch 8] [--steps 16] [--lora merged]
+    .venv/bin/python benchmarks/profile_decode.py [SPEC] [--batch 1,8] [--steps 16] [--rounds 5] [--lora merged]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mergeserve.engine.engine import Engine
-from mergeserve.engine.sequence import SamplingParams
-from mergeserve.experts import ExpertPool
-from mergeserve.merge import build
-from mergeserve.spec import EngineConfig, load_composition
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import commit, machine, spread  # noqa: E402
+
+from mergeserve.engine.engine import Engine  # noqa: E402
+from mergeserve.engine.sequence import SamplingParams  # noqa: E402
+from mergeserve.experts import ExpertPool  # noqa: E402
+from mergeserve.kernels.capability import resolve_dtype  # noqa: E402
+from mergeserve.merge import build  # noqa: E402
+from mergeserve.spec import EngineConfig, load_composition  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+TOP = 25
 
 
-def cpu_flags() -> list[str]:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = set(next((line.split(":")[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-    return sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
-
-
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("spec", nargs="?", default=str(ROOT / "examples/demo_moe.yaml"))
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--lora", choices=["factored", "merged"], default="factored")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--dtype", default=None, help="override the spec's dtype")
-    p.add_argument("--out", default=str(ROOT / "benchmarks/results/profile_decode.json"))
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    spec = load_composition(args.spec)
-    if args.dtype:
-        spec = spec.model_copy(update={"dtype": args.dtype})
-    pool = ExpertPool(lora=args.lora)
-    engine = Engine(build(spec, pool), EngineConfig(max_num_seqs=max(16, args.batch)))
+def measure(engine: Engine, batch: int, steps: int, tag: str) -> dict:
+    """One batch size in one round: prefill, warm up, profile, time; the requests dropped after."""
     prompt = engine.tokenizer("Write a short story about a lighthouse keeper.")["input_ids"]
-    params = SamplingParams(max_tokens=args.steps * 4 + 8, temperature=0, ignore_eos=True)
-    for i in range(args.batch):
-        engine.add_request(f"p{i}", prompt, params)
-    while any(s.in_prefill for s in engine.scheduler.running) or engine.scheduler.waiting or engine._inbox:
+    params = SamplingParams(max_tokens=2 * steps + 8, temperature=0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"{tag}-{i}", prompt, params)
+    while engine.num_waiting or any(s.in_prefill for s in engine.scheduler.running):
         engine.step()
     for _ in range(4):  # warm up
         engine.step()
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(args.steps):
+        for _ in range(steps):
             engine.step()
-    wall = time.perf_counter() - start
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-    print(table)
-    untraced = time.perf_counter()
-    for _ in range(args.steps):
+    profiled = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
         engine.step()
-    step_ms = (time.perf_counter() - untraced) / args.steps * 1000
-    print(f"{step_ms:.1f} ms per decode step at batch {args.batch} ({args.batch / step_ms * 1000:.1f} tok/s), "
-          f"{wall / args.steps * 1000:.1f} ms under the profiler")
-    top = [
-        {"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1000 / args.steps, "calls_per_step": e.count / args.steps}
-        for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:25]
-    ]
+    step_ms = (time.perf_counter() - start) / steps * 1000
+    engine.abort_all()
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    top = [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1000 / steps, "calls_per_step": e.count / steps}
+           for e in ops[:TOP]]
+    linear = next((op for op in top if "linear" in op["op"] or op["op"] in ("aten::addmm", "aten::mm")), None)
+    return {"step_ms": step_ms, "profiled_step_ms": profiled / steps * 1000, "linear": linear,
+            "rest_ms": step_ms - linear["self_cpu_ms"] if linear else None, "top_ops_per_step": top}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("spec", nargs="?", default=str(ROOT / "examples/demo_moe.yaml"))
+    p.add_argument("--batch", default="1,8", help="batch sizes, comma-separated, measured in turn each round")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--lora", choices=["factored", "merged"], default="factored")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default="auto", help="the composition's dtype (auto: by CPU flags and a measurement)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/profile_decode.json"))
+    args = p.parse_args()
+    started, info = time.perf_counter(), machine()
+    batches = [int(b) for b in args.batch.split(",")]
+    torch.set_num_threads(args.threads)
+    spec = load_composition(args.spec).model_copy(update={"dtype": args.dtype})
+    pool = ExpertPool(lora=args.lora)
+    engine = Engine(build(spec, pool), EngineConfig(max_num_seqs=max(16, *batches)), pool.packer)
+    rounds: dict[str, list[dict]] = {str(b): [] for b in batches}
+    for r in range(1, args.rounds + 1):
+        for b in batches:
+            m = measure(engine, b, args.steps, f"r{r}b{b}")
+            rounds[str(b)].append({"round": r, **m})
+            lin = m["linear"] or {"op": "-", "self_cpu_ms": float("nan"), "calls_per_step": 0}
+            print(f"round {r} batch {b}: {m['step_ms']:.1f} ms per step ({b / m['step_ms'] * 1000:.1f} tok/s), "
+                  f"{lin['op']} {lin['calls_per_step']:.0f} calls {lin['self_cpu_ms']:.1f} ms; "
+                  f"{m['profiled_step_ms']:.1f} ms under the profiler", flush=True)
+    summary = {}
+    for b, rs in rounds.items():
+        summary[b] = {k: spread([x[k] for x in rs]) for k in ("step_ms", "profiled_step_ms")}
+        if all(x["linear"] for x in rs):
+            summary[b] |= {"linear_op": sorted({x["linear"]["op"] for x in rs}),
+                           "linear_calls_per_step": spread([x["linear"]["calls_per_step"] for x in rs]),
+                           "linear_ms": spread([x["linear"]["self_cpu_ms"] for x in rs]),
+                           "rest_ms": spread([x["rest_ms"] for x in rs])}
+    result = {
+        "machine": info | {"load_1m_end": os.getloadavg()[0]}, "commit": commit(),
+        "spec": str(Path(args.spec).resolve().relative_to(ROOT)),
+        "settings": {"lora": args.lora, "dtype_requested": args.dtype,
+                     "dtype": str(resolve_dtype(args.dtype)).removeprefix("torch."), "threads": args.threads, "batches": batches, "steps": args.steps},
+        "method": {"rounds": args.rounds, "order": "per round, the batch sizes in turn on one engine",
+                   "step_ms": "untraced decode steps, mean over `steps`",
+                   "linear_ms": "self CPU time per step of the biggest linear operator, under the profiler"},
+        "rounds": rounds, "summary": summary, "wall_s": time.perf_counter() - started,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
-        "spec": args.spec, "batch": args.batch, "lora": args.lora, "dtype": spec.dtype, "step_ms": step_ms,
-        "cpu": platform.processor() or platform.machine(), "cpu_flags": cpu_flags(), "top_ops_per_step": top,
-    }, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({b: {k: v["median"] if isinstance(v, dict) else v for k, v in s.items()} for b, s in summary.items()}))
 
 
 if __name__ == "__main__":

@@ -58,18 +58,22 @@ def dtype_loss() -> list[str]:
     d = load("dtype_loss.json")
     cells = ", ".join(f"{dom} {diff:+.4f} ({d['relative'][dom]:+.2%})" for dom, diff in d["bfloat16_minus_float32"].items())
     return [f"Held-out loss of `{d['spec']}`, bf16 minus fp32 ({d['examples_per_domain']} examples per domain, "
-            f"{d['max_tokens']} tokens; one run, `{' '.join(d['cpu_flags'])}`): {cells}."]
+            f"{d['max_tokens']} tokens): {cells}. Deterministic, so one run. {machine_line(d['machine'])}"]
 
 
 def lora_pool() -> list[str]:
     d = load("lora_pool.json")
-    tok = " / ".join(f"{v:.1f}" for v in d["decode_tok_s"].values())
-    batches = " / ".join(d["decode_tok_s"])
-    return [f"{d['adapters']} rank-{d['rank']} adapters ({d['dtype']}) in one pool, composed into one "
-            f"{d['adapters']}-expert top-2 MoE: peak RSS {d['peak_rss_mb']:.0f} MB, the pool listing "
-            f"{d['pool_mb']:.0f} MB; loading the adapters {d['adapter_load_s']:.1f} s, composing {d['build_s']:.1f} s; "
-            f"decode {tok} tok/s at batch {batches} ({d['threads']} threads; one run, {d['date'][:10]}, "
-            f"`{' '.join(d['cpu_flags'])}`)."]
+    s, m, mem = d["settings"], d["summary"], d["memory"]
+    batches = " / ".join(m["decode_tok_s"])
+    tok = " / ".join(fmt(v) for v in m["decode_tok_s"].values())
+    return [f"{s['adapters']} rank-{s['rank']} adapters ({s['dtype']}) in one pool, composed into one "
+            f"{s['adapters']}-expert top-2 MoE:", "",
+            f"- decode {tok} tok/s at batch {batches} ({s['threads']} threads); loading the adapters "
+            f"{fmt(m['adapter_load_s'], 2)} s, composing {fmt(m['build_s'], 2)} s; median (min-max) of "
+            f"{d['method']['rounds']} rounds, each with a new pool.",
+            f"- Memory, one reading (round 1): peak RSS {mem['peak_rss_mb']:.0f} MB, the pool listing "
+            f"{mem['pool_mb']:.0f} MB.",
+            f"- {machine_line(d['machine'])}"]
 
 
 def soak() -> list[str]:
@@ -79,43 +83,63 @@ def soak() -> list[str]:
         for outcome, n in kinds.items():
             outcomes[outcome] = outcomes.get(outcome, 0) + n
     checks = [f"{'pass' if ok else 'FAIL'}: {name}" for name, ok in d["checks"].items()]
+    targets = [f"{'met' if ok else 'MISSED'}: {name}" for name, ok in d["targets"].items()]
+    health, bystander, m = d["health_s"], d["bystander"], d["machine"]
     return [f"{d['duration_s'] / 60:.0f} minutes, {d['clients']} clients, {d['requests']} requests "
             f"({', '.join(f'{n} {o}' for o, n in sorted(outcomes.items()))}); TTFT p50 {d['ttft_s']['p50']:.2f} s, "
-            f"p99 {d['ttft_s']['p99']:.1f} s; RSS after warm-up {d['rss_mb']['warm_min']:.0f}-{d['rss_mb']['warm_max']:.0f} MB.",
-            "", *[f"- {c}" for c in checks]]
+            f"p99 {d['ttft_s']['p99']:.1f} s; RSS after warm-up {d['rss_mb']['warm_min']:.0f}-{d['rss_mb']['warm_max']:.0f} MB; "
+            f"`/health` p50 {health['p50'] * 1000:.0f} ms, p99 {health['p99'] * 1000:.0f} ms over {health['probes']} probes; "
+            f"the bystander's greedy stream identical {bystander['identical']} of {bystander['answers']} times "
+            f"(one run, {m['date'][:10]}, {m['cores']} cores, `{' '.join(m['cpu_flags'])}`).",
+            "", *[f"- {c}" for c in checks + targets]]
 
 
 def route_throughput() -> list[str]:
-    lines = ["| request routing | clients | route tok/s | largest member alone | ratio |", "|---|---|---|---|---|"]
-    for name, label in (("route_throughput.json", "top-1"), ("route_throughput_top2.json", "top-2")):
-        d = load(name)
+    lines = ["| request routing | clients | route tok/s | largest member alone | ratio, per round |", "|---|---|---|---|---|"]
+    runs = {label: load(name) for name, label in (("route_throughput.json", "top-1"), ("route_throughput_top2.json", "top-2"))}
+    for label, d in runs.items():
         s = d["servers"]
-        lines.append(f"| {label} (`{Path(d['spec']).name}`) | {d['clients']} | {s['route']['tok_per_s']:.1f} | "
-                     f"{s['largest member alone']['tok_per_s']:.1f} | {d['ratio']:.2f}x |")
-    d = load("route_throughput.json")
-    return [*lines, "", f"One run each, {d['date'][:10]}, `{' '.join(d['cpu_flags'])}`."]
+        lines.append(f"| {label} (`{Path(d['spec']).name}`) | {d['method']['clients']} | "
+                     f"{fmt(s['route']['summary']['tok_per_s'])} | {fmt(s['largest member alone']['summary']['tok_per_s'])} "
+                     f"| {fmt(d['ratio'], 2)}x |")
+    lines.append("")
+    if steps := runs["top-1"].get("decode_steps"):
+        lines.append(f"- Decode steps alone (top-1, in process): one step of the largest member over one of each of "
+                     f"the three at its clients' batch, per round: {fmt(steps['summary']['decode_bound'], 2)}x.")
+    for label, d in runs.items():
+        m, s = d["method"], d["servers"]["route"]["settings"]
+        lines.append(f"- {label}: {m['rounds']} interleaved rounds of at least {m['round_seconds']:g} s per server, "
+                     f"{m['new_tokens']} new tokens a request, dtype `{s['dtype_requested']}` ({s['dtype_resolved']}), "
+                     f"{s['threads_resolved']} compute threads; median (min-max). {machine_line(d['machine'])}")
+    return lines
 
 
 def profile() -> list[str]:
     """The demo's decode step by op (torch.profiler), at batch 1 and 8."""
-    lines = ["| batch | step | linears (calls, time) | the rest |", "|---|---|---|---|"]
-    for batch in (1, 8):
-        d = load(f"profile_decode_after_b{batch}.json")
-        linear = next(op for op in d["top_ops_per_step"] if "linear" in op["op"])
-        lines.append(f"| {batch} | {d['step_ms']:.1f} ms | {linear['calls_per_step']:.0f}, {linear['self_cpu_ms']:.1f} ms "
-                     f"| {d['step_ms'] - linear['self_cpu_ms']:.1f} ms |")
-    return [*lines, "", f"`{d['lora']}` experts, {d['dtype']}; one run each, `{' '.join(d['cpu_flags'])}`."]
+    d = load("profile_decode.json")
+    lines = ["| batch | step (ms) | linears: calls, self time (ms) | the rest (ms) |", "|---|---|---|---|"]
+    for batch, s in d["summary"].items():
+        lines.append(f"| {batch} | {fmt(s['step_ms'])} | {fmt(s['linear_calls_per_step'], 0)}, {fmt(s['linear_ms'])} "
+                     f"| {fmt(s['rest_ms'])} |")
+    st, m = d["settings"], d["method"]
+    return [*lines, "",
+            f"`{st['lora']}` experts, dtype `{st['dtype_requested']}` ({st['dtype']}), {st['threads']} thread; "
+            f"{m['rounds']} interleaved rounds of {st['steps']} steps per batch size; median (min-max). "
+            f"{machine_line(d['machine'])}"]
 
 
 def btx_attention() -> list[str]:
     d = load("btx_attention.json")
-    by_dtype: dict[str, list[float]] = {}
+    st, m = d["settings"], d["method"]
+    lines = ["| dtype | rows | materialised (ms) | stacked (ms) | stacked / materialised, per round |",
+             "|---|---|---|---|---|"]
     for r in d["results"]:
-        by_dtype.setdefault(r["dtype"], []).append(r["stacked_over_materialised"])
-    rows = sorted({r["rows"] for r in d["results"]})
-    cells = "; ".join(f"{dt} {min(v):.2f}x-{max(v):.2f}x" for dt, v in by_dtype.items())
-    return [f"Stacked factors over materialised attention ({d['experts']} rank-{d['rank']} experts, "
-            f"{' / '.join(map(str, rows))} rows; one run): {cells}."]
+        lines.append(f"| {r['dtype']} | {r['rows']} | {fmt(r['materialised_ms'], 2)} | {fmt(r['stacked_ms'], 2)} "
+                     f"| {fmt(r['stacked_over_materialised'], 2)}x |")
+    return [*lines, "",
+            f"{st['experts']} rank-{st['rank']} experts; ms per pass through the q/k/v/o projections of all "
+            f"{st['layers']} layers, {st['torch_threads']} thread; {m['rounds']} rounds, materialised and stacked "
+            f"alternating; median (min-max). {machine_line(d['machine'])}"]
 
 
 SERVERS = {"lora": "mergeserve, LoRA-native", "dense": "mergeserve, dense path", "base": "mergeserve, base alone",

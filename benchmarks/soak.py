@@ -5,7 +5,15 @@ The server runs as a subprocess on a free loopback port. For `--duration` second
   chat and completions, with random max_tokens, stop strings, n > 1 and logprobs; some close
   their stream at a random point; each finished response gets feedback;
 - a hostile client sends bad JSON, huge bodies, huge prompts, unknown models, invalid
-  sampling values, invalid `experts` / `expert_bias`, and slowloris-style slow bodies;
+  sampling values, invalid `experts` / `expert_bias`, slowloris-style slow bodies, and every
+  case of issue 21: an out-of-range seed, a prompt list times `n` beyond the queue, 20,000
+  experts, 100,000 malformed messages, a long stop list, a large chat text, deep nesting, a
+  second score for a response id, and admin specs that reach past the serve config (a vLLM
+  child's interpreter, an upstream key from the server's environment, router weights outside
+  the source roots, a `pkg://` source, a FIFO as a weights file);
+- a bystander streams the same greedy request over and over from a composition no other
+  client uses but the hostile one, and compares its tokens with its first answer, given alone;
+- a prober asks `/health` every 100 ms and records its latency;
 - an admin loop hot-swaps a composition every `--swap-every` seconds, re-weights an alias,
   adds and deletes a composition, and every third cycle submits a build that fails (a
   checkpoint folder whose weights are garbage);
@@ -13,8 +21,9 @@ The server runs as a subprocess on a free loopback port. For `--duration` second
 
 It reports requests by outcome and checks: every valid request finished with a finish reason
 or got 429/503 with Retry-After; no 5xx; no hang (every request answered within
-`--deadline`); no lost feedback; RSS flat after warm-up (within 10 %) with no growth per swap
-cycle. JSON, and a PNG of RSS, latency and revisions over time.
+`--deadline`); every hostile request got a small 4xx; no lost feedback; the bystander's tokens
+never changed; RSS flat after warm-up (within 10 %) with no growth per swap cycle. Beside
+the checks, a target: `/health` p99 under 100 ms. JSON, and a PNG of RSS, latency and revisions over time.
 
     .venv/bin/python benchmarks/soak.py [--duration 1200] [--clients 32] [--out benchmarks/results/soak]
 
@@ -42,6 +51,9 @@ from pathlib import Path
 import httpx
 import openai
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import commit, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO = ROOT / "examples" / "zoo"
@@ -74,6 +86,10 @@ class Soak:
     feedback: dict[str, int] = field(default_factory=dict)  # response id -> status of its feedback
     samples: list[dict] = field(default_factory=list)  # RSS and revisions over time
     swaps: list[float] = field(default_factory=list)  # when each swap cycle started (s since t0)
+    health_s: list[float] = field(default_factory=list)  # latency of each /health probe
+    bystander: list[bool] = field(default_factory=list)  # each answer: the same tokens as the first, given alone?
+    bystander_alone: str = ""
+    bystander_differs: list[str] = field(default_factory=list)  # the first few answers that were not
 
 
 def free_port() -> int:
@@ -83,6 +99,7 @@ def free_port() -> int:
 
 
 def server_config(folder: Path, base: str, experts: dict[str, str], threads: int) -> Path:
+    """Two compositions the clients use and swap, an alias over them, and `steady` for the bystander."""
     def moe(*names: str, top_k: int = 2) -> dict:
         return {"base": base, "router": {"kind": "random", "top_k": min(top_k, len(names))},
                 "experts": [{"name": n, "source": experts[n]} for n in names]}
@@ -90,7 +107,8 @@ def server_config(folder: Path, base: str, experts: dict[str, str], threads: int
     names = list(experts)
     config = {
         "host": "127.0.0.1", "admin_key": ADMIN_KEY, "state_dir": str(folder / "state"),
-        "compositions": [{"name": "moe"} | moe(*names), {"name": "alt"} | moe(names[0])],
+        "source_roots": sorted(str(r) for r in source_roots(folder, base, experts)),
+        "compositions": [{"name": "moe"} | moe(*names), {"name": "alt"} | moe(names[0]), {"name": "steady"} | moe(*names)],
         "aliases": {"ab": {"targets": {"moe": 1.0, "alt": 1.0}}},
         "engine": {"max_num_seqs": 8, "max_model_len": 256, "max_waiting": 32, "threads": threads},
         "drain_delay_s": 0.5, "grace_period_s": 10,
@@ -100,13 +118,40 @@ def server_config(folder: Path, base: str, experts: dict[str, str], threads: int
     return path
 
 
-def broken_checkpoint(folder: Path, like: str) -> Path:
-    """A folder that passes every check at submit (a config, a safetensors name) but fails to load."""
-    broken = folder / "broken"
-    broken.mkdir(exist_ok=True)
+def source_roots(folder: Path, base: str, experts: dict[str, str]) -> set[Path]:
+    """The folders that hold the soak's checkpoints: anything else is outside the roots."""
+    paths = [Path(p).resolve().parent for p in experts.values()] + [folder]
+    if base.startswith("pkg://"):
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(base[len("pkg://"):].split("/")[0].split(".")[0])
+        paths.append(Path(next(iter(spec.submodule_search_locations))))  # found without importing it
+    else:
+        paths.append(Path(base).resolve().parent)
+    return set(paths)
+
+
+def config_copy(folder: Path, like: str) -> Path:
+    """`folder` holding every file of checkpoint `like` but its weights."""
+    folder.mkdir(exist_ok=True)
     for f in Path(like).iterdir():
         if f.suffix != ".safetensors" and f.is_file():
-            (broken / f.name).write_bytes(f.read_bytes())
+            (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+def fifo_checkpoint(folder: Path, like: str) -> Path:
+    """A checkpoint folder whose weights file is a FIFO: opening it blocks until someone writes."""
+    fifo = config_copy(folder / "fifo", like)
+    target = fifo / ("adapter_model.safetensors" if (fifo / "adapter_config.json").exists() else "model.safetensors")
+    if not target.exists():
+        os.mkfifo(target)
+    return fifo
+
+
+def broken_checkpoint(folder: Path, like: str) -> Path:
+    """A folder that passes every check at submit (a config, a safetensors name) but fails to load."""
+    broken = config_copy(folder / "broken", like)
     (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!" * 4)
     return broken
 
@@ -199,23 +244,55 @@ HOSTILE = {
     "bad_experts": dict(method="POST", url="/v1/completions", json={"model": "moe", "prompt": "hi", "experts": ["nobody"]}),
     "bad_expert_bias": dict(method="POST", url="/v1/completions", json={"model": "moe", "prompt": "hi", "expert_bias": {"x": "y"}}),
     "bad_admin_key": dict(method="PUT", url="/admin/compositions/x", content=b"{", headers={"Authorization": "Bearer wrong"}),
+    # Issue 21: each of these once hurt other clients or the server.
+    "huge_seed": dict(method="POST", url="/v1/completions", json={"model": "steady", "prompt": "hi", "max_tokens": 4, "seed": 2**64}),
+    "prompts_times_n": dict(method="POST", url="/v1/completions", json={"model": "steady", "prompt": ["hi"] * 5000, "n": 8, "max_tokens": 4}),
+    "many_experts": dict(method="POST", url="/v1/completions", json={"model": "steady", "prompt": "hi", "experts": [f"e{i}" for i in range(20000)]}),
+    "malformed_messages": dict(method="POST", url="/v1/chat/completions", json={"model": "steady", "messages": [{"role": 1}] * 100000}),
+    "long_stop": dict(method="POST", url="/v1/completions", json={"model": "steady", "prompt": "hi", "max_tokens": 4, "stop": ["x" * 8] * 100000}),
+    "large_chat": dict(method="POST", url="/v1/chat/completions",
+                       json={"model": "steady", "max_tokens": 4, "messages": [{"role": "user", "content": "word " * 2_000_000}]}),
+    "deep_nesting": dict(method="POST", url="/v1/completions", content=b'{"model": "steady", "prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+                         headers={"Content-Type": "application/json"}),
 }
+MAX_ERROR_BYTES = 8192  # an error answer this large echoes its input
 
 
-async def hostile_loop(soak: Soak, seed: int) -> None:
+def admin_hostile(base: str, folder: Path, fifo: Path) -> dict[str, dict]:
+    """Admin specs that choose what only the serve config may: each must be refused with a 4xx."""
+    put = lambda spec: dict(method="PUT", url="/admin/compositions/hostile", json=spec, headers={"Authorization": f"Bearer {ADMIN_KEY}"})  # noqa: E731
+    outside = folder.parent / "outside-the-roots.bin"
+    return {
+        "vllm_interpreter": put({"backend": "vllm", "base": base, "experts": [{"name": "e", "source": base}],
+                                 "vllm": {"python": "/bin/bash", "env": {"BASH_ENV": "/dev/null"}}}),
+        "upstream_server_key": put({"backend": "openai", "url": "http://127.0.0.1:9/v1?#", "api_key_env": "MERGESERVE_ADMIN_KEY"}),
+        "router_weights_outside_roots": put({"method": "route", "router": {"kind": "learned", "weights": str(outside)},
+                                             "experts": [{"name": "a", "source": base}, {"name": "b", "source": base}]}),
+        "pkg_import": put({"base": "pkg://antigravity/x.gguf", "experts": [{"name": "e", "source": str(fifo)}]}),
+        "fifo_weights": put({"base": base, "experts": [{"name": "e", "source": str(fifo)}]}),
+    }
+
+
+async def hostile_loop(soak: Soak, seed: int, admin: dict[str, dict]) -> None:
     rng = random.Random(seed)
+    cases = HOSTILE | {f"admin_{k}": v for k, v in admin.items()}
     async with httpx.AsyncClient(base_url=soak.url, timeout=soak.deadline) as http:
         while time.monotonic() < soak.end:
-            what = rng.choice([*HOSTILE, "slowloris"])
+            what = rng.choice([*cases, "slowloris", "feedback_twice"])
             record = Record(f"hostile:{what}", "error", start=time.monotonic() - soak.t0)
             begin = time.monotonic()
             try:
                 if what == "slowloris":
                     r = await http.post("/v1/completions", content=_slow_body(), headers={"Content-Type": "application/json"})
+                elif what == "feedback_twice":  # a response id the clients scored already
+                    scored = [i for i, status in soak.feedback.items() if status == 200]
+                    r = await http.post("/v1/feedback", json={"id": rng.choice(scored) if scored else "chatcmpl-none", "score": 1})
                 else:
-                    r = await http.request(**HOSTILE[what])
+                    r = await http.request(**cases[what])
                 record.status = r.status_code
                 record.outcome = "4xx" if 400 <= r.status_code < 500 else "5xx" if r.status_code >= 500 else "ok"
+                if record.outcome == "4xx" and r.status_code != 413 and len(r.content) > MAX_ERROR_BYTES:
+                    record.outcome = "large_error"
                 record.detail = r.text[:200]
             except httpx.TimeoutException:
                 record.outcome = "hang"
@@ -224,6 +301,48 @@ async def hostile_loop(soak: Soak, seed: int) -> None:
             record.latency = time.monotonic() - begin
             soak.records.append(record)
             await asyncio.sleep(rng.uniform(0.05, 0.3))
+
+
+async def health_loop(soak: Soak) -> None:
+    """`/health` every 100 ms: how long the event loop makes a probe wait."""
+    async with httpx.AsyncClient(base_url=soak.url, timeout=soak.deadline) as http:
+        while time.monotonic() < soak.end:
+            begin = time.monotonic()
+            try:
+                await http.get("/health")
+                soak.health_s.append(time.monotonic() - begin)
+            except httpx.HTTPError:
+                soak.health_s.append(float("inf"))
+            await asyncio.sleep(0.1)
+
+
+BYSTANDER = {"model": "steady", "prompt": "The three primary colours are", "max_tokens": 24, "temperature": 0, "stream": True}
+
+
+async def bystander_text(http: httpx.AsyncClient) -> str:
+    """One greedy stream from `steady`, its text and finish reason."""
+    parts = []
+    async with http.stream("POST", "/v1/completions", json=BYSTANDER) as r:
+        if r.status_code != 200:
+            raise httpx.HTTPStatusError(f"the bystander got {r.status_code}", request=r.request, response=r)
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                parts.append(choice["text"] + (f"<{choice['finish_reason']}>" if choice.get("finish_reason") else ""))
+    return "".join(parts)
+
+
+async def bystander_loop(soak: Soak, alone: str) -> None:
+    """The same greedy stream while hostile requests hit its composition: its tokens must not change."""
+    async with httpx.AsyncClient(base_url=soak.url, timeout=soak.deadline) as http:
+        while time.monotonic() < soak.end:
+            try:
+                text = await bystander_text(http)
+            except httpx.HTTPError as e:
+                text = f"<{e}>"
+            soak.bystander.append(text == alone)
+            if text != alone and len(soak.bystander_differs) < 3:
+                soak.bystander_differs.append(text)
 
 
 async def _slow_body():
@@ -302,24 +421,27 @@ def run_soak(
     with tempfile.TemporaryDirectory(prefix="mergeserve-soak-") as tmp:
         folder = Path(tmp)
         config = server_config(folder, base, experts, threads)
-        broken = broken_checkpoint(folder, base if Path(base).is_dir() else next(iter(experts.values())))
+        like = base if Path(base).is_dir() else next(iter(experts.values()))
+        broken, fifo = broken_checkpoint(folder, like), fifo_checkpoint(folder, like)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         log = log or folder / "server.log"
         with log.open("w") as out:
             proc = subprocess.Popen([sys.executable, "-m", "mergeserve.cli", "serve", "--config", str(config), "--port", str(port)],
-                                    stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"OMP_WAIT_POLICY": "PASSIVE"})
+                                    stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"OMP_WAIT_POLICY": "PASSIVE"} | json.loads(os.environ.get("SOAK_SERVER_ENV", "{}")))
         try:
             wait_ready(url, proc, log)
+            alone = asyncio.run(_alone(url, deadline))
             t0 = time.monotonic()
-            soak = Soak(url, ["moe", "alt", "ab"], deadline, t0 + duration, t0)
+            soak = Soak(url, ["moe", "alt", "ab"], deadline, t0 + duration, t0, bystander_alone=alone)
             stop = threading.Event()
             watcher = threading.Thread(target=sampler, args=(soak, proc.pid, stop), daemon=True)
             watcher.start()
 
             async def main() -> None:
-                await asyncio.gather(*(client_loop(soak, i) for i in range(clients)), hostile_loop(soak, 1000),
-                                     admin_loop(soak, base, experts, broken, swap_every))
+                await asyncio.gather(*(client_loop(soak, i) for i in range(clients)),
+                                     hostile_loop(soak, 1000, admin_hostile(base, folder, fifo)),
+                                     admin_loop(soak, base, experts, broken, swap_every), health_loop(soak), bystander_loop(soak, alone))
 
             asyncio.run(main())
             stop.set()
@@ -331,6 +453,20 @@ def run_soak(
                 proc.kill()
                 proc.wait()
         return report(soak, exit_code, duration, clients)
+
+
+async def _alone(url: str, deadline: float) -> str:
+    """The bystander's answer with nothing else running; /ready means one composition serves, so
+    wait for `steady` itself."""
+    async with httpx.AsyncClient(base_url=url, timeout=deadline) as http:
+        end = time.monotonic() + 300
+        while True:
+            try:
+                return await bystander_text(http)
+            except httpx.HTTPStatusError:
+                if time.monotonic() > end:
+                    raise
+                await asyncio.sleep(0.5)
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
@@ -374,7 +510,9 @@ def report(soak: Soak, exit_code: int, duration: float, clients: int) -> dict:
         "no hang": not any(r.outcome == "hang" for r in records),
         "hostile requests got a 4xx": all(r.outcome == "4xx" for r in records if r.kind.startswith("hostile:") and r.kind != "hostile:slowloris"),
         "slowloris requests were answered": all(r.outcome in ("ok", "4xx") for r in records if r.kind == "hostile:slowloris"),
+        "hostile errors stayed small (under 8 KB)": not any(r.outcome == "large_error" for r in records),
         "no lost feedback": all(status == 200 for status in soak.feedback.values()) and len(soak.feedback) == len(ok),
+        "the bystander's tokens never changed": bool(soak.bystander) and all(soak.bystander),
         "admin calls answered as expected": all(r.outcome == "ok" for r in records if r.kind.startswith("admin:") and r.kind != "admin:failing_build"),
         "failing builds were accepted (and fail in the background)": all(r.outcome == "ok" for r in records if r.kind == "admin:failing_build"),
         "RSS flat after warm-up (max within 10 % of min)": bool(warm) and max(warm) <= 1.10 * min(warm),
@@ -382,16 +520,22 @@ def report(soak: Soak, exit_code: int, duration: float, clients: int) -> dict:
         "SIGTERM: exit status 0": exit_code == 0,
     }
     return {
-        "duration_s": duration, "clients": clients, "requests": len(records), "by_outcome": by_outcome, "exit_code": exit_code,
+        "machine": machine(), "commit": commit(), "duration_s": duration, "clients": clients, "requests": len(records), "by_outcome": by_outcome, "exit_code": exit_code,
         "refused_with_retry_after": len(refused),
         "ttft_s": {"p50": percentile([r.ttft for r in ok if r.ttft], 0.5), "p99": percentile([r.ttft for r in ok if r.ttft], 0.99)},
         "latency_s": {"p50": percentile([r.latency for r in ok], 0.5), "p99": percentile([r.latency for r in ok], 0.99)},
         "feedback": {"sent": len(soak.feedback), "accepted": sum(1 for s in soak.feedback.values() if s == 200)},
+        "health_s": {"p50": percentile(soak.health_s, 0.5), "p99": percentile(soak.health_s, 0.99), "max": max(soak.health_s, default=None),
+                     "probes": len(soak.health_s)},
+        "bystander": {"answers": len(soak.bystander), "identical": sum(soak.bystander), "alone": soak.bystander_alone,
+                      "differing": soak.bystander_differs},
         "rss_mb": {"warm_min": min(warm, default=None), "warm_max": max(warm, default=None),
                    "after_each_swap_cycle": swap_rss},
         "max_draining": max((s.get("draining", 0) for s in soak.samples), default=0),
         "checks": checks, "passed": all(checks.values()),
-        "failures": [asdict(r) for r in records if r.outcome in ("5xx", "hang", "error")][:20],
+        # Speed is a target the benchmark reports, not a check the tests make (CI machines vary).
+        "targets": {"/health p99 under 100 ms": bool(soak.health_s) and percentile(soak.health_s, 0.99) < 0.1},
+        "failures": [asdict(r) for r in records if r.outcome in ("5xx", "hang", "error", "large_error")][:20],
         "samples": soak.samples, "swaps": soak.swaps,
         "latency_series": [(r.start, r.latency) for r in ok],
     }
@@ -448,7 +592,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.out.with_suffix(".png"))
-    print(json.dumps({k: result[k] for k in ("requests", "by_outcome", "checks", "passed", "ttft_s", "latency_s", "rss_mb")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("requests", "by_outcome", "checks", "passed", "ttft_s", "latency_s", "health_s", "bystander", "rss_mb")}, indent=1))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import math
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -162,18 +163,63 @@ class VLLMOptions(_Strict):
     distributed_executor_backend: Literal["mp", "ray", "uni"] | None = None  # ray: multi-node
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: int | None = Field(None, ge=16)
-    # Passed through to vllm.entrypoints.openai.api_server after the options above.
-    extra_args: list[str] = []
-    # Set in the child's environment, e.g. CUDA_VISIBLE_DEVICES, or VLLM_CPU_OMP_THREADS_BIND
-    # so that a replacement child (both run during a swap) computes on other cores or GPUs.
-    env: dict[str, str] = {}
-    # Interpreter that has vLLM; unset: $MERGESERVE_VLLM_PYTHON, else this process's own.
-    python: str | None = None
+    # Which of the serve config's vllm_profiles runs the child (its interpreter, environment and
+    # extra arguments); unset: the profile named `default`, else this interpreter with no extras.
+    profile: str | None = Field(None, pattern=NAME_PATTERN.pattern, max_length=64)
     startup_timeout_s: float = Field(900.0, gt=0)  # vLLM-CPU takes minutes to load
     stop_grace_s: float = Field(30.0, ge=0)  # SIGTERM, then SIGKILL after this long
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_process_fields(cls, data: object) -> object:
+        # A spec can come from an admin request: what runs, and with what, is the config file's to say.
+        moved = sorted(set(data) & {"python", "env", "extra_args"}) if isinstance(data, dict) else []
+        if moved:
+            named = ", ".join(f"vllm.{m}" for m in moved)
+            raise ValueError(f"{named}: not composition fields; the serve config's vllm_profiles set the child's "
+                             "python, env and args, and a spec names one with vllm.profile")
+        return data
+
+
+# vLLM flags the gateway sets itself: where the child listens, and the key it requires.
+GATEWAY_FLAGS = ("--host", "--port", "--api-key")
+
+
+class VLLMProfile(_Strict):
+    """One way to run a vLLM child, named in the serve config and chosen by a spec's vllm.profile."""
+
+    # Interpreter that has vLLM; unset: $MERGESERVE_VLLM_PYTHON, else this process's own.
+    python: str | None = None
+    # Added to the child's environment (which inherits only PATH, HOME, locale, OMP_*, VLLM_*,
+    # CUDA_* and the like of this process's), e.g. VLLM_CPU_OMP_THREADS_BIND or CUDA_VISIBLE_DEVICES.
+    env: dict[str, str] = {}
+    # Passed to vllm.entrypoints.openai.api_server after the spec's options.
+    args: list[str] = []
+
+    @field_validator("args")
+    @classmethod
+    def _not_gateway_flags(cls, args: list[str]) -> list[str]:
+        if taken := [a for a in args if a.split("=")[0] in GATEWAY_FLAGS]:
+            raise ValueError(f"{taken[0]}: the gateway sets {', '.join(GATEWAY_FLAGS)} itself")
+        return args
+
 
 Backend = Literal["local", "vllm", "openai"]
+
+
+def plain_url(url: str) -> str:
+    """`url` if it is http(s) with a host and nothing that could send a request elsewhere than it
+    reads: no user info, query or fragment (a path appended after `?` or `#` is no longer a path),
+    no dot segments or escapes in the path."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r}: not an http(s) URL with a host")
+    parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    if any(c in url for c in "?#@\\%") or any(ord(c) <= 32 or ord(c) == 127 for c in url):
+        raise ValueError(f"{url!r}: give no user info, query, fragment, escapes or spaces")
+    if any(segment in (".", "..") for segment in parts.path.split("/")):
+        raise ValueError(f"{url!r}: no . or .. segments in the path")
+    return url
 
 
 class CompositionSpec(_Strict):
@@ -186,7 +232,7 @@ class CompositionSpec(_Strict):
     vllm: VLLMOptions | None = None  # backend=vllm only
     # backend=openai: the upstream's base URL (ending in /v1), its model name (unset: the first
     # it lists), and the environment variable holding its API key (unset: no key).
-    url: str | None = Field(None, pattern=r"^https?://")
+    url: str | None = None
     upstream_model: str | None = None
     api_key_env: str | None = None
     timeout_s: float = Field(600.0, gt=0)  # backend=openai/vllm: per upstream request
@@ -203,6 +249,11 @@ class CompositionSpec(_Strict):
     # Compute and storage dtype of the composition's weights: float32, bfloat16, or auto (the
     # faster here, by CPU flags and a short measurement at start). Unset: the serve config's.
     dtype: Literal["auto", "float32", "bfloat16"] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _plain_url(cls, url: str | None) -> str | None:
+        return url if url is None else plain_url(url)
 
     @model_validator(mode="after")
     def _check(self) -> CompositionSpec:
@@ -275,14 +326,17 @@ class CompositionSpec(_Strict):
 
     @property
     def source_paths(self) -> list[str]:
-        """Every file or folder the spec reads: base, experts, experts' own bases, router weights."""
-        if self.method == "route":
-            return [*(e.source for e in self.experts), *(e.base for e in self.experts if e.base)]
-        if self.base is None:
-            return []
-        bases = [e.base for e in self.experts if e.base]
-        files = [f for f in (self.router.weights, self.merge.coefficients, self.merge.fisher) if f]
-        return [self.base, *(e.source for e in self.experts), *bases, *files]
+        """Every file or folder the spec reads, each once."""
+        return list(dict.fromkeys(self.source_fields.values()))
+
+    @property
+    def source_fields(self) -> dict[str, str]:
+        """Every path field that is set, by its place in the spec (`experts.0.source`): base,
+        experts, experts' own bases, router weights, merge coefficients and Fishers. A new path
+        field belongs here, or it escapes the source roots check."""
+        fields = {"base": self.base} | {f"experts.{i}.{k}": getattr(e, k) for k in ("source", "base") for i, e in enumerate(self.experts)}
+        fields |= {"router.weights": self.router.weights, "merge.coefficients": self.merge.coefficients, "merge.fisher": self.merge.fisher}
+        return {k: v for k, v in fields.items() if v is not None}
 
     @property
     def is_moe(self) -> bool:
@@ -387,6 +441,29 @@ class ServeConfig(_Strict):
     # Where backend=vllm compositions are exported (relative to the config file); unset: the
     # state dir's exports/ when there is one, else ~/.cache/mergeserve/exports.
     export_dir: str | None = None
+    # What a composition spec, which the admin API takes from a request, may choose only by name.
+    # backend=vllm: the ways to run a child (python, env, args), picked by a spec's vllm.profile.
+    vllm_profiles: dict[str, VLLMProfile] = {}
+    # backend=openai: URL prefixes a spec's url must fall under (same scheme, host and port, the
+    # path at or below the prefix's); empty: no openai composition is built.
+    upstream_allowlist: list[str] = []
+    # backend=openai: the environment variables a spec's api_key_env may name (never this server's keys).
+    upstream_key_env: list[str] = Field([], max_length=64)
+    # A build (loading, merging, exporting, a vLLM child's start) that takes longer fails, and the
+    # next one starts. vLLM-CPU alone may take its startup_timeout_s (900 s by default).
+    build_timeout_s: float = Field(1800.0, gt=0)
+
+    @field_validator("upstream_allowlist")
+    @classmethod
+    def _plain_urls(cls, prefixes: list[str]) -> list[str]:
+        return [plain_url(p) for p in prefixes]
+
+    @field_validator("vllm_profiles")
+    @classmethod
+    def _profile_names(cls, profiles: dict[str, VLLMProfile]) -> dict[str, VLLMProfile]:
+        if bad := [n for n in profiles if not NAME_PATTERN.fullmatch(n)]:
+            raise ValueError(f"{bad[0]!r} is not a profile name (letters, digits, _ . : -)")
+        return profiles
 
     @model_validator(mode="after")
     def _something_to_serve(self) -> ServeConfig:
@@ -424,15 +501,31 @@ def resolve_source(source: str, relative_to: Path) -> str:
     without importing it); other sources are paths, relative to the spec's folder.
     """
     if source.startswith("pkg://"):
-        import importlib.util
-
         module, _, rest = source[len("pkg://"):].partition("/")
-        found = importlib.util.find_spec(module)
-        if found is None or not found.submodule_search_locations:
-            raise SpecError(f"source {source!r}: package {module!r} is not installed")
-        return str(Path(found.submodule_search_locations[0]) / rest)
+        return str(package_folder(module, source) / rest)
     path = Path(source).expanduser()
     return str(path if path.is_absolute() else (relative_to / path).resolve())
+
+
+def package_folder(module: str, source: str) -> Path:
+    """The folder of the installed package `module` (dotted: a sub-package), found without running
+    any of its code: find_spec of a dotted name imports the parents, so only the top-level name
+    is looked up and sub-packages are followed as folders on disk."""
+    import importlib.util
+
+    top, *subs = module.split(".")
+    if not all(part.isidentifier() for part in (top, *subs)):
+        raise SpecError(f"source {source!r}: {module!r} is not a package name")
+    try:
+        found = importlib.util.find_spec(top)
+    except (ImportError, ValueError):  # ValueError: in sys.modules without a __spec__
+        found = None
+    folders = [Path(f) for f in (found.submodule_search_locations or [])] if found else []
+    for sub in subs:
+        folders = [f / sub for f in folders if (f / sub).is_dir()]
+    if not folders:
+        raise SpecError(f"source {source!r}: package {module!r} is not installed")
+    return folders[0]
 
 
 def _with_resolved_expert(expert: object, relative_to: Path) -> object:

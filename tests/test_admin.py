@@ -194,15 +194,15 @@ def test_alias_mistakes_are_refused(server: Server) -> None:
 def test_feedback_is_counted_for_the_composition_that_answered(server: Server) -> None:
     server.put_and_wait("v1", server.moe())
     answer = server.client.chat.completions.create(model="v1", messages=HELLO, max_tokens=2)
-    for score in (1, -1, 1):
-        response = server.http.post("/v1/feedback", json={"id": answer.id, "score": score})
-        assert response.status_code == 200 and response.json()["model"] == "v1"
-    assert server.http.post("/v1/feedback", json={"id": "chatcmpl-unknown", "score": 1}).status_code == 404
     assert server.http.post("/v1/feedback", json={"id": answer.id, "score": 2}).status_code == 400
+    response = server.http.post("/v1/feedback", json={"id": answer.id, "score": -0.5})
+    assert response.status_code == 200 and response.json()["model"] == "v1"
+    assert server.http.post("/v1/feedback", json={"id": answer.id, "score": 1}).status_code == 409  # one per response
+    assert server.http.post("/v1/feedback", json={"id": "chatcmpl-unknown", "score": 1}).status_code == 404
 
     metrics = _samples(server.http.get("/metrics").text)
     feedback = {s.name: s.value for s in metrics["mergeserve:feedback_score"] if s.labels["model"] == "v1"}
-    assert feedback == {"mergeserve:feedback_score_count": 3, "mergeserve:feedback_score_sum": 1}
+    assert feedback == {"mergeserve:feedback_score_count": 1, "mergeserve:feedback_score_sum": -0.5}
     latency = [s for s in metrics["mergeserve:e2e_request_latency_seconds"] if s.name.endswith("_count")]
     assert [(s.labels["model"], s.value) for s in latency] == [("v1", 1)]
     http = [s for s in metrics["mergeserve:http_requests"] if s.labels["route"] == "/v1/chat/completions"]

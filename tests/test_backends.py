@@ -24,7 +24,8 @@ from mergeserve.engine.executor import Executor
 from mergeserve.experts import ExpertPool
 from mergeserve.server.app import create_app
 from mergeserve.server.auth import Auth
-from mergeserve.server.backends.process import ManagedServer
+from mergeserve.server.backends.policy import BackendPolicy
+from mergeserve.server.backends.process import ManagedServer, child_env
 from mergeserve.server.backends.proxy import ProxyBackend
 from mergeserve.server.builder import Builder
 from mergeserve.server.registry import Registry
@@ -63,6 +64,7 @@ class Gateway:
     client: openai.OpenAI
     registry: Registry
     builder: Builder
+    flaky_port: int  # where an upstream the serve config allows comes and goes
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +78,15 @@ def upstream(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="module")
 def gateway(zoo: dict[str, Path], upstream: Upstream) -> Iterator[Gateway]:
-    registry, executor = Registry(), Executor()
-    builder = Builder(registry, ExpertPool(), executor)
+    registry, executor, flaky_port = Registry(), Executor(), free_port()
+    allowed = BackendPolicy(upstream_allowlist=(f"{upstream.url}/v1", f"http://127.0.0.1:{flaky_port}/v1"))
+    builder = Builder(registry, ExpertPool(), executor, policy=allowed)
     builder.build_now(parse_composition({"name": "local"} | moe(zoo, "german")))
     builder.build_now(parse_composition({"name": "remote", "backend": "openai", "url": f"{upstream.url}/v1"}))
     app = create_app(registry, executor, Auth(admin_key="admin-key"), builder)
     with live_server(app) as url, httpx.Client(base_url=url, headers=ADMIN, timeout=60) as http:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-        yield Gateway(url, http, client, registry, builder)
+        yield Gateway(url, http, client, registry, builder, flaky_port)
 
 
 def samples(http: httpx.Client, name: str) -> list:
@@ -199,7 +202,7 @@ def test_an_alias_across_local_and_remote_loses_nothing_while_the_remote_side_is
 def test_an_unreachable_upstream_is_503_with_retry_after_until_it_is_back(
     gateway: Gateway, zoo: dict[str, Path], tmp_path: Path,
 ) -> None:
-    port, config = free_port(), upstream_config(zoo, tmp_path)
+    port, config = gateway.flaky_port, upstream_config(zoo, tmp_path)
     spec = {"name": "flaky", "backend": "openai", "url": f"http://127.0.0.1:{port}/v1", "upstream_model": "up"}
     gateway.builder.build_now(parse_composition(spec))
     ask = {"model": "flaky", "prompt": "Hi", "max_tokens": 2}
@@ -218,7 +221,7 @@ def test_a_managed_server_that_dies_is_503_then_restarted_and_stopped_when_remov
 ) -> None:
     port = free_port()
     argv = [sys.executable, "-m", "mergeserve.cli", "serve", "--config", str(upstream_config(zoo, tmp_path)), "--port", str(port)]
-    server = ManagedServer("child", argv, port, env={"OMP_NUM_THREADS": "1"}, stop_grace_s=10)
+    server = ManagedServer("child", argv, port, env=child_env({"OMP_NUM_THREADS": "1"}), stop_grace_s=10)
     server.start()
     server.wait_ready(120)
     gateway.registry.add(ProxyBackend("child", f"http://127.0.0.1:{port}/v1", "up", process=server))

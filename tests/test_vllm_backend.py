@@ -20,11 +20,12 @@ from mergeserve.engine.executor import Executor
 from mergeserve.experts import ExpertPool
 from mergeserve.server.app import create_app
 from mergeserve.server.auth import Auth
+from mergeserve.server.backends.policy import BackendPolicy
 from mergeserve.server.backends.vllm import PYTHON_ENV
 from mergeserve.server.builder import Builder
 from mergeserve.server.registry import Registry
 from mergeserve.server.state import dump_spec
-from mergeserve.spec import CompositionSpec, load_serve_config, parse_composition
+from mergeserve.spec import CompositionSpec, VLLMProfile, load_serve_config, parse_composition
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = {"Authorization": "Bearer admin-key"}
@@ -42,13 +43,18 @@ pytestmark = [
 ]
 
 
+# Core 0 for the first child; the hot-swap test's replacement gets core 1, so on a 2-core machine
+# the two (both run during a swap) do not spin on the same core.
+PROFILES = {
+    f"core{core}": VLLMProfile(env={"VLLM_CPU_OMP_THREADS_BIND": str(core)}, args=["--gpu-memory-utilization", "0.3"])
+    for core in (0, 1)
+}
+
+
 def demo_specs() -> tuple[dict, dict]:
     """examples/vllm.yaml's composition in fp32 (for token equality), and the same served locally."""
     spec = dump_spec(load_serve_config(ROOT / "examples/vllm.yaml").compositions[0])
-    # Core 0 for this child; the hot-swap test's replacement gets core 1, so on a 2-core machine
-    # the two (both run during a swap) do not spin on the same core.
-    spec["vllm"] |= {"dtype": "float32", "extra_args": ["--gpu-memory-utilization", "0.3"],
-                     "env": {"VLLM_CPU_OMP_THREADS_BIND": "0"}}
+    spec["vllm"] |= {"dtype": "float32", "profile": "core0"}
     local = {k: v for k, v in spec.items() if k not in ("vllm", "backend")} | {"name": "local", "dtype": "float32"}
     return spec, local
 
@@ -64,7 +70,7 @@ class Gateway:
 def gateway() -> Iterator[Gateway]:
     vllm_spec, local_spec = demo_specs()
     registry, executor = Registry(), Executor()
-    builder = Builder(registry, ExpertPool(), executor, export_dir=ROOT / ".cache/exports")
+    builder = Builder(registry, ExpertPool(), executor, export_dir=ROOT / ".cache/exports", policy=BackendPolicy(PROFILES))
     for spec in (vllm_spec, local_spec):
         revision = builder.build_now(parse_composition(spec))
         assert revision.state == "ready", revision.error
@@ -122,7 +128,7 @@ def test_a_hot_swap_of_the_vllm_composition_under_4_streaming_clients_loses_noth
     for t in threads:
         t.start()
     # A new child (the export is reused), on the other core.
-    replacement = spec | {"vllm": spec["vllm"] | {"max_model_len": 1024, "env": {"VLLM_CPU_OMP_THREADS_BIND": "1"}}}
+    replacement = spec | {"vllm": spec["vllm"] | {"max_model_len": 1024, "profile": "core1"}}
     try:
         assert gateway.http.put(f"/admin/compositions/{name}", json=replacement).status_code == 202
         wait_until(lambda: gateway.http.get(f"/admin/compositions/{name}").json()["serving_revision"] == 2,

@@ -76,6 +76,7 @@ class Engine:
         # Sequence routing: requests that chose each expert (top-k choices count once each), [E].
         self.expert_requests = torch.zeros(composed.num_experts, dtype=torch.int64) if self.sequence_router else None
         self.failed_steps = 0  # steps that raised: their requests failed, the engine went on
+        self._refused: list[tuple[str, Exception]] = []  # requests whose admission raised, with the error
 
     # --- thread-safe surface -------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -137,6 +138,12 @@ class Engine:
             self._finish(seq, "abort")
         return [s.request_id for s in seqs]
 
+    def take_refused(self) -> list[tuple[str, Exception]]:
+        """(request id, error) of each request whose admission raised since the last call: that
+        request failed alone and is gone. Executor thread only."""
+        refused, self._refused = self._refused, []
+        return refused
+
     def has_work(self) -> bool:
         return bool(self._inbox) or self.scheduler.has_work()
 
@@ -162,7 +169,8 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """One scheduling step. If it fails, only the requests it was running fail (StepFailed
-        names them; their slots are freed) and the engine goes on with the rest."""
+        names them; their slots are freed) and the engine goes on with the rest. A request whose
+        admission raises fails alone (take_refused)."""
         outputs = self._drain_inbox() + self._settle_groups()
         batch = self.scheduler.schedule()
         try:
@@ -307,11 +315,21 @@ class Engine:
             items, self._inbox = list(self._inbox), deque()
         for kind, item in items:
             if kind == "add":
-                self._add(item)
+                self._admit(item)
             elif (seq := self.scheduler.find(item)) is not None:
                 self._finish(seq, "abort")
                 outputs.append(self._output(seq, [], []))
         return outputs
+
+    def _admit(self, seq: Sequence) -> None:
+        try:
+            self._add(seq)
+        except Exception as e:  # noqa: BLE001 - whatever it is, it is this request's alone
+            log.exception("engine %s could not admit request %s", self.name, seq.request_id)
+            self._generators.pop(seq.request_id, None)
+            if seq.group is not None:
+                seq.group.ended = True  # the other members leave at their next step
+            self._refused.append((seq.request_id, e))
 
     def _add(self, seq: Sequence) -> None:
         seed = seq.params.seed if seq.params.seed is not None else random.getrandbits(63)
@@ -437,6 +455,8 @@ class Engine:
         while any(e.has_work() for e in engines):
             for engine in engines:
                 outputs = engine.step() if engine.has_work() else []
+                for _, error in engine.take_refused():
+                    raise error
                 for out in outputs if engine is self else ():  # followers emit nothing
                     results[out.request_id] += out.new_token_ids
         return [results[rid] for rid in ids]

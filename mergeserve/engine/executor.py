@@ -115,11 +115,13 @@ class Executor:
             for request_id in failure.request_ids:
                 self._deliver(request_id, failure.__cause__)
             outputs = failure.outputs
-        except Exception as e:  # outside a step's requests (the inbox, the scheduler): every request fails
+        except Exception as e:  # outside a step's requests (the scheduler): every request fails
             log.exception("engine %s failed", engine.name)
             for request_id in engine.abort_all():
                 self._deliver(request_id, e)
-            return
+            outputs = []
+        for request_id, error in engine.take_refused():  # its admission raised: it fails alone
+            self._deliver(request_id, error)
         for out in outputs:
             self._deliver(out.request_id, out)
 

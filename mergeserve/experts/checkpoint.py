@@ -120,10 +120,10 @@ def check_same_arch(source: str, config: PretrainedConfig, base_source: str, bas
         )
 
 
-def check_model_type(source: str, config: PretrainedConfig) -> None:
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
+def check_model_type(source: str, model_type: object) -> None:
+    if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
-            f"{source}: model_type {config.model_type!r} is not supported "
+            f"{source}: model_type {model_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
 

@@ -13,9 +13,12 @@ from mergeserve.experts.checkpoint import (
     check_tensors,
     fuse_projections,
 )
+from mergeserve.experts.gguf_header import check_gguf
 
 
-def load_gguf(path: Path) -> Checkpoint:
+def load_gguf(path: Path, max_bytes: int | None = None) -> Checkpoint:
+    """`max_bytes`: refuse a file whose tensors dequantise to more (float32)."""
+    check_gguf(path, max_bytes)  # transformers allocates what the header says before it reads a tensor
     folder, name = str(path.parent), path.name
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
@@ -26,7 +29,7 @@ def load_gguf(path: Path) -> Checkpoint:
     # The dequantised weights are plain fp32: drop the marker so the config saves and reloads as dense.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    check_model_type(str(path), config)
+    check_model_type(str(path), config.model_type)
     tensors = {k: v.detach() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]

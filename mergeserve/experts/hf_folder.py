@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -47,16 +47,39 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
     return AutoTokenizer.from_pretrained(str(folder))
 
 
+def check_config_file(folder: Path, weights: list[Path]) -> None:
+    """config.json as written, before transformers reads it: a supported model type, and no more
+    layers than the weight files hold (read from their headers). Qwen2's config builds a list
+    entry per layer, so a count of a billion would cost memory and minutes before any other check."""
+    source = f"{folder}/config.json"
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source}: not a JSON object")
+    check_model_type(source, raw.get("model_type"))
+    held: set[str] = set()
+    for f in weights:
+        try:
+            with safe_open(str(f), "pt") as part:
+                held |= {k.split(".")[2] for k in part.keys() if k.startswith("model.layers.")}
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file: {e}") from e
+    if not isinstance(layers := raw.get("num_hidden_layers"), int) or layers > len(held):
+        raise CheckpointError(f"{source}: num_hidden_layers={layers!r}, but the weights hold {len(held)} layers")
+
+
 def load_hf_folder(folder: Path) -> Checkpoint:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: no config.json (not a Hugging Face checkpoint folder)")
+    weights = sorted(folder.glob("*.safetensors"))
+    refuse_pickles(folder, weights)
+    check_config_file(folder, weights)
     try:
         config = AutoConfig.from_pretrained(str(folder))
     except (ValueError, OSError, KeyError) as e:
         raise CheckpointError(f"{folder}/config.json: {e}") from e
-    check_model_type(str(folder / "config.json"), config)
-    weights = sorted(folder.glob("*.safetensors"))
-    refuse_pickles(folder, weights)
     tensors = load_safetensors(weights)
     if "lm_head.weight" not in tensors and config.tie_word_embeddings:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]

@@ -6,6 +6,7 @@ drops a finished composition's claims and unloads what no other owner still uses
 
 from __future__ import annotations
 
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +29,8 @@ class ExpertPool:
     ) -> None:
         """`roots`: when given, every source (and every file inside a folder source, symlinks
         followed) must lie under one of these folders; None loads from anywhere.
-        `max_file_bytes`: refuse sources holding a larger file.
+        `max_file_bytes`: refuse sources holding a larger file (a GGUF file also when its tensors
+        dequantise to more: it is held as float32 once loaded).
         `lora`: keep LoRA adapters as their factors (the default) or merge them into dense weights.
         `dtype`: what checkpoints are held in unless `get` asks for another (LoRA factors keep their file's)."""
         self.roots = [Path(r).resolve() for r in roots] if roots is not None else None
@@ -41,8 +43,10 @@ class ExpertPool:
         self._stamps: dict[tuple[str, str | None, torch.dtype], Stamp] = {}  # the files as they were loaded
         self._owners: dict[tuple[str, str | None, torch.dtype], set[str]] = {}  # claimed checkpoints -> who uses them
         self._claim = threading.local()  # the owner a build on this thread loads for
-        # Builds may run off the request path; one lock keeps a source from loading twice.
+        # The tables above, held only briefly: GET /admin/pool reads them while a build loads.
         self._lock = threading.RLock()
+        # One per key: a source loads once, and a slow (or hung) load makes no other source wait.
+        self._loading: dict[tuple[str, str | None, torch.dtype], threading.Lock] = {}
 
     @contextmanager
     def claim(self, owner: str) -> Iterator[None]:
@@ -77,18 +81,23 @@ class ExpertPool:
         dtype = dtype or self.dtype
         key = (str(path), str(Path(base).resolve()) if base and is_peft_folder(path) else None, dtype)
         with self._lock:
-            if key in self._loaded and self._stamps[key] != stamp:
-                raise CheckpointError(f"{path}: changed on disk since it was loaded ({changed(self._stamps[key], stamp)}); "
-                                      f"it is not used again until the compositions holding it are removed")
-            if key not in self._loaded:
-                checkpoint = self._load(path, key[1], dtype)
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:
+            with self._lock:
+                loaded = self._loaded.get(key)
+                if loaded is not None and self._stamps[key] != stamp:
+                    raise CheckpointError(f"{path}: changed on disk since it was loaded ({changed(self._stamps[key], stamp)}); "
+                                          f"it is not used again until the compositions holding it are removed")
+            if loaded is None:
+                loaded = self._load(path, key[1], dtype)
                 after = stamp_of(self.check_allowed(Path(source))) if Path(source).resolve() == path else {}
                 if after != stamp:
                     raise CheckpointError(f"{path}: changed on disk while it was loading ({changed(stamp, after)}); nothing of it is used")
-                self._loaded[key], self._stamps[key] = checkpoint, stamp
-            if (owner := getattr(self._claim, "owner", None)) is not None:
-                self._owners.setdefault(key, set()).add(owner)
-            return self._loaded[key]
+            with self._lock:
+                self._loaded[key], self._stamps[key] = loaded, stamp
+                if (owner := getattr(self._claim, "owner", None)) is not None:
+                    self._owners.setdefault(key, set()).add(owner)
+                return loaded
 
     def get_expert(self, source: str, base: str, dtype: torch.dtype | None = None) -> Checkpoint:
         """An expert for a composition over `base`: loaded, and checked to share its architecture."""
@@ -97,30 +106,48 @@ class ExpertPool:
         return expert
 
     def check_allowed(self, source: Path) -> list[Path]:
-        """Refuse `source` if it, or a file inside it, lies outside the roots or is too large;
-        returns its files."""
-        files = sorted(f for f in source.rglob("*") if f.is_file()) if source.is_dir() else [source]
-        limit = self.max_file_bytes
-        for f in files if limit is not None else []:
-            if f.is_file() and f.stat().st_size > limit:
-                raise CheckpointError(f"{f}: {f.stat().st_size} bytes, over the limit of {limit} bytes per file")
-        if self.roots is None:
-            return files
-        for path in dict.fromkeys([source, *files]):
-            real = path.resolve()  # follows symlinks and `..`
-            if not any(real.is_relative_to(root) for root in self.roots):
-                where = "" if path == source else f" (inside {source})"
-                raise CheckpointError(
-                    f"{path}{where}: resolves to {real}, outside the allowed source roots {[str(r) for r in self.roots]}"
-                )
+        """Refuse `source` if it, or anything inside it, lies outside the roots, or if a file is
+        too large; returns its files. The source is checked against the roots before anything
+        under it is listed, so a path outside them costs no walk. Blocking: call it off the event loop."""
+        self._check_root(source, source)
+        if not source.is_dir():
+            refuse_special(source)
+            self._check_size(source)
+            return [source]
+        files = []
+        for entry in sorted(source.rglob("*")):
+            self._check_root(entry, source)  # a symlink inside, to a file or a folder
+            if not entry.is_dir():
+                refuse_special(entry)
+            if entry.is_file():
+                self._check_size(entry)
+                files.append(entry)
         return files
+
+    def _check_root(self, path: Path, source: Path) -> None:
+        if self.roots is None:
+            return
+        try:
+            real = path.resolve()  # follows symlinks and `..`
+        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+            raise CheckpointError(f"{path}: cannot be resolved: {e}") from None
+        if not any(real.is_relative_to(root) for root in self.roots):
+            where = "" if path == source else f" (inside {source})"
+            raise CheckpointError(
+                f"{path}{where}: resolves to {real}, outside the allowed source roots {[str(r) for r in self.roots]}"
+            )
+
+    def _check_size(self, f: Path) -> None:
+        limit = self.max_file_bytes
+        if limit is not None and f.is_file() and (size := f.stat().st_size) > limit:
+            raise CheckpointError(f"{f}: {size} bytes, over the limit of {limit} bytes per file")
 
     def _load(self, path: Path, base: str | None, dtype: torch.dtype) -> Checkpoint:
         if not path.exists():
             raise CheckpointError(f"{path}: no such file or folder")
         if path.is_file():
             if path.suffix == ".gguf":
-                return in_dtype(load_gguf(path), dtype)
+                return in_dtype(load_gguf(path, self.max_file_bytes), dtype)
             raise CheckpointError(f"{path}: a single file source must be .gguf (folders hold safetensors checkpoints)")
         if is_peft_folder(path):
             if base is None:
@@ -141,6 +168,17 @@ class ExpertPool:
                  "model_type": c.config.model_type, "used_by": sorted(self._owners.get(key, ()))}
                 for key, c in self._loaded.items()
             ]
+
+
+def refuse_special(path: Path) -> None:
+    """Refuse what is not a regular file (a FIFO, socket or device): opening a FIFO to read
+    blocks until a writer comes, and a device may never end."""
+    try:
+        mode = path.stat().st_mode  # follows symlinks: what would be opened
+    except FileNotFoundError:
+        return  # missing: reported where it matters
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: not a regular file (a FIFO, socket or device); checkpoints are read from files")
 
 
 Stamp = dict[str, tuple[int, int, int, int]]  # file -> (device, inode, size, mtime_ns) of what it resolves to

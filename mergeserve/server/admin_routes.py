@@ -2,10 +2,13 @@
 
 PUT returns 202 at once with a status URL; the build runs on the builder's thread and the
 new revision replaces the live one only when ready. A failed build leaves the live one serving.
+The admin key chooses only what the serve config offers: a spec names a vLLM profile, an
+upstream under the allowlist and a key variable from its list, or is refused (403).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +20,7 @@ from fastapi.responses import JSONResponse
 from mergeserve.experts import CheckpointError
 from mergeserve.server.aliases import Alias
 from mergeserve.server.auth import require_admin
+from mergeserve.server.backends.policy import NotAllowed
 from mergeserve.server.builder import Builder
 from mergeserve.server.errors import APIError, bad_request, responses
 from mergeserve.server.registry import RETRY_AFTER_S, Registry, Revision
@@ -71,7 +75,11 @@ class AdminRoutes:
         self._check_room(name)
         try:
             parsed = parse_composition(spec, self.relative_to, origin=f"composition {name!r}")
-            revision, _ = self.builder.submit(parsed)
+            await asyncio.to_thread(self.builder.check, parsed)  # it walks the sources' folders
+            self._check_room(name)  # again: other requests ran while the sources were checked
+            revision, _ = self.builder.submit(parsed, checked=True)
+        except NotAllowed as e:  # a vLLM profile, upstream or key variable the serve config does not offer
+            raise APIError(403, str(e), param=e.field, code="not_allowed") from None
         except (SpecError, CheckpointError) as e:
             raise bad_request(str(e), code="invalid_spec") from None
         except OSError as e:

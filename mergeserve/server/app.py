@@ -42,7 +42,7 @@ def create_app(
             builder.shutdown()
 
     app = FastAPI(title="mergeserve", version=__version__, lifespan=lifespan)
-    metrics = Metrics(registry.backends, registry.revisions)
+    metrics = Metrics(registry.backends, registry.revisions, registry.aliases)
     app.state.registry, app.state.executor, app.state.metrics, app.state.auth = registry, executor, metrics, auth
     app.state.builder = builder
     errors.install(app)

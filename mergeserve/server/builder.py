@@ -12,7 +12,9 @@ import logging
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,39 +25,73 @@ from mergeserve.engine.executor import Executor
 from mergeserve.experts import CheckpointError, ExpertPool
 from mergeserve.server.backends import Backend
 from mergeserve.server.backends.local import LocalBackend
-from mergeserve.server.registry import Registry, Revision
+from mergeserve.server.backends.policy import BackendPolicy
+from mergeserve.server.registry import ModelNotFound, Registry, Revision
 from mergeserve.server.state import SavedComposition, SavedState, StateStore, dump_spec
 from mergeserve.spec import Alias, CompositionSpec, EngineConfig, parse_composition
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Backoff:
+    """Waits between tries of a restored composition that does not build: first_s, doubling, at most max_s."""
+
+    first_s: float = 5.0
+    max_s: float = 300.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.first_s * 2 ** min(attempt, 32), self.max_s)
+
+
 class Builder:
     def __init__(
         self, registry: Registry, pool: ExpertPool, executor: Executor,
         engine_config: EngineConfig = EngineConfig(), store: StateStore | None = None,
-        export_dir: Path | None = None,
+        export_dir: Path | None = None, policy: BackendPolicy = BackendPolicy(), build_timeout_s: float = 1800.0,
+        retry: Backoff = Backoff(),
     ) -> None:
-        """export_dir: where `backend: vllm` compositions are exported (default: the user's cache)."""
+        """export_dir: where `backend: vllm` compositions are exported (default: the user's cache);
+        policy: what specs may choose of vLLM children and upstreams (the serve config's);
+        build_timeout_s: a build that takes longer fails, and the next one starts;
+        retry: how long a restored composition that failed waits for its next try."""
         self.registry, self.pool, self.executor = registry, pool, executor
         self.engine_config, self.store = engine_config, store
+        self.policy, self.build_timeout_s, self.retry = policy, build_timeout_s, retry
+        self._closed = threading.Event()  # set at shutdown: no more retries
+        self._restoring = False  # saves wait until restore() has registered everything
         self.export_dir = export_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergeserve/exports"
         registry.on_free = self.free
         # Two cores: builds queue behind each other rather than compete with serving and each other.
         self._queue = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeserve-build")
         self._save_lock = threading.Lock()
+        self._settled: weakref.WeakSet[Revision] = weakref.WeakSet()  # revisions whose outcome is decided
+        self._settle_lock = threading.Lock()
 
     def check(self, spec: CompositionSpec) -> None:
-        """Refuse, before building, sources that are missing, outside the pool's roots or over its size limit."""
-        for source in dict.fromkeys(spec.source_paths):
-            if not Path(source).exists():
-                raise CheckpointError(f"{source}: no such file or folder")
-            self.pool.check_allowed(Path(source))
+        """Refuse, before building, sources outside the pool's roots, over its size limit or missing;
+        the error names the spec's field. Blocking (it walks folders): call it off the event loop."""
+        self.policy.check(spec)  # first: the vLLM profile, upstream URL and key the serve config allows
+        checked = set()
+        for field, source in spec.source_fields.items():
+            if source in checked:
+                continue
+            checked.add(source)
+            try:
+                self.pool.check_allowed(Path(source))  # roots first: what lies outside is not even looked for
+                if not Path(source).exists():
+                    raise CheckpointError(f"{source}: no such file or folder")
+            except (CheckpointError, OSError) as e:  # OSError: a folder that cannot be listed
+                raise CheckpointError(f"{field}: {e}") from None
 
-    def submit(self, spec: CompositionSpec, number: int | None = None) -> tuple[Revision, Future]:
-        """Start building `spec` in the background; it replaces the live revision once ready."""
-        self.check(spec)
-        revision = self.registry.begin(spec.name, spec, number)
+    def submit(
+        self, spec: CompositionSpec, number: int | None = None, checked: bool = False, keep: bool = False,
+    ) -> tuple[Revision, Future]:
+        """Start building `spec` in the background; it replaces the live revision once ready.
+        `checked`: the caller has just run `check(spec)`; `keep`: see Revision.keep."""
+        if not checked:
+            self.check(spec)
+        revision = self.registry.begin(spec.name, spec, number, keep)
         try:
             self.save()  # a crash before the build ends rebuilds it on restart
         except OSError as e:  # not built: what serves now keeps serving, and the state file stays as it was
@@ -67,15 +103,30 @@ class Builder:
         """`_build` on a thread that ends with it. A thread keeps its OpenMP team while it lives,
         and while two live teams hold more threads than there are cores, libgomp puts every
         team's idle threads to sleep after each parallel region instead of spinning: the
-        executor's decode step ran at half speed beside an idle build thread (measured)."""
+        executor's decode step ran at half speed beside an idle build thread (measured).
+
+        A build still running after build_timeout_s fails and the next one starts; its thread,
+        which Python cannot stop, is left to end (a daemon), and what it builds then is freed."""
         def run() -> None:
             if self.executor.threads is not None:  # OpenMP's thread count is per thread
                 torch.set_num_threads(self.executor.threads)
             self._build(revision)
 
-        thread = threading.Thread(target=run, name=f"mergeserve-build-{revision.id}")
+        thread = threading.Thread(target=run, name=f"mergeserve-build-{revision.id}", daemon=True)
         thread.start()
-        thread.join()
+        thread.join(self.build_timeout_s)
+        if thread.is_alive() and self._settle(revision):
+            log.error("building %s took longer than build_timeout_s (%g s); abandoned", revision.id, self.build_timeout_s)
+            self.registry.fail(revision, f"TimeoutError: the build took longer than the serve config's build_timeout_s "
+                                         f"({self.build_timeout_s:g} s) and was abandoned")
+            self._save_logged()
+
+    def _settle(self, revision: Revision) -> bool:
+        """Whether the caller (the build's end, or its timeout) is the first to decide `revision`'s outcome."""
+        with self._settle_lock:
+            first = revision not in self._settled
+            self._settled.add(revision)
+            return first
 
     def build_now(self, spec: CompositionSpec, number: int | None = None) -> Revision:
         revision, future = self.submit(spec, number)
@@ -86,22 +137,31 @@ class Builder:
         """Start building the saved state if there is one, else `initial` and `aliases` (the
         config's); returns at once, each composition serving when its build is done.
 
-        A composition that does not build (a source was deleted, a file is corrupt) is
-        reported as failed; the others still serve.
+        A composition that does not build (a source is missing, a file is corrupt) is
+        reported as failed, stays in the state file and is tried again with backoff; the others
+        still serve.
         """
         saved = self.store.load() if self.store else None
-        if saved is None:
-            saved = SavedState(aliases=aliases or {})
-            for spec in initial:
-                self._restore_one(spec.name, spec)
-        else:
-            for name, entry in saved.compositions.items():
-                future = self._restore_one(name, entry)
-                if name in saved.pending and future is not None:  # its accepted replacement follows it
-                    future.add_done_callback(lambda _, n=name: self._restore_one(n, saved.pending[n]))
-            for name, entry in saved.pending.items():
-                if name not in saved.compositions:
-                    self._restore_one(name, entry)
+        self._restoring = True  # a snapshot taken before all is registered would drop the rest
+        try:
+            self._restore_all(saved or SavedState(aliases=aliases or {}), initial if saved is None else [])
+        finally:
+            self._restoring = False
+        self.save()
+
+    def _restore_all(self, saved: SavedState, initial: list[CompositionSpec]) -> None:
+        self.registry.reserve_numbers(saved.last_revisions)
+        for spec in initial:
+            self._restore_one(spec.name, spec)
+        for name, entry in saved.compositions.items():
+            future = self._restore_one(name, entry)
+            if name in saved.pending and future is not None:  # its accepted replacement follows it
+                future.add_done_callback(lambda _, n=name: self._restore_one(n, saved.pending[n]))
+            elif name in saved.pending:
+                self._restore_one(name, saved.pending[name])
+        for name, entry in saved.pending.items():
+            if name not in saved.compositions:
+                self._restore_one(name, entry)
         known = set(self.registry.all_names())
         for name, alias in saved.aliases.items():
             alias = alias.model_copy(update={"targets": {t: w for t, w in alias.targets.items() if t in known}})
@@ -109,16 +169,58 @@ class Builder:
                 self.registry.set_alias(name, alias)
             else:
                 log.error("alias %r not set: none of its targets could be built", name)
-        self.save()
 
     def _restore_one(self, name: str, entry: SavedComposition | CompositionSpec) -> Future | None:
+        if isinstance(entry, CompositionSpec):
+            return self._restore(entry)
         try:
-            if isinstance(entry, CompositionSpec):
-                return self.submit(entry)[1]
-            return self.submit(parse_composition(entry.spec, origin=f"saved composition {name!r}"), entry.revision)[1]
+            spec = parse_composition(entry.spec, origin=f"saved composition {name!r}")
         except Exception as e:  # noqa: BLE001 - one bad entry must not stop the others from serving
             log.error("composition %r not started: %s", name, e)
             return None
+        return self._restore(spec, entry.revision)
+
+    def _restore(self, spec: CompositionSpec, number: int | None = None, attempt: int = 0) -> Future | None:
+        """Build a restored composition. One that fails stays listed and saved, marked failed, and
+        is tried again: a source missing at start-up (a volume mounted late) must not delete it."""
+        try:
+            revision, future = self.submit(spec, number, keep=True)
+        except CheckpointError as e:  # a source missing (or disallowed): nothing was registered yet
+            try:
+                revision = self.registry.begin(spec.name, spec, number, keep=True)
+            except Exception as taken:  # noqa: BLE001 - the name became an alias or is being built
+                log.error("composition %r not started: %s; %s", spec.name, e, taken)
+                return None
+            self.registry.fail(revision, f"{type(e).__name__}: {e}")
+            self._save_logged()
+            self._retry_later(revision, attempt)
+            return None
+        except Exception as e:  # noqa: BLE001 - one bad entry must not stop the others from serving
+            log.error("composition %r not started: %s", spec.name, e)
+            return None
+        future.add_done_callback(lambda _: self._retry_later(revision, attempt))
+        return future
+
+    def _retry_later(self, revision: Revision, attempt: int) -> None:
+        if revision.state != "failed" or not self._still_failed(revision):
+            return
+        delay = self.retry.delay(attempt)
+        log.warning("%s did not build (%s); trying again in %.0f s", revision.id, revision.error, delay)
+        threading.Thread(target=self._retry, args=(revision, attempt + 1, delay),
+                         name=f"mergeserve-retry-{revision.id}", daemon=True).start()
+
+    def _retry(self, revision: Revision, attempt: int, delay: float) -> None:
+        # A new number: a timed-out build may still run, and frees its pool claims under the old one.
+        if not self._closed.wait(delay) and self._still_failed(revision):
+            self._restore(revision.spec, None, attempt)
+
+    def _still_failed(self, revision: Revision) -> bool:
+        """Whether `revision` still stands for its name: not deleted, replaced or built since."""
+        try:
+            live, latest = self.registry.revision(revision.name)
+        except ModelNotFound:
+            return False
+        return live is None and latest is revision and revision.state == "failed"
 
     def _build(self, revision: Revision) -> None:
         start = time.perf_counter()
@@ -126,8 +228,15 @@ class Builder:
             backend, memory = self._backend(revision)
         except Exception as e:  # noqa: BLE001 - any failure is the build's result, reported to the admin
             log.exception("building %s failed", revision.id)
-            self.registry.fail(revision, f"{type(e).__name__}: {e}")
-            self._save_logged()
+            if self._settle(revision):
+                self.registry.fail(revision, f"{type(e).__name__}: {e}")
+                self._save_logged()
+            else:
+                self.free(revision, None)  # failed after its timeout: drop what it claimed since
+            return
+        if not self._settle(revision):
+            log.warning("%s was built after its timeout; freed, not served", revision.id)
+            self.free(revision, backend)
             return
         seconds = time.perf_counter() - start
         self.registry.install(revision, backend, seconds, memory)
@@ -147,7 +256,7 @@ class Builder:
         if spec.backend == "openai":
             from mergeserve.server.backends.proxy import ProxyBackend
 
-            return ProxyBackend.connect(spec), None
+            return ProxyBackend.connect(spec, self.policy.upstream_key(spec)), None
         if spec.backend == "vllm":
             from mergeserve.server.backends import vllm
 
@@ -156,7 +265,7 @@ class Builder:
                     return merge.build(spec, self.pool)
 
             try:
-                return vllm.start(spec, composed, self.export_dir), None
+                return vllm.start(spec, composed, self.export_dir, self.policy.profile(spec), self.policy.gateway_keys), None
             finally:
                 self.pool.release(revision.id)  # vLLM holds the weights, not this process
                 release_free_heap()
@@ -192,18 +301,24 @@ class Builder:
         for name, live, latest in self.registry.entries():
             if live is not None and live.spec is not None:
                 state.compositions[name] = SavedComposition(revision=live.number, spec=dump_spec(live.spec))
+            elif latest is not None and latest.keep and latest.state == "failed" and latest.spec is not None:
+                state.compositions[name] = SavedComposition(
+                    revision=latest.number, spec=dump_spec(latest.spec), error=latest.error,
+                )
             if latest is not None and latest.state == "building" and latest.spec is not None:
                 state.pending[name] = SavedComposition(revision=latest.number, spec=dump_spec(latest.spec))
+        state.last_revisions = self.registry.last_numbers()
         return state
 
     def save(self) -> None:
-        if self.store is None:
+        if self.store is None or self._restoring:
             return
         with self._save_lock:  # snapshot and write together, so an older snapshot never lands last
             self.store.save(self.snapshot())
 
     def shutdown(self) -> None:
         """Stop building, and stop what serves elsewhere (vLLM children get SIGTERM, then SIGKILL)."""
+        self._closed.set()
         self._queue.shutdown(wait=False, cancel_futures=True)
         for revision in self.registry.revisions():
             if revision.backend is not None:

@@ -11,6 +11,10 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 REF = "#/components/schemas/{model}"
+# An error answers a request of up to 16 MB: it says what is wrong, it does not echo the request.
+MAX_ERROR_CHARS = 2048  # of one error message (inputs quoted in it are clipped before)
+MAX_PROBLEMS = 5  # a validation error lists the first few problems and counts the rest
+MAX_PROBLEM_CHARS = 300  # of one listed problem (its location can hold a client's dict key)
 DESCRIPTIONS = {
     400: "Invalid request: the body is not JSON, a field has the wrong type or range, or a value is not supported",
     401: "Missing or invalid API key",
@@ -79,7 +83,16 @@ def error_response(
     status: int, message: str, *, type: str = "invalid_request_error",
     param: str | None = None, code: str | None = None,
 ) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status)
+    error = {"message": clip(message, MAX_ERROR_CHARS), "type": type, "param": param and clip(param, 80), "code": code}
+    return JSONResponse({"error": error}, status_code=status)
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """`text` cut to at most `limit` characters, saying how many it left out."""
+    if len(text) <= limit:
+        return text
+    note = f"... ({len(text) - limit} more characters)"
+    return text[: max(limit - len(note), 0)] + note
 
 
 def _where(loc: tuple) -> str:
@@ -98,11 +111,15 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return error_response(400, "the request body is not valid JSON", code="invalid_json")
-    messages = [f"{_where(tuple(e['loc'])) or 'request body'}: {e['msg']}" for e in errors]
+    problems = [
+        clip(f"{_where(tuple(e['loc'])) or 'request body'}: {e['msg']}", MAX_PROBLEM_CHARS) for e in errors[:MAX_PROBLEMS]
+    ]
+    if len(errors) > MAX_PROBLEMS:
+        problems.append(f"and {len(errors) - MAX_PROBLEMS} more problems")
     first = tuple(errors[0]["loc"]) if errors else ()
     # The top-level field is the param: pydantic's union branches make deeper paths noisy.
     param = str(first[1]) if len(first) > 1 and first[0] == "body" else None
-    return error_response(400, "; ".join(messages), param=param)
+    return error_response(400, "; ".join(problems), param=param)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:

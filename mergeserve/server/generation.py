@@ -17,7 +17,7 @@ from starlette.requests import Request
 
 from mergeserve.engine.executor import EngineError
 from mergeserve.engine.sequence import RequestOutput, SamplingParams, TokenLogprob
-from mergeserve.server.errors import APIError
+from mergeserve.server.errors import APIError, clip
 from mergeserve.server.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -114,7 +114,8 @@ async def _engine_errors(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[
             async for out in stream:
                 yield out
         except EngineError as e:
-            raise APIError(500, f"the engine failed while running this request: {e}", type="server_error",
+            # clip: a stream sends this in-band, past error_response's bound
+            raise APIError(500, f"the engine failed while running this request: {clip(str(e))}", type="server_error",
                            code="engine_error") from e
 
 

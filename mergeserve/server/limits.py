@@ -11,19 +11,32 @@ if TYPE_CHECKING:
     from mergeserve.engine.engine import Engine
 
 
-def admit(registry: Registry, model: str, sticky_key: str | None = None) -> Lease:
-    """A lease on the composition serving `model` (an alias picks one), if it has room in its queue."""
-    lease = registry.acquire(model, sticky_key)
+def admit(
+    registry: Registry, model: str, sticky_key: str | None = None, sequences: int = 1, param: str = "n",
+) -> Lease:
+    """A lease on the composition serving `model` (an alias picks one) for a request of `sequences`
+    engine sequences (prompts x n), if its queue has room for all of them. Each sequence waits in
+    the queue before it runs, so a request is admitted whole or not at all: one that no queue
+    could hold is a 400 naming `param`, one that does not fit now a 429."""
+    lease = registry.acquire(model, sticky_key, sequences)
     backend = lease.backend
     if backend.max_waiting is None:  # the upstream queues and refuses on its own
         return lease
-    # Leases count requests admitted but not yet in the engine's queue, so concurrent
+    if sequences > backend.max_waiting:
+        lease.release()
+        raise bad_request(
+            f"this request runs {sequences} sequences (prompts x n); the model {backend.name!r} queues at most "
+            f"{backend.max_waiting}", param=param, code="too_many_sequences",
+        )
+    # Leases count sequences admitted but not yet in the engine's queue, so concurrent
     # admissions see each other (the engine only learns of a request a little later).
-    waiting = max(backend.num_waiting, lease.revision.in_flight - 1 - backend.num_running)
-    if waiting >= backend.max_waiting:
+    others = lease.revision.in_flight_sequences - sequences
+    waiting = max(backend.num_waiting, others - backend.num_running)
+    if waiting + sequences > backend.max_waiting:
         lease.release()
         raise APIError(
-            429, f"the model {backend.name!r} has {waiting} requests waiting (the limit); retry shortly",
+            429, f"the model {backend.name!r} has {waiting} sequences waiting; this request's {sequences} would "
+            f"pass the limit of {backend.max_waiting}; retry shortly",
             type="rate_limit_error", code="queue_full", headers={"Retry-After": RETRY_AFTER_S},
         )
     return lease

@@ -1,7 +1,14 @@
-"""Prometheus metrics, named like vLLM's with a `mergeserve:` prefix; one CollectorRegistry per app."""
+"""Prometheus metrics, named like vLLM's with a `mergeserve:` prefix; one CollectorRegistry per app.
+
+A scrape costs O(series): nothing in it walks memory (the KV cache's residency is measured on a
+thread of its own), label values an upstream chooses fall into closed sets, and the series of a
+composition or alias leave once it is deleted (and drained).
+"""
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing
@@ -13,22 +20,93 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mergeserve.engine.sequence import RequestOutput
+from mergeserve.server import errors
 
 if TYPE_CHECKING:
     from mergeserve.server.backends import Backend
     from mergeserve.server.registry import Revision
 
+log = logging.getLogger(__name__)
+# OpenAI's finish reasons; an upstream's own ones count as "other".
+FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
+# Codes of the errors this server (or OpenAI) gives a chosen composition's requests, and the
+# statuses that stand in for a missing code; an upstream's other codes count as "other".
+ERROR_CODES = frozenset({
+    "server_error", "engine_error", "client_closed_request", "context_length_exceeded", "queue_full", "not_ready",
+    "model_not_found", "upstream_unavailable", "chat_template_error", "invalid_api_key", "rate_limit_exceeded",
+    "insufficient_quota", *map(str, errors.DESCRIPTIONS), "502", "504",
+})
+RESIDENCY_PERIOD_S = 10.0  # the KV cache's resident bytes are measured at most this often
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class _KVResidency:
+    """Each revision's KV-cache resident bytes, as last measured. The measure (mincore(2) over
+    the whole cache, page by page) is too slow for the event loop a scrape runs on: a scrape reads
+    the last figures and, once they are `period_s` old, starts a new measure on a thread."""
+
+    def __init__(self, revisions: Callable[[], Iterable[Revision]], period_s: float) -> None:
+        self._revisions, self.period_s = revisions, period_s
+        self._bytes: dict[str, int] = {}  # revision id -> bytes
+        self._measured_at = -period_s
+        self._measuring = False
+        self._lock = threading.Lock()
+
+    def __getitem__(self, revision: Revision) -> int:
+        """Its last measured figure (0 before the first measure)."""
+        return self._bytes.get(revision.id, 0)
+
+    def refresh_if_stale(self) -> None:
+        with self._lock:
+            if self._measuring or time.monotonic() - self._measured_at < self.period_s:
+                return
+            self._measuring = True
+        threading.Thread(target=self._measure, name="mergeserve-kv-residency", daemon=True).start()
+
+    def _measure(self) -> None:
+        measured: dict[str, int] = {}
+        try:
+            measured = {r.id: r.kv_cache_bytes() or 0 for r in self._revisions() if not r.retired}
+        except Exception:  # the figure is only for show: log it, never stop measuring
+            log.exception("measuring the KV caches' resident bytes failed")
+        finally:
+            with self._lock:
+                self._bytes, self._measured_at, self._measuring = measured, time.monotonic(), False
+
+
+class _ClosedLabel:
+    """A counter whose last label takes values from a closed set, any other counting as "other":
+    upstream servers choose those values, and each new one would be a series for good."""
+
+    def __init__(self, counter: Counter, allowed: frozenset[str]) -> None:
+        self.counter, self.allowed = counter, allowed
+
+    def labels(self, *values: str) -> Counter:
+        *first, last = values
+        return self.counter.labels(*first, last if last in self.allowed else "other")
+
+
+class _Pruner(Collector):
+    """Collects nothing; registered first, it drops the series of names that are gone before the
+    others are collected."""
+
+    def __init__(self, prune: Callable[[], None]) -> None:
+        self._prune = prune
+
+    def collect(self) -> Iterable[Metric]:
+        self._prune()
+        return []
 
 
 class _CompositionCollector(Collector):
     """Each revision's state and memory, read at scrape time."""
 
-    def __init__(self, revisions: Callable[[], Iterable[Revision]]) -> None:
-        self._revisions = revisions
+    def __init__(self, revisions: Callable[[], Iterable[Revision]], residency: _KVResidency) -> None:
+        self._revisions, self._residency = revisions, residency
 
     def collect(self) -> Iterable[Metric]:
+        self._residency.refresh_if_stale()
         info = GaugeMetricFamily(
             "mergeserve:composition_info", "Revisions held: 1 per (composition, revision, state); "
             "state is building, ready, failed or draining.", labels=["model", "revision", "state"],
@@ -42,7 +120,7 @@ class _CompositionCollector(Collector):
             state = "draining" if r.retired and r.backend is not None else r.state
             info.add_metric([r.name, str(r.number), state], 1)
             if r.memory_bytes is not None and not r.retired:
-                memory.add_metric([r.name], r.current_memory_bytes())
+                memory.add_metric([r.name], r.memory_bytes + self._residency[r])
         return [info, memory]
 
 
@@ -76,8 +154,7 @@ class _BackendCollector(Collector):
         for backend in self._backends():
             running.add_metric([backend.name], backend.num_running)
             waiting.add_metric([backend.name], backend.num_waiting)
-            # A route composition has an engine per member model; a remote backend has none here.
-            for engine in getattr(backend, "engines", None) or ([backend.engine] if backend.engine else []):
+            for engine in _engines(backend):
                 failures.add_metric([engine.name], engine.failed_steps)
                 if engine.expert_requests is not None:
                     for expert, count in zip(engine.expert_names, engine.expert_requests.tolist()):
@@ -98,17 +175,22 @@ class Metrics:
 
     def __init__(
         self, backends: Callable[[], Iterable[Backend]], revisions: Callable[[], Iterable[Revision]] = lambda: (),
+        aliases: Callable[[], Iterable[str]] = lambda: (), residency_period_s: float = RESIDENCY_PERIOD_S,
     ) -> None:
+        """`revisions` and `aliases`: what exists now; the series of any other composition or alias are dropped."""
         self.registry = CollectorRegistry()
         r = self.registry
+        self._revisions, self._aliases = revisions, aliases
+        r.register(_Pruner(self._prune))  # first: a registry collects in the order of registration
         self.http_requests = Counter(
             "mergeserve:http_requests", "HTTP requests by route, status and composition (\"\" before one is chosen).",
             ["route", "status", "model"], registry=r,
         )
-        self.request_errors = Counter(
-            "mergeserve:request_errors", "Requests that failed after a composition was chosen, by error code.",
+        self.request_errors = _ClosedLabel(Counter(
+            "mergeserve:request_errors", "Requests that failed after a composition was chosen, by error code "
+            "(an upstream's codes that this server does not know: \"other\").",
             ["model", "code"], registry=r,
-        )
+        ), ERROR_CODES)
         self.feedback = Summary(
             "mergeserve:feedback_score", "Scores in [-1, 1] posted to /v1/feedback for the composition's responses.",
             ["model"], registry=r,
@@ -132,11 +214,26 @@ class Metrics:
         )
         self.prompt_tokens = Counter("mergeserve:prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
         self.generation_tokens = Counter("mergeserve:generation_tokens", "Tokens generated.", ["model"], registry=r)
-        self.request_success = Counter(
-            "mergeserve:request_success", "Requests finished, by reason.", ["model", "finished_reason"], registry=r,
-        )
+        self.request_success = _ClosedLabel(Counter(
+            "mergeserve:request_success", "Requests finished, by reason (one OpenAI does not define: \"other\").",
+            ["model", "finished_reason"], registry=r,
+        ), FINISH_REASONS)
         r.register(_BackendCollector(backends))
-        r.register(_CompositionCollector(revisions))
+        r.register(_CompositionCollector(revisions, _KVResidency(revisions, residency_period_s)))
+
+    def _prune(self) -> None:
+        """Drop the series of compositions that are gone (deleted, and drained) and of deleted aliases."""
+        models = {""}  # http_requests before a composition is chosen
+        for revision in self._revisions():
+            models |= {revision.name, *(e.name for e in _engines(revision.backend))}  # route members: own names
+        aliases = set(self._aliases())
+        for metric in (self.http_requests, self.request_errors.counter, self.feedback, self.alias_requests,
+                       self.member_requests, self.ttft, self.e2e, self.prompt_tokens, self.generation_tokens,
+                       self.request_success.counter):
+            for gone in _label_values(metric, "model") - models:
+                metric.remove_by_labels({"model": gone})
+        for gone in _label_values(self.alias_requests, "alias") - aliases:
+            self.alias_requests.remove_by_labels({"alias": gone})
 
     async def observe(
         self, model: str, stream: AsyncIterator[RequestOutput], also: tuple[str, ...] = (),
@@ -161,6 +258,17 @@ class Metrics:
                     if out.finish_reason != "abort":
                         self.request_success.labels(model, out.finish_reason).inc()
                 yield out
+
+
+def _engines(backend: Backend | None) -> list:
+    """The in-process engines of a backend: a route composition has one per member model; a remote backend none."""
+    if backend is None:
+        return []
+    return getattr(backend, "engines", None) or ([backend.engine] if backend.engine else [])
+
+
+def _label_values(metric: Counter | Histogram | Summary, label: str) -> set[str]:
+    return {sample.labels[label] for family in metric.collect() for sample in family.samples}
 
 
 class HTTPMetricsMiddleware:

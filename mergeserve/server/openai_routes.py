@@ -13,7 +13,6 @@ from pydantic import BaseModel
 
 from mergeserve.server import errors, limits
 from mergeserve.server.backends import Call
-from mergeserve.server.errors import APIError
 from mergeserve.server.metrics import Metrics
 from mergeserve.server.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, FeedbackRequest,
@@ -38,7 +37,7 @@ class OpenAIRoutes:
             "/chat/completions", self.chat_completions, methods=["POST"], response_model=None,
             responses={200: _json_or_stream(ChatCompletionResponse), **errors.responses(404, 422, 429, 503)},
         )
-        self.router.add_api_route("/feedback", self.feedback, methods=["POST"], responses=errors.responses(404))
+        self.router.add_api_route("/feedback", self.feedback, methods=["POST"], responses=errors.responses(404, 409))
 
     async def models(self) -> ModelList:
         cards = [ModelCard(id=name, created=self.created) for name in self.registry.names()]
@@ -46,10 +45,8 @@ class OpenAIRoutes:
         return ModelList(data=cards)
 
     async def feedback(self, body: FeedbackRequest, request: Request) -> FeedbackResponse:
-        served = self.registry.served(body.id)
-        if served is None:
-            raise APIError(404, f"no recent response has the id {body.id!r}", param="id", code="response_not_found")
-        name, revision, _ = served
+        """One score per response: 404 for an id not (or no longer) remembered, 409 for a second score."""
+        name, revision, _ = self.registry.score(body.id)
         request.state.model = name
         self.metrics.feedback.labels(name).observe(body.score)
         return FeedbackResponse(id=body.id, model=name, revision=revision)
@@ -69,7 +66,9 @@ class OpenAIRoutes:
 
     def _admit(self, body: CompletionRequest | ChatCompletionRequest, request: Request) -> Lease:
         # Sticky A/B assignment: a session header wins over the OpenAI `user` field.
-        lease = limits.admit(self.registry, body.model, request.headers.get("x-session-id") or body.user)
+        sticky = request.headers.get("x-session-id") or body.user
+        param = "n" if (body.n or 1) > 1 else "prompt"  # what makes the request too big for any queue
+        lease = limits.admit(self.registry, body.model, sticky, body.num_sequences, param)
         request.state.model = lease.name
         if lease.alias is not None:
             self.metrics.alias_requests.labels(lease.alias, lease.name).inc()

@@ -8,18 +8,36 @@ Parameters we declare but cannot honour are rejected with 400 rather than ignore
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal, get_args
+from collections import Counter
+from typing import TYPE_CHECKING, Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from mergeserve.engine.sequence import SamplingParams
-from mergeserve.server.errors import bad_request
+from mergeserve.server.errors import bad_request, clip
 
 if TYPE_CHECKING:
     from mergeserve.engine.engine import Engine
 
+# Bounds on what one request may ask for. Every list is bounded (and checked in linear time), so
+# validating a request costs at most a few milliseconds and what it asks of the executor thread
+# is known up front; a request past a bound is a 400 naming the field.
 MAX_N = 8
+MAX_PROMPTS = 256  # prompts of one completion request; prompts x n must also fit the queue (max_waiting)
+MAX_PROMPT_TOKEN_IDS = 1 << 17  # token ids of one prompt (a 128K context); max_model_len bounds them further
+MAX_STOP = 16  # stop strings: every one is searched for at every generated token (OpenAI takes 4)
+MAX_STOP_CHARS = 1024  # characters of one stop string
+MAX_MESSAGES = 2048  # messages of one chat
+MAX_CONTENT_PARTS = 256  # content parts of one message
+MAX_TOOLS = 128  # OpenAI's limit (tools are refused here anyway)
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias (refused here anyway)
+MAX_EXPERTS = 256  # names in experts and expert_bias: a composition has at most 256 experts (spec.py)
 MAX_EXPERT_BIAS = 100.0  # like OpenAI's logit_bias range
+INT32_MAX = 2**31 - 1  # bound of counts (max_tokens, top_k): past it no engine could honour them anyway
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # OpenAI's range for seed
+MAX_LISTED = 10  # names an error message lists before it says how many more there are
+
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 
 class StreamOptions(BaseModel):
@@ -41,20 +59,30 @@ class _SamplingRequest(BaseModel):
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)  # vLLM extension; -1 and 0 mean off
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)  # vLLM extension; -1 and 0 mean off
+    # The schema's float bounds round 2**63 - 1 up; the description has them exactly.
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX, description=f"An int64: {INT64_MIN} to {INT64_MAX}")
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = Field(
+        None, description=f"Up to {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters",
+    )
     n: int | None = Field(None, ge=1, le=MAX_N)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS, description=f"At most {MAX_LOGIT_BIAS} entries (not supported: only {{}})",
+    )
     ignore_eos: bool = False  # vLLM extension: generate max_tokens even past end-of-sequence
     # mergeserve extensions, MoE compositions only: route to these experts only; add to their router logits.
-    experts: list[str] | None = None
-    expert_bias: dict[str, float] | None = None
+    experts: list[str] | None = Field(
+        None, max_length=MAX_EXPERTS, description=f"Route to these experts only (MoE compositions); at most {MAX_EXPERTS}",
+    )
+    expert_bias: dict[str, float] | None = Field(
+        None, max_length=MAX_EXPERTS,
+        description=f"Added to these experts' router logits, each in [-{MAX_EXPERT_BIAS:g}, {MAX_EXPERT_BIAS:g}]; at most {MAX_EXPERTS}",
+    )
 
     def check_supported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -66,6 +94,15 @@ class _SamplingRequest(BaseModel):
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
         if any(s == "" for s in self.stops):
             raise bad_request("stop strings must not be empty", param="stop")
+
+    @property
+    def num_sequences(self) -> int:
+        """Engine sequences the request runs: what admission and the queue limit count."""
+        return self.num_prompts * (self.n or 1)
+
+    @property
+    def num_prompts(self) -> int:
+        return 1
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -95,9 +132,9 @@ class _SamplingRequest(BaseModel):
         if not self.experts:
             raise bad_request("experts must name at least one expert", param="experts")
         _check_known(self.experts, expert_names, "experts")
-        repeated = sorted({n for n in self.experts if self.experts.count(n) > 1})
+        repeated = sorted(n for n, count in Counter(self.experts).items() if count > 1)
         if repeated:
-            raise bad_request(f"experts must not repeat a name: {repeated}", param="experts")
+            raise bad_request(f"experts must not repeat a name: {_listed(repeated)}", param="experts")
         return set(self.experts)
 
     def _checked_bias(self, expert_names: list[str], allowed: set[str]) -> dict[str, float]:
@@ -106,11 +143,11 @@ class _SamplingRequest(BaseModel):
         for name, value in bias.items():
             if not (math.isfinite(value) and abs(value) <= MAX_EXPERT_BIAS):
                 raise bad_request(
-                    f"expert_bias[{name!r}] must be a finite number in [-{MAX_EXPERT_BIAS:g}, {MAX_EXPERT_BIAS:g}], got {value}",
+                    f"expert_bias[{clip(repr(name))}] must be a finite number in [-{MAX_EXPERT_BIAS:g}, {MAX_EXPERT_BIAS:g}], got {value}",
                     param="expert_bias",
                 )
             if name not in allowed:
-                raise bad_request(f"expert_bias names {name!r}, which experts leaves out", param="expert_bias")
+                raise bad_request(f"expert_bias names {clip(repr(name))}, which experts leaves out", param="expert_bias")
         return bias
 
     def sampling_params(
@@ -136,17 +173,49 @@ def expert_names_of(engine: Engine) -> list[str] | None:
 
 
 def _check_known(names: list[str], expert_names: list[str], param: str) -> None:
-    unknown = [n for n in names if n not in expert_names]
+    known = set(expert_names)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise bad_request(f"{param}: no expert named {unknown}; this model's experts are {expert_names}", param=param)
+        raise bad_request(
+            f"{param}: no expert named {_listed(unknown)}; this model's experts are {_listed(expert_names)}", param=param,
+        )
+
+
+def _listed(names: list[str]) -> str:
+    """`names` as a list for an error message: the first MAX_LISTED, each clipped, then how many more."""
+    shown = "[" + ", ".join(clip(repr(n), 80) for n in names[:MAX_LISTED]) + "]"
+    return shown if len(names) <= MAX_LISTED else f"{shown} and {len(names) - MAX_LISTED} more"
+
+
+TokenIds = Annotated[list[int], Field(max_length=MAX_PROMPT_TOKEN_IDS)]
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(None, ge=1)
+    prompt: str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | TokenIds | Annotated[
+        list[TokenIds], Field(max_length=MAX_PROMPTS)
+    ] = Field(description=(
+        f"Text, token ids, or a list of up to {MAX_PROMPTS} of either (each prompt at most "
+        f"{MAX_PROMPT_TOKEN_IDS} token ids); prompts x n must fit the model's queue"
+    ))
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool | None = False
     suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _long_lists_are_token_ids(cls, value: object) -> object:
+        # Each list type of the union is tried in turn: a long list of the wrong items would cost
+        # an error per item in every branch.
+        if isinstance(value, list) and len(value) > MAX_PROMPTS and not all(type(t) is int for t in value):
+            raise ValueError(f"a list of more than {MAX_PROMPTS} entries must be token ids (at most {MAX_PROMPTS} prompts)")
+        return value
+
+    @property
+    def num_prompts(self) -> int:
+        if isinstance(self.prompt, str) or not self.prompt or isinstance(self.prompt[0], int):
+            return 1
+        return len(self.prompt)
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -165,7 +234,9 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)] | None = Field(
+        None, description=f"Text, or up to {MAX_CONTENT_PARTS} text parts",
+    )
     name: str | None = None
 
 
@@ -176,13 +247,13 @@ class ResponseFormat(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES, description=f"1 to {MAX_MESSAGES} messages")
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[dict] | None = None
+    tools: list[dict] | None = Field(None, max_length=MAX_TOOLS, description=f"At most {MAX_TOOLS} (not supported: only [])")
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -190,7 +261,8 @@ class ChatCompletionRequest(_SamplingRequest):
             raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
         if self.response_format is not None and self.response_format.type != "text":
             raise bad_request(
-                f"response_format {self.response_format.type!r} is not supported; only 'text'", param="response_format",
+                f"response_format {clip(repr(self.response_format.type), 80)} is not supported; only 'text'",
+                param="response_format",
             )
         if self.tools:
             raise bad_request("tools are not supported", param="tools")

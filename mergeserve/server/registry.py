@@ -3,7 +3,8 @@
 A request leases the live revision of a composition for as long as it runs. Replacing a
 composition installs the new revision for every later lease; the old one is retired and
 freed (the `on_free` callback) when its last lease ends, so requests in flight finish
-where they started.
+where they started. A name's revision numbers never repeat, across deletes too: a revision's
+id (`name@number`) is what it claims pool checkpoints under.
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ class Revision:
     memory_bytes: int | None = None
     created: float = field(default_factory=time.time)
     in_flight: int = 0  # open leases
+    in_flight_sequences: int = 0  # engine sequences (prompts x n) of the open leases: what admission counts
     retired: bool = False
+    # Restored from the state file (or the config): a failed build keeps its name, to be retried.
+    keep: bool = False
 
     @property
     def id(self) -> str:
@@ -81,6 +85,7 @@ class Lease:
     _release: Callable[[Lease], None]
     _released: bool = False
     member: str | None = None  # method=route: the member model that serves the request, once routed
+    sequences: int = 1  # engine sequences the request runs (prompts x n), in revision.in_flight_sequences
 
     @property
     def backend(self) -> Backend:
@@ -117,6 +122,8 @@ class Registry:
         self._draining: set[Revision] = set()  # retired, still finishing requests
         self._aliases: dict[str, Alias] = {}
         self._responses: OrderedDict[str, tuple[str, int, str | None]] = OrderedDict()
+        self._scored: set[str] = set()  # response ids that got their one feedback score
+        self._last_number: dict[str, int] = {}  # per name, deleted names included
         # Called with a revision that is retired and drained (or failed): its owner frees what it held.
         self.on_free = on_free or (lambda revision, backend: None)
         self._lock = threading.Lock()  # request handlers, the build thread and admin routes all come here
@@ -133,18 +140,31 @@ class Registry:
         self.install(revision, backend, 0.0, None)
         return revision
 
-    def begin(self, name: str, spec: CompositionSpec | None, number: int | None = None) -> Revision:
-        """Register a build of `name` (new or a replacement); it serves once `install`ed."""
+    def begin(self, name: str, spec: CompositionSpec | None, number: int | None = None, keep: bool = False) -> Revision:
+        """Register a build of `name` (new or a replacement); it serves once `install`ed. `number`:
+        a restored revision's own; `keep`: see Revision.keep."""
         with self._lock:
             if name in self._aliases:
                 raise APIError(409, f"{name!r} is an alias; delete the alias first", code="name_taken")
             entry = self._entries.setdefault(name, _Entry())
             if entry.latest is not None and entry.latest.state == "building":
                 raise APIError(409, f"{name!r} is already being built; retry when it is done", code="build_in_progress")
-            failed = self._failed_new.pop(name, None)
-            last = max(entry.latest.number if entry.latest else 0, failed.number if failed else 0)
-            entry.latest = Revision(name, number if number is not None else last + 1, spec)
+            self._failed_new.pop(name, None)
+            number = self._last_number.get(name, 0) + 1 if number is None else number
+            self._last_number[name] = max(number, self._last_number.get(name, 0))
+            entry.latest = Revision(name, number, spec, keep=keep)
             return entry.latest
+
+    def last_numbers(self) -> dict[str, int]:
+        """The last revision number given to each name, deleted names included (for the state file)."""
+        with self._lock:
+            return dict(self._last_number)
+
+    def reserve_numbers(self, last: dict[str, int]) -> None:
+        """Numbers given out before a restart: later revisions of these names count on from them."""
+        with self._lock:
+            for name, number in last.items():
+                self._last_number[name] = max(number, self._last_number.get(name, 0))
 
     def install(self, revision: Revision, backend: Backend, seconds: float, memory_bytes: int | None) -> None:
         """Make a built revision live; the one it replaces drains and is freed."""
@@ -165,7 +185,7 @@ class Registry:
         with self._lock:
             revision.state, revision.error = "failed", error
             entry = self._entries.get(revision.name)
-            if entry is not None and entry.live is None and entry.latest is revision:
+            if entry is not None and entry.live is None and entry.latest is revision and not revision.keep:
                 del self._entries[revision.name]  # a new name that never served is forgotten
                 self._failed_new[revision.name] = revision
         self.on_free(revision, None)
@@ -254,8 +274,9 @@ class Registry:
             return dict(self._aliases)
 
     # --- requests --------------------------------------------------------------------------
-    def acquire(self, model: str, sticky_key: str | None = None) -> Lease:
-        """Lease the live revision `model` names (a composition, or an alias resolved to one target)."""
+    def acquire(self, model: str, sticky_key: str | None = None, sequences: int = 1) -> Lease:
+        """Lease the live revision `model` names (a composition, or an alias resolved to one target)
+        for a request of `sequences` engine sequences."""
         with self._lock:
             alias = self._aliases.get(model)
             if alias is not None:
@@ -270,21 +291,32 @@ class Registry:
                 if not any(e.live for e in self._entries.values()):
                     raise not_ready("no model is loaded yet; retry shortly")
                 if target in self._entries:
-                    raise not_ready(f"the model {target!r} is still being built; retry shortly")
+                    failed = self._entries[target].latest.state == "failed"  # kept: it is retried
+                    doing = "not built yet (its last build failed and is retried)" if failed else "still being built"
+                    raise not_ready(f"the model {target!r} is {doing}; retry shortly")
                 raise ModelNotFound(model, sorted([*self._entries, *self._aliases]))
             revision.in_flight += 1
-            return Lease(revision, model if alias is not None else None, self._release)
+            revision.in_flight_sequences += sequences
+            return Lease(revision, model if alias is not None else None, self._release, sequences=sequences)
 
     def remember(self, response_id: str, lease: Lease) -> None:
         with self._lock:
             self._responses[response_id] = (lease.revision.name, lease.revision.number, lease.alias)
             while len(self._responses) > MAX_REMEMBERED_RESPONSES:
-                self._responses.popitem(last=False)
+                self._scored.discard(self._responses.popitem(last=False)[0])
 
-    def served(self, response_id: str) -> tuple[str, int, str | None] | None:
-        """(composition, revision, alias) of a recent response."""
+    def score(self, response_id: str) -> tuple[str, int, str | None]:
+        """(composition, revision, alias) of a recent response, for its one feedback score: a
+        second would weigh that response twice in an A/B comparison."""
         with self._lock:
-            return self._responses.get(response_id)
+            served = self._responses.get(response_id)
+            if served is None:
+                raise APIError(404, f"no recent response has the id {response_id!r}", param="id", code="response_not_found")
+            if response_id in self._scored:
+                raise APIError(409, f"the response {response_id!r} already has a score; a response takes one",
+                               param="id", code="already_scored")
+            self._scored.add(response_id)
+            return served
 
     def _live(self, name: str) -> Revision | None:
         entry = self._entries.get(name)
@@ -293,6 +325,7 @@ class Registry:
     def _release(self, lease: Lease) -> None:
         with self._lock:
             lease.revision.in_flight -= 1
+            lease.revision.in_flight_sequences -= lease.sequences
         self._free_if_drained(lease.revision)
 
     def _free_if_drained(self, revision: Revision | None) -> None:

@@ -25,6 +25,7 @@ from mergeserve.kernels.capability import resolve_dtype, usable_cpus
 from mergeserve.server.admin_routes import AdminLimits
 from mergeserve.server.app import create_app
 from mergeserve.server.auth import Auth
+from mergeserve.server.backends.policy import BackendPolicy
 from mergeserve.server.builder import Builder
 from mergeserve.server.registry import Registry
 from mergeserve.server.state import StateStore
@@ -46,9 +47,11 @@ def start(config: ServeConfig) -> tuple[Registry, Builder, Executor]:
     pool = ExpertPool(config.source_roots or None, config.max_source_file_bytes, config.lora, resolve_dtype(config.dtype))
     store = StateStore(config.state_dir) if config.state_dir else None
     exports = config.export_dir or (str(Path(config.state_dir) / "exports") if config.state_dir else None)
-    builder = Builder(registry, pool, executor, config.engine, store, Path(exports) if exports else None)
+    policy = BackendPolicy.from_config(config, Auth.from_config(config))
+    builder = Builder(registry, pool, executor, config.engine, store, Path(exports) if exports else None,
+                      policy, config.build_timeout_s)
     for spec in config.compositions:
-        builder.check(spec)  # a missing or disallowed source stops the start, before anything listens
+        builder.check(spec)  # a missing or disallowed source, upstream or profile stops the start, before anything listens
     builder.restore(config.compositions, config.aliases)
     return registry, builder, executor
 

@@ -24,6 +24,8 @@ class SavedComposition(BaseModel):
 
     revision: int = Field(ge=0)
     spec: dict  # CompositionSpec as JSON, sources absolute
+    # Why its last build failed; it is kept and retried, so a source missing at start-up loses nothing.
+    error: str | None = None
 
 
 class SavedState(BaseModel):
@@ -34,6 +36,9 @@ class SavedState(BaseModel):
     # Accepted by PUT but not built when the state was written: rebuilt as replacements on restart.
     pending: dict[str, SavedComposition] = {}
     aliases: dict[str, Alias] = {}
+    # The last revision number each name was given, deleted names included: numbers never repeat,
+    # so a new `c@1` cannot meet a draining `c@1` (they would share pool claims).
+    last_revisions: dict[str, int] = {}
 
 
 def dump_spec(spec: CompositionSpec) -> dict:

@@ -3,9 +3,11 @@
 Replicas behind one Service agree by all following the same file (a mounted ConfigMap,
 which the kubelet swaps in place): a composition whose spec changed is rebuilt and
 hot-swapped, one no longer listed is drained and removed, aliases are set or removed to
-match. Compositions added through the admin API are left alone. A file that does not
-parse is logged and ignored; whatever serves keeps serving. A change that cannot be
-applied yet (its composition is still building) is retried at the next poll.
+match. Compositions added through the admin API are left alone. A file is applied once it
+has stopped changing (the same on two polls in a row), so one caught half-written is not;
+one that does not parse, or any other error, is logged and the last good config stays in
+force. A change that cannot be applied yet (its composition is still building) is retried
+at the next poll.
 
 Not covered: a composition removed from the file while a replica with a state dir was down
 comes back with that replica's saved state (nothing records which saved compositions the
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -32,22 +35,41 @@ RESTART_FIELDS = ("host", "port", "engine", "api_keys", "admin_key", "source_roo
 
 class ConfigWatcher:
     def __init__(self, path: Path, builder: Builder, poll_s: float = POLL_S) -> None:
-        """The first poll applies the file as it is: a server that restored its state dir comes
-        back to what the file says now (an edit made while it was down)."""
+        """The first poll that finds the file as the one before applies it: a server that restored
+        its state dir comes back to what the file says now (an edit made while it was down)."""
         self.path, self.builder, self.poll_s = path, builder, poll_s
         self.current = load_serve_config(path)  # as the file says, without command-line overrides
-        self._digest: bytes | None = None
-        self._thread = threading.Thread(target=self._run, name="mergeserve-watch", daemon=True)
+        self._seen: tuple | None = None  # the file as the previous poll saw it
+        self._applied: tuple | None = None  # the file as last applied (or refused)
+        self._stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="mergeserve-watch", daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
 
     def _run(self) -> None:
-        while True:
-            threading.Event().wait(self.poll_s)
-            digest = _digest(self.path)
-            if digest != self._digest and self.reload():
-                self._digest = digest
+        while not self._stopped.wait(self.poll_s):
+            try:
+                self.poll()
+            except Exception:  # the watcher outlives any one bad poll; what serves keeps serving
+                log.exception("watching %s: this poll failed; the last good config stays in force", self.path)
+
+    def poll(self) -> None:
+        """Apply the file if it has changed and then stayed the same since the previous poll."""
+        seen = _signature(self.path)
+        stable, self._seen = seen == self._seen, seen
+        if not stable or seen == self._applied:
+            return
+        try:
+            done = self.reload()
+        except Exception:
+            log.exception("%s changed but is not applied; the last good config stays in force", self.path)
+            done = True  # tried again once the file changes
+        if done:
+            self._applied = seen
 
     def reload(self) -> bool:
         """Apply the file as it is now; False when something must be retried."""
@@ -100,8 +122,10 @@ def _try(what: str, change, *args) -> None:
         log.error("serve config: %s not applied: %s", what, e.message)
 
 
-def _digest(path: Path) -> bytes | None:
+def _signature(path: Path) -> tuple | None:
+    """(mtime, size, content hash) of the file; None where it cannot be read."""
     try:
-        return hashlib.sha256(path.read_bytes()).digest()
+        stat = os.stat(path)
+        return stat.st_mtime_ns, stat.st_size, hashlib.sha256(path.read_bytes()).digest()
     except OSError:
         return None

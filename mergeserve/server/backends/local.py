@@ -1,12 +1,14 @@
 """The in-process engine as a backend: tokenize, submit to the executor, detokenized deltas back.
 
-Handlers validate and tokenize; the engine never sees HTTP. Streams are sent with
-sse-starlette, which cancels the stream (and so aborts the engine requests) when the
-client disconnects.
+Handlers validate and tokenize: templates and tokenizers run on a worker thread, never on the
+event loop, and only over text short enough to fit the context. The engine never sees HTTP.
+Streams are sent with sse-starlette, which cancels the stream (and so aborts the engine
+requests) when the client disconnects.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 import uuid
@@ -37,6 +39,9 @@ if TYPE_CHECKING:
 SYSTEM_FINGERPRINT = f"mergeserve-{__version__}"
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MIN_LOGPROB = -9999.0  # JSON has no -inf
+# Text longer than this many characters per token of the context is refused before it is templated
+# or tokenized: real text averages a few characters a token, and 32 leaves room for runs of whitespace.
+MAX_CHARS_PER_TOKEN = 32
 
 
 class LocalBackend:
@@ -73,7 +78,8 @@ class LocalBackend:
         body.check_supported()
         engine, lease = self.engine, call.lease
         limits.check_max_tokens(engine, body.max_tokens, "max_tokens")
-        prompts = _completion_prompts(engine, body.prompt)
+        _check_prompt_sizes(engine, body.prompt)
+        prompts = await asyncio.to_thread(_completion_prompts, engine, body.prompt)
         max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
         for prompt in prompts:
             _check_length(engine, len(prompt), max_tokens, "prompt")
@@ -84,7 +90,7 @@ class LocalBackend:
                                   "several (router.top_k > 1)", param="echo")
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
         job = Job(engine, f"cmpl-{uuid.uuid4().hex}", prompts, body.n or 1, params)
-        echo = _echo_texts(engine, body.prompt, prompts) if body.echo else None
+        echo = await asyncio.to_thread(_echo_texts, engine, body.prompt, prompts) if body.echo else None
         if body.stream:
             call.remember(job.request_id)
             return call.stream(self._completion_chunks(job, body, call, echo))
@@ -118,7 +124,9 @@ class LocalBackend:
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         requested = body.max_completion_tokens or body.max_tokens
         limits.check_max_tokens(engine, requested, param)
-        prompt = _chat_prompt(engine, body)
+        messages = body.template_messages()
+        _check_chars(engine, sum(len(m["content"]) + len(m.get("name", "")) for m in messages), "messages")
+        prompt = await asyncio.to_thread(_chat_prompt, engine, messages)
         max_tokens = requested or limits.default_max_tokens(engine, len(prompt))
         _check_length(engine, len(prompt), max_tokens, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -234,8 +242,26 @@ def _completion_prompts(engine: Engine, prompt: str | list[str] | list[int] | li
     return prompts
 
 
-def _chat_prompt(engine: Engine, body: ChatCompletionRequest) -> list[int]:
-    messages = body.template_messages()
+def _check_prompt_sizes(engine: Engine, prompt: str | list[str] | list[int] | list[list[int]]) -> None:
+    """Bound the work of tokenizing before it starts: text by its characters, token ids by their count."""
+    single = isinstance(prompt, str) or not prompt or isinstance(prompt[0], int)
+    for p in [prompt] if single else prompt:
+        if isinstance(p, str):
+            _check_chars(engine, len(p), "prompt")
+        else:
+            _check_length(engine, len(p), 1, "prompt")
+
+
+def _check_chars(engine: Engine, chars: int, param: str) -> None:
+    limit = MAX_CHARS_PER_TOKEN * engine.max_model_len
+    if chars > limit:
+        raise bad_request(
+            f"the {param} has {chars} characters; this model's context of {engine.max_model_len} tokens "
+            f"takes at most {limit}", param=param, code="context_length_exceeded",
+        )
+
+
+def _chat_prompt(engine: Engine, messages: list[dict[str, str]]) -> list[int]:
     try:
         text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # templates raise whatever they like (jinja errors, raise_exception, ...)

@@ -10,6 +10,11 @@ whole process group down when the command exits, when it is told to stop, or whe
 parent dies (PR_SET_PDEATHSIG), which covers a `mergeserve serve` killed with SIGKILL. The
 monitor thread that spawned the reaper lives exactly as long as the child is managed, as
 PR_SET_PDEATHSIG requires (it fires when the spawning thread exits).
+
+No borrowed secrets, no borrowed port: the child's environment holds only what child_env
+passes on of this one (never this server's keys), and a child given an API key is trusted
+only once its port refuses a request without that key and serves one with it; whatever else
+answers there (the port is chosen before the child binds it) fails the start.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +41,17 @@ MAX_BACKOFF_S = 30.0
 STABLE_S = 60.0  # up this long: the next failure starts the backoff again from 1 s
 REAPER_SLACK_S = 5.0
 REAPER = Path(__file__).with_name("reaper.py")
+# What a child inherits of this process's environment; the rest (this server's API and admin
+# keys, an upstream's key, cloud credentials) stays here.
+INHERITED = {
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "PYTHONUNBUFFERED",
+    "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR",
+}
+INHERITED_PREFIXES = ("LC_", "OMP_", "KMP_", "MKL_", "VLLM_", "CUDA_", "NVIDIA_", "NCCL_")
+
+
+class Untrusted(RuntimeError):
+    """The child's port answers without its API key: another process holds the port."""
 
 
 def free_port() -> int:
@@ -43,13 +60,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def child_env(extra: Mapping[str, str] | None = None, withheld: Collection[str] = ()) -> dict[str, str]:
+    """INHERITED (and INHERITED_PREFIXES) of this process's environment, less any variable whose
+    value is one of `withheld`, plus `extra`."""
+    inherited = {k: v for k, v in os.environ.items() if k in INHERITED or k.startswith(INHERITED_PREFIXES)}
+    return {k: v for k, v in (inherited | dict(extra or {})).items() if v not in withheld}
+
+
 class ManagedServer:
     def __init__(
-        self, name: str, argv: list[str], port: int, env: dict[str, str] | None = None,
+        self, name: str, argv: list[str], port: int, env: dict[str, str] | None = None, api_key: str | None = None,
         startup_timeout_s: float = 900.0, stop_grace_s: float = 30.0, log_lines: int = 200,
     ) -> None:
-        self.name, self.argv, self.port = name, argv, port
-        self.env = {**os.environ, **(env or {})}
+        """env: the child's whole environment (default: child_env()); api_key: the key the child
+        requires on /v1 (it is told it in `env` or `argv`); None: /health alone says it is up."""
+        self.name, self.argv, self.port, self.api_key = name, argv, port, api_key
+        self.env = child_env() if env is None else env
+        self.untrusted: str | None = None  # why the port was not trusted, once it was not
         self.startup_timeout_s, self.stop_grace_s = startup_timeout_s, stop_grace_s
         self.state: State = "starting"
         self.restarts = 0
@@ -80,6 +107,7 @@ class ManagedServer:
                 self._changed.wait(HEALTH_POLL_S)
         if self.state != "ready":
             why = f"exited with code {self.exit_code}" if self.exit_code is not None else "did not become healthy in time"
+            why = f"was not trusted: {self.untrusted}" if self.untrusted else why
             self.stop(wait=True)
             tail = "\n".join(list(self.log_tail)[-40:])
             raise RuntimeError(f"the server of {self.name!r} {why}; its log ends:\n{tail}")
@@ -140,17 +168,41 @@ class ManagedServer:
 
     def _await_health(self, proc: subprocess.Popen) -> bool:
         deadline = time.monotonic() + self.startup_timeout_s
-        url = f"http://127.0.0.1:{self.port}/health"
         while time.monotonic() < deadline and proc.poll() is None and not self._stopping.is_set():
             try:
-                if httpx.get(url, timeout=2.0).status_code == 200:
+                if self._healthy():
                     return True
             except httpx.HTTPError:
                 pass
+            except Untrusted as e:
+                self.untrusted = str(e)
+                log.error("%s: %s", self.name, e)
+                break
             time.sleep(HEALTH_POLL_S)
-        if proc.poll() is None and not self._stopping.is_set():  # hung: treat as exited
+        if proc.poll() is None and not self._stopping.is_set():  # hung or untrusted: treat as exited
             proc.terminate()
         return False
+
+    def _healthy(self) -> bool:
+        """/health answers 200 and, for a child with an API key, its port proves to be the child's."""
+        base = f"http://127.0.0.1:{self.port}"
+        if httpx.get(f"{base}/health", timeout=2.0).status_code != 200:
+            return False
+        return self.api_key is None or self._owns_port(base)
+
+    def _owns_port(self, base: str) -> bool:
+        """/v1/models refuses no key and a wrong one (401) and serves the child's key; raises
+        Untrusted when the port answers otherwise: a process that took the port first, or a child
+        that ignores its key, would serve whoever asks."""
+        for key, asked in ((None, "without a key"), ("not-" + str(self.api_key), "with a wrong key")):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            if (status := httpx.get(f"{base}/v1/models", headers=headers, timeout=2.0).status_code) != 401:
+                raise Untrusted(f"port {self.port} answers {status} to /v1/models {asked}, not 401: another process "
+                                "holds the port, or the child ignores its API key")
+        status = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {self.api_key}"}, timeout=2.0).status_code
+        if status in (401, 403):
+            raise Untrusted(f"port {self.port} refuses the child's API key ({status}): another process holds the port")
+        return status == 200
 
     def _terminate(self) -> None:
         proc = self._proc

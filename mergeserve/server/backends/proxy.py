@@ -3,7 +3,8 @@
 The client's JSON goes upstream as sent, with `model` rewritten to the upstream's name;
 responses come back as the upstream wrote them, with `model` rewritten to the name the
 client asked for (the composition). Usage, finish reasons and logprobs pass through.
-Upstream errors keep their status and envelope. Closing a stream (a client that leaves)
+Upstream errors keep their status and OpenAI envelope, its fields cut short; any other error
+body is summed up, not echoed. Closing a stream (a client that leaves)
 closes the upstream connection, which an OpenAI server takes as an abort.
 
 Streams ask the upstream for a final usage chunk whatever the client asked, so the
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -35,30 +36,46 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
+MAX_MESSAGE_CHARS = 300
+TOKEN = re.compile(r"[A-Za-z0-9_.:\[\]-]{1,64}")  # what an envelope's type, param and code may be
 
 
 class UpstreamError(APIError):
-    """An upstream's error response, passed on as it came (status, envelope, Retry-After)."""
+    """An upstream's error response: its status and Retry-After, and of its body only an OpenAI
+    envelope's four fields, the message short and printable, the others short identifiers.
+    Any other body (an HTML page, a stack trace) is not this server's to show: a one-line summary."""
 
     def __init__(self, status: int, body: bytes, headers: httpx.Headers) -> None:
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            payload = None
-        if not (isinstance(payload, dict) and isinstance(payload.get("error"), dict)):
-            text = body.decode(errors="replace")[:500]
-            payload = {"error": {"message": f"upstream answered {status}: {text}", "type": "upstream_error",
-                                 "param": None, "code": None}}
-        error = payload["error"]
-        code = error.get("code")
-        super().__init__(status, str(error.get("message")), type=str(error.get("type")),
-                         code=None if code is None else str(code))
-        self.payload = payload
+        error = _envelope(body) or {"message": f"the upstream answered {status} without an OpenAI error envelope",
+                                    "type": "upstream_error", "param": None, "code": None}
+        code = error["code"]
+        super().__init__(status if 400 <= status <= 599 else 502, error["message"], type=error["type"],
+                         param=error["param"], code=None if code is None else str(code))
+        self.payload = {"error": error}
         if "retry-after" in headers:
-            self.headers = {"Retry-After": headers["retry-after"]}
+            self.headers = {"Retry-After": headers["retry-after"][:16]}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.payload, status_code=self.status, headers=self.headers)
+
+
+def _envelope(body: bytes) -> dict[str, Any] | None:
+    """{"error": {message, type, param, code}} of `body`, sanitised, if it is one."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    if not (isinstance(error, dict) and isinstance(error.get("message"), str)):
+        return None
+    message = "".join(c for c in error["message"][:MAX_MESSAGE_CHARS] if c.isprintable() or c == "\n")
+    kind, param, code = (_token(error.get(k)) for k in ("type", "param", "code"))
+    return {"message": message, "type": kind or "upstream_error", "param": param, "code": code}
+
+
+def _token(value: object) -> str | int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return value if isinstance(value, str) and TOKEN.fullmatch(value) else None
 
 
 def unavailable(message: str) -> APIError:
@@ -86,13 +103,9 @@ class ProxyBackend:
         self._in_flight = 0
 
     @classmethod
-    def connect(cls, spec: CompositionSpec) -> ProxyBackend:
-        """A backend for `backend: openai`; learns the upstream's model name if the spec gives none."""
-        key = None
-        if spec.api_key_env:
-            key = os.environ.get(spec.api_key_env)
-            if not key:
-                raise ValueError(f"api_key_env: the environment variable {spec.api_key_env} is not set")
+    def connect(cls, spec: CompositionSpec, key: str | None) -> ProxyBackend:
+        """A backend for `backend: openai` (`key`: the upstream's, as BackendPolicy.upstream_key
+        allows); learns the upstream's model name if the spec gives none."""
         model = spec.upstream_model or first_model(spec.url, key)
         return cls(spec.name, spec.url, model, key, spec.timeout_s)
 

