@@ -68,7 +68,7 @@ def _resident(m: mmap.mmap) -> int:
     address = ctypes.addressof(ctypes.c_char.from_buffer(m))
     if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(len(m)), vec) != 0:
         raise OSError(ctypes.get_errno(), "mincore failed")
-    return sum(1 for v in vec if v & 1) * page
+    return int(torch.frombuffer(vec, dtype=torch.uint8).bitwise_and(1).sum()) * page  # bit 0: resident
 
 
 def _numel(shape: tuple[int, ...]) -> int:
