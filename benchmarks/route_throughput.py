@@ -44,7 +44,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import busy_seconds, commit, fmt, machine, spread  # noqa: E402
-from serving import ROOT, Server, cpu_snapshot, free_port, mergeserve_dtype, one_request, pct  # noqa: E402
+import serving  # noqa: E402
+from serving import ROOT, Server, cpu_snapshot, free_port, mergeserve_dtype, one_request  # noqa: E402
 
 from mergeserve.engine.engine import Engine  # noqa: E402
 from mergeserve.engine.sequence import SamplingParams  # noqa: E402
@@ -68,27 +69,11 @@ DOMAIN_PROMPTS = [
 
 async def drive(url: str, model: str, clients: int, seconds: float, new_tokens: int) -> dict:
     """One level: client i sends domain i % 3's prompts back to back until `seconds` have passed."""
-    import openai
+    def domain_prompt(c: int, i: int) -> str:
+        prompts = DOMAIN_PROMPTS[c % len(DOMAIN_PROMPTS)]
+        return prompts[i % len(prompts)]
 
-    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=900)
-    start = time.perf_counter()
-    deadline = start + seconds
-
-    async def worker(w: int) -> list[dict]:
-        prompts, done = DOMAIN_PROMPTS[w % len(DOMAIN_PROMPTS)], []
-        while time.perf_counter() < deadline:  # so every request counted started before the deadline
-            done.append(await one_request(client, model, prompts[len(done) % len(prompts)], new_tokens))
-        return done
-
-    try:
-        results = [r for rs in await asyncio.gather(*(worker(w) for w in range(clients))) for r in rs]
-    finally:
-        await client.close()
-    wall = max(r["end"] for r in results) - start
-    ttft = [r["ttft"] for r in results if r["ttft"] is not None]
-    tokens = sum(r["tokens"] for r in results)
-    return {"requests": len(results), "output_tokens": tokens, "seconds": wall, "tok_per_s": tokens / wall,
-            "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99)}
+    return await serving.drive(url, model, clients, seconds, new_tokens, prompt=domain_prompt, timeout=900)
 
 
 async def warm_up(url: str, model: str, clients: int, new_tokens: int) -> None:

@@ -52,6 +52,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -303,19 +304,27 @@ async def one_request(client, model: str, prompt: str, new_tokens: int) -> dict:
             "tokens": tokens, "end": time.perf_counter()}
 
 
-async def drive(url: str, model: str, concurrency: int, seconds: float, new_tokens: int) -> dict:
-    """One level: `concurrency` clients sending requests back to back until `seconds` have passed."""
+def rotating_prompt(c: int, i: int) -> str:
+    """Client c's i-th prompt: the clients walk PROMPTS from different starts."""
+    return PROMPTS[(c + i) % len(PROMPTS)]
+
+
+async def drive(
+    url: str, model: str, concurrency: int, seconds: float, new_tokens: int,
+    prompt: Callable[[int, int], str] = rotating_prompt, timeout: float = 600,
+) -> dict:
+    """One level: `concurrency` clients sending requests back to back until `seconds` have passed;
+    client c's i-th request sends `prompt(c, i)`."""
     import openai
 
-    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
+    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=timeout)
     start = time.perf_counter()
     deadline = start + seconds
 
     async def client_loop(c: int) -> list[dict]:
-        done, i = [], 0
+        done: list[dict] = []
         while time.perf_counter() < deadline:  # so every request counted started before the deadline
-            done.append(await one_request(client, model, PROMPTS[(c + i) % len(PROMPTS)], new_tokens))
-            i += 1
+            done.append(await one_request(client, model, prompt(c, len(done)), new_tokens))
         return done
 
     try:
