@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import commit, machine, spread  # noqa: E402
 
-from mergeserve.composition import LowRank  # noqa: E402
+from mergeserve.weights import LowRank  # noqa: E402
 from mergeserve.kernels.lowrank import linear  # noqa: E402
 from mergeserve.kernels.packed import pack_private, packing_works  # noqa: E402
 

@@ -43,7 +43,7 @@ from mergeserve.engine.engine import Engine
 from mergeserve.experts import ExpertPool
 from mergeserve.export import export_dense
 from mergeserve.kernels.capability import resolve_dtype
-from mergeserve.merge import build
+from mergeserve.learn.compose import build
 from mergeserve.spec import CompositionSpec, load_composition, parse_composition
 
 ROOT = Path(__file__).resolve().parent.parent

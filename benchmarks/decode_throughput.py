@@ -41,7 +41,7 @@ from mergeserve.engine.sequence import SamplingParams  # noqa: E402
 from mergeserve.experts import ExpertPool  # noqa: E402
 from mergeserve.export import export_mixtral  # noqa: E402
 from mergeserve.kernels.capability import usable_cpus  # noqa: E402
-from mergeserve.merge import build  # noqa: E402
+from mergeserve.learn.compose import build  # noqa: E402
 from mergeserve.spec import EngineConfig, load_composition  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

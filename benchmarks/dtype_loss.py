@@ -26,10 +26,10 @@ from common import commit, machine  # noqa: E402
 
 from mergeserve.engine.engine import Engine  # noqa: E402
 from mergeserve.eval.datasets import load_eval_data  # noqa: E402
-from mergeserve.eval.harness import EvalSettings, engine_config, score_examples  # noqa: E402
 from mergeserve.eval.metrics import LossSum  # noqa: E402
+from mergeserve.eval.scoring import EvalSettings, engine_config, score_examples  # noqa: E402
 from mergeserve.experts import ExpertPool  # noqa: E402
-from mergeserve.merge import build  # noqa: E402
+from mergeserve.learn.compose import build  # noqa: E402
 from mergeserve.spec import load_composition  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

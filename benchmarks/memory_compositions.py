@@ -58,10 +58,12 @@ def in_process() -> dict:
     registry, pool = Registry(), ExpertPool()
     builder = Builder(registry, pool, Executor(), EngineConfig(max_num_seqs=ENGINE["max_num_seqs"], max_model_len=ENGINE["max_model_len"]))
     start = rss_mib()
-    first = builder.build_now(four_expert_spec(METHODS["a"]))
+    first, build = builder.submit(four_expert_spec(METHODS["a"]))
+    build.result()
     assert first.state == "ready", first.error
     one = rss_mib()
-    second = builder.build_now(four_expert_spec(METHODS["b"]))
+    second, build = builder.submit(four_expert_spec(METHODS["b"]))
+    build.result()
     assert second.state == "ready", second.error
     two = rss_mib()
     return {

@@ -31,7 +31,7 @@ from mergeserve.engine.engine import Engine  # noqa: E402
 from mergeserve.engine.sequence import SamplingParams  # noqa: E402
 from mergeserve.experts import ExpertPool  # noqa: E402
 from mergeserve.kernels.capability import resolve_dtype  # noqa: E402
-from mergeserve.merge import build  # noqa: E402
+from mergeserve.learn.compose import build  # noqa: E402
 from mergeserve.spec import EngineConfig, load_composition  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

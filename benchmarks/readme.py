@@ -37,10 +37,11 @@ def machine_line(m: dict) -> str:
 def quality() -> list[str]:
     """The share of each domain expert's gain over the base that every row keeps."""
     from mergeserve.eval.report import gain_table
+    from mergeserve.eval.results import EvalResults
 
     results = load("merge_quality/results.json")
     s = results["settings"]
-    rows = gain_table(results)
+    rows = gain_table(EvalResults.from_json(results))
     acc = {r["name"]: r["math"]["accuracy"] for r in results["rows"] + [results["oracle"]]}
     rows[0] += " math acc |"
     rows[1] += "---|"

@@ -51,7 +51,7 @@ from mergeserve.engine.engine import Engine  # noqa: E402
 from mergeserve.engine.sequence import SamplingParams  # noqa: E402
 from mergeserve.experts import ExpertPool  # noqa: E402
 from mergeserve.kernels.capability import usable_cpus  # noqa: E402
-from mergeserve.merge import build  # noqa: E402
+from mergeserve.learn.compose import build  # noqa: E402
 from mergeserve.spec import CompositionSpec, EngineConfig, load_composition, parse_composition  # noqa: E402
 
 ALONE = "largest member alone"

@@ -6,7 +6,7 @@ The server runs as a subprocess on a free loopback port. For `--duration` second
   their stream at a random point; each finished response gets feedback;
 - a hostile client sends bad JSON, huge bodies, huge prompts, unknown models, invalid
   sampling values, invalid `experts` / `expert_bias`, slowloris-style slow bodies, and every
-  case of issue 21: an out-of-range seed, a prompt list times `n` beyond the queue, 20,000
+  request that once hurt other clients: an out-of-range seed, a prompt list times `n` beyond the queue, 20,000
   experts, 100,000 malformed messages, a long stop list, a large chat text, deep nesting, a
   second score for a response id, and admin specs that reach past the serve config (a vLLM
   child's interpreter, an upstream key from the server's environment, router weights outside
@@ -244,7 +244,7 @@ HOSTILE = {
     "bad_experts": dict(method="POST", url="/v1/completions", json={"model": "moe", "prompt": "hi", "experts": ["nobody"]}),
     "bad_expert_bias": dict(method="POST", url="/v1/completions", json={"model": "moe", "prompt": "hi", "expert_bias": {"x": "y"}}),
     "bad_admin_key": dict(method="PUT", url="/admin/compositions/x", content=b"{", headers={"Authorization": "Bearer wrong"}),
-    # Issue 21: each of these once hurt other clients or the server.
+    # Each of these once hurt other clients or the server.
     "huge_seed": dict(method="POST", url="/v1/completions", json={"model": "steady", "prompt": "hi", "max_tokens": 4, "seed": 2**64}),
     "prompts_times_n": dict(method="POST", url="/v1/completions", json={"model": "steady", "prompt": ["hi"] * 5000, "n": 8, "max_tokens": 4}),
     "many_experts": dict(method="POST", url="/v1/completions", json={"model": "steady", "prompt": "hi", "experts": [f"e{i}" for i in range(20000)]}),
@@ -265,7 +265,7 @@ def admin_hostile(base: str, folder: Path, fifo: Path) -> dict[str, dict]:
     return {
         "vllm_interpreter": put({"backend": "vllm", "base": base, "experts": [{"name": "e", "source": base}],
                                  "vllm": {"python": "/bin/bash", "env": {"BASH_ENV": "/dev/null"}}}),
-        "upstream_server_key": put({"backend": "openai", "url": "http://127.0.0.1:9/v1?#", "api_key_env": "MERGESERVE_ADMIN_KEY"}),
+        "upstream_server_key": put({"backend": "openai", "upstream": {"url": "http://127.0.0.1:9/v1?#", "api_key_env": "MERGESERVE_ADMIN_KEY"}}),
         "router_weights_outside_roots": put({"method": "route", "router": {"kind": "learned", "weights": str(outside)},
                                              "experts": [{"name": "a", "source": base}, {"name": "b", "source": base}]}),
         "pkg_import": put({"base": "pkg://antigravity/x.gguf", "experts": [{"name": "e", "source": str(fifo)}]}),

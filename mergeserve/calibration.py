@@ -1,15 +1,14 @@
-"""Unlabeled calibration text for the commands that learn from it (train-router, tune-merge):
-.jsonl files of `{"text": ...}` lines or .txt documents, packed into rows of tokens."""
+"""Unlabeled text for what learns from it (train-router, tune-merge, fisher, shrink, the zoo's
+training): .jsonl files of `{"text": ...}` lines or .txt documents, made into rows of tokens."""
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
-
-from mergeserve.zoo.splits import pack, read_jsonl
 
 DATA_SUFFIXES = (".jsonl", ".txt")
 
@@ -32,6 +31,12 @@ def data_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """One JSON value per non-blank line."""
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def read_texts(path: Path) -> list[str]:
     """A .jsonl file's `text` fields, or a .txt file as one document."""
     if path.suffix == ".txt":
@@ -45,8 +50,20 @@ def read_texts(path: Path) -> list[str]:
     return [e["text"] for e in examples]
 
 
-def pack_files(texts: list[list[str]], tokenizer: PreTrainedTokenizerBase, rows: int, seq_len: int, seed: int) -> torch.Tensor:
+def token_rows(texts: list[str], tokenizer: PreTrainedTokenizerBase, rows: int, seq_len: int, seed: int) -> torch.Tensor:
+    """`rows` sequences of `seq_len` tokens: texts in seeded random order, EOS after each, repeated if short."""
+    order, rng, ids, need = list(range(len(texts))), random.Random(seed), [], rows * seq_len
+    while len(ids) < need:
+        rng.shuffle(order)
+        for i in order:
+            ids += tokenizer(texts[i], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            if len(ids) >= need:
+                break
+    return torch.tensor(ids[:need]).view(rows, seq_len)  # [rows, T]
+
+
+def file_rows(texts: list[list[str]], tokenizer: PreTrainedTokenizerBase, rows: int, seq_len: int, seed: int) -> torch.Tensor:
     """`rows` sequences [rows, T] from the texts of each file, the files taking turns so every batch mixes them evenly."""
     per_file = -(-rows // len(texts))
-    packed = [pack(t, tokenizer, per_file, seq_len, seed) for t in texts]  # F x [per_file, T]
-    return torch.stack(packed, dim=1).reshape(-1, seq_len)[:rows]  # row j from file j % F
+    made = [token_rows(t, tokenizer, per_file, seq_len, seed) for t in texts]  # F x [per_file, T]
+    return torch.stack(made, dim=1).reshape(-1, seq_len)[:rows]  # row j from file j % F

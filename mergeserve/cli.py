@@ -37,9 +37,19 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spec_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from mergeserve.spec import composition_schema
+
+    print(json.dumps(composition_schema(), indent=1))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
-    from mergeserve.eval.harness import EvalSettings, evaluate
+    from mergeserve.eval.harness import evaluate
     from mergeserve.eval.report import write_all
+    from mergeserve.eval.scoring import EvalSettings
 
     settings = EvalSettings(
         max_tokens=args.max_tokens, per_domain=args.examples, mixed_per_domain=args.mixed,
@@ -59,7 +69,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _train_router(args: argparse.Namespace) -> int:
     import torch
 
-    from mergeserve.router.train import RouterTrainConfig, train_router
+    from mergeserve.learn.token_router import RouterTrainConfig, train_router
     from mergeserve.spec import load_composition
 
     torch.set_num_threads(args.threads)
@@ -81,7 +91,7 @@ def _train_router(args: argparse.Namespace) -> int:
 
 def _train_request_router(spec, args: argparse.Namespace) -> int:
     """A route spec's request classifier: texts labelled by the member scoring them best."""
-    from mergeserve.router.request import train_from_files
+    from mergeserve.learn.request_router import train_from_files
 
     summary = train_from_files(spec, args.data, args.out, seed=args.seed)
     print(f"labelled {summary['texts']} texts by the best member per byte: {summary['labels']}; "
@@ -93,7 +103,7 @@ def _train_request_router(spec, args: argparse.Namespace) -> int:
 def _tune_merge(args: argparse.Namespace) -> int:
     import torch
 
-    from mergeserve.merge.tune import TuneConfig, tune_merge
+    from mergeserve.learn.tune import TuneConfig, tune_merge
 
     torch.set_num_threads(args.threads)
     try:
@@ -114,7 +124,7 @@ def _tune_merge(args: argparse.Namespace) -> int:
 def _fisher(args: argparse.Namespace) -> int:
     import torch
 
-    from mergeserve.merge.fisher import FisherConfig, compute_fishers
+    from mergeserve.learn.fisher import FisherConfig, compute_fishers
 
     torch.set_num_threads(args.threads)
     try:
@@ -129,7 +139,7 @@ def _fisher(args: argparse.Namespace) -> int:
 def _shrink(args: argparse.Namespace) -> int:
     import torch
 
-    from mergeserve.merge.shrink import shrink
+    from mergeserve.learn.shrink import shrink
 
     torch.set_num_threads(args.threads)
     try:
@@ -193,9 +203,12 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     export.set_defaults(run=_export)
 
-    from mergeserve.zoo import ZOO_DIR
+    schema = sub.add_parser("spec-schema", help="print the JSON Schema of a composition spec (for editors that validate YAML)")
+    schema.set_defaults(run=_spec_schema)
 
-    from mergeserve.eval.harness import EvalSettings
+    from mergeserve.zoo import zoo_dir
+
+    from mergeserve.eval.scoring import EvalSettings
 
     d = EvalSettings()
     ev = sub.add_parser("eval", help="score compositions on the zoo's held-out sets: loss per domain, math accuracy, mixed set")
@@ -205,7 +218,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--oracle", action="store_true", help="add the oracle row (needs a single-expert spec per domain)")
     ev.add_argument("--reuse", action="store_true",
                     help="keep the rows of OUT/results.json whose spec, sources and settings are unchanged")
-    ev.add_argument("--data", type=Path, default=ZOO_DIR / "data", help="folder of <domain>/heldout.jsonl (default: %(default)s)")
+    ev.add_argument("--data", type=Path, default=zoo_dir() / "data", help="folder of <domain>/heldout.jsonl (default: %(default)s)")
     ev.add_argument("--domains", nargs="+",
                     help="the domains to score, each a subfolder of --data (default: the zoo's three)")
     ev.add_argument("--examples", type=_positive, default=d.per_domain, help="loss examples per domain: the first N of each file (default: %(default)s)")
@@ -235,7 +248,7 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=_positive, default=2, help="torch CPU threads; 1 where other jobs share the cores (default: %(default)s)")
     tr.set_defaults(run=_train_router)
 
-    from mergeserve.merge.tune import TuneConfig
+    from mergeserve.learn.tune import TuneConfig
 
     t = TuneConfig()
     tm = sub.add_parser("tune-merge", help="learn a task-vector merge's coefficient per expert per layer from each expert's unlabeled text")

@@ -7,15 +7,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from live import live_server, wait_until
+from live import Gateway, built, live_gateway, wait_until
 from mergeserve.engine.executor import Executor
 from mergeserve.experts import ExpertPool
-from mergeserve.server import Registry, create_app
+from mergeserve.server import Registry
 from mergeserve.server.auth import Auth
 from mergeserve.server.builder import Builder
 from mergeserve.spec import EngineConfig, parse_composition
@@ -24,27 +23,9 @@ ADMIN = {"Authorization": "Bearer admin-key"}
 HELLO = [{"role": "user", "content": "hello"}]
 
 
-@dataclass
-class Server:
-    http: httpx.Client
-    client: openai.OpenAI
-    registry: Registry
-    pool: ExpertPool
+@dataclass(kw_only=True)
+class Server(Gateway):
     zoo: dict[str, Path]
-
-    def put(self, name: str, spec: dict) -> httpx.Response:
-        return self.http.put(f"/admin/compositions/{name}", json=spec, headers=ADMIN)
-
-    def status(self, name: str) -> dict:
-        return self.http.get(f"/admin/compositions/{name}", headers=ADMIN).json()
-
-    def put_and_wait(self, name: str, spec: dict) -> dict:
-        response = self.put(name, spec)
-        assert response.status_code == 202, response.text
-        revision = response.json()["revision"]
-        wait_until(lambda: self.status(name)["state"] != "building" or self.status(name)["revision"] != revision,
-                   what=f"{name} revision {revision} to build")
-        return self.status(name)
 
     def moe(self, experts: tuple[str, ...] = ("code", "german", "math"), top_k: int = 2) -> dict:
         return {
@@ -58,10 +39,8 @@ def server(zoo: dict[str, Path]) -> Iterator[Server]:
     registry, executor = Registry(), Executor()
     pool = ExpertPool(roots=[zoo["base"].parent])
     builder = Builder(registry, pool, executor, EngineConfig(max_num_seqs=4, max_model_len=256))
-    app = create_app(registry, executor, Auth(admin_key="admin-key"), builder)
-    with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        yield Server(http, client, registry, pool, zoo)
+    with live_gateway(registry, executor, Auth(admin_key="admin-key"), builder, kind=Server, zoo=zoo) as server:
+        yield server
 
 
 def test_a_build_runs_on_a_thread_that_ends_with_it(zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,7 +51,7 @@ def test_a_build_runs_on_a_thread_that_ends_with_it(zoo: dict[str, Path], monkey
     build = builder._build
     monkeypatch.setattr(builder, "_build", lambda revision: (ran_on.append(threading.current_thread()), build(revision)))
     spec = parse_composition({"name": "base", "base": str(zoo["base"]), "experts": [{"name": "base", "source": str(zoo["base"])}]})
-    assert builder.build_now(spec).state == "ready"
+    assert built(builder, spec).state == "ready"
     assert len(ran_on) == 1 and not ran_on[0].is_alive()
     builder.shutdown()
 
@@ -99,7 +78,7 @@ def test_replacing_a_composition_swaps_to_the_new_revision(server: Server) -> No
     raw = server.client.chat.completions.with_raw_response.create(model="moe", messages=HELLO, max_tokens=2)
     assert raw.headers["x-mergeserve-composition"] == "moe" and raw.headers["x-mergeserve-revision"] == "2"
     assert raw.parse().system_fingerprint.endswith(":moe@2")
-    assert server.registry.get("moe").engine.expert_names == ["code", "math"]
+    assert server.registry.revision("moe")[0].backend.engine.expert_names == ["code", "math"]
 
 
 def test_a_failed_build_keeps_the_old_revision_serving_and_says_why(server: Server, tmp_path: Path) -> None:
@@ -261,7 +240,7 @@ def test_memory_bytes_is_measured_now_with_the_kv_cache(server: Server) -> None:
     before = server.status("moe")
     server.client.completions.create(model="moe", prompt=[5] * 180, max_tokens=40, extra_body={"ignore_eos": True})
     after = server.status("moe")
-    engine = server.registry.get("moe").engine
+    engine = server.registry.revision("moe")[0].backend.engine
     per_position = 2 * engine.model.args.n_layers * engine.model.args.n_kv_heads * engine.model.args.head_dim * 4  # K and V, fp32
     assert after["kv_cache_bytes"] >= before["kv_cache_bytes"] + 200 * per_position
     assert after["memory_bytes"] - before["memory_bytes"] == after["kv_cache_bytes"] - before["kv_cache_bytes"]
@@ -275,9 +254,8 @@ def test_replacements_stop_at_max_draining_and_builds_at_the_memory_budget(zoo: 
 
     registry, executor = Registry(), Executor()
     builder = Builder(registry, ExpertPool(), executor, EngineConfig(max_num_seqs=4, max_model_len=256))
-    app = create_app(registry, executor, Auth(admin_key="admin-key"), builder, limits=AdminLimits(max_draining=1))
-    with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
-        server = Server(http, openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0), registry, builder.pool, zoo)
+    auth, draining = Auth(admin_key="admin-key"), AdminLimits(max_draining=1)
+    with live_gateway(registry, executor, auth, builder, limits=draining, kind=Server, zoo=zoo) as server:
         server.put_and_wait("moe", server.moe())
         held = registry.acquire("moe")  # a request in flight on revision 1
         server.put_and_wait("moe", server.moe(("code", "math")))  # revision 1 drains
@@ -291,8 +269,7 @@ def test_replacements_stop_at_max_draining_and_builds_at_the_memory_budget(zoo: 
         assert server.client.completions.create(model="moe", prompt="hi", max_tokens=2).choices[0].finish_reason
 
     budget = AdminLimits(memory_budget_bytes=resident_bytes() // 2)  # this process is past it already
-    app = create_app(registry, executor, Auth(admin_key="admin-key"), builder, limits=budget)
-    with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
-        over = http.put("/admin/compositions/other", json=server.moe(), headers=ADMIN)
+    with live_gateway(registry, executor, auth, builder, limits=budget) as over_budget:
+        over = over_budget.http.put("/admin/compositions/other", json=server.moe(), headers=ADMIN)
         assert over.status_code == 507 and over.json()["error"]["code"] == "memory_budget"
         assert "memory budget" in over.json()["error"]["message"]

@@ -1,4 +1,4 @@
-"""The admin API chooses only what the serve config offers (issue 21).
+"""The admin API chooses only what the serve config offers.
 
 A vLLM child's interpreter, environment and arguments come from the config's profiles; an
 upstream lies under its allowlist and gets only the key variables it lists; this server's own
@@ -26,7 +26,8 @@ import httpx
 import pytest
 import yaml
 
-from live import live_server, wait_until
+from live import Gateway as LiveGateway
+from live import live_gateway, live_server
 from mergeserve.engine.executor import Executor
 from mergeserve.experts import CheckpointError, ExpertPool
 from mergeserve.server.app import create_app
@@ -115,21 +116,13 @@ def silent_port() -> Iterator[str]:
 # --- the gateway, configured by a serve config ----------------------------------------------------
 
 
-@dataclass
-class Gateway:
-    http: httpx.Client
+@dataclass(kw_only=True)
+class Gateway(LiveGateway):
     upstream: Upstream
     silent: str
 
-    def put(self, name: str, spec: dict) -> httpx.Response:
-        return self.http.put(f"/admin/compositions/{name}", json=spec)
-
     def complete(self, model: str, prompt: str) -> httpx.Response:
         return self.http.post("/v1/completions", json={"model": model, "prompt": prompt}, headers={"Authorization": f"Bearer {API_KEY}"})
-
-    def settled(self, name: str) -> dict:
-        wait_until(lambda: self.http.get(f"/admin/compositions/{name}").json()["state"] != "building", what=f"{name} to build")
-        return self.http.get(f"/admin/compositions/{name}").json()
 
 
 def policy_of(config_text: str) -> tuple[ServeConfig, Auth, BackendPolicy]:
@@ -140,9 +133,9 @@ def policy_of(config_text: str) -> tuple[ServeConfig, Auth, BackendPolicy]:
 
 @contextmanager
 def gateway_for(builder: Builder, auth: Auth, upstream: Upstream, silent: str) -> Iterator[Gateway]:
-    app = create_app(builder.registry, builder.executor, auth, builder)
-    with live_server(app) as url, httpx.Client(base_url=url, headers=ADMIN, timeout=30) as http:
-        yield Gateway(http, upstream, silent)
+    with live_gateway(builder.registry, builder.executor, auth, builder, headers=ADMIN,
+                      kind=Gateway, upstream=upstream, silent=silent) as gateway:
+        yield gateway
 
 
 @pytest.fixture()
@@ -156,7 +149,9 @@ def gateway(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gateway]:
 
 
 def remote(url: str, **fields: object) -> dict:
-    return {"backend": "openai", "url": url, "upstream_model": "up"} | fields
+    """A backend=openai spec; `fields` are the upstream section's (None: left out)."""
+    upstream = {"url": url, "model": "up"} | fields
+    return {"backend": "openai", "upstream": {k: v for k, v in upstream.items() if v is not None}}
 
 
 # --- vLLM children: what runs is the serve config's --------------------------------------------
@@ -196,10 +191,10 @@ def test_a_spec_names_only_a_vllm_profile_the_serve_config_has(gateway: Gateway)
 def test_an_upstream_outside_the_allowlist_is_refused_and_never_contacted(gateway: Gateway, url: str, status: int) -> None:
     upstream = gateway.upstream.url
     url = url.format(upstream=upstream, upstream_host=upstream.removeprefix("http://"), silent_host="http://127.0.0.1")
-    response = gateway.put("hostile", remote(url, upstream_model=None))
+    response = gateway.put("hostile", remote(url, model=None))
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert error["param"] == "url" if status == 403 else "\n  url: " in error["message"]
+    assert error["param"] == "upstream.url" if status == 403 else "\n  upstream.url: " in error["message"]
     assert gateway.upstream.seen == []
 
 
@@ -207,10 +202,10 @@ def test_api_key_env_names_only_the_variables_the_serve_config_lists(gateway: Ga
     monkeypatch.setenv("MERGESERVE_ADMIN_KEY", ADMIN_KEY)
     url = f"{gateway.upstream.url}/v1"
     refused = gateway.put("hostile", remote(url, api_key_env="MERGESERVE_ADMIN_KEY"))
-    assert refused.status_code == 403 and refused.json()["error"]["param"] == "api_key_env"
+    assert refused.status_code == 403 and refused.json()["error"]["param"] == "upstream.api_key_env"
     assert gateway.upstream.seen == []
 
-    assert gateway.put("remote", remote(url, api_key_env="UPSTREAM_KEY", upstream_model=None)).status_code == 202
+    assert gateway.put("remote", remote(url, api_key_env="UPSTREAM_KEY", model=None)).status_code == 202
     assert gateway.settled("remote")["state"] == "ready"
     assert gateway.complete("remote", "hi").status_code == 200
     sent = [r["headers"].get("Authorization") for r in gateway.upstream.seen]
@@ -246,7 +241,7 @@ def test_upstream_error_bodies_are_summed_up_not_echoed(gateway: Gateway) -> Non
 
 def test_a_build_past_build_timeout_s_fails_and_the_next_one_builds(gateway: Gateway) -> None:
     """The silent upstream never lists its models: the build waits on it past build_timeout_s (2 s)."""
-    assert gateway.put("stuck", remote(f"{gateway.silent}/v1", upstream_model=None)).status_code == 202
+    assert gateway.put("stuck", remote(f"{gateway.silent}/v1", model=None)).status_code == 202
     status = gateway.settled("stuck")
     assert status["state"] == "failed" and "build_timeout_s (2 s)" in status["error"]
     assert gateway.put("next", remote(f"{gateway.upstream.url}/v1")).status_code == 202

@@ -6,24 +6,20 @@ import logging
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 from fastapi import Depends
 from fastapi.testclient import TestClient
 
-from live import live_server, wait_until
-from mergeserve import merge
+from live import Gateway, live_gateway, local_registry, wait_until
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.executor import Executor
-from mergeserve.server.backends.local import LocalBackend
-from mergeserve.experts import ExpertPool
 from mergeserve.server import Registry, create_app
 from mergeserve.server.auth import ADMIN_KEY_ENV, API_KEYS_ENV, Auth, require_admin
-from mergeserve.spec import CompositionSpec, EngineConfig, ServeConfig, parse_composition
+from mergeserve.spec import EngineConfig, ServeConfig, parse_composition
+from tiny import dense_spec
 
 MODEL = "tiny"
 CONFIG_KEY = "sk-config-0123456789"
@@ -46,19 +42,8 @@ class PausableExecutor(Executor):
         super()._step(engine)
 
 
-@dataclass
-class Server:
-    url: str
-    engine: Engine
-    executor: PausableExecutor
-    http: httpx.Client
-
-    def client(self, api_key: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=30)
-
-
 @pytest.fixture(scope="module")
-def server(zoo: dict[str, Path]) -> Iterator[Server]:
+def server(zoo: dict[str, Path]) -> Iterator[Gateway]:
     spec = parse_composition({
         "name": MODEL, "base": str(zoo["base"]), "router": {"kind": "random", "top_k": 1},
         "experts": [{"name": "only", "source": str(zoo["base"])}],
@@ -69,12 +54,11 @@ def server(zoo: dict[str, Path]) -> Iterator[Server]:
         env.setenv(API_KEYS_ENV, f" {ENV_KEY} ,")
         auth = Auth.from_config(config)
     executor = PausableExecutor()
-    registry = Registry([LocalBackend(Engine(merge.build(spec, ExpertPool()), engine_config), executor)])
-
+    registry = local_registry(executor, engine_config, spec)
     # log_config=None: uvicorn's loggers, access log included, propagate to caplog.
-    app = create_app(registry, executor, auth)
-    with live_server(app, log_config=None, log_level="debug") as url, httpx.Client(base_url=url, timeout=30) as http:
-        yield Server(url, registry.get(MODEL).engine, executor, http)
+    logs = {"log_config": None, "log_level": "debug"}
+    with live_gateway(registry, executor, auth, client_timeout=30, uvicorn_options=logs) as gateway:
+        yield gateway
         executor.running.set()
 
 
@@ -82,8 +66,8 @@ def server(zoo: dict[str, Path]) -> Iterator[Server]:
 
 
 @pytest.mark.parametrize("key", [CONFIG_KEY, ENV_KEY])
-def test_a_configured_key_chats_and_streams(server: Server, key: str) -> None:
-    client = server.client(key)
+def test_a_configured_key_chats_and_streams(server: Gateway, key: str) -> None:
+    client = server.client_with_key(key)
     response = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
     assert response.choices[0].message.content is not None
     chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4, stream=True))
@@ -92,9 +76,9 @@ def test_a_configured_key_chats_and_streams(server: Server, key: str) -> None:
 
 
 @pytest.mark.parametrize("key", ["sk-wrong", CONFIG_KEY + "x", CONFIG_KEY[:-1]])
-def test_a_wrong_key_is_401(server: Server, key: str) -> None:
+def test_a_wrong_key_is_401(server: Gateway, key: str) -> None:
     with pytest.raises(openai.AuthenticationError) as caught:
-        server.client(key).chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
+        server.client_with_key(key).chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
     error = caught.value
     assert error.status_code == 401 and error.code == "invalid_api_key"
     assert error.response.headers["www-authenticate"] == "Bearer"
@@ -103,7 +87,7 @@ def test_a_wrong_key_is_401(server: Server, key: str) -> None:
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": f"Basic {CONFIG_KEY}"}, {"Authorization": "Bearer"}])
-def test_a_missing_key_is_401_on_every_v1_route(server: Server, headers: dict[str, str]) -> None:
+def test_a_missing_key_is_401_on_every_v1_route(server: Gateway, headers: dict[str, str]) -> None:
     for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")]:
         response = server.http.request(method, path, headers=headers, json={"model": MODEL, "prompt": "hi"})
         assert response.status_code == 401, path
@@ -111,28 +95,28 @@ def test_a_missing_key_is_401_on_every_v1_route(server: Server, headers: dict[st
         assert response.headers["www-authenticate"] == "Bearer"
 
 
-def test_the_key_is_checked_before_the_body_is_read(server: Server) -> None:
+def test_the_key_is_checked_before_the_body_is_read(server: Gateway) -> None:
     response = server.http.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
     assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
 
 
-def test_health_ready_and_metrics_stay_open(server: Server) -> None:
+def test_health_ready_and_metrics_stay_open(server: Gateway) -> None:
     for path in ("/health", "/ready", "/metrics"):
         assert server.http.get(path).status_code == 200, path
 
 
-def test_keys_never_reach_the_logs(server: Server, caplog: pytest.LogCaptureFixture) -> None:
+def test_keys_never_reach_the_logs(server: Gateway, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    server.client(CONFIG_KEY).chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+    server.client_with_key(CONFIG_KEY).chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
     with pytest.raises(openai.AuthenticationError):
-        server.client("sk-a-guess").models.list()
+        server.client_with_key("sk-a-guess").models.list()
     wait_until(lambda: "/v1/models" in caplog.text)  # the access log is on and captured
     assert "POST /v1/chat/completions" in caplog.text
     assert CONFIG_KEY not in caplog.text and "sk-a-guess" not in caplog.text
 
 
 def test_keys_come_from_the_config_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    config = ServeConfig(compositions=[_dense_spec()], api_keys=["from-config"], admin_key="admin-config")
+    config = ServeConfig(compositions=[dense_spec("/nowhere")], api_keys=["from-config"], admin_key="admin-config")
     monkeypatch.setenv(API_KEYS_ENV, "one, two,,one")
     monkeypatch.setenv(ADMIN_KEY_ENV, "admin-env")
     auth = Auth.from_config(config)
@@ -142,7 +126,7 @@ def test_keys_come_from_the_config_and_the_environment(monkeypatch: pytest.Monke
 
 
 def test_no_keys_leaves_v1_open() -> None:
-    assert Auth.from_config(ServeConfig(compositions=[_dense_spec()]), environ={}) == Auth()
+    assert Auth.from_config(ServeConfig(compositions=[dense_spec("/nowhere")]), environ={}) == Auth()
     with TestClient(create_app(Registry(), Executor())) as client:
         assert client.get("/v1/models").status_code == 200
 
@@ -169,41 +153,34 @@ def test_admin_routes_are_closed_without_an_admin_key() -> None:
     assert response.status_code == 403 and response.json()["error"]["code"] == "admin_disabled"
 
 
-def _dense_spec() -> CompositionSpec:
-    return parse_composition({
-        "name": "dense", "base": "/nowhere", "router": {"kind": "random", "top_k": 1},
-        "experts": [{"name": "only", "source": "/nowhere"}],
-    })
-
-
 # --- limits ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("param", ["max_tokens", "max_completion_tokens"])
-def test_max_tokens_over_the_cap_is_400(server: Server, param: str) -> None:
+def test_max_tokens_over_the_cap_is_400(server: Gateway, param: str) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        server.client(CONFIG_KEY).chat.completions.create(
+        server.client_with_key(CONFIG_KEY).chat.completions.create(
             model=MODEL, messages=HELLO, **{param: MAX_TOKENS_LIMIT + 1},
         )
     assert caught.value.param == param and str(MAX_TOKENS_LIMIT) in caught.value.message
 
 
-def test_completion_max_tokens_over_the_cap_is_400(server: Server) -> None:
+def test_completion_max_tokens_over_the_cap_is_400(server: Gateway) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        server.client(CONFIG_KEY).completions.create(model=MODEL, prompt="hi", max_tokens=MAX_TOKENS_LIMIT + 1)
+        server.client_with_key(CONFIG_KEY).completions.create(model=MODEL, prompt="hi", max_tokens=MAX_TOKENS_LIMIT + 1)
     assert caught.value.param == "max_tokens"
 
 
-def test_without_max_tokens_a_chat_stops_at_the_cap(server: Server) -> None:
-    response = server.client(CONFIG_KEY).chat.completions.create(
+def test_without_max_tokens_a_chat_stops_at_the_cap(server: Gateway) -> None:
+    response = server.client_with_key(CONFIG_KEY).chat.completions.create(
         model=MODEL, messages=HELLO, extra_body={"ignore_eos": True},
     )
     assert response.usage.completion_tokens == MAX_TOKENS_LIMIT
     assert response.choices[0].finish_reason == "length"
 
 
-def test_a_full_queue_is_429_with_retry_after(server: Server) -> None:
-    client = server.client(CONFIG_KEY)
+def test_a_full_queue_is_429_with_retry_after(server: Gateway) -> None:
+    client = server.client_with_key(CONFIG_KEY)
     server.executor.running.clear()
     try:
         with ThreadPoolExecutor(1) as pool:

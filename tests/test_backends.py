@@ -19,10 +19,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from live import free_port, live_server, server_process, wait_until
+from live import Gateway as LiveGateway
+from live import built, free_port, live_gateway, server_process, wait_until
 from mergeserve.engine.executor import Executor
 from mergeserve.experts import ExpertPool
-from mergeserve.server.app import create_app
 from mergeserve.server.auth import Auth
 from mergeserve.server.backends.policy import BackendPolicy
 from mergeserve.server.backends.process import ManagedServer, child_env
@@ -57,13 +57,8 @@ class Upstream:
     client: openai.OpenAI
 
 
-@dataclass
-class Gateway:
-    url: str
-    http: httpx.Client  # with the admin key
-    client: openai.OpenAI
-    registry: Registry
-    builder: Builder
+@dataclass(kw_only=True)
+class Gateway(LiveGateway):
     flaky_port: int  # where an upstream the serve config allows comes and goes
 
 
@@ -81,12 +76,11 @@ def gateway(zoo: dict[str, Path], upstream: Upstream) -> Iterator[Gateway]:
     registry, executor, flaky_port = Registry(), Executor(), free_port()
     allowed = BackendPolicy(upstream_allowlist=(f"{upstream.url}/v1", f"http://127.0.0.1:{flaky_port}/v1"))
     builder = Builder(registry, ExpertPool(), executor, policy=allowed)
-    builder.build_now(parse_composition({"name": "local"} | moe(zoo, "german")))
-    builder.build_now(parse_composition({"name": "remote", "backend": "openai", "url": f"{upstream.url}/v1"}))
-    app = create_app(registry, executor, Auth(admin_key="admin-key"), builder)
-    with live_server(app) as url, httpx.Client(base_url=url, headers=ADMIN, timeout=60) as http:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-        yield Gateway(url, http, client, registry, builder, flaky_port)
+    built(builder, parse_composition({"name": "local"} | moe(zoo, "german")))
+    built(builder, parse_composition({"name": "remote", "backend": "openai", "upstream": {"url": f"{upstream.url}/v1"}}))
+    with live_gateway(registry, executor, Auth(admin_key="admin-key"), builder, headers=ADMIN, timeout=60,
+                      kind=Gateway, flaky_port=flaky_port) as gateway:
+        yield gateway
 
 
 def samples(http: httpx.Client, name: str) -> list:
@@ -185,7 +179,7 @@ def test_an_alias_across_local_and_remote_loses_nothing_while_the_remote_side_is
     for t in threads:
         t.start()
     for number in (2, 3):  # two replacements of the remote side while the clients stream
-        spec = {"backend": "openai", "url": f"{upstream.url}/v1", "upstream_model": "up", "timeout_s": 100 + number}
+        spec = {"backend": "openai", "upstream": {"url": f"{upstream.url}/v1", "model": "up", "timeout_s": 100 + number}}
         assert gateway.http.put("/admin/compositions/remote", json=spec).status_code == 202
         wait_until(lambda n=number: gateway.http.get("/admin/compositions/remote").json()["serving_revision"] == n,
                    what=f"revision {number}")
@@ -203,8 +197,8 @@ def test_an_unreachable_upstream_is_503_with_retry_after_until_it_is_back(
     gateway: Gateway, zoo: dict[str, Path], tmp_path: Path,
 ) -> None:
     port, config = gateway.flaky_port, upstream_config(zoo, tmp_path)
-    spec = {"name": "flaky", "backend": "openai", "url": f"http://127.0.0.1:{port}/v1", "upstream_model": "up"}
-    gateway.builder.build_now(parse_composition(spec))
+    spec = {"name": "flaky", "backend": "openai", "upstream": {"url": f"http://127.0.0.1:{port}/v1", "model": "up"}}
+    built(gateway.builder, parse_composition(spec))
     ask = {"model": "flaky", "prompt": "Hi", "max_tokens": 2}
     with server_process(config, port, tmp_path / "log"):
         assert gateway.http.post("/v1/completions", json=ask).status_code == 200

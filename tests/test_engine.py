@@ -5,27 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import make_checkpoint
+from tiny import dense_spec, engine_for, make_checkpoint
 from transformers import AutoModelForCausalLM
 
-from mergeserve.composition import dense
+from mergeserve.weights import dense
 from mergeserve.engine.engine import Engine, StepFailed
 from mergeserve.engine.sequence import SamplingParams
 from mergeserve.experts import ExpertPool
-from mergeserve.kernels import FusedFFN, moe_ffn, route
-from mergeserve.merge import build
-from mergeserve.spec import EngineConfig, parse_composition
+from mergeserve.kernels import FusedFFN, moe_ffn, top_k_experts
+from mergeserve.learn.compose import build
+from mergeserve.spec import parse_composition
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 TEXT = "def add(a, b):\n    return a + b\nDer Hund läuft schnell."
-
-
-def dense_spec(path, name="dense"):
-    return parse_composition({"name": name, "base": str(path), "experts": [{"name": "only", "source": str(path)}]})
-
-
-def engine_for(spec, **config) -> Engine:
-    return Engine(build(spec, ExpertPool()), EngineConfig(**config))
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
@@ -82,7 +74,7 @@ def test_grouped_dispatch_equals_a_per_token_loop(zoo):
     })
     layer = build(spec, ExpertPool()).layers[0]
     x = torch.randn(37, layer.router.shape[1])
-    weights, ids = route(x, layer.router, 2)
+    weights, ids = top_k_experts(x, layer.router, 2)
     out = moe_ffn(x, weights, ids, [FusedFFN.of(e) for e in layer.experts])
     expected = torch.stack([
         sum(w * reference_mlp(x[t], layer.experts[e]) for w, e in zip(weights[t], ids[t].tolist()))

@@ -14,18 +14,18 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergeserve.cli import main
-from mergeserve.engine.engine import Engine
 from mergeserve.engine.model import Batch, Capture, Transformer
 from mergeserve.eval.datasets import EvalData, load_eval_data
-from mergeserve.eval.harness import EvalSettings, engine_config, evaluate_engine, evaluate_specs, oracle_row
+from mergeserve.eval.harness import evaluate_engine, evaluate_specs, oracle_row
 from mergeserve.eval.metrics import LossSum, cut_at_answer_line, extract_answer, matches, normalise_number
-from mergeserve.experts import ExpertPool
-from mergeserve.kernels import route
-from mergeserve.merge import build
+from mergeserve.eval.report import write_all
+from mergeserve.eval.results import EvalResults
+from mergeserve.eval.scoring import EvalSettings, engine_config
+from mergeserve.kernels import top_k_experts
 from mergeserve.router.request import KeywordRouter
 from mergeserve.spec import parse_composition
 from mergeserve.zoo.splits import write_jsonl
-from tiny import make_checkpoint, perturbed_copy
+from tiny import composition, engine_for, make_checkpoint, perturbed_copy
 
 DOMAINS = ("math", "german", "code")
 MAX_TOKENS = 12  # short enough that most examples below are cut
@@ -49,12 +49,10 @@ def settings(**kw) -> EvalSettings:
 
 
 def spec(base: Path, experts: dict[str, Path], **extra):
-    return parse_composition({"name": "-".join(experts), "base": str(base),
-                              "experts": [{"name": n, "source": str(p)} for n, p in experts.items()], **extra})
+    return parse_composition(composition("-".join(experts), base, experts, **extra))
 
 
-def engine_for(composition) -> Engine:
-    return Engine(build(composition, ExpertPool()), engine_config(settings()))
+ENGINE = engine_config(settings())  # the engine evaluate_specs builds for these settings
 
 
 def reference_nll(
@@ -129,24 +127,24 @@ def test_uniform_model_loss_is_log_vocab(tmp_path):
     weights = load_file(str(folder / "model.safetensors"))
     weights["lm_head.weight"].zero_()
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    engine = engine_for(spec(folder, {"only": folder}))
+    engine = engine_for(spec(folder, {"only": folder}), ENGINE)
     result = evaluate_engine(engine, loss_data(("german",)), settings())
     vocab = engine.composed.config.vocab_size
-    assert result["domains"]["german"]["loss"] == pytest.approx(math.log(vocab), abs=1e-5)
+    assert result.domains["german"].loss == pytest.approx(math.log(vocab), abs=1e-5)
     ids = [engine.tokenizer(t, add_special_tokens=False).input_ids[:MAX_TOKENS] for t in TEXTS["german"]]
-    assert result["domains"]["german"]["tokens"] == sum(max(0, len(x) - ROUTE_TOKENS) for x in ids) > 0
-    assert result["domains"]["german"]["examples"] == 2  # "Hallo" is all context
+    assert result.domains["german"].tokens == sum(max(0, len(x) - ROUTE_TOKENS) for x in ids) > 0
+    assert result.domains["german"].examples == 2  # "Hallo" is all context
 
 
 def test_loss_matches_a_hand_computed_value(zoo):
-    engine = engine_for(spec(zoo["base"], {"math": zoo["math"]}))
+    engine = engine_for(spec(zoo["base"], {"math": zoo["math"]}), ENGINE)
     result = evaluate_engine(engine, loss_data(), settings())
     for domain in DOMAINS:
         expected = reference_nll(zoo["math"], TEXTS[domain])
-        got = result["domains"][domain]
-        assert (got["tokens"], got["examples"]) == (expected.tokens, expected.examples)
-        assert got["nll"] == pytest.approx(expected.nll, rel=1e-5)
-        assert got["loss"] == pytest.approx(expected.nll / expected.tokens, rel=1e-5)  # token-weighted, not per example
+        got = result.domains[domain]
+        assert (got.tokens, got.examples) == (expected.tokens, expected.examples)
+        assert got.nll == pytest.approx(expected.nll, rel=1e-5)
+        assert got.loss == pytest.approx(expected.nll / expected.tokens, rel=1e-5)  # token-weighted, not per example
 
 
 def test_mixed_set_and_oracle_from_single_experts(zoo, data_dir):
@@ -161,12 +159,12 @@ def test_mixed_set_and_oracle_from_single_experts(zoo, data_dir):
     for domain in DOMAINS:
         expected = reference_nll(zoo[domain], [e["text"] for d, e in data.mixed if d == domain])
         total += expected
-        assert oracle["mixed"]["by_domain"][domain]["nll"] == pytest.approx(expected.nll, rel=1e-5)
-        assert oracle["mixed"]["by_domain"][domain]["tokens"] == expected.tokens
-        assert oracle["domains"][domain] == rows[DOMAINS.index(domain)]["domains"][domain]
-    assert oracle["mixed"]["loss"] == pytest.approx(total.loss, rel=1e-5)
+        assert oracle.mixed.by_domain[domain].nll == pytest.approx(expected.nll, rel=1e-5)
+        assert oracle.mixed.by_domain[domain].tokens == expected.tokens
+        assert oracle.domains[domain] == rows[DOMAINS.index(domain)].domains[domain]
+    assert oracle.mixed.total.loss == pytest.approx(total.loss, rel=1e-5)
     with pytest.raises(ValueError, match="german"):
-        oracle_row([r for r in rows if r["expert"] != "german"], DOMAINS)
+        oracle_row([r for r in rows if r.expert != "german"], DOMAINS)
 
 
 def test_a_route_row_scores_each_example_with_the_member_its_router_picks(zoo, data_dir):
@@ -177,14 +175,14 @@ def test_a_route_row_scores_each_example_with_the_member_its_router_picks(zoo, d
     data = load_eval_data(data_dir, DOMAINS, mixed_per_domain=2, math_examples=0)
     rows = evaluate_specs([(d, spec(zoo["base"], {d: zoo[d]})) for d in DOMAINS] + [("route", route)], data, settings())
     oracle, routed = oracle_row(rows, DOMAINS), rows[-1]
-    assert routed["kind"] == "route"
-    scored = {d: rows[DOMAINS.index(d)]["domains"][d]["examples"] for d in DOMAINS}  # "Hallo" is neither routed nor scored
+    assert routed.kind == "route"
+    scored = {d: rows[DOMAINS.index(d)].domains[d].examples for d in DOMAINS}  # "Hallo" is neither routed nor scored
     assert scored["german"] == len(data.domains["german"]) - 1
-    assert routed["routing"] == {d: {m: scored[d] if m == d else 0 for m in DOMAINS} for d in DOMAINS} | {
+    assert routed.routing == {d: {m: scored[d] if m == d else 0 for m in DOMAINS} for d in DOMAINS} | {
         "math problems": dict.fromkeys(DOMAINS, 0)}
     for domain in DOMAINS:
-        assert routed["domains"][domain]["nll"] == pytest.approx(oracle["domains"][domain]["nll"], rel=1e-6)
-    assert routed["mixed"]["nll"] == pytest.approx(oracle["mixed"]["nll"], rel=1e-6)
+        assert routed.domains[domain].nll == pytest.approx(oracle.domains[domain].nll, rel=1e-6)
+    assert routed.mixed.total.nll == pytest.approx(oracle.mixed.total.nll, rel=1e-6)
 
 
 def test_a_top_k_route_row_scores_each_example_under_its_members_mixture(zoo, data_dir):
@@ -195,35 +193,35 @@ def test_a_top_k_route_row_scores_each_example_under_its_members_mixture(zoo, da
     row = evaluate_specs([("route", route)], data, settings())[0]
     for domain in DOMAINS:
         expected = reference_nll([zoo["math"], zoo["german"]], [e["text"] for e in data.domains[domain]])
-        assert (row["domains"][domain]["nll"], row["domains"][domain]["tokens"]) == (pytest.approx(expected.nll, rel=1e-5), expected.tokens)
-    assert {s["member"] for s in row["math"]["samples"]} <= {"math+german", "german+math"} and row["math"]["n"] == 2
+        assert (row.domains[domain].nll, row.domains[domain].tokens) == (pytest.approx(expected.nll, rel=1e-5), expected.tokens)
+    assert {s.member for s in row.math.samples} <= {"math+german", "german+math"} and row.math.n == 2
 
 
 def test_a_sequence_routed_row_scores_only_the_tokens_after_those_it_routes_on(zoo, tmp_path, monkeypatch):
     """A perplexity-routed MoE chooses each text's expert from its first ROUTE_TOKENS tokens and
     scores the tokens after them, the same positions as a plain row, each under the expert chosen."""
     experts = {d: perturbed_copy(zoo["base"], tmp_path / d, seed=i + 1, only="model.layers.") for i, d in enumerate(DOMAINS)}
-    engine = engine_for(spec(zoo["base"], experts, router={"kind": "perplexity", "top_k": 1}))
-    chosen, route = {}, engine.sequence_router.route
+    engine = engine_for(spec(zoo["base"], experts, router={"kind": "perplexity", "top_k": 1}), ENGINE)
+    chosen, route = {}, engine.mixture_router.weights
 
     def spy(prompts, bias=None):
         alpha = route(prompts, bias)  # [N, E], one-hot
         chosen.update(zip(map(tuple, prompts), alpha.argmax(1).tolist()))
         return alpha
 
-    monkeypatch.setattr(engine.sequence_router, "route", spy)
+    monkeypatch.setattr(engine.mixture_router, "weights", spy)
     routed = evaluate_engine(engine, loss_data(), settings())
-    plain = evaluate_engine(engine_for(spec(zoo["base"], {"math": experts["math"]})), loss_data(), settings())
+    plain = evaluate_engine(engine_for(spec(zoo["base"], {"math": experts["math"]}), ENGINE), loss_data(), settings())
     assert {len(p) for p in chosen} == {ROUTE_TOKENS}
     for domain in DOMAINS:
         ids = {t: engine.tokenizer(t, add_special_tokens=False).input_ids[:MAX_TOKENS] for t in TEXTS[domain]}
         long = {t: x for t, x in ids.items() if len(x) > ROUTE_TOKENS}
         # Each text by hand under the expert its context chose (separate attention: that expert's own model).
         expected = sum((reference_nll(experts[DOMAINS[chosen[tuple(x[:ROUTE_TOKENS])]]], [t]) for t, x in long.items()), LossSum())
-        got = routed["domains"][domain]
-        assert got["tokens"] == plain["domains"][domain]["tokens"] == sum(len(x) - ROUTE_TOKENS for x in long.values()) == expected.tokens
-        assert got["examples"] == plain["domains"][domain]["examples"] == len(long)
-        assert got["nll"] == pytest.approx(expected.nll, rel=1e-5)
+        got = routed.domains[domain]
+        assert got.tokens == plain.domains[domain].tokens == sum(len(x) - ROUTE_TOKENS for x in long.values()) == expected.tokens
+        assert got.examples == plain.domains[domain].examples == len(long)
+        assert got.nll == pytest.approx(expected.nll, rel=1e-5)
     assert len(set(chosen.values())) > 1  # the texts did go to different experts
 
 
@@ -257,20 +255,20 @@ def test_a_route_row_scores_the_tokens_after_the_prefix_it_routes_on(zoo, tmp_pa
                 context = sum(start < end for start, _ in offsets)
                 assert context > ROUTE_TOKENS  # the same text is more of the other tokenizer's tokens
                 expected += reference_nll(other, [text], max_tokens, context)
-        got = row["domains"][domain]
-        assert (got["tokens"], got["examples"]) == (expected.tokens, expected.examples) and got["tokens"] > 0
-        assert got["nll"] == pytest.approx(expected.nll, rel=1e-5)
+        got = row.domains[domain]
+        assert (got.tokens, got.examples) == (expected.tokens, expected.examples) and got.tokens > 0
+        assert got.nll == pytest.approx(expected.nll, rel=1e-5)
     assert seen == prefixes and prefixes[0] == "Tom has 5 apples"
-    assert row["routing"]["german"] == {"math": 0, "other": 2} and row["routing"]["math"] == {"math": 2, "other": 0}
+    assert row.routing["german"] == {"math": 0, "other": 2} and row.routing["math"] == {"math": 2, "other": 0}
 
 
 def test_router_load_is_reported_per_domain(zoo):
     """Each domain's reported shares are the top-2 picks counted by hand from the router's inputs."""
     moe = spec(zoo["base"], {d: zoo[d] for d in DOMAINS}, router={"kind": "random", "top_k": 2})
-    engine = engine_for(moe)
+    engine = engine_for(moe, ENGINE)
     data = loss_data()
     result = evaluate_engine(engine, data, settings())
-    assert set(result["router"]) == set(DOMAINS)
+    assert set(result.router) == set(DOMAINS)
     for domain, examples in data.domains.items():
         picks = torch.zeros(len(engine.composed.layers), 3)  # [L, E]
         for example in examples:
@@ -280,10 +278,10 @@ def test_router_load_is_reported_per_domain(zoo):
             captured = Capture(ffn=[])
             Transformer(engine.composed, max_len=MAX_TOKENS)(Batch.right_padded([ids]), capture=captured)
             for n, x in enumerate(captured.ffn):
-                _, chosen = route(x, engine.composed.layers[n].router, 2)
+                _, chosen = top_k_experts(x, engine.composed.layers[n].router, 2)
                 picks[n] += torch.bincount(chosen.flatten(), minlength=3)
         share = picks / picks.sum(1, keepdim=True)
-        torch.testing.assert_close(torch.tensor(result["router"][domain]["per_layer"], dtype=torch.float64), share.double(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(torch.tensor(result.router[domain].per_layer, dtype=torch.float64), share.double(), atol=1e-6, rtol=0)
 
 
 # --- math accuracy -------------------------------------------------------------------------
@@ -325,15 +323,25 @@ def test_math_accuracy_counts_exact_matches(taught, tmp_path):
     # separator and a trailing .0), the other two are off by a digit: exactly 2 of 4 match.
     gold = [f"{int(extracted[0]):,}.0", extracted[1], extracted[2] + "1", "9" + extracted[3]]
     problems = [{"question": q, "answer": g, "text": ""} for (q, _, _), g in zip(PROBLEMS, gold)]
-    engine = engine_for(spec(taught, {"only": taught}))
+    engine = engine_for(spec(taught, {"only": taught}), ENGINE)
     result = evaluate_engine(engine, EvalData({}, problems, []), settings())
-    assert result["math"]["correct"] == 2 and result["math"]["n"] == 4
-    assert result["math"]["accuracy"] == 0.5
-    assert [s["extracted"] for s in result["math"]["samples"]] == extracted
-    assert [s["correct"] for s in result["math"]["samples"]] == [True, True, False, False]
+    assert result.math.correct == 2 and result.math.n == 4
+    assert result.math.accuracy == 0.5
+    assert [s.extracted for s in result.math.samples] == extracted
+    assert [s.correct for s in result.math.samples] == [True, True, False, False]
 
 
 # --- the command ---------------------------------------------------------------------------
+
+def test_results_of_earlier_runs_are_written_back_unchanged(tmp_path):
+    """--reuse and the README read results.json files of earlier runs: read into typed rows and
+    written out again, every committed one comes back byte for byte."""
+    files = sorted((Path(__file__).resolve().parent.parent / "benchmarks" / "results").glob("*/results.json"))
+    assert files
+    for i, path in enumerate(files):
+        write_all(tmp_path / str(i), EvalResults.from_json(json.loads(path.read_text())))
+        assert (tmp_path / str(i) / "results.json").read_text() == path.read_text(), path
+
 
 def test_eval_command_writes_results(zoo, data_dir, tmp_path, capsys):
     specs = []

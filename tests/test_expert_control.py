@@ -16,13 +16,11 @@ from mergeserve.engine.engine import Engine
 from mergeserve.engine.executor import Executor
 from mergeserve.server.backends.local import LocalBackend
 from mergeserve.engine.sequence import SamplingParams
-from mergeserve.experts import ExpertPool
-from mergeserve.merge import build
 from mergeserve.server import Registry, create_app
 from mergeserve.server.errors import APIError
 from mergeserve.server.protocol import ChatCompletionRequest, CompletionRequest, expert_names_of
-from mergeserve.spec import EngineConfig, parse_composition
-from tiny import perturbed_copy
+from mergeserve.spec import parse_composition
+from tiny import composition, engine_for, perturbed_copy
 
 NAMES = ["code", "german", "math"]
 PROMPTS = ("def add(a, b):\n    return a + b\n", "Die Katze schläft im Haus.", "What is 12 + 7?", "Hello")
@@ -43,11 +41,8 @@ def tokenize(engine: Engine, texts=PROMPTS) -> list[list[int]]:
 
 
 def compose(name: str, base: Path, experts: dict[str, Path], **router) -> Engine:
-    spec = parse_composition({
-        "name": name, "base": str(base), "router": router,
-        "experts": [{"name": n, "source": str(p)} for n, p in experts.items()],
-    })
-    return Engine(build(spec, ExpertPool()), EngineConfig(max_num_seqs=4, max_prefill_tokens=8, max_model_len=128))
+    spec = parse_composition(composition(name, base, experts, router=router))
+    return engine_for(spec, max_num_seqs=4, max_prefill_tokens=8, max_model_len=128)
 
 
 def dense(path: Path) -> Engine:

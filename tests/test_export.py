@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM, MixtralForCausa
 
 from mergeserve.experts import ExpertPool
 from mergeserve.export import export_composition, export_mixtral
-from mergeserve.merge import build
+from mergeserve.learn.compose import build
 from mergeserve.spec import parse_composition
 from tiny import make_checkpoint, perturbed_copy
 

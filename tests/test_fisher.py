@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mergeserve.experts import ExpertPool
-from mergeserve.merge.fisher import diagonal_fisher
+from mergeserve.learn.fisher import diagonal_fisher
 
 CHECKED = ("model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight")
 

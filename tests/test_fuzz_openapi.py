@@ -9,11 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from live import live_server
-from mergeserve import merge
-from mergeserve.engine.engine import Engine
+from live import live_server, local_registry
 from mergeserve.engine.executor import Executor
-from mergeserve.server.backends.local import LocalBackend
 from mergeserve.experts import ExpertPool
 from mergeserve.server import Registry, create_app
 from mergeserve.spec import EngineConfig, parse_composition
@@ -67,7 +64,7 @@ def served(zoo: dict[str, Path]) -> Iterator[tuple[str, str]]:
         "experts": [{"name": name, "source": str(zoo[name])} for name in ("code", "math")],
     })
     executor = Executor()
-    registry = Registry([LocalBackend(Engine(merge.build(spec, ExpertPool()), ENGINE), executor)])
+    registry = local_registry(executor, ENGINE, spec)
     with live_server(create_app(registry, executor)) as url:
         hello = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         response = httpx.post(f"{url}/v1/chat/completions", json=hello, timeout=30)

@@ -1,6 +1,6 @@
 """One request must never hurt another: every request's work is bounded and admitted for what it costs.
 
-Each finding of issue 21 has its test here; then a bystander's greedy stream that must not notice
+Each way a request once hurt others has its test here; then a bystander's greedy stream that must not notice
 a volley of hostile requests, and Hypothesis throwing extreme JSON at every /v1 route.
 """
 
@@ -14,23 +14,18 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from live import live_server, wait_until
-from mergeserve import merge
+from live import Gateway, live_gateway, local_registry, wait_until
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.executor import EngineError, Executor
 from mergeserve.engine.sequence import SamplingParams
-from mergeserve.experts import ExpertPool
-from mergeserve.server import Registry, create_app
-from mergeserve.server.backends.local import MAX_CHARS_PER_TOKEN, LocalBackend
+from mergeserve.server.backends.local import MAX_CHARS_PER_TOKEN
 from mergeserve.server.protocol import (
     MAX_EXPERTS, MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_PROMPTS, MAX_STOP, MAX_TOOLS,
 )
@@ -61,26 +56,15 @@ class SteeredExecutor(Executor):
         super()._step(engine)
 
 
-@dataclass
-class Server:
-    url: str
-    engine: Engine
-    executor: SteeredExecutor
-    http: httpx.Client
-    client: openai.OpenAI
-
-
 @pytest.fixture(scope="module")
-def server(zoo: dict[str, Path]) -> Iterator[Server]:
+def server(zoo: dict[str, Path]) -> Iterator[Gateway]:
     spec = parse_composition({
         "name": MODEL, "base": str(zoo["base"]), "router": {"kind": "random", "top_k": 1},
         "experts": [{"name": name, "source": str(zoo[name])} for name in ("code", "math")],
     })
     executor = SteeredExecutor()
-    registry = Registry([LocalBackend(Engine(merge.build(spec, ExpertPool()), ENGINE), executor)])
-    with live_server(create_app(registry, executor)) as url, httpx.Client(base_url=url, timeout=30) as http:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=20)
-        yield Server(url, registry.get(MODEL).engine, executor, http, client)
+    with live_gateway(local_registry(executor, ENGINE, spec), executor, client_timeout=20) as gateway:
+        yield gateway
         executor.running.set()
 
 
@@ -113,7 +97,7 @@ def refusal(response: httpx.Response, status: int = 400) -> dict:
 # --- one test per finding -------------------------------------------------------------------------
 
 
-def test_a_seed_past_int64_is_a_400_naming_it(server: Server) -> None:
+def test_a_seed_past_int64_is_a_400_naming_it(server: Gateway) -> None:
     for seed in (2**64, 2**63, -(2**63) - 1):
         error = refusal(server.http.post("/v1/completions", json=completion(seed=seed)))
         assert error["param"] == "seed" and "922337203685477580" in error["message"]  # one bound or the other
@@ -122,7 +106,7 @@ def test_a_seed_past_int64_is_a_400_naming_it(server: Server) -> None:
         assert response.status_code == 200 and len(response.json()["choices"]) == 2
 
 
-def test_a_request_that_fails_admission_fails_alone(server: Server) -> None:
+def test_a_request_that_fails_admission_fails_alone(server: Gateway) -> None:
     """A seed the generator cannot take, past the API's check (any fault while the engine takes a
     request from its inbox stands for the same): that request fails, the one beside it runs on."""
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -147,7 +131,7 @@ def test_a_request_that_fails_admission_fails_alone(server: Server) -> None:
     assert server.engine.num_running == server.engine.num_waiting == 0
 
 
-def test_a_prompt_list_times_n_is_admitted_whole_or_refused_without_queueing(server: Server) -> None:
+def test_a_prompt_list_times_n_is_admitted_whole_or_refused_without_queueing(server: Gateway) -> None:
     error = refusal(server.http.post("/v1/completions", json=completion(prompt=["Hi"] * 5000, n=8)))
     assert error["param"] == "prompt"
     # Within the schema's bounds, but 20 x 8 sequences could never fit a queue of MAX_WAITING.
@@ -157,7 +141,7 @@ def test_a_prompt_list_times_n_is_admitted_whole_or_refused_without_queueing(ser
     assert server.http.post("/v1/chat/completions", json=chat()).status_code == 200  # nobody else is refused
 
 
-def test_admission_counts_sequences_not_requests(server: Server) -> None:
+def test_admission_counts_sequences_not_requests(server: Gateway) -> None:
     """8 sequences wait: a request of 16 more is a 429 and queues nothing; one sequence still fits."""
     with ThreadPoolExecutor(2) as pool, paused(server.executor):
         eight = pool.submit(server.http.post, "/v1/completions", json=completion(prompt=["a", "b"], n=4))
@@ -170,7 +154,7 @@ def test_admission_counts_sequences_not_requests(server: Server) -> None:
         assert eight.result().status_code == one.result().status_code == 200
 
 
-def test_twenty_thousand_experts_are_refused_at_once(server: Server) -> None:
+def test_twenty_thousand_experts_are_refused_at_once(server: Gateway) -> None:
     start = time.monotonic()
     error = refusal(server.http.post("/v1/completions", json=completion(experts=["code"] * 20_000)))
     assert error["param"] == "experts" and str(MAX_EXPERTS) in error["message"]
@@ -179,7 +163,7 @@ def test_twenty_thousand_experts_are_refused_at_once(server: Server) -> None:
     assert error["param"] == "experts" and "and 246 more" in error["message"]  # lists 10 names, counts the rest
 
 
-def test_a_hundred_thousand_malformed_messages_get_a_small_error(server: Server) -> None:
+def test_a_hundred_thousand_malformed_messages_get_a_small_error(server: Gateway) -> None:
     error = refusal(server.http.post("/v1/chat/completions", json=chat(messages=[{"role": "nobody"}] * 100_000)))
     assert error["param"] == "messages" and str(MAX_MESSAGES) in error["message"]
     # Under the bound, every message wrong: the first five problems are listed, the rest counted.
@@ -191,14 +175,14 @@ def test_a_hundred_thousand_malformed_messages_get_a_small_error(server: Server)
     assert error["param"] == "logit_bias"
 
 
-def test_the_stop_list_is_bounded(server: Server) -> None:
+def test_the_stop_list_is_bounded(server: Gateway) -> None:
     assert server.http.post("/v1/completions", json=completion(stop=["\n"] * MAX_STOP)).status_code == 200
     for stop in (["\n"] * (MAX_STOP + 1), ["x"] * 100_000, "x" * 2000):
         assert refusal(server.http.post("/v1/completions", json=completion(stop=stop)))["param"] == "stop"
 
 
 def test_templates_and_tokenizers_run_off_the_event_loop_over_bounded_text(
-    server: Server, monkeypatch: pytest.MonkeyPatch,
+    server: Gateway, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls: list[tuple[str, bool, int]] = []  # (what, on the event loop, characters)
 
@@ -231,7 +215,7 @@ def on_event_loop() -> bool:
     return True
 
 
-def test_the_schema_documents_the_bounds(server: Server) -> None:
+def test_the_schema_documents_the_bounds(server: Gateway) -> None:
     schemas = server.http.get("/openapi.json").json()["components"]["schemas"]
     fields = schemas["CompletionRequest"]["properties"] | schemas["ChatCompletionRequest"]["properties"]
     bounds = {"seed": 2**63 - 1, "prompt": MAX_PROMPTS, "stop": MAX_STOP, "experts": MAX_EXPERTS, "expert_bias": MAX_EXPERTS,
@@ -256,7 +240,7 @@ def hostile_requests() -> list[tuple[str, dict, str]]:
     ]
 
 
-def stream_text(server: Server) -> Iterator[str]:
+def stream_text(server: Gateway) -> Iterator[str]:
     stream = server.client.completions.create(stream=True, extra_body={"ignore_eos": True}, **BYSTANDER)
     for chunk in stream:
         yield "".join(c.text for c in chunk.choices)
@@ -288,7 +272,7 @@ def health_latencies(url: str, done: threading.Event) -> list[float]:
     return latencies
 
 
-def test_hostile_requests_leave_a_bystander_stream_and_health_alone(server: Server) -> None:
+def test_hostile_requests_leave_a_bystander_stream_and_health_alone(server: Gateway) -> None:
     alone = "".join(stream_text(server))
     requests = hostile_requests()
     server.executor.step_delay_s = 0.02  # the bystander's 96 tokens take 2 s or more: it runs throughout
@@ -364,7 +348,7 @@ def bodies(draw: st.DrawFn) -> tuple[str, str]:
 @settings(max_examples=100, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
 @given(bodies())
-def test_extreme_json_gets_an_answer_never_a_server_error(server: Server, body: tuple[str, str]) -> None:
+def test_extreme_json_gets_an_answer_never_a_server_error(server: Gateway, body: tuple[str, str]) -> None:
     route, text = body
     method = "GET" if route == "/v1/models" else "POST"
     response = server.http.request(method, route, content=text, headers={"content-type": "application/json"})

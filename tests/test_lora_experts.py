@@ -16,14 +16,15 @@ from peft import PeftModel
 from tiny import FFN_PROJECTIONS, make_adapter, perturbed_copy
 from transformers import AutoModelForCausalLM
 
-from mergeserve.composition import ExpertFFN, LowRank, dense
+from mergeserve.weights import ExpertFFN, LowRank, dense
+
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.sequence import SamplingParams
 from mergeserve.experts import CheckpointError, ExpertPool
 from mergeserve.export import export_composition
 from mergeserve.kernels import LoraExperts, lora_moe_ffn
-from mergeserve.merge import build
-from mergeserve.router.arrow import factor_prototype, prototype
+from mergeserve.learn.compose import build
+from mergeserve.router.arrow import factor_subspace, subspace
 from mergeserve.spec import EngineConfig, parse_composition
 
 TEXTS = ("def add(a, b):\n    return a + b\n", "Die Katze schläft im Haus.", "What is 12 + 7?", "Hello, how are you today?")
@@ -174,7 +175,7 @@ def test_arrow_prototypes_from_factors_equal_the_svd_of_the_dense_delta():
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(6, 40, generator=g), torch.randn(90, 6, generator=g)
     base = torch.randn(90, 40, generator=g)
-    v_factors, v_dense = factor_prototype(a, b, base), prototype(b @ a, base)
+    v_factors, v_dense = factor_subspace(a, b, base, 1)[0], subspace(b @ a, base, 1)[0]
     assert abs(float(v_factors @ v_dense)) == pytest.approx(1.0, abs=1e-4)  # the same direction, up to sign
 
 
@@ -195,7 +196,7 @@ def test_task_vector_routing_from_factors_equals_the_merged_dense_path(zoo, adap
     factored, merged = engine(spec), engine(spec, lora="merged")
     prompts = ids_of(factored)
     torch.testing.assert_close(
-        factored.sequence_router.scores(prompts), merged.sequence_router.scores(prompts),
+        factored.mixture_router.scores(prompts), merged.mixture_router.scores(prompts),
         atol=1e-5, rtol=1e-4,
     )
     torch.testing.assert_close(factored.logits(prompts[0]), merged.logits(prompts[0]), atol=1e-4, rtol=0)

@@ -10,7 +10,7 @@ from mergeserve.engine.engine import Engine
 from mergeserve.engine.sequence import SamplingParams
 from mergeserve.experts import ExpertPool
 from mergeserve.export import export_dense
-from mergeserve.merge import build
+from mergeserve.learn.compose import build
 from mergeserve.spec import parse_composition
 
 Q = "model.layers.1.self_attn.q_proj.weight"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mergeserve.merge.methods import METHODS
-from mergeserve.spec import MergeParams
+from mergeserve.spec import merge_params
 
 gta = pytest.importorskip("mergekit.merge_methods.generalized_task_arithmetic")
 from mergekit.merge_methods.slerp import slerp as mergekit_slerp  # noqa: E402
@@ -37,7 +37,7 @@ def mergekit(consensus: str | None, sparsify: SparsificationMethod | None, densi
 
 
 def ours(method: str, seed: int = 0, **fields) -> torch.Tensor:
-    params = MergeParams(method=method, **fields)
+    params = merge_params(method, **fields)
     return METHODS[method](BASE, EXPERTS, WEIGHTS, params, torch.Generator().manual_seed(seed))
 
 
@@ -57,7 +57,8 @@ def test_ties_matches_mergekit_with_weights_in_both_forms(consensus, normalize):
 def test_dare_without_rescale_draws_mergekits_masks(method, consensus):
     torch.manual_seed(5)  # mergekit draws from the global generator; ours from one seeded alike
     expected = mergekit(consensus, SparsificationMethod.random, 0.5, consensus is not None, 1.0)
-    got = ours(method, seed=5, density=0.5, rescale=False, normalize=consensus is not None)
+    signs = {"normalize": True} if consensus is not None else {}  # dare_ties: mergekit's form
+    got = ours(method, seed=5, density=0.5, rescale=False, **signs)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
@@ -75,5 +76,5 @@ def test_slerp_over_the_whole_tensor_matches_mergekits_slerp_of_one_row():
     """Ours takes one angle for the flattened tensor; mergekit 0.1.5 takes one per row (noted in slerp.py)."""
     v0, v1 = EXPERTS[0], EXPERTS[1]
     expected = mergekit_slerp(torch.tensor(0.3), v0.reshape(1, -1), v1.reshape(1, -1)).reshape(v0.shape)
-    got = METHODS["slerp"](BASE, [v0, v1], WEIGHTS, MergeParams(method="slerp", t=0.3), None)
+    got = METHODS["slerp"](BASE, [v0, v1], WEIGHTS, merge_params("slerp", t=0.3), None)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from mergeserve.engine.engine import Engine
 from mergeserve.experts import CheckpointError, ExpertPool
-from mergeserve.merge import build
+from mergeserve.learn.compose import build
 from mergeserve.spec import load_serve_config, parse_composition
 from tiny import make_checkpoint
 

@@ -15,11 +15,10 @@ from live import free_port, live_server, server_process, wait_until
 from mergeserve.engine.executor import Executor
 from mergeserve.experts import ExpertPool
 from mergeserve.server import Registry, create_app
-from mergeserve.server.aliases import Alias
 from mergeserve.server.auth import Auth
 from mergeserve.server.builder import Builder
 from mergeserve.server.state import SavedComposition, SavedState, StateStore
-from mergeserve.spec import EngineConfig
+from mergeserve.spec import AliasSpec, EngineConfig
 
 ADMIN = {"Authorization": "Bearer admin-key"}
 
@@ -63,7 +62,7 @@ def test_compositions_and_aliases_come_back_after_a_kill(zoo: dict[str, Path], t
 
 def test_a_crash_while_writing_leaves_the_previous_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = StateStore(tmp_path)
-    before = SavedState(aliases={"ab": Alias(targets={"x": 1})})
+    before = SavedState(aliases={"ab": AliasSpec(targets={"x": 1})})
     store.save(before)
 
     def crash(*_: object) -> None:

@@ -7,15 +7,13 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 import torch
 import yaml
-from live import live_server
+from live import Gateway, built, live_gateway
 from safetensors.torch import save_file
 from tiny import make_checkpoint
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -24,9 +22,8 @@ from mergeserve.cli import main
 from mergeserve.engine.executor import Executor
 from mergeserve.experts import ExpertPool
 from mergeserve.router.request import KeywordRouter
-from mergeserve.server import Registry, create_app
-from mergeserve.server.auth import Auth
-from mergeserve.server.backends.routed import BatchedRouter
+from mergeserve.server import Registry
+from mergeserve.server.backends.route import BatchedRouter
 from mergeserve.server.builder import Builder
 from mergeserve.spec import EngineConfig, parse_composition
 from mergeserve.zoo.splits import write_jsonl
@@ -53,23 +50,15 @@ def route_spec(members: dict[str, Path], name: str = "zoo", **router) -> dict:
             "experts": [{"name": n, "source": str(p)} | extra[n] for n, p in members.items()]}
 
 
-@dataclass
-class Server:
-    http: httpx.Client
-    client: openai.OpenAI
-    builder: Builder
-
-
 @pytest.fixture()
-def server(members) -> Iterator[Server]:
+def server(members) -> Iterator[Gateway]:
     registry, executor = Registry(), Executor()
     builder = Builder(registry, ExpertPool(), executor, EngineConfig(max_num_seqs=4, max_model_len=128))
-    app = create_app(registry, executor, Auth(), builder)
-    with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as http:
-        yield Server(http, openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0), builder)
+    with live_gateway(registry, executor, builder=builder, timeout=60) as gateway:
+        yield gateway
 
 
-def complete(server: Server, model: str, prompt: str, **extra) -> tuple[str, str, str]:
+def complete(server: Gateway, model: str, prompt: str, **extra) -> tuple[str, str, str]:
     """(the member that served it, the greedy text, the system fingerprint)."""
     raw = server.client.completions.with_raw_response.create(
         model=model, prompt=prompt, max_tokens=6, temperature=0, extra_body={"ignore_eos": True, **extra})
@@ -79,7 +68,7 @@ def complete(server: Server, model: str, prompt: str, **extra) -> tuple[str, str
 
 @pytest.mark.parametrize("kind", ["keywords", "centroid"])
 def test_each_request_goes_to_the_model_its_text_names(server, members, kind):
-    server.builder.build_now(parse_composition(route_spec(members, **{"kind": kind})))
+    built(server.builder, parse_composition(route_spec(members, **{"kind": kind})))
     for prompt, expected in ((CODE, "coder"), (GERMAN, "german"), (MATH, "math")):
         member, _, fingerprint = complete(server, "zoo", prompt)
         assert member == expected and fingerprint.endswith(f":{expected}")
@@ -96,14 +85,14 @@ def bits_per_byte(path: Path, text: str) -> float:
 
 
 def test_the_perplexity_router_picks_the_lowest_loss_per_byte(server, members):
-    server.builder.build_now(parse_composition(route_spec(members, kind="perplexity")))
+    built(server.builder, parse_composition(route_spec(members, kind="perplexity")))
     for prompt in (CODE, GERMAN, MATH, "Hello, how are you today?"):
         expected = min(members, key=lambda n: bits_per_byte(members[n], prompt))
         assert complete(server, "zoo", prompt)[0] == expected
 
 
 def test_experts_restrict_and_expert_bias_shifts_the_choice(server, members):
-    server.builder.build_now(parse_composition(route_spec(members)))
+    built(server.builder, parse_composition(route_spec(members)))
     assert complete(server, "zoo", CODE, experts=["german", "math"])[0] in ("german", "math")
     assert complete(server, "zoo", CODE, expert_bias={"math": 50.0})[0] == "math"
     with pytest.raises(openai.BadRequestError, match="no expert named"):
@@ -111,9 +100,9 @@ def test_experts_restrict_and_expert_bias_shifts_the_choice(server, members):
 
 
 def test_a_request_routed_to_one_model_equals_that_model_served_alone(server, members):
-    server.builder.build_now(parse_composition(route_spec(members)))
+    built(server.builder, parse_composition(route_spec(members)))
     for name, path in members.items():
-        server.builder.build_now(parse_composition({"name": f"alone-{name}", "base": str(path),
+        built(server.builder, parse_composition({"name": f"alone-{name}", "base": str(path),
                                                     "experts": [{"name": name, "source": str(path)}]}))
     for prompt, member in ((CODE, "coder"), (GERMAN, "german"), (MATH, "math")):
         assert complete(server, "zoo", prompt)[1] == server.client.completions.create(
@@ -124,7 +113,7 @@ def test_a_request_routed_to_one_model_equals_that_model_served_alone(server, me
 def test_a_mixed_batch_equals_each_request_run_alone(server, members, top_k):
     """Concurrent requests, each on its member (top_k=2: on two members in lockstep, 10 sequences
     over three engines of 4 slots, so some wait for a slot), give what each gives alone."""
-    server.builder.build_now(parse_composition(route_spec(members, kind="keywords", top_k=top_k)))
+    built(server.builder, parse_composition(route_spec(members, kind="keywords", top_k=top_k)))
     prompts = [CODE, GERMAN, MATH, CODE + " # again", GERMAN + " Ja."]
     alone = [complete(server, "zoo", p)[:2] for p in prompts]
     together: list = [None] * len(prompts)
@@ -148,7 +137,7 @@ def test_a_converted_model_keeps_the_tokenizer_it_was_saved_with(members):
 
 
 def test_chat_uses_the_chosen_models_own_template_and_streams(server, members):
-    server.builder.build_now(parse_composition(route_spec(members)))
+    built(server.builder, parse_composition(route_spec(members)))
     raw = server.client.chat.completions.with_raw_response.create(
         model="zoo", messages=[{"role": "user", "content": "Die Katze und das Haus"}], max_tokens=4, temperature=0)
     assert raw.headers["x-mergeserve-member"] == "german" and raw.parse().choices[0].message.content is not None
@@ -158,13 +147,13 @@ def test_chat_uses_the_chosen_models_own_template_and_streams(server, members):
 
 
 def test_token_id_prompts_are_refused_since_members_tokenize_differently(server, members):
-    server.builder.build_now(parse_composition(route_spec(members)))
+    built(server.builder, parse_composition(route_spec(members)))
     with pytest.raises(openai.BadRequestError, match="as text"):
         server.client.completions.create(model="zoo", prompt=[1, 2, 3], max_tokens=2)
 
 
 def test_members_count_their_own_requests_and_tokens(server, members):
-    server.builder.build_now(parse_composition(route_spec(members)))
+    built(server.builder, parse_composition(route_spec(members)))
     complete(server, "zoo", CODE)
     complete(server, "zoo", MATH)
     text = server.http.get("/metrics").text
@@ -202,14 +191,14 @@ def test_a_learned_router_trained_on_unlabeled_text_routes_like_the_best_member(
     assert main(["train-router", "--spec", str(tmp_path / "route.yaml"), "--data", str(tmp_path / "calib.jsonl"),
                  "--out", str(tmp_path / "router.safetensors"), "--threads", "1"]) == 0
     expected = {t: min(members, key=lambda n: bits_per_byte(members[n], t)) for t in texts}
-    server.builder.build_now(parse_composition(spec))
+    built(server.builder, parse_composition(spec))
     assert {t: complete(server, "zoo", t)[0] for t in texts} == expected
 
 
 def test_a_learned_router_for_other_members_is_refused(server, members, tmp_path):
     save_file({"weight": torch.zeros(2, 32), "bias": torch.zeros(2)}, str(tmp_path / "r.safetensors"),
               metadata={"expert_names": '["coder", "math"]', "encoder": "math"})
-    revision = server.builder.build_now(parse_composition(route_spec(members, kind="learned", weights=str(tmp_path / "r.safetensors"))))
+    revision = built(server.builder, parse_composition(route_spec(members, kind="learned", weights=str(tmp_path / "r.safetensors"))))
     assert revision.state == "failed" and "a request router for the members ['coder', 'math']" in revision.error
 
 
@@ -217,11 +206,11 @@ def test_replacing_one_member_reloads_only_that_model(server, members, tmp_path)
     def weights(revision) -> dict[str, int]:
         return {n: m.engine.composed.embed.data_ptr() for n, m in revision.backend.members.items()}
 
-    first = weights(server.builder.build_now(parse_composition(route_spec(members))))
+    first = weights(built(server.builder, parse_composition(route_spec(members))))
     other = make_checkpoint(tmp_path / "other", "qwen2", seed=9, layers=2, hidden_size=32, intermediate_size=64)
     spec = route_spec(members)
     spec["experts"][2]["source"] = str(other)
-    second = server.builder.build_now(parse_composition(spec))
+    second = built(server.builder, parse_composition(spec))
     assert second.state == "ready"
     now = weights(second)  # the unchanged members run on the very tensors the pool loaded for the first build
     assert (now["coder"], now["german"]) == (first["coder"], first["german"]) and now["math"] != first["math"]
@@ -254,8 +243,8 @@ def test_prompts_that_arrive_together_are_routed_in_one_batch():
 def test_a_member_may_be_a_lora_adapter_over_its_own_base(server, members, adapters, zoo):
     spec = route_spec(members)
     spec["experts"].append({"name": "adapted", "source": str(adapters["math"]), "base": str(zoo["base"]), "keywords": ["apples"]})
-    server.builder.build_now(parse_composition(spec))
-    server.builder.build_now(parse_composition({"name": "alone", "base": str(zoo["base"]),
+    built(server.builder, parse_composition(spec))
+    built(server.builder, parse_composition({"name": "alone", "base": str(zoo["base"]),
                                                 "experts": [{"name": "adapted", "source": str(adapters["math"])}]}))
     member, text, _ = complete(server, "zoo", "Tom has 5 apples")
     assert member == "adapted" and text == server.client.completions.create(
@@ -282,7 +271,7 @@ def test_top_k_routing_draws_each_token_from_the_members_mixture(server, members
     """router.top_k=2: the request runs on its two best members, each in its own engine, and each
     greedy token is the argmax of their distributions mixed by softmax of the router's scores."""
     spec = parse_composition(route_spec(members, kind="keywords", top_k=2))
-    server.builder.build_now(spec)
+    built(server.builder, spec)
     prompt = "def total(a, b): return the sum of 12 and die"  # keywords: coder 2, math 2, german 1
     raw = server.client.completions.with_raw_response.create(
         model="zoo", prompt=prompt, max_tokens=6, temperature=0, logprobs=0,
@@ -299,20 +288,20 @@ def test_top_k_never_mixes_a_member_of_another_tokenizer(server, members, tmp_pa
     odd = make_checkpoint(tmp_path / "odd", "llama", seed=4, layers=1, tokenizer_vocab=300)
     spec = route_spec(members, kind="keywords", top_k=2)
     spec["experts"].append({"name": "odd", "source": str(odd), "keywords": ["def"]})
-    server.builder.build_now(parse_composition(spec))
+    built(server.builder, parse_composition(spec))
     assert complete(server, "zoo", CODE, expert_bias={"odd": 10.0})[0] == "odd"  # the best, alone
     # coder 2, odd 1.5, math 0.2, german 0: odd is the runner-up, but math is mixed in instead
     assert complete(server, "zoo", CODE, expert_bias={"odd": 0.5, "math": 0.2})[0] == "coder+math"
 
 
 def test_a_mixed_request_refuses_prompt_logprobs(server, members):
-    server.builder.build_now(parse_composition(route_spec(members, kind="keywords", top_k=2)))
+    built(server.builder, parse_composition(route_spec(members, kind="keywords", top_k=2)))
     with pytest.raises(openai.BadRequestError, match="mixed over several"):
         server.client.completions.create(model="zoo", prompt=CODE, max_tokens=2, echo=True, logprobs=1)
 
 
 def test_a_mixed_request_counts_its_tokens_for_every_member_it_ran_on(server, members):
-    server.builder.build_now(parse_composition(route_spec(members, kind="keywords", top_k=2)))
+    built(server.builder, parse_composition(route_spec(members, kind="keywords", top_k=2)))
     assert complete(server, "zoo", CODE, expert_bias={"math": 1.0})[0] == "coder+math"
     text = server.http.get("/metrics").text
     for member in ("coder", "math"):
@@ -328,7 +317,7 @@ def wait_until_idle(engines: list, timeout: float = 10.0) -> None:
 
 
 def test_a_client_that_leaves_a_mixed_request_frees_every_members_slot(server, members):
-    revision = server.builder.build_now(parse_composition(route_spec(members, kind="keywords", top_k=3)))
+    revision = built(server.builder, parse_composition(route_spec(members, kind="keywords", top_k=3)))
     stream = server.client.completions.create(model="zoo", prompt=CODE, max_tokens=100, stream=True,
                                               extra_body={"ignore_eos": True})
     next(iter(stream))
@@ -337,7 +326,7 @@ def test_a_client_that_leaves_a_mixed_request_frees_every_members_slot(server, m
 
 
 def test_a_mixed_request_finishes_while_one_of_its_members_is_replaced(server, members, tmp_path):
-    old = server.builder.build_now(parse_composition(route_spec(members, kind="keywords", top_k=2))).backend.engines
+    old = built(server.builder, parse_composition(route_spec(members, kind="keywords", top_k=2))).backend.engines
     stream = server.client.completions.create(model="zoo", prompt=CODE, max_tokens=40, stream=True,
                                               extra_body={"ignore_eos": True, "expert_bias": {"math": 1.0}})
     chunks = iter(stream)
@@ -345,7 +334,7 @@ def test_a_mixed_request_finishes_while_one_of_its_members_is_replaced(server, m
     spec = route_spec(members, kind="keywords", top_k=2)
     spec["experts"][2]["source"] = str(make_checkpoint(tmp_path / "math2", "qwen2", seed=5, layers=1, hidden_size=32,
                                                        intermediate_size=64))
-    assert server.builder.build_now(parse_composition(spec)).state == "ready"
+    assert built(server.builder, parse_composition(spec)).state == "ready"
     tokens += list(chunks)
     assert tokens[-1].choices[0].finish_reason == "length"
     assert complete(server, "zoo", CODE, expert_bias={"math": 1.0})[0] == "coder+math"  # the new build serves

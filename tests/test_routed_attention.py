@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from mergeserve.composition import LowRank, dense
+from mergeserve.weights import LowRank, dense
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.layers import Batch
 from mergeserve.engine.model import Capture, Transformer
@@ -18,7 +18,7 @@ from mergeserve.engine.sequence import SamplingParams
 from mergeserve.experts import CheckpointError, ExpertPool
 from mergeserve.export import export_composition
 from mergeserve.kernels.routed_lowrank import RoutedLowRank
-from mergeserve.merge import build
+from mergeserve.learn.compose import build
 from mergeserve.spec import EngineConfig, SpecError, parse_composition
 
 PROMPTS = ("def add(a, b):\n    return a + b\n", "Die Katze schläft im Haus.", "What is 12 + 7?")
@@ -164,7 +164,7 @@ def linear_merge(base, experts: dict, weights: list[float]) -> Engine:
 def test_a_request_merged_with_weights_w_equals_the_model_merged_offline_with_w(zoo, adapters):
     moe = engine(dynamic_spec(zoo["base"], adapters))
     ids = moe.tokenizer(PROMPTS[0])["input_ids"]
-    alpha = moe.sequence_router.route([ids])  # [1, E]: this prompt's weights under the perplexity router
+    alpha = moe.mixture_router.weights([ids])  # [1, E]: this prompt's weights under the perplexity router
     assert (alpha > 0).all() and float(alpha.sum()) == pytest.approx(1.0)
     offline = linear_merge(zoo["base"], adapters, alpha[0].tolist())
     torch.testing.assert_close(moe.logits(ids), offline.logits(ids), atol=1e-4, rtol=0)

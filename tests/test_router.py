@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from mergeserve.engine.model import Batch, Capture, Transformer
 from mergeserve.experts import ExpertPool
 from mergeserve.export import export_mixtral
-from mergeserve.kernels import route, router_logits
-from mergeserve.merge import build
+from mergeserve.kernels import router_logits, top_k_experts
+from mergeserve.learn.compose import build
 from mergeserve.spec import parse_composition
 
 DOMAINS = {
@@ -120,7 +120,7 @@ def test_arrow_routes_a_token_along_its_experts_direction(zoo, arrow_zoo):
     for n, layer in enumerate(composed.layers):
         # Router inputs of norm 8 (~sqrt(D)) along each direction, either sign: |x · v| ignores it.
         x = 8.0 * torch.stack([directions[0, n], -directions[0, n], directions[1, n], -directions[1, n]])
-        _, ids = route(x, layer.router, top_k=1, subspace=composed.router_subspace)
+        _, ids = top_k_experts(x, layer.router, top_k=1, subspace=composed.router_subspace)
         assert ids[:, 0].tolist() == [0, 0, 1, 1]
 
 

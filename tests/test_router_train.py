@@ -14,15 +14,15 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from mergeserve.calibration import pack_files, read_texts
+from mergeserve.calibration import file_rows, read_texts, token_rows
 from mergeserve.cli import main, parser
 from mergeserve.engine.model import Batch, Capture, Transformer
 from mergeserve.experts import CheckpointError, ExpertPool
-from mergeserve.merge import build
+from mergeserve.learn.compose import build
+from mergeserve.learn.token_router import RouterTrainConfig, RouterTrainer, train_rows
 from mergeserve.router.learned import load_rows, save_rows
-from mergeserve.router.train import RouterTrainConfig, RouterTrainer, train_rows
 from mergeserve.spec import load_composition, parse_composition
-from mergeserve.zoo.splits import pack, write_jsonl
+from mergeserve.zoo.splits import write_jsonl
 from tiny import CORPUS, make_checkpoint, perturbed_copy
 
 FAST = RouterTrainConfig(steps=8, batch_size=2, seq_len=32, lr=5e-2, warmup_steps=0)
@@ -42,7 +42,7 @@ def train(composed, cfg: RouterTrainConfig = FAST):
 
 
 def corpus_tokens(composed, cfg: RouterTrainConfig) -> torch.Tensor:
-    return pack(CORPUS, composed.tokenizer, cfg.steps * cfg.batch_size, cfg.seq_len, cfg.seed)
+    return token_rows(CORPUS, composed.tokenizer, cfg.steps * cfg.batch_size, cfg.seq_len, cfg.seed)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def good_and_bad(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("taught")
     base = make_checkpoint(root / "base")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    x = pack(CORPUS, AutoTokenizer.from_pretrained(base), 8, 32, seed=0)
+    x = token_rows(CORPUS, AutoTokenizer.from_pretrained(base), 8, 32, seed=0)
     torch.manual_seed(0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(40):  # to about 0.01 nats per token
@@ -168,10 +168,10 @@ def test_data_is_mixed_evenly_across_files(moe, tmp_path):
     write_jsonl(tmp_path / "code.jsonl", [{"text": t} for t in code])
     (tmp_path / "german.txt").write_text(german)
     texts = [read_texts(tmp_path / "code.jsonl"), read_texts(tmp_path / "german.txt")]
-    rows = pack_files(texts, moe.tokenizer, 5, 8, seed=0)  # [5, 8]
+    rows = file_rows(texts, moe.tokenizer, 5, 8, seed=0)  # [5, 8]
     # The files take turns, each packed on its own (texts in seeded order, EOS after each, repeated).
-    assert torch.equal(rows[0::2], pack(code, moe.tokenizer, 3, 8, seed=0))
-    assert torch.equal(rows[1::2], pack([german], moe.tokenizer, 2, 8, seed=0))
+    assert torch.equal(rows[0::2], token_rows(code, moe.tokenizer, 3, 8, seed=0))
+    assert torch.equal(rows[1::2], token_rows([german], moe.tokenizer, 2, 8, seed=0))
 
 
 # --- the router file -------------------------------------------------------------------------

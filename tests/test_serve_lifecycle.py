@@ -41,7 +41,7 @@ def served(http: httpx.Client) -> dict[str, int | None]:
 def test_health_answers_at_once_and_ready_waits_for_a_composition(zoo: dict[str, Path], tmp_path: Path) -> None:
     nowhere = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: the build fails, the server stays up
     config = tmp_path / "serve.yaml"
-    write(config, compositions=[{"name": "remote", "backend": "openai", "url": nowhere}], upstream_allowlist=[nowhere])
+    write(config, compositions=[{"name": "remote", "backend": "openai", "upstream": {"url": nowhere}}], upstream_allowlist=[nowhere])
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mergeserve.cli", "serve", "--config", str(config), "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ | {"OMP_NUM_THREADS": "1"})

@@ -6,7 +6,6 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -16,25 +15,16 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import PreTrainedTokenizerFast
 
-from live import live_server
+from live import Gateway, live_gateway, local_registry
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.executor import Executor
-from mergeserve.server.backends.local import LocalBackend
 from mergeserve.experts import ExpertPool
-from mergeserve import merge
 from mergeserve.server import Registry, create_app
 from mergeserve.spec import EngineConfig, parse_composition
 from tiny import CHAT_TEMPLATE, make_checkpoint
 
 MOE = "tiny-moe"
 STRICT = "strict"  # a dense model whose chat template refuses system messages, as some real ones do
-
-
-@dataclass
-class Server:
-    engine: Engine
-    client: openai.OpenAI
-    http: httpx.Client
 
 
 def strict_checkpoint(zoo: dict[str, Path], root: Path) -> Path:
@@ -48,7 +38,7 @@ def strict_checkpoint(zoo: dict[str, Path], root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     pool = ExpertPool()
     moe = parse_composition({
         "name": MOE, "base": str(zoo["base"]), "router": {"kind": "random", "top_k": 2},
@@ -61,11 +51,9 @@ def server(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> It
     })
     config = EngineConfig(max_num_seqs=4, max_model_len=512)
     executor = Executor()
-    registry = Registry([LocalBackend(Engine(merge.build(spec, pool), config), executor) for spec in (moe, strict)])
-
-    with live_server(create_app(registry, executor)) as url, httpx.Client(base_url=url, timeout=30) as http:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30)
-        yield Server(registry.get(MOE).engine, client, http)
+    registry = local_registry(executor, config, moe, strict, pool=pool)
+    with live_gateway(registry, executor, client_timeout=30) as gateway:
+        yield gateway
 
 
 def chat_prompt_tokens(engine: Engine, messages: list[dict[str, str]]) -> int:
@@ -73,7 +61,7 @@ def chat_prompt_tokens(engine: Engine, messages: list[dict[str, str]]) -> int:
     return len(engine.tokenizer.encode(text, add_special_tokens=False))
 
 
-def metric_samples(server: Server) -> dict[str, list]:
+def metric_samples(server: Gateway) -> dict[str, list]:
     response = server.http.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
@@ -91,7 +79,7 @@ def total(samples: dict[str, list], name: str, **labels: str) -> float:
 # --- basic routes ------------------------------------------------------------------------------
 
 
-def test_health_ready_and_models(server: Server) -> None:
+def test_health_ready_and_models(server: Gateway) -> None:
     assert server.http.get("/health").status_code == 200
     assert server.http.get("/ready").status_code == 200
     models = server.client.models.list()
@@ -101,7 +89,7 @@ def test_health_ready_and_models(server: Server) -> None:
 # --- non-streaming -----------------------------------------------------------------------------
 
 
-def test_chat_completion(server: Server) -> None:
+def test_chat_completion(server: Gateway) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12 + 7?"}]
     response = server.client.chat.completions.create(
         model=MOE, messages=messages, max_tokens=8, temperature=0, extra_body={"ignore_eos": True},
@@ -116,7 +104,7 @@ def test_chat_completion(server: Server) -> None:
     assert response.usage.total_tokens == response.usage.prompt_tokens + 8
 
 
-def test_completion_with_batched_prompts_and_n(server: Server) -> None:
+def test_completion_with_batched_prompts_and_n(server: Gateway) -> None:
     prompts = ["Der Hund", "def add(a, b):"]
     response = server.client.completions.create(
         model=MOE, prompt=prompts, n=2, max_tokens=5, temperature=0, extra_body={"ignore_eos": True},
@@ -130,7 +118,7 @@ def test_completion_with_batched_prompts_and_n(server: Server) -> None:
     assert response.usage.completion_tokens == 4 * 5
 
 
-def test_completion_from_token_ids(server: Server) -> None:
+def test_completion_from_token_ids(server: Gateway) -> None:
     ids = server.engine.tokenizer.encode("The quick brown fox")
     by_ids = server.client.completions.create(model=MOE, prompt=ids, max_tokens=6, temperature=0)
     by_text = server.client.completions.create(model=MOE, prompt="The quick brown fox", max_tokens=6, temperature=0)
@@ -141,7 +129,7 @@ def test_completion_from_token_ids(server: Server) -> None:
 # --- streaming ---------------------------------------------------------------------------------
 
 
-def test_streaming_chat_matches_non_streaming(server: Server) -> None:
+def test_streaming_chat_matches_non_streaming(server: Gateway) -> None:
     request = {"model": MOE, "messages": [{"role": "user", "content": "Hello, how are you?"}], "max_tokens": 12,
                "temperature": 0}
     whole = server.client.chat.completions.create(**request)
@@ -155,7 +143,7 @@ def test_streaming_chat_matches_non_streaming(server: Server) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
 
 
-def test_streaming_completion_matches_non_streaming(server: Server) -> None:
+def test_streaming_completion_matches_non_streaming(server: Gateway) -> None:
     request = {"model": MOE, "prompt": "Tom has 5 apples", "max_tokens": 12, "temperature": 0}
     whole = server.client.completions.create(**request)
     chunks = list(server.client.completions.create(**request, stream=True, stream_options={"include_usage": True}))
@@ -163,7 +151,7 @@ def test_streaming_completion_matches_non_streaming(server: Server) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
 
 
-def test_streaming_several_choices(server: Server) -> None:
+def test_streaming_several_choices(server: Gateway) -> None:
     request = {"model": MOE, "prompt": ["Der Hund", "Hello"], "n": 2, "max_tokens": 6, "temperature": 0,
                "extra_body": {"ignore_eos": True}}
     whole = server.client.completions.create(**request)
@@ -174,7 +162,7 @@ def test_streaming_several_choices(server: Server) -> None:
     assert streamed == {c.index: c.text for c in whole.choices}
 
 
-def test_requests_beyond_the_batch_wait_and_finish(server: Server) -> None:
+def test_requests_beyond_the_batch_wait_and_finish(server: Gateway) -> None:
     async def send_all() -> list:
         async with openai.AsyncOpenAI(base_url=server.client.base_url, api_key="x", max_retries=0) as client:
             return await asyncio.gather(*(
@@ -187,7 +175,7 @@ def test_requests_beyond_the_batch_wait_and_finish(server: Server) -> None:
     assert all(r.choices[0].finish_reason == "length" for r in responses)
 
 
-def test_stream_ends_with_done(server: Server) -> None:
+def test_stream_ends_with_done(server: Gateway) -> None:
     body = {"model": MOE, "prompt": "Hello", "max_tokens": 3, "stream": True}
     with server.http.stream("POST", "/v1/completions", json=body) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -199,7 +187,7 @@ def test_stream_ends_with_done(server: Server) -> None:
 # --- sampling parameters -----------------------------------------------------------------------
 
 
-def test_stop_string_cuts_the_text(server: Server) -> None:
+def test_stop_string_cuts_the_text(server: Gateway) -> None:
     request = {"model": MOE, "prompt": "The quick brown fox", "max_tokens": 24, "temperature": 0,
                "extra_body": {"ignore_eos": True}}
     full = server.client.completions.create(**request).choices[0].text
@@ -211,7 +199,7 @@ def test_stop_string_cuts_the_text(server: Server) -> None:
     assert stopped.text == full[: full.index(stop)]
 
 
-def test_seed_makes_sampling_reproducible(server: Server) -> None:
+def test_seed_makes_sampling_reproducible(server: Gateway) -> None:
     def sample(seed: int) -> str:
         return server.client.completions.create(
             model=MOE, prompt="Hello", max_tokens=16, temperature=1.0, seed=seed, extra_body={"ignore_eos": True},
@@ -221,7 +209,7 @@ def test_seed_makes_sampling_reproducible(server: Server) -> None:
     assert sample(1234) != sample(4321)
 
 
-def test_logprobs(server: Server) -> None:
+def test_logprobs(server: Gateway) -> None:
     completion = server.client.completions.create(model=MOE, prompt="Hello", max_tokens=4, temperature=0, logprobs=3,
                                                   extra_body={"ignore_eos": True})
     lp = completion.choices[0].logprobs
@@ -240,7 +228,7 @@ def test_logprobs(server: Server) -> None:
     assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content)
 
 
-def test_echo_returns_the_prompt_with_the_logprob_of_every_token_after_the_first(server: Server) -> None:
+def test_echo_returns_the_prompt_with_the_logprob_of_every_token_after_the_first(server: Gateway) -> None:
     """What lm-eval's loglikelihood requests send (echo, max_tokens 1, logprobs 1): the prompt's
     token logprobs must equal the engine's own scoring of the same tokens."""
     prompt = "Tom has 5 apples and buys 3 more"
@@ -262,7 +250,7 @@ def test_echo_returns_the_prompt_with_the_logprob_of_every_token_after_the_first
     assert plain.choices[0].text == "".join(c.choices[0].text for c in streamed if c.choices)
 
 
-def test_lm_eval_scores_a_loglikelihood_task_against_the_server(server: Server, tmp_path: Path) -> None:
+def test_lm_eval_scores_a_loglikelihood_task_against_the_server(server: Gateway, tmp_path: Path) -> None:
     """The real lm-eval harness, `--model local-completions`, on a two-question task of our own:
     every choice's loglikelihood it reports is the engine's own score of that continuation."""
     lm_eval = pytest.importorskip("lm_eval")
@@ -294,7 +282,7 @@ def test_lm_eval_scores_a_loglikelihood_task_against_the_server(server: Server, 
     assert results["results"]["tiny_arith"]["acc,none"] in (0.0, 0.5, 1.0)
 
 
-def test_a_failed_engine_step_is_a_500_for_its_request_only(server: Server) -> None:
+def test_a_failed_engine_step_is_a_500_for_its_request_only(server: Gateway) -> None:
     """Injected: the forward raises on one poisoned prompt. Its request gets a 500 in the OpenAI
     envelope (streamed: an in-band error), others are served, and the failure is counted."""
     poison = 3
@@ -331,26 +319,26 @@ def test_a_failed_engine_step_is_a_500_for_its_request_only(server: Server) -> N
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"suffix": "and so on"}, "suffix"),
 ])
-def test_invalid_parameters_are_400(server: Server, bad: dict, param: str) -> None:
+def test_invalid_parameters_are_400(server: Gateway, bad: dict, param: str) -> None:
     with pytest.raises(openai.BadRequestError) as error:
         server.client.completions.create(**{"model": MOE, "prompt": "Hello", **bad})
     assert error.value.body["param"] == param
     assert error.value.body["type"] == "invalid_request_error"
 
 
-def test_prompt_longer_than_the_context_is_400(server: Server) -> None:
+def test_prompt_longer_than_the_context_is_400(server: Gateway) -> None:
     with pytest.raises(openai.BadRequestError) as error:
         server.client.completions.create(model=MOE, prompt=[1] * 500, max_tokens=20)
     assert error.value.code == "context_length_exceeded"
 
 
-def test_unknown_model_is_404(server: Server) -> None:
+def test_unknown_model_is_404(server: Gateway) -> None:
     with pytest.raises(openai.NotFoundError) as error:
         server.client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}])
     assert error.value.code == "model_not_found"
 
 
-def test_chat_template_failure_is_422(server: Server) -> None:
+def test_chat_template_failure_is_422(server: Gateway) -> None:
     with pytest.raises(openai.UnprocessableEntityError) as error:
         server.client.chat.completions.create(
             model=STRICT, messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
@@ -380,7 +368,7 @@ def test_a_server_without_compositions_is_not_ready() -> None:
         assert client.get("/ready").status_code == 503
 
 
-def test_malformed_json_and_unknown_route_use_the_envelope(server: Server) -> None:
+def test_malformed_json_and_unknown_route_use_the_envelope(server: Gateway) -> None:
     response = server.http.post(
         "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"},
     )
@@ -395,7 +383,7 @@ def test_malformed_json_and_unknown_route_use_the_envelope(server: Server) -> No
 # --- metrics and slots -------------------------------------------------------------------------
 
 
-def test_metrics(server: Server) -> None:
+def test_metrics(server: Gateway) -> None:
     server.client.completions.create(model=MOE, prompt="Hello", max_tokens=4, extra_body={"ignore_eos": True})
     samples = metric_samples(server)
     assert total(samples, "mergeserve:prompt_tokens_total", model=MOE) > 0
@@ -416,7 +404,7 @@ def test_metrics(server: Server) -> None:
     assert layer0 == pytest.approx(sum(s.value for s in experts if s.labels["layer"] == "0") / 2)
 
 
-def succeeded(server: Server) -> float:
+def succeeded(server: Gateway) -> float:
     return total(metric_samples(server), "mergeserve:request_success_total", model=MOE)
 
 
@@ -427,7 +415,7 @@ def wait_until_idle(engine: Engine, timeout: float = 10) -> None:
         time.sleep(0.05)
 
 
-def test_disconnecting_stream_frees_its_slot(server: Server) -> None:
+def test_disconnecting_stream_frees_its_slot(server: Gateway) -> None:
     before = succeeded(server)
     body = {"model": MOE, "prompt": "Hello", "stream": True, "max_tokens": 500, "ignore_eos": True}
     with server.http.stream("POST", "/v1/completions", json=body) as response:
@@ -438,7 +426,7 @@ def test_disconnecting_stream_frees_its_slot(server: Server) -> None:
     assert succeeded(server) == before  # aborted, not finished
 
 
-def test_disconnecting_non_streaming_request_frees_its_slots(server: Server) -> None:
+def test_disconnecting_non_streaming_request_frees_its_slots(server: Gateway) -> None:
     before = succeeded(server)
     # Eight choices on four slots: seconds of work, abandoned after a fraction of one.
     body = {"model": MOE, "prompt": "Hello", "n": 8, "max_tokens": 500, "ignore_eos": True}

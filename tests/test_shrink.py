@@ -11,8 +11,8 @@ from tiny import CORPUS
 
 from mergeserve.cli import main
 from mergeserve.experts import ExpertPool
-from mergeserve.merge import build
-from mergeserve.merge.shrink import RoutingStats, group_experts, merged_deltas, task_vector_similarity
+from mergeserve.learn.compose import build
+from mergeserve.learn.shrink import RoutingStats, group_experts, merged_deltas, task_vector_similarity
 from mergeserve.spec import load_composition
 from mergeserve.zoo.splits import write_jsonl
 
@@ -98,17 +98,17 @@ def test_a_dense_expert_is_refused(zoo, adapters, tmp_path, capsys):
 def test_cli_shrinks_from_a_live_servers_metrics(zoo, adapters, tmp_path):
     """Usage from the server's expert_tokens_total, similarity from the task vectors."""
     from live import live_server
+    from tiny import engine_for
 
-    from mergeserve.engine.engine import Engine
     from mergeserve.engine.executor import Executor
     from mergeserve.server import Registry, create_app
     from mergeserve.server.backends.local import LocalBackend
-    from mergeserve.spec import EngineConfig, parse_composition
+    from mergeserve.spec import parse_composition
 
     spec = tmp_path / "moe.yaml"
     spec.write_text(yaml.safe_dump(moe_spec(zoo["base"], adapters)))
     executor = Executor()
-    engine = Engine(build(parse_composition(moe_spec(zoo["base"], adapters)), ExpertPool()), EngineConfig(max_model_len=128))
+    engine = engine_for(parse_composition(moe_spec(zoo["base"], adapters)), max_model_len=128)
     with live_server(create_app(Registry([LocalBackend(engine, executor)]), executor)) as url:
         import httpx
 

@@ -10,7 +10,7 @@ import pytest
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.sequence import SamplingParams
 from mergeserve.experts import ExpertPool
-from mergeserve.merge import build
+from mergeserve.learn.compose import build
 from mergeserve.spec import load_composition
 
 pytestmark = pytest.mark.slow

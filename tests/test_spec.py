@@ -39,7 +39,7 @@ def test_specs_can_share_an_experts_file_whose_sources_are_relative_to_it(tmp_pa
 
 @pytest.mark.parametrize("change, message", [
     ({"router": {"top_k": 0}}, "router.top_k: Input should be greater than or equal to 1"),
-    ({"router": {"kind": "psychic"}}, "router.kind: Input should be 'hidden', 'centroid', 'arrow', 'smile', 'learned', 'random', 'perplexity', 'task_vector' or 'keywords'"),
+    ({"router": {"kind": "psychic"}}, "router.kind: Input should be 'hidden', 'centroid', 'arrow', 'smile', 'learned', 'random', 'perplexity' or 'task_vector'"),
     ({"experts": []}, "experts: give at least one"),
     ({"colour": "blue"}, "colour: Extra inputs are not permitted"),
     ({"router": {"top_k": 3}}, "router.top_k=3 exceeds the 2 experts"),

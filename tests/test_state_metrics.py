@@ -11,7 +11,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -23,10 +22,10 @@ from fastapi.responses import JSONResponse
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from live import live_server, wait_until
+from live import Gateway, built, live_gateway, live_server, wait_until
 from mergeserve.engine.executor import Executor
 from mergeserve.experts import ExpertPool
-from mergeserve.server import Registry, create_app
+from mergeserve.server import Registry
 from mergeserve.server.auth import Auth
 from mergeserve.server.backends.policy import BackendPolicy
 from mergeserve.server.backends.proxy import ProxyBackend
@@ -36,6 +35,7 @@ from mergeserve.server.registry import Revision
 from mergeserve.server.state import SavedComposition, SavedState, StateStore, dump_spec
 from mergeserve.server.watch import ConfigWatcher
 from mergeserve.spec import EngineConfig, parse_composition
+from tiny import dense_spec
 
 ADMIN = {"Authorization": "Bearer admin-key"}
 HELLO = [{"role": "user", "content": "hello"}]
@@ -43,12 +43,8 @@ ENGINE = EngineConfig(max_num_seqs=2, max_model_len=64)
 NOWHERE = "http://127.0.0.1:9/v1"  # never contacted: the specs name their upstream model
 
 
-def dense(name: str, checkpoint: Path) -> dict:
-    return {"name": name, "base": str(checkpoint), "experts": [{"name": "base", "source": str(checkpoint)}]}
-
-
 def remote(name: str) -> dict:
-    return {"name": name, "backend": "openai", "url": NOWHERE, "upstream_model": "up"}
+    return {"name": name, "backend": "openai", "upstream": {"url": NOWHERE, "model": "up"}}
 
 
 def samples(text: str) -> list:
@@ -63,23 +59,22 @@ def test_a_composition_missing_its_source_at_restore_stays_saved_and_serves_once
 ) -> None:
     late = tmp_path / "late"  # a volume not mounted yet when the server starts
     store = StateStore(tmp_path / "state")
-    store.save(SavedState(compositions={"late": SavedComposition(revision=3, spec=dump_spec(parse_composition(dense("late", late))))}))
+    store.save(SavedState(compositions={"late": SavedComposition(revision=3, spec=dump_spec(dense_spec(late, "late", expert="base")))}))
     registry, executor = Registry(), Executor()
     builder = Builder(registry, ExpertPool(), executor, ENGINE, store, retry=Backoff(first_s=0.2, max_s=0.5))
     builder.restore([])
-    with live_server(create_app(registry, executor, Auth(admin_key="admin-key"), builder)) as url, \
-            httpx.Client(base_url=url, headers=ADMIN, timeout=30) as http:
-        listed = {c["name"]: c for c in http.get("/admin/compositions").json()["data"]}
+    with live_gateway(registry, executor, Auth(admin_key="admin-key"), builder, headers=ADMIN) as gateway:
+        listed = {c["name"]: c for c in gateway.http.get("/admin/compositions").json()["data"]}
         assert listed["late"]["state"] == "failed" and "no such file or folder" in listed["late"]["error"]
 
-        builder.build_now(parse_composition(dense("other", zoo["base"])))  # saves the state file
+        built(builder, dense_spec(zoo["base"], "other", expert="base"))  # saves the state file
         saved = store.load().compositions
         assert set(saved) == {"late", "other"} and "no such file or folder" in saved["late"].error
 
         shutil.copytree(zoo["base"], tmp_path / "copying")
         (tmp_path / "copying").rename(late)  # appears whole
         wait_until(lambda: "late" in registry.names(), what="a retry to build it")
-        answer = http.post("/v1/completions", json={"model": "late", "prompt": "hi", "max_tokens": 2})
+        answer = gateway.http.post("/v1/completions", json={"model": "late", "prompt": "hi", "max_tokens": 2})
         assert answer.status_code == 200
         assert store.load().compositions["late"].error is None
     builder.shutdown()
@@ -94,17 +89,17 @@ def test_revision_numbers_never_repeat_across_delete_and_restart(tmp_path: Path)
         return builder
 
     builder = start()
-    assert builder.build_now(parse_composition(remote("c"))).number == 1
+    assert built(builder, parse_composition(remote("c"))).number == 1
     builder.registry.remove("c")
     builder.save()
-    assert builder.build_now(parse_composition(remote("c"))).number == 2  # not a second c@1
+    assert built(builder, parse_composition(remote("c"))).number == 2  # not a second c@1
 
     builder = start()  # restores c@2
     wait_until(lambda: builder.registry.names() == ["c"], what="c to be restored")
     builder.registry.remove("c")
     builder.save()
     builder = start()  # nothing to restore but the numbers given out
-    assert builder.build_now(parse_composition(remote("c"))).number == 3
+    assert built(builder, parse_composition(remote("c"))).number == 3
 
 
 # --- --watch --------------------------------------------------------------------------------------
@@ -228,24 +223,15 @@ def odd_upstream() -> FastAPI:
     return app
 
 
-@dataclass
-class Gateway:
-    http: httpx.Client  # with the admin key
-    client: openai.OpenAI
-
-    def scrape(self) -> list:
-        return samples(self.http.get("/metrics").text)
-
-
 @pytest.fixture()
 def gateway() -> Iterator[Gateway]:
     """A server proxying `remote` to the odd upstream."""
     with live_server(odd_upstream()) as upstream:
         registry, executor = Registry(), Executor()
         registry.add(ProxyBackend("remote", f"{upstream}/v1", "up"))
-        app = create_app(registry, executor, Auth(admin_key="admin-key"), Builder(registry, ExpertPool(), executor))
-        with live_server(app) as url, httpx.Client(base_url=url, headers=ADMIN, timeout=30) as http:
-            yield Gateway(http, openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0))
+        builder = Builder(registry, ExpertPool(), executor)
+        with live_gateway(registry, executor, Auth(admin_key="admin-key"), builder, headers=ADMIN) as gateway:
+            yield gateway
 
 
 def test_an_upstreams_finish_reasons_and_error_codes_fall_into_closed_sets(gateway: Gateway) -> None:

@@ -12,12 +12,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny import CORPUS
 
+from mergeserve.calibration import token_rows
 from mergeserve.cli import main
 from mergeserve.experts import CheckpointError, ExpertPool
-from mergeserve.merge import build, coefficients, fisher
-from mergeserve.merge.tune import TuneConfig, layer_importance, merging_spec, tau_norms, train_coefficients, train_important
+from mergeserve.learn.compose import build
+from mergeserve.learn.tune import TuneConfig, layer_importance, merging_spec, tau_norms, train_coefficients, train_important
+from mergeserve.merge import coefficients, fisher
 from mergeserve.spec import SpecError, load_composition, parse_composition
-from mergeserve.zoo.splits import pack, write_jsonl
+from mergeserve.zoo.splits import write_jsonl
 
 FAST = TuneConfig(steps=40, batch_size=2, seq_len=32, lr=0.05, reg=0.0)
 
@@ -33,7 +35,7 @@ def test_two_copies_of_one_expert_learn_coefficients_that_sum_to_one(zoo, adapte
     either expert on its text needs c_a + c_b = 1 in every layer (and module). Training starts at 0.3 + 0.3."""
     spec = parse_composition(spec_dict(zoo["base"], {"a": adapters["math"], "b": adapters["math"]}, **{"lambda": 0.3}))
     composed = build(merging_spec(spec), ExpertPool())
-    tokens = pack(CORPUS, composed.tokenizer, FAST.steps * FAST.batch_size, FAST.seq_len, seed=0)
+    tokens = token_rows(CORPUS, composed.tokenizer, FAST.steps * FAST.batch_size, FAST.seq_len, seed=0)
     init = torch.full((len(composed.layers), *shape), 0.3)
     result = train_coefficients(composed, [tokens, tokens], init, FAST, progress=False)
     torch.testing.assert_close(result.coefficients.sum(-1), torch.ones(len(composed.layers), *shape[:-1]), atol=0.05, rtol=0)
@@ -63,7 +65,7 @@ def test_important_granularity_splits_only_the_most_important_layers(zoo, adapte
     the other keeps one for both. The known best mix (two copies of one expert) still sums to one."""
     spec = parse_composition(spec_dict(zoo["base"], {"a": adapters["math"], "b": adapters["math"]}, **{"lambda": 0.3}))
     composed = build(merging_spec(spec), ExpertPool())
-    tokens = pack(CORPUS, composed.tokenizer, FAST.steps * FAST.batch_size, FAST.seq_len, seed=0)
+    tokens = token_rows(CORPUS, composed.tokenizer, FAST.steps * FAST.batch_size, FAST.seq_len, seed=0)
     norms = tau_norms(spec, ExpertPool(), len(composed.layers))
     init = torch.full((len(composed.layers), 2), 0.3)
     result = train_important(composed, [tokens, tokens], init, norms, FAST, progress=False)

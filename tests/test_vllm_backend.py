@@ -8,24 +8,20 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-import openai
 import pytest
 
-from live import live_server, wait_until
+from live import Gateway, built, live_gateway, wait_until
 from mergeserve.engine.executor import Executor
 from mergeserve.experts import ExpertPool
-from mergeserve.server.app import create_app
 from mergeserve.server.auth import Auth
 from mergeserve.server.backends.policy import BackendPolicy
 from mergeserve.server.backends.vllm import PYTHON_ENV
 from mergeserve.server.builder import Builder
 from mergeserve.server.registry import Registry
 from mergeserve.server.state import dump_spec
-from mergeserve.spec import CompositionSpec, VLLMProfile, load_serve_config, parse_composition
+from mergeserve.spec import VLLMProfile, load_serve_config, parse_composition
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = {"Authorization": "Bearer admin-key"}
@@ -59,24 +55,17 @@ def demo_specs() -> tuple[dict, dict]:
     return spec, local
 
 
-@dataclass
-class Gateway:
-    http: httpx.Client
-    client: openai.OpenAI
-    registry: Registry
-
-
 @pytest.fixture(scope="module")
 def gateway() -> Iterator[Gateway]:
     vllm_spec, local_spec = demo_specs()
     registry, executor = Registry(), Executor()
     builder = Builder(registry, ExpertPool(), executor, export_dir=ROOT / ".cache/exports", policy=BackendPolicy(PROFILES))
     for spec in (vllm_spec, local_spec):
-        revision = builder.build_now(parse_composition(spec))
+        revision = built(builder, parse_composition(spec))
         assert revision.state == "ready", revision.error
-    app = create_app(registry, executor, Auth(admin_key="admin-key"), builder)
-    with live_server(app) as url, httpx.Client(base_url=url, headers=ADMIN, timeout=STARTUP_S) as http:
-        yield Gateway(http, openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300), registry)
+    with live_gateway(registry, executor, Auth(admin_key="admin-key"), builder, headers=ADMIN, timeout=STARTUP_S,
+                      client_timeout=300) as gateway:
+        yield gateway
     builder.shutdown()
 
 

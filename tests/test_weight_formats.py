@@ -13,15 +13,18 @@ import torch
 import torch.nn.functional as F
 from tiny import ALL_PROJECTIONS, make_adapter, make_checkpoint
 
-from mergeserve.composition import ComposedModel, ExpertFFN, LowRank
+from mergeserve.composition import ComposedModel
+
+from mergeserve.weights import ExpertFFN, LowRank
+
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.layers import Batch, rms_norm
 from mergeserve.engine.model import Capture, Transformer
 from mergeserve.engine.sequence import SamplingParams
 from mergeserve.experts import ExpertPool
-from mergeserve.kernels import LoraExperts, capability, lora_moe_ffn, route
+from mergeserve.kernels import LoraExperts, capability, lora_moe_ffn, top_k_experts
 from mergeserve.kernels.packed import WeightPacker, packing_works
-from mergeserve.merge import build
+from mergeserve.learn.compose import build
 from mergeserve.spec import parse_composition
 
 EPS = torch.finfo(torch.bfloat16).eps  # 2^-7
@@ -104,7 +107,7 @@ def layer_errors(ref: Transformer, run: Transformer, batch: Batch) -> tuple[list
         (want, want_in), (got, got_in) = (run_layer(m, i, x, batch) for m in (ref, run))
         torch.testing.assert_close(want, streams[i + 1], rtol=0, atol=1e-6)  # run_layer is the forward's own layer
         router = ref.run_layers[i].layer.router
-        same = (route(want_in, router, ref.top_k)[1].sort(-1).values == route(got_in, router, ref.top_k)[1].sort(-1).values).all(-1)
+        same = (top_k_experts(want_in, router, ref.top_k)[1].sort(-1).values == top_k_experts(got_in, router, ref.top_k)[1].sort(-1).values).all(-1)
         same = same.view(x.shape[:2])
         errors.append(((got - want)[same].norm() / (want - x)[same].norm()).item())
         flips.append(int((~same).sum()))

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from mergeserve.zoo import code_data, german_data, math_data
-from mergeserve.zoo.splits import chunk, heldout_path, read_jsonl, split_units
+from mergeserve.calibration import read_jsonl
+from mergeserve.zoo.splits import chunk, heldout_path, split_units
 
 PAGE = """<html><head><title>Kapitel 1</title></head><body>
 <div id="banner"><a>Download the ebook</a></div><ul class="docnav"><li>Zurück</li></ul>

@@ -8,8 +8,10 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from mergeserve.experts import ExpertPool
+from mergeserve.zoo.card import CURVE_NOTE, rescore_card, write_card
+from mergeserve.zoo.config import TrainConfig
 from mergeserve.zoo.reshape import kept_layers, prune_depth, to_qwen2
-from mergeserve.zoo.train import TARGET_MODULES, TrainConfig, save_full, trainable, trained_state
+from mergeserve.zoo.train import TARGET_MODULES, save_full, trainable, trained_state
 
 
 def test_a_full_fine_tune_trains_every_projection_and_nothing_else(zoo):
@@ -53,3 +55,29 @@ def test_a_llama_converted_to_qwen2_computes_the_same_logits_and_gains_trainable
         torch.testing.assert_close(qwen(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
     trained = {n for n, p in trainable(qwen, TrainConfig("code", full=True)).named_parameters() if p.requires_grad}
     assert "model.layers.0.self_attn.q_proj.bias" in trained
+
+
+def test_rescoring_a_card_rewrites_its_table_and_verdict_and_flags_a_stale_curve(tmp_path: Path):
+    cfg = TrainConfig("math", steps=2)
+    state = {"curve": [[0, 2.0], [2, 1.0]], "seconds": 1.0}
+    write_card(tmp_path, cfg, "a generator", state, {"math": 2.0, "german": 4.0, "code": 2.0},
+               {"math": 1.0, "german": 4.5, "code": 2.5})
+    card = tmp_path / "README.md"
+    assert not rescore_card(card, "math", {"math": 2.0, "german": 4.0, "code": 2.0}, {"math": 1.0, "german": 4.5, "code": 2.5})
+
+    # The math split changed: the base and the expert score otherwise, and the expert now misses its target.
+    assert rescore_card(card, "math", {"math": 2.1, "german": 4.0, "code": 2.0}, {"math": 2.0, "german": 4.5, "code": 2.5})
+    text = card.read_text()
+    assert "| math | 2.1000 | 2.0000 | -4.8% |" in text and "| math | 2.0000 |" not in text.split("## Held-out loss during")[0]
+    assert "**Result**: 4.8% lower loss than the base on math" in text and ": FAIL." in text
+    assert CURVE_NOTE in text and "| 2 | 1.0000 |" in text  # the curve keeps its numbers, with the note
+    assert text.count("## ") == 3  # nothing else in the card moved
+
+
+def test_rescoring_another_domains_row_leaves_the_training_curve_unflagged(tmp_path: Path):
+    cfg = TrainConfig("german", steps=2)
+    write_card(tmp_path, cfg, "a handbook", {"curve": [[0, 4.0]], "seconds": 1.0},
+               {"math": 2.0, "german": 4.0, "code": 2.0}, {"math": 2.2, "german": 3.0, "code": 2.1})
+    assert rescore_card(tmp_path / "README.md", "german", {"math": 2.1, "german": 4.0, "code": 2.0},
+                        {"math": 2.4, "german": 3.0, "code": 2.1})
+    assert CURVE_NOTE not in (tmp_path / "README.md").read_text()

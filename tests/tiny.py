@@ -1,7 +1,8 @@
 """Tiny real checkpoints for tests: a byte-level BPE tokenizer and random Llama/Mistral/Qwen2 models.
 
 Everything is built offline in milliseconds and saved the way Hugging Face saves it,
-so the code under test loads them through its ordinary paths.
+so the code under test loads them through its ordinary paths. Below them, the composition
+specs and engines the tests build over such checkpoints.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+
+from mergeserve.engine.engine import Engine
+from mergeserve.experts import ExpertPool
+from mergeserve.learn.compose import build
+from mergeserve.spec import CompositionSpec, EngineConfig, parse_composition
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -119,3 +125,22 @@ def make_adapter(base: Path, out: Path, seed: int, targets: list[str], r: int = 
                 p.normal_(0, 0.2)
     peft_model.save_pretrained(out)
     return out
+
+
+def composition(name: str, base: Path | str, experts: dict[str, Path | str], **fields: object) -> dict:
+    """A composition spec as a YAML file holds it: `experts` maps each expert's name to its
+    checkpoint; `fields` (router, method, merge, dtype, ...) are added as given."""
+    return {"name": name, "base": str(base), "experts": [{"name": n, "source": str(p)} for n, p in experts.items()], **fields}
+
+
+def dense_spec(path: Path | str, name: str = "dense", expert: str = "only") -> CompositionSpec:
+    """One checkpoint served alone: a composition whose only expert is its own base."""
+    return parse_composition(composition(name, path, {expert: path}))
+
+
+def engine_for(
+    spec: CompositionSpec, config: EngineConfig | None = None, pool: ExpertPool | None = None, **fields: object,
+) -> Engine:
+    """An engine serving `spec`, built from `pool` (a fresh one by default) and configured by
+    `config`, or else by EngineConfig's `fields`."""
+    return Engine(build(spec, ExpertPool() if pool is None else pool), EngineConfig(**fields) if config is None else config)

@@ -17,13 +17,13 @@ import torch
 from mergeserve.composition import ComposedModel
 from mergeserve.engine.detokenizer import Detokenizer
 from mergeserve.engine.kv_cache import KVCache
-from mergeserve.engine.layers import Batch
+from mergeserve.engine.layers import Batch, padded_groups
 from mergeserve.engine.mixing import MixGroup
+from mergeserve.engine.mixture_router import MixtureRouter
 from mergeserve.engine.model import Transformer
 from mergeserve.engine.sampler import sample
 from mergeserve.engine.scheduler import ScheduledBatch, Scheduler
 from mergeserve.engine.sequence import RequestOutput, SamplingParams, Sequence, TokenLogprob
-from mergeserve.engine.sequence_router import SequenceRouter
 from mergeserve.kernels.packed import WeightPacker
 from mergeserve.spec import EngineConfig
 
@@ -72,9 +72,9 @@ class Engine:
         self._inbox: deque[tuple[str, object]] = deque()  # ("add", Sequence) | ("abort", request_id)
         self._lock = threading.Lock()
         self._generators: dict[str, torch.Generator] = {}
-        self.sequence_router = SequenceRouter(composed) if composed.sequence_routing is not None else None
-        # Sequence routing: requests that chose each expert (top-k choices count once each), [E].
-        self.expert_requests = torch.zeros(composed.num_experts, dtype=torch.int64) if self.sequence_router else None
+        self.mixture_router = MixtureRouter(composed) if composed.mixture_routing is not None else None
+        # Mixture routing: requests that chose each expert (top-k choices count once each), [E].
+        self.expert_requests = torch.zeros(composed.num_experts, dtype=torch.int64) if self.mixture_router else None
         self.failed_steps = 0  # steps that raised: their requests failed, the engine went on
         self._refused: list[tuple[str, Exception]] = []  # requests whose admission raised, with the error
 
@@ -177,7 +177,7 @@ class Engine:
             return outputs + self._run(batch)
         except Exception as e:
             failed = [seq for seq, _ in batch.prefill] + list(batch.decode)
-            if self.sequence_router is not None:  # the new requests it was routing fail too
+            if self.mixture_router is not None:  # the new requests it was routing fail too
                 failed += [seq for seq in self.scheduler.running if seq.alpha is None and seq not in failed]
             for seq in failed:
                 self._finish(seq, "error")
@@ -185,7 +185,7 @@ class Engine:
             raise StepFailed([s.request_id for s in failed], outputs) from e
 
     def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
-        if self.sequence_router is not None:
+        if self.mixture_router is not None:
             self._route_admitted()
             batch.prefill = [(seq, n) for seq, n in batch.prefill if seq.alpha is not None]  # the rest wait their turn
         outputs: list[RequestOutput] = []
@@ -273,7 +273,7 @@ class Engine:
             seq.prompt_logprobs += [self._logprob(t, lp, top) for t, lp in zip(targets, logprobs)]
 
     def _route_admitted(self) -> None:
-        """Sequence routing: newly admitted requests' prompts, routed in one batch before their first
+        """Mixture routing: newly admitted requests' prompts, routed in one batch before their first
         chunk. Scoring a prompt runs every expert over it, so a step routes prompts of at most
         max_prefill_tokens tokens in all (at least one prompt), as prefill is bounded: a burst of
         long prompts cannot stall every engine on the executor thread for one huge step."""
@@ -285,7 +285,7 @@ class Engine:
         if not new:
             return
         bias = self._bias_rows(new)  # [N, E] or None
-        alpha = self.sequence_router.route([seq.prompt_ids for seq in new], bias)  # [N, E]
+        alpha = self.mixture_router.weights([seq.prompt_ids for seq in new], bias)  # [N, E]
         for seq, a in zip(new, alpha):
             seq.alpha = a
         self.expert_requests += (alpha > 0).sum(0)
@@ -293,7 +293,7 @@ class Engine:
     def _router_bias(self, rows: list[tuple[Sequence, int]]) -> torch.Tensor | None:
         """Token routing: the router bias of every real token of the batch, [tokens, E], row after row;
         None when no request in it has one (the common path adds nothing)."""
-        if self.sequence_router is not None:
+        if self.mixture_router is not None:
             return None  # applied once, at admission
         bias = self._bias_rows([seq for seq, _ in rows])  # [B, E]
         return None if bias is None else bias.repeat_interleave(torch.tensor([n for _, n in rows]), dim=0)
@@ -306,8 +306,8 @@ class Engine:
         return torch.tensor([s.params.router_bias or zeros for s in seqs])
 
     def _alpha(self, seqs: list[Sequence]) -> torch.Tensor | None:
-        """Per-row expert weights [B, E] under a sequence router; None for token routing."""
-        return torch.stack([s.alpha for s in seqs]) if self.sequence_router is not None else None
+        """Per-row expert weights [B, E] under a mixture router; None for token routing."""
+        return torch.stack([s.alpha for s in seqs]) if self.mixture_router is not None else None
 
     def _drain_inbox(self) -> list[RequestOutput]:
         outputs = []
@@ -409,7 +409,7 @@ class Engine:
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits of every position of one sequence, [T, V], without touching the cache."""
         positions = torch.arange(len(token_ids)).unsqueeze(0)
-        alpha = self.sequence_router.route([token_ids]) if self.sequence_router else None
+        alpha = self.mixture_router.weights([token_ids]) if self.mixture_router else None
         hidden = self.model(Batch(torch.tensor([token_ids]), positions, None, alpha=alpha))
         return self.model.logits(hidden)[0]
 
@@ -421,26 +421,20 @@ class Engine:
 
         Sequences are sorted by length and run in right-padded batches of at most
         `max_batch_tokens` (padding never reaches a real token through causal attention).
-        A sequence router routes each sequence on its first `route_tokens` tokens (all when
+        A mixture router routes each sequence on its first `route_tokens` tokens (all when
         None): scoring text with a choice made from that same whole text would let a
         perplexity router pick by the very loss being measured.
         """
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         out: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and len(sequences[order[end]]) * (end + 1 - start) <= max_batch_tokens:
-                end += 1
-            chunk = [sequences[i] for i in order[start:end]]
-            alpha = self.sequence_router.route([s[:route_tokens] for s in chunk]) if self.sequence_router else None
+        for group in padded_groups([len(s) for s in sequences], max_batch_tokens):
+            chunk = [sequences[i] for i in group]
+            alpha = self.mixture_router.weights([s[:route_tokens] for s in chunk]) if self.mixture_router else None
             batch = Batch.right_padded(chunk, alpha=alpha)
             hidden = self.model(batch)  # [B, T, D]
-            for row, i in enumerate(order[start:end]):
+            for row, i in enumerate(group):
                 n = len(sequences[i])
                 logprobs = torch.log_softmax(self.model.logits(hidden[row, : n - 1]), dim=-1)  # [n-1, V]
                 out[i] = logprobs.gather(1, batch.tokens[row, 1:n].unsqueeze(1)).squeeze(1)
-            start = end
         return out
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:

@@ -1,6 +1,7 @@
-"""The transformer's building blocks that every forward shares: the batch layout, RMS norm,
-rotary embeddings and attention over the KV cache. Model, sequence routers and router
-calibration import these; this module imports nothing from merge, router or engine."""
+"""The transformer's building blocks that every forward shares: the batch layout, a decoder
+layer's weights as the forward runs them, RMS norm, rotary embeddings and attention over the KV
+cache. Model, mixture routers and router calibration import these; this module imports nothing
+from merge, router or engine."""
 
 from __future__ import annotations
 
@@ -9,11 +10,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mergeserve.composition import Weight
-from mergeserve.kernels.lowrank import linear
-from mergeserve.kernels.routed_lowrank import RoutedAttention
+from mergeserve.composition import Layer
 
-__all__ = ["Batch", "attention", "next_token_targets", "rms_norm", "rope", "signed_sin"]
+from mergeserve.weights import Weight, fuse
+from mergeserve.kernels import FusedFFN, LoraExperts
+from mergeserve.kernels.lowrank import Pack, linear, packed, prepared
+from mergeserve.kernels.packed import Packed
+from mergeserve.kernels.routed_lowrank import DynamicFFN, RoutedAttention
+
+__all__ = [
+    "Batch", "RunLayer", "attention", "next_token_targets", "padded_groups", "rms_norm", "rope", "signed_sin",
+]
 
 
 @dataclass
@@ -29,7 +36,7 @@ class Batch:
     slots: torch.Tensor | None  # [B]; None runs without a cache (whole sequences, causal)
     router_bias: torch.Tensor | None = None  # [real tokens, E] added to every MoE layer's router logits
     lengths: torch.Tensor | None = None  # [B]; None: no padding
-    alpha: torch.Tensor | None = None  # [B, E] each row's expert weights under a sequence router
+    alpha: torch.Tensor | None = None  # [B, E] each row's expert weights under a mixture router
     # Keys each row attends over, max position + 1; given by callers that know it (no host sync).
     key_len: int | None = None
     # The rows' slots are first_slot, first_slot + 1, ...: the cache is read as a view, not copied.
@@ -72,6 +79,58 @@ class Batch:
         if sliding_window:
             allowed &= keys > q - sliding_window
         return allowed.unsqueeze(1)
+
+
+def padded_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped by similar length so each right-padded group has at most `max_tokens` tokens
+    (a single longer sequence makes a group of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[i] * (len(groups[-1]) + 1) <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+@dataclass(eq=False)
+class RunLayer:
+    """A Layer as the forward runs it: fused projections, prepared factors, the LoRA-expert tables."""
+
+    layer: Layer
+    qkv: Weight | Packed
+    qkv_bias: torch.Tensor | None
+    o_proj: Weight | Packed
+    ffns: list[FusedFFN]
+    lora: LoraExperts | None  # the MoE's LoRA experts over one base FFN; None: all dense
+    dense_experts: torch.Tensor | None  # [E] bool: experts on the grouped dense path (mixed compositions)
+    input_norm: torch.Tensor  # [D] fp32: the residual stream is fp32 whatever the weights
+    post_attn_norm: torch.Tensor  # [D] fp32
+    attn_deltas: RoutedAttention | None = None  # routed attention: the experts' deltas over `qkv`/`o_proj`
+    dynamic_ffn: DynamicFFN | None = None  # attention dynamic: the FFN merged per request from the experts' deltas
+
+    @classmethod
+    def of(cls, layer: Layer, pack: Pack | None = None, dynamic: bool = False) -> RunLayer:
+        """`pack`: a WeightPacker for the full-size weights (None: run them as they are).
+        dynamic: the experts' FFNs are merged per request (router.attention: dynamic)."""
+        a = layer.attn
+        # Builders lay q/k/v back to back, so this is a view; anything else is concatenated once.
+        qkv = fuse([prepared(w) for w in (a.q_proj, a.k_proj, a.v_proj)], copy=True)
+        bias = None if a.q_bias is None else torch.cat([a.q_bias, a.k_bias, a.v_bias])
+        deltas = RoutedAttention.build(layer.attn_experts, a.o_proj.dtype, pack) if layer.attn_experts else None
+        if dynamic:
+            return cls(layer, packed(qkv, pack), bias, packed(prepared(a.o_proj), pack), [], None, None,
+                       layer.input_norm.float(), layer.post_attn_norm.float(), deltas, DynamicFFN.build(layer.experts, pack))
+        lora = LoraExperts.build(layer.experts) if layer.is_moe else None
+        if lora is not None and pack is not None:
+            lora = lora.packed(pack)
+        dense = None if lora is None or bool(lora.member.all()) else ~lora.member
+        ffns = [FusedFFN.of(e, pack) for e in layer.experts] if lora is None or dense is not None else []
+        return cls(
+            layer, packed(qkv, pack), bias, packed(prepared(a.o_proj), pack), ffns, lora, dense,
+            layer.input_norm.float(), layer.post_attn_norm.float(), deltas,
+        )
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -11,40 +11,51 @@ Groups are touched only on the executor thread, which steps every engine.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
 import torch
 
-if TYPE_CHECKING:
-    from mergeserve.engine.engine import Engine
-    from mergeserve.engine.sequence import Sequence
+# This module sits below sequence.py and engine.py, which import it: it names the sequences
+# and engines it groups only by what it needs of them.
+E = TypeVar("E")  # a member engine (engine.Engine)
+
+
+class Member(Protocol):
+    """A sequence in a group (sequence.Sequence): the tokens it has decoded."""
+
+    output_ids: list[int]
+
+
+def mix_logprobs(log_weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """log sum_i w_i p_i(x) from log w [k] and member log-probabilities [k, N]: [N]."""
+    return torch.logsumexp(log_weights.unsqueeze(1) + rows, dim=0)
 
 
 @dataclass(frozen=True, eq=False)
-class Mixture:
+class Mixture(Generic[E]):
     """`SamplingParams.mix`: draw each token from the mixture of the lead's distribution and
     these engines' (same tokenizer), weighted by softmax(log_weights), the lead's first."""
 
-    engines: tuple[Engine, ...]
+    engines: tuple[E, ...]
     log_weights: tuple[float, ...]  # [1 + len(engines)]
 
 
 @dataclass(eq=False)
 class MixGroup:
-    members: list[Sequence]  # the lead first, then one follower per other engine
+    members: list[Member]  # the lead first, then one follower per other engine
     log_weights: torch.Tensor  # [k], normalised
     max_len: int  # the smallest member's max_model_len: every member must hold the sequence
     rows: dict[int, torch.Tensor] = field(default_factory=dict)  # member index -> next-token log-probs [V]
     ended: bool = False  # the lead finished (or a member failed): followers are dropped
 
     @property
-    def lead(self) -> Sequence:
+    def lead(self) -> Member:
         return self.members[0]
 
-    def deposit(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def deposit(self, seq: Member, logits: torch.Tensor) -> None:
         self.rows[self.members.index(seq)] = torch.log_softmax(logits.float(), dim=-1)
 
-    def awaits(self, seq: Sequence) -> bool:
+    def awaits(self, seq: Member) -> bool:
         """`seq` has contributed at its position; it decodes again once the token is drawn."""
         return self.members.index(seq) in self.rows
 
@@ -57,7 +68,7 @@ class MixGroup:
         v = min(r.shape[-1] for r in self.rows.values())
         rows = torch.stack([self.rows[i][:v] for i in range(len(self.members))])  # [k, V]
         self.rows.clear()
-        return torch.logsumexp(self.log_weights.unsqueeze(1) + rows, dim=0)
+        return mix_logprobs(self.log_weights, rows)
 
     def advance(self, token: int) -> None:
         """The lead drew `token`: every follower continues with it."""

@@ -8,23 +8,28 @@ prefill chunk is B=1, a decode step is T=1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from mergeserve.composition import ComposedModel, Layer, LowRank, Weight, fuse
-from mergeserve.engine.kv_cache import KVCache
-from mergeserve.engine.layers import Batch, attention, rms_norm, signed_sin
-from mergeserve.engine.sequence_layers import count_routing, fixed_routing, separate_layer
-from mergeserve.experts.checkpoint import head_dim
-from mergeserve.kernels import FusedFFN, LoraExperts, expert_mlp, linear, lora_moe_ffn, moe_ffn, route
-from mergeserve.kernels.lowrank import Pack, packed, prepared
-from mergeserve.kernels.packed import Packed
-from mergeserve.kernels.routed_lowrank import MergedFFN, RoutedAttention
+from mergeserve.composition import ComposedModel
 
-__all__ = ["Capture", "ModelArgs", "RunLayer", "Transformer"]
+from mergeserve.weights import LowRank
+from mergeserve.engine.kv_cache import KVCache
+from mergeserve.engine.layers import Batch, RunLayer, attention, rms_norm, signed_sin
+from mergeserve.engine.mixture_layers import fixed_routing, routing_counts, separate_layer
+from mergeserve.experts.checkpoint import head_dim
+from mergeserve.kernels import expert_mlp, linear, lora_moe_ffn, moe_ffn, top_k_experts
+from mergeserve.kernels.lowrank import Pack, packed
+from mergeserve.kernels.packed import Packed
+
+__all__ = ["Capture", "ModelArgs", "Transformer"]
+
+Block = Callable[..., torch.Tensor]  # one decoder layer of a mode: see Transformer._block
 
 
 @dataclass
@@ -65,45 +70,6 @@ def layer_windows(config) -> tuple[int | None, ...]:
     return (window,) * config.num_hidden_layers
 
 
-@dataclass(eq=False)
-class RunLayer:
-    """A Layer as the forward runs it: fused projections, prepared factors, the LoRA-expert tables."""
-
-    layer: Layer
-    qkv: Weight | Packed
-    qkv_bias: torch.Tensor | None
-    o_proj: Weight | Packed
-    ffns: list[FusedFFN]
-    lora: LoraExperts | None  # the MoE's LoRA experts over one base FFN; None: all dense
-    dense_experts: torch.Tensor | None  # [E] bool: experts on the grouped dense path (mixed compositions)
-    input_norm: torch.Tensor  # [D] fp32: the residual stream is fp32 whatever the weights
-    post_attn_norm: torch.Tensor  # [D] fp32
-    attn_deltas: RoutedAttention | None = None  # routed attention: the experts' deltas over `qkv`/`o_proj`
-    merged_ffn: MergedFFN | None = None  # per-request merging: the FFN merged from the experts' deltas
-
-    @classmethod
-    def of(cls, layer: Layer, pack: Pack | None = None, merge_per_request: bool = False) -> RunLayer:
-        """`pack`: a WeightPacker for the full-size weights (None: run them as they are).
-        merge_per_request: the experts' FFNs are merged per request (router.attention: dynamic)."""
-        a = layer.attn
-        # Builders lay q/k/v back to back, so this is a view; anything else is concatenated once.
-        qkv = fuse([prepared(w) for w in (a.q_proj, a.k_proj, a.v_proj)], copy=True)
-        bias = None if a.q_bias is None else torch.cat([a.q_bias, a.k_bias, a.v_bias])
-        deltas = RoutedAttention.build(layer.attn_experts, a.o_proj.dtype, pack) if layer.attn_experts else None
-        if merge_per_request:
-            return cls(layer, packed(qkv, pack), bias, packed(prepared(a.o_proj), pack), [], None, None,
-                       layer.input_norm.float(), layer.post_attn_norm.float(), deltas, MergedFFN.build(layer.experts, pack))
-        lora = LoraExperts.build(layer.experts) if layer.is_moe else None
-        if lora is not None and pack is not None:
-            lora = lora.packed(pack)
-        dense = None if lora is None or bool(lora.member.all()) else ~lora.member
-        ffns = [FusedFFN.of(e, pack) for e in layer.experts] if lora is None or dense is not None else []
-        return cls(
-            layer, packed(qkv, pack), bias, packed(prepared(a.o_proj), pack), ffns, lora, dense,
-            layer.input_norm.float(), layer.post_attn_norm.float(), deltas,
-        )
-
-
 @dataclass
 class Capture:
     """States a forward hands out, per layer, in the lists that are not None."""
@@ -130,7 +96,7 @@ class Transformer(torch.nn.Module):
         self.expert_weight = torch.zeros(len(composed.layers), e, dtype=torch.float64)  # [L, E]
         self._picks: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # this forward's (layer, weights, ids)
         # Separate attention: expert e's own layer i keeps its keys/values in cache layer i * E + e.
-        seq = composed.sequence_routing
+        seq = composed.mixture_routing
         self.separate = seq is not None and seq.separate
         self.dynamic = seq is not None and seq.attention == "dynamic"  # every layer merged per request
         self.cache_layers = self.args.n_layers * (e if self.separate else 1)
@@ -139,9 +105,6 @@ class Transformer(torch.nn.Module):
                             for layer in composed.layers]
         self.lm_head = packed(composed.lm_head, pack)
         self.norm = composed.norm.float()
-        # [L, E], or [L, 2, E] for attention and FFN apart: every token merged with these expert weights
-        # instead of its request's alpha (a dynamic composition only: what `mergeserve tune-merge` trains).
-        self.merge_coefficients: torch.Tensor | None = None
 
     def held(self) -> list[torch.Tensor]:
         """Tensors the forward keeps beyond the composition's own (fused copies, stacked LoRA factors)."""
@@ -165,45 +128,98 @@ class Transformer(torch.nn.Module):
                 ws += list(vars(run.lora).values()) + (list(vars(run.lora.fused).values()) if run.lora.fused else [])
             if run.attn_deltas is not None:
                 ws += [t for d in (run.attn_deltas.qkv, run.attn_deltas.o) if d is not None for t in (d.a, d.b)]
-            if (m := run.merged_ffn) is not None:
+            if (m := run.dynamic_ffn) is not None:
                 ws += [m.gate_up, m.down, *(t for d in (m.gate_up_deltas, m.down_deltas) if d is not None for t in (d.a, d.b))]
         return ws
 
-    def forward(self, batch: Batch, cache: KVCache | None = None, capture: Capture | None = None) -> torch.Tensor:
-        """Hidden states after the final norm, [B, T, D]; `capture` collects states on the way."""
-        c = self.composed
+    def forward(
+        self, batch: Batch, cache: KVCache | None = None, capture: Capture | None = None, coefficients: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states after the final norm, [B, T, D]; `capture` collects states on the way.
+        `coefficients` [L, E], or [L, 2, E] for attention and FFN apart: every token merged with these
+        expert weights instead of its request's alpha (a dynamic composition only: what `mergeserve
+        tune-merge` trains)."""
         # The residual stream and norms run in fp32 (cheap, and exact enough to keep bf16 weights honest);
         # each linear takes its input in its weight's dtype.
-        x = F.embedding(batch.tokens, c.embed).float()  # [B, T, D]
+        x = F.embedding(batch.tokens, self.composed.embed).float()  # [B, T, D]
         cos, sin = self.cos[batch.positions].unsqueeze(1), self.sin[batch.positions].unsqueeze(1)  # [B, 1, T, Dh]
         masks = {w: batch.mask(w) for w in set(self.args.windows)}  # one mask per distinct window
-        merged = self.merge_coefficients
-        if c.sequence_routing is not None and batch.alpha is None and merged is None:
-            raise ValueError(f"composition {c.name!r} routes per sequence: the batch needs alpha [B, E]")
-        # Per-request merging: every token's gate over the experts is its row's alpha, [B * T, E].
-        gate = batch.alpha.repeat_interleave(batch.tokens.shape[1], dim=0) if self.dynamic and merged is None else None
+        block = self._block(batch, coefficients)
         for i, run in enumerate(self.run_layers):
-            mask = masks[self.args.windows[i]]
-            if self.separate:
-                x = separate_layer(self, i, self.expert_runs[i], x, cos, sin, mask, batch, cache)
-                continue
-            ffn_gate = gate
-            if merged is not None:  # one merge for every token, layer by layer ([L, E]) or module by module ([L, 2, E])
-                rows = merged[i] if merged.dim() == 3 else merged[i].expand(2, -1)  # [2, E]: attention, FFN
-                gate, ffn_gate = (r.expand(batch.tokens.numel(), -1) for r in rows)
-            normed = rms_norm(x, run.input_norm, self.args.eps)
-            x = x + self.attend(i, run, normed, cos, sin, mask, batch, cache, capture and capture.attention, gate)
-            normed = rms_norm(x, run.post_attn_norm, self.args.eps)
-            if run.merged_ffn is not None:
-                if merged is None:
-                    count_routing(self, i, batch)
-                x = x + run.merged_ffn(normed.reshape(-1, normed.shape[-1]), ffn_gate).view_as(x)
-            else:
-                x = x + self._ffn(i, run, normed, batch, capture and capture.ffn)
+            x = block(i, run, x, cos, sin, masks[self.args.windows[i]], batch, cache, capture)
             if capture is not None and capture.layers is not None:
                 capture.layers.append(x)
         self._count_picks()
         return rms_norm(x, self.norm, self.args.eps)
+
+    def _block(self, batch: Batch, coefficients: torch.Tensor | None) -> Block:
+        """The decoder layer of this forward's mode, chosen once for every layer."""
+        c = self.composed
+        if c.mixture_routing is not None and batch.alpha is None and coefficients is None:
+            raise ValueError(f"composition {c.name!r} is mixture-routed (one expert mixture per request): the batch needs alpha [B, E]")
+        if self.separate:
+            return self._separate_block
+        if coefficients is not None:
+            if not self.dynamic:
+                raise ValueError(f"composition {c.name!r}: merge coefficients need router.attention dynamic")
+            return partial(self._coefficient_block, coefficients)
+        if self.dynamic:  # every token's gate over the experts is its row's alpha, [B * T, E]
+            return partial(self._dynamic_block, batch.alpha.repeat_interleave(batch.tokens.shape[1], dim=0))
+        return self._shared_block
+
+    # The blocks: decoder layer i of one mode, x [B, T, D] -> [B, T, D].
+    def _shared_block(
+        self, i: int, run: RunLayer, x: torch.Tensor, cos, sin, mask, batch: Batch, cache: KVCache | None,
+        capture: Capture | None,
+    ) -> torch.Tensor:
+        """Token routing, or a mixture router with merged attention: the shared attention (with
+        its experts' deltas routed per token where the layer has them), then the dense or MoE
+        FFN (routed per token, or by each row's alpha)."""
+        eps = self.args.eps
+        x = x + self.attend(i, run, rms_norm(x, run.input_norm, eps), cos, sin, mask, batch, cache, capture and capture.attention)
+        return x + self._ffn(i, run, rms_norm(x, run.post_attn_norm, eps), batch, capture and capture.ffn)
+
+    def _separate_block(
+        self, i: int, run: RunLayer, x: torch.Tensor, cos, sin, mask, batch: Batch, cache: KVCache | None,
+        capture: Capture | None,
+    ) -> torch.Tensor:
+        """A mixture router with separate attention: each expert's own layer on the rows that chose it."""
+        x = separate_layer(i, self.expert_runs[i], x, cos, sin, mask, batch, cache, self.args.attn_shape, self.args.eps)
+        self._count_alpha(i, batch)
+        return x
+
+    def _dynamic_block(
+        self, gate: torch.Tensor, i: int, run: RunLayer, x: torch.Tensor, cos, sin, mask, batch: Batch,
+        cache: KVCache | None, capture: Capture | None,
+    ) -> torch.Tensor:
+        """A mixture router with attention dynamic: attention and FFN merged per request, each
+        token's gate [B * T, E] its row's alpha."""
+        x = x + self.attend(i, run, rms_norm(x, run.input_norm, self.args.eps), cos, sin, mask, batch, cache, gate=gate)
+        self._count_alpha(i, batch)
+        return x + self._dynamic_ffn(run, x, gate)
+
+    def _coefficient_block(
+        self, coefficients: torch.Tensor, i: int, run: RunLayer, x: torch.Tensor, cos, sin, mask, batch: Batch,
+        cache: KVCache | None, capture: Capture | None,
+    ) -> torch.Tensor:
+        """The dynamic layer with one merge for every token (the forward's `coefficients`), layer by layer
+        ([L, E]) or module by module ([L, 2, E])."""
+        rows = coefficients[i] if coefficients.dim() == 3 else coefficients[i].expand(2, -1)  # [2, E]: attention, FFN
+        gate, ffn_gate = (r.expand(batch.tokens.numel(), -1) for r in rows)  # [B * T, E] each
+        normed = rms_norm(x, run.input_norm, self.args.eps)
+        x = x + self.attend(i, run, normed, cos, sin, mask, batch, cache, capture and capture.attention, gate)
+        return x + self._dynamic_ffn(run, x, ffn_gate)
+
+    def _dynamic_ffn(self, run: RunLayer, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """The FFN merged per token from the experts' deltas: x [B, T, D], gate [B * T, E] -> [B, T, D]."""
+        normed = rms_norm(x, run.post_attn_norm, self.args.eps)
+        return run.dynamic_ffn(normed.reshape(-1, normed.shape[-1]), gate).view_as(x)
+
+    def _count_alpha(self, i: int, batch: Batch) -> None:
+        """Layer i's router statistics under a mixture router's alpha."""
+        picks, weight = routing_counts(batch)  # [E], [E]
+        self.expert_load[i] += picks
+        self.expert_weight[i] += weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.lm_head).float()
@@ -224,7 +240,7 @@ class Transformer(torch.nn.Module):
         flat, real = self._real_tokens(x, batch)  # [N, D]
         if capture is not None:
             capture.append(flat)
-        weights, ids = route(flat, run.layer.attn_router, self.top_k, batch.router_bias, self.composed.router_subspace)
+        weights, ids = top_k_experts(flat, run.layer.attn_router, self.top_k, batch.router_bias, self.composed.router_subspace)
         gate = flat.new_zeros(len(flat), self.composed.num_experts).scatter_(1, ids, weights)  # [N, E]
         if real is None:
             return gate
@@ -248,7 +264,7 @@ class Transformer(torch.nn.Module):
         if capture is not None:
             capture.append(flat)
         if batch.alpha is None:
-            weights, ids = route(flat, layer.router, self.top_k, batch.router_bias, self.composed.router_subspace)
+            weights, ids = top_k_experts(flat, layer.router, self.top_k, batch.router_bias, self.composed.router_subspace)
         else:
             weights, ids = fixed_routing(batch)
         self._picks.append((i, weights, ids))

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from mergeserve.engine.sequence import Sequence, Status
+from mergeserve.engine.sequence import Sequence
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
-            seq.slot, seq.status = self.free_slots.pop(0), Status.RUNNING
+            seq.slot = self.free_slots.pop(0)
             self.running.append(seq)
         batch, budget = ScheduledBatch(), self.max_prefill_tokens
         for seq in self.running:
@@ -66,7 +66,7 @@ class Scheduler:
         are consecutive and its cache is read as views): when a hole opens below the highest
         running slot, that sequence moves into it. Returns (moved sequence, its old slot) or None;
         the caller moves its cache entries."""
-        seq.status, seq.finish_reason = Status.FINISHED, reason
+        seq.finish_reason = reason
         moved = None
         if seq in self.running:
             self.running.remove(seq)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from mergeserve.engine.mixing import MixGroup, Mixture
 
 if TYPE_CHECKING:
     import torch
 
     from mergeserve.engine.detokenizer import Detokenizer
-    from mergeserve.engine.mixing import MixGroup, Mixture
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # how many alternatives to return per token; None: no logprobs
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo); None: none
-    # [E] added to the router's logits (a sequence router's scores); -inf excludes an expert. None: no bias.
+    # [E] added to the router's logits (a mixture router's scores); -inf excludes an expert. None: no bias.
     router_bias: tuple[float, ...] | None = None
     # Top-k request routing: each token drawn from this engine's and other engines' mixed distributions.
     mix: Mixture | None = None
@@ -55,25 +55,18 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
-class Status(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
 @dataclass(eq=False)  # identity: two requests with equal fields are still two requests
 class Sequence:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    status: Status = Status.WAITING
     slot: int | None = None  # KV cache slot while running
     num_cached: int = 0  # tokens whose keys/values are in the cache
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # decoded output, stop strings cut off
     emitted: int = 0  # characters of `text` already handed out
     finish_reason: str | None = None
-    alpha: torch.Tensor | None = None  # [E] expert weights of a sequence router, fixed at admission
+    alpha: torch.Tensor | None = None  # [E] expert weights of a mixture router, fixed at admission
     detokenizer: Detokenizer | None = None  # turns each new token into its text, set at admission
     prompt_logprobs: list[TokenLogprob | None] | None = None  # filled chunk by chunk during prefill
     group: MixGroup | None = None  # decoded together with other engines' sequences (engine/mixing.py)
@@ -82,10 +75,6 @@ class Sequence:
     def awaiting(self) -> bool:
         """Its next-token distribution waits in its mix group for the other members'."""
         return self.group is not None and self.group.awaits(self)
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
 
     @property
     def last_token(self) -> int:

@@ -5,6 +5,9 @@ for what is measured and report.py for what is written.
 """
 
 from mergeserve.eval.datasets import EvalData, load_eval_data
-from mergeserve.eval.harness import EvalSettings, evaluate, evaluate_engine, evaluate_specs, oracle_row
+from mergeserve.eval.harness import evaluate, evaluate_engine, evaluate_specs, oracle_row
+from mergeserve.eval.results import EvalResults, ModelScores, Row
+from mergeserve.eval.scoring import EvalSettings
 
-__all__ = ["EvalData", "EvalSettings", "evaluate", "evaluate_engine", "evaluate_specs", "load_eval_data", "oracle_row"]
+__all__ = ["EvalData", "EvalResults", "EvalSettings", "ModelScores", "Row", "evaluate", "evaluate_engine", "evaluate_specs",
+           "load_eval_data", "oracle_row"]

@@ -10,7 +10,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergeserve.zoo.splits import Example, read_jsonl
+from mergeserve.calibration import read_jsonl
+from mergeserve.zoo.splits import Example
 
 
 @dataclass(frozen=True)

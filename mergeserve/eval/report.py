@@ -6,14 +6,15 @@ import json
 import math
 from pathlib import Path
 
-GAIN_TARGET = 0.10  # an expert must beat the base by 10% (relative) on its own domain
+from mergeserve.eval.results import EvalResults
+from mergeserve.zoo.card import TARGET_GAIN
 
 
-def write_all(out_dir: str | Path, results: dict) -> list[Path]:
+def write_all(out_dir: str | Path, results: EvalResults) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "results.json", out / "results.md", out / "loss.png"]
-    paths[0].write_text(json.dumps(_finite(results), indent=1, allow_nan=False) + "\n")
+    paths[0].write_text(json.dumps(_finite(results.to_json()), indent=1, allow_nan=False) + "\n")
     paths[1].write_text(markdown(results))
     bar_chart(results, paths[2])
     return paths
@@ -30,10 +31,6 @@ def _finite(value):
     return value
 
 
-def _rows(results: dict) -> list[dict]:
-    return results["rows"] + ([results["oracle"]] if results.get("oracle") else [])
-
-
 def _cell(value: float, oracle: float | None, digits: int, percent: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -44,83 +41,85 @@ def _cell(value: float, oracle: float | None, digits: int, percent: bool = False
     return text
 
 
-def main_table(results: dict) -> list[str]:
-    domains = results["domains"]
-    oracle = results.get("oracle")
+def main_table(results: EvalResults) -> list[str]:
+    domains = results.domains
+    oracle = results.oracle
     head = ["model", *[f"{d} loss" for d in domains], "math acc", "math format", "mixed loss"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in _rows(results):
+    for row in results.all_rows:
         o = oracle if oracle and row is not oracle else None
-        cells = [row["name"]]
-        cells += [_cell(row["domains"][d]["loss"], o["domains"][d]["loss"] if o else None, 3) for d in domains]
-        cells.append(_cell(row["math"]["accuracy"], o["math"]["accuracy"] if o else None, 1, percent=True))
-        cells.append(_cell(row["math"].get("formatted", float("nan")), o["math"].get("formatted") if o else None, 1, percent=True))
-        cells.append(_cell(row["mixed"]["loss"], o["mixed"]["loss"] if o else None, 3))
+        cells = [row.name]
+        cells += [_cell(row.domains[d].loss, o.domains[d].loss if o else None, 3) for d in domains]
+        cells.append(_cell(row.math.accuracy, o.math.accuracy if o else None, 1, percent=True))
+        formatted = float("nan") if row.math.formatted is None else row.math.formatted
+        cells.append(_cell(formatted, o.math.formatted if o else None, 1, percent=True))
+        cells.append(_cell(row.mixed.total.loss, o.mixed.total.loss if o else None, 3))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def acceptance(results: dict) -> list[str]:
-    """The zoo's rule: each expert beats the base by >=10% on its own domain, and not on every domain."""
-    rows = results["rows"]
-    base = next((r for r in rows if r["kind"] == "base"), None)
-    experts = [r for r in rows if r["kind"] == "expert" and r["expert"] in results["domains"]]
+def acceptance(results: EvalResults) -> list[str]:
+    """The zoo's rule: each expert beats the base by at least TARGET_GAIN on its own domain, and not on every domain."""
+    rows = results.rows
+    base = next((r for r in rows if r.kind == "base"), None)
+    experts = [r for r in rows if r.kind == "expert" and r.expert in results.domains]
     if base is None or not experts:
         return []
-    domains = results["domains"]
-    lines = ["| expert | base loss (own domain) | expert loss | gain | relative | >= 10% | better on every other domain too | passes |",
+    domains = results.domains
+    lines = [f"| expert | base loss (own domain) | expert loss | gain | relative | >= {TARGET_GAIN:.0%} "
+             "| better on every other domain too | passes |",
              "|---|---|---|---|---|---|---|---|"]
     for r in experts:
-        d = r["expert"]
-        b, e = base["domains"][d]["loss"], r["domains"][d]["loss"]
+        d = r.expert
+        b, e = base.domains[d].loss, r.domains[d].loss
         rel = (b - e) / b
         others = [x for x in domains if x != d]
-        all_better = bool(others) and all(r["domains"][x]["loss"] < base["domains"][x]["loss"] for x in others)
-        ok = rel >= GAIN_TARGET and not all_better
-        lines.append(f"| {r['name']} | {b:.3f} | {e:.3f} | {b - e:+.3f} | {rel:+.1%} | {'yes' if rel >= GAIN_TARGET else 'no'} "
+        all_better = bool(others) and all(r.domains[x].loss < base.domains[x].loss for x in others)
+        ok = rel >= TARGET_GAIN and not all_better
+        lines.append(f"| {r.name} | {b:.3f} | {e:.3f} | {b - e:+.3f} | {rel:+.1%} | {'yes' if rel >= TARGET_GAIN else 'no'} "
                      f"| {'yes' if all_better else 'no'} | {'yes' if ok else 'no'} |")
     return lines
 
 
-def gain_table(results: dict) -> list[str]:
+def gain_table(results: EvalResults) -> list[str]:
     """Per row and domain, the share of the domain expert's gain over the base the row keeps:
     (base - row) / (base - expert), and the mean loss over the domains."""
-    rows, domains = results["rows"], results["domains"]
-    base = next((r for r in rows if r["kind"] == "base"), None)
-    experts = {r["expert"]: r for r in rows if r["kind"] == "expert"}
+    rows, domains = results.rows, results.domains
+    base = next((r for r in rows if r.kind == "base"), None)
+    experts = {r.expert: r for r in rows if r.kind == "expert"}
     if base is None or any(d not in experts for d in domains):
         return []
-    gain = {d: base["domains"][d]["loss"] - experts[d]["domains"][d]["loss"] for d in domains}
+    gain = {d: base.domains[d].loss - experts[d].domains[d].loss for d in domains}
     lines = ["| model | " + " | ".join(f"{d} gain kept" for d in domains) + " | lowest | mean loss |",
              "|---|" + "---|" * (len(domains) + 2)]
-    for row in _rows(results):
-        kept = [(base["domains"][d]["loss"] - row["domains"][d]["loss"]) / gain[d] for d in domains]
-        mean = sum(row["domains"][d]["loss"] for d in domains) / len(domains)
-        lines.append(f"| {row['name']} | " + " | ".join(f"{k:.1%}" for k in kept) + f" | {min(kept):.1%} | {mean:.3f} |")
+    for row in results.all_rows:
+        kept = [(base.domains[d].loss - row.domains[d].loss) / gain[d] for d in domains]
+        mean = sum(row.domains[d].loss for d in domains) / len(domains)
+        lines.append(f"| {row.name} | " + " | ".join(f"{k:.1%}" for k in kept) + f" | {min(kept):.1%} | {mean:.3f} |")
     return lines
 
 
-def router_tables(results: dict) -> list[str]:
+def router_tables(results: EvalResults) -> list[str]:
     lines = []
-    for row in results["rows"]:
-        if "router" not in row:
+    for row in results.rows:
+        if row.router is None:
             continue
-        names = list(next(iter(row["router"].values()))["experts"])
-        lines += ["", f"**{row['name']}**", "", "| tokens of | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        for domain, stats in row["router"].items():
-            lines.append(f"| {domain} | " + " | ".join(f"{stats['experts'][n]:.1%} ({stats['mean_weight'][n]:.2f})" for n in names) + " |")
+        names = list(next(iter(row.router.values())).experts)
+        lines += ["", f"**{row.name}**", "", "| tokens of | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for domain, load in row.router.items():
+            lines.append(f"| {domain} | " + " | ".join(f"{load.experts[n]:.1%} ({load.mean_weight[n]:.2f})" for n in names) + " |")
     return lines
 
 
-def routing_tables(results: dict) -> list[str]:
+def routing_tables(results: EvalResults) -> list[str]:
     """Route compositions: how many of each domain's examples each member model got."""
     lines = []
-    for row in results["rows"]:
-        if "routing" not in row:
+    for row in results.rows:
+        if row.routing is None:
             continue
-        names = list(next(iter(row["routing"].values())))
-        lines += ["", f"**{row['name']}**", "", "| examples of | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        for domain, counts in row["routing"].items():
+        names = list(next(iter(row.routing.values())))
+        lines += ["", f"**{row.name}**", "", "| examples of | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for domain, counts in row.routing.items():
             total = max(1, sum(counts.values()))
             lines.append(f"| {domain} | " + " | ".join(f"{counts[n]} ({counts[n] / total:.0%})" for n in names) + " |")
     return lines
@@ -142,9 +141,9 @@ def scoring(s: dict) -> str:
     return text
 
 
-def markdown(results: dict) -> str:
-    s = results["settings"]
-    domains = results["domains"]
+def markdown(results: EvalResults) -> str:
+    s = results.settings
+    domains = results.domains
     loss_counts = ", ".join(f"{d} {s['loss_examples'][d]}" for d in domains)
     lines = [
         "# Merge quality", "",
@@ -156,13 +155,13 @@ def markdown(results: dict) -> str:
         f"Mixed: {s['mixed_examples']} examples ({s['mixed_per_domain']} per domain, seed {s['seed']}) interleaved.",
         "",
     ]
-    if results.get("oracle"):
+    if results.oracle:
         lines += ["In parentheses: the difference to the oracle row (each example scored by its own domain's expert).", ""]
     lines += main_table(results)
     mixed_lines = ["", "## Mixed set per source domain", "", "| model | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
-    for row in _rows(results):
-        by = row["mixed"]["by_domain"]
-        mixed_lines.append(f"| {row['name']} | " + " | ".join(f"{by[d]['loss']:.3f}" if d in by else "–" for d in domains) + " |")
+    for row in results.all_rows:
+        by = row.mixed.by_domain
+        mixed_lines.append(f"| {row.name} | " + " | ".join(f"{by[d].loss:.3f}" if d in by else "–" for d in domains) + " |")
     lines += mixed_lines
     if gains := gain_table(results):
         lines += ["", "## Share of each expert's gain kept", "",
@@ -181,28 +180,28 @@ def markdown(results: dict) -> str:
                   "the example goes to that member and its runners-up, mixed token by token; the table counts the "
                   "member that leads the mixture."] + rt
     lines += ["", "## Wall time", "", "| model | build s | loss s | mixed s | math s | total s |", "|---|---|---|---|---|---|"]
-    for row in results["rows"]:
-        t = row["timings"]
+    for row in results.rows:
+        t = row.timings
         loss = sum(v for k, v in t.items() if k.startswith("loss_"))
-        lines.append(f"| {row['name']} | {t['build']:.1f} | {loss:.1f} | {t['mixed']:.1f} | {t['math']:.1f} | {t['total']:.1f} |")
-    lines += ["", f"Whole evaluation: {results['wall_s']:.1f} s."]
+        lines.append(f"| {row.name} | {t['build']:.1f} | {loss:.1f} | {t['mixed']:.1f} | {t['math']:.1f} | {t['total']:.1f} |")
+    lines += ["", f"Whole evaluation: {results.wall_s:.1f} s."]
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(results: dict, path: Path) -> None:
+def bar_chart(results: EvalResults, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [*results["domains"], "mixed"]
-    rows = _rows(results)
+    groups = [*results.domains, "mixed"]
+    rows = results.all_rows
     width = 0.8 / max(len(rows), 1)
     fig, ax = plt.subplots(figsize=(min(14.0, 3.0 + 0.3 * len(rows) * len(groups)), 4.5))
     for i, row in enumerate(rows):
-        values = [row["domains"][g]["loss"] if g in row["domains"] else row["mixed"]["loss"] for g in groups]
+        values = [row.domains[g].loss if g in row.domains else row.mixed.total.loss for g in groups]
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(groups))]
-        ax.bar(xs, values, width, label=row["name"], hatch="//" if row["kind"] == "oracle" else None)
+        ax.bar(xs, values, width, label=row.name, hatch="//" if row.kind == "oracle" else None)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel("held-out loss (nats per token)")
     ax.set_title("Loss per domain per model (lower is better)")

@@ -20,20 +20,31 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from mergeserve.engine.engine import Engine
-from mergeserve.engine.mixing import Mixture
+from mergeserve.engine.mixing import Mixture, mix_logprobs
 from mergeserve.eval.datasets import EvalData
-from mergeserve.eval.harness import EvalSettings, math_accuracy, mixed_result, token_logprobs
 from mergeserve.eval.metrics import MATH_PROMPT, LossSum, loss_sum
+from mergeserve.eval.results import MathSample, MathScore, ModelScores
+from mergeserve.eval.scoring import EvalSettings, math_accuracy, math_score, mixed_loss, token_logprobs
 from mergeserve.router.request import RequestRouter, tokenizer_key, top_members
 
 CHARS_PER_TOKEN = 4  # a math prompt is routed on about route_tokens tokens of its text
 
-Choice = list[tuple[str, float]]  # the members one text goes to, the lead first, with their mixing logits
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """The members one text goes to, the lead first, with their mixing logits."""
+
+    members: tuple[str, ...]
+    logits: tuple[float, ...]  # [len(members)]
+
+    @property
+    def lead(self) -> str:
+        return self.members[0]
 
 
 @dataclass(frozen=True)
@@ -45,16 +56,19 @@ class Prefix:
     chars: int
 
 
-def choose(router: RequestRouter, names: list[str], texts: list[str], top_k: int, vocab: list[int]) -> list[Choice]:
+def choose(router: RequestRouter, names: list[str], texts: list[str], top_k: int, vocab: list[int]) -> list[RouteDecision]:
     """Each text's members; `vocab`: a tokenizer key per member (only members of the lead's are mixed)."""
     if not texts:
         return []
-    scores = router.scores(texts)  # [N, M]
-    return [[(names[i], float(row[i])) for i in top_members(row, top_k, vocab)] for row in scores]
+    decisions = []
+    for row in router.scores(texts):  # [M] per text
+        picked = top_members(row, top_k, vocab)
+        decisions.append(RouteDecision(tuple(names[i] for i in picked), tuple(float(row[i]) for i in picked)))
+    return decisions
 
 
-def leads(choices: list[Choice]) -> list[str]:
-    return [c[0][0] for c in choices]
+def leads(decisions: list[RouteDecision]) -> list[str]:
+    return [d.lead for d in decisions]
 
 
 def prefixes(tokenizer, texts: list[str], settings: EvalSettings) -> list[Prefix | None]:
@@ -82,11 +96,12 @@ def member_tokens(tokenizer, texts: list[str], heads: list[Prefix], settings: Ev
 
 
 def score_routed(
-    members: dict[str, Engine], choices: list[Choice], texts: list[str], heads: list[Prefix], settings: EvalSettings, desc: str,
+    members: dict[str, Engine], decisions: list[RouteDecision], texts: list[str], heads: list[Prefix], settings: EvalSettings,
+    desc: str,
 ) -> list[LossSum]:
     """Each text's loss after its prefix under its members' mixture, sum_i softmax(logits)_i p_i(token)
     (one member: its own)."""
-    logits = [dict(c) for c in choices]  # per text: member -> mixing logit
+    logits = [dict(zip(d.members, d.logits)) for d in decisions]  # per text: member -> mixing logit
     parts: list[list[tuple[float, torch.Tensor]]] = [[] for _ in texts]
     for name, engine in members.items():
         idx = [i for i, c in enumerate(logits) if name in c]
@@ -101,75 +116,76 @@ def score_routed(
             out.append(LossSum())
             continue
         weights = torch.log_softmax(torch.tensor([w for w, _ in mix], dtype=torch.float64), dim=0)  # [k]
-        out.append(loss_sum([torch.logsumexp(torch.stack([lp for _, lp in mix]) + weights.unsqueeze(1), dim=0)]))
+        out.append(loss_sum([mix_logprobs(weights, torch.stack([lp for _, lp in mix]))]))
     return out
 
 
 def score_set(
-    members: dict[str, Engine], route: Callable[[list[str]], list[Choice]], reference, texts: list[str],
+    members: dict[str, Engine], route: Callable[[list[str]], list[RouteDecision]], reference, texts: list[str],
     settings: EvalSettings, desc: str,
 ) -> tuple[list[LossSum], list[str]]:
     """One LossSum per text, each routed on its prefix (a text too short for one scores nothing),
     and the lead member of every text routed."""
     heads = prefixes(reference, texts, settings)
     kept = [i for i, h in enumerate(heads) if h is not None]
-    choices = route([texts[i][:heads[i].chars] for i in kept])
+    decisions = route([texts[i][:heads[i].chars] for i in kept])
     sums = [LossSum()] * len(texts)
-    for i, s in zip(kept, score_routed(members, choices, [texts[i] for i in kept], [heads[i] for i in kept], settings, desc)):
+    for i, s in zip(kept, score_routed(members, decisions, [texts[i] for i in kept], [heads[i] for i in kept], settings, desc)):
         sums[i] = s
-    return sums, leads(choices)
+    return sums, leads(decisions)
 
 
 def math_routed(
-    members: dict[str, Engine], problems: list[dict], settings, route: Callable[[list[str]], list[Choice]],
-) -> tuple[dict, list[str]]:
+    members: dict[str, Engine], problems: list[dict], settings: EvalSettings, route: Callable[[list[str]], list[RouteDecision]],
+) -> tuple[MathScore, list[str]]:
     """`route`: each text's members."""
-    choices = route([MATH_PROMPT.format(question=p["question"]) for p in problems])
-    samples: list = [None] * len(problems)
+    if not problems:
+        return MathScore(float("nan"), 0, 0, float("nan"), 0, []), []
+    decisions = route([MATH_PROMPT.format(question=p["question"]) for p in problems])
+    samples: list[MathSample | None] = [None] * len(problems)
     generated = 0
     for name in members:
-        idx = [i for i, c in enumerate(choices) if c[0][0] == name]
+        idx = [i for i, d in enumerate(decisions) if d.lead == name]
         if not idx:
             continue
-        mixes = [Mixture(tuple(members[n] for n, _ in choices[i][1:]), tuple(w for _, w in choices[i]))
-                 if len(choices[i]) > 1 else None for i in idx]
+        mixes = [Mixture(tuple(members[n] for n in decisions[i].members[1:]), decisions[i].logits)
+                 if len(decisions[i].members) > 1 else None for i in idx]
         part = math_accuracy(members[name], [problems[i] for i in idx], settings, mixes)
-        generated += part["generated_tokens"]
-        for i, sample in zip(idx, part["samples"]):
-            samples[i] = sample | {"member": "+".join(n for n, _ in choices[i])}
-    n = len(problems)
-    correct = sum(s["correct"] for s in samples)
-    formatted = sum(s["extracted"] is not None for s in samples)
-    result = {"accuracy": correct / n if n else float("nan"), "correct": correct, "n": n,
-              "formatted": formatted / n if n else float("nan"), "generated_tokens": generated, "samples": samples}
-    return result, leads(choices)
+        generated += part.generated_tokens
+        for i, sample in zip(idx, part.samples):
+            samples[i] = replace(sample, member="+".join(decisions[i].members))
+    return math_score(samples, generated), leads(decisions)
 
 
-def evaluate_route(members: dict[str, Engine], router: RequestRouter, data: EvalData, settings: EvalSettings, top_k: int = 1) -> dict:
-    """The row of a route composition: the harness's metrics, plus `routing`: per domain, how
+def evaluate_route(
+    members: dict[str, Engine], router: RequestRouter, data: EvalData, settings: EvalSettings, top_k: int = 1,
+) -> ModelScores:
+    """The scores of a route composition: the harness's metrics, plus `routing`: per domain, how
     many of its scored examples (loss set and math problems) each member got (as the lead of a mixture)."""
     names, reference = list(members), next(iter(members.values())).tokenizer
     vocab = [tokenizer_key(m.tokenizer) for m in members.values()] if top_k > 1 else [0] * len(names)
 
-    def route(texts: list[str]) -> list[Choice]:
+    def route(texts: list[str]) -> list[RouteDecision]:
         return choose(router, names, texts, top_k, vocab)
 
-    result: dict = {"domains": {}, "timings": {}, "routing": {}}
+    domains: dict[str, LossSum] = {}
+    timings: dict[str, float] = {}
+    routing: dict[str, dict[str, int]] = {}
     for domain, examples in data.domains.items():
         start = time.perf_counter()
         sums, chosen = score_set(members, route, reference, [e["text"] for e in examples], settings, domain)
-        result["domains"][domain] = sum(sums, LossSum()).as_dict()
-        result["routing"][domain] = {n: chosen.count(n) for n in names}
-        result["timings"][f"loss_{domain}"] = time.perf_counter() - start
+        domains[domain] = sum(sums, LossSum())
+        routing[domain] = {n: chosen.count(n) for n in names}
+        timings[f"loss_{domain}"] = time.perf_counter() - start
 
     start = time.perf_counter()
     sums, _ = score_set(members, route, reference, [e["text"] for _, e in data.mixed], settings, "mixed")
-    result["mixed"] = mixed_result(data.mixed, sums)
-    result["timings"]["mixed"] = time.perf_counter() - start
+    mixed = mixed_loss(data.mixed, sums)
+    timings["mixed"] = time.perf_counter() - start
 
     start = time.perf_counter()
     chars = CHARS_PER_TOKEN * settings.route_tokens
-    result["math"], chosen = math_routed(members, data.math, settings, lambda texts: route([t[:chars] for t in texts]))
-    result["routing"]["math problems"] = {n: chosen.count(n) for n in names}
-    result["timings"]["math"] = time.perf_counter() - start
-    return result
+    math, chosen = math_routed(members, data.math, settings, lambda texts: route([t[:chars] for t in texts]))
+    routing["math problems"] = {n: chosen.count(n) for n in names}
+    timings["math"] = time.perf_counter() - start
+    return ModelScores(domains=domains, mixed=mixed, math=math, timings=timings, routing=routing)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from mergeserve.composition import LowRank, Weight, fuse_in_place, weight_tensors
+from mergeserve.weights import LowRank, Weight, fuse_in_place, weight_tensors
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")

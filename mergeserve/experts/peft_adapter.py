@@ -22,7 +22,7 @@ from peft import PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mergeserve.composition import LowRank
+from mergeserve.weights import LowRank
 from mergeserve.experts.checkpoint import Checkpoint, CheckpointError, hf_module, refuse_pickles
 
 log = logging.getLogger(__name__)

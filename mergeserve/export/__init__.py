@@ -23,7 +23,7 @@ def export_composition(composed: ComposedModel, out_dir: str | Path, dtype: str 
 def export_spec(spec_path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
     """`mergeserve export --spec FILE --out DIR [--dtype D]`: build the composition, then export it."""
     from mergeserve.experts import ExpertPool
-    from mergeserve.merge import build
+    from mergeserve.learn.compose import build
     from mergeserve.spec import load_composition
 
     return export_composition(build(load_composition(spec_path), ExpertPool()), out_dir, dtype)

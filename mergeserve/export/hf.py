@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import GenerationConfig, PretrainedConfig
 
-from mergeserve.composition import ComposedModel, Weight, dense
+from mergeserve.composition import ComposedModel
+
+from mergeserve.weights import Weight, dense
 
 DEFAULT_SHARD_BYTES = 1 << 30
 

@@ -20,10 +20,10 @@ from mergeserve.export.hf import DEFAULT_SHARD_BYTES, is_tied, parse_dtype, shar
 def check_mixtral(composed: ComposedModel) -> None:
     """Raise ValueError naming what Mixtral cannot represent in `composed`."""
     config, name = composed.config, composed.name
-    if composed.sequence_routing is not None:
+    if composed.mixture_routing is not None:
         raise ValueError(
-            f"composition {name!r}: router.kind={composed.sequence_routing.kind} routes once per request "
-            f"(MergeME sequence routing, {composed.sequence_routing.attention} attention); a Mixtral checkpoint "
+            f"composition {name!r}: router.kind={composed.mixture_routing.kind} routes once per request "
+            f"(MergeME sequence routing, {composed.mixture_routing.attention} attention); a Mixtral checkpoint "
             "routes every token with a linear gate and cannot represent it; serve it with mergeserve instead"
         )
     if any(layer.attn_experts for layer in composed.layers):

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mergeserve.composition import ExpertFFN, LowRank, Weight, row_blocks
+from mergeserve.weights import ExpertFFN, LowRank, Weight, row_blocks
+
 from mergeserve.kernels.lowrank import Pack, linear
 from mergeserve.kernels.packed import Packed, pack_private
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from mergeserve.composition import LowRank, Weight
+from mergeserve.weights import LowRank, Weight
 from mergeserve.kernels.packed import Packed
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mergeserve.composition import ExpertFFN, Weight, fuse
+from mergeserve.weights import ExpertFFN, Weight, fuse
+
 from mergeserve.kernels.lowrank import Pack, linear, packed, prepared
 from mergeserve.kernels.packed import Packed
 
@@ -45,7 +46,7 @@ def router_logits(x: torch.Tensor, router: torch.Tensor, subspace: int = 0) -> t
     return logits.view(*logits.shape[:-1], -1, subspace).norm(dim=-1)
 
 
-def route(
+def top_k_experts(
     x: torch.Tensor, router: torch.Tensor, top_k: int, bias: torch.Tensor | None = None, subspace: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixtral routing: softmax over all experts, keep the top k, renormalise.
@@ -73,7 +74,7 @@ def moe_ffn(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: 
     """x [T, D], weights/ids [T, k] -> output [T, D].
 
     A pick of weight 0 runs nothing: top-k fills its slots with experts a request
-    excluded (or a row of a sequence router with fewer choices), and a composition
+    excluded (or a row of a mixture router with fewer choices), and a composition
     mixing LoRA and dense experts sends the LoRA picks elsewhere with weight 0 here.
     """
     k, n_experts = ids.shape[1], len(experts)

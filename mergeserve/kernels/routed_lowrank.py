@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mergeserve.composition import ExpertFFN, LowRank, Weight, row_blocks
+from mergeserve.weights import ExpertFFN, LowRank, Weight, row_blocks
+
 from mergeserve.kernels.lora_moe import is_over, shared_base
 from mergeserve.kernels.lowrank import Pack, linear
 from mergeserve.kernels.packed import Packed
@@ -76,9 +77,9 @@ class RoutedAttention:
 
 
 @dataclass(eq=False)
-class MergedFFN:
-    """An FFN merged per token from LoRA experts over one base FFN (per-request merging):
-    with gate g, (W_d + sum g_e dD_e) (silu((W_g + sum g_e dG_e) x) * (W_u + sum g_e dU_e) x).
+class DynamicFFN:
+    """The FFN of `router.attention: dynamic`, merged per token from LoRA experts over one base
+    FFN: with gate g, (W_d + sum g_e dD_e) (silu((W_g + sum g_e dG_e) x) * (W_u + sum g_e dU_e) x).
     The weights are never materialised: the base projections plus routed deltas."""
 
     gate_up: torch.Tensor | Packed  # [2I, D]: the base's gate rows, then its up rows
@@ -97,7 +98,7 @@ class MergedFFN:
         return out if self.down_deltas is None else out + self.down_deltas(act, gate)
 
     @classmethod
-    def build(cls, experts: list[ExpertFFN], pack: Pack | None = None) -> MergedFFN:
+    def build(cls, experts: list[ExpertFFN], pack: Pack | None = None) -> DynamicFFN:
         """experts: LoRA experts over one base FFN (or the base itself)."""
         gate, up, down = (shared_base(experts, p) for p in ("gate_proj", "up_proj", "down_proj"))
         bases = {"gate_proj": gate, "up_proj": up, "down_proj": down}

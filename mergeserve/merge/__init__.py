@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
+
 from mergeserve.composition import ComposedModel
 from mergeserve.experts import ExpertPool
 from mergeserve.spec import CompositionSpec
+from mergeserve.spec.merge import MODELS
+
+
+# The builder of each composition method (route is not built here: each member is its own engine).
+# Modules by name, imported on first use: a dense server never loads the MoE builders.
+BUILDERS: dict[str, str] = {"btx": "mergeserve.merge.btx", "mergeme": "mergeserve.merge.mergeme",
+                            **dict.fromkeys(MODELS, "mergeserve.merge.dense")}
 
 
 def build(spec: CompositionSpec, pool: ExpertPool) -> ComposedModel:
-    """Build the composition `spec` describes from experts in `pool` (loaded there once).
-
-    `btx` and `mergeme` build MoEs; every other method is a dense task-vector merge.
-    """
-    if spec.method == "btx":
-        from mergeserve.merge.btx import build as build_btx
-
-        return build_btx(spec, pool)
-    if spec.method == "mergeme":
-        from mergeserve.merge.mergeme import build as build_mergeme
-
-        return build_mergeme(spec, pool)
-    from mergeserve.merge.dense import build as build_dense
-
-    return build_dense(spec, pool)
+    """Build the composition `spec` describes from experts in `pool` (loaded there once)."""
+    return importlib.import_module(BUILDERS[spec.method]).build(spec, pool)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mergeserve.composition import LowRank, Weight
+from mergeserve.weights import LowRank, Weight
 
 
 def mean(ws: list[Weight], weights: list[float] | None = None) -> torch.Tensor:

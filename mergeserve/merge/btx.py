@@ -11,12 +11,14 @@ from collections.abc import Callable
 
 import torch
 
-from mergeserve.composition import Attention, ComposedModel, ExpertFFN, Layer, fuse_in_place
+from mergeserve.composition import Attention, ComposedModel, Layer
+
+from mergeserve.weights import ExpertFFN, fuse_in_place
+
 from mergeserve.experts import Checkpoint, CheckpointError, ExpertPool
 from mergeserve.experts.peft_adapter import names_base
 from mergeserve.kernels.capability import resolve_dtype
 from mergeserve.merge.average import mean
-from mergeserve.router import init_router
 from mergeserve.spec import CompositionSpec
 
 log = logging.getLogger(__name__)
@@ -31,23 +33,32 @@ def build(spec: CompositionSpec, pool: ExpertPool) -> ComposedModel:
 
 
 def build_moe(spec: CompositionSpec, base: Checkpoint, experts: list[Checkpoint], shared: MergeFn) -> ComposedModel:
-    """The MoE both BTX and MergeME build: `shared` merges the non-FFN tensors."""
+    """The MoE both BTX and MergeME build: `shared` merges the non-FFN tensors. Its routers are
+    the builder's next step (router.init_router)."""
     names = [e.name for e in spec.experts]
     composed = compose(spec.name, base, experts, names, spec.router.top_k, shared, routed_attention=spec.router.keeps_attention_deltas)
     composed.sources = [spec.base] + [e.source for e in spec.experts]
-    init_router(composed, spec, base, experts)
     return composed
 
 
-def load_experts(spec: CompositionSpec, pool: ExpertPool) -> tuple[Checkpoint, list[Checkpoint]]:
-    dtype = resolve_dtype(spec.dtype) if spec.dtype else None  # None: the pool's
-    base = pool.get(spec.base, dtype=dtype)
+def checkpoints(spec: CompositionSpec, pool: ExpertPool) -> tuple[Checkpoint, list[Checkpoint]]:
+    """The spec's base and experts as the pool holds them: loaded once, the same objects at every call."""
+    base = pool.get(spec.base, dtype=_dtype(spec))
     if base.tokenizer is None:
         raise CheckpointError(f"{base.source}: the base has no tokenizer files")
-    experts = [pool.get_expert(e.source, e.base or spec.base, dtype) for e in spec.experts]
+    return base, [pool.get_expert(e.source, e.base or spec.base, _dtype(spec)) for e in spec.experts]
+
+
+def load_experts(spec: CompositionSpec, pool: ExpertPool) -> tuple[Checkpoint, list[Checkpoint]]:
+    """`checkpoints`, each adapter checked against the base it names."""
+    base, experts = checkpoints(spec, pool)
     for e, loaded in zip(spec.experts, experts):
-        check_declared_base(loaded, e.name, pool.get(e.base, dtype=dtype) if e.base else base, spec.strict_base)
+        check_declared_base(loaded, e.name, pool.get(e.base, dtype=_dtype(spec)) if e.base else base, spec.strict_base)
     return base, experts
+
+
+def _dtype(spec: CompositionSpec) -> torch.dtype | None:
+    return resolve_dtype(spec.dtype) if spec.dtype else None  # None: the pool's
 
 
 def check_declared_base(expert: Checkpoint, name: str, base: Checkpoint, strict: bool) -> None:

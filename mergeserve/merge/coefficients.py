@@ -1,6 +1,6 @@
 """Learned merge coefficients: a weight per expert per layer, kept in a safetensors file.
 
-`mergeserve tune-merge` writes them (merge/tune.py). A spec's `merge.coefficients` names the
+`mergeserve tune-merge` writes them (learn/tune.py). A spec's `merge.coefficients` names the
 file; its task-vector merge then weights expert i's task vector in layer n by
 `coefficients[n, i]` (or `coefficients[n, m, i]`, m = 0 for attention and 1 for the FFN)
 instead of `lambda * weight`. Tensors outside the layers

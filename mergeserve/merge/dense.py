@@ -7,7 +7,10 @@ with the base (LoRA leaves embeddings alone) stay the base's own, uncopied.
 
 from __future__ import annotations
 
-from mergeserve.composition import ComposedModel, ExpertFFN, fuse_in_place
+from mergeserve.composition import ComposedModel
+
+from mergeserve.weights import ExpertFFN, fuse_in_place
+
 from mergeserve.experts import ExpertPool
 from mergeserve.merge.btx import compose, load_experts
 from mergeserve.merge.methods import spec_merger

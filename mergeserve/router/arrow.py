@@ -23,9 +23,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mergeserve.composition import ComposedModel, LowRank, dense, fuse
+from mergeserve.composition import ComposedModel
+
+from mergeserve.weights import LowRank, dense, fuse
 from mergeserve.experts import Checkpoint
-from mergeserve.router import Rows
+from mergeserve.router import Calibration, Rows
 from mergeserve.spec import CompositionSpec
 
 # Randomised SVD subspace: exact for deltas of rank <= 32 (rank-16 LoRA on gate and up).
@@ -35,7 +37,7 @@ POWER_ITERS = 2
 ZERO_DELTA = 1e-6
 
 
-def arrow_rows(composed: ComposedModel, spec: CompositionSpec, base: Checkpoint) -> Rows:
+def arrow_rows(composed: ComposedModel, spec: CompositionSpec, base: Checkpoint, calibration: Calibration | None) -> Rows:
     return subspace_rows(composed, spec, base, k=1)  # logits |x · v|: the rows are meaningful only up to sign
 
 
@@ -65,21 +67,12 @@ def _subspaces(experts: list, projections: tuple[str, ...], base: Checkpoint, pr
     return torch.cat(out)
 
 
-def prototype(delta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """Top right singular vector of `delta` [out, D], unit; zeros when `delta` is ~0 next to `base`."""
-    return subspace(delta, base, 1)[0]
-
-
 def subspace(delta: torch.Tensor, base: torch.Tensor, k: int) -> torch.Tensor:
     """Top-k right singular vectors of `delta` [out, D] as rows [k, D]; zeros when `delta` is ~0 next to `base`."""
     if delta.norm() <= ZERO_DELTA * base.norm():
         return torch.zeros(k, delta.shape[1])
     _, _, v = torch.svd_lowrank(delta, q=min(max(SUBSPACE, k), *delta.shape), niter=POWER_ITERS)
     return F.pad(v[:, :k].T, (0, 0, 0, k - min(k, v.shape[1])))
-
-
-def factor_prototype(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    return factor_subspace(a, b, base, 1)[0]
 
 
 def factor_subspace(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor, k: int) -> torch.Tensor:

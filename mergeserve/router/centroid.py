@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from mergeserve.composition import ComposedModel
-from mergeserve.router import Rows
-from mergeserve.router.hidden import calibration_model, router_inputs
+from mergeserve.experts import Checkpoint
+from mergeserve.router import Calibration, Rows, calibrated
 from mergeserve.spec import CompositionSpec
 
 
@@ -30,9 +30,10 @@ def _centroids_and_norms(states: list[torch.Tensor]) -> tuple[torch.Tensor, torc
     return centroids, torch.stack([n.mean() for n in norms])
 
 
-def centroid_rows(composed: ComposedModel, spec: CompositionSpec) -> Rows:
-    model = calibration_model(composed)
-    inputs = [router_inputs(model, composed, e.prompts, i) for i, e in enumerate(spec.experts)]  # E x {site: L x [tokens, D]}
+def centroid_rows(composed: ComposedModel, spec: CompositionSpec, base: Checkpoint, calibration: Calibration | None) -> Rows:
+    """Rows from the experts' prompts (the base's weights are not read)."""
+    forward = calibrated(composed, spec, calibration)
+    inputs = [forward(e.prompts, i) for i, e in enumerate(spec.experts)]  # E x {site: L x [tokens, D]}
     rows = {}
     for site in inputs[0]:
         stats = [_centroids_and_norms(x[site]) for x in inputs]

@@ -15,7 +15,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mergeserve.composition import ComposedModel
-from mergeserve.experts import CheckpointError
+from mergeserve.experts import Checkpoint, CheckpointError
+from mergeserve.router import Calibration, Rows, routed_sites
+from mergeserve.spec import CompositionSpec
 
 log = logging.getLogger(__name__)
 
@@ -96,3 +98,7 @@ def _expert_order(path: str | Path, meta: dict[str, str], names: list[str]) -> l
             f"{path}: trained for {len(theirs)} experts {theirs}, the composition has {len(names)} experts {names}"
         )
     return [theirs.index(n) for n in names]
+
+
+def learned_rows(composed: ComposedModel, spec: CompositionSpec, base: Checkpoint, calibration: Calibration | None) -> Rows:
+    return {site: load_rows(composed, spec.router.weights, site) for site in routed_sites(composed)}

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from mergeserve.composition import ComposedModel
 from mergeserve.experts import Checkpoint
-from mergeserve.router import Rows
+from mergeserve.router import Calibration, Rows
 from mergeserve.router.arrow import subspace_rows
 from mergeserve.spec import CompositionSpec
 
 
-def smile_rows(composed: ComposedModel, spec: CompositionSpec, base: Checkpoint) -> Rows:
+def smile_rows(composed: ComposedModel, spec: CompositionSpec, base: Checkpoint, calibration: Calibration | None) -> Rows:
     return subspace_rows(composed, spec, base, k=spec.router.subspace)

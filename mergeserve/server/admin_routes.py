@@ -18,27 +18,31 @@ from fastapi import APIRouter, Body, Depends
 from fastapi.responses import JSONResponse
 
 from mergeserve.experts import CheckpointError
-from mergeserve.server.aliases import Alias
 from mergeserve.server.auth import require_admin
 from mergeserve.server.backends.policy import NotAllowed
 from mergeserve.server.builder import Builder
 from mergeserve.server.errors import APIError, bad_request, responses
 from mergeserve.server.registry import RETRY_AFTER_S, Registry, Revision
 from mergeserve.server.state import dump_spec
-from mergeserve.spec import NAME_PATTERN, SpecError, parse_composition
+from mergeserve.spec import NAME_PATTERN, AliasSpec, ServeConfig, SpecError, parse_composition
+
+
+def _serve_default(field: str) -> Any:
+    return ServeConfig.model_fields[field].default
 
 
 @dataclass(frozen=True)
 class AdminLimits:
-    """What the admin API refuses a PUT over, rather than letting memory grow without bound."""
+    """What the admin API refuses a PUT over, rather than letting memory grow without bound: the
+    serve config's fields of these names (ServeConfig says what each means), defaults included."""
 
-    max_compositions: int = 16
-    # Revisions of one composition still draining (replaced, with requests in flight): past
-    # this a replacement is refused with 409 and Retry-After until one has drained.
-    max_draining: int = 2
-    # Resident bytes of this process (measured when the PUT arrives) at or past which a new
-    # build is refused with 507; None: no budget.
-    memory_budget_bytes: int | None = None
+    max_compositions: int = _serve_default("max_compositions")
+    max_draining: int = _serve_default("max_draining")
+    memory_budget_bytes: int | None = _serve_default("memory_budget_bytes")
+
+    @classmethod
+    def from_config(cls, config: ServeConfig) -> AdminLimits:
+        return cls(config.max_compositions, config.max_draining, config.memory_budget_bytes)
 
 
 class AdminRoutes:
@@ -110,7 +114,7 @@ class AdminRoutes:
     async def list_aliases(self) -> dict[str, Any]:
         return {"object": "list", "data": [{"name": n, **a.model_dump()} for n, a in self.registry.aliases().items()]}
 
-    async def put_alias(self, name: str, alias: Alias) -> dict[str, Any]:
+    async def put_alias(self, name: str, alias: AliasSpec) -> dict[str, Any]:
         _check_name(name)
         self.registry.set_alias(name, alias)
         self._save()

@@ -2,20 +2,20 @@
 
 A request with a sticky key (its `X-Session-Id` header, else its `user` field) always lands
 on the same target while the weights stay the same; without one the pick is random.
-The alias itself is data (spec.Alias), declared in a serve config or PUT through the admin API.
+The alias itself is data (spec.AliasSpec), declared in a serve config or PUT through the admin API.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+from typing import TYPE_CHECKING
 
-from mergeserve.spec import Alias
+if TYPE_CHECKING:
+    from mergeserve.spec import AliasSpec
 
-__all__ = ["Alias", "pick"]
 
-
-def pick(alias: Alias, name: str, ready: dict[str, float], sticky_key: str | None) -> str:
+def pick(alias: AliasSpec, name: str, ready: dict[str, float], sticky_key: str | None) -> str:
     """One of `ready` (the targets of the alias `name` serving now, with their weights)."""
     if alias.sticky == "user" and sticky_key:
         digest = hashlib.sha256(f"{name}\0{sticky_key}".encode()).digest()

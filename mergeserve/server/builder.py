@@ -19,16 +19,16 @@ from pathlib import Path
 
 import torch
 
-from mergeserve import merge
+from mergeserve.learn import compose
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.executor import Executor
 from mergeserve.experts import CheckpointError, ExpertPool
-from mergeserve.server.backends import Backend
+from mergeserve.server.backends.base import Backend
 from mergeserve.server.backends.local import LocalBackend
 from mergeserve.server.backends.policy import BackendPolicy
 from mergeserve.server.registry import ModelNotFound, Registry, Revision
 from mergeserve.server.state import SavedComposition, SavedState, StateStore, dump_spec
-from mergeserve.spec import Alias, CompositionSpec, EngineConfig, parse_composition
+from mergeserve.spec import AliasSpec, CompositionSpec, EngineConfig, parse_composition, upgrade_saved
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Builder:
         """`_build` on a thread that ends with it. A thread keeps its OpenMP team while it lives,
         and while two live teams hold more threads than there are cores, libgomp puts every
         team's idle threads to sleep after each parallel region instead of spinning: the
-        executor's decode step ran at half speed beside an idle build thread (measured).
+        executor's decode steps would slow down for as long as an idle build thread lived.
 
         A build still running after build_timeout_s fails and the next one starts; its thread,
         which Python cannot stop, is left to end (a daemon), and what it builds then is freed."""
@@ -128,12 +128,7 @@ class Builder:
             self._settled.add(revision)
             return first
 
-    def build_now(self, spec: CompositionSpec, number: int | None = None) -> Revision:
-        revision, future = self.submit(spec, number)
-        future.result()
-        return revision
-
-    def restore(self, initial: list[CompositionSpec], aliases: dict[str, Alias] | None = None) -> None:
+    def restore(self, initial: list[CompositionSpec], aliases: dict[str, AliasSpec] | None = None) -> None:
         """Start building the saved state if there is one, else `initial` and `aliases` (the
         config's); returns at once, each composition serving when its build is done.
 
@@ -174,7 +169,7 @@ class Builder:
         if isinstance(entry, CompositionSpec):
             return self._restore(entry)
         try:
-            spec = parse_composition(entry.spec, origin=f"saved composition {name!r}")
+            spec = parse_composition(upgrade_saved(entry.spec), origin=f"saved composition {name!r}")
         except Exception as e:  # noqa: BLE001 - one bad entry must not stop the others from serving
             log.error("composition %r not started: %s", name, e)
             return None
@@ -262,7 +257,7 @@ class Builder:
 
             def composed():
                 with self.pool.claim(revision.id):
-                    return merge.build(spec, self.pool)
+                    return compose.build(spec, self.pool)
 
             try:
                 return vllm.start(spec, composed, self.export_dir, self.policy.profile(spec), self.policy.gateway_keys), None
@@ -270,24 +265,24 @@ class Builder:
                 self.pool.release(revision.id)  # vLLM holds the weights, not this process
                 release_free_heap()
         if spec.method == "route":
-            return self._routed(revision)
+            return self._route_backend(revision)
         with self.pool.claim(revision.id):
-            engine = Engine(merge.build(spec, self.pool), self.engine_config, self.pool.packer)
+            engine = Engine(compose.build(spec, self.pool), self.engine_config, self.pool.packer)
         release_free_heap()
         return LocalBackend(engine, self.executor), own_bytes(engine, self.pool)
 
-    def _routed(self, revision: Revision) -> tuple[Backend, int]:
+    def _route_backend(self, revision: Revision) -> tuple[Backend, int]:
         """method=route: an engine per member model, each built as a composition of its own, and the request router."""
         from mergeserve.router.request import build_request_router
-        from mergeserve.server.backends.routed import RoutedBackend
+        from mergeserve.server.backends.route import RouteBackend
 
         spec = revision.spec
         with self.pool.claim(revision.id):
-            engines = [Engine(merge.build(spec.member(e), self.pool), self.engine_config, self.pool.packer) for e in spec.experts]
+            engines = [Engine(compose.build(spec.member(e), self.pool), self.engine_config, self.pool.packer) for e in spec.experts]
         release_free_heap()
         members = {e.name: LocalBackend(engine, self.executor) for e, engine in zip(spec.experts, engines)}
         router = build_request_router(spec, engines)
-        return RoutedBackend(spec.name, members, router, spec.router.kind, spec.router.top_k), sum(own_bytes(e, self.pool) for e in engines)
+        return RouteBackend(spec.name, members, router, spec.router.kind, spec.router.top_k), sum(own_bytes(e, self.pool) for e in engines)
 
     def free(self, revision: Revision, backend: Backend | None) -> None:
         """Registry callback: `revision` is retired and drained (or failed); drop what it held."""
@@ -341,8 +336,8 @@ def own_bytes(engine: Engine, pool: ExpertPool) -> int:
 
 def release_free_heap() -> None:
     """Hand the heap a build freed back to the OS (glibc keeps it otherwise): loading dequantises
-    GGUF to fp32 and casts, merges make transient dense copies. Measured on the demo server (bf16)
-    after its first request: 1256 MB resident without this, 1161 MB with it."""
+    GGUF to fp32 and casts, merges make transient dense copies: what the process holds once a
+    build is done should be what it serves with, not the build's peak."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc

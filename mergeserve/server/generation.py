@@ -29,7 +29,7 @@ DISCONNECT_POLL_S = 0.2
 
 
 @dataclass
-class Choice:
+class GeneratedChoice:
     """What one engine request has produced so far."""
 
     index: int
@@ -85,8 +85,8 @@ def run(executor: Executor, metrics: Metrics, job: Job) -> AsyncIterator[tuple[i
     return _single(streams[0]) if len(streams) == 1 else _merge(streams)
 
 
-async def collect(executor: Executor, metrics: Metrics, job: Job) -> list[Choice]:
-    choices = [Choice(i) for i in range(job.num_choices)]
+async def collect(executor: Executor, metrics: Metrics, job: Job) -> list[GeneratedChoice]:
+    choices = [GeneratedChoice(i) for i in range(job.num_choices)]
     async with aclosing(run(executor, metrics, job)) as stream:
         async for index, out in stream:
             choices[index].add(out)

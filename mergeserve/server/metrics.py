@@ -23,8 +23,7 @@ from mergeserve.engine.sequence import RequestOutput
 from mergeserve.server import errors
 
 if TYPE_CHECKING:
-    from mergeserve.server.backends import Backend
-    from mergeserve.server.registry import Revision
+    from mergeserve.server.registry import Revision, Served
 
 log = logging.getLogger(__name__)
 # OpenAI's finish reasons; an upstream's own ones count as "other".
@@ -128,7 +127,7 @@ class _BackendCollector(Collector):
     """Queue state (and an in-process engine's router statistics) read at scrape time, so the
     gauges are never stale."""
 
-    def __init__(self, backends: Callable[[], Iterable[Backend]]) -> None:
+    def __init__(self, backends: Callable[[], Iterable[Served]]) -> None:
         self._backends = backends
 
     def collect(self) -> Iterable[Metric]:
@@ -174,7 +173,7 @@ class Metrics:
     comparison of two compositions needs no other join."""
 
     def __init__(
-        self, backends: Callable[[], Iterable[Backend]], revisions: Callable[[], Iterable[Revision]] = lambda: (),
+        self, backends: Callable[[], Iterable[Served]], revisions: Callable[[], Iterable[Revision]] = lambda: (),
         aliases: Callable[[], Iterable[str]] = lambda: (), residency_period_s: float = RESIDENCY_PERIOD_S,
     ) -> None:
         """`revisions` and `aliases`: what exists now; the series of any other composition or alias are dropped."""
@@ -260,7 +259,7 @@ class Metrics:
                 yield out
 
 
-def _engines(backend: Backend | None) -> list:
+def _engines(backend: Served | None) -> list:
     """The in-process engines of a backend: a route composition has one per member model; a remote backend none."""
     if backend is None:
         return []

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
 from mergeserve.server import errors, limits
-from mergeserve.server.backends import Call
+from mergeserve.server.backends.base import Call
 from mergeserve.server.metrics import Metrics
 from mergeserve.server.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, FeedbackRequest,

@@ -5,6 +5,9 @@ composition installs the new revision for every later lease; the old one is reti
 freed (the `on_free` callback) when its last lease ends, so requests in flight finish
 where they started. A name's revision numbers never repeat, across deletes too: a revision's
 id (`name@number`) is what it claims pool checkpoints under.
+
+The registry holds backends without knowing how they answer requests: it is generic over the
+backend type, of which it (and the metrics that read it) needs only what `Served` names.
 """
 
 from __future__ import annotations
@@ -14,18 +17,35 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Generic, Literal, Protocol, TypeVar
 
-from mergeserve.server.aliases import Alias, pick
+from mergeserve.server.aliases import pick
 from mergeserve.server.errors import APIError
 
 if TYPE_CHECKING:
-    from mergeserve.server.backends import Backend
-    from mergeserve.spec import CompositionSpec
+    from mergeserve.engine.engine import Engine
+    from mergeserve.spec import AliasSpec, CompositionSpec
 
 State = Literal["building", "ready", "failed"]
 RETRY_AFTER_S = "1"
 MAX_REMEMBERED_RESPONSES = 100_000  # response id -> composition, for POST /v1/feedback
+
+
+class Served(Protocol):
+    """What the registry and the metrics read of a backend (server/backends/base.Backend)."""
+
+    name: str  # the composition's
+    # The in-process engine where there is one (router statistics); None for remote backends.
+    engine: Engine | None
+
+    @property
+    def num_running(self) -> int: ...
+
+    @property
+    def num_waiting(self) -> int: ...
+
+
+B = TypeVar("B", bound=Served)
 
 
 class ModelNotFound(APIError):
@@ -42,14 +62,14 @@ def not_ready(message: str) -> APIError:
 
 
 @dataclass(eq=False)
-class Revision:
+class Revision(Generic[B]):
     """One build of a composition: `building` until its backend exists, then `ready` or `failed`."""
 
     name: str
     number: int
     spec: CompositionSpec | None
     state: State = "building"
-    backend: Backend | None = None
+    backend: B | None = None
     error: str | None = None
     build_seconds: float | None = None
     memory_bytes: int | None = None
@@ -77,18 +97,18 @@ class Revision:
 
 
 @dataclass(eq=False)
-class Lease:
+class Lease(Generic[B]):
     """A request's hold on one revision; release exactly once (further calls are no-ops)."""
 
-    revision: Revision
+    revision: Revision[B]
     alias: str | None
-    _release: Callable[[Lease], None]
+    _release: Callable[[Lease[B]], None]
     _released: bool = False
     member: str | None = None  # method=route: the member model that serves the request, once routed
     sequences: int = 1  # engine sequences the request runs (prompts x n), in revision.in_flight_sequences
 
     @property
-    def backend(self) -> Backend:
+    def backend(self) -> B:
         assert self.revision.backend is not None
         return self.revision.backend
 
@@ -108,19 +128,19 @@ class Lease:
 
 
 @dataclass
-class _Entry:
-    live: Revision | None = None  # what new requests get
-    latest: Revision | None = None  # the newest PUT: live, or a build in progress, or a failed one
+class _Entry(Generic[B]):
+    live: Revision[B] | None = None  # what new requests get
+    latest: Revision[B] | None = None  # the newest PUT: live, or a build in progress, or a failed one
 
 
-class Registry:
+class Registry(Generic[B]):
     def __init__(
-        self, backends: Iterable[Backend] = (), on_free: Callable[[Revision, Backend | None], None] | None = None,
+        self, backends: Iterable[B] = (), on_free: Callable[[Revision[B], B | None], None] | None = None,
     ) -> None:
-        self._entries: dict[str, _Entry] = {}
-        self._failed_new: dict[str, Revision] = {}  # names whose first build failed, for GET
-        self._draining: set[Revision] = set()  # retired, still finishing requests
-        self._aliases: dict[str, Alias] = {}
+        self._entries: dict[str, _Entry[B]] = {}
+        self._failed_new: dict[str, Revision[B]] = {}  # names whose first build failed, for GET
+        self._draining: set[Revision[B]] = set()  # retired, still finishing requests
+        self._aliases: dict[str, AliasSpec] = {}
         self._responses: OrderedDict[str, tuple[str, int, str | None]] = OrderedDict()
         self._scored: set[str] = set()  # response ids that got their one feedback score
         self._last_number: dict[str, int] = {}  # per name, deleted names included
@@ -131,7 +151,7 @@ class Registry:
             self.add(backend)
 
     # --- compositions ----------------------------------------------------------------------
-    def add(self, backend: Backend) -> Revision:
+    def add(self, backend: B) -> Revision[B]:
         """Serve an already built backend as a new composition (startup, tests)."""
         with self._lock:
             if backend.name in self._entries:
@@ -140,7 +160,7 @@ class Registry:
         self.install(revision, backend, 0.0, None)
         return revision
 
-    def begin(self, name: str, spec: CompositionSpec | None, number: int | None = None, keep: bool = False) -> Revision:
+    def begin(self, name: str, spec: CompositionSpec | None, number: int | None = None, keep: bool = False) -> Revision[B]:
         """Register a build of `name` (new or a replacement); it serves once `install`ed. `number`:
         a restored revision's own; `keep`: see Revision.keep."""
         with self._lock:
@@ -166,7 +186,7 @@ class Registry:
             for name, number in last.items():
                 self._last_number[name] = max(number, self._last_number.get(name, 0))
 
-    def install(self, revision: Revision, backend: Backend, seconds: float, memory_bytes: int | None) -> None:
+    def install(self, revision: Revision[B], backend: B, seconds: float, memory_bytes: int | None) -> None:
         """Make a built revision live; the one it replaces drains and is freed."""
         with self._lock:
             revision.backend, revision.state = backend, "ready"
@@ -181,7 +201,7 @@ class Registry:
                     old.retired = True
         self._free_if_drained(old)
 
-    def fail(self, revision: Revision, error: str) -> None:
+    def fail(self, revision: Revision[B], error: str) -> None:
         with self._lock:
             revision.state, revision.error = "failed", error
             entry = self._entries.get(revision.name)
@@ -207,7 +227,7 @@ class Registry:
             if revision.state != "building":
                 self._free_if_drained(revision)
 
-    def revision(self, name: str) -> tuple[Revision | None, Revision | None]:
+    def revision(self, name: str) -> tuple[Revision[B] | None, Revision[B] | None]:
         """(live, latest) for `name`, or the last failed build of a name that never served."""
         with self._lock:
             entry = self._entries.get(name)
@@ -218,15 +238,7 @@ class Registry:
                 return None, failed
             return entry.live, entry.latest
 
-    def get(self, name: str) -> Backend:
-        """The live backend of a composition (not an alias)."""
-        with self._lock:
-            live = self._live(name)
-            if live is None or live.backend is None:
-                raise ModelNotFound(name, sorted(self._entries))
-            return live.backend
-
-    def entries(self) -> list[tuple[str, Revision | None, Revision | None]]:
+    def entries(self) -> list[tuple[str, Revision[B] | None, Revision[B] | None]]:
         """(name, live, latest) of every composition (and of new names whose build failed), read at one instant."""
         with self._lock:
             failed = [(name, None, r) for name, r in self._failed_new.items()]
@@ -241,18 +253,18 @@ class Registry:
         with self._lock:
             return list(self._entries)
 
-    def backends(self) -> list[Backend]:
+    def backends(self) -> list[B]:
         with self._lock:
             return [e.live.backend for e in self._entries.values() if e.live is not None and e.live.backend]
 
-    def revisions(self) -> list[Revision]:
+    def revisions(self) -> list[Revision[B]]:
         """Every revision that holds memory or is being built: live, latest, and draining ones."""
         with self._lock:
             found = {r for e in self._entries.values() for r in (e.live, e.latest) if r is not None} | self._draining
         return sorted(found, key=lambda r: (r.name, r.number))
 
     # --- aliases ---------------------------------------------------------------------------
-    def set_alias(self, name: str, alias: Alias) -> None:
+    def set_alias(self, name: str, alias: AliasSpec) -> None:
         with self._lock:
             if name in self._entries:
                 raise APIError(409, f"{name!r} is a composition; an alias needs a name of its own", code="name_taken")
@@ -269,12 +281,12 @@ class Registry:
             if self._aliases.pop(name, None) is None:
                 raise APIError(404, f"no alias named {name!r}", code="alias_not_found")
 
-    def aliases(self) -> dict[str, Alias]:
+    def aliases(self) -> dict[str, AliasSpec]:
         with self._lock:
             return dict(self._aliases)
 
     # --- requests --------------------------------------------------------------------------
-    def acquire(self, model: str, sticky_key: str | None = None, sequences: int = 1) -> Lease:
+    def acquire(self, model: str, sticky_key: str | None = None, sequences: int = 1) -> Lease[B]:
         """Lease the live revision `model` names (a composition, or an alias resolved to one target)
         for a request of `sequences` engine sequences."""
         with self._lock:
@@ -299,7 +311,7 @@ class Registry:
             revision.in_flight_sequences += sequences
             return Lease(revision, model if alias is not None else None, self._release, sequences=sequences)
 
-    def remember(self, response_id: str, lease: Lease) -> None:
+    def remember(self, response_id: str, lease: Lease[B]) -> None:
         with self._lock:
             self._responses[response_id] = (lease.revision.name, lease.revision.number, lease.alias)
             while len(self._responses) > MAX_REMEMBERED_RESPONSES:
@@ -318,17 +330,17 @@ class Registry:
             self._scored.add(response_id)
             return served
 
-    def _live(self, name: str) -> Revision | None:
+    def _live(self, name: str) -> Revision[B] | None:
         entry = self._entries.get(name)
         return entry.live if entry is not None else None
 
-    def _release(self, lease: Lease) -> None:
+    def _release(self, lease: Lease[B]) -> None:
         with self._lock:
             lease.revision.in_flight -= 1
             lease.revision.in_flight_sequences -= lease.sequences
         self._free_if_drained(lease.revision)
 
-    def _free_if_drained(self, revision: Revision | None) -> None:
+    def _free_if_drained(self, revision: Revision[B] | None) -> None:
         if revision is None:
             return
         with self._lock:

@@ -37,11 +37,12 @@ log = logging.getLogger(__name__)
 def start(config: ServeConfig) -> tuple[Registry, Builder, Executor]:
     """Everything but HTTP: the registry, and a builder that has checked every source and begun
     building what the state dir saved (else the config's compositions and aliases)."""
-    # The executor thread hands the GIL to the event loop at every op and needs it back at once.
-    sys.setswitchinterval(0.0005)  # measured: 1 client 17.2 -> 18.2 tok/s, 16 clients 99 -> 118 (5 ms default)
+    # The executor thread hands the GIL to the event loop at every op and needs it back at once:
+    # at the default 5 ms interval each op could wait that long for the event loop to let it go.
+    sys.setswitchinterval(0.0005)
     threads = config.engine.threads or usable_cpus()  # the container's limit, not the node's cores
     # This thread only serves HTTP: one OpenMP thread, so it never holds a team of its own (a
-    # second live team halves the executor's speed; see Builder._build_on_own_thread).
+    # second live team slows the executor down; see Builder._build_on_own_thread).
     torch.set_num_threads(1)
     registry, executor = Registry(), Executor(threads)
     pool = ExpertPool(config.source_roots or None, config.max_source_file_bytes, config.lora, resolve_dtype(config.dtype))
@@ -62,8 +63,8 @@ def serve(config: ServeConfig, relative_to: Path = Path("."), watch: Path | None
     registry, builder, executor = start(config)
     auth = Auth.from_config(config)
     roots = config.source_roots
-    limits = AdminLimits(config.max_compositions, config.max_draining, config.memory_budget_bytes)
-    app = create_app(registry, executor, auth, builder, Path(roots[0]) if roots else relative_to, limits)
+    app = create_app(registry, executor, auth, builder, Path(roots[0]) if roots else relative_to,
+                     AdminLimits.from_config(config))
     log.info("serving on http://%s:%d; building %s", config.host, config.port, ", ".join(registry.all_names()) or "nothing")
     log.info("API keys: %s", f"{len(auth.api_keys)} configured" if auth.api_keys else "none, /v1 is open")
     log.info("admin API: %s", "enabled" if auth.admin_key else "disabled (no admin key)")

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mergeserve.server.aliases import Alias
-from mergeserve.spec import CompositionSpec, SpecError
+from mergeserve.spec import AliasSpec, CompositionSpec, SpecError
 
 STATE_FILE = "state.json"
 
@@ -35,7 +34,7 @@ class SavedState(BaseModel):
     compositions: dict[str, SavedComposition] = {}  # serving
     # Accepted by PUT but not built when the state was written: rebuilt as replacements on restart.
     pending: dict[str, SavedComposition] = {}
-    aliases: dict[str, Alias] = {}
+    aliases: dict[str, AliasSpec] = {}
     # The last revision number each name was given, deleted names included: numbers never repeat,
     # so a new `c@1` cannot meet a draining `c@1` (they would share pool claims).
     last_revisions: dict[str, int] = {}

@@ -1,20 +1,22 @@
-"""`python -m mergeserve.zoo [data|train|all] [--domain D|all] [--full] [--steps N] [--fresh] [--force]`"""
+"""`python -m mergeserve.zoo [data|train|all|score] [--domain D|all] [--full] [--steps N] [--fresh] [--force]`"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from mergeserve.zoo import BUILD_DIR, DOMAINS, FULL_DOMAINS, ZOO_DIR
+from mergeserve.zoo import DOMAINS, FULL_DOMAINS, ROOT_ENV, build_dir, zoo_dir
 from mergeserve.zoo.german_data import MissingHandbook
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mergeserve.zoo", description="Build the expert zoo's data splits and LoRA experts.")
-    p.add_argument("command", nargs="?", default="all", choices=["data", "train", "all"])
+    p = argparse.ArgumentParser(prog="python -m mergeserve.zoo", description="Build the expert zoo's data splits and LoRA experts, "
+                                f"under examples/zoo and build/zoo of the current directory (or of ${ROOT_ENV}).")
+    p.add_argument("command", nargs="?", default="all", choices=["data", "train", "all", "score"],
+                   help="score: rescore every built expert's card on today's held-out splits")
     p.add_argument("--domain", default="all", choices=[*DOMAINS, "all"], help="one domain, or all in the order math, german, code")
     p.add_argument("--full", action="store_true",
-                   help=f"full fine-tunes (every projection) into {BUILD_DIR / 'full'}; `all` means {', '.join(FULL_DOMAINS)}")
+                   help=f"full fine-tunes (every projection) into {build_dir() / 'full'}; `all` means {', '.join(FULL_DOMAINS)}")
     p.add_argument("--keep-layers", type=int, default=0, help="with --full: depth-prune the base to this many layers first")
     p.add_argument("--arch", choices=["llama", "qwen2"], default="llama", help="with --full: train the base as this architecture")
     p.add_argument("--steps", type=int, help="training steps per expert (default: mergeserve.zoo.train.STEPS)")
@@ -23,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     domains = (FULL_DOMAINS if args.full else DOMAINS) if args.domain == "all" else (args.domain,)
 
+    if args.command == "score":
+        from mergeserve.zoo.score import score_all
+
+        score_all()
+        return 0
     if args.command in ("data", "all"):
         from mergeserve.zoo.data import write_splits
 
@@ -34,16 +41,17 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(f"{domain}: {train} train / {heldout} held-out examples")
     if args.command in ("train", "all"):
-        from mergeserve.zoo.train import FULL_LR, FULL_STEPS, STEPS, TrainConfig, train
+        from mergeserve.zoo.config import TrainConfig
+        from mergeserve.zoo.train import FULL_LR, FULL_STEPS, STEPS, train
 
         for domain in domains:
             if args.full:
                 cfg = TrainConfig(domain, steps=args.steps or FULL_STEPS[domain], lr=FULL_LR, full=True,
                                   keep_layers=args.keep_layers, arch=args.arch)
-                built = BUILD_DIR / "full" / cfg.tag / "model.safetensors"
+                built = build_dir() / "full" / cfg.tag / "model.safetensors"
             else:
                 cfg = TrainConfig(domain, steps=args.steps or STEPS[domain])
-                built = ZOO_DIR / domain / "adapter_model.safetensors"
+                built = zoo_dir() / domain / "adapter_model.safetensors"
             if built.is_file() and not args.force:
                 print(f"{domain}: {built} already exists (--force retrains it)")
                 continue

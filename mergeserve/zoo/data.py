@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+from mergeserve.calibration import read_jsonl
 from mergeserve.zoo import code_data, german_data, math_data
-from mergeserve.zoo.splits import Example, heldout_path, read_jsonl, train_path, write_jsonl
+from mergeserve.zoo.splits import Example, heldout_path, train_path, write_jsonl
 
 BUILDERS: dict[str, Callable[[], tuple[list[Example], list[Example]]]] = {
     "code": code_data.build, "german": german_data.build, "math": math_data.build,

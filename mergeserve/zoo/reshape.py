@@ -1,4 +1,4 @@
-"""New shapes of the zoo's base, for experts of other sizes and architectures (issue 14's
+"""New shapes of the zoo's base, for experts of other sizes and architectures (the
 heterogeneous zoo): a depth-pruned Llama, and the same weights as a Qwen2 model.
 
 - `prune_depth`: drop a contiguous block of deep layers and keep the last one, as Gromov et

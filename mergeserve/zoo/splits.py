@@ -1,4 +1,5 @@
-"""What every domain's data shares: a seeded split by source unit, chunking, and JSONL files.
+"""What every domain's data shares: a seeded split by source unit, chunking, and JSONL files
+(written here, read by `calibration.read_jsonl`).
 
 Examples are JSON objects with at least `text`; one object per line, keys sorted, so that
 the same inputs always give the same bytes.
@@ -8,24 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from pathlib import Path
 from typing import Iterable
 
-import torch
-from transformers import PreTrainedTokenizerBase
-
-from mergeserve.zoo import BUILD_DIR, ZOO_DIR
+from mergeserve.zoo import build_dir, zoo_dir
 
 Example = dict[str, str]
 
 
 def heldout_path(domain: str) -> Path:
-    return ZOO_DIR / "data" / domain / "heldout.jsonl"
+    return zoo_dir() / "data" / domain / "heldout.jsonl"
 
 
 def train_path(domain: str) -> Path:
-    return BUILD_DIR / "data" / domain / "train.jsonl"
+    return build_dir() / "data" / domain / "train.jsonl"
 
 
 def rank(key: str, seed: str) -> str:
@@ -66,20 +63,3 @@ def write_jsonl(path: Path, examples: list[Example]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = (json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in examples)
     path.write_text("".join(lines), encoding="utf-8")
-
-
-def read_jsonl(path: Path) -> list[Example]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def pack(texts: list[str], tokenizer: PreTrainedTokenizerBase, rows: int, seq_len: int, seed: int) -> torch.Tensor:
-    """`rows` sequences of `seq_len` tokens: texts in seeded random order, EOS after each, repeated if short."""
-    order, rng, ids, need = list(range(len(texts))), random.Random(seed), [], rows * seq_len
-    while len(ids) < need:
-        rng.shuffle(order)
-        for i in order:
-            ids += tokenizer(texts[i], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-            if len(ids) >= need:
-                break
-    return torch.tensor(ids[:need]).view(rows, seq_len)  # [rows, T]

@@ -15,7 +15,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,14 +24,16 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
+from mergeserve.calibration import token_rows
 from mergeserve.experts import ExpertPool
 from mergeserve.spec import resolve_source
-from mergeserve.zoo import BASE_SOURCE, BUILD_DIR, DOMAINS, REPO, ZOO_DIR
+from mergeserve.zoo import BASE_SOURCE, DOMAINS, build_dir, root, zoo_dir
 from mergeserve.zoo.card import write_card
+from mergeserve.zoo.config import TrainConfig
 from mergeserve.zoo.data import SOURCES, load_split, write_splits
 from mergeserve.zoo.heldout import heldout_loss
 from mergeserve.zoo.reshape import prune_depth, to_qwen2
-from mergeserve.zoo.splits import Example, heldout_path, pack, train_path
+from mergeserve.zoo.splits import Example, heldout_path, train_path
 
 # peft looks for the base's config.json to check the vocabulary; a GGUF base has none (embeddings are not trained).
 warnings.filterwarnings("ignore", message="Could not find a config file")
@@ -48,34 +50,8 @@ FULL_STEPS = {"math": 300, "german": 300, "code": 300}
 FULL_LR = 1e-4  # large enough that the deltas stand well above bf16 rounding of the stored weights
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    domain: str
-    steps: int = 176
-    batch_size: int = 4
-    seq_len: int = 256
-    lr: float = 1e-3
-    warmup_steps: int = 10
-    rank: int = 16
-    alpha: int = 32
-    eval_every: int = 25
-    save_every: int = 25
-    eval_examples: int = 48  # the first held-out examples, each truncated to seq_len tokens
-    seed: int = 0
-    full: bool = False  # train every attention and FFN weight instead of a LoRA
-    # Other shapes of the base (full fine-tunes only; zoo/reshape.py): keep this many layers (0: all),
-    # and the architecture to train it as (qwen2: the same weights with q/k/v biases, trained too).
-    keep_layers: int = 0
-    arch: str = "llama"
-
-    @property
-    def tag(self) -> str:
-        """The expert's name in build/zoo/full and examples/zoo/full: its domain and shape."""
-        return self.domain + ("-pruned" if self.keep_layers else "") + ("-qwen2" if self.arch == "qwen2" else "")
-
-
 def load_base() -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
-    checkpoint = ExpertPool().get(resolve_source(BASE_SOURCE, REPO))
+    checkpoint = ExpertPool().get(resolve_source(BASE_SOURCE, root()))
     model = LlamaForCausalLM(checkpoint.config).float()
     model.load_state_dict(checkpoint.tensors)
     return model, checkpoint.tokenizer
@@ -96,7 +72,7 @@ def base_losses(tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig) -> dict[st
     """The base's held-out loss per domain, cached until the held-out files or eval settings change."""
     key = {"eval_examples": cfg.eval_examples, "seq_len": cfg.seq_len,
            "heldout": {d: hashlib.sha256(heldout_path(d).read_bytes()).hexdigest() for d in DOMAINS}}
-    cache = BUILD_DIR / "base_losses.json"
+    cache = build_dir() / "base_losses.json"
     if cache.is_file() and (cached := json.loads(cache.read_text()))["key"] == key:
         return cached["losses"]
     base, _ = load_base()
@@ -174,8 +150,8 @@ def save_full(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, folde
 def default_paths(cfg: TrainConfig) -> tuple[Path, Path]:
     """(the output folder, the checkpoint folder). Full fine-tunes (270 MB) are built into build/, not committed."""
     if cfg.full:
-        return BUILD_DIR / "full" / cfg.tag, BUILD_DIR / "full" / f"{cfg.tag}-checkpoint"
-    return ZOO_DIR / cfg.domain, BUILD_DIR / cfg.domain / "checkpoint"
+        return build_dir() / "full" / cfg.tag, build_dir() / "full" / f"{cfg.tag}-checkpoint"
+    return zoo_dir() / cfg.domain, build_dir() / cfg.domain / "checkpoint"
 
 
 def train(cfg: TrainConfig, out: Path | None = None, ckpt_dir: Path | None = None, fresh: bool = False) -> Path:
@@ -201,7 +177,7 @@ def train(cfg: TrainConfig, out: Path | None = None, ckpt_dir: Path | None = Non
         torch.set_rng_state(saved.pop("rng"))
         state = saved
         print(f"{cfg.domain}: resuming from {ckpt_dir} at step {state['step']}", flush=True)
-    rows = pack([e["text"] for e in load_split(cfg.domain, "train")], tokenizer, cfg.steps * cfg.batch_size, cfg.seq_len, cfg.seed)
+    rows = token_rows([e["text"] for e in load_split(cfg.domain, "train")], tokenizer, cfg.steps * cfg.batch_size, cfg.seq_len, cfg.seed)
     heldout = eval_set(cfg.domain, cfg)
     if not state["curve"]:
         state["curve"].append([0, heldout_loss(model, tokenizer, heldout, cfg.seq_len)])
@@ -242,7 +218,7 @@ def train(cfg: TrainConfig, out: Path | None = None, ckpt_dir: Path | None = Non
     base_loss = base_losses(tokenizer, cfg)
     if cfg.full:
         hashes = save_full(model, tokenizer, out)
-        write_card(ZOO_DIR / "full" / cfg.tag, cfg, SOURCES[cfg.domain], state, base_loss, expert, hashes)
+        write_card(zoo_dir() / "full" / cfg.tag, cfg, SOURCES[cfg.domain], state, base_loss, expert, hashes)
     else:
         save_adapter(model, out)
         write_card(out, cfg, SOURCES[cfg.domain], state, base_loss, expert)

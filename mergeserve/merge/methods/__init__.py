@@ -1,8 +1,8 @@
 """Task-vector merge methods, one module each, and the one entry point `merge_tensor`.
 
 Every method is `merge(base, experts, weights, params, generator) -> Tensor`: fp32, the
-base's shape. Adding a method is adding a file, a line in `METHODS` and its name in
-`mergeserve.spec.TaskVectorMethod`.
+base's shape. Adding a method is adding a file here, a line in `METHODS`, and its parameters'
+model in spec/merge.py (tests/test_merge_methods.py checks that the two agree).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from torch import Generator, Tensor
 from mergeserve.experts import Checkpoint
 from mergeserve.merge import coefficients
 from mergeserve.merge.methods import consensus, dare_linear, dare_ties, linear, slerp, task_arithmetic, ties
-from mergeserve.spec import CompositionSpec, MergeParams
+from mergeserve.spec import CompositionSpec
+from mergeserve.spec.merge import FisherMerge, TaskVectorMerge
 
-MergeFn = Callable[[Tensor, list[Tensor], list[float], MergeParams, Generator], Tensor]
+MergeFn = Callable[[Tensor, list[Tensor], list[float], TaskVectorMerge, Generator], Tensor]
 
 METHODS: dict[str, MergeFn] = {
     "linear": linear.merge,
@@ -33,7 +34,7 @@ METHODS: dict[str, MergeFn] = {
 
 
 def merge_tensor(
-    name: str, base: Tensor, experts: list[Tensor], weights: list[float], params: MergeParams
+    name: str, base: Tensor, experts: list[Tensor], weights: list[float], params: TaskVectorMerge
 ) -> Tensor:
     """Merge the tensor `name` of the experts onto `base` as `params` (and its overrides) say.
 
@@ -52,10 +53,10 @@ def spec_merger(spec: CompositionSpec, base: Checkpoint, experts: list[Checkpoin
     """Merges one named tensor of the experts as the spec's merge section says, each layer's
     expert weights from its learned coefficients file when it names one."""
     weights, params, table = [e.weight for e in spec.experts], spec.merge, None
-    if spec.merge.method == "fisher":
+    if isinstance(params, FisherMerge):
         return _fisher_merger(spec, base, experts)
-    if spec.merge.coefficients:
-        table = coefficients.load(spec.merge.coefficients, [e.name for e in spec.experts], base.config.num_hidden_layers)
+    if getattr(params, "coefficients", None):
+        table = coefficients.load(params.coefficients, [e.name for e in spec.experts], base.config.num_hidden_layers)
         params = params.model_copy(update={"lambda_": 1.0})  # the coefficients are lambda * weight, learned
 
     def merged(key: str) -> Tensor:
@@ -83,12 +84,12 @@ def _fisher_merger(spec: CompositionSpec, base: Checkpoint, experts: list[Checkp
     return merged
 
 
-def params_for(name: str, params: MergeParams) -> MergeParams:
-    """`params` with the fields of the first override whose `match` finds `name` in place."""
+def params_for(name: str, params: TaskVectorMerge) -> TaskVectorMerge:
+    """`params` with the fields of the first override whose `match` finds `name` in place (the
+    spec only lets an override set fields its method has)."""
     for override in params.overrides:
         if re.search(override.match, name):
-            given = {f: getattr(override, f) for f in ("lambda_", "density", "t")}
-            return params.model_copy(update={f: v for f, v in given.items() if v is not None})
+            return params.model_copy(update={f: getattr(override, f) for f in override.model_fields_set - {"match"}})
     return params
 
 

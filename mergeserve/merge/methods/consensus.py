@@ -15,7 +15,7 @@ import torch
 from torch import Generator, Tensor
 
 from mergeserve.merge.methods.task_arithmetic import weighted_sum
-from mergeserve.spec import MergeParams
+from mergeserve.spec.merge import ConsensusMerge
 
 
 def tall_masks(taus: Tensor, mtl: Tensor, tall_lambda: float) -> Tensor:
@@ -24,7 +24,7 @@ def tall_masks(taus: Tensor, mtl: Tensor, tall_lambda: float) -> Tensor:
 
 
 def merge(
-    base: Tensor, experts: list[Tensor], weights: list[float], params: MergeParams, generator: Generator
+    base: Tensor, experts: list[Tensor], weights: list[float], params: ConsensusMerge, generator: Generator
 ) -> Tensor:
     taus = torch.stack([e - base for e in experts])  # [E, *shape]
     mtl = weighted_sum(taus, weights)

@@ -6,10 +6,10 @@ from torch import Generator, Tensor
 
 from mergeserve.merge.methods.dare_linear import dropped
 from mergeserve.merge.methods.ties import combine
-from mergeserve.spec import MergeParams
+from mergeserve.spec.merge import DareTiesMerge
 
 
 def merge(
-    base: Tensor, experts: list[Tensor], weights: list[float], params: MergeParams, generator: Generator
+    base: Tensor, experts: list[Tensor], weights: list[float], params: DareTiesMerge, generator: Generator
 ) -> Tensor:
     return base + params.lambda_ * combine(dropped(base, experts, params, generator), weights, params)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from torch import Generator, Tensor
 
 from mergeserve.merge.average import mean
-from mergeserve.spec import MergeParams
+from mergeserve.spec.merge import TaskVectorMerge
 
 
 def merge(
-    base: Tensor, experts: list[Tensor], weights: list[float], params: MergeParams, generator: Generator
+    base: Tensor, experts: list[Tensor], weights: list[float], params: TaskVectorMerge, generator: Generator
 ) -> Tensor:
     return mean(experts, weights)

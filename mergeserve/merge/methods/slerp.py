@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Generator, Tensor
 
-from mergeserve.spec import MergeParams
+from mergeserve.spec.merge import SlerpMerge
 
 # mergekit's: past it the directions are colinear, sin(theta) ~ 0, and lerp is used instead.
 DOT_THRESHOLD = 0.9995
@@ -22,7 +22,7 @@ def cosine(a: Tensor, b: Tensor, eps: float = 1e-8) -> float:
 
 
 def merge(
-    base: Tensor, experts: list[Tensor], weights: list[float], params: MergeParams, generator: Generator
+    base: Tensor, experts: list[Tensor], weights: list[float], params: SlerpMerge, generator: Generator
 ) -> Tensor:
     if len(experts) != 2:
         raise ValueError(f"slerp merges exactly two experts, got {len(experts)}")

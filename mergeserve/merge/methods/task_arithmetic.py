@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Generator, Tensor
 
-from mergeserve.spec import MergeParams
+from mergeserve.spec.merge import TaskArithmeticMerge
 
 
 def columns(weights: list[float], taus: Tensor) -> Tensor:
@@ -20,7 +20,7 @@ def weighted_sum(taus: Tensor, weights: list[float]) -> Tensor:
 
 
 def merge(
-    base: Tensor, experts: list[Tensor], weights: list[float], params: MergeParams, generator: Generator
+    base: Tensor, experts: list[Tensor], weights: list[float], params: TaskArithmeticMerge, generator: Generator
 ) -> Tensor:
     taus = torch.stack([e - base for e in experts])  # [E, *shape]
     return base + params.lambda_ * weighted_sum(taus, weights)

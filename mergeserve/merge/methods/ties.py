@@ -10,7 +10,7 @@ import torch
 from torch import Generator, Tensor
 
 from mergeserve.merge.methods.task_arithmetic import columns
-from mergeserve.spec import MergeParams
+from mergeserve.spec.merge import SignElected, TiesMerge
 
 
 def trim(tau: Tensor, density: float) -> Tensor:
@@ -39,7 +39,7 @@ def agreeing(weighted: Tensor, consensus: str) -> Tensor:
     return signs == torch.where(mass >= 0, 1.0, -1.0)
 
 
-def combine(taus: Tensor, weights: list[float], params: MergeParams) -> Tensor:
+def combine(taus: Tensor, weights: list[float], params: SignElected) -> Tensor:
     """Disjoint merge of stacked task vectors [E, *shape] -> [*shape]: the sum of the weighted
     entries agreeing with the elected sign; if `normalize`, over the agreeing experts' weights."""
     w = columns(weights, taus)
@@ -53,7 +53,7 @@ def combine(taus: Tensor, weights: list[float], params: MergeParams) -> Tensor:
 
 
 def merge(
-    base: Tensor, experts: list[Tensor], weights: list[float], params: MergeParams, generator: Generator
+    base: Tensor, experts: list[Tensor], weights: list[float], params: TiesMerge, generator: Generator
 ) -> Tensor:
     taus = torch.stack([trim(e - base, params.density) for e in experts])  # [E, *shape]
     return base + params.lambda_ * combine(taus, weights, params)

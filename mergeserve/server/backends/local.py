@@ -21,9 +21,9 @@ from pydantic import BaseModel
 from mergeserve import __version__
 from mergeserve.engine.sequence import SamplingParams, TokenLogprob
 from mergeserve.server import generation, limits
-from mergeserve.server.backends import Call
+from mergeserve.server.backends.base import Call
 from mergeserve.server.errors import APIError, bad_request
-from mergeserve.server.generation import Job
+from mergeserve.server.generation import GeneratedChoice, Job
 from mergeserve.server.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
     ChatResponseMessage, ChatTokenLogprob, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
@@ -98,7 +98,7 @@ class LocalBackend:
         return self._completion_response(job, body, lease, choices, echo)
 
     def _completion_response(
-        self, job: Job, body: CompletionRequest, lease: Lease, choices: list[generation.Choice], echo: list[str] | None,
+        self, job: Job, body: CompletionRequest, lease: Lease, choices: list[GeneratedChoice], echo: list[str] | None,
     ) -> CompletionResponse:
         return CompletionResponse(
             id=job.request_id, created=int(time.time()), model=lease.name, system_fingerprint=_fingerprint(lease),
@@ -141,7 +141,7 @@ class LocalBackend:
     def _params(self, params: SamplingParams) -> SamplingParams:
         return params if self.mix is None else dataclasses.replace(params, mix=self.mix)
 
-    async def _collect(self, job: Job, call: Call) -> list[generation.Choice]:
+    async def _collect(self, job: Job, call: Call) -> list[GeneratedChoice]:
         """Run `job` to the end (cancelled if the client leaves); its response names the revision."""
         call.remember(job.request_id)
         work = generation.collect(self.executor, call.metrics, job)
@@ -150,7 +150,7 @@ class LocalBackend:
         return choices
 
     def _chat_response(
-        self, job: Job, body: ChatCompletionRequest, lease: Lease, choices: list[generation.Choice],
+        self, job: Job, body: ChatCompletionRequest, lease: Lease, choices: list[GeneratedChoice],
     ) -> ChatCompletionResponse:
         return ChatCompletionResponse(
             id=job.request_id, created=int(time.time()), model=lease.name, system_fingerprint=_fingerprint(lease),

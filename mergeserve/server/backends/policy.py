@@ -54,11 +54,12 @@ class BackendPolicy:
             self.profile(spec)
         if spec.backend != "openai":
             return
-        if not any(_under(urlsplit(spec.url), urlsplit(prefix)) for prefix in self.upstream_allowlist):
-            raise NotAllowed("url", f"{spec.url} is not under any prefix of the serve config's upstream_allowlist "
+        upstream = spec.upstream
+        if not any(_under(urlsplit(upstream.url), urlsplit(prefix)) for prefix in self.upstream_allowlist):
+            raise NotAllowed("upstream.url", f"{upstream.url} is not under any prefix of the serve config's upstream_allowlist "
                              f"{list(self.upstream_allowlist)}")
-        if spec.api_key_env is not None and spec.api_key_env not in self.upstream_key_env:
-            raise NotAllowed("api_key_env", f"{spec.api_key_env!r} is not one of the serve config's upstream_key_env "
+        if upstream.api_key_env is not None and upstream.api_key_env not in self.upstream_key_env:
+            raise NotAllowed("upstream.api_key_env", f"{upstream.api_key_env!r} is not one of the serve config's upstream_key_env "
                              f"{list(self.upstream_key_env)}")
 
     def profile(self, spec: CompositionSpec) -> VLLMProfile:
@@ -71,15 +72,16 @@ class BackendPolicy:
         return self.vllm_profiles[name]
 
     def upstream_key(self, spec: CompositionSpec) -> str | None:
-        """The key `spec`'s upstream gets: the value of its api_key_env, which the serve config allows."""
+        """The key `spec`'s upstream gets: the value of its upstream.api_key_env, which the serve config allows."""
         self.check(spec)
-        if spec.api_key_env is None:
+        env = spec.upstream.api_key_env
+        if env is None:
             return None
-        key = os.environ.get(spec.api_key_env)
+        key = os.environ.get(env)
         if not key:
-            raise ValueError(f"api_key_env: the environment variable {spec.api_key_env} is not set")
+            raise ValueError(f"upstream.api_key_env: the environment variable {env} is not set")
         if key in self.gateway_keys:
-            raise NotAllowed("api_key_env", f"{spec.api_key_env} holds one of this server's own keys")
+            raise NotAllowed("upstream.api_key_env", f"{env} holds one of this server's own keys")
         return key
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from fastapi.responses import JSONResponse
 
-from mergeserve.server.backends import Call
+from mergeserve.server.backends.base import Call
 from mergeserve.server.errors import APIError
 from mergeserve.server.generation import until_disconnected
 from mergeserve.server.registry import RETRY_AFTER_S
@@ -106,8 +106,9 @@ class ProxyBackend:
     def connect(cls, spec: CompositionSpec, key: str | None) -> ProxyBackend:
         """A backend for `backend: openai` (`key`: the upstream's, as BackendPolicy.upstream_key
         allows); learns the upstream's model name if the spec gives none."""
-        model = spec.upstream_model or first_model(spec.url, key)
-        return cls(spec.name, spec.url, model, key, spec.timeout_s)
+        upstream = spec.upstream
+        model = upstream.model or first_model(upstream.url, key)
+        return cls(spec.name, upstream.url, model, key, upstream.timeout_s)
 
     @property
     def num_running(self) -> int:

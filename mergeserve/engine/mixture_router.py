@@ -1,6 +1,6 @@
-"""Scoring for MergeME sequence routers (composition.SequenceRouting): alpha [B, E] per prompt.
+"""Scoring for MergeME mixture routers (composition.MixtureRouting): alpha [B, E] per prompt.
 
-One Engine owns one SequenceRouter and calls it once per request, when the request is
+One Engine owns one MixtureRouter and calls it once per request, when the request is
 admitted (Engine._route_admitted); the choice holds for every token of the request, prompt
 included. A one-token prompt predicts nothing and gives every expert the same score; ties
 go to the lower expert index.
@@ -12,21 +12,21 @@ import torch
 import torch.nn.functional as F
 
 from mergeserve.composition import ComposedModel
-from mergeserve.engine.layers import Batch, next_token_targets
+from mergeserve.engine.layers import Batch, next_token_targets, padded_groups
 from mergeserve.engine.model import Transformer
 from mergeserve.engine.task_vector import TaskVectorScorer
 
 HEAD_CHUNK = 1024  # tokens per [chunk, V] logits block when scoring
 
 
-class SequenceRouter:
+class MixtureRouter:
     def __init__(self, composed: ComposedModel, max_batch_tokens: int = 1024) -> None:
         """Builds what scoring needs up front (the task-vector base model), off the request path.
 
         max_batch_tokens: padded tokens per scoring forward (bounds activation memory).
         """
         self.composed = composed
-        self.routing = composed.sequence_routing
+        self.routing = composed.mixture_routing
         self.max_batch_tokens = max_batch_tokens
         r = self.routing
         self.task_vector = TaskVectorScorer(r.base, r.experts) if r.kind == "task_vector" else None
@@ -42,7 +42,7 @@ class SequenceRouter:
                 out[group] = inverse_perplexities(self.composed, chunk)
         return out
 
-    def route(self, prompts: list[list[int]], bias: torch.Tensor | None = None) -> torch.Tensor:
+    def weights(self, prompts: list[list[int]], bias: torch.Tensor | None = None) -> torch.Tensor:
         """Routing weights alpha of every prompt, [B, E]: at most k nonzero entries per row, summing to 1.
 
         bias [B, E], added to the scores before the top k (a request's expert_bias); -inf
@@ -68,18 +68,6 @@ def top_k_softmax(scores: torch.Tensor, k: int, temperature: float = 1.0) -> tor
     top, ids = torch.sort(scores, dim=1, descending=True, stable=True)  # stable: ties to the lower index
     weights = torch.softmax(temperature * top[:, :k], dim=1)  # [B, k]
     return torch.zeros_like(scores).scatter_(1, ids[:, :k], weights)
-
-
-def padded_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped by similar length so each right-padded group has at most `max_tokens` tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and lengths[i] * (len(groups[-1]) + 1) <= max_tokens:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
 
 
 @torch.inference_mode()

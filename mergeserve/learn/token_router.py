@@ -21,13 +21,13 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from mergeserve.calibration import data_files, pack_files, read_texts
+from mergeserve.calibration import data_files, file_rows, read_texts
 from mergeserve.composition import ComposedModel
 from mergeserve.engine.layers import Batch
 from mergeserve.engine.model import Capture, Transformer
-from mergeserve.kernels import router_logits
 from mergeserve.experts import ExpertPool
-from mergeserve.merge import build
+from mergeserve.kernels import router_logits
+from mergeserve.learn.compose import build
 from mergeserve.router import ROUTER_FIELD, routed_sites
 from mergeserve.router.learned import save_rows
 from mergeserve.spec import SpecError, load_composition
@@ -86,7 +86,7 @@ def train_router(
 ) -> RouterTrainResult:
     """Build the spec's composition, train its router rows on `data`, write them to `out`."""
     spec = load_composition(spec_path)
-    if not spec.is_moe or len(spec.experts) < 2 or spec.router.is_sequence:
+    if not spec.is_moe or len(spec.experts) < 2 or spec.mixture_routed:
         raise SpecError(f"{spec_path}: train-router needs an MoE spec (method btx or mergeme) with a token router and at least two experts")
     if spec.router.top_k < 2:
         raise SpecError(f"{spec_path}: router.top_k: {NO_GRADIENT_AT_TOP_1}")
@@ -94,7 +94,7 @@ def train_router(
     texts = [read_texts(f) for f in files]  # bad data fails here, before the slow build
     composed = build(spec, ExpertPool())
     trainer = RouterTrainer(composed, cfg.alpha, cfg.seq_len)
-    tokens = pack_files(texts, composed.tokenizer, cfg.steps * cfg.batch_size, cfg.seq_len, cfg.seed)
+    tokens = file_rows(texts, composed.tokenizer, cfg.steps * cfg.batch_size, cfg.seq_len, cfg.seed)
     result = train_rows(trainer, tokens, cfg, progress)
     save_rows(out, result.rows, composed.expert_names, {
         "base": spec.base, "composition": spec.name, "init": spec.router.kind, "top_k": composed.top_k,

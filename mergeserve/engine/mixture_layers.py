@@ -1,4 +1,4 @@
-"""Forward pieces for sequence-routed compositions: per-row expert weights alpha [B, E], fixed per request.
+"""Forward pieces for mixture-routed compositions: per-row expert weights alpha [B, E], fixed per request.
 
 separate attention: a layer's output is sum_e alpha_e * block_e(x), block_e expert e's own
 decoder layer (norms, attention, FFN). Each expert runs once per layer on the sub-batch of
@@ -11,24 +11,22 @@ routing weights of all its tokens.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import torch
 
-from mergeserve.engine.layers import Batch, rms_norm
+from mergeserve.engine.kv_cache import KVCache
+from mergeserve.engine.layers import Batch, RunLayer, attention, rms_norm
 from mergeserve.kernels import expert_mlp
-
-if TYPE_CHECKING:
-    from mergeserve.engine.kv_cache import KVCache
-    from mergeserve.engine.model import RunLayer, Transformer
 
 
 def separate_layer(
-    model: Transformer, i: int, blocks: list[RunLayer], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    mask: torch.Tensor | None, batch: Batch, cache: KVCache | None,
+    i: int, blocks: list[RunLayer], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    mask: torch.Tensor | None, batch: Batch, cache: KVCache | None, shape: tuple[int, int, int], eps: float,
 ) -> torch.Tensor:
-    """x [B, T, D] -> sum_e alpha[:, e] * block_e(x), [B, T, D]; padding rows' values are don't-care."""
-    alpha, eps = batch.alpha, model.args.eps  # [B, E]
+    """Layer i: x [B, T, D] -> sum_e alpha[:, e] * block_e(x), [B, T, D]; padding rows' values are
+    don't-care. blocks: each expert's own layer i (dense, no attention deltas); shape: attention's
+    (heads, kv heads, head dim)."""
+    alpha = batch.alpha  # [B, E]
     n_experts = alpha.shape[1]
     out = torch.zeros_like(x)
     for e, block in enumerate(blocks):
@@ -38,10 +36,10 @@ def separate_layer(
         h = x[rows]  # [b, T, D]
         a = rms_norm(h, block.input_norm, eps)
         sub_mask = None if mask is None else mask[rows]
-        h = h + model.attend(i * n_experts + e, block, a, cos[rows], sin[rows], sub_mask, sub_batch(batch, rows), cache)
+        h = h + attention(a, block.qkv, block.qkv_bias, block.o_proj, shape, cos[rows], sin[rows], sub_mask,
+                          sub_batch(batch, rows), cache, i * n_experts + e)
         h = h + expert_mlp(rms_norm(h, block.post_attn_norm, eps), block.ffns[0])
         out.index_add_(0, rows, alpha[rows, e].view(-1, 1, 1) * h)
-    count_routing(model, i, batch)
     return out
 
 
@@ -56,12 +54,12 @@ def sub_batch(batch: Batch, rows: torch.Tensor) -> Batch:
     )
 
 
-def count_routing(model: Transformer, i: int, batch: Batch) -> None:
-    """Layer i's router statistics: each row's real tokens count once for every expert it chose."""
+def routing_counts(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's router statistics under alpha: each row's real tokens count once for every expert
+    it chose. Picks [E] (int64) and the routing weight they carried [E] (float64)."""
     alpha = batch.alpha  # [B, E]
     tokens = batch.lengths if batch.lengths is not None else torch.full((alpha.shape[0],), batch.tokens.shape[1])
-    model.expert_load[i] += ((alpha > 0).long() * tokens.unsqueeze(1)).sum(0)
-    model.expert_weight[i] += (alpha.double() * tokens.unsqueeze(1)).sum(0)
+    return ((alpha > 0).long() * tokens.unsqueeze(1)).sum(0), (alpha.double() * tokens.unsqueeze(1)).sum(0)
 
 
 def fixed_routing(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

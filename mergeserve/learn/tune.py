@@ -27,15 +27,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mergeserve.calibration import data_files, pack_files, read_texts
+from mergeserve.calibration import data_files, file_rows, read_texts
 from mergeserve.composition import ComposedModel
 from mergeserve.engine.layers import Batch
+from mergeserve.engine.mixture_router import expert_model
 from mergeserve.engine.model import Capture, Transformer
-from mergeserve.engine.sequence_router import expert_model
 from mergeserve.engine.task_vector import tau, tau_sq_norm
 from mergeserve.experts import ExpertPool
-from mergeserve.merge import build, coefficients
+from mergeserve.learn.compose import build
+from mergeserve.merge import coefficients
 from mergeserve.spec import CompositionSpec, SpecError, load_composition
+from mergeserve.spec.router import PerplexityRouterSpec
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def tune_merge(
     init = torch.tensor([[spec.merge.lambda_ * e.weight for e in spec.experts]] * len(composed.layers))  # [L, E]
     if cfg.granularity == "module":
         init = _per_module(init)
-    tokens = {n: pack_files(texts[n], composed.tokenizer, cfg.steps * cfg.batch_size, cfg.seq_len, cfg.seed) for n in names}
+    tokens = {n: file_rows(texts[n], composed.tokenizer, cfg.steps * cfg.batch_size, cfg.seq_len, cfg.seed) for n in names}
     if cfg.granularity == "important":
         norms = tau_norms(spec, ExpertPool(), len(composed.layers))
         result = train_important(composed, [tokens[n] for n in names], init, norms, cfg, progress)
@@ -102,7 +104,7 @@ def merging_spec(spec: CompositionSpec) -> CompositionSpec:
     """The spec's experts as a per-request merging composition: what the training forward runs."""
     return spec.model_copy(update={
         "method": "mergeme", "merge": spec.merge.model_copy(update={"coefficients": None}),
-        "router": spec.router.model_copy(update={"kind": "perplexity", "attention": "dynamic", "top_k": len(spec.experts)}),
+        "router": PerplexityRouterSpec(attention="dynamic", top_k=len(spec.experts)),
     })
 
 
@@ -164,9 +166,9 @@ def train_coefficients(
     result = TuneResult(c, init)
     bar = tqdm(range(cfg.steps), desc="tune-merge", unit="step", disable=not progress)
     for step in bar:
-        student.merge_coefficients = table = _tie(c, tied)
+        table = _tie(c, tied)
         rows = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
-        loss = sum(_loss(student, teacher, t[rows], cfg) for teacher, t in zip(teachers, tokens)) / len(teachers)
+        loss = sum(_loss(student, table, teacher, t[rows], cfg) for teacher, t in zip(teachers, tokens)) / len(teachers)
         loss = loss + cfg.reg * (table - init).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -183,10 +185,11 @@ def _tie(c: torch.Tensor, tied: torch.Tensor | None) -> torch.Tensor:
     return torch.where(tied[:, None, None], c.mean(1, keepdim=True).expand_as(c), c)  # [L, 2, E]
 
 
-def _loss(student: Transformer, teacher: Transformer, tokens: torch.Tensor, cfg: TuneConfig) -> torch.Tensor:
+def _loss(student: Transformer, table: torch.Tensor, teacher: Transformer, tokens: torch.Tensor, cfg: TuneConfig) -> torch.Tensor:
+    """The objective on one batch of `tokens` [B, T], the student merged as `table` ([L, E] or [L, 2, E])."""
     batch = Batch(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None, key_len=tokens.shape[1])
     mine = Capture(layers=[])
-    logits = student.logits(student(batch, capture=mine))  # [B, T, V]
+    logits = student.logits(student(batch, capture=mine, coefficients=table))  # [B, T, V]
     log_p = F.log_softmax(logits, dim=-1)
     if cfg.objective == "entropy":
         return -(log_p.exp() * log_p).sum(-1).mean()

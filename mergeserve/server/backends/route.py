@@ -21,13 +21,13 @@ from pydantic import BaseModel
 
 from mergeserve.router.request import RequestRouter, tokenizer_key, top_members
 from mergeserve.engine.mixing import Mixture
-from mergeserve.server.backends import Call
+from mergeserve.server.backends.base import Call
 from mergeserve.server.backends.local import LocalBackend
 from mergeserve.server.errors import bad_request
 from mergeserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 
-class RoutedBackend:
+class RouteBackend:
     kind = "local"
     engine = None  # no single engine: each member has its own (router statistics are per member)
 

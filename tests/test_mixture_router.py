@@ -14,13 +14,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.executor import Executor
+from mergeserve.engine.mixture_router import MixtureRouter, top_k_softmax
 from mergeserve.engine.model import Batch, Transformer
 from mergeserve.engine.sequence import SamplingParams
-from mergeserve.engine.sequence_router import SequenceRouter, top_k_softmax
 from mergeserve.engine.task_vector import routed_keys
 from mergeserve.experts import ExpertPool
 from mergeserve.export import export_composition
-from mergeserve.merge import build
+from mergeserve.learn.compose import build
 from mergeserve.server.backends.local import LocalBackend
 from mergeserve.server.metrics import Metrics
 from mergeserve.spec import EngineConfig, parse_composition
@@ -77,7 +77,7 @@ def test_requests_routed_to_different_experts_decode_like_each_expert_alone(zoo,
     prompts = tokenize(composed)
     choice = {tuple(p): e for e, p in enumerate(prompts)}  # prompt i goes to expert i
     engine = Engine(composed, EngineConfig(max_num_seqs=4, max_prefill_tokens=8))  # chunked prefill
-    monkeypatch.setattr(engine.sequence_router, "route", lambda ps, _bias=None: one_hot([choice[tuple(p)] for p in ps]))
+    monkeypatch.setattr(engine.mixture_router, "weights", lambda ps, _bias=None: one_hot([choice[tuple(p)] for p in ps]))
     together = engine.generate(prompts, GREEDY)
     for ids, got, name in zip(prompts, together, NAMES):
         with torch.no_grad():
@@ -95,7 +95,7 @@ def test_requests_routed_to_different_experts_decode_like_each_expert_alone(zoo,
     ("perplexity", "separate"), ("perplexity", "merged"), ("task_vector", "separate"), ("task_vector", "merged"),
 ])
 def test_batched_generation_equals_one_at_a_time(zoo, experts, kind, attention):
-    composed = compose(zoo, experts, kind=kind, attention=attention, top_k=2, scale=200.0)
+    composed = compose(zoo, experts, kind=kind, attention=attention, top_k=2, inverse_temperature=200.0)
     engine = Engine(composed, EngineConfig(max_num_seqs=4, max_prefill_tokens=8))
     prompts = tokenize(composed, (*TEXTS, "Hello", "x"))  # 5 prompts over 4 slots
     together = engine.generate(prompts, GREEDY)
@@ -116,17 +116,17 @@ def test_metrics_count_the_requests_each_expert_was_chosen_for(zoo, experts):
 
 @pytest.mark.parametrize("scale", [None, 300.0])
 def test_perplexity_routing_prefers_the_expert_with_the_lowest_perplexity(zoo, experts, scale):
-    router = {"kind": "perplexity", "top_k": 2} | ({"scale": scale} if scale else {})
+    router = {"kind": "perplexity", "top_k": 2} | ({"inverse_temperature": scale} if scale else {})
     composed = compose(zoo, experts, **router)
     prompts = tokenize(composed)
-    alpha = SequenceRouter(composed).route(prompts)  # [B, E]
+    alpha = MixtureRouter(composed).weights(prompts)  # [B, E]
     ppl = torch.empty(len(prompts), len(NAMES))
     for e, name in enumerate(NAMES):
         reference = hf_model(experts[name])
         for row, ids in enumerate(prompts):
             with torch.no_grad():
                 ppl[row, e] = torch.exp(reference(torch.tensor([ids]), labels=torch.tensor([ids])).loss)
-    # alpha = softmax(scale * top-2 of 1/PPL); without router.scale the paper's softmax(top-2 of 1/PPL).
+    # alpha = softmax(scale * top-2 of 1/PPL); without router.inverse_temperature the paper's softmax(top-2 of 1/PPL).
     expected = top_k_softmax(1 / ppl, 2, scale or 1.0)
     torch.testing.assert_close(alpha, expected, atol=1e-5, rtol=1e-4)
     assert alpha.argmax(dim=1).tolist() == ppl.argmin(dim=1).tolist()
@@ -139,7 +139,7 @@ def test_task_vector_scores_are_cosines_of_the_descent_direction_and_the_task_ve
     # Gram-matrix and the per-prompt-gradient forms of |g_b| are exercised.
     prompts = tokenize(composed, (TEXTS[0] * 5, TEXTS[1], "Hello, how are you today?"))
     assert len({len(p) for p in prompts}) == 3 and max(map(len, prompts)) ** 2 > 32 * 64
-    scores = SequenceRouter(composed).scores(prompts)  # [B, E]
+    scores = MixtureRouter(composed).scores(prompts)  # [B, E]
 
     pool = ExpertPool()
     base, keys = pool.get(str(zoo["base"])).tensors, routed_keys(2)
@@ -182,8 +182,8 @@ def test_export_refuses_a_sequence_routed_composition(zoo, experts, tmp_path):
 def test_task_vector_routing_holds_no_dense_task_vector(zoo, experts):
     """Built once per engine: every dense task vector is the pool's two tensors, never their difference."""
     composed = compose(zoo, experts, kind="task_vector")
-    router = SequenceRouter(composed)
-    pool_ptrs = {t.data_ptr() for c in (composed.sequence_routing.base, *composed.sequence_routing.experts) for t in c.held()}
+    router = MixtureRouter(composed)
+    pool_ptrs = {t.data_ptr() for c in (composed.mixture_routing.base, *composed.mixture_routing.experts) for t in c.held()}
     for taus in router.task_vector.taus.values():
         for t in taus:
             assert t is None or (t.w.data_ptr() in pool_ptrs and t.w0.data_ptr() in pool_ptrs)

@@ -30,14 +30,15 @@ import torch
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from mergeserve.calibration import data_files, pack_files, read_texts
-from mergeserve.composition import ComposedModel, LowRank
+from mergeserve.calibration import data_files, file_rows, read_texts
+from mergeserve.composition import ComposedModel
+from mergeserve.weights import LowRank
 from mergeserve.engine.layers import Batch
 from mergeserve.engine.model import Capture, Transformer
 from mergeserve.experts import Checkpoint, CheckpointError, ExpertPool
 from mergeserve.experts.peft_adapter import save_factors
 from mergeserve.kernels import router_logits
-from mergeserve.merge import build
+from mergeserve.learn.compose import build
 from mergeserve.merge.btx import load_experts
 from mergeserve.spec import CompositionSpec, SpecError, load_composition
 
@@ -64,7 +65,7 @@ def shrink(
     elif data:
         texts = [read_texts(f) for f in data_files(data)]
         composed = build(spec, pool)
-        stats = routing_stats(composed, pack_files(texts, composed.tokenizer, samples, seq_len, seed=0))
+        stats = routing_stats(composed, file_rows(texts, composed.tokenizer, samples, seq_len, seed=0))
     else:
         raise ValueError("give calibration text (--data) or a live server's metrics (--metrics URL)")
     groups = group_experts(stats, to)

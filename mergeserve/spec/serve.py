@@ -1,0 +1,138 @@
+"""A serve config: which compositions to serve, under which aliases, with which engine and limits."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from mergeserve.spec.base import NAME_PATTERN, Strict
+from mergeserve.spec.composition import CompositionSpec
+from mergeserve.spec.transport import VLLMProfile, plain_url
+
+
+class EngineConfig(Strict):
+    max_num_seqs: int = Field(16, ge=1, le=256)
+    max_model_len: int = Field(2048, ge=16)
+    # Prompt tokens prefilled per step; bounds how long one step can stall decodes.
+    max_prefill_tokens: int = Field(256, ge=1)
+    # Admission limits: a request past them is refused (400 / 429) rather than queued.
+    max_tokens_limit: int | None = Field(None, ge=1)  # None: only max_model_len bounds max_tokens
+    max_prompt_tokens: int | None = Field(None, ge=1)  # None: only max_model_len bounds prompts
+    max_waiting: int = Field(64, ge=1)
+    # Bytes the KV cache may hold (K and V, fp32, every layer): fewer sequences run at once where
+    # max_num_seqs x max_model_len would need more; the others wait (or get 429 past max_waiting).
+    kv_cache_budget_bytes: int | None = Field(None, ge=1)
+    # Compute threads of the engines. None: the cores this process may use (its affinity and
+    # cgroup CPU limit); see server/builder.py for the OpenMP setting that keeps them busy.
+    threads: int | None = Field(None, ge=1)
+
+
+MAX_TARGETS = 16
+
+
+class AliasSpec(Strict):
+    """An A/B alias: one model name whose requests go to its targets in proportion to their weights."""
+
+    targets: dict[str, float] = Field(min_length=1, max_length=MAX_TARGETS)
+    # "user": sticky by X-Session-Id or the request's `user`; "none": every request picks anew.
+    sticky: Literal["user", "none"] = "user"
+
+    @field_validator("targets")
+    @classmethod
+    def _weights(cls, targets: dict[str, float]) -> dict[str, float]:
+        for name, weight in targets.items():
+            if not NAME_PATTERN.fullmatch(name):
+                raise ValueError(f"{name!r} is not a composition name")
+            if not (math.isfinite(weight) and weight > 0):
+                raise ValueError(f"the weight of {name!r} must be a positive number, got {weight}")
+        return targets
+class ServeConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    compositions: list[CompositionSpec] = []  # at least one, unless state_dir holds saved ones
+    # A/B aliases over the compositions above: name -> {targets: {composition: weight}, sticky}.
+    aliases: dict[str, AliasSpec] = {}
+    engine: EngineConfig = EngineConfig()
+    # Bearer keys for /v1; none = open. Keys need not live in config files: MERGESERVE_API_KEYS
+    # (comma-separated) adds to api_keys, MERGESERVE_ADMIN_KEY overrides admin_key.
+    # SecretStr keeps them out of reprs and logs.
+    api_keys: list[SecretStr] = []
+    # Folders every checkpoint source must lie under (symlinks followed; relative to the config
+    # file; `pkg://module/` for an installed package); empty: sources load from anywhere.
+    source_roots: list[str] = []
+    admin_key: SecretStr | None = None
+    # Where the admin API's compositions and aliases are saved and restored from on restart
+    # (relative to the config file); none: admin changes last until the process exits.
+    state_dir: str | None = None
+    max_compositions: int = Field(16, ge=1, le=256)
+    # Replaced revisions of one composition that may still be draining; past it a PUT is 409.
+    max_draining: int = Field(2, ge=1)
+    # Resident bytes of the server at or past which the admin API refuses new builds (507); unset: none.
+    memory_budget_bytes: int | None = Field(None, ge=1)
+    max_source_file_bytes: int | None = Field(None, ge=1)  # refuse checkpoints holding a larger file
+    # Weights of compositions whose spec sets no dtype: float32, bfloat16, or auto (see CompositionSpec.dtype).
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
+    # LoRA adapters: kept as factors over the shared base (factored) or merged into dense copies (merged).
+    lora: Literal["factored", "merged"] = "factored"
+    # On SIGTERM: /ready answers 503 at once, the listener closes `drain_delay_s` later (time for
+    # load balancers to notice), then requests in flight have `grace_period_s` to finish.
+    drain_delay_s: float = Field(5.0, ge=0)
+    grace_period_s: float = Field(30.0, ge=0)
+    # Where backend=vllm compositions are exported (relative to the config file); unset: the
+    # state dir's exports/ when there is one, else ~/.cache/mergeserve/exports.
+    export_dir: str | None = None
+    # What a composition spec, which the admin API takes from a request, may choose only by name.
+    # backend=vllm: the ways to run a child (python, env, args), picked by a spec's vllm.profile.
+    vllm_profiles: dict[str, VLLMProfile] = {}
+    # backend=openai: URL prefixes a spec's url must fall under (same scheme, host and port, the
+    # path at or below the prefix's); empty: no openai composition is built.
+    upstream_allowlist: list[str] = []
+    # backend=openai: the environment variables a spec's api_key_env may name (never this server's keys).
+    upstream_key_env: list[str] = Field([], max_length=64)
+    # A build (loading, merging, exporting, a vLLM child's start) that takes longer fails, and the
+    # next one starts. vLLM-CPU alone may take its startup_timeout_s (900 s by default).
+    build_timeout_s: float = Field(1800.0, gt=0)
+
+    @field_validator("upstream_allowlist")
+    @classmethod
+    def _plain_urls(cls, prefixes: list[str]) -> list[str]:
+        return [plain_url(p) for p in prefixes]
+
+    @field_validator("vllm_profiles")
+    @classmethod
+    def _profile_names(cls, profiles: dict[str, VLLMProfile]) -> dict[str, VLLMProfile]:
+        if bad := [n for n in profiles if not NAME_PATTERN.fullmatch(n)]:
+            raise ValueError(f"{bad[0]!r} is not a profile name (letters, digits, _ . : -)")
+        return profiles
+
+    @model_validator(mode="after")
+    def _something_to_serve(self) -> ServeConfig:
+        if not self.compositions and self.state_dir is None:
+            raise ValueError("compositions: give at least one (or a state_dir to restore them from)")
+        names = {s.name for s in self.compositions}
+        for alias, spec in self.aliases.items():
+            if not NAME_PATTERN.fullmatch(alias) or alias in names:
+                raise ValueError(f"aliases.{alias}: an alias needs a valid name of its own")
+            if self.compositions and (unknown := sorted(set(spec.targets) - names)):
+                raise ValueError(f"aliases.{alias}: unknown target compositions {unknown}")
+        return self
+
+    @field_validator("compositions")
+    @classmethod
+    def _unique(cls, specs: list[CompositionSpec]) -> list[CompositionSpec]:
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"composition names must be unique: {names}")
+        return specs
+
+    @field_validator("api_keys", "admin_key")
+    @classmethod
+    def _non_empty(cls, keys: list[SecretStr] | SecretStr | None) -> list[SecretStr] | SecretStr | None:
+        listed = keys if isinstance(keys, list) else [keys] if keys is not None else []
+        if any(not k.get_secret_value().strip() for k in listed):
+            raise ValueError("keys must not be empty")
+        return keys
+
+
