@@ -1,4 +1,9 @@
-"""Engine: one composition's model, KV cache, scheduler and sampler, advanced one step at a time.
+"""Engine: one composition's requests, added, stepped and aborted.
+
+Beside it, as in nano-vllm: the `Scheduler` picks each step's sequences, the `ModelRunner`
+owns the Transformer and its KV cache and runs the step's forwards, the `OutputProcessor`
+turns sampled tokens into text, stops and `RequestOutput`s. The engine holds the requests'
+lifetimes: admission, sampling generators, mixed groups, finishing.
 
 `step()` is called by a single executor thread; `add_request` and `abort` may be called
 from any thread and take effect at the start of the next step.
@@ -15,34 +20,19 @@ from collections import deque
 import torch
 
 from mergeserve.composition import ComposedModel
-from mergeserve.engine.detokenizer import Detokenizer
 from mergeserve.engine.kv_cache import KVCache
-from mergeserve.engine.layers import Batch, padded_groups
 from mergeserve.engine.mixing import MixGroup
 from mergeserve.engine.mixture_router import MixtureRouter
 from mergeserve.engine.model import Transformer
+from mergeserve.engine.model_runner import ModelRunner
+from mergeserve.engine.output_processor import OutputProcessor
 from mergeserve.engine.sampler import sample
 from mergeserve.engine.scheduler import ScheduledBatch, Scheduler
-from mergeserve.engine.sequence import RequestOutput, SamplingParams, Sequence, TokenLogprob
+from mergeserve.engine.sequence import RequestOutput, SamplingParams, Sequence
 from mergeserve.kernels.packed import WeightPacker
 from mergeserve.spec import EngineConfig
 
 log = logging.getLogger(__name__)
-
-
-def kv_slots(config: EngineConfig, bytes_per_position: int, max_len: int) -> int:
-    """Sequences that run at once: max_num_seqs, fewer where the KV cache budget holds fewer
-    whole sequences (a request waits for a slot, or is refused past max_waiting: the cache
-    never grows past the budget). bytes_per_position: K and V of one position, every layer."""
-    if config.kv_cache_budget_bytes is None:
-        return config.max_num_seqs
-    fits = config.kv_cache_budget_bytes // (bytes_per_position * max_len)
-    if fits < 1:
-        raise ValueError(f"engine.kv_cache_budget_bytes={config.kv_cache_budget_bytes} holds no sequence of "
-                         f"max_model_len={max_len} ({bytes_per_position * max_len} bytes); raise it or lower max_model_len")
-    if fits < config.max_num_seqs:
-        log.info("KV cache budget of %d bytes: %d sequences at once instead of max_num_seqs=%d", config.kv_cache_budget_bytes, fits, config.max_num_seqs)
-    return min(fits, config.max_num_seqs)
 
 
 class StepFailed(RuntimeError):
@@ -63,16 +53,12 @@ class Engine:
         self.tokenizer = composed.tokenizer
         self.expert_names = composed.expert_names
         self.max_model_len = min(config.max_model_len, composed.config.max_position_embeddings)
-        self.model = Transformer(composed, self.max_model_len, packer if packer is not None else WeightPacker())
-        args = self.model.args
-        self.slots = kv_slots(config, self.model.cache_layers * args.n_kv_heads * args.head_dim * 2 * 4, self.max_model_len)
-        self.cache = KVCache(self.model.cache_layers, self.slots, args.n_kv_heads, args.head_dim, self.max_model_len)
-        self.scheduler = Scheduler(self.slots, config.max_prefill_tokens)
-        self.eos_ids = _eos_ids(composed)
+        self.runner = ModelRunner(composed, config, self.max_model_len, packer if packer is not None else WeightPacker())
+        self.outputs = OutputProcessor(composed, self.max_model_len)
+        self.scheduler = Scheduler(self.runner.slots, config.max_prefill_tokens)
         self._inbox: deque[tuple[str, object]] = deque()  # ("add", Sequence) | ("abort", request_id)
         self._lock = threading.Lock()
         self._generators: dict[str, torch.Generator] = {}
-        self.mixture_router = MixtureRouter(composed) if composed.mixture_routing is not None else None
         # Mixture routing: requests that chose each expert (top-k choices count once each), [E].
         self.expert_requests = torch.zeros(composed.num_experts, dtype=torch.int64) if self.mixture_router else None
         self.failed_steps = 0  # steps that raised: their requests failed, the engine went on
@@ -155,6 +141,23 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting) + sum(1 for kind, _ in list(self._inbox) if kind == "add")
 
+    # The runner's, read here by callers that hold an engine.
+    @property
+    def model(self) -> Transformer:
+        return self.runner.model
+
+    @property
+    def cache(self) -> KVCache:
+        return self.runner.cache
+
+    @property
+    def slots(self) -> int:
+        return self.runner.slots
+
+    @property
+    def mixture_router(self) -> MixtureRouter | None:
+        return self.runner.mixture_router
+
     @property
     def expert_load(self) -> torch.Tensor | None:
         """Tokens routed to each expert so far, [layers, experts]; None for a dense model."""
@@ -192,7 +195,7 @@ class Engine:
         rows: list[torch.Tensor] = []  # last-position hidden state of each sequence that samples now
         ready: list[Sequence] = []
         if batch.prefill:
-            hidden = self._prefill(batch.prefill)  # [B, T, D]
+            hidden = self.runner.prefill(batch.prefill)  # [B, T, D]
             for row, (seq, n) in enumerate(batch.prefill):
                 if seq.params.prompt_logprobs is not None:
                     self._score_prompt_chunk(seq, hidden[row, :n])
@@ -202,10 +205,12 @@ class Engine:
                     ready.append(seq)
         if batch.decode:
             decode = sorted(batch.decode, key=lambda s: s.slot)  # consecutive slots read the cache as views
-            rows += list(self._decode(decode)[:, -1])
+            rows += list(self.runner.decode(decode)[:, -1])
+            for seq in decode:
+                seq.num_cached += 1
             ready += decode
         if ready:
-            logits = self.model.logits(torch.stack(rows))  # [N, V]
+            logits = self.runner.logits(torch.stack(rows))  # [N, V]
             if all(seq.group is None for seq in ready):  # the common path: no copy of the logits
                 return outputs + self._sample(ready, logits)
             plain = [i for i, seq in enumerate(ready) if seq.group is None]
@@ -231,46 +236,11 @@ class Engine:
                 group.advance(seq.output_ids[-1])
         return outputs
 
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One token for each sequence, in one forward; hidden states [B, 1, D]."""
-        tokens = torch.tensor([[s.last_token] for s in seqs])
-        ends = [s.num_tokens for s in seqs]
-        positions = torch.tensor(ends).unsqueeze(1) - 1
-        slot_ids = [s.slot for s in seqs]
-        first = slot_ids[0] if slot_ids == list(range(slot_ids[0], slot_ids[0] + len(seqs))) else None
-        bias = self._router_bias([(s, 1) for s in seqs])
-        batch = Batch(tokens, positions, torch.tensor(slot_ids), bias, alpha=self._alpha(seqs), key_len=max(ends), first_slot=first)
-        hidden = self.model(batch, self.cache)
-        for seq in seqs:
-            seq.num_cached += 1
-        return hidden
-
-    def _prefill(self, chunks: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """One forward for every prompt chunk of the step, right-padded: weights are read once."""
-        lengths = torch.tensor([n for _, n in chunks])
-        width = max(n for _, n in chunks)
-        tokens = torch.zeros(len(chunks), width, dtype=torch.long)
-        positions = torch.empty(len(chunks), width, dtype=torch.long)
-        for row, (seq, n) in enumerate(chunks):
-            tokens[row, :n] = torch.tensor(seq.prompt_ids[seq.num_cached:seq.num_cached + n])
-            offsets = torch.arange(width).clamp_max(n - 1)  # padding repeats the last real position
-            positions[row] = seq.num_cached + offsets
-        slots = torch.tensor([seq.slot for seq, _ in chunks])
-        alpha = self._alpha([seq for seq, _ in chunks])
-        key_len = max(seq.num_cached + n for seq, n in chunks)
-        batch = Batch(tokens, positions, slots, self._router_bias(chunks), lengths, alpha, key_len=key_len)
-        return self.model(batch, self.cache)
-
     def _score_prompt_chunk(self, seq: Sequence, hidden: torch.Tensor) -> None:
         """Logprobs of the prompt tokens that this prefill chunk's positions predict (hidden [n, D])."""
         start = seq.num_cached
         targets = seq.prompt_ids[start + 1:start + 1 + hidden.shape[0]]  # the last prompt position predicts the output
-        if seq.prompt_logprobs is None:
-            seq.prompt_logprobs = [None]  # nothing predicts the first token
-        if targets:
-            logprobs = torch.log_softmax(self.model.logits(hidden[:len(targets)]), dim=-1)  # [m, V]
-            top = seq.params.prompt_logprobs
-            seq.prompt_logprobs += [self._logprob(t, lp, top) for t, lp in zip(targets, logprobs)]
+        self.outputs.add_prompt_logprobs(seq, targets, self.runner.logits(hidden[:len(targets)]) if targets else None)
 
     def _route_admitted(self) -> None:
         """Mixture routing: newly admitted requests' prompts, routed in one batch before their first
@@ -284,30 +254,10 @@ class Engine:
                 tokens += len(seq.prompt_ids)
         if not new:
             return
-        bias = self._bias_rows(new)  # [N, E] or None
-        alpha = self.mixture_router.weights([seq.prompt_ids for seq in new], bias)  # [N, E]
+        alpha = self.runner.route(new)  # [N, E]
         for seq, a in zip(new, alpha):
             seq.alpha = a
         self.expert_requests += (alpha > 0).sum(0)
-
-    def _router_bias(self, rows: list[tuple[Sequence, int]]) -> torch.Tensor | None:
-        """Token routing: the router bias of every real token of the batch, [tokens, E], row after row;
-        None when no request in it has one (the common path adds nothing)."""
-        if self.mixture_router is not None:
-            return None  # applied once, at admission
-        bias = self._bias_rows([seq for seq, _ in rows])  # [B, E]
-        return None if bias is None else bias.repeat_interleave(torch.tensor([n for _, n in rows]), dim=0)
-
-    def _bias_rows(self, seqs: list[Sequence]) -> torch.Tensor | None:
-        """Each request's router_bias, [B, E] (zeros for a request without one); None when none has one."""
-        if all(s.params.router_bias is None for s in seqs):
-            return None
-        zeros = (0.0,) * self.composed.num_experts
-        return torch.tensor([s.params.router_bias or zeros for s in seqs])
-
-    def _alpha(self, seqs: list[Sequence]) -> torch.Tensor | None:
-        """Per-row expert weights [B, E] under a mixture router; None for token routing."""
-        return torch.stack([s.alpha for s in seqs]) if self.mixture_router is not None else None
 
     def _drain_inbox(self) -> list[RequestOutput]:
         outputs = []
@@ -318,7 +268,7 @@ class Engine:
                 self._admit(item)
             elif (seq := self.scheduler.find(item)) is not None:
                 self._finish(seq, "abort")
-                outputs.append(self._output(seq, [], []))
+                outputs.append(self.outputs.output(seq, [], []))
         return outputs
 
     def _admit(self, seq: Sequence) -> None:
@@ -334,7 +284,7 @@ class Engine:
     def _add(self, seq: Sequence) -> None:
         seed = seq.params.seed if seq.params.seed is not None else random.getrandbits(63)
         self._generators[seq.request_id] = torch.Generator().manual_seed(seed)
-        seq.detokenizer = Detokenizer(self.tokenizer)
+        self.outputs.track(seq)
         self.scheduler.add(seq)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
@@ -343,77 +293,25 @@ class Engine:
         outputs = []
         for row, seq in enumerate(seqs):
             token = int(tokens[row])
-            seq.output_ids.append(token)
-            lp = [self._logprob(token, logprobs[row], seq.params.logprobs)] if logprobs is not None and seq.params.logprobs is not None else []
-            reason = self._check_stop(seq, token)
+            lp, reason = self.outputs.add_token(seq, token, logprobs[row] if logprobs is not None else None)
             if reason:
                 self._finish(seq, reason)
-            out = self._output(seq, [token], lp)
-            if len(seq.output_ids) == 1:
-                out.prompt_logprobs = seq.prompt_logprobs
-            outputs.append(out)
+            outputs.append(self.outputs.token_output(seq, token, lp))
         return outputs
-
-    def _check_stop(self, seq: Sequence, token: int) -> str | None:
-        p = seq.params
-        stopped_by_token = (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids
-        if not stopped_by_token:
-            seq.text += seq.detokenizer.add(token)
-        if p.stop:
-            hits = [i for s in p.stop if (i := seq.text.find(s, max(0, seq.emitted - len(s)))) >= 0]
-            if hits:
-                seq.text = seq.text[: min(hits)]
-                return "stop"
-        if stopped_by_token:
-            return "stop"
-        max_len = seq.group.max_len if seq.group is not None else self.max_model_len
-        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= max_len:
-            return "length"
-        return None
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.group is not None:
             seq.group.ended = True  # the lead is done, or a member failed: the others leave at their next step
         if (moved := self.scheduler.finish(seq, reason)) is not None:
             other, old_slot = moved
-            self.cache.move(old_slot, other.slot, other.num_cached)
+            self.runner.move(old_slot, other.slot, other.num_cached)
         self._generators.pop(seq.request_id, None)
 
-    def _output(self, seq: Sequence, new_ids: list[int], logprobs: list[TokenLogprob]) -> RequestOutput:
-        end = len(seq.text)
-        if seq.finish_reason is None:
-            # Hold back text that may still turn out to be the start of a stop string,
-            # and a trailing partial UTF-8 character.
-            end -= max((len(s) - 1 for s in seq.params.stop), default=0)
-            while end > seq.emitted and seq.text[end - 1] == "\ufffd":
-                end -= 1
-        new_text = seq.text[seq.emitted:max(end, seq.emitted)]
-        seq.emitted += len(new_text)
-        return RequestOutput(
-            request_id=seq.request_id, new_token_ids=new_ids, new_text=new_text, logprobs=logprobs,
-            finished=seq.finish_reason is not None, finish_reason=seq.finish_reason,
-            num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=len(seq.output_ids),
-        )
-
-    def _logprob(self, token: int, logprobs: torch.Tensor, top: int) -> TokenLogprob:
-        alts = torch.topk(logprobs, top) if top > 0 else None
-        return TokenLogprob(
-            token_id=token, token=self.tokenizer.decode([token]), logprob=float(logprobs[token]),
-            top=tuple(
-                (int(i), self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(alts.values, alts.indices)
-            ) if alts is not None else (),
-        )
-
     # --- offline helpers -----------------------------------------------------------------
-    @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits of every position of one sequence, [T, V], without touching the cache."""
-        positions = torch.arange(len(token_ids)).unsqueeze(0)
-        alpha = self.mixture_router.weights([token_ids]) if self.mixture_router else None
-        hidden = self.model(Batch(torch.tensor([token_ids]), positions, None, alpha=alpha))
-        return self.model.logits(hidden)[0]
+        return self.runner.sequence_logits(token_ids)
 
-    @torch.inference_mode()
     def score(
         self, sequences: list[list[int]], max_batch_tokens: int = 4096, route_tokens: int | None = None,
     ) -> list[torch.Tensor]:
@@ -425,17 +323,7 @@ class Engine:
         None): scoring text with a choice made from that same whole text would let a
         perplexity router pick by the very loss being measured.
         """
-        out: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
-        for group in padded_groups([len(s) for s in sequences], max_batch_tokens):
-            chunk = [sequences[i] for i in group]
-            alpha = self.mixture_router.weights([s[:route_tokens] for s in chunk]) if self.mixture_router else None
-            batch = Batch.right_padded(chunk, alpha=alpha)
-            hidden = self.model(batch)  # [B, T, D]
-            for row, i in enumerate(group):
-                n = len(sequences[i])
-                logprobs = torch.log_softmax(self.model.logits(hidden[row, : n - 1]), dim=-1)  # [n-1, V]
-                out[i] = logprobs.gather(1, batch.tokens[row, 1:n].unsqueeze(1)).squeeze(1)
-        return out
+        return self.runner.score(sequences, max_batch_tokens, route_tokens)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Run prompts to completion through the continuous-batching loop; output token ids per prompt.
@@ -454,11 +342,3 @@ class Engine:
                 for out in outputs if engine is self else ():  # followers emit nothing
                     results[out.request_id] += out.new_token_ids
         return [results[rid] for rid in ids]
-
-
-def _eos_ids(composed: ComposedModel) -> set[int]:
-    ids = composed.config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if composed.tokenizer.eos_token_id is not None:
-        ids.add(composed.tokenizer.eos_token_id)
-    return ids
