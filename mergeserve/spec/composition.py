@@ -9,7 +9,7 @@ from pydantic import Field, TypeAdapter, ValidationInfo, field_validator, model_
 from mergeserve.spec.base import NAME_PATTERN, Strict, refuse_moved
 from mergeserve.spec.merge import MERGEME_MODELS, MODELS, DenseMerge, MergemeMerge
 from mergeserve.spec.router import (CentroidRouterSpec, ExpertRouter, HiddenRouterSpec, KeywordsRouterSpec, MixtureRouterSpec,
-                                        ModelRouter, REQUEST_KINDS, ROUTERS, RequestCentroidRouterSpec, RequestRouterSpec, TokenRouterSpec)
+                                        ModelRouter, REQUEST_KINDS, ROUTERS, RequestCentroidRouterSpec)
 from mergeserve.spec.transport import BackendKind, Upstream, VLLMOptions
 
 # btx: MoE, FFNs kept as experts, the rest averaged; mergeme: MoE, the rest merged as `merge` says
@@ -191,4 +191,3 @@ class CompositionSpec(Strict):
 
 # Path fields inside sections, resolved against the spec's folder and checked against the source roots.
 PATH_FIELDS = (("router", "weights"), ("merge", "coefficients"), ("merge", "fisher"))
-__all__ = ["CompositionSpec", "ExpertSpec", "Method", "MOE_METHODS", "MOVED", "PATH_FIELDS", "TokenRouterSpec", "RequestRouterSpec"]

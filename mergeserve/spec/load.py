@@ -92,17 +92,22 @@ def _explain(path: Path | str, error: ValidationError) -> SpecError:
 _TAGS = {m.model_fields[f].default for m in (*MERGEME_MODELS.values(), *ROUTERS) for f in ("method", "kind") if f in m.model_fields}
 
 
+# backend -> (its transport section, old top-level field -> its name in that section)
+_SAVED_MOVES = {
+    "openai": ("upstream", {"url": "url", "upstream_model": "model", "api_key_env": "api_key_env", "timeout_s": "timeout_s"}),
+    "vllm": ("vllm", {"timeout_s": "timeout_s"}),
+}
+
+
 def upgrade_saved(data: dict) -> dict:
     """A spec saved by an older version, in today's form: the fields that moved, moved. Only for
     state this server wrote itself; a spec from a user is told where its fields went (MOVED)."""
     data = dict(data)
-    transport = "upstream" if data.get("backend") == "openai" else "vllm" if data.get("backend") == "vllm" else None
-    renames = {"url": "url", "upstream_model": "model", "api_key_env": "api_key_env", "timeout_s": "timeout_s"}
-    for old, new in renames.items():
-        if old in data:
-            value = data.pop(old)
-            if transport is not None and not (transport == "vllm" and new != "timeout_s"):
-                data[transport] = {**(data.get(transport) or {}), new: value}
+    section, renames = _SAVED_MOVES.get(data.get("backend"), (None, {}))
+    for old in _SAVED_MOVES["openai"][1]:
+        value = data.pop(old, None)  # a local composition's old transport fields were unused: dropped
+        if old in renames and value is not None:
+            data[section] = {**(data.get(section) or {}), renames[old]: value}
     router = data.get("router")
     if isinstance(router, dict) and router.get("kind") in ("perplexity", "task_vector") and data.get("method") != "route" and "scale" in router:
         data["router"] = {k: v for k, v in router.items() if k != "scale"} | {"inverse_temperature": router["scale"]}
