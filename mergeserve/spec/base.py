@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Discriminator, Tag
 
 
 class SpecError(ValueError):
@@ -29,3 +30,15 @@ def one_of(names: object) -> str:
     """'a', 'b' or 'c': the allowed values, as pydantic lists a Literal's."""
     quoted = [repr(n) for n in names]
     return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
+def tagged_union(models: dict[str, type[BaseModel]], field: str, default: str, where: str) -> Any:
+    """A union of `models` picked by the value of `field` (`default` when the input leaves it out),
+    whose error for an unknown value names the place (`where`, e.g. `router.kind`) and the allowed values."""
+
+    def tag(v: Any) -> str | None:
+        return v.get(field, default) if isinstance(v, dict) else getattr(v, field, None)
+
+    return Annotated[Union[tuple(Annotated[m, Tag(name)] for name, m in models.items())],
+                     Discriminator(tag, custom_error_type=f"{field}_tag",
+                                   custom_error_message=f"{where}: Input should be {one_of(models)}")]

@@ -8,11 +8,11 @@ merge/methods' `METHODS`; tests/test_merge_methods.py checks that the two lists 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
-from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from mergeserve.spec.base import Strict, one_of
+from mergeserve.spec.base import Strict, tagged_union
 
 
 class MergeOverride(Strict):
@@ -164,22 +164,10 @@ MERGEME_MODELS: dict[str, type[TaskVectorMerge]] = MODELS | {
 }
 
 
-def _method(default: str):
-    def tag(v: Any) -> str | None:
-        return (v.get("method", default) if isinstance(v, dict) else getattr(v, "method", None))
-    return tag
-
-
-def _union(models: dict[str, type[TaskVectorMerge]], default: str) -> Any:
-    return Annotated[Union[tuple(Annotated[m, Tag(name)] for name, m in models.items())],
-                     Discriminator(_method(default), custom_error_type="merge_method",
-                                   custom_error_message=f"merge.method: Input should be {one_of(models)}")]
-
-
 # A dense composition's merge section: its `method` is the composition's own (given or not).
-DenseMerge = _union(MODELS, "linear")
+DenseMerge = tagged_union(MODELS, "method", "linear", "merge.method")
 # mergeme's shared layers: TIES unless the section names another method; MergeME's defaults.
-MergemeMerge = _union(MERGEME_MODELS, "ties")
+MergemeMerge = tagged_union(MERGEME_MODELS, "method", "ties", "merge.method")
 
 
 def merge_params(method: str, **fields: Any) -> TaskVectorMerge:

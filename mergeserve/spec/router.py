@@ -8,11 +8,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Field, model_validator
 
-from mergeserve.spec.base import Strict, one_of, refuse_moved
+from mergeserve.spec.base import Strict, refuse_moved, tagged_union
 
 
 class TokenRouterSpec(Strict):
@@ -159,24 +159,17 @@ class RequestLearnedRouterSpec(EncodedRouterSpec):
     weights: str
 
 
-def _union(models: tuple[type[Strict], ...], default: str) -> Any:
-    kinds = [m.model_fields["kind"].default for m in models]
-
-    def tag(v: Any) -> str | None:
-        return v.get("kind", default) if isinstance(v, dict) else getattr(v, "kind", None)
-
-    return Annotated[Union[tuple(Annotated[m, Tag(k)] for k, m in zip(kinds, models))],
-                     Discriminator(tag, custom_error_type="router_kind",
-                                   custom_error_message=f"router.kind: Input should be {one_of(kinds)}")]
+def _by_kind(models: tuple[type[Strict], ...], default: str) -> Any:
+    return tagged_union({m.model_fields["kind"].default: m for m in models}, "kind", default, "router.kind")
 
 
 # btx and mergeme: a token or a mixture router (hidden unless the section names another kind).
 EXPERT_ROUTERS = (HiddenRouterSpec, CentroidRouterSpec, ArrowRouterSpec, SmileRouterSpec, LearnedRouterSpec, RandomRouterSpec, PerplexityRouterSpec,
                   TaskVectorRouterSpec)
-ExpertRouter = _union(EXPERT_ROUTERS, "hidden")
+ExpertRouter = _by_kind(EXPERT_ROUTERS, "hidden")
 # method route: a request router (it has no default kind: each needs its own data).
 REQUEST_ROUTERS = (RequestCentroidRouterSpec, RequestPerplexityRouterSpec, KeywordsRouterSpec, RequestLearnedRouterSpec)
 REQUEST_KINDS = tuple(m.model_fields["kind"].default for m in REQUEST_ROUTERS)
-ModelRouter = _union(REQUEST_ROUTERS, "")
+ModelRouter = _by_kind(REQUEST_ROUTERS, "")
 RouterSpec = Union[TokenRouterSpec, MixtureRouterSpec, RequestRouterSpec]
 ROUTERS = (*EXPERT_ROUTERS, *REQUEST_ROUTERS)
