@@ -20,6 +20,10 @@ class LowRank:
     a: torch.Tensor  # [r, in]; may be stored in another dtype than base (adapters ship bf16)
     b: torch.Tensor  # [out, r]
     scale: float = 1.0  # LoRA's alpha / r (alpha / sqrt(r) for rsLoRA)
+    # A merge of adapters (base + sum_i c_i B_i A_i, factors side by side in a and b): each
+    # input with its coefficient, None for an input that is the base itself. A shared-base
+    # engine serves it from the adapters' own factors; an engine of its own materialises it.
+    terms: tuple[tuple[LowRank | None, float], ...] | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -83,8 +87,11 @@ def fuse(ws: list[Weight], copy: bool = False) -> Weight | None:
     return LowRank(bases, torch.cat(a), torch.block_diag(*b))
 
 
-def fuse_in_place(ws: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The same tensors as views of one row-stacked buffer, so that `fuse` later costs no copy."""
+def fuse_in_place(ws: list[Weight]) -> list[Weight]:
+    """The same tensors as views of one row-stacked buffer, so that `fuse` later costs no copy
+    (low-rank weights are returned as they are: they are fused when they run)."""
+    if any(isinstance(w, LowRank) for w in ws):
+        return list(ws)
     return list(row_blocks(ws).split([w.shape[0] for w in ws]))
 
 

@@ -240,7 +240,7 @@ def test_memory_bytes_is_measured_now_with_the_kv_cache(server: Server) -> None:
     before = server.status("moe")
     server.client.completions.create(model="moe", prompt=[5] * 180, max_tokens=40, extra_body={"ignore_eos": True})
     after = server.status("moe")
-    engine = server.registry.revision("moe")[0].backend.engine
+    engine = server.registry.revision("moe")[0].backend.engine.host  # the engine that runs it (its base engine, when placed on one)
     per_position = 2 * engine.model.args.n_layers * engine.model.args.n_kv_heads * engine.model.args.head_dim * 4  # K and V, fp32
     assert after["kv_cache_bytes"] >= before["kv_cache_bytes"] + 200 * per_position
     assert after["memory_bytes"] - before["memory_bytes"] == after["kv_cache_bytes"] - before["kv_cache_bytes"]

@@ -29,6 +29,7 @@ from mergeserve.engine.output_processor import OutputProcessor
 from mergeserve.engine.sampler import sample
 from mergeserve.engine.scheduler import ScheduledBatch, Scheduler
 from mergeserve.engine.sequence import RequestOutput, SamplingParams, Sequence
+from mergeserve.engine.tables import CompositionTables
 from mergeserve.kernels.packed import WeightPacker
 from mergeserve.spec import EngineConfig
 
@@ -45,15 +46,20 @@ class StepFailed(RuntimeError):
 
 
 class Engine:
-    def __init__(self, composed: ComposedModel, config: EngineConfig = EngineConfig(), packer: WeightPacker | None = None):
-        """`packer`: shares packed weights with other engines (the pool's); None packs for this engine alone."""
+    def __init__(
+        self, composed: ComposedModel, config: EngineConfig = EngineConfig(), packer: WeightPacker | None = None,
+        runner: ModelRunner | None = None,
+    ):
+        """`packer`: shares packed weights with other engines (the pool's); None packs for this engine alone.
+        `runner`: runs the forwards (a base engine's); None: a ModelRunner of `composed`."""
         self.composed = composed
         self.config = config
         self.name = composed.name
         self.tokenizer = composed.tokenizer
         self.expert_names = composed.expert_names
         self.max_model_len = min(config.max_model_len, composed.config.max_position_embeddings)
-        self.runner = ModelRunner(composed, config, self.max_model_len, packer if packer is not None else WeightPacker())
+        packer = packer if packer is not None else WeightPacker()
+        self.runner = runner if runner is not None else ModelRunner(composed, config, self.max_model_len, packer)
         self.outputs = OutputProcessor(composed, self.max_model_len)
         self.scheduler = Scheduler(self.runner.slots, config.max_prefill_tokens)
         self._inbox: deque[tuple[str, object]] = deque()  # ("add", Sequence) | ("abort", request_id)
@@ -65,14 +71,22 @@ class Engine:
         self._refused: list[tuple[str, Exception]] = []  # requests whose admission raised, with the error
 
     # --- thread-safe surface -------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    @property
+    def host(self) -> Engine:
+        """The engine the executor steps for requests added here (a placed composition's is its base engine)."""
+        return self
+
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, composition: CompositionTables | None = None,
+    ) -> None:
+        """`composition`: on a base engine, the placed composition that runs the request."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in max_model_len={self.max_model_len}")
+        seq = Sequence(request_id, list(prompt_ids), params, composition=composition)
         if params.router_bias is not None:
-            self._check_router_bias(params.router_bias)
-        seq = Sequence(request_id, list(prompt_ids), params)
+            self._check_router_bias(params.router_bias, self._composed(seq))
         followers = self._mix_group(seq) if params.mix is not None else []
         self._enqueue(seq)
         for engine, follower in zip(params.mix.engines if params.mix else (), followers):
@@ -100,10 +114,19 @@ class Engine:
             seq.group = group
         return followers
 
-    def _check_router_bias(self, bias: tuple[float, ...]) -> None:
-        e = self.composed.num_experts
+    def _composed(self, seq: Sequence) -> ComposedModel:
+        """The composition `seq` runs: its own on a base engine, else the engine's."""
+        return seq.composition.composed if seq.composition is not None else self.composed
+
+    def _unrouted(self) -> list[Sequence]:
+        """Running sequences of mixture-routed compositions that have no alpha yet."""
+        return [s for s in self.scheduler.running if s.alpha is None and self._composed(s).mixture_routing is not None]
+
+    @staticmethod
+    def _check_router_bias(bias: tuple[float, ...], composed: ComposedModel) -> None:
+        e = composed.num_experts
         if e <= 1:
-            raise ValueError(f"composition {self.name!r} is dense: there is no router to bias")
+            raise ValueError(f"composition {composed.name!r} is dense: there is no router to bias")
         if len(bias) != e:
             raise ValueError(f"router_bias has {len(bias)} entries for {e} experts")
         if any(math.isnan(b) or b == math.inf for b in bias):
@@ -180,17 +203,17 @@ class Engine:
             return outputs + self._run(batch)
         except Exception as e:
             failed = [seq for seq, _ in batch.prefill] + list(batch.decode)
-            if self.mixture_router is not None:  # the new requests it was routing fail too
-                failed += [seq for seq in self.scheduler.running if seq.alpha is None and seq not in failed]
+            failed += [seq for seq in self._unrouted() if seq not in failed]  # the new requests it was routing fail too
             for seq in failed:
                 self._finish(seq, "error")
             self.failed_steps += 1
             raise StepFailed([s.request_id for s in failed], outputs) from e
 
     def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
-        if self.mixture_router is not None:
-            self._route_admitted()
-            batch.prefill = [(seq, n) for seq, n in batch.prefill if seq.alpha is not None]  # the rest wait their turn
+        if unrouted := self._unrouted():
+            self._route_admitted(unrouted)
+            routed = set(self._unrouted())
+            batch.prefill = [(seq, n) for seq, n in batch.prefill if seq not in routed]  # the rest wait their turn
         outputs: list[RequestOutput] = []
         rows: list[torch.Tensor] = []  # last-position hidden state of each sequence that samples now
         ready: list[Sequence] = []
@@ -242,22 +265,20 @@ class Engine:
         targets = seq.prompt_ids[start + 1:start + 1 + hidden.shape[0]]  # the last prompt position predicts the output
         self.outputs.add_prompt_logprobs(seq, targets, self.runner.logits(hidden[:len(targets)]) if targets else None)
 
-    def _route_admitted(self) -> None:
+    def _route_admitted(self, unrouted: list[Sequence]) -> None:
         """Mixture routing: newly admitted requests' prompts, routed in one batch before their first
         chunk. Scoring a prompt runs every expert over it, so a step routes prompts of at most
         max_prefill_tokens tokens in all (at least one prompt), as prefill is bounded: a burst of
         long prompts cannot stall every engine on the executor thread for one huge step."""
         new, tokens = [], 0
-        for seq in self.scheduler.running:
-            if seq.alpha is None and (not new or tokens + len(seq.prompt_ids) <= self.config.max_prefill_tokens):
+        for seq in unrouted:
+            if not new or tokens + len(seq.prompt_ids) <= self.config.max_prefill_tokens:
                 new.append(seq)
                 tokens += len(seq.prompt_ids)
-        if not new:
-            return
-        alpha = self.runner.route(new)  # [N, E]
-        for seq, a in zip(new, alpha):
+        for seq, a in zip(new, self.runner.route(new)):  # each [E]
             seq.alpha = a
-        self.expert_requests += (alpha > 0).sum(0)
+            counts = seq.composition.expert_requests if seq.composition is not None else self.expert_requests
+            counts += (a > 0).long()
 
     def _drain_inbox(self) -> list[RequestOutput]:
         outputs = []

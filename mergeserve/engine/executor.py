@@ -75,7 +75,7 @@ class Executor:
                 raise ValueError(f"request id {request_id!r} is already running")
             self._streams[request_id] = stream
         for stepped in (engine, *(params.mix.engines if params.mix else ())):  # a mixed request's followers step too
-            self.attach(stepped)
+            self.attach(stepped.host)
         finished = False
         try:
             engine.add_request(request_id, prompt_ids, params)

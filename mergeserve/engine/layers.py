@@ -19,7 +19,8 @@ from mergeserve.kernels.packed import Packed
 from mergeserve.kernels.routed_lowrank import DynamicFFN, RoutedAttention
 
 __all__ = [
-    "Batch", "RunLayer", "attention", "next_token_targets", "padded_groups", "rms_norm", "rope", "signed_sin",
+    "Batch", "RunLayer", "attention", "next_token_targets", "padded_groups", "real_tokens", "rms_norm", "rope",
+    "signed_sin",
 ]
 
 
@@ -79,6 +80,16 @@ class Batch:
         if sliding_window:
             allowed &= keys > q - sliding_window
         return allowed.unsqueeze(1)
+
+
+def real_tokens(x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The states of the real (not padding) tokens [N, D], and which of the B * T they are (None: all)."""
+    flat = x.reshape(-1, x.shape[-1])  # [B*T, D]
+    real = batch.real()
+    if real is None:
+        return flat, None
+    real = real.reshape(-1)
+    return flat[real], real
 
 
 def padded_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:

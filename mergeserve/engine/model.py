@@ -20,7 +20,7 @@ from mergeserve.composition import ComposedModel
 
 from mergeserve.weights import LowRank
 from mergeserve.engine.kv_cache import KVCache
-from mergeserve.engine.layers import Batch, RunLayer, attention, rms_norm, signed_sin
+from mergeserve.engine.layers import Batch, RunLayer, attention, real_tokens, rms_norm, signed_sin
 from mergeserve.engine.mixture_layers import fixed_routing, routing_counts, separate_layer
 from mergeserve.experts.checkpoint import head_dim
 from mergeserve.kernels import expert_mlp, linear, lora_moe_ffn, moe_ffn, top_k_experts
@@ -237,7 +237,7 @@ class Transformer(torch.nn.Module):
 
     def _attention_gate(self, run: RunLayer, x: torch.Tensor, batch: Batch, capture: list | None) -> torch.Tensor:
         """Each token's routing weights over the experts' attention deltas, [B * T, E] (zero rows for padding)."""
-        flat, real = self._real_tokens(x, batch)  # [N, D]
+        flat, real = real_tokens(x, batch)  # [N, D]
         if capture is not None:
             capture.append(flat)
         weights, ids = top_k_experts(flat, run.layer.attn_router, self.top_k, batch.router_bias, self.composed.router_subspace)
@@ -246,21 +246,11 @@ class Transformer(torch.nn.Module):
             return gate
         return gate.new_zeros(real.numel(), gate.shape[1]).index_put_((real,), gate)
 
-    @staticmethod
-    def _real_tokens(x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The states of the real (not padding) tokens [N, D], and which of the B * T they are (None: all)."""
-        flat = x.reshape(-1, x.shape[-1])  # [B*T, D]
-        real = batch.real()
-        if real is None:
-            return flat, None
-        real = real.reshape(-1)
-        return flat[real], real
-
     def _ffn(self, i: int, run: RunLayer, x: torch.Tensor, batch: Batch, capture: list | None) -> torch.Tensor:
         layer = run.layer
         if not layer.is_moe:
             return expert_mlp(x, run.ffns[0])
-        flat, real = self._real_tokens(x, batch)  # padding is routed nowhere and costs no expert compute
+        flat, real = real_tokens(x, batch)  # padding is routed nowhere and costs no expert compute
         if capture is not None:
             capture.append(flat)
         if batch.alpha is None:

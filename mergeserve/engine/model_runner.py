@@ -57,7 +57,7 @@ class ModelRunner:
         first = slot_ids[0] if slot_ids == list(range(slot_ids[0], slot_ids[0] + len(seqs))) else None
         bias = self._router_bias([(s, 1) for s in seqs])
         batch = Batch(tokens, positions, torch.tensor(slot_ids), bias, alpha=self._alpha(seqs), key_len=max(ends), first_slot=first)
-        return self.model(batch, self.cache)
+        return self._forward(batch, [(s, 1) for s in seqs])
 
     def prefill(self, chunks: list[tuple[Sequence, int]]) -> torch.Tensor:
         """One forward for every prompt chunk of the step, right-padded: weights are read once; [B, T, D]."""
@@ -73,6 +73,10 @@ class ModelRunner:
         alpha = self._alpha([seq for seq, _ in chunks])
         key_len = max(seq.num_cached + n for seq, n in chunks)
         batch = Batch(tokens, positions, slots, self._router_bias(chunks), lengths, alpha, key_len=key_len)
+        return self._forward(batch, chunks)
+
+    def _forward(self, batch: Batch, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """The step's forward over `batch`, whose rows are `rows` (sequence, its real tokens)."""
         return self.model(batch, self.cache)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

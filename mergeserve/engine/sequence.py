@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     import torch
 
     from mergeserve.engine.detokenizer import Detokenizer
+    from mergeserve.engine.tables import CompositionTables
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ class Sequence:
     detokenizer: Detokenizer | None = None  # turns each new token into its text, set at admission
     prompt_logprobs: list[TokenLogprob | None] | None = None  # filled chunk by chunk during prefill
     group: MixGroup | None = None  # decoded together with other engines' sequences (engine/mixing.py)
+    # On a base engine: the composition it runs (engine/tables.py); None on an engine of one composition.
+    composition: CompositionTables | None = None
 
     @property
     def awaiting(self) -> bool:

@@ -156,7 +156,7 @@ def lora_moe_ffn(
     strategy = strategy or choose_strategy(t, k, e)
     x, weights = x.to(lx.dtype), weights.to(lx.dtype)  # the residual stream may be fp32 over bf16 weights
     if strategy == "masked":
-        return _masked(x, weights, ids, lx)
+        return mixed_lora_ffn(x, weights, x.new_zeros(t, k, e).scatter_(2, ids.unsqueeze(-1), 1.0), lx)
     g, u = linear(x, lx.gate_up).chunk(2, dim=-1)  # [T, I] each: the base, once per token
     xa = linear(x, lx.a_in).view(t, e, 2, r)  # [T, E, 2, r]: every x A^T (gate, up)
     if strategy == "grouped":
@@ -171,21 +171,28 @@ def lora_moe_ffn(
     return out + (ad.unsqueeze(2) @ lx.per_expert("b_down")[ids]).squeeze(2).sum(1)  # [T, k, 1, r] @ [T, k, r, D]
 
 
-def _masked(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, lx: LoraExperts) -> torch.Tensor:
-    """Each pick's x A^T kept in its own expert's block (zeros elsewhere), then every expert's B at
-    once. With `fused` tables (packed builds) the base and the factors share each matmul:
-    [W_gate; W_up; A_in] x, blockdiag(B_gate, B_up) z, and [W_down | B_down] [h; z_down]."""
-    t, k = ids.shape
-    e, r = lx.num_experts, lx.rank
+def mixed_lora_ffn(x: torch.Tensor, weights: torch.Tensor, coef: torch.Tensor, lx: LoraExperts) -> torch.Tensor:
+    """The masked strategy, for any mixture of the experts' deltas in each of a token's k slots:
+    x [T, D], weights [T, k] (each slot's output weight), coef [T, k, E] -> [T, D].
+
+    Slot j of token t runs the FFN (W + sum_e coef[t, j, e] dW_e); the slots' outputs are summed
+    with `weights`. A routed pick is a one-hot row (an MoE); a merge of experts inside one FFN
+    (per-request or fixed) is a single slot whose row holds the merge's coefficients.
+
+    Each slot's x A^T is kept in the blocks of its experts, scaled by their coefficients, then
+    every expert's B runs at once. With `fused` tables (packed builds) the base and the factors
+    share each matmul: [W_gate; W_up; A_in] x, blockdiag(B_gate, B_up) z, and [W_down | B_down] [h; z_down]."""
+    x, weights, coef = x.to(lx.dtype), weights.to(lx.dtype), coef.to(lx.dtype)
+    t, k, e = coef.shape
+    r = lx.rank
     n_inter = lx.a_down.shape[1]  # I
-    onehot = x.new_zeros(t, k, e).scatter_(2, ids.unsqueeze(-1), 1.0)  # [T, k, E]
     w = weights.unsqueeze(-1)  # [T, k, 1]
     fused = lx.fused
     if fused is not None:
         gu, xa = linear(x, fused.gate_up_a).split([2 * n_inter, 2 * e * r], dim=-1)  # [T, 2I], [T, E * 2r]
     else:
         gu, xa = linear(x, lx.gate_up), linear(x, lx.a_in)
-    z = xa.view(t, 1, e, 2, r) * onehot[..., None, None]  # [T, k, E, 2, r]: only the pick's own expert
+    z = xa.view(t, 1, e, 2, r) * coef[..., None, None]  # [T, k, E, 2, r]: each slot's experts, scaled
     if fused is not None:
         dgu = linear(z.transpose(2, 3).reshape(t, k, 2 * e * r), fused.b_gate_up)  # [T, k, 2I]
     else:
@@ -194,7 +201,7 @@ def _masked(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, lx: LoraE
     act = F.silu(g) * u  # [T, k, I]
     h = _weighted_sum(act, weights)  # [T, I]: the routing-weighted activations, for the base down
     ad = linear(act, lx.a_down).view(t, k, e, r)  # [T, k, E, r]: every expert's A on each pick
-    z_down = (ad * (onehot * w).unsqueeze(-1)).sum(1).view(t, e * r)  # [T, E * r]: weighted, own blocks only
+    z_down = (ad * (coef * w).unsqueeze(-1)).sum(1).view(t, e * r)  # [T, E * r]: weighted, each slot's experts
     if fused is not None:
         return linear(torch.cat([h, z_down], dim=-1), fused.down_b)
     return linear(h, lx.down) + linear(z_down, lx.b_down)

@@ -30,9 +30,12 @@ FACTOR_DTYPE = torch.float32
 
 
 def prepared(w: Weight) -> Weight:
-    """`w` ready for `linear`: factors cast once to FACTOR_DTYPE (not per call), scale folded into b."""
+    """`w` ready for `linear`: factors cast once to FACTOR_DTYPE (not per call), scale folded into b.
+    A merge of adapters (`terms`) is materialised: one dense matmul beats base plus factors."""
     if not isinstance(w, LowRank):
         return w
+    if w.terms is not None:
+        return w.dense()
     return LowRank(w.base, w.a.to(FACTOR_DTYPE), w.scaled_b(FACTOR_DTYPE))
 
 

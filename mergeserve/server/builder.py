@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from mergeserve.composition import ComposedModel
 from mergeserve.learn import compose
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.executor import Executor
@@ -26,6 +27,7 @@ from mergeserve.experts import CheckpointError, ExpertPool
 from mergeserve.server.backends.base import Backend
 from mergeserve.server.backends.local import LocalBackend
 from mergeserve.server.backends.policy import BackendPolicy
+from mergeserve.server.placement import BaseEngines
 from mergeserve.server.registry import ModelNotFound, Registry, Revision
 from mergeserve.server.state import SavedComposition, SavedState, StateStore, dump_spec
 from mergeserve.spec import AliasSpec, CompositionSpec, EngineConfig, parse_composition, upgrade_saved
@@ -64,6 +66,7 @@ class Builder:
         registry.on_free = self.free
         # Two cores: builds queue behind each other rather than compete with serving and each other.
         self._queue = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeserve-build")
+        self.bases = BaseEngines(engine_config, pool.packer, executor)  # one engine per base, shared
         self._save_lock = threading.Lock()
         self._settled: weakref.WeakSet[Revision] = weakref.WeakSet()  # revisions whose outcome is decided
         self._settle_lock = threading.Lock()
@@ -267,8 +270,12 @@ class Builder:
         if spec.method == "route":
             return self._route_backend(revision)
         with self.pool.claim(revision.id):
-            engine = Engine(compose.build(spec, self.pool), self.engine_config, self.pool.packer)
+            composed = compose.build(spec, self.pool)
+            placed = self.bases.place(composed) if self.engine_config.placement == "base" else None
+            engine = placed or Engine(composed, self.engine_config, self.pool.packer)
         release_free_heap()
+        if placed is not None:
+            return LocalBackend(placed, self.executor, release=self.bases.release), composition_bytes(composed, self.pool)
         return LocalBackend(engine, self.executor), own_bytes(engine, self.pool)
 
     def _route_backend(self, revision: Revision) -> tuple[Backend, int]:
@@ -318,6 +325,14 @@ class Builder:
         for revision in self.registry.revisions():
             if revision.backend is not None:
                 revision.backend.close(wait=True)
+
+
+def composition_bytes(composed: ComposedModel, pool: ExpertPool) -> int:
+    """Bytes a composition placed on a base engine holds beyond the pool's checkpoints (its router
+    rows, its merges' side-by-side factors); the base engine's stacked tables are shared."""
+    shared = pool.storage_ptrs()
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in composed.tensors()}
+    return sum(n for ptr, n in storages.items() if ptr not in shared)
 
 
 def own_bytes(engine: Engine, pool: ExpertPool) -> int:

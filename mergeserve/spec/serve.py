@@ -27,6 +27,10 @@ class EngineConfig(Strict):
     # Compute threads of the engines. None: the cores this process may use (its affinity and
     # cgroup CPU limit); see server/builder.py for the OpenMP setting that keeps them busy.
     threads: int | None = Field(None, ge=1)
+    # base: a composition that is low-rank over its base (LoRA experts, routers, averaged or routed
+    # attention, per-request merging, single adapters) runs in that base's one engine with every
+    # other such composition: one forward per step for all. own: every composition in an engine of its own.
+    placement: Literal["base", "own"] = "base"
 
 
 MAX_TARGETS = 16

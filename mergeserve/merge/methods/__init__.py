@@ -15,10 +15,12 @@ import torch
 from torch import Generator, Tensor
 
 from mergeserve.experts import Checkpoint
+from mergeserve.merge.average import mean
 from mergeserve.merge import coefficients
 from mergeserve.merge.methods import consensus, dare_linear, dare_ties, linear, slerp, task_arithmetic, ties
 from mergeserve.spec import CompositionSpec
 from mergeserve.spec.merge import FisherMerge, TaskVectorMerge
+from mergeserve.weights import LowRank, Weight
 
 MergeFn = Callable[[Tensor, list[Tensor], list[float], TaskVectorMerge, Generator], Tensor]
 
@@ -59,11 +61,27 @@ def spec_merger(spec: CompositionSpec, base: Checkpoint, experts: list[Checkpoin
         table = coefficients.load(params.coefficients, [e.name for e in spec.experts], base.config.num_hidden_layers)
         params = params.model_copy(update={"lambda_": 1.0})  # the coefficients are lambda * weight, learned
 
+    factored = params.method == "linear" and table is None and not params.overrides
+
     def merged(key: str) -> Tensor:
+        if factored and (adapters := _over_base(key, base, experts)) is not None:
+            return mean(adapters, weights)  # base + sum_i w_i B_i A_i, kept as factors
         w = coefficients.weights_for(key, table, weights)
         return merge_tensor(key, base.tensors[key], [e.tensors[key] for e in experts], w, params)
 
     return merged
+
+
+def _over_base(key: str, base: Checkpoint, experts: list[Checkpoint]) -> list[Weight] | None:
+    """The experts' `key` where each is the base's own tensor or LoRA factors over it (a linear merge
+    of them stays low-rank); None where any expert holds a dense tensor of its own."""
+    own = base.stored.get(key)
+    ws = [e.weight(key) for e in experts]
+    if own is None or not any(isinstance(w, LowRank) for w in ws):
+        return None
+    if all((w.base if isinstance(w, LowRank) else w).data_ptr() == own.data_ptr() for w in ws):
+        return ws
+    return None
 
 
 def _fisher_merger(spec: CompositionSpec, base: Checkpoint, experts: list[Checkpoint]) -> Callable[[str], Tensor]:

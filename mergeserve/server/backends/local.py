@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from mergeserve.server.protocol import (
 )
 
 if TYPE_CHECKING:
+    from mergeserve.engine.base_engine import Placed
     from mergeserve.engine.engine import Engine
     from mergeserve.engine.executor import Executor
     from mergeserve.engine.mixing import Mixture
@@ -47,9 +48,14 @@ MAX_CHARS_PER_TOKEN = 32
 class LocalBackend:
     kind = "local"
 
-    def __init__(self, engine: Engine, executor: Executor, mix: Mixture | None = None) -> None:
-        """`mix`: decode every request as a mixture of this engine's and other engines' distributions."""
-        self.engine, self.executor, self.mix = engine, executor, mix
+    def __init__(
+        self, engine: Engine | Placed, executor: Executor, mix: Mixture | None = None,
+        release: Callable[[Placed], None] | None = None,
+    ) -> None:
+        """`engine`: the composition's own, or its place on a base engine (then `release` frees
+        that place when the backend closes). `mix`: decode every request as a mixture of this
+        engine's and other engines' distributions."""
+        self.engine, self.executor, self.mix, self._release = engine, executor, mix, release
         self.name = engine.name
 
     @property
@@ -69,10 +75,19 @@ class LocalBackend:
         return self.engine.cache.resident_bytes()
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind}
+        """What serves it, with its placement: an engine of its own, or its base's engine and the
+        compositions it shares that engine with."""
+        host = self.engine.host
+        if host is self.engine:
+            return {"kind": self.kind, "placement": {"engine": "own"}}
+        return {"kind": self.kind, "placement": {"engine": "base", "base_engine": host.name,
+                                                 "compositions": [t.name for t in host.placed]}}
 
     def close(self, wait: bool = False) -> None:
-        self.executor.detach(self.engine)
+        if self._release is not None:
+            self._release(self.engine)
+        else:
+            self.executor.detach(self.engine)
 
     async def completions(self, body: CompletionRequest, call: Call) -> BaseModel:
         body.check_supported()

@@ -1,0 +1,123 @@
+"""One engine per base: compositions that are low-rank over one base share its engine, one
+forward per step. Each request must come out as it does in an engine of its own composition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergeserve.engine.base_engine import BaseEngine
+from mergeserve.engine.engine import Engine
+from mergeserve.engine.sequence import SamplingParams
+from mergeserve.engine.tables import NotLowRank
+from mergeserve.experts import ExpertPool
+from mergeserve.learn.compose import build
+from mergeserve.spec import EngineConfig, parse_composition
+
+PROMPTS = {
+    "code": "def add(a, b):\n    return a + b\n",
+    "german": "Die Katze schläft im Haus.",
+    "math": "What is 12 + 7?",
+}
+CONFIG = EngineConfig(max_num_seqs=8, max_prefill_tokens=24, max_model_len=128)
+GREEDY = dict(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
+
+
+def spec(name: str, base, adapters: dict, **fields):
+    experts = [{"name": n, "source": str(p), "prompts": [PROMPTS[n]]} for n, p in adapters.items()]
+    return parse_composition({"name": name, "base": str(base), "experts": experts, **fields})
+
+
+@pytest.fixture(scope="module")
+def four(zoo, adapters):
+    """The issue's four kinds over one base: BTX token-routed, routed attention, per-request
+    merging, a single adapter."""
+    base = zoo["base"]
+    return [
+        spec("btx", base, adapters, router={"kind": "hidden", "top_k": 2}),
+        spec("routed", base, adapters, router={"kind": "hidden", "top_k": 2, "attention": "routed"}),
+        spec("per-request", base, adapters, method="mergeme",
+             router={"kind": "perplexity", "top_k": 2, "attention": "dynamic", "inverse_temperature": 10}),
+        spec("single", base, {"math": adapters["math"]}),
+    ]
+
+
+def run(engine, placed: dict, requests: list[tuple[str, str]]) -> dict[str, tuple[list[int], list[float]]]:
+    """Add every (composition, prompt) request at once, step to the end; tokens and logprobs per request."""
+    out = {}
+    for i, (comp, prompt) in enumerate(requests):
+        rid = f"{comp}-{i}"
+        ids = placed[comp].tokenizer(PROMPTS[prompt])["input_ids"]
+        placed[comp].add_request(rid, ids, SamplingParams(**GREEDY))
+        out[rid] = ([], [])
+    while engine.has_work():
+        for o in engine.step():
+            out[o.request_id][0].extend(o.new_token_ids)
+            out[o.request_id][1].extend(lp.logprob for lp in o.logprobs)
+    return out
+
+
+def assert_same(got: tuple[list[int], list[float]], want: tuple[list[int], list[float]], what) -> None:
+    assert got[0] == want[0], what
+    torch.testing.assert_close(torch.tensor(got[1]), torch.tensor(want[1]), atol=1e-4, rtol=0)
+
+
+def test_each_composition_alone_on_a_base_engine_equals_its_own_engine(four):
+    pool = ExpertPool()
+    for c in [build(s, pool) for s in four]:
+        shared, own = BaseEngine(c, CONFIG), Engine(c, CONFIG)
+        requests = [(c.name, p) for p in PROMPTS]
+        got = run(shared, {c.name: shared.place(c)}, requests)
+        want = run(own, {c.name: own}, requests)
+        for rid in want:
+            assert_same(got[rid], want[rid], (c.name, rid))
+
+
+def test_four_compositions_in_one_batch_equal_each_alone(four):
+    pool = ExpertPool()
+    composed = [build(s, pool) for s in four]
+    shared = BaseEngine(composed[0], CONFIG)
+    placed = {c.name: shared.place(c) for c in composed}
+    requests = [(c.name, p) for c in composed for p in PROMPTS]
+    together = run(shared, placed, requests)
+    for c in composed:
+        alone = Engine(c, CONFIG)
+        expected = run(alone, {c.name: alone}, [(c.name, p) for p in PROMPTS])
+        for i, p in enumerate(PROMPTS):
+            rid = next(r for r, (name, prompt) in zip(together, requests) if name == c.name and prompt == p)
+            assert_same(together[rid], expected[f"{c.name}-{i}"], (c.name, p))
+
+
+def test_a_dense_merge_is_refused_by_a_base_engine(zoo, adapters):
+    pool = ExpertPool()
+    shared = BaseEngine(build(spec("btx", zoo["base"], adapters, router={"kind": "random", "top_k": 2}), pool), CONFIG)
+    ties = build(spec("ties", zoo["base"], adapters, method="ties"), pool)
+    with pytest.raises(NotLowRank):
+        shared.place(ties)
+
+
+def test_compositions_of_one_base_share_its_engine_behind_the_admin_api(zoo, adapters):
+    """Two compositions over one base's adapters are placed on one engine (the admin API says so),
+    each answers with its own routing; deleting one leaves the other serving on that engine."""
+    from live import live_gateway, wait_until
+    from mergeserve.engine.executor import Executor
+    from mergeserve.server import Registry
+    from mergeserve.server.auth import Auth
+    from mergeserve.server.builder import Builder
+
+    registry, executor = Registry(), Executor()
+    builder = Builder(registry, ExpertPool(), executor, EngineConfig(max_num_seqs=4, max_model_len=128))
+    experts = [{"name": n, "source": str(p), "prompts": [PROMPTS[n]]} for n, p in adapters.items()]
+    spec = {"base": str(zoo["base"]), "experts": experts}
+    with live_gateway(registry, executor, Auth(admin_key="k"), builder) as server:
+        a = server.put_and_wait("a", {**spec, "router": {"kind": "hidden", "top_k": 2}})
+        b = server.put_and_wait("b", {**spec, "router": {"kind": "centroid", "top_k": 1}})
+        assert a["backend"]["placement"]["engine"] == b["backend"]["placement"]["engine"] == "base"
+        assert server.status("a")["backend"]["placement"]["compositions"] == ["a", "b"]
+        for name in ("a", "b"):
+            answer = server.client.completions.create(model=name, prompt="What is 12 + 7?", max_tokens=4, temperature=0)
+            assert answer.choices[0].text and answer.model == name
+        assert server.http.delete("/admin/compositions/b", headers=server.admin).status_code == 200
+        wait_until(lambda: server.status("a")["backend"]["placement"]["compositions"] == ["a"], what="b to be freed")
+        assert server.client.completions.create(model="a", prompt="Hi", max_tokens=2).choices[0].text is not None
+    builder.shutdown()
