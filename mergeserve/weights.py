@@ -20,9 +20,7 @@ class LowRank:
     a: torch.Tensor  # [r, in]; may be stored in another dtype than base (adapters ship bf16)
     b: torch.Tensor  # [out, r]
     scale: float = 1.0  # LoRA's alpha / r (alpha / sqrt(r) for rsLoRA)
-    # A merge of adapters (base + sum_i c_i B_i A_i, factors side by side in a and b): each
-    # input with its coefficient, None for an input that is the base itself. A shared-base
-    # engine serves it from the adapters' own factors; an engine of its own materialises it.
+    # A merge of adapters (MergedLowRank): each input with its coefficient, None for the base itself.
     terms: tuple[tuple[LowRank | None, float], ...] | None = None
 
     @property
@@ -41,6 +39,24 @@ class LowRank:
         return torch.addmm(self.base, self.scaled_b(self.base.dtype), self.a.to(self.base.dtype))
 
 
+class MergedLowRank(LowRank):
+    """A merge of LoRA adapters over one base, base + sum_i c_i B_i A_i, held as its terms: the
+    factors side by side (`a`, `b`) are made on each use and never kept, so a composition that
+    averages adapters (BTX's attention, a linear merge) holds nothing but references. A base
+    engine serves it from the adapters' own factors; an engine of its own materialises it."""
+
+    def __init__(self, base: torch.Tensor, terms: tuple[tuple[LowRank | None, float], ...]) -> None:
+        self.base, self.scale, self.terms = base, 1.0, terms
+
+    @property
+    def a(self) -> torch.Tensor:  # [sum r, in]
+        return torch.cat([w.a.to(self.base.dtype) for w, _ in self.terms if w is not None])
+
+    @property
+    def b(self) -> torch.Tensor:  # [out, sum r], each B scaled by its adapter's scale and coefficient
+        return torch.cat([w.scaled_b(self.base.dtype) * c for w, c in self.terms if w is not None], dim=1)
+
+
 # A projection weight: a plain tensor, or a shared base tensor plus low-rank factors.
 Weight = torch.Tensor | LowRank
 
@@ -51,6 +67,9 @@ def dense(w: Weight) -> torch.Tensor:
 
 
 def weight_tensors(w: Weight) -> list[torch.Tensor]:
+    """The tensors a weight holds (a merge holds its adapters')."""
+    if isinstance(w, LowRank) and w.terms is not None:
+        return [w.base, *(t for a, _ in w.terms if a is not None for t in weight_tensors(a))]
     return [w.base, w.a, w.b] if isinstance(w, LowRank) else [w]
 
 

@@ -97,8 +97,9 @@ def test_a_dense_merge_is_refused_by_a_base_engine(zoo, adapters):
 
 
 def test_compositions_of_one_base_share_its_engine_behind_the_admin_api(zoo, adapters):
-    """Two compositions over one base's adapters are placed on one engine (the admin API says so),
-    each answers with its own routing; deleting one leaves the other serving on that engine."""
+    """A composition alone on its base runs in an engine of its own (placement auto); when a second
+    one over that base arrives, both run on the base's engine (the first is rebuilt there) and the
+    admin API says so; each answers with its own routing; deleting one leaves the other serving."""
     from live import live_gateway, wait_until
     from mergeserve.engine.executor import Executor
     from mergeserve.server import Registry
@@ -111,9 +112,12 @@ def test_compositions_of_one_base_share_its_engine_behind_the_admin_api(zoo, ada
     spec = {"base": str(zoo["base"]), "experts": experts}
     with live_gateway(registry, executor, Auth(admin_key="k"), builder) as server:
         a = server.put_and_wait("a", {**spec, "router": {"kind": "hidden", "top_k": 2}})
+        assert a["backend"]["placement"] == {"engine": "own"}
         b = server.put_and_wait("b", {**spec, "router": {"kind": "centroid", "top_k": 1}})
-        assert a["backend"]["placement"]["engine"] == b["backend"]["placement"]["engine"] == "base"
-        assert server.status("a")["backend"]["placement"]["compositions"] == ["a", "b"]
+        assert b["backend"]["placement"]["engine"] == "base"
+        wait_until(lambda: server.status("a")["revision"] == a["revision"] + 1 and server.status("a")["state"] == "ready",
+                   what="a to move onto the base engine")
+        assert server.status("a")["backend"]["placement"]["compositions"] == ["b", "a"]
         for name in ("a", "b"):
             answer = server.client.completions.create(model=name, prompt="What is 12 + 7?", max_tokens=4, temperature=0)
             assert answer.choices[0].text and answer.model == name
@@ -121,3 +125,24 @@ def test_compositions_of_one_base_share_its_engine_behind_the_admin_api(zoo, ada
         wait_until(lambda: server.status("a")["backend"]["placement"]["compositions"] == ["a"], what="b to be freed")
         assert server.client.completions.create(model="a", prompt="Hi", max_tokens=2).choices[0].text is not None
     builder.shutdown()
+
+
+def test_tables_of_many_entries_read_each_tokens_own_and_agree(four, monkeypatch):
+    """Past DENSE_MAX_ENTRIES a base engine gathers each token's own entries (attention terms,
+    the MoE kernel's gathered path), and past GATHER_MAX_TOKENS slices out the entries in use:
+    the same requests give the same tokens and logprobs."""
+    from mergeserve.engine import base_model
+    from mergeserve.kernels import routed_lowrank
+
+    pool = ExpertPool()
+    composed = [build(s, pool) for s in four]
+    requests = [(c.name, p) for c in composed for p in PROMPTS]
+    results = []
+    for dense_max, gather_max in ((base_model.DENSE_MAX_ENTRIES, 64), (0, 64), (0, 0)):
+        monkeypatch.setattr(base_model, "DENSE_MAX_ENTRIES", dense_max)
+        monkeypatch.setattr(routed_lowrank, "GATHER_MAX_TOKENS", gather_max)
+        shared = BaseEngine(composed[0], CONFIG)
+        results.append(run(shared, {c.name: shared.place(c) for c in composed}, requests))
+    for rid in results[0]:
+        for other in results[1:]:
+            assert_same(other[rid], results[0][rid], rid)

@@ -90,7 +90,7 @@ class BaseEngine(Engine):
             tables = plan(composed, self.runner.base, self.runner.tables)
             if composed.mixture_routing is not None:
                 tables.mixture_router = MixtureRouter(composed)
-            self.runner.tables.layers()  # stack the new entries now, not in the next step
+            # New entries are stacked by the next step, once for every composition placed before it.
             self.placed.append(tables)
         return Placed(self, tables)
 

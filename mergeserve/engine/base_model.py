@@ -20,11 +20,16 @@ from mergeserve.engine.layers import Batch, RunLayer, attention, real_tokens, rm
 from mergeserve.engine.model import ModelArgs
 from mergeserve.engine.tables import BaseWeights, CompositionTables, Fixed, LayerTables, PerRequest, Routed
 from mergeserve.kernels import expert_mlp, linear
-from mergeserve.kernels.lora_moe import mixed_lora_ffn
+from mergeserve.kernels.lora_moe import MASKED_MAX_EXPERTS, lora_moe_ffn, mixed_lora_ffn
 from mergeserve.kernels.lowrank import Pack, packed
+from mergeserve.kernels.routed_lowrank import SparseGate
 from mergeserve.composition import Layer
 
 __all__ = ["BaseTransformer", "Row", "StepRouting"]
+
+# Up to this many entries every token runs against the whole table (dense gates, the masked FFN
+# kernel: plain matmuls); past it each token reads only its own entries' factors.
+DENSE_MAX_ENTRIES = MASKED_MAX_EXPERTS
 
 
 @dataclass(eq=False)
@@ -80,21 +85,54 @@ class StepRouting:
         """Every real token's weights over layer i's attention entries, [N, size]; None: all base."""
         if len(self.groups) == 1 and isinstance(part := self.groups[0].comp.layers[i].attention, Fixed):
             return part.row(size).expand(self.num_tokens, -1)  # one composition's fixed terms: no scatter
-        gate, any_terms = x.new_zeros(self.num_tokens, size, dtype=torch.float32), False
-        for g in self.groups:
-            part = g.comp.layers[i].attention
-            if part is None:
-                continue
-            any_terms = True
-            rows = self._rows(g)
+        terms = self.attention_terms(i, x)
+        if terms is None:
+            return None
+        ids, weights = terms
+        return x.new_zeros(self.num_tokens, size, dtype=torch.float32).scatter_add_(1, ids, weights)
+
+    def attention_terms(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every real token's attention terms in layer i: entry ids and weights, [N, m] each (weight 0
+        pads a token with fewer terms); None where no token has any."""
+        parts = [g.comp.layers[i].attention for g in self.groups]
+        if all(p is None for p in parts):
+            return None
+        m = max(p.top_k if isinstance(p, Routed) else len(p.entries) for p in parts if p is not None)
+        ids = torch.zeros(self.num_tokens, m, dtype=torch.long)
+        weights = x.new_zeros(self.num_tokens, m, dtype=torch.float32)
+        for g, part in zip(self.groups, parts):
+            rows = self._rows(g)[:, 0]
             if isinstance(part, Fixed):
-                gate[rows, part.entries] += part.coef
+                ids[rows, :len(part.entries)], weights[rows, :len(part.entries)] = part.entries, part.coef
             elif isinstance(part, PerRequest):
-                gate[rows, part.entries] += g.alpha
-            else:
-                weights, ids = self._route(g, part, x)
-                gate.index_put_((rows, part.entries[ids]), weights, accumulate=True)
-        return gate if any_terms else None
+                ids[rows, :len(part.entries)], weights[rows, :len(part.entries)] = part.entries, g.alpha
+            elif part is not None:
+                w, picked = self._route(g, part, x)
+                ids[rows, :part.top_k], weights[rows, :part.top_k] = part.entries[picked], w
+        return ids, weights
+
+    def ffn_picks(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Layer i's FFN as an MoE: every token's picks, weights and entry ids [N, K]; None unless
+        every token's FFN is one (token-routed, or a mixture router's MoE)."""
+        parts = [g.comp.layers[i].ffn for g in self.groups]
+        if not all(isinstance(p, Routed) or (isinstance(p, PerRequest) and not p.merged) for p in parts):
+            return None
+        k = max(self._slots(p, g) for p, g in zip(parts, self.groups))
+        weights = x.new_zeros(self.num_tokens, k, dtype=torch.float32)
+        ids = torch.zeros(self.num_tokens, k, dtype=torch.long)
+        for g, part in zip(self.groups, parts):
+            w, picked = self._picked(i, g, part, x)
+            rows = self._rows(g)[:, 0]
+            weights[rows, :w.shape[1]], ids[rows, :w.shape[1]] = w, part.entries[picked]
+        return weights, ids
+
+    def _picked(self, i: int, g: _Group, part: Routed | PerRequest, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A group's FFN picks as an MoE: weights and expert ids [n, k] (counted for token routing)."""
+        if isinstance(part, PerRequest):  # the request's chosen experts, weighted by alpha
+            return torch.topk(g.alpha, self._slots(part, g), dim=1)
+        w, ids = self._route(g, part, x)
+        self._picks.append((g.comp, i, w, ids))
+        return w, ids
 
     def ffn_slots(self, i: int, x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Every real token's FFN slots over layer i's FFN entries: output weights [N, K] and delta
@@ -118,11 +156,7 @@ class StepRouting:
                 elif part is not None:
                     coef[rows, 0, part.entries] += g.alpha
                 continue
-            if isinstance(part, PerRequest):  # an MoE of the request's chosen experts, weighted by alpha
-                w, ids = torch.topk(g.alpha, self._slots(part, g), dim=1)
-            else:
-                w, ids = self._route(g, part, x)
-                self._picks.append((g.comp, i, w, ids))
+            w, ids = self._picked(i, g, part, x)
             slots = torch.arange(w.shape[1])
             weights[rows[:, 0], :w.shape[1]] = w
             coef.index_put_((rows, slots, part.entries[ids]), torch.ones_like(w), accumulate=True)
@@ -197,22 +231,38 @@ class BaseTransformer(torch.nn.Module):
         routing.count_picks()
         return rms_norm(x, self.norm, eps)
 
-    def _attention_gate(self, i: int, h: torch.Tensor, batch: Batch, routing: StepRouting, lt: LayerTables):
-        """[B * T, entries] with zero rows for padding; None when no token has attention terms here."""
+    def _attention_gate(
+        self, i: int, h: torch.Tensor, batch: Batch, routing: StepRouting, lt: LayerTables,
+    ) -> torch.Tensor | SparseGate | None:
+        """Every token's gate over layer i's attention entries, [B * T, entries] (zero rows for
+        padding), or each token's own entries past DENSE_MAX_ENTRIES; None when no token has terms here."""
         flat, real = real_tokens(h, batch)
         size = _entries(lt.attention)
-        gate = routing.attention_gate(i, flat, size)
-        if gate is None or real is None:
-            return gate
-        return gate.new_zeros(real.numel(), size).index_put_((real,), gate)
+        if size <= DENSE_MAX_ENTRIES:
+            gate = routing.attention_gate(i, flat, size)
+            if gate is None or real is None:
+                return gate
+            return gate.new_zeros(real.numel(), size).index_put_((real,), gate)
+        terms = routing.attention_terms(i, flat)
+        if terms is None:
+            return None
+        ids, weights = terms
+        if real is not None:
+            ids = ids.new_zeros(real.numel(), ids.shape[1]).index_put_((real,), ids)
+            weights = weights.new_zeros(real.numel(), weights.shape[1]).index_put_((real,), weights)
+        return SparseGate(ids, weights)
 
     def _ffn(self, i: int, run: RunLayer, lt: LayerTables, x: torch.Tensor, batch: Batch, routing: StepRouting) -> torch.Tensor:
         flat, real = real_tokens(x, batch)
-        slots = None if lt.ffn is None else routing.ffn_slots(i, flat, lt.ffn.num_experts)
-        if slots is None:
-            out = expert_mlp(flat, run.ffns[0])
-        else:
+        picks = None
+        if lt.ffn is not None and lt.ffn.num_experts > DENSE_MAX_ENTRIES:
+            picks = routing.ffn_picks(i, flat)  # an MoE over many entries: each token reads its own
+        if picks is not None:
+            out = lora_moe_ffn(flat, *picks, lt.ffn)
+        elif lt.ffn is not None and (slots := routing.ffn_slots(i, flat, lt.ffn.num_experts)) is not None:
             out = mixed_lora_ffn(flat, *slots, lt.ffn)
+        else:
+            out = expert_mlp(flat, run.ffns[0])
         if real is None:
             return out.view_as(x).to(x.dtype)
         return torch.zeros_like(x).view(-1, x.shape[-1]).index_put_((real,), out.to(x.dtype)).view_as(x)

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mergeserve.composition import Attention, ComposedModel, Layer
-from mergeserve.kernels.lora_moe import LoraExperts
-from mergeserve.kernels.lowrank import Pack
+from mergeserve.kernels.lora_moe import MASKED_MAX_EXPERTS, LoraExperts
+from mergeserve.kernels.lowrank import FACTOR_DTYPE, Pack
 from mergeserve.kernels.routed_lowrank import RoutedAttention
 from mergeserve.weights import ExpertFFN, LowRank, Weight
 
@@ -313,8 +313,10 @@ class FactorTables:
     def _stack(self, attn: EntryTable, ffn: EntryTable) -> LayerTables:
         deltas = None
         if attn.size:
-            attns = [Attention(*attn.weights(j)) for j in range(attn.size)]
-            deltas = RoutedAttention.build(attns, attn.base[0].dtype, self.pack)
+            # A few entries run as thin matmuls over the whole table: in FACTOR_DTYPE, unpacked (no fast
+            # bf16 path for them, kernels/lowrank.py). Many are gathered per token: kept in the base's dtype.
+            dtype = FACTOR_DTYPE if attn.size <= MASKED_MAX_EXPERTS else attn.base[0].dtype
+            deltas = RoutedAttention.build([Attention(*attn.weights(j)) for j in range(attn.size)], dtype)
         experts = None
         if ffn.size:
             experts = LoraExperts.build([ExpertFFN(*ffn.weights(j)) for j in range(ffn.size)])

@@ -271,9 +271,11 @@ class Builder:
             return self._route_backend(revision)
         with self.pool.claim(revision.id):
             composed = compose.build(spec, self.pool)
-            placed = self.bases.place(composed) if self.engine_config.placement == "base" else None
+            placed, movers = self.bases.place(composed, revision.id)
             engine = placed or Engine(composed, self.engine_config, self.pool.packer)
         release_free_heap()
+        for name in movers:  # alone on the base until now: rebuilt, its next revision is placed there too
+            self._move_to_base(name)
         if placed is not None:
             return LocalBackend(placed, self.executor, release=self.bases.release), composition_bytes(composed, self.pool)
         return LocalBackend(engine, self.executor), own_bytes(engine, self.pool)
@@ -291,8 +293,19 @@ class Builder:
         router = build_request_router(spec, engines)
         return RouteBackend(spec.name, members, router, spec.router.kind, spec.router.top_k), sum(own_bytes(e, self.pool) for e in engines)
 
+    def _move_to_base(self, name: str) -> None:
+        """Rebuild `name`'s live revision (the same spec): it builds onto its base's engine now."""
+        try:
+            live, _ = self.registry.revision(name)
+            if live is not None and live.spec is not None:
+                log.info("moving %s onto its base's engine (a second composition over that base arrived)", live.id)
+                self.submit(live.spec, checked=True)
+        except Exception as e:  # noqa: BLE001 - it keeps serving where it is
+            log.warning("%s stays in an engine of its own: %s", name, e)
+
     def free(self, revision: Revision, backend: Backend | None) -> None:
         """Registry callback: `revision` is retired and drained (or failed); drop what it held."""
+        self.bases.forget(revision.id)
         if backend is not None:
             backend.close()
         unloaded = self.pool.release(revision.id)

@@ -20,30 +20,51 @@ log = logging.getLogger(__name__)
 
 
 class BaseEngines:
+    """Placement by policy (EngineConfig.placement): `base` places every low-rank composition on its
+    base's engine; `own` none; `auto` keeps a low-rank composition alone on its base in an engine of
+    its own (measured faster: it runs its merges materialised) and, when a second one over that base
+    arrives, starts the base engine for it and names the first to move there (`place`'s movers)."""
+
     def __init__(self, config: EngineConfig, packer: WeightPacker, executor: Executor) -> None:
         self.config, self.packer, self.executor = config, packer, executor
         self._engines: dict[tuple[int, ...], BaseEngine] = {}  # base key -> its engine
+        self._alone: dict[tuple[int, ...], dict[str, str]] = {}  # auto: base key -> {name: revision id} in engines of their own
         self._lock = threading.Lock()
 
-    def place(self, composed: ComposedModel) -> Placed | None:
-        """`composed` on its base's engine (started when it is the first); None when it is not
-        low-rank over its base (the reason is logged) and needs an engine of its own."""
+    def place(self, composed: ComposedModel, owner: str) -> tuple[Placed | None, list[str]]:
+        """`composed` (built for revision `owner`) on its base's engine, and the names of compositions
+        that should move there now (rebuilt: auto's first one on the base); (None, []) where it runs in
+        an engine of its own: not low-rank (the reason is logged), or alone on its base under auto."""
         try:
             key = base_of(composed).key()
         except NotLowRank as e:
             log.info("composition %s runs in an engine of its own: %s", composed.name, e)
-            return None
+            return None, []
         with self._lock:
             engine = self._engines.get(key)
+            alone = {n: r for n, r in self._alone.get(key, {}).items() if n != composed.name}
+            if engine is None and self.config.placement == "auto" and not alone:
+                self._alone.setdefault(key, {})[composed.name] = owner
+                return None, []
+            for name in alone:  # named once: they move now
+                del self._alone[key][name]
             if engine is None:
                 engine = self._engines[key] = BaseEngine(composed, self.config, self.packer)
                 self.executor.attach(engine)
         try:
-            return engine.place(composed)
+            placed = engine.place(composed)
         except NotLowRank as e:
             log.info("composition %s runs in an engine of its own: %s", composed.name, e)
             self._drop_if_empty(engine)
-            return None
+            return None, []
+        return placed, sorted(alone)
+
+    def forget(self, owner: str) -> None:
+        """Revision `owner` is freed: it no longer counts as a composition alone on its base."""
+        with self._lock:
+            for names in self._alone.values():
+                for name in [n for n, r in names.items() if r == owner]:
+                    del names[name]
 
     def release(self, placed: Placed) -> None:
         """A placed composition's revision is freed: its tables go, and its base engine once it is empty."""

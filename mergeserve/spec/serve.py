@@ -29,8 +29,10 @@ class EngineConfig(Strict):
     threads: int | None = Field(None, ge=1)
     # base: a composition that is low-rank over its base (LoRA experts, routers, averaged or routed
     # attention, per-request merging, single adapters) runs in that base's one engine with every
-    # other such composition: one forward per step for all. own: every composition in an engine of its own.
-    placement: Literal["base", "own"] = "base"
+    # other such composition: one forward per step for all. own: every composition in an engine of
+    # its own. auto: as base, but one alone on its base keeps an engine of its own (its merges
+    # materialised: faster alone, benchmarks/results/shared_base.json) until a second one arrives.
+    placement: Literal["auto", "base", "own"] = "auto"
 
 
 MAX_TARGETS = 16
