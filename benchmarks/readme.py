@@ -220,10 +220,41 @@ def memory() -> list[str]:
             f"{d['rounds']} rounds, RSS after one request each; median (min-max). {machine_line(d['machine'])}"]
 
 
+SHARED = {"one": "one composition", "ab": "A/B alias over two, one engine per base",
+          "ab_own": "A/B alias over two, an engine each (before)", "eight": "8 compositions, one engine per base",
+          "hundred": "100 compositions (pairs of a 100-adapter pool), one engine per base"}
+
+
+def shared_base() -> list[str]:
+    d = load("shared_base.json")
+    scenarios, ratios = d["scenarios"], d["ratios"]
+    levels = list(next(iter(scenarios.values()))["summary"])
+    rows = ["| served | " + " | ".join(f"{c} client{'s' * (c != '1')}" for c in levels) + " | RSS after warm-up |",
+            "|---|" + "---|" * len(levels) + "---|"]
+    for name, s in scenarios.items():
+        if "summary" not in s or not s["summary"]:
+            continue
+        cells = []
+        for c in levels:
+            cell = f"{fmt(s['summary'][c]['tok_per_s'])} tok/s"
+            if name != "one" and f"{name}_over_one" in ratios:
+                cell += f" ({fmt(ratios[f'{name}_over_one'][c], 2)}×)"
+            cells.append(cell)
+        rows.append(f"| {SHARED.get(name, name)} | " + " | ".join(cells) + f" | {s['rss_after_warmup_mb']:.0f} MB |")
+    add = scenarios.get("one", {}).get("add_to_warm")
+    notes = [f"Median (min-max) of {d['method']['rounds']} interleaved rounds over HTTP "
+             f"(streaming `openai` clients, {d['method'].get('new_tokens', 64)} tokens, temperature 0); ratios to one "
+             f"composition per round. {machine_line(d['machine'])}"]
+    if add:
+        notes.append(f"Adding a composition (BTX, centroid router calibrated on its prompts) to the warm server: "
+                     f"{fmt(add['build_seconds'], 2)} s from PUT to serving.")
+    return rows + [""] + notes
+
+
 RENDERERS: dict[str, Callable[[], list[str]]] = {
     "quality": quality, "dtype_loss": dtype_loss, "lora_pool": lora_pool, "soak": soak,
     "route_throughput": route_throughput, "profile": profile, "btx_attention": btx_attention,
-    "serving": serving, "build_time": build_time, "memory": memory,
+    "serving": serving, "build_time": build_time, "memory": memory, "shared_base": shared_base,
 }
 
 

@@ -146,3 +146,15 @@ def test_tables_of_many_entries_read_each_tokens_own_and_agree(four, monkeypatch
     for rid in results[0]:
         for other in results[1:]:
             assert_same(other[rid], results[0][rid], rid)
+
+
+def test_placement_own_gives_every_composition_an_engine_of_its_own(zoo, adapters):
+    from mergeserve.engine.executor import Executor
+    from mergeserve.kernels.packed import WeightPacker
+    from mergeserve.server.placement import BaseEngines
+
+    pool = ExpertPool()
+    composed = [build(spec(n, zoo["base"], adapters, router={"kind": "random", "top_k": 2}), pool) for n in ("a", "b")]
+    for policy, placed in (("own", [False, False]), ("auto", [False, True]), ("base", [True, True])):
+        bases = BaseEngines(EngineConfig(placement=policy), WeightPacker(), Executor())
+        assert [bases.place(c, f"{c.name}@1")[0] is not None for c in composed] == placed, policy

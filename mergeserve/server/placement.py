@@ -35,6 +35,8 @@ class BaseEngines:
         """`composed` (built for revision `owner`) on its base's engine, and the names of compositions
         that should move there now (rebuilt: auto's first one on the base); (None, []) where it runs in
         an engine of its own: not low-rank (the reason is logged), or alone on its base under auto."""
+        if self.config.placement == "own":
+            return None, []
         try:
             key = base_of(composed).key()
         except NotLowRank as e:
