@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from mergeserve.weights import LowRank, MergedLowRank, Weight
 
 
