@@ -310,21 +310,24 @@ def rotating_prompt(c: int, i: int) -> str:
 
 
 async def drive(
-    url: str, model: str, concurrency: int, seconds: float, new_tokens: int,
+    url: str, model: str | Callable[[int, int], str], concurrency: int, seconds: float, new_tokens: int,
     prompt: Callable[[int, int], str] = rotating_prompt, timeout: float = 600,
 ) -> dict:
     """One level: `concurrency` clients sending requests back to back until `seconds` have passed;
-    client c's i-th request sends `prompt(c, i)`."""
+    client c's i-th request sends `prompt(c, i)` to `model`, or to `model(c, i)` (a model per
+    request; `models_asked` counts the distinct ones)."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=timeout)
-    start = time.perf_counter()
+    start, asked = time.perf_counter(), set()
     deadline = start + seconds
+    pick = model if callable(model) else lambda c, i: model
 
     async def client_loop(c: int) -> list[dict]:
         done: list[dict] = []
         while time.perf_counter() < deadline:  # so every request counted started before the deadline
-            done.append(await one_request(client, model, prompt(c, len(done)), new_tokens))
+            asked.add(name := pick(c, len(done)))
+            done.append(await one_request(client, name, prompt(c, len(done)), new_tokens))
         return done
 
     try:
@@ -335,8 +338,9 @@ async def drive(
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
     itl = [x for r in results for x in r["itl"]]
     tokens = sum(r["tokens"] for r in results)
-    return {"requests": len(results), "output_tokens": tokens, "seconds": wall, "tok_per_s": tokens / wall,
-            "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
+    return {"requests": len(results), "models_asked": len(asked), "output_tokens": tokens, "seconds": wall,
+            "tok_per_s": tokens / wall, "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
+            "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
 
 
 async def warm_up(url: str, model: str, concurrency: int, new_tokens: int) -> None:

@@ -66,7 +66,7 @@ import yaml
 
 from common import commit, machine, spread
 from lora_pool import BASE, write_adapter
-from serving import Server, cpu_snapshot, free_port, mergeserve_dtype, one_request, pct, plot, ratios, rotating_prompt, summarise
+from serving import Server, cpu_snapshot, drive, free_port, mergeserve_dtype, one_request, plot, ratios, rotating_prompt, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "examples/zoo/specs"
@@ -283,34 +283,6 @@ def start(s: Scenario, args: argparse.Namespace) -> bool:
 
 
 # --- measuring -------------------------------------------------------------------------------------
-
-async def drive(url: str, pick: Pick, concurrency: int, seconds: float, new_tokens: int, timeout: float = 600) -> dict:
-    """serving.drive with a model per request: client c's i-th request asks for pick(c, i)."""
-    import openai
-
-    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=timeout)
-    start, asked = time.perf_counter(), set()
-    deadline = start + seconds
-
-    async def client_loop(c: int) -> list[dict]:
-        done: list[dict] = []
-        while time.perf_counter() < deadline:  # every request counted started before the deadline
-            asked.add(model := pick(c, len(done)))
-            done.append(await one_request(client, model, rotating_prompt(c, len(done)), new_tokens))
-        return done
-
-    try:
-        results = [r for rs in await asyncio.gather(*(client_loop(c) for c in range(concurrency))) for r in rs]
-    finally:
-        await client.close()
-    wall = max(r["end"] for r in results) - start
-    ttft = [r["ttft"] for r in results if r["ttft"] is not None]
-    itl = [x for r in results for x in r["itl"]]
-    tokens = sum(r["tokens"] for r in results)
-    return {"requests": len(results), "models_asked": len(asked), "output_tokens": tokens, "seconds": wall,
-            "tok_per_s": tokens / wall, "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
-            "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
-
 
 def measure(s: Scenario, peers: list[Scenario], concurrency: int, args: argparse.Namespace) -> dict:
     """One level on `s`, with the CPU cores each live server and this client used meanwhile."""
