@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mergeserve.engine.base_engine import BaseEngine
+from mergeserve.engine.base_model import Row, StepRouting
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.sequence import SamplingParams
 from mergeserve.engine.tables import NotLowRank
@@ -127,25 +128,68 @@ def test_compositions_of_one_base_share_its_engine_behind_the_admin_api(zoo, ada
     builder.shutdown()
 
 
-def test_tables_of_many_entries_read_each_tokens_own_and_agree(four, monkeypatch):
-    """Past DENSE_MAX_ENTRIES a base engine gathers each token's own entries (attention terms,
-    the MoE kernel's gathered path), and past GATHER_MAX_TOKENS slices out the entries in use:
-    the same requests give the same tokens and logprobs."""
-    from mergeserve.engine import base_model
-    from mergeserve.kernels import routed_lowrank
+def test_tables_of_many_entries_slice_out_those_in_use_and_agree(four, monkeypatch):
+    """Past DENSE_MAX_ENTRIES a base engine keeps the adapters' own factors and each forward runs
+    only the entries its tokens use (attention terms, the MoE kernel): the same requests give the
+    same tokens and logprobs."""
+    from mergeserve.engine import tables
 
     pool = ExpertPool()
     composed = [build(s, pool) for s in four]
     requests = [(c.name, p) for c in composed for p in PROMPTS]
     results = []
-    for dense_max, gather_max in ((base_model.DENSE_MAX_ENTRIES, 64), (0, 64), (0, 0)):
-        monkeypatch.setattr(base_model, "DENSE_MAX_ENTRIES", dense_max)
-        monkeypatch.setattr(routed_lowrank, "GATHER_MAX_TOKENS", gather_max)
+    for dense_max in (tables.DENSE_MAX_ENTRIES, 0):
+        monkeypatch.setattr(tables, "DENSE_MAX_ENTRIES", dense_max)
         shared = BaseEngine(composed[0], CONFIG)
         results.append(run(shared, {c.name: shared.place(c) for c in composed}, requests))
     for rid in results[0]:
-        for other in results[1:]:
-            assert_same(other[rid], results[0][rid], rid)
+        assert_same(results[1][rid], results[0][rid], rid)
+
+
+def test_the_attention_most_compositions_share_is_folded_into_the_weights(zoo, adapters):
+    """Two routers over the same experts hold the same averaged attention: it becomes each layer's
+    anchor, folded into its q/k/v and o, and their tokens run no attention terms. When they go,
+    the composition left (a single adapter) gets its attention folded instead."""
+    pool = ExpertPool()
+    single, hidden, centroid = (
+        build(spec("single", zoo["base"], {"math": adapters["math"]}), pool),
+        build(spec("hidden", zoo["base"], adapters, router={"kind": "hidden", "top_k": 2}), pool),
+        build(spec("centroid", zoo["base"], adapters, router={"kind": "centroid", "top_k": 2}), pool),
+    )
+    shared = BaseEngine(hidden, CONFIG)
+    placed = [shared.place(c) for c in (single, hidden, centroid)]
+    tables = shared.runner.tables
+    averaged = placed[1].tables.layers[0].attention
+    assert tables.layers()[0].anchor.key == averaged.key == placed[2].tables.layers[0].attention.key
+    x = torch.randn(5, hidden.config.hidden_size)
+    two_routers = StepRouting([Row(placed[1].tables, 3), Row(placed[2].tables, 2)])
+    assert two_routers.attention_gate(0, x, tables.attention[0].size, tables.layers()[0].anchor) is None
+    with_single = StepRouting([Row(placed[0].tables, 3), Row(placed[1].tables, 2)])
+    gate = with_single.attention_gate(0, x, tables.attention[0].size, tables.layers()[0].anchor)
+    assert gate[3:].abs().sum() == 0 and gate[:3].abs().sum() > 0  # only the single adapter's tokens carry terms
+    placed[1].close(), placed[2].close()
+    assert tables.layers()[0].anchor.key == placed[0].tables.layers[0].attention.key
+
+
+def test_tables_of_many_entries_hold_the_adapters_own_factors(four, monkeypatch):
+    """Past DENSE_MAX_ENTRIES no stacked copy of the adapters is made: each entry's A (and B^T)
+    is the tensor the pool loaded (a lower-rank adapter's are zero-padded to the table's rank)."""
+    from mergeserve.engine import tables as tables_module
+
+    monkeypatch.setattr(tables_module, "DENSE_MAX_ENTRIES", 0)
+    pool = ExpertPool()
+    composed = [build(s, pool) for s in four]
+    shared = BaseEngine(composed[0], CONFIG)
+    for c in composed:
+        shared.place(c)
+    tables = shared.runner.tables
+    layer = tables.layers()[0]
+    for factors, entries in ((layer.attention.qkv.parts[0], tables.attention[0]), (layer.ffn.up, tables.ffn[0])):
+        own = [(j, part[1 if factors is layer.ffn.up else 0]) for j, part in enumerate(entries.parts) if part]
+        full = [(j, w) for j, w in own if w is not None and w.rank == factors.rank]
+        assert full, "the highest-rank adapter is held as it is"
+        for j, w in full:
+            assert factors.a[j].data_ptr() == w.a.data_ptr() and factors.bt[j].data_ptr() == w.b.data_ptr()
 
 
 def test_placement_own_gives_every_composition_an_engine_of_its_own(zoo, adapters):

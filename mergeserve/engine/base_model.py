@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from mergeserve.engine.kv_cache import KVCache
@@ -20,17 +21,13 @@ from mergeserve.engine.layers import Batch, RunLayer, attention, real_tokens, rm
 from mergeserve.engine.model import ModelArgs
 from mergeserve.engine.tables import BaseWeights, CompositionTables, Fixed, LayerTables, PerRequest, Routed
 from mergeserve.kernels import expert_mlp, linear
-from mergeserve.kernels.lora_moe import MASKED_MAX_EXPERTS, lora_moe_ffn, mixed_lora_ffn
+from mergeserve.kernels.entry_lora import EntryFFN, SparseGate, entry_mixed_ffn, entry_moe_ffn
+from mergeserve.kernels.lora_moe import mixed_lora_ffn
 from mergeserve.kernels.lowrank import Pack, packed
-from mergeserve.kernels.routed_lowrank import SparseGate
+from mergeserve.kernels.routed_lowrank import RoutedAttention
 from mergeserve.composition import Layer
 
 __all__ = ["BaseTransformer", "Row", "StepRouting"]
-
-# Up to this many entries every token runs against the whole table (dense gates, the masked FFN
-# kernel: plain matmuls); past it each token reads only its own entries' factors.
-DENSE_MAX_ENTRIES = MASKED_MAX_EXPERTS
-
 
 @dataclass(eq=False)
 class Row:
@@ -62,7 +59,13 @@ class StepRouting:
             by_comp.setdefault(id(r.comp), []).append(b)
         self.groups = [self._group(rows, bs, counts, len(by_comp) == 1) for bs in by_comp.values()]
         self.num_tokens = int(counts.sum())
-        self._picks: list[tuple[CompositionTables, int, torch.Tensor, torch.Tensor]] = []  # (comp, layer, weights, ids)
+        group_of = torch.empty(len(rows), dtype=torch.long)
+        for g, bs in enumerate(by_comp.values()):
+            group_of[bs] = g
+        self.token_group = group_of.repeat_interleave(counts)  # [N] each real token's group
+        # Token-routing picks to count: (composition, None: every group's tokens; layer, weights, ids).
+        self._picks: list[tuple[CompositionTables | None, int, torch.Tensor, torch.Tensor]] = []
+        self._expert_bias: dict[int, torch.Tensor | float] = {}
 
     @staticmethod
     def _group(rows: list[Row], bs: list[int], counts: torch.Tensor, alone: bool) -> _Group:
@@ -81,35 +84,51 @@ class StepRouting:
             bias = torch.tensor([rows[b].bias or zeros for b in bs]).repeat_interleave(n, dim=0)
         return _Group(comp, tokens, alpha, bias)
 
-    def attention_gate(self, i: int, x: torch.Tensor, size: int) -> torch.Tensor | None:
-        """Every real token's weights over layer i's attention entries, [N, size]; None: all base."""
-        if len(self.groups) == 1 and isinstance(part := self.groups[0].comp.layers[i].attention, Fixed):
-            return part.row(size).expand(self.num_tokens, -1)  # one composition's fixed terms: no scatter
-        terms = self.attention_terms(i, x)
-        if terms is None:
+    def attention_gate(self, i: int, x: torch.Tensor, size: int, anchor: Fixed | None) -> torch.Tensor | None:
+        """Every real token's weights over layer i's attention entries relative to the layer's
+        anchor (the terms its weights hold), [N, size]; None where every token runs the anchor."""
+        parts = [g.comp.layers[i].attention for g in self.groups]
+        if all(_is_anchor(p, anchor) for p in parts):
             return None
-        ids, weights = terms
+        if len(parts) == 1 and isinstance(parts[0], Fixed):  # one composition's fixed terms: no scatter
+            row = parts[0].row(size) - (anchor.row(size) if anchor is not None else 0)
+            return row.expand(self.num_tokens, -1)
+        ids, weights = self.attention_terms(i, x, anchor)
         return x.new_zeros(self.num_tokens, size, dtype=torch.float32).scatter_add_(1, ids, weights)
 
-    def attention_terms(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Every real token's attention terms in layer i: entry ids and weights, [N, m] each (weight 0
-        pads a token with fewer terms); None where no token has any."""
+    def attention_terms(self, i: int, x: torch.Tensor, anchor: Fixed | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every real token's attention terms in layer i beyond the anchor's: entry ids and weights,
+        [N, m] each (weight 0 pads a token with fewer terms; the anchor's come in with minus its
+        coefficients); None where every token runs the anchor.
+
+        Fixed terms come from one table per group [G, m] indexed by each token's group; only the
+        groups that choose per token or per request (routed attention, per-request merging) are
+        filled one by one."""
         parts = [g.comp.layers[i].attention for g in self.groups]
-        if all(p is None for p in parts):
+        live = [not _is_anchor(p, anchor) for p in parts]
+        if not any(live):
             return None
-        m = max(p.top_k if isinstance(p, Routed) else len(p.entries) for p in parts if p is not None)
-        ids = torch.zeros(self.num_tokens, m, dtype=torch.long)
-        weights = x.new_zeros(self.num_tokens, m, dtype=torch.float32)
-        for g, part in zip(self.groups, parts):
+        fixed = [p if isinstance(p, Fixed) and keep else None for p, keep in zip(parts, live)]
+        ids = pad_sequence([_NONE if p is None else p.entries for p in fixed], batch_first=True)  # [G, m]
+        weights = pad_sequence([_NO_COEF if p is None else p.coef for p in fixed], batch_first=True)
+        if anchor is not None:  # every live group also takes the anchor's terms away
+            ids = torch.cat([ids, anchor.entries.expand(len(parts), -1)], dim=1)
+            weights = torch.cat([weights, -anchor.coef * torch.tensor(live, dtype=torch.float32).unsqueeze(1)], dim=1)
+        ids, weights = ids[self.token_group], weights[self.token_group]
+        chosen = [(g, p) for g, p in zip(self.groups, parts) if isinstance(p, (Routed, PerRequest))]
+        if not chosen:
+            return ids, weights
+        k = max(_terms(p) for _, p in chosen)
+        more_ids = torch.zeros(self.num_tokens, k, dtype=torch.long)
+        more_weights = torch.zeros(self.num_tokens, k)
+        for g, part in chosen:
             rows = self._rows(g)[:, 0]
-            if isinstance(part, Fixed):
-                ids[rows, :len(part.entries)], weights[rows, :len(part.entries)] = part.entries, part.coef
-            elif isinstance(part, PerRequest):
-                ids[rows, :len(part.entries)], weights[rows, :len(part.entries)] = part.entries, g.alpha
-            elif part is not None:
+            if isinstance(part, PerRequest):
+                more_ids[rows, :len(part.entries)], more_weights[rows, :len(part.entries)] = part.entries, g.alpha
+            else:
                 w, picked = self._route(g, part, x)
-                ids[rows, :part.top_k], weights[rows, :part.top_k] = part.entries[picked], w
-        return ids, weights
+                more_ids[rows, :part.top_k], more_weights[rows, :part.top_k] = part.entries[picked], w
+        return torch.cat([ids, more_ids], dim=1), torch.cat([weights, more_weights], dim=1)
 
     def ffn_picks(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Layer i's FFN as an MoE: every token's picks, weights and entry ids [N, K]; None unless
@@ -117,6 +136,8 @@ class StepRouting:
         parts = [g.comp.layers[i].ffn for g in self.groups]
         if not all(isinstance(p, Routed) or (isinstance(p, PerRequest) and not p.merged) for p in parts):
             return None
+        if all(isinstance(p, Routed) for p in parts):
+            return self._route_all(i, parts, x)
         k = max(self._slots(p, g) for p, g in zip(parts, self.groups))
         weights = x.new_zeros(self.num_tokens, k, dtype=torch.float32)
         ids = torch.zeros(self.num_tokens, k, dtype=torch.long)
@@ -144,6 +165,9 @@ class StepRouting:
             w, ids = self._route(self.groups[0], parts[0], x)
             self._picks.append((self.groups[0].comp, i, w, ids))
             return w, x.new_zeros(*ids.shape, size, dtype=torch.float32).scatter_(2, parts[0].entries[ids].unsqueeze(-1), 1.0)
+        if all(isinstance(p, Routed) for p in parts):  # token-routed compositions: routed together
+            w, entries = self._route_all(i, parts, x)
+            return w, x.new_zeros(*entries.shape, size, dtype=torch.float32).scatter_(2, entries.unsqueeze(-1), 1.0)
         k = max(self._slots(p, g) for p, g in zip(parts, self.groups))
         weights = x.new_zeros(self.num_tokens, k, dtype=torch.float32)
         coef = x.new_zeros(self.num_tokens, k, size, dtype=torch.float32)
@@ -161,6 +185,41 @@ class StepRouting:
             weights[rows[:, 0], :w.shape[1]] = w
             coef.index_put_((rows, slots, part.entries[ids]), torch.ones_like(w), accumulate=True)
         return weights, coef
+
+    def _route_all(self, i: int, parts: list[Routed], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixtral routing of every token by its own group's router, all groups in one matmul:
+        weights and table entries [N, K] (K the largest top-k; a smaller top-k's extra slots weigh 0)."""
+        e = max(p.router.shape[0] for p in parts)
+        routers = torch.cat([F.pad(p.router, (0, 0, 0, e - p.router.shape[0])) for p in parts])  # [G * E, D]
+        logits = F.linear(x.float(), routers).view(self.num_tokens, len(parts), e)
+        logits = logits.gather(1, self.token_group.view(-1, 1, 1).expand(-1, 1, e)).squeeze(1)  # [N, E]
+        logits = logits + self._bias(e)
+        k = max(p.top_k for p in parts)
+        top, ids = torch.topk(logits, k, dim=-1)  # [N, K]
+        if any(p.top_k < k for p in parts):
+            top_k = torch.tensor([p.top_k for p in parts])[self.token_group]  # [N]
+            unused = torch.arange(k) >= top_k.unsqueeze(1)  # [N, K]
+            top, ids = top.masked_fill(unused, float("-inf")), ids.masked_fill(unused, 0)
+        w = torch.softmax(top, dim=-1)
+        self._picks.append((None, i, w, ids))
+        entries = pad_sequence([p.entries for p in parts], batch_first=True)  # [G, E]
+        return w, entries[self.token_group].gather(1, ids)
+
+    def _bias(self, e: int) -> torch.Tensor | float:
+        """Every token's router bias over E = e experts [N, e]: its request's, and -inf past its
+        composition's own experts; 0 where there is none of either."""
+        if e not in self._expert_bias:
+            bias: torch.Tensor | float = 0.0
+            if any(g.bias is not None or g.comp.num_experts < e for g in self.groups):
+                bias = torch.zeros(self.num_tokens, e)
+                for g in self.groups:
+                    rows = self._rows(g)[:, 0]
+                    n = g.comp.num_experts
+                    if g.bias is not None:
+                        bias[rows, :n] = g.bias
+                    bias[rows, n:] = float("-inf")
+            self._expert_bias[e] = bias
+        return self._expert_bias[e]
 
     @staticmethod
     def _slots(part, g: _Group) -> int:
@@ -186,10 +245,20 @@ class StepRouting:
 
     def count_picks(self) -> None:
         """The forward's token-routing statistics, added to each composition's counters."""
-        for comp in {id(c): c for c, _, _, _ in self._picks}.values():
-            picks = [(i, w, ids) for c, i, w, ids in self._picks if c is comp]
+        per_comp: dict[int, tuple[CompositionTables, list]] = {}
+        for comp, i, w, ids in self._picks:
+            if comp is not None:
+                per_comp.setdefault(id(comp), (comp, []))[1].append((torch.tensor([i]), w.unsqueeze(0), ids.unsqueeze(0)))
+        every = [(i, w, ids) for comp, i, w, ids in self._picks if comp is None]
+        if every:  # picks of every token at once: split by group, all layers together
+            layers = torch.tensor([i for i, _, _ in every])  # [L']
+            w_all, ids_all = torch.stack([w for _, w, _ in every]), torch.stack([ids for _, _, ids in every])  # [L', N, K]
+            for g in self.groups:
+                rows = slice(None) if g.tokens is None else g.tokens
+                per_comp.setdefault(id(g.comp), (g.comp, []))[1].append((layers, w_all[:, rows], ids_all[:, rows]))
+        for comp, picks in per_comp.values():
             e = comp.num_experts
-            flat = torch.cat([(i * e + ids).reshape(-1) for i, _, ids in picks])
+            flat = torch.cat([(layers.view(-1, 1, 1) * e + ids).reshape(-1) for layers, _, ids in picks])
             weights = torch.cat([w.reshape(-1) for _, w, _ in picks]).double()
             size = comp.expert_load.numel()
             comp.expert_load.view(-1).add_(torch.bincount(flat, (weights > 0).double(), minlength=size).long())
@@ -225,7 +294,8 @@ class BaseTransformer(torch.nn.Module):
             if lt.attention is not None:
                 gate = self._attention_gate(i, h, batch, routing, lt)
                 routed = None if gate is None else (lt.attention, gate)
-            x = x + attention(h, run.qkv, run.qkv_bias, run.o_proj, self.args.attn_shape, cos, sin,
+            qkv, o = (lt.qkv, lt.o) if lt.anchor is not None else (run.qkv, run.o_proj)
+            x = x + attention(h, qkv, run.qkv_bias, o, self.args.attn_shape, cos, sin,
                               masks[self.args.windows[i]], batch, cache, i, routed)
             x = x + self._ffn(i, run, lt, rms_norm(x, run.post_attn_norm, eps), batch, routing)
         routing.count_picks()
@@ -235,15 +305,16 @@ class BaseTransformer(torch.nn.Module):
         self, i: int, h: torch.Tensor, batch: Batch, routing: StepRouting, lt: LayerTables,
     ) -> torch.Tensor | SparseGate | None:
         """Every token's gate over layer i's attention entries, [B * T, entries] (zero rows for
-        padding), or each token's own entries past DENSE_MAX_ENTRIES; None when no token has terms here."""
+        padding), or each token's own entries over a table of many (tables.DENSE_MAX_ENTRIES);
+        None when no token has terms here."""
         flat, real = real_tokens(h, batch)
-        size = _entries(lt.attention)
-        if size <= DENSE_MAX_ENTRIES:
-            gate = routing.attention_gate(i, flat, size)
+        if isinstance(lt.attention, RoutedAttention):
+            size = _entries(lt.attention)
+            gate = routing.attention_gate(i, flat, size, lt.anchor)
             if gate is None or real is None:
                 return gate
             return gate.new_zeros(real.numel(), size).index_put_((real,), gate)
-        terms = routing.attention_terms(i, flat)
+        terms = routing.attention_terms(i, flat, lt.anchor)
         if terms is None:
             return None
         ids, weights = terms
@@ -254,13 +325,11 @@ class BaseTransformer(torch.nn.Module):
 
     def _ffn(self, i: int, run: RunLayer, lt: LayerTables, x: torch.Tensor, batch: Batch, routing: StepRouting) -> torch.Tensor:
         flat, real = real_tokens(x, batch)
-        picks = None
-        if lt.ffn is not None and lt.ffn.num_experts > DENSE_MAX_ENTRIES:
-            picks = routing.ffn_picks(i, flat)  # an MoE over many entries: each token reads its own
-        if picks is not None:
-            out = lora_moe_ffn(flat, *picks, lt.ffn)
+        many = isinstance(lt.ffn, EntryFFN)  # a table of many entries: slice out those in use
+        if many and (picks := routing.ffn_picks(i, flat)) is not None:
+            out = entry_moe_ffn(flat, *picks, lt.ffn)
         elif lt.ffn is not None and (slots := routing.ffn_slots(i, flat, lt.ffn.num_experts)) is not None:
-            out = mixed_lora_ffn(flat, *slots, lt.ffn)
+            out = entry_mixed_ffn(flat, *slots, lt.ffn) if many else mixed_lora_ffn(flat, *slots, lt.ffn)
         else:
             out = expert_mlp(flat, run.ffns[0])
         if real is None:
@@ -269,6 +338,23 @@ class BaseTransformer(torch.nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.lm_head).float()
+
+
+_NONE, _NO_COEF = torch.zeros(0, dtype=torch.long), torch.zeros(0)
+
+
+def _is_anchor(part, anchor: Fixed | None) -> bool:
+    """Whether a layer part's terms are exactly those its layer's weights hold."""
+    if anchor is None:
+        return part is None
+    return isinstance(part, Fixed) and part.key == anchor.key
+
+
+def _terms(part) -> int:
+    """How many terms a token of this attention part carries."""
+    if part is None:
+        return 0
+    return part.top_k if isinstance(part, Routed) else len(part.entries)
 
 
 def _entries(deltas) -> int:

@@ -17,17 +17,24 @@ its router rows and entry references; it copies no base tensor.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
 from mergeserve.composition import Attention, ComposedModel, Layer
+from mergeserve.kernels.entry_lora import EntryAttention, EntryFFN
 from mergeserve.kernels.lora_moe import MASKED_MAX_EXPERTS, LoraExperts
-from mergeserve.kernels.lowrank import FACTOR_DTYPE, Pack
+from mergeserve.kernels.lowrank import FACTOR_DTYPE
+from mergeserve.kernels.packed import Packed, WeightPacker
 from mergeserve.kernels.routed_lowrank import RoutedAttention
-from mergeserve.weights import ExpertFFN, LowRank, Weight
+from mergeserve.weights import ExpertFFN, LowRank, Weight, row_blocks
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Up to this many entries a layer's factors are stacked into tables that every token runs whole
+# (dense gates, the masked FFN kernel: plain matmuls); past it they stay the adapters' own
+# tensors and each forward slices out the entries its tokens use (kernels/entry_lora.py).
+DENSE_MAX_ENTRIES = MASKED_MAX_EXPERTS
 FFN = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -44,6 +51,11 @@ class Fixed:
 
     entries: torch.Tensor  # [m] table entries
     coef: torch.Tensor  # [m] fp32
+
+    @property
+    def key(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """The terms themselves: equal keys, the same weights (entries are stable while referenced)."""
+        return tuple(self.entries.tolist()), tuple(self.coef.tolist())
 
     def row(self, size: int) -> torch.Tensor:
         """The terms as one gate row over a table of `size` entries, [size]."""
@@ -186,7 +198,7 @@ def _attention_plan(i: int, layer: Layer, composed: ComposedModel, tables: Facto
     if not any(isinstance(w, LowRank) for w in ws):
         return None, ()
     parts, coef = _terms(ws, f"layer {i} attention")
-    return Fixed(tables.attention[i].add(parts), coef), tuple(_key(p) for p in parts)
+    return tables.hold_fixed(i, Fixed(tables.attention[i].add(parts), coef)), tuple(_key(p) for p in parts)
 
 
 def _ffn_plan(i: int, layer: Layer, composed: ComposedModel, tables: FactorTables) -> tuple[Part, tuple]:
@@ -282,44 +294,98 @@ class EntryTable:
 class LayerTables:
     """One layer's stacked factors as the forward runs them (rebuilt when entries change)."""
 
-    attention: RoutedAttention | None  # over the attention entries; None: no entries
-    ffn: LoraExperts | None  # over the FFN entries; None: no entries
+    attention: RoutedAttention | EntryAttention | None  # over the attention entries; None: no entries
+    ffn: LoraExperts | EntryFFN | None  # over the FFN entries; None: no entries
+    # The attention terms most placed compositions share (BTX's average over the same experts),
+    # folded into this layer's q/k/v and o weights: their tokens run no deltas, and every other
+    # token's gate is taken relative to it. None: the base's own weights.
+    anchor: Fixed | None = None
+    qkv: torch.Tensor | Packed | None = None  # [q + k + v, D]: base + anchor terms
+    o: torch.Tensor | Packed | None = None  # [D, H * Dh]
 
 
 class FactorTables:
-    """Every adapter placed on one base engine, per layer: attention entries and FFN entries."""
+    """Every adapter placed on one base engine, per layer: attention entries and FFN entries, and
+    the fixed attention terms each placed composition holds (the anchor's candidates)."""
 
-    def __init__(self, base: BaseWeights, pack: Pack | None = None) -> None:
+    def __init__(self, base: BaseWeights, pack: WeightPacker | None = None) -> None:
         self.base, self.pack = base, pack
         self.attention = [EntryTable(tuple(getattr(layer.attn, p) for p in ATTENTION)) for layer in base.layers]
         self.ffn = [EntryTable(tuple(getattr(layer.experts[0], p) for p in FFN)) for layer in base.layers]
-        self._built: list[tuple[int, int, LayerTables]] = []  # per layer: (attention version, ffn version, tables)
+        self.fixed: list[Counter] = [Counter() for _ in base.layers]  # per layer: Fixed.key -> compositions holding it
+        self._built: list[tuple[tuple, LayerTables]] = []  # per layer: (versions and anchor key, tables)
+
+    def hold_fixed(self, i: int, part: Fixed) -> Fixed:
+        self.fixed[i][part.key] += 1
+        return part
 
     def release(self, comp: CompositionTables) -> None:
         for i, (attn_keys, ffn_keys) in enumerate(comp.keys):
+            if isinstance(part := comp.layers[i].attention, Fixed):
+                self.fixed[i][part.key] -= 1
+                self.fixed[i] += Counter()  # drops the keys no one holds
             self.attention[i].release(attn_keys)
             self.ffn[i].release(ffn_keys)
 
     def layers(self) -> list[LayerTables]:
-        """The stacked tables of every layer, rebuilding only the layers whose entries changed."""
+        """The stacked tables of every layer, rebuilding only what changed in each."""
         if len(self._built) != len(self.attention):
-            self._built = [(-1, -1, LayerTables(None, None))] * len(self.attention)
+            self._built = [((-1, -1, None), LayerTables(None, None))] * len(self.attention)
         for i, (attn, ffn) in enumerate(zip(self.attention, self.ffn)):
-            va, vf, built = self._built[i]
-            if (va, vf) != (attn.version, ffn.version):
-                self._built[i] = (attn.version, ffn.version, self._stack(attn, ffn))
-        return [built for _, _, built in self._built]
+            (va, vf, anchor), built = self._built[i]
+            now = (attn.version, ffn.version, self._anchor_key(i, anchor))
+            if now == (va, vf, anchor):
+                continue
+            deltas = built.attention if va == attn.version else self._deltas(attn)
+            experts = built.ffn if vf == ffn.version else self._experts(ffn)
+            if now[2] == anchor:  # the anchor's entries are held, so its folded weights still hold
+                self._built[i] = (now, LayerTables(deltas, experts, built.anchor, built.qkv, built.o))
+            else:
+                self._built[i] = (now, self._anchored(i, LayerTables(deltas, experts), now[2]))
+        return [built for _, built in self._built]
 
-    def _stack(self, attn: EntryTable, ffn: EntryTable) -> LayerTables:
-        deltas = None
-        if attn.size:
-            # A few entries run as thin matmuls over the whole table: in FACTOR_DTYPE, unpacked (no fast
-            # bf16 path for them, kernels/lowrank.py). Many are gathered per token: kept in the base's dtype.
-            dtype = FACTOR_DTYPE if attn.size <= MASKED_MAX_EXPERTS else attn.base[0].dtype
-            deltas = RoutedAttention.build([Attention(*attn.weights(j)) for j in range(attn.size)], dtype)
-        experts = None
-        if ffn.size:
-            experts = LoraExperts.build([ExpertFFN(*ffn.weights(j)) for j in range(ffn.size)])
-            if experts is not None and self.pack is not None:
-                experts = experts.packed(self.pack)
-        return LayerTables(deltas, experts)
+    def _anchor_key(self, i: int, current: tuple | None) -> tuple | None:
+        """The fixed attention terms most compositions hold (ties keep the current anchor)."""
+        held = self.fixed[i]
+        if not held:
+            return None
+        most = max(held.values())
+        return current if held.get(current) == most else max(held, key=held.get)
+
+    def _anchored(self, i: int, lt: LayerTables, key: tuple | None) -> LayerTables:
+        """`lt` with the terms of `key` folded into copies of the layer's attention weights."""
+        if key is None:
+            return lt
+        entries, coef = key
+        table = self.attention[i]
+        folded = []
+        for p, base in enumerate(table.base):  # W + sum_j c_j B_j A_j, accumulated in fp32
+            w = base.float()
+            for j, c in zip(entries, coef):
+                if isinstance(d := table.weights(j)[p], LowRank):
+                    w = torch.addmm(w, d.scaled_b(torch.float32), d.a.float(), alpha=c)
+            folded.append(w.to(base.dtype))
+        pack = self.pack.private if self.pack is not None else (lambda t: t)
+        anchor = Fixed(torch.tensor(entries, dtype=torch.long), torch.tensor(coef, dtype=torch.float32))
+        return LayerTables(lt.attention, lt.ffn, anchor, pack(torch.cat(folded[:3])), pack(folded[3]))
+
+    @staticmethod
+    def _deltas(attn: EntryTable) -> RoutedAttention | EntryAttention | None:
+        if not attn.size:
+            return None
+        entries = [attn.weights(j) for j in range(attn.size)]
+        if attn.size > DENSE_MAX_ENTRIES:
+            return EntryAttention.of(entries, attn.base[0].dtype)
+        # Thin matmuls over the whole table: in FACTOR_DTYPE, unpacked (no fast bf16 path for them, kernels/lowrank.py).
+        return RoutedAttention.build([Attention(*e) for e in entries], FACTOR_DTYPE)
+
+    def _experts(self, ffn: EntryTable) -> LoraExperts | EntryFFN | None:
+        entries = [ffn.weights(j) for j in range(ffn.size)]
+        if not any(isinstance(w, LowRank) for e in entries for w in e):
+            return None
+        pack = self.pack if self.pack is not None else (lambda t: t)
+        if ffn.size > DENSE_MAX_ENTRIES:
+            gate, up, down = ffn.base
+            return EntryFFN.of(pack(row_blocks([gate, up])), pack(down), entries, gate.dtype)
+        experts = LoraExperts.build([ExpertFFN(*e) for e in entries])
+        return experts.packed(pack) if self.pack is not None else experts

@@ -69,5 +69,11 @@ class WeightPacker:
                 self._packed[key] = packed
             return packed
 
+    def private(self, w: torch.Tensor) -> torch.Tensor | Packed:
+        """`w` packed for one owner (pack_private) when packing pays for its dtype, else `w` itself."""
+        if not self.enabled or w.dtype not in PACKABLE or w.dim() != 2:
+            return w
+        return pack_private(w)
+
     def __len__(self) -> int:
         return len(self._packed)

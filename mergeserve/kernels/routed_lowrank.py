@@ -24,49 +24,17 @@ from mergeserve.kernels.lowrank import Pack, linear
 from mergeserve.kernels.packed import Packed
 
 
-GATHER_MAX_TOKENS = 64  # up to this many tokens each gathers its own experts' factors (decode)
-
-
-@dataclass(frozen=True, eq=False)
-class SparseGate:
-    """Each token's few experts and their weights, [N, m] each (weight 0 pads): the gate of a
-    table of many experts, of which each token reads only its own."""
-
-    ids: torch.Tensor  # [N, m] long
-    weights: torch.Tensor  # [N, m]
-
-
 @dataclass(eq=False)
 class RoutedLowRank:
     a: torch.Tensor | Packed  # [E * r, in]: expert e's A in rows [e r, (e + 1) r)
     b: torch.Tensor | Packed  # [out, E * r]: expert e's scale * B in columns [e r, (e + 1) r)
     rank: int  # r, the largest expert's (smaller ranks are zero-padded)
 
-    def __call__(self, x: torch.Tensor, gate: torch.Tensor | SparseGate) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """x [N, in], gate [N, E] -> sum_e gate[:, e] B_e A_e x, [N, out]."""
-        if isinstance(gate, SparseGate):
-            return self._gathered(x, gate)
         n = x.shape[0]
         xa = linear(x, self.a).view(n, -1, self.rank)  # [N, E, r]
         return linear((xa * gate.to(xa.dtype).unsqueeze(-1)).view(n, -1), self.b)
-
-    def _gathered(self, x: torch.Tensor, gate: SparseGate) -> torch.Tensor:
-        """Each token's own experts' factors gathered and applied: reads m experts per token, not all E.
-        Past GATHER_MAX_TOKENS tokens (a prefill: few requests, many tokens each) the experts any
-        token uses are sliced out once and run as a dense table."""
-        a = self.a.source if isinstance(self.a, Packed) else self.a  # [E * r, in]
-        b = self.b.source if isinstance(self.b, Packed) else self.b  # [out, E * r]
-        r = self.rank
-        if x.shape[0] > GATHER_MAX_TOKENS:
-            used, local = torch.unique(gate.ids, return_inverse=True)  # [U], [N, m]: the experts in use
-            sliced = RoutedLowRank(a.view(-1, r, a.shape[1])[used].reshape(-1, a.shape[1]),
-                                   b.view(b.shape[0], -1, r)[:, used].reshape(b.shape[0], -1), r)
-            dense = gate.weights.new_zeros(x.shape[0], len(used)).scatter_add_(1, local, gate.weights)
-            return sliced(x, dense)
-        a3 = a.view(-1, r, a.shape[1])  # [E, r, in]
-        xa = torch.einsum("nmri,ni->nmr", a3[gate.ids], x.to(a.dtype)) * gate.weights.to(a.dtype).unsqueeze(-1)
-        b3 = b.view(b.shape[0], -1, r)  # [out, E, r]
-        return torch.einsum("nmr,onmr->no", xa, b3[:, gate.ids])  # [N, out]
 
     def packed(self, pack: Pack) -> RoutedLowRank:
         return RoutedLowRank(pack(self.a), pack(self.b), self.rank)

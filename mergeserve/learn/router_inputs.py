@@ -14,18 +14,20 @@ import torch
 from mergeserve.composition import ComposedModel
 from mergeserve.engine.layers import Batch
 from mergeserve.engine.model import Capture, Transformer
+from mergeserve.kernels.lowrank import Pack
 from mergeserve.router import SITES, RouterInputs, zero_rows
 
 MAX_PROMPT_TOKENS = 256
 
 
-def calibration(composed: ComposedModel) -> RouterInputs:
-    """The composition's forward for `router_inputs`: its routers become zero placeholders, the bias decides."""
+def calibration(composed: ComposedModel, pack: Pack | None = None) -> RouterInputs:
+    """The composition's forward for `router_inputs`: its routers become zero placeholders, the bias decides.
+    pack: the pool's WeightPacker, so the base's weights run packed as they serve (and are packed once)."""
     for layer, rows in zip(composed.layers, zero_rows(composed)):
         layer.router = rows
         if layer.attn_experts:
             layer.attn_router = rows
-    return partial(router_inputs, Transformer(composed, max_len=MAX_PROMPT_TOKENS), composed)
+    return partial(router_inputs, Transformer(composed, max_len=MAX_PROMPT_TOKENS, pack=pack), composed)
 
 
 @torch.inference_mode()
