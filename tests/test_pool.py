@@ -37,6 +37,14 @@ def test_a_source_is_loaded_once_and_compositions_share_expert_weights(zoo):
             assert ea.down_proj.data_ptr() == owned[f"model.layers.{n}.mlp.down_proj.weight"].data_ptr()
 
 
+def test_one_checkpoint_reached_by_two_paths_is_loaded_once(zoo, tmp_path):
+    """A symlinked folder (a venv linked into a worktree) and its real path name one checkpoint."""
+    link = tmp_path / "linked"
+    link.symlink_to(zoo["base"], target_is_directory=True)
+    pool = ExpertPool()
+    assert pool.get(str(link)) is pool.get(str(zoo["base"])) is pool.get(str(link))
+
+
 def lora_adapter(base_path, out, seed: int):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)

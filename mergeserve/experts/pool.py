@@ -191,7 +191,8 @@ def stamp_of(files: list[Path]) -> Stamp:
             st = f.stat()  # follows symlinks: the identity of what would be opened
         except FileNotFoundError:
             continue  # gone: the next check finds the difference
-        out[str(f)] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        # Keyed by the file it resolves to: one checkpoint reached by two paths (a symlinked venv) is one.
+        out[str(f.resolve())] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     return out
 
 
