@@ -23,7 +23,7 @@ from mergeserve.engine.layers import Batch
 from mergeserve.engine.mixture_router import MixtureRouter
 from mergeserve.engine.model_runner import ModelRunner, kv_slots
 from mergeserve.engine.sequence import RequestOutput, SamplingParams, Sequence
-from mergeserve.engine.tables import BaseWeights, CompositionTables, FactorTables, base_of, plan
+from mergeserve.engine.tables import BaseWeights, CompositionTables, FactorTables, RouterTables, base_of, plan
 from mergeserve.kernels.packed import WeightPacker
 from mergeserve.spec import EngineConfig
 
@@ -42,9 +42,10 @@ class BaseRunner(ModelRunner):
         self.slots = kv_slots(config, args.n_layers * args.n_kv_heads * args.head_dim * 2 * 4, max_model_len)
         self.cache = KVCache(args.n_layers, self.slots, args.n_kv_heads, args.head_dim, max_model_len)
         self.mixture_router = None  # each mixture-routed composition has its own (route())
+        self.routers = RouterTables([])  # the placed compositions' FFN routers (BaseEngine.place sets them)
 
     def _forward(self, batch: Batch, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
-        routing = StepRouting([Row(s.composition, n, s.alpha, s.params.router_bias) for s, n in rows])
+        routing = StepRouting([Row(s.composition, n, s.alpha, s.params.router_bias) for s, n in rows], self.routers)
         return self.model(batch, routing, self.tables.layers(), self.cache)
 
     def route(self, seqs: list[Sequence]) -> list[torch.Tensor]:
@@ -92,6 +93,7 @@ class BaseEngine(Engine):
                 tables.mixture_router = MixtureRouter(composed)
             # New entries are stacked by the next step, once for every composition placed before it.
             self.placed.append(tables)
+            self.runner.routers = RouterTables(self.placed)
         return Placed(self, tables)
 
     def remove(self, tables: CompositionTables) -> None:
@@ -100,6 +102,7 @@ class BaseEngine(Engine):
             if tables in self.placed:
                 self.placed.remove(tables)
                 self.runner.tables.release(tables)
+                self.runner.routers = RouterTables(self.placed)
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
@@ -132,6 +135,12 @@ class Placed:
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         self.base_engine.add_request(request_id, prompt_ids, params, self.tables)
+
+    def sequence(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        return self.base_engine.sequence(request_id, prompt_ids, params, self.tables)
+
+    def add_sequence(self, seq: Sequence) -> None:
+        self.base_engine.add_sequence(seq)
 
     def abort(self, request_id: str) -> None:
         self.base_engine.abort(request_id)

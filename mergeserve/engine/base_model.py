@@ -19,7 +19,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from mergeserve.engine.kv_cache import KVCache
 from mergeserve.engine.layers import Batch, RunLayer, attention, real_tokens, rms_norm, signed_sin
 from mergeserve.engine.model import ModelArgs
-from mergeserve.engine.tables import BaseWeights, CompositionTables, Fixed, LayerTables, PerRequest, Routed
+from mergeserve.engine.tables import (BaseWeights, CompositionTables, Fixed, LayerTables, PerRequest, Routed, RouterTable,
+                                     RouterTables)
 from mergeserve.kernels import expert_mlp, linear
 from mergeserve.kernels.entry_lora import EntryFFN, SparseGate, entry_mixed_ffn, entry_moe_ffn
 from mergeserve.kernels.lora_moe import mixed_lora_ffn
@@ -52,7 +53,8 @@ class _Group:
 class StepRouting:
     """Which composition each real token of a forward belongs to, and the weights of its terms per layer."""
 
-    def __init__(self, rows: list[Row]) -> None:
+    def __init__(self, rows: list[Row], routers: RouterTables | None = None) -> None:
+        """routers: the FFN routers of every composition placed on the engine (None: stacked per step)."""
         counts = torch.tensor([r.tokens for r in rows])
         by_comp: dict[int, list[int]] = {}
         for b, r in enumerate(rows):
@@ -63,6 +65,9 @@ class StepRouting:
         for g, bs in enumerate(by_comp.values()):
             group_of[bs] = g
         self.token_group = group_of.repeat_interleave(counts)  # [N] each real token's group
+        self.routers, self.token_slot = routers, None  # token_slot [N]: each real token's composition in `routers`
+        if routers is not None and all(id(g.comp) in routers.slot for g in self.groups):
+            self.token_slot = torch.tensor([routers.slot[id(g.comp)] for g in self.groups])[self.token_group]
         # Token-routing picks to count: (composition, None: every group's tokens; layer, weights, ids).
         self._picks: list[tuple[CompositionTables | None, int, torch.Tensor, torch.Tensor]] = []
         self._expert_bias: dict[int, torch.Tensor | float] = {}
@@ -108,13 +113,7 @@ class StepRouting:
         live = [not _is_anchor(p, anchor) for p in parts]
         if not any(live):
             return None
-        fixed = [p if isinstance(p, Fixed) and keep else None for p, keep in zip(parts, live)]
-        ids = pad_sequence([_NONE if p is None else p.entries for p in fixed], batch_first=True)  # [G, m]
-        weights = pad_sequence([_NO_COEF if p is None else p.coef for p in fixed], batch_first=True)
-        if anchor is not None:  # every live group also takes the anchor's terms away
-            ids = torch.cat([ids, anchor.entries.expand(len(parts), -1)], dim=1)
-            weights = torch.cat([weights, -anchor.coef * torch.tensor(live, dtype=torch.float32).unsqueeze(1)], dim=1)
-        ids, weights = ids[self.token_group], weights[self.token_group]
+        ids, weights = self._fixed_terms(i, parts, live, anchor)
         chosen = [(g, p) for g, p in zip(self.groups, parts) if isinstance(p, (Routed, PerRequest))]
         if not chosen:
             return ids, weights
@@ -129,6 +128,25 @@ class StepRouting:
                 w, picked = self._route(g, part, x)
                 more_ids[rows, :part.top_k], more_weights[rows, :part.top_k] = part.entries[picked], w
         return torch.cat([ids, more_ids], dim=1), torch.cat([weights, more_weights], dim=1)
+
+    def _fixed_terms(self, i: int, parts: list, live: list[bool], anchor: Fixed | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token's fixed attention terms less the anchor's, [N, m] ids and weights: from the
+        placed compositions' table (an anchored token's terms and the anchor's cancel exactly), else
+        from one table of the step's groups."""
+        table = self.routers.attention[i] if self.token_slot is not None else None
+        if table is not None:
+            ids, weights = table.ids[self.token_slot], table.coef[self.token_slot]
+            if anchor is None:
+                return ids, weights
+            n = self.num_tokens
+            return torch.cat([ids, anchor.entries.expand(n, -1)], 1), torch.cat([weights, -anchor.coef.expand(n, -1)], 1)
+        fixed = [p if isinstance(p, Fixed) and keep else None for p, keep in zip(parts, live)]
+        ids = pad_sequence([_NONE if p is None else p.entries for p in fixed], batch_first=True)  # [G, m]
+        weights = pad_sequence([_NO_COEF if p is None else p.coef for p in fixed], batch_first=True)
+        if anchor is not None:  # every live group also takes the anchor's terms away
+            ids = torch.cat([ids, anchor.entries.expand(len(parts), -1)], dim=1)
+            weights = torch.cat([weights, -anchor.coef * torch.tensor(live, dtype=torch.float32).unsqueeze(1)], dim=1)
+        return ids[self.token_group], weights[self.token_group]
 
     def ffn_picks(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Layer i's FFN as an MoE: every token's picks, weights and entry ids [N, K]; None unless
@@ -187,23 +205,29 @@ class StepRouting:
         return weights, coef
 
     def _route_all(self, i: int, parts: list[Routed], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixtral routing of every token by its own group's router, all groups in one matmul:
-        weights and table entries [N, K] (K the largest top-k; a smaller top-k's extra slots weigh 0)."""
-        e = max(p.router.shape[0] for p in parts)
-        routers = torch.cat([F.pad(p.router, (0, 0, 0, e - p.router.shape[0])) for p in parts])  # [G * E, D]
-        logits = F.linear(x.float(), routers).view(self.num_tokens, len(parts), e)
-        logits = logits.gather(1, self.token_group.view(-1, 1, 1).expand(-1, 1, e)).squeeze(1)  # [N, E]
+        """Mixtral routing of every token by its own composition's router, all at once: weights and
+        table entries [N, K] (K the largest top-k; a smaller top-k's extra slots weigh 0)."""
+        table = self.routers.ffn[i] if self.token_slot is not None else None
+        if table is None:  # no placement-time table: stack the groups' routers for this step
+            table = RouterTable.of(parts)
+            slot = self.token_group
+        else:
+            slot = self.token_slot
+        e = table.rows.shape[1]
+        if table.rows.shape[0] * e <= ROUTER_MATMUL_MAX_ROWS:  # every router on every token: one matmul
+            logits = F.linear(x.float(), table.rows.view(-1, x.shape[-1])).view(self.num_tokens, -1, e)
+            logits = logits.gather(1, slot.view(-1, 1, 1).expand(-1, 1, e)).squeeze(1)  # [N, E]
+        else:  # many compositions: each token's own router rows
+            logits = torch.bmm(table.rows[slot], x.float().unsqueeze(-1)).squeeze(-1)  # [N, E, D] @ [N, D, 1]
         logits = logits + self._bias(e)
         k = max(p.top_k for p in parts)
         top, ids = torch.topk(logits, k, dim=-1)  # [N, K]
         if any(p.top_k < k for p in parts):
-            top_k = torch.tensor([p.top_k for p in parts])[self.token_group]  # [N]
-            unused = torch.arange(k) >= top_k.unsqueeze(1)  # [N, K]
+            unused = torch.arange(k) >= table.top_k[slot].unsqueeze(1)  # [N, K]
             top, ids = top.masked_fill(unused, float("-inf")), ids.masked_fill(unused, 0)
         w = torch.softmax(top, dim=-1)
         self._picks.append((None, i, w, ids))
-        entries = pad_sequence([p.entries for p in parts], batch_first=True)  # [G, E]
-        return w, entries[self.token_group].gather(1, ids)
+        return w, table.entries[slot].gather(1, ids)
 
     def _bias(self, e: int) -> torch.Tensor | float:
         """Every token's router bias over E = e experts [N, e]: its request's, and -inf past its
@@ -341,6 +365,9 @@ class BaseTransformer(torch.nn.Module):
 
 
 _NONE, _NO_COEF = torch.zeros(0, dtype=torch.long), torch.zeros(0)
+# Up to this many router rows in all (compositions x experts) every token is scored by every router
+# in one matmul; past it each token's own rows are gathered (a hundred compositions).
+ROUTER_MATMUL_MAX_ROWS = 256
 
 
 def _is_anchor(part, anchor: Fixed | None) -> bool:

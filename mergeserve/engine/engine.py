@@ -21,7 +21,6 @@ import torch
 
 from mergeserve.composition import ComposedModel
 from mergeserve.engine.kv_cache import KVCache
-from mergeserve.engine.mixing import MixGroup
 from mergeserve.engine.mixture_router import MixtureRouter
 from mergeserve.engine.model import Transformer
 from mergeserve.engine.model_runner import ModelRunner
@@ -80,6 +79,12 @@ class Engine:
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, composition: CompositionTables | None = None,
     ) -> None:
         """`composition`: on a base engine, the placed composition that runs the request."""
+        self.add_sequence(self.sequence(request_id, prompt_ids, params, composition))
+
+    def sequence(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, composition: CompositionTables | None = None,
+    ) -> Sequence:
+        """A request as this engine would run it, checked (ValueError names what is wrong); add_sequence admits it."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
@@ -87,32 +92,11 @@ class Engine:
         seq = Sequence(request_id, list(prompt_ids), params, composition=composition)
         if params.router_bias is not None:
             self._check_router_bias(params.router_bias, self._composed(seq))
-        followers = self._mix_group(seq) if params.mix is not None else []
-        self._enqueue(seq)
-        for engine, follower in zip(params.mix.engines if params.mix else (), followers):
-            engine._enqueue(follower)  # every engine's queue sees groups in one order: admission cannot deadlock
+        return seq
 
-    def _enqueue(self, seq: Sequence) -> None:
+    def add_sequence(self, seq: Sequence) -> None:
         with self._lock:
             self._inbox.append(("add", seq))
-
-    def _mix_group(self, lead: Sequence) -> list[Sequence]:
-        """The follower sequences (one per other engine) of a request decoded as a mixture."""
-        mix = lead.params.mix
-        engines = (self, *mix.engines)
-        if len(mix.log_weights) != len(engines):
-            raise ValueError(f"a mixture of {len(engines)} engines needs {len(engines)} weights, got {len(mix.log_weights)}")
-        if lead.params.prompt_logprobs is not None:
-            raise ValueError("prompt logprobs of a mixed request are not computed")
-        if (short := min(e.max_model_len for e in engines)) <= len(lead.prompt_ids):
-            raise ValueError(f"prompt of {len(lead.prompt_ids)} tokens leaves no room in a mixed member's max_model_len={short}")
-        follow = SamplingParams(max_tokens=lead.params.max_tokens, ignore_eos=True)  # followers never sample
-        followers = [Sequence(lead.request_id, list(lead.prompt_ids), follow) for _ in mix.engines]
-        weights = torch.log_softmax(torch.tensor(mix.log_weights, dtype=torch.float32), dim=0)
-        group = MixGroup([lead, *followers], weights, short)
-        for seq in group.members:
-            seq.group = group
-        return followers
 
     def _composed(self, seq: Sequence) -> ComposedModel:
         """The composition `seq` runs: its own on a base engine, else the engine's."""
@@ -348,18 +332,16 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Run prompts to completion through the continuous-batching loop; output token ids per prompt.
-        `params`: one for all, or one per prompt; the engines of mixed requests are stepped too."""
+        `params`: one for all, or one per prompt (coordinator.generate decodes mixtures over engines)."""
         ids = [f"offline-{i}" for i in range(len(prompts))]
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         for rid, prompt, p in zip(ids, prompts, per_prompt):
             self.add_request(rid, prompt, p)
-        engines = list(dict.fromkeys([self, *(e for p in per_prompt if p.mix for e in p.mix.engines)]))
         results: dict[str, list[int]] = {rid: [] for rid in ids}
-        while any(e.has_work() for e in engines):
-            for engine in engines:
-                outputs = engine.step() if engine.has_work() else []
-                for _, error in engine.take_refused():
-                    raise error
-                for out in outputs if engine is self else ():  # followers emit nothing
-                    results[out.request_id] += out.new_token_ids
+        while self.has_work():
+            outputs = self.step()
+            for _, error in self.take_refused():
+                raise error
+            for out in outputs:
+                results[out.request_id] += out.new_token_ids
         return [results[rid] for rid in ids]

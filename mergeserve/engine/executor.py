@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mergeserve.engine.coordinator import Mixture, add_mixed
 from mergeserve.engine.engine import Engine, StepFailed
 from mergeserve.engine.sequence import RequestOutput, SamplingParams
 
@@ -66,19 +67,23 @@ class Executor:
                 self._engines.remove(engine)
 
     async def generate(
-        self, engine: Engine, request_id: str, prompt_ids: list[int], params: SamplingParams,
+        self, engine: Engine, request_id: str, prompt_ids: list[int], params: SamplingParams, mix: Mixture | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's output deltas; closing the iterator early aborts the request."""
+        """Yield the request's output deltas; closing the iterator early aborts the request.
+        mix: decode it as a mixture of `engine`'s and other engines' distributions (coordinator.py)."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
             self._streams[request_id] = stream
-        for stepped in (engine, *(params.mix.engines if params.mix else ())):  # a mixed request's followers step too
+        for stepped in (engine, *(mix.engines if mix else ())):  # a mixed request's followers step too
             self.attach(stepped.host)
         finished = False
         try:
-            engine.add_request(request_id, prompt_ids, params)
+            if mix is None:
+                engine.add_request(request_id, prompt_ids, params)
+            else:
+                add_mixed(engine, request_id, prompt_ids, params, mix)
             self._wake.set()
             while not finished:
                 item = await stream.queue.get()

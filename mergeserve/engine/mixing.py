@@ -1,6 +1,5 @@
-"""Top-k request routing over whole models that share a tokenizer: one request decoded by several
-engines in lockstep, each token drawn from the weighted mixture of their next-token distributions
-(Branch-Train-Merge's ensemble).
+"""The state of one request decoded by several engines in lockstep (engine/coordinator.py makes it):
+its sequences, one per engine, and the next-token distributions they have contributed.
 
 The request's own engine (the lead) samples and emits its outputs; every other member runs a
 follower sequence of the same request that only contributes its distribution at each position.
@@ -11,13 +10,12 @@ Groups are touched only on the executor thread, which steps every engine.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Protocol
 
 import torch
 
 # This module sits below sequence.py and engine.py, which import it: it names the sequences
-# and engines it groups only by what it needs of them.
-E = TypeVar("E")  # a member engine (engine.Engine)
+# it groups only by what it needs of them.
 
 
 class Member(Protocol):
@@ -29,15 +27,6 @@ class Member(Protocol):
 def mix_logprobs(log_weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """log sum_i w_i p_i(x) from log w [k] and member log-probabilities [k, N]: [N]."""
     return torch.logsumexp(log_weights.unsqueeze(1) + rows, dim=0)
-
-
-@dataclass(frozen=True, eq=False)
-class Mixture(Generic[E]):
-    """`SamplingParams.mix`: draw each token from the mixture of the lead's distribution and
-    these engines' (same tokenizer), weighted by softmax(log_weights), the lead's first."""
-
-    engines: tuple[E, ...]
-    log_weights: tuple[float, ...]  # [1 + len(engines)]
 
 
 @dataclass(eq=False)

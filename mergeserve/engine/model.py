@@ -29,7 +29,7 @@ from mergeserve.kernels.packed import Packed
 
 __all__ = ["Capture", "ModelArgs", "Transformer"]
 
-Block = Callable[..., torch.Tensor]  # one decoder layer of a mode: see Transformer._block
+Block = Callable[..., torch.Tensor]  # one decoder layer of a mode: see Transformer.block
 
 
 @dataclass
@@ -105,6 +105,9 @@ class Transformer(torch.nn.Module):
                             for layer in composed.layers]
         self.lm_head = packed(composed.lm_head, pack)
         self.norm = composed.norm.float()
+        # The composition's decoder layer, chosen once: each expert's own layers (separate), every
+        # layer merged per request (dynamic), or shared attention with routed experts.
+        self.block: Block = self._separate_block if self.separate else self._dynamic_block if self.dynamic else self._shared_block
 
     def held(self) -> list[torch.Tensor]:
         """Tensors the forward keeps beyond the composition's own (fused copies, stacked LoRA factors)."""
@@ -144,7 +147,8 @@ class Transformer(torch.nn.Module):
         x = F.embedding(batch.tokens, self.composed.embed).float()  # [B, T, D]
         cos, sin = self.cos[batch.positions].unsqueeze(1), self.sin[batch.positions].unsqueeze(1)  # [B, 1, T, Dh]
         masks = {w: batch.mask(w) for w in set(self.args.windows)}  # one mask per distinct window
-        block = self._block(batch, coefficients)
+        self._check(batch, coefficients)
+        block = self.block if coefficients is None else partial(self._coefficient_block, coefficients)
         for i, run in enumerate(self.run_layers):
             x = block(i, run, x, cos, sin, masks[self.args.windows[i]], batch, cache, capture)
             if capture is not None and capture.layers is not None:
@@ -152,20 +156,12 @@ class Transformer(torch.nn.Module):
         self._count_picks()
         return rms_norm(x, self.norm, self.args.eps)
 
-    def _block(self, batch: Batch, coefficients: torch.Tensor | None) -> Block:
-        """The decoder layer of this forward's mode, chosen once for every layer."""
+    def _check(self, batch: Batch, coefficients: torch.Tensor | None) -> None:
         c = self.composed
         if c.mixture_routing is not None and batch.alpha is None and coefficients is None:
             raise ValueError(f"composition {c.name!r} is mixture-routed (one expert mixture per request): the batch needs alpha [B, E]")
-        if self.separate:
-            return self._separate_block
-        if coefficients is not None:
-            if not self.dynamic:
-                raise ValueError(f"composition {c.name!r}: merge coefficients need router.attention dynamic")
-            return partial(self._coefficient_block, coefficients)
-        if self.dynamic:  # every token's gate over the experts is its row's alpha, [B * T, E]
-            return partial(self._dynamic_block, batch.alpha.repeat_interleave(batch.tokens.shape[1], dim=0))
-        return self._shared_block
+        if coefficients is not None and not self.dynamic:
+            raise ValueError(f"composition {c.name!r}: merge coefficients need router.attention dynamic")
 
     # The blocks: decoder layer i of one mode, x [B, T, D] -> [B, T, D].
     def _shared_block(
@@ -189,11 +185,12 @@ class Transformer(torch.nn.Module):
         return x
 
     def _dynamic_block(
-        self, gate: torch.Tensor, i: int, run: RunLayer, x: torch.Tensor, cos, sin, mask, batch: Batch,
-        cache: KVCache | None, capture: Capture | None,
+        self, i: int, run: RunLayer, x: torch.Tensor, cos, sin, mask, batch: Batch, cache: KVCache | None,
+        capture: Capture | None,
     ) -> torch.Tensor:
         """A mixture router with attention dynamic: attention and FFN merged per request, each
         token's gate [B * T, E] its row's alpha."""
+        gate = batch.alpha.repeat_interleave(batch.tokens.shape[1], dim=0)
         x = x + self.attend(i, run, rms_norm(x, run.input_norm, self.args.eps), cos, sin, mask, batch, cache, gate=gate)
         self._count_alpha(i, batch)
         return x + self._dynamic_ffn(run, x, gate)

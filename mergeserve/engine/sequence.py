@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from mergeserve.engine.mixing import MixGroup, Mixture
+from mergeserve.engine.mixing import MixGroup
 
 if TYPE_CHECKING:
     import torch
@@ -28,8 +28,6 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo); None: none
     # [E] added to the router's logits (a mixture router's scores); -inf excludes an expert. None: no bias.
     router_bias: tuple[float, ...] | None = None
-    # Top-k request routing: each token drawn from this engine's and other engines' mixed distributions.
-    mix: Mixture | None = None
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from mergeserve.composition import Attention, ComposedModel, Layer
 from mergeserve.kernels.entry_lora import EntryAttention, EntryFFN
@@ -52,7 +54,7 @@ class Fixed:
     entries: torch.Tensor  # [m] table entries
     coef: torch.Tensor  # [m] fp32
 
-    @property
+    @cached_property
     def key(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
         """The terms themselves: equal keys, the same weights (entries are stable while referenced)."""
         return tuple(self.entries.tolist()), tuple(self.coef.tolist())
@@ -116,6 +118,60 @@ class CompositionTables:
     @property
     def num_experts(self) -> int:
         return self.composed.num_experts
+
+
+@dataclass(eq=False)
+class RouterTable:
+    """The token routers of one layer part for several compositions side by side: tokens of any mix
+    of them are routed at once, each by its own composition's rows (slot c)."""
+
+    rows: torch.Tensor  # [C, E, D] fp32: slot c's router rows (zeros past its experts, or where it routes nothing here)
+    entries: torch.Tensor  # [C, E] the table entry of each of slot c's experts
+    top_k: torch.Tensor  # [C]
+
+    @classmethod
+    def of(cls, parts: list[Part]) -> RouterTable:
+        """Slot c: parts[c] (its rows where it is Routed)."""
+        routed = [p for p in parts if isinstance(p, Routed)]
+        e, d = max(p.router.shape[0] for p in routed), routed[0].router.shape[1]
+        rows, entries = torch.zeros(len(parts), e, d), torch.zeros(len(parts), e, dtype=torch.long)
+        top_k = torch.ones(len(parts), dtype=torch.long)
+        for c, p in enumerate(parts):
+            if isinstance(p, Routed):
+                rows[c, :len(p.router)], entries[c, :len(p.entries)], top_k[c] = p.router, p.entries, p.top_k
+        return cls(rows, entries, top_k)
+
+
+@dataclass(eq=False)
+class FixedTable:
+    """The fixed terms of one layer part for several compositions side by side (slot c): entry ids
+    and coefficients [C, m], weight 0 padding (and all of a slot without fixed terms there)."""
+
+    ids: torch.Tensor  # [C, m] long
+    coef: torch.Tensor  # [C, m] fp32
+
+    @classmethod
+    def of(cls, parts: list[Part]) -> FixedTable:
+        fixed = [p if isinstance(p, Fixed) else None for p in parts]
+        none, zero = torch.zeros(0, dtype=torch.long), torch.zeros(0)
+        return cls(pad_sequence([p.entries if p else none for p in fixed], batch_first=True),
+                   pad_sequence([p.coef if p else zero for p in fixed], batch_first=True))
+
+
+class RouterTables:
+    """Per layer, the FFN routers and the fixed attention terms of every composition placed on a
+    base engine, side by side: built when a composition is placed or removed, so no step stacks them."""
+
+    def __init__(self, placed: list[CompositionTables]) -> None:
+        self.slot = {id(c): j for j, c in enumerate(placed)}
+        layers = len(placed[0].layers) if placed else 0
+        self.ffn: list[RouterTable | None] = []
+        self.attention: list[FixedTable | None] = []
+        for i in range(layers):
+            parts = [c.layers[i].ffn for c in placed]
+            self.ffn.append(RouterTable.of(parts) if any(isinstance(p, Routed) for p in parts) else None)
+            parts = [c.layers[i].attention for c in placed]
+            self.attention.append(FixedTable.of(parts) if any(isinstance(p, Fixed) for p in parts) else None)
 
 
 # --- recognising a low-rank composition -----------------------------------------------------------

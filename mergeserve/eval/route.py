@@ -25,7 +25,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from mergeserve.engine.engine import Engine
-from mergeserve.engine.mixing import Mixture, mix_logprobs
+from mergeserve.engine.coordinator import Mixture
+from mergeserve.engine.mixing import mix_logprobs
 from mergeserve.eval.datasets import EvalData
 from mergeserve.eval.metrics import MATH_PROMPT, LossSum, loss_sum
 from mergeserve.eval.results import MathSample, MathScore, ModelScores

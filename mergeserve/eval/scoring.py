@@ -11,13 +11,13 @@ problems), cut after the first `Answer:` line, exact match of its number.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from mergeserve.engine.engine import Engine
-from mergeserve.engine.mixing import Mixture
+from mergeserve.engine.coordinator import Mixture, generate_mixed
 from mergeserve.engine.sequence import SamplingParams
 from mergeserve.eval.metrics import MATH_PROMPT, LossSum, cut_at_answer_line, extract_answer, loss_sum, matches, tokenize
 from mergeserve.eval.results import MathSample, MathScore, MixedLoss
@@ -85,7 +85,7 @@ def math_accuracy(
     prompts = [engine.tokenizer(MATH_PROMPT.format(question=p["question"]), add_special_tokens=False).input_ids
                for p in problems]
     params = SamplingParams(max_tokens=settings.max_new_tokens, temperature=0, stop=MATH_STOP)
-    outputs = engine.generate(prompts, [replace(params, mix=m) for m in mixes] if mixes else params)
+    outputs = generate_mixed(engine, prompts, params, mixes) if mixes else engine.generate(prompts, params)
     samples = []
     for problem, out in zip(problems, outputs):
         text = cut_at_answer_line(engine.tokenizer.decode(out, skip_special_tokens=True))

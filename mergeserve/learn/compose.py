@@ -7,8 +7,6 @@ each other. Everything that serves, evaluates, exports or learns from a composit
 
 from __future__ import annotations
 
-from functools import partial
-
 from mergeserve import merge
 from mergeserve.composition import ComposedModel
 from mergeserve.experts import ExpertPool
@@ -23,5 +21,5 @@ def build(spec: CompositionSpec, pool: ExpertPool) -> ComposedModel:
     composed = merge.build(spec, pool)
     if spec.is_moe:
         base, experts = checkpoints(spec, pool)  # the ones merge.build loaded: the pool holds them
-        init_router(composed, spec, base, experts, partial(calibration, pack=pool.packer))
+        init_router(composed, spec, base, experts, calibration)
     return composed

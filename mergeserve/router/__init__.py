@@ -17,9 +17,9 @@ from mergeserve.experts import Checkpoint
 from mergeserve.spec import CompositionSpec
 
 
-# The router inputs of `texts` with every router forced to expert `e`: site -> L x [tokens, D]
-# (the attention site only with routed attention).
-RouterInputs = Callable[[list[str], int], dict[str, list[torch.Tensor]]]
+# For each (texts, expert e): the router inputs of `texts` with every router forced to e, site ->
+# L x [tokens, D] (the attention site only with routed attention). One forward for all of them.
+RouterInputs = Callable[[list[tuple[list[str], int]]], list[dict[str, list[torch.Tensor]]]]
 # The calibration forward of a composition whose routers are not filled yet.
 Calibration = Callable[[ComposedModel], RouterInputs]
 

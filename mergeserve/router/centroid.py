@@ -33,7 +33,7 @@ def _centroids_and_norms(states: list[torch.Tensor]) -> tuple[torch.Tensor, torc
 def centroid_rows(composed: ComposedModel, spec: CompositionSpec, base: Checkpoint, calibration: Calibration | None) -> Rows:
     """Rows from the experts' prompts (the base's weights are not read)."""
     forward = calibrated(composed, spec, calibration)
-    inputs = [forward(e.prompts, i) for i, e in enumerate(spec.experts)]  # E x {site: L x [tokens, D]}
+    inputs = forward([(e.prompts, i) for i, e in enumerate(spec.experts)])  # E x {site: L x [tokens, D]}
     rows = {}
     for site in inputs[0]:
         stats = [_centroids_and_norms(x[site]) for x in inputs]

@@ -21,22 +21,26 @@ import torch
 
 from mergeserve.composition import ComposedModel
 from mergeserve.experts import Checkpoint
-from mergeserve.router import Calibration, RouterInputs, Rows, calibrated
+from mergeserve.router import Calibration, Rows, calibrated
 from mergeserve.spec import CompositionSpec
 
 
-def _mean_router_inputs(inputs: RouterInputs, texts: list[str], expert: int) -> dict[str, torch.Tensor]:
-    """Mean router input per site and layer over all tokens of `texts`, routers forced to `expert`: site -> [L, D]."""
-    return {site: torch.stack([c.mean(0) for c in states]) for site, states in inputs(texts, expert).items()}
+def _means(states: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Mean router input per site and layer over all tokens: site -> [L, D]."""
+    return {site: torch.stack([c.mean(0) for c in layers]) for site, layers in states.items()}
 
 
 def hidden_rows(composed: ComposedModel, spec: CompositionSpec, base: Checkpoint, calibration: Calibration | None) -> Rows:
     """Rows from the experts' prompts (the base's weights are not read)."""
     inputs = calibrated(composed, spec, calibration)
-    means = [_mean_router_inputs(inputs, e.prompts, i) for i, e in enumerate(spec.experts)]  # E x {site: [L, D]}
+    negatives = [i for i, e in enumerate(spec.experts) if e.negative_prompts]
+    requests = [(e.prompts, i) for i, e in enumerate(spec.experts)] + [(spec.experts[i].negative_prompts, i) for i in negatives]
+    states = [_means(s) for s in inputs(requests)]  # each expert's prompts routed to it, then the negatives
+    means = states[:len(spec.experts)]  # E x {site: [L, D]}
+    negative_means = dict(zip(negatives, states[len(spec.experts):]))
     rows: dict[str, list[torch.Tensor]] = {site: [] for site in means[0]}
     for i, e in enumerate(spec.experts):
-        negative = _mean_router_inputs(inputs, e.negative_prompts, i) if e.negative_prompts else None
+        negative = negative_means.get(i)
         for site in rows:
             reference = negative[site] if negative else torch.stack([m[site] for j, m in enumerate(means) if j != i]).mean(0)
             d = means[i][site] - reference  # [L, D]

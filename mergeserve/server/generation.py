@@ -21,6 +21,7 @@ from mergeserve.server.errors import APIError, clip
 from mergeserve.server.metrics import Metrics
 
 if TYPE_CHECKING:
+    from mergeserve.engine.coordinator import Mixture
     from mergeserve.engine.engine import Engine
     from mergeserve.engine.executor import Executor
 
@@ -56,6 +57,7 @@ class Job:
     prompts: list[list[int]]
     n: int
     params: SamplingParams
+    mix: Mixture | None = None  # decoded as a mixture of engine's and other engines' distributions (top-k request routing)
 
     @property
     def num_choices(self) -> int:
@@ -74,10 +76,10 @@ class Job:
 
 def run(executor: Executor, metrics: Metrics, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Submit every choice of `job`; yields (choice index, delta) as the engine produces them."""
-    followers = tuple(e.name for e in job.params.mix.engines) if job.params.mix else ()
+    followers = tuple(e.name for e in job.mix.engines) if job.mix else ()
     streams = [
         metrics.observe(job.engine.name, _engine_errors(executor.generate(
-            job.engine, f"{job.request_id}-{i * job.n + j}", prompt, job.choice_params(j),
+            job.engine, f"{job.request_id}-{i * job.n + j}", prompt, job.choice_params(j), job.mix,
         )), followers)
         for i, prompt in enumerate(job.prompts)
         for j in range(job.n)

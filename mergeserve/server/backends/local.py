@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from mergeserve import __version__
-from mergeserve.engine.sequence import SamplingParams, TokenLogprob
+from mergeserve.engine.sequence import TokenLogprob
 from mergeserve.server import generation, limits
 from mergeserve.server.backends.base import Call
 from mergeserve.server.errors import APIError, bad_request
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from mergeserve.engine.base_engine import Placed
     from mergeserve.engine.engine import Engine
     from mergeserve.engine.executor import Executor
-    from mergeserve.engine.mixing import Mixture
+    from mergeserve.engine.coordinator import Mixture
     from mergeserve.server.registry import Lease
 
 SYSTEM_FINGERPRINT = f"mergeserve-{__version__}"
@@ -98,13 +98,13 @@ class LocalBackend:
         max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
         for prompt in prompts:
             _check_length(engine, len(prompt), max_tokens, "prompt")
-        params = self._params(body.sampling_params(max_tokens, body.logprobs, expert_names_of(engine)))
+        params = body.sampling_params(max_tokens, body.logprobs, expert_names_of(engine))
         if body.echo and body.logprobs is not None:
             if self.mix is not None:
                 raise bad_request("echo with logprobs scores the prompt under one model; this request is mixed over "
                                   "several (router.top_k > 1)", param="echo")
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
-        job = Job(engine, f"cmpl-{uuid.uuid4().hex}", prompts, body.n or 1, params)
+        job = Job(engine, f"cmpl-{uuid.uuid4().hex}", prompts, body.n or 1, params, self.mix)
         echo = await asyncio.to_thread(_echo_texts, engine, body.prompt, prompts) if body.echo else None
         if body.stream:
             call.remember(job.request_id)
@@ -145,16 +145,13 @@ class LocalBackend:
         max_tokens = requested or limits.default_max_tokens(engine, len(prompt))
         _check_length(engine, len(prompt), max_tokens, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = self._params(body.sampling_params(max_tokens, logprobs, expert_names_of(engine)))
-        job = Job(engine, f"chatcmpl-{uuid.uuid4().hex}", [prompt], body.n or 1, params)
+        params = body.sampling_params(max_tokens, logprobs, expert_names_of(engine))
+        job = Job(engine, f"chatcmpl-{uuid.uuid4().hex}", [prompt], body.n or 1, params, self.mix)
         if body.stream:
             call.remember(job.request_id)
             return call.stream(self._chat_chunks(job, body, call))
         choices = await self._collect(job, call)
         return self._chat_response(job, body, lease, choices)
-
-    def _params(self, params: SamplingParams) -> SamplingParams:
-        return params if self.mix is None else dataclasses.replace(params, mix=self.mix)
 
     async def _collect(self, job: Job, call: Call) -> list[GeneratedChoice]:
         """Run `job` to the end (cancelled if the client leaves); its response names the revision."""

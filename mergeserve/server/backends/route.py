@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel
 
 from mergeserve.router.request import RequestRouter, tokenizer_key, top_members
-from mergeserve.engine.mixing import Mixture
+from mergeserve.engine.coordinator import Mixture
 from mergeserve.server.backends.base import Call
 from mergeserve.server.backends.local import LocalBackend
 from mergeserve.server.errors import bad_request
