@@ -106,9 +106,9 @@ class StepRouting:
         [N, m] each (weight 0 pads a token with fewer terms; the anchor's come in with minus its
         coefficients); None where every token runs the anchor.
 
-        Fixed terms come from one table per group [G, m] indexed by each token's group; only the
-        groups that choose per token or per request (routed attention, per-request merging) are
-        filled one by one."""
+        Fixed terms come from the placed compositions' table (RouterTables), indexed by each
+        token's composition; only the groups that choose per token or per request (routed
+        attention, per-request merging) are filled one by one."""
         parts = [g.comp.layers[i].attention for g in self.groups]
         live = [not _is_anchor(p, anchor) for p in parts]
         if not any(live):
