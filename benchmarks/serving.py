@@ -411,8 +411,11 @@ def start_all(servers: list[Server], args) -> list[Server]:
     return live
 
 
-def run_rounds(live: list[Server], args) -> None:
-    """Rounds x concurrencies x servers, interleaved; each level appended to the server's record."""
+def run_rounds(live: list, args, measure=measure, report=None) -> None:
+    """Rounds x concurrencies x servers, interleaved; each level appended to the server's record.
+    measure(server, peers, concurrency, args) -> level; report(round, concurrency, server, level)
+    prints it (default: this benchmark's line). shared_base.py runs its scenarios through this too."""
+    report = report or _report
     for s in live:
         s.record["rounds"] = {str(c): [] for c in args.concurrency}
     for r in range(1, args.rounds + 1):
@@ -425,11 +428,15 @@ def run_rounds(live: list[Server], args) -> None:
                     s.record["failed"] = f"round {r}, {c} clients: {e}"
                     continue
                 s.record["rounds"][str(c)].append(level)
-                idle = ", ".join(f"{k} {v:.2f}" for k, v in level["idle_peers_cpu_cores"].items())
-                print(f"round {r} c={c:>2} {s.name:>5}: {level['tok_per_s']:6.1f} tok/s, {level['requests']} requests, "
-                      f"TTFT p50 {level['ttft_p50']:.3f} s, ITL p50 {level['itl_p50'] * 1000:.1f} ms; "
-                      f"cores: server {level['server_cpu_cores']:.2f}, client {level['client_cpu_cores']:.2f}, idle [{idle}]",
-                      flush=True)
+                report(r, c, s, level)
+
+
+def _report(r: int, c: int, s: Server, level: dict) -> None:
+    idle = ", ".join(f"{k} {v:.2f}" for k, v in level["idle_peers_cpu_cores"].items())
+    print(f"round {r} c={c:>2} {s.name:>5}: {level['tok_per_s']:6.1f} tok/s, {level['requests']} requests, "
+          f"TTFT p50 {level['ttft_p50']:.3f} s, ITL p50 {level['itl_p50'] * 1000:.1f} ms; "
+          f"cores: server {level['server_cpu_cores']:.2f}, client {level['client_cpu_cores']:.2f}, idle [{idle}]",
+          flush=True)
 
 
 def summarise(record: dict) -> dict:

@@ -66,7 +66,8 @@ import yaml
 
 from common import commit, machine, spread
 from lora_pool import BASE, write_adapter
-from serving import Server, cpu_snapshot, drive, free_port, mergeserve_dtype, one_request, plot, ratios, rotating_prompt, summarise
+from serving import (Server, cpu_snapshot, drive, free_port, mergeserve_dtype, one_request, plot, ratios, rotating_prompt, run_rounds,
+                     summarise)
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "examples/zoo/specs"
@@ -295,23 +296,10 @@ def measure(s: Scenario, peers: list[Scenario], concurrency: int, args: argparse
     return level
 
 
-def run_rounds(live: list[Scenario], args: argparse.Namespace) -> None:
-    """Rounds x concurrencies x scenarios, interleaved; each level appended to its scenario's record."""
-    for s in live:
-        s.record["rounds"] = {str(c): [] for c in args.concurrency}
-    for r in range(1, args.rounds + 1):
-        for c in args.concurrency:
-            for s in [s for s in live if "failed" not in s.record]:
-                try:
-                    level = {"round": r, **measure(s, live, c, args)}
-                except Exception as e:  # noqa: BLE001 - the others go on
-                    print(f"round {r} c={c} {s.name} failed: {e}", file=sys.stderr, flush=True)
-                    s.record["failed"] = f"round {r}, {c} clients: {e}"
-                    continue
-                s.record["rounds"][str(c)].append(level)
-                print(f"round {r} c={c:>2} {s.name:>7}: {level['tok_per_s']:6.1f} tok/s, {level['requests']} requests "
-                      f"({level['models_asked']} models), TTFT p50 {level['ttft_p50']:.3f} s p99 {level['ttft_p99']:.3f} s; "
-                      f"server {level['server_cpu_cores']:.2f} cores", flush=True)
+def report(r: int, c: int, s: Scenario, level: dict) -> None:
+    print(f"round {r} c={c:>2} {s.name:>7}: {level['tok_per_s']:6.1f} tok/s, {level['requests']} requests "
+          f"({level['models_asked']} models), TTFT p50 {level['ttft_p50']:.3f} s p99 {level['ttft_p99']:.3f} s; "
+          f"server {level['server_cpu_cores']:.2f} cores", flush=True)
 
 
 def admin_send(s: Scenario, method: str, path: str, body: dict | None = None) -> dict:
@@ -349,7 +337,7 @@ def run(servers: list[Scenario], args: argparse.Namespace) -> None:
     try:
         for group in [[s] for s in servers] if args.one_server_at_a_time else [servers]:
             live = [s for s in group if start(s, args)]
-            run_rounds(live, args)
+            run_rounds(live, args, measure, report)
             for s in live if args.add_times else []:
                 try:
                     add_to_warm(s, args.add_times)
