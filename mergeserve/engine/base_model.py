@@ -13,14 +13,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from mergeserve.engine.kv_cache import KVCache
 from mergeserve.engine.layers import Batch, RunLayer, attention, real_tokens, rms_norm, signed_sin
 from mergeserve.engine.model import ModelArgs
-from mergeserve.engine.tables import (BaseWeights, CompositionTables, Fixed, LayerTables, PerRequest, Routed, RouterTable,
-                                     RouterTables)
+from mergeserve.engine.tables import (BaseWeights, CompositionTables, Fixed, FixedTable, LayerTables, PerRequest, Routed,
+                                     RouterTable, RouterTables)
 from mergeserve.kernels import expert_mlp, linear
 from mergeserve.kernels.entry_lora import EntryFFN, SparseGate, entry_mixed_ffn, entry_moe_ffn
 from mergeserve.kernels.lora_moe import mixed_lora_ffn
@@ -110,10 +109,9 @@ class StepRouting:
         token's composition; only the groups that choose per token or per request (routed
         attention, per-request merging) are filled one by one."""
         parts = [g.comp.layers[i].attention for g in self.groups]
-        live = [not _is_anchor(p, anchor) for p in parts]
-        if not any(live):
+        if all(_is_anchor(p, anchor) for p in parts):
             return None
-        ids, weights = self._fixed_terms(i, parts, live, anchor)
+        ids, weights = self._fixed_terms(i, parts, anchor)
         chosen = [(g, p) for g, p in zip(self.groups, parts) if isinstance(p, (Routed, PerRequest))]
         if not chosen:
             return ids, weights
@@ -129,24 +127,17 @@ class StepRouting:
                 more_ids[rows, :part.top_k], more_weights[rows, :part.top_k] = part.entries[picked], w
         return torch.cat([ids, more_ids], dim=1), torch.cat([weights, more_weights], dim=1)
 
-    def _fixed_terms(self, i: int, parts: list, live: list[bool], anchor: Fixed | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every token's fixed attention terms less the anchor's, [N, m] ids and weights: from the
-        placed compositions' table (an anchored token's terms and the anchor's cancel exactly), else
-        from one table of the step's groups."""
+    def _fixed_terms(self, i: int, parts: list, anchor: Fixed | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token's fixed attention terms less the anchor's, [N, m] ids and weights, from the
+        placed compositions' table (else one of the step's groups): an anchored token's own terms
+        and the anchor's cancel exactly."""
         table = self.routers.attention[i] if self.token_slot is not None else None
-        if table is not None:
-            ids, weights = table.ids[self.token_slot], table.coef[self.token_slot]
-            if anchor is None:
-                return ids, weights
-            n = self.num_tokens
-            return torch.cat([ids, anchor.entries.expand(n, -1)], 1), torch.cat([weights, -anchor.coef.expand(n, -1)], 1)
-        fixed = [p if isinstance(p, Fixed) and keep else None for p, keep in zip(parts, live)]
-        ids = pad_sequence([_NONE if p is None else p.entries for p in fixed], batch_first=True)  # [G, m]
-        weights = pad_sequence([_NO_COEF if p is None else p.coef for p in fixed], batch_first=True)
-        if anchor is not None:  # every live group also takes the anchor's terms away
-            ids = torch.cat([ids, anchor.entries.expand(len(parts), -1)], dim=1)
-            weights = torch.cat([weights, -anchor.coef * torch.tensor(live, dtype=torch.float32).unsqueeze(1)], dim=1)
-        return ids[self.token_group], weights[self.token_group]
+        table, slot = (table, self.token_slot) if table is not None else (FixedTable.of(parts), self.token_group)
+        ids, weights = table.ids[slot], table.coef[slot]
+        if anchor is None:
+            return ids, weights
+        n = self.num_tokens
+        return torch.cat([ids, anchor.entries.expand(n, -1)], 1), torch.cat([weights, -anchor.coef.expand(n, -1)], 1)
 
     def ffn_picks(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Layer i's FFN as an MoE: every token's picks, weights and entry ids [N, K]; None unless
@@ -364,7 +355,6 @@ class BaseTransformer(torch.nn.Module):
         return linear(hidden, self.lm_head).float()
 
 
-_NONE, _NO_COEF = torch.zeros(0, dtype=torch.long), torch.zeros(0)
 # Up to this many router rows in all (compositions x experts) every token is scored by every router
 # in one matmul; past it each token's own rows are gathered (a hundred compositions).
 ROUTER_MATMUL_MAX_ROWS = 256
