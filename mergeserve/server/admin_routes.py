@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from mergeserve.experts import CheckpointError
 from mergeserve.server.auth import require_admin
 from mergeserve.server.backends.policy import NotAllowed
 from mergeserve.server.builder import Builder
 from mergeserve.server.errors import APIError, bad_request, responses
+from mergeserve.server.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from mergeserve.server.registry import RETRY_AFTER_S, Registry, Revision
 from mergeserve.server.state import dump_spec
 from mergeserve.spec import NAME_PATTERN, AliasSpec, ServeConfig, SpecError, parse_composition
@@ -65,6 +67,13 @@ class AdminRoutes:
         r.add_api_route("/aliases/{name}", self.put_alias, methods=["PUT"], responses=responses(409))
         r.add_api_route("/aliases/{name}", self.delete_alias, methods=["DELETE"], responses=responses(404))
         r.add_api_route("/pool", self.pool, methods=["GET"])
+        # vLLM's adapter routes, as cluster routers (Gateway API Inference Extension, production-stack) call them.
+        v = self.adapter_router = APIRouter(
+            prefix="/v1", dependencies=[Depends(require_admin)], tags=["admin"], responses=responses(400, 401, 403, 404),
+        )
+        text = {200: {"description": "Done, in vLLM's words", "content": {"text/plain": {"schema": {"type": "string"}}}}}
+        v.add_api_route("/load_lora_adapter", self.load_lora_adapter, methods=["POST"], responses=text)
+        v.add_api_route("/unload_lora_adapter", self.unload_lora_adapter, methods=["POST"], responses=text)
 
     async def list_compositions(self) -> dict[str, Any]:
         return {"object": "list", "data": [self._status(*entry) for entry in self.registry.entries()]}
@@ -76,21 +85,61 @@ class AdminRoutes:
         _check_name(name)  # the body's size is bounded by server/body_limit.py, before it is parsed
         if spec.setdefault("name", name) != name:
             raise bad_request(f"the spec's name {spec['name']!r} differs from the URL's {name!r}", param="name")
+        revision, _ = await self._submit(name, spec)
+        url = f"/admin/compositions/{name}"
+        body = {"name": name, "revision": revision.number, "state": revision.state, "status_url": url}
+        return JSONResponse(body, status_code=202, headers={"Location": url})
+
+    async def _submit(self, name: str, spec: dict) -> tuple[Revision, Future]:
+        """Check `spec` and start its build: the new revision and the build's future."""
         self._check_room(name)
         try:
             parsed = parse_composition(spec, self.relative_to, origin=f"composition {name!r}")
             await asyncio.to_thread(self.builder.check, parsed)  # it walks the sources' folders
             self._check_room(name)  # again: other requests ran while the sources were checked
-            revision, _ = self.builder.submit(parsed, checked=True)
+            return self.builder.submit(parsed, checked=True)
         except NotAllowed as e:  # a vLLM profile, upstream or key variable the serve config does not offer
             raise APIError(403, str(e), param=e.field, code="not_allowed") from None
         except (SpecError, CheckpointError) as e:
             raise bad_request(str(e), code="invalid_spec") from None
         except OSError as e:
             raise not_saved(e, "nothing was built; the live revision keeps serving") from e
-        url = f"/admin/compositions/{name}"
-        body = {"name": name, "revision": revision.number, "state": revision.state, "status_url": url}
-        return JSONResponse(body, status_code=202, headers={"Location": url})
+
+    async def load_lora_adapter(self, body: LoadLoRAAdapterRequest) -> PlainTextResponse:
+        """vLLM's route: the PEFT folder `lora_path` served as model `lora_name`, a one-adapter
+        composition over the base the served compositions share (served as they are: locally, or
+        as an adapter of that base's vLLM engine). 200 once it serves; 400 for a name in use
+        (unless load_inplace: then it replaces it), a folder that does not load, or no single base."""
+        name = body.lora_name
+        _check_name(name)
+        if name in self.registry.all_names() and not body.load_inplace:
+            raise bad_request(f"the lora adapter {name!r} has already been loaded", param="lora_name", code="already_loaded")
+        spec = self._adapter_spec(name, body.lora_path)
+        revision, build = await self._submit(name, spec)
+        await asyncio.wrap_future(build)
+        if revision.state != "ready":
+            raise bad_request(f"the lora adapter {name!r} could not be served: {revision.error}", param="lora_path",
+                              code="invalid_adapter")
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_lora_adapter(self, body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
+        if body.lora_name not in self.registry.all_names():
+            raise APIError(404, f"the lora adapter {body.lora_name!r} cannot be found", param="lora_name", code="model_not_found")
+        await self.delete_composition(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    def _adapter_spec(self, name: str, path: str) -> dict:
+        """A one-adapter composition over the base every served composition is built on, served as
+        the first of them is (backend, vLLM options, dtype)."""
+        built = [live.spec for _, live, _ in self.registry.entries() if live is not None and live.spec is not None
+                 and live.spec.base is not None and live.spec.method != "route"]
+        bases = sorted({s.base for s in built})
+        if len(bases) != 1:
+            raise bad_request(f"the served compositions are built on {len(bases)} bases {bases[:4]}; with other than one, "
+                              "PUT /admin/compositions/{name} with the adapter's base named", param="lora_path", code="no_single_base")
+        like = dump_spec(built[0])
+        serving = {k: like[k] for k in ("backend", "vllm", "dtype") if k in like}
+        return {"name": name, "base": bases[0], "experts": [{"name": name, "source": path}], **serving}
 
     def _check_room(self, name: str) -> None:
         limits = self.limits

@@ -42,7 +42,7 @@ def create_app(
             builder.shutdown()
 
     app = FastAPI(title="mergeserve", version=__version__, lifespan=lifespan)
-    metrics = Metrics(registry.backends, registry.revisions, registry.aliases)
+    metrics = Metrics(registry.backends, registry.revisions, registry.aliases, max_models=limits.max_compositions)
     app.state.registry, app.state.executor, app.state.metrics, app.state.auth = registry, executor, metrics, auth
     app.state.builder = builder
     errors.install(app)
@@ -50,7 +50,9 @@ def create_app(
     app.add_middleware(APIKeyMiddleware, auth=auth)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)  # added last: outermost, so it counts 401s too
     app.include_router(OpenAIRoutes(registry, metrics).router)
-    app.include_router(AdminRoutes(registry, builder, relative_to.resolve(), limits).router)
+    admin = AdminRoutes(registry, builder, relative_to.resolve(), limits)
+    app.include_router(admin.router)
+    app.include_router(admin.adapter_router)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

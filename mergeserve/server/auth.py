@@ -18,6 +18,8 @@ from mergeserve.server.errors import APIError
 from mergeserve.spec import ServeConfig
 
 API_KEYS_ENV = "MERGESERVE_API_KEYS"
+# vLLM's adapter routes, which cluster routers call: under /v1, but they change what is served.
+ADMIN_V1_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 ADMIN_KEY_ENV = "MERGESERVE_ADMIN_KEY"
 
 
@@ -54,7 +56,8 @@ class APIKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"] if scope["type"] == "http" else ""
-        check = self.auth.check_api_key if path.startswith("/v1") else self.auth.check_admin_key if path.startswith("/admin") else None
+        admin = path.startswith("/admin") or path in ADMIN_V1_PATHS
+        check = self.auth.check_admin_key if admin else self.auth.check_api_key if path.startswith("/v1") else None
         if check is not None:
             try:
                 check(Request(scope))

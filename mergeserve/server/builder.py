@@ -27,6 +27,7 @@ from mergeserve.experts import CheckpointError, ExpertPool
 from mergeserve.server.backends.base import Backend
 from mergeserve.server.backends.local import LocalBackend
 from mergeserve.server.backends.policy import BackendPolicy
+from mergeserve.server.backends.vllm_adapters import AdapterEngines
 from mergeserve.server.placement import BaseEngines
 from mergeserve.server.registry import ModelNotFound, Registry, Revision
 from mergeserve.server.state import SavedComposition, SavedState, StateStore, dump_spec
@@ -67,6 +68,7 @@ class Builder:
         # Two cores: builds queue behind each other rather than compete with serving and each other.
         self._queue = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeserve-build")
         self.bases = BaseEngines(engine_config, pool.packer, executor)  # one engine per base, shared
+        self.adapters = AdapterEngines(self.export_dir, policy.vllm_lora, policy.gateway_keys)  # one vLLM engine per base
         self._save_lock = threading.Lock()
         self._settled: weakref.WeakSet[Revision] = weakref.WeakSet()  # revisions whose outcome is decided
         self._settle_lock = threading.Lock()
@@ -256,14 +258,8 @@ class Builder:
 
             return ProxyBackend.connect(spec, self.policy.upstream_key(spec)), None
         if spec.backend == "vllm":
-            from mergeserve.server.backends import vllm
-
-            def composed():
-                with self.pool.claim(revision.id):
-                    return compose.build(spec, self.pool)
-
             try:
-                return vllm.start(spec, composed, self.export_dir, self.policy.profile(spec), self.policy.gateway_keys), None
+                return self._vllm_backend(revision), None
             finally:
                 self.pool.release(revision.id)  # vLLM holds the weights, not this process
                 release_free_heap()
@@ -279,6 +275,27 @@ class Builder:
         if placed is not None:
             return LocalBackend(placed, self.executor, release=self.bases.release), composition_bytes(composed, self.pool)
         return LocalBackend(engine, self.executor), own_bytes(engine, self.pool)
+
+    def _vllm_backend(self, revision: Revision) -> Backend:
+        """One LoRA over its base: an adapter of the base's vLLM engine; anything else: exported
+        whole (reused when already exported), a vLLM child of its own."""
+        from mergeserve.export.adapter import NotOneAdapter
+        from mergeserve.server.backends import vllm
+
+        spec, profile = revision.spec, self.policy.profile(revision.spec)
+
+        def composed() -> ComposedModel:
+            with self.pool.claim(revision.id):
+                return compose.build(spec, self.pool)
+
+        if self.policy.vllm_lora.enabled and may_be_one_adapter(spec):
+            built = composed()
+            try:
+                return self.adapters.serve(spec, built, profile, revision.id)
+            except NotOneAdapter as e:
+                log.info("%s is exported whole for a vLLM child of its own: %s", spec.name, e)
+            return vllm.start(spec, lambda: built, self.export_dir, profile, self.policy.gateway_keys)
+        return vllm.start(spec, composed, self.export_dir, profile, self.policy.gateway_keys)
 
     def _route_backend(self, revision: Revision) -> tuple[Backend, int]:
         """method=route: an engine per member model, each built as a composition of its own, and the request router."""
@@ -338,6 +355,17 @@ class Builder:
         for revision in self.registry.revisions():
             if revision.backend is not None:
                 revision.backend.close(wait=True)
+
+
+def may_be_one_adapter(spec: CompositionSpec) -> bool:
+    """Whether `spec` can be one LoRA over its base (export/adapter.py decides once it is built): one
+    expert, or a linear or task-arithmetic merge (learned coefficients and per-tensor overrides
+    aside). Others skip the build when their whole export is already cached."""
+    if spec.method == "btx":
+        return len(spec.experts) == 1
+    merge = spec.merge
+    return (spec.method in ("linear", "task_arithmetic") and not getattr(merge, "coefficients", None)
+            and not getattr(merge, "overrides", None))
 
 
 def composition_bytes(composed: ComposedModel, pool: ExpertPool) -> int:

@@ -168,6 +168,39 @@ class _BackendCollector(Collector):
         return [running, waiting, experts, weights, requests, failures]
 
 
+class _ClusterCollector(Collector):
+    """What cluster routers read of a vLLM server, under vLLM's names, one series per composition
+    (`model_name`): the Gateway API Inference Extension's model-server protocol and vLLM
+    production-stack route by them. Every composition is a model those routers can ask for, so
+    `vllm:lora_requests_info` lists the compositions with running and waiting requests as its
+    adapters (its value: the scrape time, as vLLM sets it)."""
+
+    def __init__(self, backends: Callable[[], Iterable[Served]], max_models: int) -> None:
+        self._backends, self._max_models = backends, max_models
+
+    def collect(self) -> Iterable[Metric]:
+        running = GaugeMetricFamily("vllm:num_requests_running", "Requests running (vLLM's name).", labels=["model_name"])
+        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting (vLLM's name).", labels=["model_name"])
+        kv = GaugeMetricFamily(
+            "vllm:kv_cache_usage_perc", "Share of the engine's KV cache sequences in use, 0 to 1 (vLLM's name; "
+            "compositions on one base engine share its cache; absent for a remote backend).", labels=["model_name"],
+        )
+        lora = GaugeMetricFamily(
+            "vllm:lora_requests_info", "Compositions with running and waiting requests, comma-separated (vLLM's name).",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        busy, queued = [], []
+        for backend in self._backends():
+            running.add_metric([backend.name], backend.num_running)
+            waiting.add_metric([backend.name], backend.num_waiting)
+            if hosts := {id(e.host): e.host for e in _engines(backend)}:
+                kv.add_metric([backend.name], max(h.num_running / h.slots for h in hosts.values()))
+            busy += [backend.name] if backend.num_running else []
+            queued += [backend.name] if backend.num_waiting else []
+        lora.add_metric([",".join(busy), ",".join(queued), str(self._max_models)], time.time())
+        return [running, waiting, kv, lora]
+
+
 class Metrics:
     """Every per-request series carries `model`, the composition that served it, so an A/B
     comparison of two compositions needs no other join."""
@@ -175,8 +208,10 @@ class Metrics:
     def __init__(
         self, backends: Callable[[], Iterable[Served]], revisions: Callable[[], Iterable[Revision]] = lambda: (),
         aliases: Callable[[], Iterable[str]] = lambda: (), residency_period_s: float = RESIDENCY_PERIOD_S,
+        max_models: int = 16,
     ) -> None:
-        """`revisions` and `aliases`: what exists now; the series of any other composition or alias are dropped."""
+        """`revisions` and `aliases`: what exists now; the series of any other composition or alias are
+        dropped. max_models: the compositions this server may hold (vllm:lora_requests_info's max_lora)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self._revisions, self._aliases = revisions, aliases
@@ -218,6 +253,7 @@ class Metrics:
             ["model", "finished_reason"], registry=r,
         ), FINISH_REASONS)
         r.register(_BackendCollector(backends))
+        r.register(_ClusterCollector(backends, max_models))
         r.register(_CompositionCollector(revisions, _KVResidency(revisions, residency_period_s)))
 
     def _prune(self) -> None:

@@ -40,9 +40,17 @@ class OpenAIRoutes:
         self.router.add_api_route("/feedback", self.feedback, methods=["POST"], responses=errors.responses(404, 409))
 
     async def models(self) -> ModelList:
-        cards = [ModelCard(id=name, created=self.created) for name in self.registry.names()]
+        cards = [self._card(name) for name in self.registry.names()]
         cards += [ModelCard(id=n, created=self.created, targets=a.targets) for n, a in self.registry.aliases().items()]
         return ModelList(data=cards)
+
+    def _card(self, name: str) -> ModelCard:
+        live, _ = self.registry.revision(name)
+        spec = live.spec if live is not None else None
+        if spec is None or spec.base is None or not spec.experts:
+            return ModelCard(id=name, created=self.created)
+        root = spec.experts[0].source if len(spec.experts) == 1 else spec.base
+        return ModelCard(id=name, created=self.created, root=root, parent=spec.base if root != spec.base else None)
 
     async def feedback(self, body: FeedbackRequest, request: Request) -> FeedbackResponse:
         """One score per response: 404 for an id not (or no longer) remembered, 409 for a second score."""

@@ -295,6 +295,10 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "mergeserve"
+    # As vLLM's cards: what the model is built from (a one-expert composition: that expert's
+    # checkpoint, e.g. a LoRA adapter's folder; else its base), and the base it is built over.
+    root: str | None = None
+    parent: str | None = None
     # An A/B alias lists the compositions it sends requests to, with their weights.
     targets: dict[str, float] | None = None
 
@@ -404,3 +408,18 @@ class FeedbackResponse(BaseModel):
     model: str  # the composition that served the response
     revision: int
 
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    """vLLM's body of POST /v1/load_lora_adapter: a PEFT folder served as model `lora_name`."""
+
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False  # replace a model of that name (a hot swap) rather than refuse
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """vLLM's body of POST /v1/unload_lora_adapter."""
+
+    lora_name: str
+    lora_int_id: int | None = None  # vLLM's internal id; unused here

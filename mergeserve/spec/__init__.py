@@ -16,7 +16,7 @@ from mergeserve.spec.merge import (MODELS as MERGE_MODELS, ConsensusMerge, DareL
                                        merge_params)
 from mergeserve.spec.router import (MixtureRouterSpec, RequestRouterSpec, RouterSpec, TokenRouterSpec)
 from mergeserve.spec.serve import MAX_TARGETS, AliasSpec, EngineConfig, ServeConfig
-from mergeserve.spec.transport import GATEWAY_FLAGS, BackendKind, Upstream, VLLMOptions, VLLMProfile, plain_url
+from mergeserve.spec.transport import GATEWAY_FLAGS, BackendKind, Upstream, VLLMLoRA, VLLMOptions, VLLMProfile, plain_url
 
 
 def composition_schema() -> dict:

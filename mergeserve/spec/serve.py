@@ -9,7 +9,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from mergeserve.spec.base import NAME_PATTERN, Strict
 from mergeserve.spec.composition import CompositionSpec
-from mergeserve.spec.transport import VLLMProfile, plain_url
+from mergeserve.spec.transport import VLLMLoRA, VLLMProfile, plain_url
 
 
 class EngineConfig(Strict):
@@ -92,6 +92,9 @@ class ServeConfig(Strict):
     # What a composition spec, which the admin API takes from a request, may choose only by name.
     # backend=vllm: the ways to run a child (python, env, args), picked by a spec's vllm.profile.
     vllm_profiles: dict[str, VLLMProfile] = {}
+    # backend=vllm compositions that are one LoRA over their base: served as adapters of one vLLM
+    # engine per base (its LoRA limits here; its interpreter, environment and args from the profile).
+    vllm_lora: VLLMLoRA = VLLMLoRA()
     # backend=openai: URL prefixes a spec's url must fall under (same scheme, host and port, the
     # path at or below the prefix's); empty: no openai composition is built.
     upstream_allowlist: list[str] = []

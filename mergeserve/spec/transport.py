@@ -92,3 +92,16 @@ class VLLMProfile(Strict):
         if taken := [a for a in args if a.split("=")[0] in GATEWAY_FLAGS]:
             raise ValueError(f"{taken[0]}: the gateway sets {', '.join(GATEWAY_FLAGS)} itself")
         return args
+
+
+# The ranks vLLM accepts for --max-lora-rank (vllm.config.lora.MaxLoRARanks).
+MaxLoRARank = Literal[8, 16, 32, 64, 128, 256, 320, 512]
+
+
+class VLLMLoRA(Strict):
+    """`backend: vllm` compositions that are exactly one LoRA over their base (one adapter, a linear
+    or task-arithmetic merge of adapters): adapters of one vLLM engine per base, loaded at run time."""
+
+    enabled: bool = True  # false: every composition is exported whole, a vLLM child of its own
+    max_loras: int = Field(4, ge=1, le=256)  # adapters in one batch (vLLM's --max-loras)
+    max_lora_rank: MaxLoRARank = 64  # the largest adapter rank (a merge's: its adapters' ranks summed)

@@ -15,7 +15,7 @@ import torch
 from torch import Generator, Tensor
 
 from mergeserve.experts import Checkpoint
-from mergeserve.merge.average import mean
+from mergeserve.merge.average import delta_sum, mean
 from mergeserve.merge import coefficients
 from mergeserve.merge.methods import consensus, dare_linear, dare_ties, linear, slerp, task_arithmetic, ties
 from mergeserve.spec import CompositionSpec
@@ -61,11 +61,15 @@ def spec_merger(spec: CompositionSpec, base: Checkpoint, experts: list[Checkpoin
         table = coefficients.load(params.coefficients, [e.name for e in spec.experts], base.config.num_hidden_layers)
         params = params.model_copy(update={"lambda_": 1.0})  # the coefficients are lambda * weight, learned
 
-    factored = params.method == "linear" and table is None and not params.overrides
+    # Linear and task-arithmetic merges of adapters over the base stay low-rank, kept as factors:
+    # base + sum_i c_i B_i A_i, c_i = w_i / sum w (linear) or lambda w_i (task arithmetic).
+    factored = params.method in ("linear", "task_arithmetic") and table is None and not params.overrides
 
     def merged(key: str) -> Tensor:
         if factored and (adapters := _over_base(key, base, experts)) is not None:
-            return mean(adapters, weights)  # base + sum_i w_i B_i A_i, kept as factors
+            if params.method == "linear":
+                return mean(adapters, weights)
+            return delta_sum(adapters, [params.lambda_ * w for w in weights])
         w = coefficients.weights_for(key, table, weights)
         return merge_tensor(key, base.tensors[key], [e.tensors[key] for e in experts], w, params)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from urllib.parse import SplitResult, urlsplit
 
 from mergeserve.server.auth import ADMIN_KEY_ENV, API_KEYS_ENV, Auth
-from mergeserve.spec import CompositionSpec, ServeConfig, SpecError, VLLMProfile
+from mergeserve.spec import CompositionSpec, ServeConfig, SpecError, VLLMLoRA, VLLMProfile
 
 GATEWAY_KEY_ENV = (API_KEYS_ENV, ADMIN_KEY_ENV)
 DEFAULT_PORT = {"http": 80, "https": 443}
@@ -30,14 +30,15 @@ class NotAllowed(SpecError):
 
 @dataclass(frozen=True)
 class BackendPolicy:
-    """The serve config's vllm_profiles, upstream_allowlist and upstream_key_env; empty: no
-    upstream may be proxied, and a vLLM child runs as the built-in default profile."""
+    """The serve config's vllm_profiles, upstream_allowlist, upstream_key_env and vllm_lora; empty:
+    no upstream may be proxied, and a vLLM child runs as the built-in default profile."""
 
     vllm_profiles: Mapping[str, VLLMProfile] = field(default_factory=dict)
     upstream_allowlist: tuple[str, ...] = ()
     upstream_key_env: tuple[str, ...] = ()
     # This server's API and admin keys: never sent upstream, never in a child's environment.
     gateway_keys: frozenset[str] = frozenset()
+    vllm_lora: VLLMLoRA = field(default_factory=VLLMLoRA)  # one-LoRA compositions as adapters of one vLLM engine per base
 
     @classmethod
     def from_config(cls, config: ServeConfig, auth: Auth) -> BackendPolicy:
@@ -46,7 +47,8 @@ class BackendPolicy:
         if named:
             raise SpecError(f"{named[0][0]}: {named[0][1]} holds this server's own keys; they never leave it")
         keys = frozenset([*auth.api_keys, *([auth.admin_key] if auth.admin_key else [])])
-        return cls(dict(config.vllm_profiles), tuple(config.upstream_allowlist), tuple(config.upstream_key_env), keys)
+        return cls(dict(config.vllm_profiles), tuple(config.upstream_allowlist), tuple(config.upstream_key_env), keys,
+                   config.vllm_lora)
 
     def check(self, spec: CompositionSpec) -> None:
         """Refuse, naming the field, a spec that chooses what the serve config does not allow."""

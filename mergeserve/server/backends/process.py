@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,10 +71,14 @@ class ManagedServer:
     def __init__(
         self, name: str, argv: list[str], port: int, env: dict[str, str] | None = None, api_key: str | None = None,
         startup_timeout_s: float = 900.0, stop_grace_s: float = 30.0, log_lines: int = 200,
+        on_start: Callable[[], None] | None = None,
     ) -> None:
         """env: the child's whole environment (default: child_env()); api_key: the key the child
-        requires on /v1 (it is told it in `env` or `argv`); None: /health alone says it is up."""
+        requires on /v1 (it is told it in `env` or `argv`); None: /health alone says it is up.
+        on_start: run once each start is healthy, before the child counts as ready (a restarted
+        vLLM gets its runtime-loaded adapters back)."""
         self.name, self.argv, self.port, self.api_key = name, argv, port, api_key
+        self.on_start = on_start
         self.env = child_env() if env is None else env
         self.untrusted: str | None = None  # why the port was not trusted, once it was not
         self.startup_timeout_s, self.stop_grace_s = startup_timeout_s, stop_grace_s
@@ -133,6 +137,11 @@ class ManagedServer:
             started = time.monotonic()
             proc = self._spawn()
             healthy = self._await_health(proc)
+            if healthy and self.on_start is not None:
+                try:
+                    self.on_start()
+                except Exception:  # noqa: BLE001 - it serves what it has; the log says what is missing
+                    log.exception("%s: restoring its state after the start failed", self.name)
             if healthy:
                 self._set("ready")
                 log.info("%s: server ready on port %d (pid %d)", self.name, self.port, proc.pid)

@@ -18,7 +18,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -90,11 +90,13 @@ class ProxyBackend:
 
     def __init__(
         self, name: str, url: str, model: str, api_key: str | None = None, timeout_s: float = 600.0,
-        process: ManagedServer | None = None,
+        process: ManagedServer | None = None, release: Callable[[bool], None] | None = None,
     ) -> None:
-        """url: the upstream's base URL, ending in /v1; process: the child serving it, when we manage one."""
+        """url: the upstream's base URL, ending in /v1; process: the child serving it, when we manage
+        one; release: what close() does instead of stopping it (a child shared with other backends,
+        e.g. unloading this one's adapter), called with close's `wait`."""
         self.name, self.url, self.model = name, url.rstrip("/"), model
-        self.process = process
+        self.process, self._release = process, release
         self.kind = "vllm" if process is not None else "openai"
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S)
@@ -121,7 +123,9 @@ class ProxyBackend:
         return out
 
     def close(self, wait: bool = False) -> None:
-        if self.process is not None:
+        if self._release is not None:
+            self._release(wait)
+        elif self.process is not None:
             self.process.stop(wait)
         if self._http is not None and self._loop is not None and not self._loop.is_closed():
             http = self._http

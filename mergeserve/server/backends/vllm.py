@@ -71,12 +71,14 @@ def exported(spec: CompositionSpec, build, cache: Path) -> Path:
     return out
 
 
-def argv(spec: CompositionSpec, model_dir: Path, port: int, profile: VLLMProfile) -> list[str]:
+def argv(spec: CompositionSpec, model_dir: Path, port: int, profile: VLLMProfile, served_name: str | None = None) -> list[str]:
+    """The child's command line: `spec`'s options, then the profile's args; it serves `model_dir`
+    as `served_name` (default: the composition's name)."""
     o = options(spec)
     python = profile.python or os.environ.get(PYTHON_ENV) or sys.executable
     args = [
         python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--served-model-name", spec.name, "--host", "127.0.0.1", "--port", str(port), "--dtype", o.dtype,
+        "--served-model-name", served_name or spec.name, "--host", "127.0.0.1", "--port", str(port), "--dtype", o.dtype,
         "--tensor-parallel-size", str(o.tensor_parallel_size),
         "--pipeline-parallel-size", str(o.pipeline_parallel_size),
         "--data-parallel-size", str(o.data_parallel_size),
