@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -67,7 +68,8 @@ def make_server(name: str, tmp: Path, python: Path, args: argparse.Namespace) ->
     port = free_port()
     cmd = [sys.executable, "-m", "mergeserve.cli", "serve", "--config", str(path), "--port", str(port)]
     model = "math" if name == "lora_one" else "ab"
-    settings = {"kind": "mergeserve", "config": {**config, "admin_key": "(set)"}, "requests_ask_for": model}
+    settings = {"kind": "mergeserve", "config": {**config, "admin_key": "(set)"}, "requests_ask_for": model,
+                "command": shlex.join(cmd)}
     return Scenario(name, cmd, "/ready", names[0], port, settings, {"MERGESERVE_ADMIN_KEY": ADMIN_KEY},
                     log_dir=tmp, compositions=names, pick=lambda c, i: model)
 
