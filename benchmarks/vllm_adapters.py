@@ -69,7 +69,7 @@ def make_server(name: str, tmp: Path, python: Path, args: argparse.Namespace) ->
     cmd = [sys.executable, "-m", "mergeserve.cli", "serve", "--config", str(path), "--port", str(port)]
     model = "math" if name == "lora_one" else "ab"
     settings = {"kind": "mergeserve", "config": {**config, "admin_key": "(set)"}, "requests_ask_for": model,
-                "command": shlex.join(cmd)}
+                "command": shlex.join(cmd), "dtype_requested": specs()["math"]["vllm"]["dtype"]}  # vLLM's, not mergeserve's
     return Scenario(name, cmd, "/ready", names[0], port, settings, {"MERGESERVE_ADMIN_KEY": ADMIN_KEY},
                     log_dir=tmp, compositions=names, pick=lambda c, i: model)
 
