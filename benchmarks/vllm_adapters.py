@@ -99,7 +99,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--round-seconds", type=float, default=20)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--swaps", type=int, default=3, help="swaps timed on lora_ab (whole_ab: one)")
-    p.add_argument("--kv-share", type=float, default=0.05, help="each vLLM child's --gpu-memory-utilization")
+    p.add_argument("--kv-share", type=float, default=0.1, help="each vLLM child's --gpu-memory-utilization")
     p.add_argument("--start-timeout", type=float, default=1800)
     p.add_argument("--min-available-mb", type=float, default=2048)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/vllm_adapters.json"))

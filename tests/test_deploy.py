@@ -21,7 +21,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
-OVERLAYS = ["cpu", "vllm-gpu", "canary"]
+OVERLAYS = ["cpu", "vllm-gpu", "canary", "inference-gateway"]
 # The Kubernetes the manifests are checked against (lifecycle.preStop.sleep needs 1.30+).
 K8S_VERSION = "1.32.0"
 NAMESPACE = "mergeserve"
@@ -31,7 +31,11 @@ IMAGE_EXAMPLES = "/opt/mergeserve/examples"
 CUSTOM_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): DEPLOY / "schemas/monitoring.coreos.com/servicemonitor_v1.json",
     ("keda.sh/v1alpha1", "ScaledObject"): DEPLOY / "schemas/keda.sh/scaledobject_v1alpha1.json",
+    ("inference.networking.k8s.io/v1", "InferencePool"): DEPLOY / "schemas/inference.networking.k8s.io/inferencepool_v1.json",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): DEPLOY / "schemas/gateway.networking.k8s.io/httproute_v1.json",
 }
+# What an overlay adds to the base's objects.
+EXTRA_KINDS = {"inference-gateway": ["InferencePool", "HTTPRoute"]}
 # checkov checks the manifests skip, each annotated with its reason on the object (checkov.io/skipN).
 CHECKOV_SKIPS = {"CKV_K8S_43", "CKV_K8S_35"}
 TOOLS_VENV = REPO / ".cache" / "deploy-venv" / "bin"
@@ -84,6 +88,7 @@ def test_overlay_renders_the_whole_stack(rendered, overlay):
     assert sorted(o["kind"] for o in objects) == sorted([
         "Namespace", "ServiceAccount", "ConfigMap", "Service", "Service", "PersistentVolumeClaim",
         "StatefulSet", "NetworkPolicy", "PodDisruptionBudget", "ServiceMonitor", "ScaledObject",
+        *EXTRA_KINDS.get(overlay, []),
     ])
     for o in objects:
         if o["kind"] != "Namespace":
@@ -266,6 +271,36 @@ def test_vllm_parallelism_uses_the_pods_gpus(rendered):
     volumes = {v["name"]: v for v in one(objects, "StatefulSet")["spec"]["template"]["spec"]["volumes"]}
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"  # tensor-parallel workers share memory
     assert mount(container(objects), "dshm")["mountPath"] == "/dev/shm"
+
+
+def test_the_inference_pool_holds_this_statefulsets_pods_and_the_route_sends_to_it(rendered):
+    from prometheus_client import generate_latest
+
+    from mergeserve.server.metrics import Metrics
+
+    objects = rendered["inference-gateway"]
+    pool, route, statefulset = one(objects, "InferencePool"), one(objects, "HTTPRoute"), one(objects, "StatefulSet")
+    pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert pool["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    (port,) = pool["spec"]["targetPorts"]
+    assert port["number"] == next(p["containerPort"] for p in container(objects)["ports"] if p["name"] == "http")
+    (rule,) = route["spec"]["rules"]
+    (backend,) = rule["backendRefs"]
+    assert (backend["group"], backend["kind"], backend["name"]) == ("inference.networking.k8s.io", "InferencePool", "mergeserve")
+    # What the endpoint picker reads of each pod is what the gateway serves.
+    served = generate_latest(Metrics(lambda: []).registry).decode()
+    for name in ("vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:lora_requests_info"):
+        assert f"# TYPE {name} gauge" in served, name
+
+
+def test_the_inference_pool_schema_refuses_a_misspelt_field(rendered):
+    jsonschema = pytest.importorskip("jsonschema")
+    pool = json.loads(json.dumps(one(rendered["inference-gateway"], "InferencePool")))
+    schema = json.loads(CUSTOM_SCHEMAS[("inference.networking.k8s.io/v1", "InferencePool")].read_text())
+    jsonschema.Draft202012Validator(schema).validate(pool)
+    pool["spec"]["endpointPickerRef"]["portNumber"] = 9002  # a pre-v1 field
+    with pytest.raises(jsonschema.ValidationError, match="portNumber"):
+        jsonschema.Draft202012Validator(schema).validate(pool)
 
 
 def test_canary_splits_an_alias_between_two_compositions(rendered):

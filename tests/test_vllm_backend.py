@@ -1,8 +1,10 @@
-"""`backend: vllm` against real vLLM (make test-vllm): the demo composition exported, served by a
+"""`backend: vllm` against real vLLM (make test-vllm): the demo composition (a BTX MoE of LoRA
+experts) exported for mergeserve's vLLM plugin (the base, the factors and the routers), served by a
 managed vLLM child behind the gateway, and hot-swapped under load. Skipped without vLLM."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import threading
@@ -22,6 +24,7 @@ from mergeserve.server.builder import Builder
 from mergeserve.server.registry import Registry
 from mergeserve.server.state import dump_spec
 from mergeserve.spec import VLLMProfile, load_serve_config, parse_composition
+from mergeserve.vllm_plugin import ARCHITECTURE
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = {"Authorization": "Bearer admin-key"}
@@ -29,8 +32,10 @@ STARTUP_S = 900  # vLLM-CPU loads in minutes
 
 
 def has_vllm() -> bool:
+    """vLLM, with mergeserve's plugin installed beside it (`make vllm`)."""
     python = os.environ.get(PYTHON_ENV)
-    return bool(python) and subprocess.run([python, "-c", "import vllm"], capture_output=True).returncode == 0
+    check = "import vllm, mergeserve.vllm_plugin"
+    return bool(python) and subprocess.run([python, "-c", check], capture_output=True).returncode == 0
 
 
 pytestmark = [
@@ -85,6 +90,9 @@ def test_the_openai_client_chats_completes_and_streams_through_vllm(gateway: Gat
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     backend = gateway.http.get(f"/admin/compositions/{name}").json()["backend"]
     assert backend["kind"] == "vllm" and backend["process"]["state"] == "ready"
+    argv = backend["process"]["argv"]
+    config = json.loads((Path(argv[argv.index("--model") + 1]) / "config.json").read_text())
+    assert config["architectures"] == [ARCHITECTURE]  # the plugin's LoRA-expert MoE, not a Mixtral copy
 
 
 @pytest.mark.parametrize("prompt", ["The capital of France is", "def fibonacci(n):", "Question: 17 * 23 = ?"])

@@ -283,6 +283,7 @@ class Builder:
         from mergeserve.server.backends import vllm
 
         spec, profile = revision.spec, self.policy.profile(revision.spec)
+        plugin = self.policy.vllm_lora.moe_plugin
 
         def composed() -> ComposedModel:
             with self.pool.claim(revision.id):
@@ -294,8 +295,8 @@ class Builder:
                 return self.adapters.serve(spec, built, profile, revision.id)
             except NotOneAdapter as e:
                 log.info("%s is exported whole for a vLLM child of its own: %s", spec.name, e)
-            return vllm.start(spec, lambda: built, self.export_dir, profile, self.policy.gateway_keys)
-        return vllm.start(spec, composed, self.export_dir, profile, self.policy.gateway_keys)
+            return vllm.start(spec, lambda: built, self.export_dir, profile, self.policy.gateway_keys, plugin)
+        return vllm.start(spec, composed, self.export_dir, profile, self.policy.gateway_keys, plugin)
 
     def _route_backend(self, revision: Revision) -> tuple[Backend, int]:
         """method=route: an engine per member model, each built as a composition of its own, and the request router."""

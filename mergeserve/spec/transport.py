@@ -99,9 +99,13 @@ MaxLoRARank = Literal[8, 16, 32, 64, 128, 256, 320, 512]
 
 
 class VLLMLoRA(Strict):
-    """`backend: vllm` compositions that are exactly one LoRA over their base (one adapter, a linear
-    or task-arithmetic merge of adapters): adapters of one vLLM engine per base, loaded at run time."""
+    """How LoRA adapters reach vLLM: a `backend: vllm` composition that is exactly one LoRA over its
+    base (one adapter, a linear or task-arithmetic merge of adapters) is an adapter of one vLLM
+    engine per base, loaded at run time; a token-routed MoE of LoRA experts runs in the plugin."""
 
     enabled: bool = True  # false: every composition is exported whole, a vLLM child of its own
     max_loras: int = Field(4, ge=1, le=256)  # adapters in one batch (vLLM's --max-loras)
     max_lora_rank: MaxLoRARank = 64  # the largest adapter rank (a merge's: its adapters' ranks summed)
+    # A token-routed MoE of LoRA experts runs in mergeserve's vLLM plugin (base, factors and routers;
+    # vLLM's environment needs mergeserve installed); false: exported as Mixtral, each expert dense.
+    moe_plugin: bool = True

