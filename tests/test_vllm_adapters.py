@@ -115,3 +115,6 @@ def test_a_hot_swap_loads_a_new_adapter_under_4_streaming_clients_without_a_rest
     now = backend(gateway, "sum")
     assert now["process"]["pid"] == pid and now["upstream_model"] != old_adapter  # no restart, a new adapter
     assert swap_s < 30, swap_s  # the benchmark times it; here only: no vLLM start (minutes)
+    # The adapters' revisions keep the base loaded here, so a swap builds without reloading it.
+    (base,) = [s for s in gateway.http.get("/admin/pool").json()["experts"] if s["kind"] != "peft"]
+    assert "sum@2" in base["used_by"] and "math@1" in base["used_by"]

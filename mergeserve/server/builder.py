@@ -258,11 +258,14 @@ class Builder:
 
             return ProxyBackend.connect(spec, self.policy.upstream_key(spec)), None
         if spec.backend == "vllm":
+            held = False
             try:
-                return self._vllm_backend(revision), None
+                backend, held = self._vllm_backend(revision)
+                return backend, None
             finally:
-                self.pool.release(revision.id)  # vLLM holds the weights, not this process
-                release_free_heap()
+                if not held:
+                    self.pool.release(revision.id)  # vLLM holds the weights, not this process
+                    release_free_heap()
         if spec.method == "route":
             return self._route_backend(revision)
         with self.pool.claim(revision.id):
@@ -276,9 +279,11 @@ class Builder:
             return LocalBackend(placed, self.executor, release=self.bases.release), composition_bytes(composed, self.pool)
         return LocalBackend(engine, self.executor), own_bytes(engine, self.pool)
 
-    def _vllm_backend(self, revision: Revision) -> Backend:
+    def _vllm_backend(self, revision: Revision) -> tuple[Backend, bool]:
         """One LoRA over its base: an adapter of the base's vLLM engine; anything else: exported
-        whole (reused when already exported), a vLLM child of its own."""
+        whole (reused when already exported), a vLLM child of its own. And whether the revision
+        keeps its checkpoints in the pool until it is freed: an adapter's revision does, so the
+        next revision over that base (a swap) builds without loading the base again."""
         from mergeserve.export.adapter import NotOneAdapter
         from mergeserve.server.backends import vllm
 
@@ -292,11 +297,11 @@ class Builder:
         if self.policy.vllm_lora.enabled and may_be_one_adapter(spec):
             built = composed()
             try:
-                return self.adapters.serve(spec, built, profile, revision.id)
+                return self.adapters.serve(spec, built, profile, revision.id), True
             except NotOneAdapter as e:
                 log.info("%s is exported whole for a vLLM child of its own: %s", spec.name, e)
-            return vllm.start(spec, lambda: built, self.export_dir, profile, self.policy.gateway_keys, plugin)
-        return vllm.start(spec, composed, self.export_dir, profile, self.policy.gateway_keys, plugin)
+            return vllm.start(spec, lambda: built, self.export_dir, profile, self.policy.gateway_keys, plugin), False
+        return vllm.start(spec, composed, self.export_dir, profile, self.policy.gateway_keys, plugin), False
 
     def _route_backend(self, revision: Revision) -> tuple[Backend, int]:
         """method=route: an engine per member model, each built as a composition of its own, and the request router."""
