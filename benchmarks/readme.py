@@ -251,10 +251,37 @@ def shared_base() -> list[str]:
     return rows + [""] + notes
 
 
+def vllm() -> list[str]:
+    """The demo on vLLM through the plugin against Mixtral; adapter compositions on one vLLM engine."""
+    plugin, adapters = load("vllm_plugin.json"), load("vllm_adapters.json")
+    e = plugin["exports"]
+    rows = ["| the demo on vLLM | parameters | on disk | RSS after warm-up | " +
+            " | ".join(f"tok/s, {c} client{'s' * (c != '1')}" for c in plugin["servers"]["plugin"]["summary"]) + " |",
+            "|---|---|---|---|" + "---|" * len(plugin["servers"]["plugin"]["summary"])]
+    rows.append(f"| the base alone | {e['base']['parameters'] / 1e6:.1f} M | {e['base']['bytes'] / 2**20:.0f} MB | | |")
+    for name, label in (("plugin", "mergeserve's plugin: base, factors, routers"), ("mixtral", "Mixtral export, dense experts")):
+        s = plugin["servers"][name]
+        speed = " | ".join(f"{fmt(v['tok_per_s'])}" for v in s["summary"].values())
+        rows.append(f"| {label} | {e[name]['parameters'] / 1e6:.1f} M ({e[name]['over_base']:.2f}x the base) | "
+                    f"{e[name]['bytes'] / 2**20:.0f} MB | {s['rss_after_warmup_mb']:.0f} MB | {speed} |")
+    ratio = "; ".join(f"{c} client{'s' * (c != '1')} {fmt(r, 2)}x" for c, r in plugin["ratios"]["plugin_over_mixtral"].items())
+    servers = adapters["servers"]
+    swap, restart = servers["lora_ab"]["swap_seconds"], servers["whole_ab"]["swap_seconds"]
+    alias = adapters["ratios"]["lora_ab_over_lora_one"]
+    c = next(iter(alias))
+    return rows + ["", f"Plugin over Mixtral, tok/s per round: {ratio}. {machine_line(plugin['machine'])}", "",
+                   f"Adapter compositions (`benchmarks/vllm_adapters.py`): swapping one took {fmt(swap, 2)} s with the "
+                   f"vLLM child kept (its pid unchanged), against {fmt(restart, 0)} s for a whole export and a new child. "
+                   f"At {c} clients an alias over two adapters in one vLLM engine ran at {fmt(alias[c], 2)}x one adapter "
+                   f"({fmt(servers['lora_ab']['summary'][c]['tok_per_s'])} tok/s); two whole exports in two children ran at "
+                   f"{fmt(servers['whole_ab']['summary'][c]['tok_per_s'])} tok/s, as vLLM-CPU's LoRA kernels gather each "
+                   f"token's factors. {machine_line(adapters['machine'])}"]
+
+
 RENDERERS: dict[str, Callable[[], list[str]]] = {
     "quality": quality, "dtype_loss": dtype_loss, "lora_pool": lora_pool, "soak": soak,
     "route_throughput": route_throughput, "profile": profile, "btx_attention": btx_attention,
-    "serving": serving, "build_time": build_time, "memory": memory, "shared_base": shared_base,
+    "serving": serving, "build_time": build_time, "memory": memory, "shared_base": shared_base, "vllm": vllm,
 }
 
 

@@ -97,8 +97,7 @@ class AdapterEngines:
         key = base_key(spec, composed.sources[0], profile)
         child = self._child(key, spec, composed, profile)
         name = adapter_name(revision_id)
-        folder = self.export_dir / "adapters" / f"{name}-{secrets.token_hex(4)}"
-        shutil.rmtree(folder, ignore_errors=True)
+        folder = self.export_dir / "adapters" / f"{name}-{secrets.token_hex(4)}"  # never an earlier process's
         export_adapter(composed, folder, EXPORT_DTYPE[options(spec).dtype], factors=factors)
         try:
             child.load(name, folder)
