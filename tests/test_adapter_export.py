@@ -99,3 +99,14 @@ def test_what_is_not_one_lora_is_refused_naming_why(zoo, adapters, tmp_path):
     assert not may_be_one_adapter(cases["route tokens over experts"]) and not may_be_one_adapter(cases["holds no adapter factors: a dense"])
     with pytest.raises(ValueError, match="rank 18 .* more than max_lora_rank=16"):
         export_adapter(build(one_lora_specs(zoo, adapters)[2], ExpertPool()), tmp_path / "big", max_rank=16)
+
+
+def test_vllm_refuses_a_merge_past_max_lora_rank_before_starting_anything(zoo, adapters, tmp_path):
+    from mergeserve.server.backends.vllm_adapters import AdapterEngines
+    from mergeserve.spec import VLLMLoRA, VLLMProfile
+
+    s = one_lora_specs(zoo, adapters)[2]  # rank 4 + 8 + 6
+    engines = AdapterEngines(tmp_path, VLLMLoRA(max_lora_rank=16))
+    with pytest.raises(ValueError, match=r"rank 18 .* more than max_lora_rank=16 \(the serve config's vllm_lora\)"):
+        engines.serve(s, build(s, ExpertPool()), VLLMProfile(), "task-sum@1")
+    assert not any((tmp_path / "adapters").glob("*"))  # refused before anything was written or started

@@ -63,13 +63,14 @@ def export_adapter(
     composed: ComposedModel, out_dir: str | Path, dtype: str | torch.dtype = "float32", max_rank: int | None = None,
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write `composed` as a PEFT LoRA folder (adapter_config.json, adapter_model.safetensors).
-    Raises NotOneAdapter, or ValueError when its rank exceeds `max_rank`."""
+    """Write `composed` as a PEFT LoRA folder (adapter_config.json, adapter_model.safetensors);
+    `factors`: adapter_factors(composed) when already computed. Raises NotOneAdapter, or ValueError
+    (nothing written) when its rank exceeds `max_rank`."""
     factors = adapter_factors(composed) if factors is None else factors
     rank = adapter_rank(factors)
     if max_rank is not None and rank > max_rank:
         raise ValueError(f"composition {composed.name!r} is a LoRA of rank {rank} (its adapters' ranks summed), "
-                         f"more than max_lora_rank={max_rank}")
+                         f"more than max_lora_rank={max_rank} (the serve config's vllm_lora)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dt = parse_dtype(dtype)

@@ -91,21 +91,21 @@ class AdapterEngines:
         now if none runs. Raises NotOneAdapter when it is not one LoRA over its base, ValueError
         when its rank is past max_lora_rank."""
         factors = adapter_factors(composed)
-        if (rank := adapter_rank(factors)) > self.settings.max_lora_rank:
-            raise ValueError(f"composition {spec.name!r} is one LoRA of rank {rank} (its adapters' ranks summed), more than "
-                             f"the serve config's vllm_lora.max_lora_rank={self.settings.max_lora_rank}")
-        key = base_key(spec, composed.sources[0], profile)
-        child = self._child(key, spec, composed, profile)
         name = adapter_name(revision_id)
         folder = self.export_dir / "adapters" / f"{name}-{secrets.token_hex(4)}"  # never an earlier process's
-        export_adapter(composed, folder, EXPORT_DTYPE[options(spec).dtype], factors=factors)
+        # Written before any child starts: a rank past the serve config's max_lora_rank is refused here.
+        export_adapter(composed, folder, EXPORT_DTYPE[options(spec).dtype], self.settings.max_lora_rank, factors)
+        key = base_key(spec, composed.sources[0], profile)
+        child = None
         try:
+            child = self._child(key, spec, composed, profile)
             child.load(name, folder)
         except Exception:
             shutil.rmtree(folder, ignore_errors=True)
-            self._stop_if_unused(key, child, wait=False)
+            if child is not None:
+                self._stop_if_unused(key, child, wait=False)
             raise
-        log.info("%s: adapter %r (rank %d) loaded into vLLM pid %s", spec.name, name, rank, child.server.pid)
+        log.info("%s: adapter %r (rank %d) loaded into vLLM pid %s", spec.name, name, adapter_rank(factors), child.server.pid)
         return ProxyBackend(spec.name, child.url, name, child.key, spec.timeout_s, process=child.server,
                             release=lambda wait: self._release(key, child, name, folder, wait))
 
