@@ -18,13 +18,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from mergeserve.composition import ComposedModel
-from mergeserve.engine.tables import NotLowRank, base_of
+from mergeserve.engine.tables import ATTENTION, FFN, NotLowRank, base_of
 from mergeserve.export.dense import export_dense
 from mergeserve.export.hf import parse_dtype
 from mergeserve.weights import LowRank, Weight
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-FFN = ("gate_proj", "up_proj", "down_proj")
 PREFIX = "base_model.model.model.layers"
 
 

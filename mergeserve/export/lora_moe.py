@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mergeserve.composition import ComposedModel
+from mergeserve.engine.tables import FFN, BaseWeights, NotLowRank, base_of
 from mergeserve.export.hf import DEFAULT_SHARD_BYTES, is_tied, parse_dtype, shared_tensors, write_checkpoint
 from mergeserve.vllm_plugin import ARCHITECTURE
 from mergeserve.weights import LowRank, Weight
@@ -32,13 +33,13 @@ class NotLoraMoE(ValueError):
 def lora_moe_tensors(composed: ComposedModel) -> dict[str, Weight]:
     """Every tensor of the plugin's checkpoint by name (attention as merged weights, materialised
     when written). Raises NotLoraMoE."""
-    _check(composed)
+    base = _checked_base(composed)
     tensors = shared_tensors(composed, is_tied(composed))
     rank = max(w.rank for layer in composed.layers for e in layer.experts for w in vars(e).values() if isinstance(w, LowRank))
-    for i, layer in enumerate(composed.layers):
+    for i, (layer, under) in enumerate(zip(composed.layers, base.layers)):
         p = f"model.layers.{i}.mlp."
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            tensors[p + f"{proj}.weight"] = _base(getattr(layer.experts[0], proj))
+        for proj in FFN:
+            tensors[p + f"{proj}.weight"] = getattr(under.experts[0], proj)
         tensors[p + "router"] = layer.router.float()
         for proj, name in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
             a, b = zip(*(_factors(getattr(e, proj), rank) for e in layer.experts))
@@ -61,7 +62,9 @@ def export_lora_moe(
     return write_checkpoint(out_dir, config, tensors, composed, parse_dtype(dtype), max_shard_bytes)
 
 
-def _check(composed: ComposedModel) -> None:
+def _checked_base(composed: ComposedModel) -> BaseWeights:
+    """The base under `composed`'s experts (engine/tables.base_of); NotLoraMoE naming why the plugin
+    cannot serve it."""
     why = None
     if composed.config.model_type not in FAMILIES:
         why = f"its base is {composed.config.model_type}; the plugin runs {', '.join(FAMILIES)} bases"
@@ -73,26 +76,15 @@ def _check(composed: ComposedModel) -> None:
         why = "its attention is routed per token, which the plugin does not run yet; serve it in mergeserve"
     elif not all(layer.is_moe for layer in composed.layers):
         why = "not every layer is an MoE"
-    elif not all(_over_base(layer) for layer in composed.layers) or not any(
-            isinstance(w, LowRank) for layer in composed.layers for e in layer.experts for w in vars(e).values()):
-        why = "its experts are not LoRA factors over one base FFN (dense experts: the Mixtral export)"
-    if why:
-        raise NotLoraMoE(f"composition {composed.name!r} is not a LoRA-expert MoE the vLLM plugin serves: {why}")
-
-
-def _over_base(layer) -> bool:
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-        ws = [getattr(e, proj) for e in layer.experts]
-        bases = [_base(w) for w in ws]
-        if any(isinstance(w, LowRank) and w.terms is not None for w in ws):
-            return False
-        if any(b.data_ptr() != bases[0].data_ptr() or b.shape != bases[0].shape for b in bases):
-            return False
-    return True
-
-
-def _base(w: Weight) -> torch.Tensor:
-    return w.base if isinstance(w, LowRank) else w
+    elif any(isinstance(w, LowRank) and w.terms is not None for layer in composed.layers for e in layer.experts
+             for w in vars(e).values()):
+        why = "an expert is itself a merge of adapters"
+    else:
+        try:
+            return base_of(composed)
+        except NotLowRank as e:
+            why = f"its experts are not LoRA factors over one base FFN (dense experts: the Mixtral export): {e}"
+    raise NotLoraMoE(f"composition {composed.name!r} is not a LoRA-expert MoE the vLLM plugin serves: {why}")
 
 
 def _factors(w: Weight, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
