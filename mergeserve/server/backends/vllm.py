@@ -22,7 +22,7 @@ import os
 import secrets
 import shutil
 import sys
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from mergeserve.server.backends.process import ManagedServer, child_env, free_port
@@ -63,25 +63,33 @@ def exported(spec: CompositionSpec, build, cache: Path, plugin: bool = False) ->
     from mergeserve.export.lora_moe import NotLoraMoE, export_lora_moe
     from mergeserve.export.mixtral import check_mixtral
 
-    out = cache / f"{spec.name}-{fingerprint(spec, plugin)}"
+    def write(partial: Path) -> None:
+        composed = build()
+        dtype = EXPORT_DTYPE[options(spec).dtype]
+        moe = any(layer.is_moe for layer in composed.layers)
+        try:
+            if not (plugin and moe):
+                raise NotLoraMoE("the plugin is off" if moe else "not an MoE")
+            export_lora_moe(composed, partial, dtype)
+        except NotLoraMoE as e:
+            if moe:
+                log.info("%s: exported as Mixtral (%s)", spec.name, e)
+                check_mixtral(composed)  # refuses, naming why, what vLLM's Mixtral cannot run
+            export_composition(composed, partial, dtype)
+
+    return written_once(cache / f"{spec.name}-{fingerprint(spec, plugin)}", write)
+
+
+def written_once(out: Path, write: Callable[[Path], None]) -> Path:
+    """The export folder `out`: reused when a complete one is there, else written by `write` into
+    `out.partial` and renamed, so only a complete export is ever reused."""
     if (out / "config.json").is_file():
-        log.info("%s: reusing the export in %s", spec.name, out)
+        log.info("reusing the export in %s", out)
         return out
-    composed = build()
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    dtype = EXPORT_DTYPE[options(spec).dtype]
-    moe = any(layer.is_moe for layer in composed.layers)
-    try:
-        if not (plugin and moe):
-            raise NotLoraMoE("the plugin is off" if moe else "not an MoE")
-        export_lora_moe(composed, partial, dtype)
-    except NotLoraMoE as e:
-        if moe:
-            log.info("%s: exported as Mixtral (%s)", spec.name, e)
-            check_mixtral(composed)  # refuses, naming why, what vLLM's Mixtral cannot run
-        export_composition(composed, partial, dtype)
-    partial.rename(out)  # only a complete export is ever reused
+    write(partial)
+    partial.rename(out)
     return out
 
 

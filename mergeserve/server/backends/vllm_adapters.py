@@ -32,7 +32,7 @@ from mergeserve.composition import ComposedModel
 from mergeserve.export.adapter import adapter_factors, adapter_rank, export_adapter, export_base
 from mergeserve.server.backends.process import ManagedServer, child_env, free_port
 from mergeserve.server.backends.proxy import ProxyBackend
-from mergeserve.server.backends.vllm import EXPORT_DTYPE, argv, options
+from mergeserve.server.backends.vllm import EXPORT_DTYPE, argv, options, written_once
 from mergeserve.spec import CompositionSpec, VLLMLoRA, VLLMProfile
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,8 @@ class AdapterEngines:
             if not child.server.ready:
                 raise RuntimeError(f"the vLLM engine of this base is {child.server.state} (restarting); retry shortly")
             return child
-        model_dir = self._base_export(key, composed, options(spec).dtype)
+        dtype = EXPORT_DTYPE[options(spec).dtype]
+        model_dir = written_once(self.export_dir / f"base-{key}", lambda out: export_base(composed, out, dtype))
         port, api_key = free_port(), secrets.token_urlsafe(32)
         lora = ["--enable-lora", "--max-loras", str(self.settings.max_loras), "--max-lora-rank", str(self.settings.max_lora_rank)]
         env = child_env(profile.env, self.withheld) | {"VLLM_API_KEY": api_key, RUNTIME_LORA_ENV: "True"}
@@ -130,16 +131,6 @@ class AdapterEngines:
         with self._lock:
             self._children[key] = child
         return child
-
-    def _base_export(self, key: str, composed: ComposedModel, dtype: str) -> Path:
-        out = self.export_dir / f"base-{key}"
-        if (out / "config.json").is_file():
-            return out
-        partial = out.with_name(out.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        export_base(composed, partial, EXPORT_DTYPE[dtype])
-        partial.rename(out)  # only a complete export is ever reused
-        return out
 
     def _release(self, key: str, child: BaseChild, name: str, folder: Path, wait: bool) -> None:
         """A revision's adapter is drained: unload it, and stop the child once it holds none."""
