@@ -157,13 +157,20 @@ def make_scenario(name: str, tmp: Path, args: argparse.Namespace) -> Scenario:
     if name.endswith("_own"):  # every composition in an engine of its own, as before one engine per base
         engine["placement"] = "own"
     config = {"compositions": specs, "aliases": aliases, "dtype": args.dtype, "lora": "factored", "engine": engine,
-              "max_compositions": max(16, len(specs) + 1), "admin_key": ADMIN_KEY}  # + 1: add_to_warm's
+              "max_compositions": max(16, len(specs) + 1)}  # + 1: add_to_warm's
+    return config_scenario(name, tmp, config, names, pick, {"requests_ask_for": described, "dtype_requested": args.dtype,
+                                                             "threads": args.threads})
+
+
+def config_scenario(name: str, tmp: Path, config: dict, names: list[str], pick: Pick, settings: dict) -> Scenario:
+    """`mergeserve serve` on a free port with `config` (the admin key added), written to tmp/NAME.json,
+    serving the compositions `names`; requests ask for `pick`'s. `settings`: what else to record."""
+    config = config | {"admin_key": ADMIN_KEY}
     path = tmp / f"{name}.json"
     path.write_text(json.dumps(config, indent=1))
     port = free_port()
     cmd = [sys.executable, "-m", "mergeserve.cli", "serve", "--config", str(path), "--port", str(port)]
-    settings = {"kind": "mergeserve", "compositions": len(names), "requests_ask_for": described,
-                "dtype_requested": args.dtype, "threads": args.threads, "config_file": str(path),
+    settings = {"kind": "mergeserve", "compositions": len(names), **settings, "config_file": str(path),
                 "config": {**config, "admin_key": "(set)"}, "command": shlex.join(cmd)}
     return Scenario(name, cmd, "/ready", names[0], port, settings, {"MERGESERVE_ADMIN_KEY": ADMIN_KEY},
                     log_dir=tmp, compositions=names, pick=pick)

