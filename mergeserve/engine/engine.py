@@ -16,10 +16,12 @@ import math
 import random
 import threading
 from collections import deque
+from pathlib import Path
 
 import torch
 
 from mergeserve.composition import ComposedModel
+from mergeserve.engine.compiled import buckets_for
 from mergeserve.engine.kv_cache import KVCache
 from mergeserve.engine.mixture_router import MixtureRouter
 from mergeserve.engine.model import Transformer
@@ -31,6 +33,7 @@ from mergeserve.engine.sequence import RequestOutput, SamplingParams, Sequence
 from mergeserve.engine.tables import CompositionTables
 from mergeserve.kernels.packed import WeightPacker
 from mergeserve.spec import EngineConfig
+from mergeserve.spec.serve import CompileConfig
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,27 @@ class Engine:
         self.expert_requests = torch.zeros(composed.num_experts, dtype=torch.int64) if self.mixture_router else None
         self.failed_steps = 0  # steps that raised: their requests failed, the engine went on
         self._refused: list[tuple[str, Exception]] = []  # requests whose admission raised, with the error
+        self._compile_error: str | None = None  # why the decode step could not be compiled here
+        if config.compile.enabled:
+            self._start_compile(config.compile)
+
+    def _start_compile(self, c: CompileConfig) -> None:
+        """The decode step compiled in the background (engine/compiled.py); until then, and where it fails, eager."""
+        try:
+            self.runner.compile_decode(c.buckets or buckets_for(self.runner.slots),
+                                       c.cache_dir or str(Path.home() / ".cache/mergeserve/inductor"), c.autotune)
+        except NotImplementedError as e:
+            self._compile_error = str(e)
+            log.warning("engine %s serves eagerly: %s", self.name, e)
+
+    @property
+    def compile_state(self) -> dict | None:
+        """The compiled decode step's state (admin API); None when compiling is off."""
+        if self.runner.compiled is not None:
+            return self.runner.compiled.state.describe()
+        if self._compile_error is not None:
+            return {"status": "unsupported", "error": self._compile_error}
+        return None
 
     # --- thread-safe surface -------------------------------------------------------------
     @property

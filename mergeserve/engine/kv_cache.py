@@ -1,11 +1,20 @@
-"""Per-slot key/value cache. The engine owns it; each running sequence holds one slot."""
+"""Per-slot key/value cache. The engine owns it; each running sequence holds one slot.
+
+Attention over the cache is also an opaque operator, `mergeserve::cache_attention`, for compiled
+steps (engine/compiled.py): inductor would turn a write into the ~GB cache tensor into a copy of
+all of it every step, so the compiled graph hands the operator only the step's q/k/v and index
+tensors, and the operator finds its cache by key.
+"""
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import mmap
+import weakref
 
 import torch
+import torch.nn.functional as F
 
 
 class KVCache:
@@ -19,8 +28,11 @@ class KVCache:
     never into a real sequence's slot.
     """
 
-    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int):
+    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int,
+                 windows: tuple[int | None, ...] | None = None):
+        """windows: each cache layer's sliding window (None: full attention), for cache_attention."""
         self.max_len = max_len
+        self.windows = windows or (None,) * layers
         self.scratch_slot = slots
         self.shape = (layers, slots + 1, kv_heads, max_len, head_dim)
         # NORESERVE: the reservation is address space, not committed memory (a large max_model_len
@@ -29,6 +41,19 @@ class KVCache:
         # fp32 whatever the weights: attention runs in fp32 (layers.attention).
         self._maps = [mmap.mmap(-1, max(1, _numel(self.shape) * 4), flags=flags) for _ in range(2)]
         self.k, self.v = (torch.frombuffer(m, dtype=torch.float32, count=_numel(self.shape)).view(self.shape) for m in self._maps)
+        self.key = next(_KEYS)
+        _CACHES[self.key] = self
+        self.operator_calls = 0  # cache_attention calls: a compiled step ran (tests check this)
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+        write_slots: torch.Tensor, num_keys: int, first_slot: int | None, mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Write k/v [B, KVH, T, Dh] at each token's slot and position ([B, T] each), then attend q
+        [B, H, T, Dh] over the first `num_keys` positions of each row's slot: [B, H, T, Dh]."""
+        self.write(layer, write_slots, positions, k, v)
+        keys, values = self.read(layer, slots, num_keys, first_slot)  # [B, KVH, S, Dh]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
 
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """slots and positions [B, T] (one per token), k/v [B, KVH, T, Dh]."""
@@ -58,6 +83,43 @@ class KVCache:
         """Copy a sequence's first `length` positions from slot src to slot dst (all layers)."""
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+# Every live cache by key: the operator below takes ints and tensors only, so it finds its cache
+# here (a weak map: a cache goes with its engine).
+_CACHES: weakref.WeakValueDictionary[int, KVCache] = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+@torch.library.custom_op("mergeserve::cache_attention", mutates_args=())
+def cache_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: int, layer: int, slots: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """KVCache.attend for a compiled step's decode batch: q [B, H, 1, Dh], k/v [B, KVH, 1, Dh],
+    slots [B] (-1: a padding row, after the real ones), positions [B, 1].
+    Padding rows attend nothing and return zeros: they are cut from the step's result."""
+    from mergeserve.engine.layers import Batch  # layers imports this module
+
+    kv = _CACHES[cache]
+    kv.operator_calls += 1
+    real = int((slots >= 0).sum())
+    out = q.new_zeros(q.shape)
+    if real == 0:
+        return out
+    rows = slice(0, real)
+    ids = slots[rows]
+    batch = Batch(positions[rows], positions[rows], ids)
+    first = int(ids[0])
+    contiguous = bool((ids == torch.arange(first, first + real)).all())
+    out[rows] = kv.attend(layer, q[rows], k[rows], v[rows], ids, positions[rows], batch.write_slots(kv.scratch_slot),
+                          batch.num_keys(), first if contiguous else None, batch.mask(kv.windows[layer]))
+    return out
+
+
+@cache_attention.register_fake
+def _(q, k, v, cache, layer, slots, positions):
+    return torch.empty_like(q)
 
 
 def _resident(m: mmap.mmap) -> int:

@@ -182,10 +182,13 @@ def attention(
     qkv_out = qkv_out.float().view(b, t, n_heads + 2 * n_kv, dh).transpose(1, 2)  # [B, H + 2 KVH, T, Dh]
     qk, v = qkv_out.split([n_heads + n_kv, n_kv], dim=1)
     q, k = rope(qk, cos, sin).split([n_heads, n_kv], dim=1)
-    if cache is not None:
-        cache.write(layer, batch.write_slots(cache.scratch_slot), batch.positions, k, v)
-        k, v = cache.read(layer, batch.slots, batch.num_keys(), batch.first_slot)  # [B, KVH, S, Dh]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    if cache is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    elif torch.compiler.is_compiling():  # a compiled decode step: the cache stays out of the graph
+        out = torch.ops.mergeserve.cache_attention(q, k, v, cache.key, layer, batch.slots, batch.positions)
+    else:
+        out = cache.attend(layer, q, k, v, batch.slots, batch.positions, batch.write_slots(cache.scratch_slot),
+                           batch.num_keys(), batch.first_slot, mask)
     y = out.transpose(1, 2).reshape(b, t, -1).to(x.dtype)  # [B, T, H * Dh]
     if deltas is not None and deltas.o is not None:
         return linear(y, o_proj) + deltas.o(y.view(b * t, -1), gate).view(b, t, -1)

@@ -146,14 +146,16 @@ class Transformer(torch.nn.Module):
         # each linear takes its input in its weight's dtype.
         x = F.embedding(batch.tokens, self.composed.embed).float()  # [B, T, D]
         cos, sin = self.cos[batch.positions].unsqueeze(1), self.sin[batch.positions].unsqueeze(1)  # [B, 1, T, Dh]
-        masks = {w: batch.mask(w) for w in set(self.args.windows)}  # one mask per distinct window
+        compiled = torch.compiler.is_compiling()  # a compiled step: the cache operator masks (kv_cache.py)
+        masks = {w: None if compiled else batch.mask(w) for w in set(self.args.windows)}  # one mask per distinct window
         self._check(batch, coefficients)
         block = self.block if coefficients is None else partial(self._coefficient_block, coefficients)
         for i, run in enumerate(self.run_layers):
             x = block(i, run, x, cos, sin, masks[self.args.windows[i]], batch, cache, capture)
             if capture is not None and capture.layers is not None:
                 capture.layers.append(x)
-        self._count_picks()
+        if not compiled:  # a compiled step's runner counts the real rows of its padded batch
+            self.count(batch, counts_alpha=coefficients is None)
         return rms_norm(x, self.norm, self.args.eps)
 
     def _check(self, batch: Batch, coefficients: torch.Tensor | None) -> None:
@@ -180,9 +182,7 @@ class Transformer(torch.nn.Module):
         capture: Capture | None,
     ) -> torch.Tensor:
         """A mixture router with separate attention: each expert's own layer on the rows that chose it."""
-        x = separate_layer(i, self.expert_runs[i], x, cos, sin, mask, batch, cache, self.args.attn_shape, self.args.eps)
-        self._count_alpha(i, batch)
-        return x
+        return separate_layer(i, self.expert_runs[i], x, cos, sin, mask, batch, cache, self.args.attn_shape, self.args.eps)
 
     def _dynamic_block(
         self, i: int, run: RunLayer, x: torch.Tensor, cos, sin, mask, batch: Batch, cache: KVCache | None,
@@ -192,7 +192,6 @@ class Transformer(torch.nn.Module):
         token's gate [B * T, E] its row's alpha."""
         gate = batch.alpha.repeat_interleave(batch.tokens.shape[1], dim=0)
         x = x + self.attend(i, run, rms_norm(x, run.input_norm, self.args.eps), cos, sin, mask, batch, cache, gate=gate)
-        self._count_alpha(i, batch)
         return x + self._dynamic_ffn(run, x, gate)
 
     def _coefficient_block(
@@ -212,11 +211,26 @@ class Transformer(torch.nn.Module):
         normed = rms_norm(x, run.post_attn_norm, self.args.eps)
         return run.dynamic_ffn(normed.reshape(-1, normed.shape[-1]), gate).view_as(x)
 
-    def _count_alpha(self, i: int, batch: Batch) -> None:
-        """Layer i's router statistics under a mixture router's alpha."""
-        picks, weight = routing_counts(batch)  # [E], [E]
-        self.expert_load[i] += picks
-        self.expert_weight[i] += weight
+    @property
+    def cache_windows(self) -> tuple[int | None, ...]:
+        """Each cache layer's sliding window (separate attention: layer i's experts at i * E + e)."""
+        per_layer = self.composed.num_experts if self.separate else 1
+        return tuple(w for w in self.args.windows for _ in range(per_layer))
+
+    def count(self, batch: Batch, rows: int | None = None, counts_alpha: bool = True) -> None:
+        """Add the last forward's routing to the router statistics: its token-routing picks, and
+        under a mixture router (separate or dynamic) every layer's alpha. rows: only the first
+        `rows` rows of the batch are real (a compiled step pads decode batches to a bucket)."""
+        picks, self._picks = self._picks, []
+        if rows is not None:
+            t = batch.tokens.shape[1]
+            picks = [(i, w[:rows * t], ids[:rows * t]) for i, w, ids in picks]
+            batch = Batch(batch.tokens[:rows], batch.positions[:rows], None, alpha=None if batch.alpha is None else batch.alpha[:rows])
+        self._count_picks(picks)
+        if counts_alpha and (self.separate or self.dynamic) and batch.alpha is not None:
+            picked, weight = routing_counts(batch)  # [E], [E]: the same for every layer
+            self.expert_load += picked
+            self.expert_weight += weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.lm_head).float()
@@ -270,15 +284,14 @@ class Transformer(torch.nn.Module):
         return lora_moe_ffn(x, weights.masked_fill(on_dense, 0), ids, run.lora) \
             + moe_ffn(x, weights.masked_fill(~on_dense, 0), ids, run.ffns)
 
-    def _count_picks(self) -> None:
-        """The router statistics of this forward, added once for all layers."""
-        if not self._picks:
+    def _count_picks(self, picks: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """Token-routing picks (layer, weights, ids) added to the router statistics, all layers at once."""
+        if not picks:
             return
         n_experts = self.expert_load.shape[1]
-        layers = torch.tensor([i for i, _, _ in self._picks])  # [L']
-        ids = torch.stack([ids for _, _, ids in self._picks])  # [L', N, k]
-        weights = torch.stack([w for _, w, _ in self._picks]).detach().double()  # [L', N, k]
-        self._picks = []
+        layers = torch.tensor([i for i, _, _ in picks])  # [L']
+        ids = torch.stack([ids for _, _, ids in picks])  # [L', N, k]
+        weights = torch.stack([w for _, w, _ in picks]).detach().double()  # [L', N, k]
         flat = (layers.view(-1, 1, 1) * n_experts + ids).reshape(-1)
         live = (weights.reshape(-1) > 0).double()  # weight-0 picks ran nothing and count nowhere
         size = self.expert_load.numel()

@@ -12,6 +12,7 @@ import logging
 import torch
 
 from mergeserve.composition import ComposedModel
+from mergeserve.engine.compiled import CompiledDecode, as_parameters
 from mergeserve.engine.kv_cache import KVCache
 from mergeserve.engine.layers import Batch, padded_groups
 from mergeserve.engine.mixture_router import MixtureRouter
@@ -44,8 +45,10 @@ class ModelRunner:
         self.model = Transformer(composed, max_model_len, packer)
         args = self.model.args
         self.slots = kv_slots(config, self.model.cache_layers * args.n_kv_heads * args.head_dim * 2 * 4, max_model_len)
-        self.cache = KVCache(self.model.cache_layers, self.slots, args.n_kv_heads, args.head_dim, max_model_len)
+        self.cache = KVCache(self.model.cache_layers, self.slots, args.n_kv_heads, args.head_dim, max_model_len,
+                             self.model.cache_windows)
         self.mixture_router = MixtureRouter(composed) if composed.mixture_routing is not None else None
+        self.compiled: CompiledDecode | None = None  # the decode step compiled (compile_decode)
 
     # --- the step's forwards ---------------------------------------------------------------
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -57,6 +60,8 @@ class ModelRunner:
         first = slot_ids[0] if slot_ids == list(range(slot_ids[0], slot_ids[0] + len(seqs))) else None
         bias = self._router_bias([(s, 1) for s in seqs])
         batch = Batch(tokens, positions, torch.tensor(slot_ids), bias, alpha=self._alpha(seqs), key_len=max(ends), first_slot=first)
+        if self.compiled is not None and (hidden := self.compiled.decode(batch)) is not None:
+            return hidden
         return self._forward(batch, [(s, 1) for s in seqs])
 
     def prefill(self, chunks: list[tuple[Sequence, int]]) -> torch.Tensor:
@@ -78,6 +83,16 @@ class ModelRunner:
     def _forward(self, batch: Batch, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
         """The step's forward over `batch`, whose rows are `rows` (sequence, its real tokens)."""
         return self.model(batch, self.cache)
+
+    def compile_decode(self, buckets: list[int], cache_dir: str | None = None, autotune: bool = True) -> CompiledDecode:
+        """Compile the decode step in the background (compiled.py); decode() runs each bucket once it is ready."""
+        plain = Transformer(self.model.composed, self.model.cos.shape[0])  # the same tensors, without oneDNN's packs
+        plain.run_layers, plain.expert_runs, plain.lm_head = as_parameters([plain.run_layers, plain.expert_runs, plain.lm_head])
+        plain.expert_load, plain.expert_weight = self.model.expert_load, self.model.expert_weight  # one set of statistics
+        alpha = self.num_experts if self.mixture_router is not None else None
+        self.compiled = CompiledDecode(plain, self.cache, buckets, alpha, plain.count, cache_dir, autotune)
+        self.compiled.start()
+        return self.compiled
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [..., D] to logits [..., V]."""

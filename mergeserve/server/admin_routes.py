@@ -199,6 +199,7 @@ class AdminRoutes:
             "spec": _spec(live or shown),
             "router": _router_stats(live),
             "backend": _backend(live, shown),
+            "compile": _compile_state(live),
         }
 
 
@@ -222,6 +223,12 @@ def _backend(live: Revision | None, shown: Revision) -> dict[str, Any]:
     if live is not None and live.backend is not None:
         return live.backend.describe()
     return {"kind": shown.spec.backend if shown.spec is not None else "local"}
+
+
+def _compile_state(live: Revision | None) -> dict[str, Any] | None:
+    """The in-process engine's compiled decode step (engine/compiled.py); None when not compiling."""
+    engine = live.backend.engine if live and live.backend else None
+    return getattr(engine, "compile_state", None)
 
 
 def _router_stats(live: Revision | None) -> dict[str, Any] | None:

@@ -12,6 +12,28 @@ from mergeserve.spec.composition import CompositionSpec
 from mergeserve.spec.transport import VLLMLoRA, VLLMProfile, plain_url
 
 
+class CompileConfig(Strict):
+    """The decode step as compiled graphs (engine/compiled.py), built in the background while the
+    engine serves eagerly."""
+
+    enabled: bool = False
+    # Let inductor time its GEMM kernels (its C++ micro-GEMM against oneDNN) and take the faster.
+    autotune: bool = True
+    # Batch sizes compiled (a decode batch runs in the smallest that holds it); None: 1, 2, 4, ...
+    # up to the first that holds max_num_seqs.
+    buckets: list[int] | None = Field(None, min_length=1)
+    # Inductor's caches (compiled graphs, autotuning): a restart or replica with the same folder
+    # reuses them. None: ~/.cache/mergeserve/inductor.
+    cache_dir: str | None = None
+
+    @field_validator("buckets")
+    @classmethod
+    def _positive(cls, buckets: list[int] | None) -> list[int] | None:
+        if buckets is not None and any(b < 1 for b in buckets):
+            raise ValueError(f"buckets must be positive batch sizes, got {buckets}")
+        return buckets
+
+
 class EngineConfig(Strict):
     max_num_seqs: int = Field(16, ge=1, le=256)
     max_model_len: int = Field(2048, ge=16)
@@ -33,6 +55,7 @@ class EngineConfig(Strict):
     # its own. auto: as base, but one alone on its base keeps an engine of its own (its merges
     # materialised: faster alone, benchmarks/results/shared_base.json) until a second one arrives.
     placement: Literal["auto", "base", "own"] = "auto"
+    compile: CompileConfig = CompileConfig()
 
 
 MAX_TARGETS = 16
