@@ -185,8 +185,13 @@ def setting_line(name: str, s: dict) -> str:
         return (f"`{name}`: vLLM {s['version']}, {s['dtype']}, max {s['max_num_seqs']} sequences, "
                 f"`VLLM_CPU_KVCACHE_SPACE={env['VLLM_CPU_KVCACHE_SPACE']}` GiB, "
                 f"`VLLM_CPU_OMP_THREADS_BIND={env['VLLM_CPU_OMP_THREADS_BIND']}`.")
+    if s.get("kind") == "llama.cpp":
+        return (f"`{name}`: llama.cpp `llama-server` ({s['package']}), `{s['weights']}` weights, "
+                f"{s['threads']} threads, {s['parallel']} parallel sequences, `-c {s['context']}`.")
+    compiled = s.get("compile")
+    step = f"compiled decode step, buckets {compiled['buckets']}" if compiled else "eager decode step"
     return (f"`{name}`: mergeserve, dtype `{s['dtype_requested']}` ({s['dtype_resolved']}), "
-            f"{s['threads_resolved']} compute threads, max {s['max_num_seqs']} sequences, `lora: {s['lora']}`.")
+            f"{s['threads_resolved']} compute threads, max {s['max_num_seqs']} sequences, `lora: {s['lora']}`, {step}.")
 
 
 def build_time() -> list[str]:

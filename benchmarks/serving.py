@@ -142,6 +142,9 @@ class Server:
     port: int
     settings: dict
     env: dict[str, str] = field(default_factory=dict)
+    # Arguments to retry with when the first start dies of SIGILL (llama.cpp's repacked quantized
+    # kernels use AMX instructions some VMs forbid; `--no-repack` runs them unpacked).
+    sigill_retry: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
     tree: Tree | None = None
     record: dict = field(default_factory=dict)
@@ -298,7 +301,7 @@ def llamacpp_server(name: str, model: str, source: Path | str, args) -> Server |
         "weights": source if isinstance(source, str) else path.name, "parallel": parallel, "threads": threads,
         "context": parallel * args.max_model_len, "command": shlex.join(cmd),
     }
-    return Server(name, cmd, "/health", model, port, settings, llamacpp.env(bin_dir))
+    return Server(name, cmd, "/health", model, port, settings, llamacpp.env(bin_dir), sigill_retry=["--no-repack"])
 
 
 def _version(venv: Path, package: str) -> str:
@@ -457,7 +460,17 @@ def start_all(servers: list[Server], args) -> list[Server]:
     for s in servers:
         print(f"{s.name}: {s.settings['command'][:150]} ...", flush=True)
         try:
-            s.record["ready_seconds"] = s.start()
+            try:
+                s.record["ready_seconds"] = s.start()
+            except RuntimeError:
+                if not s.sigill_retry or s.proc.returncode != -4:
+                    raise
+                s.stop()
+                print(f"  {s.name} died of SIGILL; retrying with {' '.join(s.sigill_retry)}", flush=True)
+                s.cmd = s.cmd + s.sigill_retry
+                s.settings["command"] = shlex.join(s.cmd)
+                s.settings["retried_after_sigill"] = s.sigill_retry
+                s.record["ready_seconds"] = s.start()
             asyncio.run(warm_up(s.url, s.model, max(args.concurrency), args.new_tokens))
         except Exception as e:  # noqa: BLE001 - a server that fails is reported, not fatal
             print(f"  {s.name} failed: {e}", flush=True)

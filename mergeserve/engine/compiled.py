@@ -56,8 +56,8 @@ def configure_inductor(cache_dir: str | None, autotune: bool) -> None:
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
-    if cache_dir:
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir)
+    if cache_dir:  # read by inductor whenever it opens its caches; compiles hold _COMPILE_LOCK
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     inductor_config.freezing = True  # the composition's tensors become constants: what the C++ GEMM needs
     inductor_config.fx_graph_cache = True
     if autotune:
@@ -141,11 +141,11 @@ class CompiledDecode:
     def _compile_all(self) -> None:
         start = time.perf_counter()
         self.state.status = "compiling"
-        configure_inductor(self.cache_dir, self.autotune)
         try:
             for bucket in self.state.buckets:
                 t0 = time.perf_counter()
                 with _COMPILE_LOCK, torch.inference_mode():
+                    configure_inductor(self.cache_dir, self.autotune)
                     self._compiled(warm_up_batch(bucket, self.alpha_experts), self.cache)
                     self.model._picks = []  # the warm-up's picks are not traffic
                 self.state.ready[bucket] = time.perf_counter() - t0
