@@ -168,7 +168,10 @@ def as_parameters(x: Any, seen: dict[int, torch.nn.Parameter] | None = None) -> 
         return x
     if isinstance(x, torch.Tensor):
         if id(x) not in seen:
-            seen[id(x)] = torch.nn.Parameter(x, requires_grad=False)
+            # A view that starts inside its storage is copied: frozen into a graph with inductor's
+            # C++ GEMM, such a view was read from the storage's start (wrong logits, measured).
+            own = x if x.storage_offset() == 0 and x.is_contiguous() else x.contiguous().clone()
+            seen[id(x)] = torch.nn.Parameter(own, requires_grad=False)
         return seen[id(x)]
     if isinstance(x, list):
         return [as_parameters(v, seen) for v in x]
