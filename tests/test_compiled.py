@@ -90,10 +90,15 @@ def test_dense_experts_compiled(zoo, inductor_cache):
     assert_compiled_decodes_like_eager(composed, inductor_cache)
 
 
-@pytest.mark.parametrize("attention", ["separate", "merged"])
-def test_sequence_routed_experts_compiled(zoo, layer_experts, inductor_cache, attention):
-    composed = composition(zoo["base"], layer_experts, kind="perplexity", top_k=2, attention=attention)
+def test_sequence_routed_experts_with_merged_attention_compiled(zoo, layer_experts, inductor_cache):
+    composed = composition(zoo["base"], layer_experts, kind="perplexity", top_k=2, attention="merged")
     assert_compiled_decodes_like_eager(composed, inductor_cache)
+
+
+def test_separate_attention_says_it_serves_eagerly(zoo, layer_experts):
+    composed = composition(zoo["base"], layer_experts, kind="perplexity", top_k=2, attention="separate")
+    state = engine(composed, enabled=True).compile_state
+    assert state["status"] == "unsupported" and "separate attention" in state["error"]
 
 
 def test_router_statistics_count_real_rows_only(zoo, adapters, inductor_cache):
@@ -102,6 +107,7 @@ def test_router_statistics_count_real_rows_only(zoo, adapters, inductor_cache):
     compiled.runner.compiled.wait(timeout=900)
     eager = engine(composed)
     decode(compiled), decode(eager)
+    assert compiled.compile_state["compiled_steps"] > 0 and compiled.compile_state["eager_steps"] == 0
     assert compiled.expert_load.tolist() == eager.expert_load.tolist()
 
 

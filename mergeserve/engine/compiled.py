@@ -64,8 +64,8 @@ def configure_inductor(cache_dir: str | None, autotune: bool) -> None:
         inductor_config.max_autotune = True
         inductor_config.max_autotune_gemm_backends = "CPP"
     # Graphs per code object: engines x buckets x the resumes after graph breaks.
-    dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 512)
-    dynamo_config.accumulated_cache_size_limit = max(dynamo_config.accumulated_cache_size_limit, 4096)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 512)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
 
 
 @dataclass
@@ -146,8 +146,11 @@ class CompiledDecode:
                 t0 = time.perf_counter()
                 with _COMPILE_LOCK, torch.inference_mode():
                     configure_inductor(self.cache_dir, self.autotune)
+                    before = self.cache.operator_calls
                     self._compiled(warm_up_batch(bucket, self.alpha_experts), self.cache)
                     self.model._picks = []  # the warm-up's picks are not traffic
+                if self.cache.operator_calls == before:  # dynamo gave up and ran it eagerly (its recompile limit, say)
+                    raise RuntimeError(f"bucket {bucket} ran eagerly when compiled: dynamo compiled no graph for it")
                 self.state.ready[bucket] = time.perf_counter() - t0
                 log.info("compiled decode step: batch bucket %d in %.1f s", bucket, self.state.ready[bucket])
         except Exception as e:  # noqa: BLE001 - any failure leaves the engine serving eagerly

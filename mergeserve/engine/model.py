@@ -95,6 +95,8 @@ class Transformer(torch.nn.Module):
         self.expert_load = torch.zeros(len(composed.layers), e, dtype=torch.int64)  # [L, E]
         self.expert_weight = torch.zeros(len(composed.layers), e, dtype=torch.float64)  # [L, E]
         self._picks: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # this forward's (layer, weights, ids)
+        # False: the caller counts (count()) the real rows of each forward (a compiled step pads its batches).
+        self.counts_in_forward = True
         # Separate attention: expert e's own layer i keeps its keys/values in cache layer i * E + e.
         seq = composed.mixture_routing
         self.separate = seq is not None and seq.separate
@@ -154,7 +156,7 @@ class Transformer(torch.nn.Module):
             x = block(i, run, x, cos, sin, masks[self.args.windows[i]], batch, cache, capture)
             if capture is not None and capture.layers is not None:
                 capture.layers.append(x)
-        if not compiled:  # a compiled step's runner counts the real rows of its padded batch
+        if not compiled and self.counts_in_forward:
             self.count(batch, counts_alpha=coefficients is None)
         return rms_norm(x, self.norm, self.args.eps)
 

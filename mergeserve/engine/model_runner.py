@@ -86,7 +86,10 @@ class ModelRunner:
 
     def compile_decode(self, buckets: list[int], cache_dir: str | None = None, autotune: bool = True) -> CompiledDecode:
         """Compile the decode step in the background (compiled.py); decode() runs each bucket once it is ready."""
+        if self.model.separate:
+            raise NotImplementedError("separate attention (each expert's own layers on the rows that chose it) is not compiled yet")
         plain = Transformer(self.model.composed, self.model.cos.shape[0])  # the same tensors, without oneDNN's packs
+        plain.counts_in_forward = False  # CompiledDecode counts the real rows
         plain.run_layers, plain.expert_runs, plain.lm_head = as_parameters([plain.run_layers, plain.expert_runs, plain.lm_head])
         plain.expert_load, plain.expert_weight = self.model.expert_load, self.model.expert_weight  # one set of statistics
         alpha = self.num_experts if self.mixture_router is not None else None
