@@ -382,7 +382,9 @@ async def drive(
     request; `models_asked` counts the distinct ones)."""
     import openai
 
-    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=timeout)
+    # The openai client's own retries (2, its default): a connection a server closed between two
+    # requests is opened anew, as a user's client would (llama-server closes idle keep-alives).
+    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=2, timeout=timeout)
     start, asked = time.perf_counter(), set()
     deadline = start + seconds
     pick = model if callable(model) else lambda c, i: model

@@ -1,33 +1,39 @@
 """The decode step as compiled graphs: inductor's CPU backend, one graph per batch-size bucket.
 
-Measured (DESIGN.md): inductor's C++ micro-GEMM over frozen weights reads a decode step's weights
-about three times faster than oneDNN at one row, and fuses the small ops between the matmuls.
-So the compiled step is the engine's own Transformer, rebuilt over the same tensors without
-oneDNN's packed copies, compiled with freezing (what never changes, the composition's tensors,
-becomes constants of the graph) and max-autotune choosing the GEMM kernels by measurement.
+Measured (DESIGN.md, and here on an AMX Xeon: 30 SmolLM2-sized layers at one row, 14 ms against
+28 ms for inductor's ATen GEMMs and 32 ms eager): inductor's C++ micro-GEMM over frozen weights
+reads a decode step's weights faster than oneDNN at few rows, and inductor fuses the small ops
+between the matmuls. So the compiled step is the engine's own Transformer, rebuilt over the same
+tensors without oneDNN's packed copies, its tensors nn.Parameters (which dynamo freezes into the
+graph as constants: what the C++ GEMM needs), and its GEMMs the C++ template alone: max-autotune's
+own choice between it and ATen times the kernels with the weights in cache and picked ATen,
+the slower with weights read from memory as a decode step reads them.
 
 - Batch sizes are padded to buckets (1, 2, 4, 8, ...), as CUDA graphs are captured: a padding
   row has slot -1, attends nothing and is cut from the result; its picks are not counted.
 - The KV cache never enters a graph: attention over it is the `mergeserve::cache_attention`
   operator (kv_cache.py), so the varying key length recompiles nothing.
 - Compiling runs on a thread of its own, bucket by bucket, while the engine serves eagerly;
-  a bucket serves compiled once every bucket is built. Nothing compiles on the serving thread:
+  a bucket serves compiled once it is built. Nothing compiles on the serving thread:
   it calls the graphs under dynamo's `eager_on_recompile` stance, which runs cached graphs whose
   guards pass and anything else eagerly (a request with a router bias, for one). The stance is
   process-wide, so a step serves eagerly while any engine compiles.
 - Inductor's caches (FX graphs, autotuning) live in `cache_dir`, so a restart or a replica
   reuses the compiled artifacts. A failure logs its reason and the engine stays eager.
+- Forwards whose shapes follow the data (dense experts grouped by expert, separate attention)
+  would break the graph inside the layer loop: they are refused up front (model_runner.graph_break).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +44,8 @@ from mergeserve.engine.layers import Batch
 
 log = logging.getLogger(__name__)
 
-# Compiles share inductor's configuration and dynamo's caches, which are process-wide: one at a time.
+# Compiles share dynamo's caches and stance, which are process-wide: one at a time, and the
+# serving thread calls a compiled graph only while no compile runs.
 _COMPILE_LOCK = threading.Lock()
 
 
@@ -50,13 +57,16 @@ def buckets_for(max_num_seqs: int) -> list[int]:
     return sizes
 
 
-def configure_inductor(cache_dir: str | None, autotune: bool) -> None:
-    """The settings of a compile, made on the thread that compiles: inductor's and dynamo's
-    configs are per thread."""
+@contextlib.contextmanager
+def inductor_settings(cache_dir: str | None, autotune: bool) -> Iterator[None]:
+    """The settings of a compile, made on the thread that compiles (inductor's and dynamo's configs
+    are per thread). The cache folder is an environment variable, read by inductor whenever it
+    opens its caches: set for the compile (they hold _COMPILE_LOCK), then put back."""
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
-    if cache_dir:  # read by inductor whenever it opens its caches; compiles hold _COMPILE_LOCK
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if cache_dir:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     inductor_config.freezing = True  # the composition's tensors become constants: what the C++ GEMM needs
     inductor_config.fx_graph_cache = True
@@ -66,6 +76,13 @@ def configure_inductor(cache_dir: str | None, autotune: bool) -> None:
     # Graphs per code object: engines x buckets x the resumes after graph breaks.
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 512)
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
 
 
 @dataclass
@@ -78,7 +95,7 @@ class CompileState:
     error: str | None = None
     seconds: float | None = None  # from start to the last bucket
     compiled_steps: int = 0  # decode steps served by a compiled graph
-    eager_steps: int = 0  # decode steps larger than every ready bucket, served eagerly
+    eager_steps: int = 0  # decode steps served eagerly: past every ready bucket, during a compile, or unguarded
 
     def describe(self) -> dict:
         return {"status": self.status, "buckets": self.buckets, "ready_buckets": sorted(self.ready),
@@ -126,13 +143,13 @@ class CompiledDecode:
             self.state.eager_steps += 1
             return None
         try:
-            padded, before = pad(batch, bucket), self.cache.operator_calls
+            padded, before = pad(batch, bucket), self.model.eager_forwards
             with torch.compiler.set_stance("eager_on_recompile"):  # a graph whose guards fail runs eagerly, never compiles
                 hidden = self._compiled(padded, self.cache)
         finally:
             _COMPILE_LOCK.release()
         self.count(padded, rows)
-        if self.cache.operator_calls > before:  # the cache operator runs in compiled graphs only
+        if self.model.eager_forwards == before:  # it ran in the compiled graph
             self.state.compiled_steps += 1
         else:
             self.state.eager_steps += 1
@@ -144,12 +161,11 @@ class CompiledDecode:
         try:
             for bucket in self.state.buckets:
                 t0 = time.perf_counter()
-                with _COMPILE_LOCK, torch.inference_mode():
-                    configure_inductor(self.cache_dir, self.autotune)
-                    before = self.cache.operator_calls
+                with _COMPILE_LOCK, torch.inference_mode(), inductor_settings(self.cache_dir, self.autotune):
+                    before = self.model.eager_forwards
                     self._compiled(warm_up_batch(bucket, self.alpha_experts), self.cache)
                     self.model._picks = []  # the warm-up's picks are not traffic
-                if self.cache.operator_calls == before:  # dynamo gave up and ran it eagerly (its recompile limit, say)
+                if self.model.eager_forwards != before:  # dynamo skipped the frame and ran it eagerly
                     raise RuntimeError(f"bucket {bucket} ran eagerly when compiled: dynamo compiled no graph for it")
                 self.state.ready[bucket] = time.perf_counter() - t0
                 log.info("compiled decode step: batch bucket %d in %.1f s", bucket, self.state.ready[bucket])
@@ -194,7 +210,7 @@ def warm_up_batch(rows: int, alpha_experts: int | None) -> Batch:
         alpha = torch.zeros(rows, alpha_experts)
         alpha[:, 0] = 1.0
     return Batch(torch.zeros(rows, 1, dtype=torch.long), torch.zeros(rows, 1, dtype=torch.long),
-                 torch.full((rows,), -1), alpha=alpha)
+                 torch.full((rows,), -1), alpha=alpha, cache_operator=True)
 
 
 def pad(batch: Batch, rows: int) -> Batch:
@@ -208,4 +224,4 @@ def pad(batch: Batch, rows: int) -> Batch:
     if batch.router_bias is not None:
         bias = torch.cat([batch.router_bias, batch.router_bias.new_zeros(extra, batch.router_bias.shape[1])])
     return Batch(torch.cat([batch.tokens, zeros]), torch.cat([batch.positions, zeros]),
-                 torch.cat([batch.slots, torch.full((extra,), -1)]), bias, alpha=alpha)
+                 torch.cat([batch.slots, torch.full((extra,), -1)]), bias, alpha=alpha, cache_operator=True)

@@ -42,6 +42,9 @@ class Batch:
     key_len: int | None = None
     # The rows' slots are first_slot, first_slot + 1, ...: the cache is read as a view, not copied.
     first_slot: int | None = None
+    # Attention over the cache through the cache_attention operator (kv_cache.py), which masks
+    # and finds the keys itself: a compiled step's batches, whose graphs never see the cache.
+    cache_operator: bool = False
 
     @classmethod
     def right_padded(
@@ -184,7 +187,7 @@ def attention(
     q, k = rope(qk, cos, sin).split([n_heads, n_kv], dim=1)
     if cache is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    elif torch.compiler.is_compiling():  # a compiled decode step: the cache stays out of the graph
+    elif batch.cache_operator:  # a compiled decode step: the cache stays out of the graph
         out = torch.ops.mergeserve.cache_attention(q, k, v, cache.key, layer, batch.slots, batch.positions)
     else:
         out = cache.attend(layer, q, k, v, batch.slots, batch.positions, batch.write_slots(cache.scratch_slot),

@@ -97,6 +97,7 @@ class Transformer(torch.nn.Module):
         self._picks: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # this forward's (layer, weights, ids)
         # False: the caller counts (count()) the real rows of each forward (a compiled step pads its batches).
         self.counts_in_forward = True
+        self.eager_forwards = 0  # tells a compiled step that dynamo ran it eagerly (compiled.py)
         # Separate attention: expert e's own layer i keeps its keys/values in cache layer i * E + e.
         seq = composed.mixture_routing
         self.separate = seq is not None and seq.separate
@@ -146,17 +147,19 @@ class Transformer(torch.nn.Module):
         tune-merge` trains)."""
         # The residual stream and norms run in fp32 (cheap, and exact enough to keep bf16 weights honest);
         # each linear takes its input in its weight's dtype.
+        if not torch.compiler.is_compiling():  # traced away in a compiled graph: counts the forwards run eagerly
+            self.eager_forwards += 1
         x = F.embedding(batch.tokens, self.composed.embed).float()  # [B, T, D]
         cos, sin = self.cos[batch.positions].unsqueeze(1), self.sin[batch.positions].unsqueeze(1)  # [B, 1, T, Dh]
-        compiled = torch.compiler.is_compiling()  # a compiled step: the cache operator masks (kv_cache.py)
-        masks = {w: None if compiled else batch.mask(w) for w in set(self.args.windows)}  # one mask per distinct window
+        # one mask per distinct window (the cache operator masks for itself)
+        masks = {w: None if batch.cache_operator else batch.mask(w) for w in set(self.args.windows)}
         self._check(batch, coefficients)
         block = self.block if coefficients is None else partial(self._coefficient_block, coefficients)
         for i, run in enumerate(self.run_layers):
             x = block(i, run, x, cos, sin, masks[self.args.windows[i]], batch, cache, capture)
             if capture is not None and capture.layers is not None:
                 capture.layers.append(x)
-        if not compiled and self.counts_in_forward:
+        if self.counts_in_forward:
             self.count(batch, counts_alpha=coefficients is None)
         return rms_norm(x, self.norm, self.args.eps)
 

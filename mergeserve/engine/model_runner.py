@@ -24,6 +24,20 @@ from mergeserve.spec import EngineConfig
 log = logging.getLogger(__name__)
 
 
+def graph_break(model: Transformer) -> str | None:
+    """What in the model's decode forward has shapes that depend on the data, so dynamo would break
+    the graph inside the layer loop and run the forward eagerly (and skip compiling that code for
+    every later engine of the process): refused before it is tried. None: it compiles whole."""
+    if model.separate:
+        return "separate attention (each expert's own layers on the rows that chose it)"
+    moe = [run for run in model.run_layers if run.layer.is_moe]
+    if any(run.ffns for run in moe):
+        return "an MoE of dense experts (tokens grouped by expert)"
+    if model.composed.mixture_routing is not None and moe and not model.dynamic:
+        return "a mixture router over MoE FFNs (each row's number of picks read from alpha)"
+    return None
+
+
 def kv_slots(config: EngineConfig, bytes_per_position: int, max_len: int) -> int:
     """Sequences that run at once: max_num_seqs, fewer where the KV cache budget holds fewer
     whole sequences (a request waits for a slot, or is refused past max_waiting: the cache
@@ -86,8 +100,8 @@ class ModelRunner:
 
     def compile_decode(self, buckets: list[int], cache_dir: str | None = None, autotune: bool = True) -> CompiledDecode:
         """Compile the decode step in the background (compiled.py); decode() runs each bucket once it is ready."""
-        if self.model.separate:
-            raise NotImplementedError("separate attention (each expert's own layers on the rows that chose it) is not compiled yet")
+        if (why := graph_break(self.model)) is not None:
+            raise NotImplementedError(f"{why} is not compiled yet")
         plain = Transformer(self.model.composed, self.model.cos.shape[0])  # the same tensors, without oneDNN's packs
         plain.counts_in_forward = False  # CompiledDecode counts the real rows
         plain.run_layers, plain.expert_runs, plain.lm_head = as_parameters([plain.run_layers, plain.expert_runs, plain.lm_head])
