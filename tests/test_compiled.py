@@ -85,11 +85,11 @@ def test_per_request_merging_compiled(zoo, adapters, inductor_cache):
 
 @pytest.mark.parametrize(("experts", "router", "why"), [
     ("dense", {"kind": "hidden"}, "dense experts"),
-    ("layers", {"kind": "perplexity", "attention": "merged"}, "mixture router over MoE FFNs"),
+    ("adapters", {"kind": "perplexity", "attention": "merged"}, "mixture router over MoE FFNs"),
     ("layers", {"kind": "perplexity", "attention": "separate"}, "separate attention"),
 ])
-def test_compositions_whose_shapes_follow_the_data_say_they_serve_eagerly(zoo, layer_experts, experts, router, why):
-    members = {n: zoo[n] for n in NAMES} if experts == "dense" else layer_experts
+def test_compositions_whose_shapes_follow_the_data_say_they_serve_eagerly(zoo, adapters, layer_experts, experts, router, why):
+    members = {"dense": {n: zoo[n] for n in NAMES}, "adapters": adapters, "layers": layer_experts}[experts]
     composed = composition(zoo["base"], members, top_k=2, **router)
     served = engine(composed, enabled=True)
     assert served.compile_state["status"] == "unsupported" and why in served.compile_state["error"]
