@@ -175,6 +175,11 @@ def serving() -> list[str]:
     lines.append(f"- {m['rounds']} interleaved rounds of at least {m['round_seconds']:g} s per server and concurrency, "
                  f"{m['new_tokens']} new tokens a request; median (min-max) over the rounds.")
     lines += [f"- {setting_line(name, r['settings'])}" for name, r in d["servers"].items() if "settings" in r]
+    lines += [f"- `{name}`: ready to serve {r['ready_seconds']:.0f} s after start, eagerly; its compiled step "
+              f"{r['compile']['status']} {r['compile']['seconds']:.0f} s after compiling began, on the same 2 cores as the "
+              "other servers' compiles (seconds per bucket: "
+              + ", ".join(f"{b}: {t:.0f}" for b, t in r["compile"]["bucket_seconds"].items()) + ")."
+              for name, r in d["servers"].items() if r.get("compile")]
     lines.append(f"- {machine_line(d['machine'])} Commit `{d['commit']}`.")
     return lines
 
@@ -186,8 +191,10 @@ def setting_line(name: str, s: dict) -> str:
                 f"`VLLM_CPU_KVCACHE_SPACE={env['VLLM_CPU_KVCACHE_SPACE']}` GiB, "
                 f"`VLLM_CPU_OMP_THREADS_BIND={env['VLLM_CPU_OMP_THREADS_BIND']}`.")
     if s.get("kind") == "llama.cpp":
+        retried = (f", `{' '.join(s['retried_after_sigill'])}` (its repacked kernels died of SIGILL on this machine)"
+                   if s.get("retried_after_sigill") else "")
         return (f"`{name}`: llama.cpp `llama-server` ({s['package']}), `{s['weights']}` weights, "
-                f"{s['threads']} threads, {s['parallel']} parallel sequences, `-c {s['context']}`.")
+                f"{s['threads']} threads, {s['parallel']} parallel sequences, `-c {s['context']}`{retried}.")
     compiled = s.get("compile")
     step = f"compiled decode step, buckets {compiled['buckets']}" if compiled else "eager decode step"
     return (f"`{name}`: mergeserve, dtype `{s['dtype_requested']}` ({s['dtype_resolved']}), "
