@@ -98,7 +98,7 @@ def cache_attention(
     """KVCache.attend for a compiled step's decode batch: q [B, H, 1, Dh], k/v [B, KVH, 1, Dh],
     slots [B] (-1: a padding row, after the real ones), positions [B, 1].
     Padding rows attend nothing and return zeros: they are cut from the step's result."""
-    from mergeserve.engine.layers import Batch  # layers imports this module
+    from mergeserve.engine.layers import Batch, first_of_run  # layers imports this module
 
     kv = _CACHES[cache]
     real = int((slots >= 0).sum())
@@ -108,10 +108,8 @@ def cache_attention(
     rows = slice(0, real)
     ids = slots[rows]
     batch = Batch(positions[rows], positions[rows], ids)
-    first = int(ids[0])
-    contiguous = bool((ids == torch.arange(first, first + real)).all())
     out[rows] = kv.attend(layer, q[rows], k[rows], v[rows], ids, positions[rows], batch.write_slots(kv.scratch_slot),
-                          batch.num_keys(), first if contiguous else None, batch.mask(kv.windows[layer]))
+                          batch.num_keys(), first_of_run(ids.tolist()), batch.mask(kv.windows[layer]))
     return out
 
 

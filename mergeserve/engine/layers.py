@@ -19,7 +19,7 @@ from mergeserve.kernels.packed import Packed
 from mergeserve.kernels.routed_lowrank import DynamicFFN, RoutedAttention
 
 __all__ = [
-    "Batch", "RunLayer", "attention", "next_token_targets", "padded_groups", "real_tokens", "rms_norm", "rope",
+    "Batch", "RunLayer", "attention", "first_of_run", "next_token_targets", "padded_groups", "real_tokens", "rms_norm", "rope",
     "signed_sin",
 ]
 
@@ -83,6 +83,11 @@ class Batch:
         if sliding_window:
             allowed &= keys > q - sliding_window
         return allowed.unsqueeze(1)
+
+
+def first_of_run(slots: list[int]) -> int | None:
+    """The first slot when `slots` are consecutive (Batch.first_slot: the cache is read as a view), else None."""
+    return slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
 
 
 def real_tokens(x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:

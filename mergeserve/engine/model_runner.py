@@ -14,7 +14,7 @@ import torch
 from mergeserve.composition import ComposedModel
 from mergeserve.engine.compiled import CompiledDecode, as_parameters
 from mergeserve.engine.kv_cache import KVCache
-from mergeserve.engine.layers import Batch, padded_groups
+from mergeserve.engine.layers import Batch, first_of_run, padded_groups
 from mergeserve.engine.mixture_router import MixtureRouter
 from mergeserve.engine.model import Transformer
 from mergeserve.engine.sequence import Sequence
@@ -71,7 +71,7 @@ class ModelRunner:
         ends = [s.num_tokens for s in seqs]
         positions = torch.tensor(ends).unsqueeze(1) - 1
         slot_ids = [s.slot for s in seqs]
-        first = slot_ids[0] if slot_ids == list(range(slot_ids[0], slot_ids[0] + len(seqs))) else None
+        first = first_of_run(slot_ids)
         bias = self._router_bias([(s, 1) for s in seqs])
         batch = Batch(tokens, positions, torch.tensor(slot_ids), bias, alpha=self._alpha(seqs), key_len=max(ends), first_slot=first)
         if self.compiled is not None and (hidden := self.compiled.decode(batch)) is not None:
