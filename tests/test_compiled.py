@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from tiny import perturbed_copy
 
 from mergeserve.engine.engine import Engine
@@ -14,6 +15,7 @@ from mergeserve.engine.sequence import SamplingParams
 from mergeserve.experts import ExpertPool
 from mergeserve.learn.compose import build
 from mergeserve.spec import EngineConfig, parse_composition
+from mergeserve.weights import LowRank
 
 PROMPTS = ("def add(a, b):\n    return a + b\n", "Die Katze schläft im Haus.", "What is 12 + 7?")
 NAMES = ("code", "german", "math")
@@ -44,15 +46,22 @@ def engine(composed, **compile) -> Engine:
 
 def decode(e: Engine) -> dict[str, tuple[list[int], list[float]]]:
     """Greedy tokens and their log-probabilities for three requests of different lengths, so the
-    decode batch runs at 3, 2 and 1 rows (all in the bucket of 4)."""
-    for i, prompt in enumerate(PROMPTS):
-        e.add_request(str(i), e.tokenizer(prompt)["input_ids"], SamplingParams(max_tokens=4 + 3 * i, temperature=0,
-                                                                              ignore_eos=True, logprobs=0))
+    decode batch runs at 3, 2 and 1 rows (all in the bucket of 4). The first arrives a step
+    ahead: its prompt is a prefill of one chunk, the others' share a step."""
     out = {str(i): ([], []) for i in range(len(PROMPTS))}
-    while e.has_work():
+
+    def step() -> None:
         for o in e.step():
             out[o.request_id][0].extend(o.new_token_ids)
             out[o.request_id][1].extend(lp.logprob for lp in o.logprobs)
+
+    for i, prompt in enumerate(PROMPTS):
+        e.add_request(str(i), e.tokenizer(prompt)["input_ids"], SamplingParams(max_tokens=4 + 3 * i, temperature=0,
+                                                                              ignore_eos=True, logprobs=0))
+        if i == 0:
+            step()
+    while e.has_work():
+        step()
     return out
 
 
@@ -61,8 +70,9 @@ def assert_compiled_decodes_like_eager(composed, inductor_cache: str, autotune: 
     assert compiled.runner.compiled.wait(timeout=900), compiled.compile_state
     got, want = decode(compiled), decode(engine(composed))
     state = compiled.compile_state
-    assert state["status"] == "ready" and state["ready_buckets"] == [4]
-    assert state["compiled_steps"] > 0 and state["eager_steps"] == 0
+    assert state["status"] == "ready" and state["ready_buckets"] == [4] and state["prefill"]["ready"]
+    assert state["compiled_steps"] > 0 and state["eager_steps"] == 0, state
+    assert state["prefill"]["compiled_steps"] > 0, state["prefill"]
     for rid, (tokens, logprobs) in want.items():
         assert got[rid][0] == tokens
         assert got[rid][1] == pytest.approx(logprobs, abs=1e-4)
@@ -83,17 +93,27 @@ def test_per_request_merging_compiled(zoo, adapters, inductor_cache):
     assert_compiled_decodes_like_eager(composed, inductor_cache)
 
 
-@pytest.mark.parametrize(("experts", "router", "why"), [
-    ("dense", {"kind": "hidden"}, "dense experts"),
-    ("adapters", {"kind": "perplexity", "attention": "merged"}, "mixture router over MoE FFNs"),
-    ("layers", {"kind": "perplexity", "attention": "separate"}, "separate attention"),
-])
-def test_compositions_whose_shapes_follow_the_data_say_they_serve_eagerly(zoo, adapters, layer_experts, experts, router, why):
-    members = {"dense": {n: zoo[n] for n in NAMES}, "adapters": adapters, "layers": layer_experts}[experts]
-    composed = composition(zoo["base"], members, top_k=2, **router)
-    served = engine(composed, enabled=True)
-    assert served.compile_state["status"] == "unsupported" and why in served.compile_state["error"]
-    assert decode(served) == decode(engine(composed))
+def test_dense_experts_compiled(zoo, inductor_cache):
+    composed = composition(zoo["base"], {n: zoo[n] for n in NAMES}, kind="hidden", top_k=2)
+    assert_compiled_decodes_like_eager(composed, inductor_cache)
+
+
+def test_dense_and_lora_experts_in_one_moe_compiled(zoo, adapters, layer_experts, inductor_cache):
+    composed = composition(zoo["base"], {"code": adapters["code"], "german": layer_experts["german"],
+                                         "math": adapters["math"]}, kind="hidden", top_k=2)
+    kinds = [type(e.gate_proj) for e in composed.layers[0].experts]
+    assert kinds == [LowRank, torch.Tensor, LowRank]  # the MoE runs the LoRA kernel and the dense op side by side
+    assert_compiled_decodes_like_eager(composed, inductor_cache)
+
+
+def test_a_mixture_router_over_moe_ffns_compiled(zoo, adapters, inductor_cache):
+    composed = composition(zoo["base"], adapters, kind="perplexity", top_k=2, attention="merged")
+    assert_compiled_decodes_like_eager(composed, inductor_cache)
+
+
+def test_separate_attention_compiled(zoo, layer_experts, inductor_cache):
+    composed = composition(zoo["base"], layer_experts, kind="perplexity", top_k=2, attention="separate")
+    assert_compiled_decodes_like_eager(composed, inductor_cache)
 
 
 def test_router_statistics_count_real_rows_only(zoo, adapters, inductor_cache):

@@ -43,13 +43,13 @@ class BaseRunner(ModelRunner):
         self.cache = KVCache(args.n_layers, self.slots, args.n_kv_heads, args.head_dim, max_model_len, args.windows)
         self.mixture_router = None  # each mixture-routed composition has its own (route())
         self.routers = RouterTables([])  # the placed compositions' FFN routers (BaseEngine.place sets them)
-        self.compiled = None  # see compile_decode
+        self.compiled = None  # see compile
 
     def _forward(self, batch: Batch, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
         routing = StepRouting([Row(s.composition, n, s.alpha, s.params.router_bias) for s, n in rows], self.routers)
         return self.model(batch, routing, self.tables.layers(), self.cache)
 
-    def compile_decode(self, buckets: list[int], cache_dir: str | None = None, autotune: bool = True) -> None:
+    def compile(self, buckets: list[int], cache_dir: str | None = None, autotune: bool = True, prefill: bool = True) -> None:
         raise NotImplementedError("a base engine's step (compositions chosen per row) is not compiled yet")
 
     def route(self, seqs: list[Sequence]) -> list[torch.Tensor]:

@@ -1,4 +1,5 @@
-"""The decode step as compiled graphs: inductor's CPU backend, one graph per batch-size bucket.
+"""The step as compiled graphs: inductor's CPU backend, one decode graph per batch-size bucket and
+one prefill graph over any chunk length.
 
 Measured (DESIGN.md, and here on an AMX Xeon: 30 SmolLM2-sized layers at one row, 14 ms against
 28 ms for inductor's ATen GEMMs and 32 ms eager): inductor's C++ micro-GEMM over frozen weights
@@ -11,17 +12,27 @@ the slower with weights read from memory as a decode step reads them.
 
 - Batch sizes are padded to buckets (1, 2, 4, 8, ...), as CUDA graphs are captured: a padding
   row has slot -1, attends nothing and is cut from the result; its picks are not counted.
+- A prefill of one chunk (the common case: one prompt arrives) runs in one graph whose token
+  dimension is symbolic, so every chunk length from 2 up shares it; it takes inductor's own GEMMs
+  (oneDNN over packed weights), which autotuning at one length would not serve the others
+  better. Measured on the demo composition, one thread: 44 tokens in 68-77 ms against 88-97 ms
+  eager, 200 tokens in 197-220 against 243-258. A step of several chunks runs eagerly.
 - The KV cache never enters a graph: attention over it is the `mergeserve::cache_attention`
   operator (kv_cache.py), so the varying key length recompiles nothing.
-- Compiling runs on a thread of its own, bucket by bucket, while the engine serves eagerly;
-  a bucket serves compiled once it is built. Nothing compiles on the serving thread:
+- Compiling runs on a thread of its own, bucket by bucket and then the prefill graph, while the
+  engine serves eagerly; each serves compiled once it is built. Nothing compiles on the serving thread:
   it calls the graphs under dynamo's `eager_on_recompile` stance, which runs cached graphs whose
   guards pass and anything else eagerly (a request with a router bias, for one). The stance is
   process-wide, so a step serves eagerly while any engine compiles.
-- Inductor's caches (FX graphs, autotuning) live in `cache_dir`, so a restart or a replica
-  reuses the compiled artifacts. A failure logs its reason and the engine stays eager.
-- Forwards whose shapes follow the data (dense experts grouped by expert, separate attention)
-  would break the graph inside the layer loop: they are refused up front (model_runner.graph_break).
+- Inductor's caches live in `cache_dir`, so a restart or a replica reuses what inductor caches
+  of a frozen graph: its C++ kernels and autotuning, not the graph itself (torch 2.13 bypasses
+  its FX graph cache for graphs holding oneDNN-packed constants, and AOTAutograd's for any
+  frozen graph), so a warm start still lowers every graph: measured 148 s for bucket 1 of the
+  demo cold and warm alike. A failure logs its reason and the engine stays eager.
+- Pieces whose shapes follow the data (dense experts grouped by expert, separate attention)
+  would break the graph inside the layer loop: they are opaque operators over the eager model's
+  own pieces (opaque_ops.py), and everything around them compiles. A mixture router over MoE
+  FFNs picks every expert, the unchosen at weight 0 (mixture_layers.fixed_routing).
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -70,8 +81,8 @@ def inductor_settings(cache_dir: str | None, autotune: bool) -> Iterator[None]:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     inductor_config.freezing = True  # the composition's tensors become constants: what the C++ GEMM needs
     inductor_config.fx_graph_cache = True
+    inductor_config.max_autotune = autotune  # the thread's setting stays from its last compile otherwise
     if autotune:
-        inductor_config.max_autotune = True
         inductor_config.max_autotune_gemm_backends = "CPP"
     # Graphs per code object: engines x buckets x the resumes after graph breaks.
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 512)
@@ -92,23 +103,37 @@ class CompileState:
     status: str = "pending"  # pending, compiling, ready, failed
     buckets: list[int] = field(default_factory=list)  # batch sizes to compile
     ready: dict[int, float] = field(default_factory=dict)  # compiled buckets and the seconds each took
+    prefill: bool = False  # whether the prefill graph is to be compiled
+    prefill_seconds: float | None = None  # what it took, once ready
     error: str | None = None
-    seconds: float | None = None  # from start to the last bucket
+    seconds: float | None = None  # from start to the last graph
     compiled_steps: int = 0  # decode steps served by a compiled graph
     eager_steps: int = 0  # decode steps served eagerly: past every ready bucket, during a compile, or unguarded
+    compiled_prefills: int = 0  # single-chunk prefills served by the prefill graph
+    eager_prefills: int = 0  # single-chunk prefills served eagerly (before it is ready, during a compile, unguarded)
 
     def describe(self) -> dict:
+        prefill = None
+        if self.prefill:
+            prefill = {"ready": self.prefill_seconds is not None, "seconds": _rounded(self.prefill_seconds),
+                       "compiled_steps": self.compiled_prefills, "eager_steps": self.eager_prefills}
         return {"status": self.status, "buckets": self.buckets, "ready_buckets": sorted(self.ready),
                 "bucket_seconds": {str(b): round(s, 2) for b, s in sorted(self.ready.items())},
                 "seconds": self.seconds, "error": self.error,
-                "compiled_steps": self.compiled_steps, "eager_steps": self.eager_steps}
+                "compiled_steps": self.compiled_steps, "eager_steps": self.eager_steps, "prefill": prefill}
 
 
-class CompiledDecode:
-    """A model's decode forward compiled per bucket in the background; `decode` runs a ready one."""
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
+
+
+class CompiledStep:
+    """A model's decode forward compiled per bucket, and its one-chunk prefill forward, in the
+    background; `decode` and `prefill` run a ready graph or say there is none."""
 
     def __init__(self, model: torch.nn.Module, cache: KVCache, buckets: list[int], alpha_experts: int | None,
-                 count: Callable[[Batch, int], None], cache_dir: str | None = None, autotune: bool = True) -> None:
+                 count: Callable[[Batch, int], None], cache_dir: str | None = None, autotune: bool = True,
+                 prefill: bool = True) -> None:
         """model: the forward to compile (over plain tensors); alpha_experts: E for a mixture-routed
         model (its batches carry alpha [B, E]), else None; count(batch, rows): the router
         statistics of a forward's first `rows` real rows."""
@@ -117,8 +142,9 @@ class CompiledDecode:
         self.alpha_experts = alpha_experts
         self.cache_dir, self.autotune = cache_dir, autotune
         self.count = count
-        self.state = CompileState(buckets=sorted(buckets))
-        self._compiled = torch.compile(self.model, dynamic=False)  # the module: its tensors are frozen, its inputs not
+        self.state = CompileState(buckets=sorted(buckets), prefill=prefill)
+        self._decode = torch.compile(self.model, dynamic=False)  # the module: its tensors are frozen, its inputs not
+        self._prefill = torch.compile(self.model)  # the chunk length marked dynamic (warm_up_batch)
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -126,7 +152,7 @@ class CompiledDecode:
         self._thread.start()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until compiling ended (tests, benchmarks); whether every bucket is ready."""
+        """Block until compiling ended (tests, benchmarks); whether every graph is ready."""
         if self._thread is not None:
             self._thread.join(timeout)
         return self.state.status == "ready"
@@ -136,46 +162,68 @@ class CompiledDecode:
         it; None when none does (the caller runs it eagerly)."""
         rows = batch.tokens.shape[0]
         bucket = next((b for b in sorted(self.state.ready) if b >= rows), None)
-        if bucket is None:
-            self.state.eager_steps += 1
-            return None
+        hidden, compiled = self._run(self._decode, pad(batch, bucket), rows) if bucket is not None else (None, False)
+        self.state.compiled_steps += compiled
+        self.state.eager_steps += not compiled
+        return None if hidden is None else hidden[:rows]
+
+    def prefill(self, batch: Batch) -> torch.Tensor | None:
+        """Hidden states [1, T, D] of one prompt chunk (T >= 2, no padding) through the prefill
+        graph; None when it is not ready (the caller runs it eagerly)."""
+        ready = self.state.prefill_seconds is not None
+        hidden, compiled = self._run(self._prefill, replace(batch, cache_operator=True), 1) if ready else (None, False)
+        self.state.compiled_prefills += compiled
+        self.state.eager_prefills += not compiled
+        return hidden
+
+    def _run(self, graph: Callable, batch: Batch, rows: int) -> tuple[torch.Tensor | None, bool]:
+        """`graph` over `batch`, whose first `rows` rows are real: the hidden states (None while a
+        compile holds dynamo) and whether they came from a compiled graph (a batch whose guards
+        fail runs eagerly, with the same result)."""
         if not _COMPILE_LOCK.acquire(blocking=False):  # a compile is running: dynamo's stance is not ours to set
-            self.state.eager_steps += 1
-            return None
+            return None, False
         try:
-            padded, before = pad(batch, bucket), self.model.eager_forwards
+            before = self.model.eager_forwards
             with torch.compiler.set_stance("eager_on_recompile"):  # a graph whose guards fail runs eagerly, never compiles
-                hidden = self._compiled(padded, self.cache)
+                hidden = graph(batch, self.cache)
         finally:
             _COMPILE_LOCK.release()
-        self.count(padded, rows)
-        if self.model.eager_forwards == before:  # it ran in the compiled graph
-            self.state.compiled_steps += 1
-        else:
-            self.state.eager_steps += 1
-        return hidden[:rows]
+        self.count(batch, rows)
+        return hidden, self.model.eager_forwards == before
 
     def _compile_all(self) -> None:
         start = time.perf_counter()
         self.state.status = "compiling"
         try:
-            for bucket in self.state.buckets:
-                t0 = time.perf_counter()
-                with _COMPILE_LOCK, torch.inference_mode(), inductor_settings(self.cache_dir, self.autotune):
-                    before = self.model.eager_forwards
-                    self._compiled(warm_up_batch(bucket, self.alpha_experts), self.cache)
-                    self.model._picks = []  # the warm-up's picks are not traffic
-                if self.model.eager_forwards != before:  # dynamo skipped the frame and ran it eagerly
-                    raise RuntimeError(f"bucket {bucket} ran eagerly when compiled: dynamo compiled no graph for it")
-                self.state.ready[bucket] = time.perf_counter() - t0
-                log.info("compiled decode step: batch bucket %d in %.1f s", bucket, self.state.ready[bucket])
+            with torch.inference_mode():  # warm-ups of inference tensors, as served batches are: the guards check it
+                self._compile_graphs()
         except Exception as e:  # noqa: BLE001 - any failure leaves the engine serving eagerly
             self.state.status, self.state.error = "failed", f"{type(e).__name__}: {e}"
-            log.warning("compiling the decode step failed; the engine stays eager: %s", self.state.error, exc_info=True)
+            log.warning("compiling the step failed; the engine stays eager: %s", self.state.error, exc_info=True)
             return
         finally:
             self.state.seconds = time.perf_counter() - start
         self.state.status = "ready"
+
+    def _compile_graphs(self) -> None:
+        for bucket in self.state.buckets:
+            self.state.ready[bucket] = self._compile(self._decode, warm_up_batch(bucket, self.alpha_experts), self.autotune)
+            log.info("compiled decode step: batch bucket %d in %.1f s", bucket, self.state.ready[bucket])
+        if self.state.prefill:
+            # Inductor's own GEMMs: the C++ template autotuned at one chunk length serves no other.
+            self.state.prefill_seconds = self._compile(self._prefill, warm_up_batch(1, self.alpha_experts, PREFILL_WARM_UP), False)
+            log.info("compiled prefill step in %.1f s", self.state.prefill_seconds)
+
+    def _compile(self, graph: Callable, batch: Batch, autotune: bool) -> float:
+        """Compile `graph` on `batch` (padding rows only: it writes nothing); the seconds it took."""
+        t0 = time.perf_counter()
+        with _COMPILE_LOCK, inductor_settings(self.cache_dir, autotune):
+            before = self.model.eager_forwards
+            graph(batch, self.cache)
+            self.model._picks = []  # the warm-up's picks are not traffic
+        if self.model.eager_forwards != before:  # dynamo skipped the frame and ran it eagerly
+            raise RuntimeError(f"a warm-up of {tuple(batch.tokens.shape)} tokens ran eagerly: dynamo compiled no graph for it")
+        return time.perf_counter() - t0
 
 
 def as_parameters(x: Any, seen: dict[int, torch.nn.Parameter] | None = None) -> Any:
@@ -203,14 +251,23 @@ def as_parameters(x: Any, seen: dict[int, torch.nn.Parameter] | None = None) -> 
     return x
 
 
-def warm_up_batch(rows: int, alpha_experts: int | None) -> Batch:
-    """A decode batch of padding rows only: it compiles the bucket and writes nothing to the cache."""
+# The chunk length the prefill graph is traced at (any length from 2 up runs in it).
+PREFILL_WARM_UP = 16
+
+
+def warm_up_batch(rows: int, alpha_experts: int | None, tokens: int = 1) -> Batch:
+    """A batch of padding rows only: it compiles a graph and writes nothing to the cache. tokens > 1:
+    a prefill chunk, its length marked dynamic."""
     alpha = None
     if alpha_experts is not None:  # every row on expert 0
         alpha = torch.zeros(rows, alpha_experts)
         alpha[:, 0] = 1.0
-    return Batch(torch.zeros(rows, 1, dtype=torch.long), torch.zeros(rows, 1, dtype=torch.long),
-                 torch.full((rows,), -1), alpha=alpha, cache_operator=True)
+    batch = Batch(torch.zeros(rows, tokens, dtype=torch.long), torch.zeros(rows, tokens, dtype=torch.long),
+                  torch.full((rows,), -1), alpha=alpha, cache_operator=True)
+    if tokens > 1:
+        torch._dynamo.mark_dynamic(batch.tokens, 1)
+        torch._dynamo.mark_dynamic(batch.positions, 1)
+    return batch
 
 
 def pad(batch: Batch, rows: int) -> Batch:

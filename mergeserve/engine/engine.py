@@ -76,17 +76,17 @@ class Engine:
             self._start_compile(config.compile)
 
     def _start_compile(self, c: CompileConfig) -> None:
-        """The decode step compiled in the background (engine/compiled.py); until then, and where it fails, eager."""
+        """The step compiled in the background (engine/compiled.py); until then, and where it fails, eager."""
         try:
-            self.runner.compile_decode(c.buckets or buckets_for(self.runner.slots),
-                                       c.cache_dir or str(Path.home() / ".cache/mergeserve/inductor"), c.autotune)
+            self.runner.compile(c.buckets or buckets_for(self.runner.slots),
+                                c.cache_dir or str(Path.home() / ".cache/mergeserve/inductor"), c.autotune, c.prefill)
         except NotImplementedError as e:
             self._compile_error = str(e)
             log.warning("engine %s serves eagerly: %s", self.name, e)
 
     @property
     def compile_state(self) -> dict | None:
-        """The compiled decode step's state (admin API); None when compiling is off."""
+        """The compiled step's state (admin API); None when compiling is off."""
         if self.runner.compiled is not None:
             return self.runner.compiled.state.describe()
         if self._compile_error is not None:

@@ -115,7 +115,7 @@ def cache_attention(
 
 @cache_attention.register_fake
 def _(q, k, v, cache, layer, slots, positions):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, as the operator's own output (q is a transposed view)
 
 
 def _resident(m: mmap.mmap) -> int:

@@ -65,7 +65,8 @@ def routing_counts(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 def fixed_routing(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights and expert ids of every real token, [N, k]: its row's nonzero alpha entries."""
     alpha = batch.alpha  # [B, E]
-    k = int((alpha > 0).sum(1).max())
+    # A compiled step's shapes cannot follow the data: there every expert is a pick, the unchosen at weight 0.
+    k = alpha.shape[1] if batch.cache_operator else int((alpha > 0).sum(1).max())
     weights, ids = torch.topk(alpha, k, dim=1)  # [B, k]
     t = batch.tokens.shape[1]
     weights, ids = weights.unsqueeze(1).expand(-1, t, -1), ids.unsqueeze(1).expand(-1, t, -1)  # [B, T, k]

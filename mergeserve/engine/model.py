@@ -22,6 +22,7 @@ from mergeserve.weights import LowRank
 from mergeserve.engine.kv_cache import KVCache
 from mergeserve.engine.layers import Batch, RunLayer, attention, real_tokens, rms_norm, signed_sin
 from mergeserve.engine.mixture_layers import fixed_routing, routing_counts, separate_layer
+import mergeserve.engine.opaque_ops  # noqa: F401 - registers the operators a compiled step calls
 from mergeserve.experts.checkpoint import head_dim
 from mergeserve.kernels import expert_mlp, linear, lora_moe_ffn, moe_ffn, top_k_experts
 from mergeserve.kernels.lowrank import Pack, packed
@@ -98,6 +99,9 @@ class Transformer(torch.nn.Module):
         # False: the caller counts (count()) the real rows of each forward (a compiled step pads its batches).
         self.counts_in_forward = True
         self.eager_forwards = 0  # tells a compiled step that dynamo ran it eagerly (compiled.py)
+        # A compiled copy's key of the eager model whose pieces it calls as opaque operators
+        # (opaque_ops.py: dense experts, separate attention); None in the eager model.
+        self.eager_key: int | None = None
         # Separate attention: expert e's own layer i keeps its keys/values in cache layer i * E + e.
         seq = composed.mixture_routing
         self.separate = seq is not None and seq.separate
@@ -187,6 +191,9 @@ class Transformer(torch.nn.Module):
         capture: Capture | None,
     ) -> torch.Tensor:
         """A mixture router with separate attention: each expert's own layer on the rows that chose it."""
+        if batch.cache_operator:
+            return torch.ops.mergeserve.separate_layer(x, cos, sin, batch.alpha, batch.slots, batch.positions,
+                                                       self.eager_key, i, cache.key)
         return separate_layer(i, self.expert_runs[i], x, cos, sin, mask, batch, cache, self.args.attn_shape, self.args.eps)
 
     def _dynamic_block(
@@ -274,20 +281,32 @@ class Transformer(torch.nn.Module):
         else:
             weights, ids = fixed_routing(batch)
         self._picks.append((i, weights, ids))
-        out = self._experts(run, flat, weights, ids)
+        out = self._experts(i, run, flat, weights, ids, batch)
         if real is None:
             return out.view_as(x)
         return torch.zeros_like(x).view(-1, x.shape[-1]).index_put_((real,), out.to(x.dtype)).view_as(x)
 
-    def _experts(self, run: RunLayer, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _experts(
+        self, i: int, run: RunLayer, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, batch: Batch,
+    ) -> torch.Tensor:
         """The MoE FFN: LoRA experts through their kernel, dense ones grouped; a mix takes both."""
         if run.lora is None:
-            return moe_ffn(x, weights, ids, run.ffns)
+            return self._dense_experts(i, run, x, weights, ids, batch)
         if run.dense_experts is None:
             return lora_moe_ffn(x, weights, ids, run.lora)
         on_dense = run.dense_experts[ids]  # [N, k]
         return lora_moe_ffn(x, weights.masked_fill(on_dense, 0), ids, run.lora) \
-            + moe_ffn(x, weights.masked_fill(~on_dense, 0), ids, run.ffns)
+            + self._dense_experts(i, run, x, weights.masked_fill(~on_dense, 0), ids, batch)
+
+    def _dense_experts(
+        self, i: int, run: RunLayer, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, batch: Batch,
+    ) -> torch.Tensor:
+        """Dense experts on the tokens that picked them; in a compiled step one opaque operator
+        (opaque_ops.py), where padding rows pick nothing."""
+        if not batch.cache_operator:
+            return moe_ffn(x, weights, ids, run.ffns)
+        padding = (batch.slots < 0).repeat_interleave(batch.tokens.shape[1]).unsqueeze(1)  # [N, 1]
+        return torch.ops.mergeserve.dense_experts(x, weights.masked_fill(padding, 0), ids, self.eager_key, i)
 
     def _count_picks(self, picks: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
         """Token-routing picks (layer, weights, ids) added to the router statistics, all layers at once."""

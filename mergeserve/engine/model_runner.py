@@ -8,34 +8,22 @@ sequences and never changes them: what a step did to a request is the engine's t
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
 from mergeserve.composition import ComposedModel
-from mergeserve.engine.compiled import CompiledDecode, as_parameters
+from mergeserve.engine.compiled import CompiledStep, as_parameters
 from mergeserve.engine.kv_cache import KVCache
 from mergeserve.engine.layers import Batch, first_of_run, padded_groups
 from mergeserve.engine.mixture_router import MixtureRouter
 from mergeserve.engine.model import Transformer
+from mergeserve.engine.opaque_ops import register as register_eager
 from mergeserve.engine.sequence import Sequence
 from mergeserve.kernels.packed import WeightPacker
 from mergeserve.spec import EngineConfig
 
 log = logging.getLogger(__name__)
-
-
-def graph_break(model: Transformer) -> str | None:
-    """What in the model's decode forward has shapes that depend on the data, so dynamo would break
-    the graph inside the layer loop and run the forward eagerly (and skip compiling that code for
-    every later engine of the process): refused before it is tried. None: it compiles whole."""
-    if model.separate:
-        return "separate attention (each expert's own layers on the rows that chose it)"
-    moe = [run for run in model.run_layers if run.layer.is_moe]
-    if any(run.ffns for run in moe):
-        return "an MoE of dense experts (tokens grouped by expert)"
-    if model.composed.mixture_routing is not None and moe and not model.dynamic:
-        return "a mixture router over MoE FFNs (each row's number of picks read from alpha)"
-    return None
 
 
 def kv_slots(config: EngineConfig, bytes_per_position: int, max_len: int) -> int:
@@ -62,7 +50,7 @@ class ModelRunner:
         self.cache = KVCache(self.model.cache_layers, self.slots, args.n_kv_heads, args.head_dim, max_model_len,
                              self.model.cache_windows)
         self.mixture_router = MixtureRouter(composed) if composed.mixture_routing is not None else None
-        self.compiled: CompiledDecode | None = None  # the decode step compiled (compile_decode)
+        self.compiled: CompiledStep | None = None  # the step compiled (compile)
 
     # --- the step's forwards ---------------------------------------------------------------
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -92,22 +80,29 @@ class ModelRunner:
         alpha = self._alpha([seq for seq, _ in chunks])
         key_len = max(seq.num_cached + n for seq, n in chunks)
         batch = Batch(tokens, positions, slots, self._router_bias(chunks), lengths, alpha, key_len=key_len)
+        one_chunk = len(chunks) == 1 and width > 1  # unpadded, of a length the prefill graph takes
+        if one_chunk and self.compiled is not None and (hidden := self.compiled.prefill(replace(batch, lengths=None))) is not None:
+            return hidden
         return self._forward(batch, chunks)
 
     def _forward(self, batch: Batch, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
         """The step's forward over `batch`, whose rows are `rows` (sequence, its real tokens)."""
         return self.model(batch, self.cache)
 
-    def compile_decode(self, buckets: list[int], cache_dir: str | None = None, autotune: bool = True) -> CompiledDecode:
-        """Compile the decode step in the background (compiled.py); decode() runs each bucket once it is ready."""
-        if (why := graph_break(self.model)) is not None:
-            raise NotImplementedError(f"{why} is not compiled yet")
+    def compile(self, buckets: list[int], cache_dir: str | None = None, autotune: bool = True, prefill: bool = True) -> CompiledStep:
+        """Compile the decode step per bucket, and the one-chunk prefill, in the background (compiled.py);
+        decode() and prefill() run each graph once it is ready."""
         plain = Transformer(self.model.composed, self.model.cos.shape[0])  # the same tensors, without oneDNN's packs
-        plain.counts_in_forward = False  # CompiledDecode counts the real rows
+        plain.counts_in_forward = False  # CompiledStep counts the real rows
+        # Dense experts and separate attention run as opaque operators over the eager model's own
+        # (packed) pieces (opaque_ops.py): the copy's are not frozen into a graph.
+        plain.eager_key = register_eager(self.model)
+        plain.expert_runs = [None] * len(plain.expert_runs)
+        plain.run_layers = [replace(run, ffns=[]) if run.layer.is_moe else run for run in plain.run_layers]
         plain.run_layers, plain.expert_runs, plain.lm_head = as_parameters([plain.run_layers, plain.expert_runs, plain.lm_head])
         plain.expert_load, plain.expert_weight = self.model.expert_load, self.model.expert_weight  # one set of statistics
         alpha = self.num_experts if self.mixture_router is not None else None
-        self.compiled = CompiledDecode(plain, self.cache, buckets, alpha, plain.count, cache_dir, autotune)
+        self.compiled = CompiledStep(plain, self.cache, buckets, alpha, plain.count, cache_dir, autotune, prefill)
         self.compiled.start()
         return self.compiled
 

@@ -13,12 +13,15 @@ from mergeserve.spec.transport import VLLMLoRA, VLLMProfile, plain_url
 
 
 class CompileConfig(Strict):
-    """The decode step as compiled graphs (engine/compiled.py), built in the background while the
-    engine serves eagerly."""
+    """The step as compiled graphs (engine/compiled.py), built in the background while the engine
+    serves eagerly."""
 
     enabled: bool = False
-    # Let inductor time its GEMM kernels (its C++ micro-GEMM against oneDNN) and take the faster.
+    # The decode graphs' GEMMs: inductor's C++ micro-GEMM, its blocking timed per shape (the faster
+    # reader of weights at few rows, measured); false: inductor's defaults (oneDNN).
     autotune: bool = True
+    # Also compile a prefill of one chunk (one graph for every chunk length from 2 up).
+    prefill: bool = True
     # Batch sizes compiled (a decode batch runs in the smallest that holds it); None: 1, 2, 4, ...
     # up to the first that holds max_num_seqs.
     buckets: list[int] | None = Field(None, min_length=1)

@@ -1,0 +1,75 @@
+"""The parts of a decode step whose shapes follow the data, as operators a compiled graph calls whole.
+
+Dense experts run on the tokens that picked them (groups sized by the routing), and separate
+attention runs each expert's own layer on the rows that chose it. Traced, either would break
+the graph inside the layer loop; as a `torch.library` operator each is one opaque call whose
+output is shaped like its input, and the rest of the step (attention, norms, routers, LoRA
+experts) compiles around it. The operators run the eager model's own pieces, with its packed
+weights, found by key like the KV cache (kv_cache.cache_attention): operators take ints and
+tensors only. Padding rows of a bucket (slot -1) run nothing and return zeros.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+
+from mergeserve.kernels import moe_ffn
+
+# Every eager model whose pieces a compiled graph calls, by key (a weak map: a model goes with
+# its engine).
+_MODELS: weakref.WeakValueDictionary[int, torch.nn.Module] = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+def register(model: torch.nn.Module) -> int:
+    """The key under which the operators find `model` (a Transformer) while it lives."""
+    key = next(_KEYS)
+    _MODELS[key] = model
+    return key
+
+
+@torch.library.custom_op("mergeserve::dense_experts", mutates_args=())
+def dense_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, model: int, layer: int) -> torch.Tensor:
+    """Layer `layer`'s dense experts over x [T, D] with picks weights/ids [T, k] (weight 0 runs
+    nothing): [T, D] in x's dtype."""
+    return moe_ffn(x, weights, ids, _MODELS[model].run_layers[layer].ffns).to(x.dtype)
+
+
+@dense_experts.register_fake
+def _(x, weights, ids, model, layer):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("mergeserve::separate_layer", mutates_args=())
+def separate_layer(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, alpha: torch.Tensor, slots: torch.Tensor,
+    positions: torch.Tensor, model: int, layer: int, cache: int,
+) -> torch.Tensor:
+    """Layer `layer` of separate attention for a decode batch: x [B, 1, D], cos/sin [B, 1, 1, Dh],
+    alpha [B, E], slots [B] (-1: padding, after the real rows), positions [B, 1] -> [B, 1, D]."""
+    from mergeserve.engine.kv_cache import _CACHES
+    from mergeserve.engine.layers import Batch, first_of_run
+    from mergeserve.engine.mixture_layers import separate_layer as run_layer
+
+    out = x.new_zeros(x.shape)
+    real = int((slots >= 0).sum())
+    if real == 0:
+        return out
+    m, kv = _MODELS[model], _CACHES[cache]
+    rows = slice(0, real)
+    ids = slots[rows]
+    # key_len: each expert's sub-batch reads as many keys as the mask has (mixture_layers.sub_batch)
+    batch = Batch(positions[rows], positions[rows], ids, alpha=alpha[rows], key_len=int(positions[rows].max()) + 1,
+                  first_slot=first_of_run(ids.tolist()))
+    mask = batch.mask(m.args.windows[layer])
+    out[rows] = run_layer(layer, m.expert_runs[layer], x[rows], cos[rows], sin[rows], mask, batch, kv,
+                          m.args.attn_shape, m.args.eps)
+    return out
+
+
+@separate_layer.register_fake
+def _(x, cos, sin, alpha, slots, positions, model, layer, cache):
+    return x.new_empty(x.shape)
