@@ -18,6 +18,7 @@ from mergeserve.engine.layers import Batch, first_of_run, padded_groups
 from mergeserve.engine.mixture_router import MixtureRouter
 from mergeserve.engine.model import Transformer
 from mergeserve.engine.sequence import Sequence
+from mergeserve.kernels.int8 import Int8Packer
 from mergeserve.kernels.packed import WeightPacker
 from mergeserve.spec import EngineConfig
 
@@ -56,7 +57,7 @@ def kv_slots(config: EngineConfig, bytes_per_position: int, max_len: int) -> int
 class ModelRunner:
     def __init__(self, composed: ComposedModel, config: EngineConfig, max_model_len: int, packer: WeightPacker):
         self.num_experts = composed.num_experts
-        self.model = Transformer(composed, max_model_len, packer)
+        self.model = Transformer(composed, max_model_len, Int8Packer(packer) if composed.int8 else packer)
         args = self.model.args
         self.slots = kv_slots(config, self.model.cache_layers * args.n_kv_heads * args.head_dim * 2 * 4, max_model_len)
         self.cache = KVCache(self.model.cache_layers, self.slots, args.n_kv_heads, args.head_dim, max_model_len,
@@ -102,7 +103,8 @@ class ModelRunner:
         """Compile the decode step in the background (compiled.py); decode() runs each bucket once it is ready."""
         if (why := graph_break(self.model)) is not None:
             raise NotImplementedError(f"{why} is not compiled yet")
-        plain = Transformer(self.model.composed, self.model.cos.shape[0])  # the same tensors, without oneDNN's packs
+        # The same tensors, without oneDNN's packs (or int8's copies: an int8 composition compiles its bf16 weights).
+        plain = Transformer(self.model.composed, self.model.cos.shape[0])
         plain.counts_in_forward = False  # CompiledDecode counts the real rows
         plain.run_layers, plain.expert_runs, plain.lm_head = as_parameters([plain.run_layers, plain.expert_runs, plain.lm_head])
         plain.expert_load, plain.expert_weight = self.model.expert_load, self.model.expert_weight  # one set of statistics

@@ -71,12 +71,14 @@ class LoraExperts:
         return self.per_expert("a_down").dtype
 
     def packed(self, pack: Pack) -> LoraExperts:
-        """The tables packed for oneDNN. With few experts (the masked strategy reads every table
+        """The tables as `pack` runs them (packed for oneDNN, or int8). With few experts (the masked strategy reads every table
         whole) base and factors are also fused into shared matmuls: four oneDNN calls per layer
         instead of seven. The fused copies are this composition's own; the plain factor tables
         stay beside them (small with so few experts) for the other strategies' per-expert views."""
-        a_down = pack(self.a_down)
-        if self.num_experts > MASKED_MAX_EXPERTS or a_down is self.a_down:  # many experts, or nothing packs
+        a_down = pack.factors(self.a_down)
+        # Many experts, or factors that do not pack (int8 runs the base alone: a row of the fused
+        # tables would share one scale between base and factor columns).
+        if self.num_experts > MASKED_MAX_EXPERTS or a_down is self.a_down:
             return LoraExperts(**{**vars(self), "gate_up": pack(self.gate_up), "down": pack(self.down)})
         fused = FusedTables(
             gate_up_a=pack_private(torch.cat([self.gate_up, self.a_in])),
