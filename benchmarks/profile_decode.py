@@ -10,6 +10,7 @@ its self time. Every round is kept; each figure is a spread (median, min, max;
 benchmarks/common.py). Writes benchmarks/results/profile_decode.json.
 
     .venv/bin/python benchmarks/profile_decode.py [SPEC] [--batch 1,8] [--steps 16] [--rounds 5] [--lora merged]
+        [--dtype auto|float32|bfloat16|int8]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from common import commit, machine, spread  # noqa: E402
 from mergeserve.engine.engine import Engine  # noqa: E402
 from mergeserve.engine.sequence import SamplingParams  # noqa: E402
 from mergeserve.experts import ExpertPool  # noqa: E402
-from mergeserve.kernels.capability import resolve_dtype  # noqa: E402
+from mergeserve.kernels.capability import FORMATS, resolve_format  # noqa: E402
 from mergeserve.learn.compose import build  # noqa: E402
 from mergeserve.spec import EngineConfig, load_composition  # noqa: E402
 
@@ -74,7 +75,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--lora", choices=["factored", "merged"], default="factored")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--dtype", default="auto", help="the composition's dtype (auto: by CPU flags and a measurement)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *FORMATS],
+                   help="the composition's dtype (auto: by CPU flags and a measurement; int8: bf16 weights run as int8)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/profile_decode.json"))
     args = p.parse_args()
     started, info = time.perf_counter(), machine()
@@ -104,7 +106,7 @@ def main() -> None:
         "machine": info | {"load_1m_end": os.getloadavg()[0]}, "commit": commit(),
         "spec": str(Path(args.spec).resolve().relative_to(ROOT)),
         "settings": {"lora": args.lora, "dtype_requested": args.dtype,
-                     "dtype": str(resolve_dtype(args.dtype)).removeprefix("torch."), "threads": args.threads, "batches": batches, "steps": args.steps},
+                     "dtype": resolve_format(args.dtype), "threads": args.threads, "batches": batches, "steps": args.steps},
         "method": {"rounds": args.rounds, "order": "per round, the batch sizes in turn on one engine",
                    "step_ms": "untraced decode steps, mean over `steps`",
                    "linear_ms": "self CPU time per step of the biggest linear operator, under the profiler"},

@@ -5,10 +5,10 @@ On AVX2-only CPUs bf16 matmul is emulated and ~100x slower than fp32; with AVX51
 case without measuring; otherwise a short timing of SmolLM2-sized projections at decode
 batch sizes decides between fp32, bf16 and int8 (bf16 weights run as int8, kernels/int8.py).
 
-int8 wins at one row and loses from 8 on (2-core AMX Xeon, 240 distinct 1536 x 576 weights,
-all 240 linears: 1 row fp32 34.8 ms, bf16 37.7, int8 24.0; 8 rows 63.3 / 38.9 / 48.3;
-16 rows 101 / 50.3 / 94.5). The timing is at 8 rows, a loaded server's decode batch, so auto
-picks bf16 there; ask for `dtype: int8` where one sequence at a time decodes.
+int8 wins at one row and loses from 8 on (kernels/int8.py: on a 2-core AMX Xeon, 24.0 ms
+against bf16's 37.7 at 1 row, 48.3 against 38.9 at 8). The timing is at 8 rows, a loaded
+server's decode batch, so auto picks bf16 there; ask for `dtype: int8` where one sequence
+decodes at a time.
 """
 
 from __future__ import annotations
