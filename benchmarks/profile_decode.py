@@ -5,7 +5,7 @@ for every batch size of `--batch` in turn (1 then 8 by default): start that many
 requests, run their prefill and 4 warm-up decode steps, profile `--steps` decode steps, time
 `--steps` more without the profiler, then drop the requests. Recorded per round and batch: the
 untraced time per step (`step_ms`), the top operators by self CPU time per step, and the
-biggest linear operator (`linear`: the oneDNN or BLAS matmuls) with `rest_ms` = step_ms minus
+biggest linear operator (`linear`: the oneDNN, BLAS or int8 matmuls) with `rest_ms` = step_ms minus
 its self time. Every round is kept; each figure is a spread (median, min, max;
 benchmarks/common.py). Writes benchmarks/results/profile_decode.json.
 
@@ -37,6 +37,7 @@ from mergeserve.spec import EngineConfig, load_composition  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOP = 25
+LINEAR_OPS = ("aten::_weight_int8pack_mm", "aten::addmm", "aten::mm")  # besides oneDNN's *linear* ops
 
 
 def measure(engine: Engine, batch: int, steps: int, tag: str) -> dict:
@@ -62,7 +63,7 @@ def measure(engine: Engine, batch: int, steps: int, tag: str) -> dict:
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     top = [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1000 / steps, "calls_per_step": e.count / steps}
            for e in ops[:TOP]]
-    linear = next((op for op in top if "linear" in op["op"] or op["op"] in ("aten::addmm", "aten::mm")), None)
+    linear = next((op for op in top if "linear" in op["op"] or op["op"] in LINEAR_OPS), None)
     return {"step_ms": step_ms, "profiled_step_ms": profiled / steps * 1000, "linear": linear,
             "rest_ms": step_ms - linear["self_cpu_ms"] if linear else None, "top_ops_per_step": top}
 

@@ -2,7 +2,7 @@
 
 A run format, not a storage dtype: the pool holds the checkpoints in bfloat16, and an engine
 whose composition asks for int8 quantises each full-size weight when it packs it (symmetric,
-per output channel, w ~ q * scale with q in [-127, 127]). Low-rank factors stay as they are.
+per output channel, w ~ q * scale with q in [-127, 127]). Low-rank factors run in fp32.
 The matmul is torch's `_weight_int8pack_mm`, which takes bf16 activations (with fp32 ones it ran
 5-20x slower) and returns bf16.
 
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mergeserve.kernels.lowrank import FACTOR_DTYPE
 from mergeserve.kernels.packed import Packed, WeightPacker
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class Int8Packer:
     """A WeightPacker's int8 face, for the engines of `dtype: int8` compositions: each full-size
     weight is quantised once and shared, under its own key, with every int8 engine over the same
     tensor (a bf16 engine's packed copy of it stays apart). Weights the kernel cannot run are
-    packed as bf16; factor tables stay as they are (fp32 or bf16, see kernels/lowrank.py)."""
+    packed as bf16; factor tables run in fp32 beside them."""
 
     def __init__(self, packer: WeightPacker) -> None:
         self.packer = packer
@@ -98,4 +99,5 @@ class Int8Packer:
         return Int8.of(w) if runs_int8(w) else self.packer.private(w)
 
     def factors(self, w: torch.Tensor) -> torch.Tensor:
-        return w
+        """In FACTOR_DTYPE: thin bf16 matmuls are slow unpacked (kernels/lowrank.py)."""
+        return w.to(FACTOR_DTYPE)
