@@ -266,8 +266,8 @@ def test_int8_copies_are_shared_between_int8_engines_and_kept_apart_from_bf16_pa
 
 # The int8 step is a row's largest value over 127: for rows of 64-96 Gaussian values (largest
 # ~2.5-2.9 sigma) a uniform error of ~0.66 % of sigma per weight, about 3x bf16's rounding of it,
-# while the activations' and outputs' bf16 roundings stay. Each layer's error grows 1.15-2.0x
-# over bf16's (five seeds; 1.3-4.0 EPS), and the final stream's from 3.5-5.7 EPS to 5.8-7.6 EPS.
+# while the activations' and outputs' bf16 roundings stay. Each layer's error is 0.95-2.0x bf16's
+# (five seeds; 1.1-3.9 EPS), and the final stream's grows from 3.5-5.7 EPS to 5.6-7.4 EPS.
 INT8_OVER_BF16 = 2.5  # a layer's error, int8's over bf16's
 INT8_R = 12 * EPS  # bounds the final stream's relative error, as 8 EPS does bf16's
 
