@@ -1,10 +1,11 @@
 """Held-out loss of a composition in each weight format, against fp32.
 
 Scores the zoo's held-out splits (the first `--examples` of each domain, `--max-tokens`
-tokens each, as the eval harness does) with the composition built in float32 and in
-bfloat16, and reports each domain's mean per-token loss and the difference. The losses are
-deterministic (one run; a rerun on the same machine and versions gives the same figures), so
-there are no rounds; `seconds` per dtype is one reading, kept for the record only.
+tokens each, as the eval harness does) with the composition built in float32, in bfloat16
+and in int8 (bf16 weights run as int8, kernels/int8.py), and reports each domain's mean
+per-token loss and its difference from float32. The losses are deterministic (one run; a
+rerun on the same machine and versions gives the same figures), so there are no rounds;
+`seconds` per dtype is one reading, kept for the record only.
 Writes benchmarks/results/dtype_loss.json.
 
     .venv/bin/python benchmarks/dtype_loss.py [--spec examples/demo_moe.yaml] [--examples 24]
@@ -34,6 +35,7 @@ from mergeserve.spec import load_composition  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOMAINS = ("math", "german", "code")
+FORMATS = ("float32", "bfloat16", "int8")
 
 
 def main() -> None:
@@ -50,7 +52,7 @@ def main() -> None:
     settings = EvalSettings(max_tokens=args.max_tokens, per_domain=args.examples)
     spec = load_composition(args.spec)
     rows = {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in FORMATS:
         start = time.perf_counter()
         engine = Engine(build(spec.model_copy(update={"dtype": dtype}), ExpertPool()), engine_config(settings))
         losses = {}
@@ -59,17 +61,18 @@ def main() -> None:
             losses[d] = sum(scored, LossSum()).loss
         rows[dtype] = {"loss": losses, "seconds": time.perf_counter() - start}
         print(dtype, {d: round(v, 4) for d, v in losses.items()}, flush=True)
-    diff = {d: rows["bfloat16"]["loss"][d] - rows["float32"]["loss"][d] for d in DOMAINS}
+    fp32 = rows["float32"]["loss"]
+    diff = {f: {d: rows[f]["loss"][d] - fp32[d] for d in DOMAINS} for f in FORMATS[1:]}  # format -> domain -> loss
     result = {
         "machine": info | {"load_1m_end": os.getloadavg()[0]}, "commit": commit(),
         "spec": str(Path(args.spec).resolve().relative_to(ROOT)), "examples_per_domain": args.examples,
         "max_tokens": args.max_tokens, "threads": args.threads, "deterministic": True,
-        "rows": rows, "bfloat16_minus_float32": diff,
-        "relative": {d: diff[d] / rows["float32"]["loss"][d] for d in DOMAINS},
+        "rows": rows, "minus_float32": diff,
+        "relative": {f: {d: diff[f][d] / fp32[d] for d in DOMAINS} for f in diff},
         "wall_s": time.perf_counter() - started,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["bfloat16_minus_float32"], indent=2))
+    print(json.dumps(result["minus_float32"], indent=2))
 
 
 if __name__ == "__main__":

@@ -5,11 +5,12 @@ for every batch size of `--batch` in turn (1 then 8 by default): start that many
 requests, run their prefill and 4 warm-up decode steps, profile `--steps` decode steps, time
 `--steps` more without the profiler, then drop the requests. Recorded per round and batch: the
 untraced time per step (`step_ms`), the top operators by self CPU time per step, and the
-biggest linear operator (`linear`: the oneDNN or BLAS matmuls) with `rest_ms` = step_ms minus
+biggest linear operator (`linear`: the oneDNN, BLAS or int8 matmuls) with `rest_ms` = step_ms minus
 its self time. Every round is kept; each figure is a spread (median, min, max;
 benchmarks/common.py). Writes benchmarks/results/profile_decode.json.
 
     .venv/bin/python benchmarks/profile_decode.py [SPEC] [--batch 1,8] [--steps 16] [--rounds 5] [--lora merged]
+        [--dtype auto|float32|bfloat16|int8]
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from common import commit, machine, spread  # noqa: E402
 from mergeserve.engine.engine import Engine  # noqa: E402
 from mergeserve.engine.sequence import SamplingParams  # noqa: E402
 from mergeserve.experts import ExpertPool  # noqa: E402
-from mergeserve.kernels.capability import resolve_dtype  # noqa: E402
+from mergeserve.kernels.capability import FORMATS, resolve_format  # noqa: E402
 from mergeserve.learn.compose import build  # noqa: E402
 from mergeserve.spec import EngineConfig, load_composition  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOP = 25
+LINEAR_OPS = ("aten::_weight_int8pack_mm", "aten::addmm", "aten::mm")  # besides oneDNN's *linear* ops
 
 
 def measure(engine: Engine, batch: int, steps: int, tag: str) -> dict:
@@ -61,7 +63,7 @@ def measure(engine: Engine, batch: int, steps: int, tag: str) -> dict:
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     top = [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1000 / steps, "calls_per_step": e.count / steps}
            for e in ops[:TOP]]
-    linear = next((op for op in top if "linear" in op["op"] or op["op"] in ("aten::addmm", "aten::mm")), None)
+    linear = next((op for op in top if "linear" in op["op"] or op["op"] in LINEAR_OPS), None)
     return {"step_ms": step_ms, "profiled_step_ms": profiled / steps * 1000, "linear": linear,
             "rest_ms": step_ms - linear["self_cpu_ms"] if linear else None, "top_ops_per_step": top}
 
@@ -74,7 +76,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--lora", choices=["factored", "merged"], default="factored")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--dtype", default="auto", help="the composition's dtype (auto: by CPU flags and a measurement)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *FORMATS],
+                   help="the composition's dtype (auto: by CPU flags and a measurement; int8: bf16 weights run as int8)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/profile_decode.json"))
     args = p.parse_args()
     started, info = time.perf_counter(), machine()
@@ -104,7 +107,7 @@ def main() -> None:
         "machine": info | {"load_1m_end": os.getloadavg()[0]}, "commit": commit(),
         "spec": str(Path(args.spec).resolve().relative_to(ROOT)),
         "settings": {"lora": args.lora, "dtype_requested": args.dtype,
-                     "dtype": str(resolve_dtype(args.dtype)).removeprefix("torch."), "threads": args.threads, "batches": batches, "steps": args.steps},
+                     "dtype": resolve_format(args.dtype), "threads": args.threads, "batches": batches, "steps": args.steps},
         "method": {"rounds": args.rounds, "order": "per round, the batch sizes in turn on one engine",
                    "step_ms": "untraced decode steps, mean over `steps`",
                    "linear_ms": "self CPU time per step of the biggest linear operator, under the profiler"},

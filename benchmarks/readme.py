@@ -57,9 +57,13 @@ def quality() -> list[str]:
 
 def dtype_loss() -> list[str]:
     d = load("dtype_loss.json")
-    cells = ", ".join(f"{dom} {diff:+.4f} ({d['relative'][dom]:+.2%})" for dom, diff in d["bfloat16_minus_float32"].items())
-    return [f"Held-out loss of `{d['spec']}`, bf16 minus fp32 ({d['examples_per_domain']} examples per domain, "
-            f"{d['max_tokens']} tokens): {cells}. Deterministic, so one run. {machine_line(d['machine'])}"]
+    names = {"bfloat16": "bf16", "int8": "int8"}
+    lines = [f"Held-out loss of `{d['spec']}` minus fp32's ({d['examples_per_domain']} examples per domain, "
+             f"{d['max_tokens']} tokens, {d['threads']} thread{'s' if d['threads'] > 1 else ''}):", ""]
+    for fmt, diffs in d["minus_float32"].items():
+        cells = ", ".join(f"{dom} {diff:+.4f} ({d['relative'][fmt][dom]:+.2%})" for dom, diff in diffs.items())
+        lines.append(f"- {names[fmt]}: {cells}")
+    return [*lines, "", f"Deterministic, so one run. {machine_line(d['machine'])}"]
 
 
 def lora_pool() -> list[str]:

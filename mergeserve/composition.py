@@ -91,6 +91,8 @@ class ComposedModel:
     mixture_routing: MixtureRouting | None = None
     # Sources the composition was built from (base first; a learned router checks its base against it).
     sources: list[str] = field(default_factory=list)
+    # dtype int8: the tensors are bf16, and the engine runs the full-size ones as int8 (kernels/int8.py).
+    int8: bool = False
 
     @property
     def num_experts(self) -> int:

@@ -202,3 +202,23 @@ def test_placement_own_gives_every_composition_an_engine_of_its_own(zoo, adapter
     for policy, placed in (("own", [False, False]), ("auto", [False, True]), ("base", [True, True])):
         bases = BaseEngines(EngineConfig(placement=policy), WeightPacker(), Executor())
         assert [bases.place(c, f"{c.name}@1")[0] is not None for c in composed] == placed, policy
+
+
+def test_int8_and_bf16_compositions_over_one_base_run_in_base_engines_of_their_own_format(zoo, adapters):
+    from mergeserve.engine.executor import Executor
+    from mergeserve.kernels.int8 import Int8, int8_works
+    from mergeserve.server.placement import BaseEngines
+
+    pool = ExpertPool()
+    bases = BaseEngines(EngineConfig(placement="base", max_model_len=128), pool.packer, Executor())
+    # dtype int8 and bfloat16 load the same bf16 checkpoints: one base, two formats.
+    specs = [spec(n, zoo["base"], adapters, router={"kind": "random", "top_k": 2}, dtype=d)
+             for n, d in (("a", "int8"), ("b", "int8"), ("c", "bfloat16"))]
+    a, b, c = (bases.place(build(s, pool), f"{s.name}@1")[0] for s in specs)
+    assert a.base_engine is b.base_engine and c.base_engine is not a.base_engine
+    assert isinstance(a.base_engine.runner.model.runs[0].qkv, Int8) == int8_works()
+    assert not isinstance(c.base_engine.runner.model.runs[0].qkv, Int8)
+    with pytest.raises(NotLowRank, match="int8"):
+        c.base_engine.place(build(specs[0], pool))
+    tokens, logprobs = run(a.base_engine, {"a": a, "b": b}, [("a", "math"), ("b", "code")])["b-1"]
+    assert len(tokens) == 6 and all(lp <= 0 for lp in logprobs)

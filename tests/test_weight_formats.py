@@ -1,4 +1,4 @@
-"""Weight formats: bf16 compositions (packed for oneDNN where it works) against fp32, and `auto`.
+"""Weight formats: bf16 compositions (packed for oneDNN where it works) and int8 ones against fp32, and `auto`.
 
 Bounds follow bf16's rounding: it keeps 8 significant bits, so rounding to nearest moves a
 value by at most U = 2^-8 of itself (EPS = 2^-7 is the gap above 1.0).
@@ -23,9 +23,10 @@ from mergeserve.engine.model import Capture, Transformer
 from mergeserve.engine.sequence import SamplingParams
 from mergeserve.experts import ExpertPool
 from mergeserve.kernels import LoraExperts, capability, lora_moe_ffn, top_k_experts
+from mergeserve.kernels.int8 import Int8, Int8Packer, int8_works
 from mergeserve.kernels.packed import WeightPacker, packing_works
 from mergeserve.learn.compose import build
-from mergeserve.spec import parse_composition
+from mergeserve.spec import ServeConfig, SpecError, parse_composition
 
 EPS = torch.finfo(torch.bfloat16).eps  # 2^-7
 U = EPS / 2  # bf16's unit roundoff
@@ -215,23 +216,122 @@ def test_the_lora_kernel_plain_and_with_fused_packed_tables_stays_within_bf16_ro
         assert (got.float() - want).norm() <= 4 * U * want.norm()
 
 
+needs_int8 = pytest.mark.skipif(not int8_works(), reason="torch's _weight_int8pack_mm does not run here")
+
+
+def test_int8_is_a_dtype_of_the_spec_and_of_the_serve_config():
+    experts = [{"name": "a", "source": "a"}]
+    assert parse_composition({"name": "c", "base": "b", "experts": experts, "dtype": "int8"}).dtype == "int8"
+    assert ServeConfig(dtype="int8", state_dir="state").dtype == "int8"
+    with pytest.raises(SpecError, match="'auto', 'float32', 'bfloat16' or 'int8'"):
+        parse_composition({"name": "c", "base": "b", "experts": experts, "dtype": "int4"})
+    assert capability.resolve_dtype("int8") == torch.bfloat16  # held in bf16, run as int8
+
+
+@needs_int8
+def test_an_int8_weight_is_its_rows_in_127_steps_of_their_largest_value():
+    g, k = torch.Generator().manual_seed(0), 576
+    w = torch.randn(96, k, generator=g).bfloat16()
+    q = Int8.of(w)
+    step = q.scales.float()[:, None]  # [out, 1]
+    assert q.weight.dtype == torch.int8 and int(q.weight.abs().max()) == 127
+    # Rounding to the nearest step moves a value by at most half a step (the step is rounded to
+    # bf16, so a row's largest value may land 127.5 steps out and be clamped: still half a step).
+    assert bool(((q.weight.float() * step - w.float()).abs() <= step / 2 * (1 + EPS)).all())
+    # The matmul computes what fp32 does over the dequantised weight and bf16-rounded inputs, to its
+    # fp32 sum and the result's rounding to bf16 (as for a packed bf16 weight above).
+    x = torch.randn(2, 5, k, generator=g)
+    xr, wr = x.bfloat16().float(), q.weight.float() * step
+    want = xr @ wr.T
+    bound = U * want.abs() + (1 + U) * k * FP32_U * (xr.abs() @ wr.abs().T)
+    got = q(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 5, 96)
+    assert bool(((got.float() - want).abs() <= bound).all())
+
+
+@needs_int8
+def test_int8_copies_are_shared_between_int8_engines_and_kept_apart_from_bf16_packs():
+    packer = WeightPacker()
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g).bfloat16()
+    q = Int8Packer(packer)(w)
+    assert isinstance(q, Int8) and Int8Packer(packer)(w) is q  # another int8 engine over the same tensor
+    bf16 = packer(w)
+    assert not isinstance(bf16, Int8) and (bf16 is w) != packer.enabled  # a bf16 engine's own pack
+    narrow = torch.randn(96, 40, generator=g).bfloat16()  # a width the int8 kernel does not take
+    assert not isinstance(Int8Packer(packer)(narrow), Int8)
+    factors = torch.randn(8, 64, generator=g).bfloat16()
+    assert Int8Packer(packer).factors(factors).dtype == torch.float32  # LoRA factors run in fp32, unquantised
+
+
+# The int8 step is a row's largest value over 127: for rows of 64-96 Gaussian values (largest
+# ~2.5-2.9 sigma) a uniform error of ~0.66 % of sigma per weight, about 3x bf16's rounding of it,
+# while the activations' and outputs' bf16 roundings stay. Each layer's error is 0.95-2.0x bf16's
+# (five seeds; 1.1-3.9 EPS), and the final stream's grows from 3.5-5.7 EPS to 5.6-7.4 EPS.
+INT8_OVER_BF16 = 2.5  # a layer's error, int8's over bf16's
+INT8_R = 12 * EPS  # bounds the final stream's relative error, as 8 EPS does bf16's
+
+
+@needs_int8
+def test_an_int8_lora_moe_stays_within_a_few_times_bf16s_error_of_fp32(deep_lora):
+    fp32, bf16 = lora_moe(deep_lora, "float32"), lora_moe(deep_lora, "bfloat16", WeightPacker())
+    engine = Engine(lora_moe(deep_lora, "int8").composed)  # the engine packs: it runs the weights as int8
+    int8 = engine.runner.model
+    assert int8.composed.int8 and int8.composed.embed.dtype == torch.bfloat16
+    # q/k/v, o, gate/up and down of 4 layers and the lm_head; the fused LoRA tables are not built.
+    assert len(int8.packed()) == 17 and all(isinstance(p, Int8) for p in int8.packed())
+    batch = random_batch(len(fp32.composed.tokenizer))
+    (bf16_errors, _), (errors, flips) = layer_errors(fp32, bf16, batch), layer_errors(fp32, int8, batch)
+    assert all(e <= INT8_OVER_BF16 * b for e, b in zip(errors, bf16_errors)), [f"{e / b:.2f}" for e, b in zip(errors, bf16_errors)]
+    assert max(flips) <= MAX_ROUTE_FLIPS * batch.tokens.numel(), flips
+
+    p, q = next_token_logprobs(fp32, int8, batch=batch)
+    kl = (p.exp() * (p - q)).sum(-1)  # [B, T]; bounded as for bf16, with int8's stream error
+    sigma = (p - p.mean(-1, keepdim=True)).std(-1).mean()
+    assert kl.mean() <= (INT8_R * sigma) ** 2 / 2, (kl.mean(), (INT8_R * sigma) ** 2 / 2)
+    top2 = p.topk(2, -1).values
+    clear = top2[..., 0] - top2[..., 1] > 2 * 2**0.5 * INT8_R * sigma
+    agree = p.argmax(-1) == q.argmax(-1)
+    assert clear.sum() >= 128 and agree[clear].float().mean() >= 0.98, (int(clear.sum()), agree[clear].float().mean())
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    assert all(len(out) == 8 for out in engine.generate([[5, 6, 7]], params))
+
+
 def test_auto_picks_float32_without_bf16_instructions(monkeypatch):
-    capability.fastest_dtype.cache_clear()
+    capability.fastest_format.cache_clear()
     monkeypatch.setattr(capability, "cpu_flags", lambda: {"avx2", "fma"})
     try:
         assert capability.resolve_dtype("auto") == torch.float32
     finally:
-        capability.fastest_dtype.cache_clear()
+        capability.fastest_format.cache_clear()
     assert capability.resolve_dtype("bfloat16") == torch.bfloat16
 
 
 def test_auto_measures_when_the_cpu_has_bf16(monkeypatch):
-    capability.fastest_dtype.cache_clear()
+    capability.fastest_format.cache_clear()
     monkeypatch.setattr(capability, "cpu_flags", lambda: {"avx512_bf16"})
-    monkeypatch.setattr(capability, "_linear_seconds", lambda dtype: 1.0 if dtype == torch.float32 else 0.5)
+    monkeypatch.setattr(capability, "_linear_seconds", lambda fmt: {"float32": 1.0, "bfloat16": 0.5, "int8": 0.7}[fmt])
     try:
         assert capability.resolve_dtype("auto") == torch.bfloat16
     finally:
-        capability.fastest_dtype.cache_clear()
+        capability.fastest_format.cache_clear()
 
 
+def test_auto_holds_int8_weights_in_bf16_where_int8_measures_fastest(monkeypatch):
+    capability.fastest_format.cache_clear()
+    monkeypatch.setattr(capability, "cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr(capability, "_linear_seconds", lambda fmt: {"float32": 1.0, "bfloat16": 0.5, "int8": 0.3}[fmt])
+    try:
+        assert capability.resolve_format("auto") == ("int8" if int8_works() else "bfloat16")
+        assert capability.resolve_dtype("auto") == torch.bfloat16
+    finally:
+        capability.fastest_format.cache_clear()
+
+
+def test_auto_measured_here_names_a_format():
+    capability.fastest_format.cache_clear()
+    try:
+        assert capability.resolve_format("auto") in capability.FORMATS
+        assert capability.resolve_dtype("auto") in (torch.float32, torch.bfloat16)
+    finally:
+        capability.fastest_format.cache_clear()

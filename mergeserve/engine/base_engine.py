@@ -23,17 +23,24 @@ from mergeserve.engine.layers import Batch
 from mergeserve.engine.mixture_router import MixtureRouter
 from mergeserve.engine.model_runner import ModelRunner, kv_slots
 from mergeserve.engine.sequence import RequestOutput, SamplingParams, Sequence
-from mergeserve.engine.tables import BaseWeights, CompositionTables, FactorTables, RouterTables, base_of, plan
+from mergeserve.engine.tables import BaseWeights, CompositionTables, FactorTables, NotLowRank, RouterTables, base_of, plan
+from mergeserve.kernels.int8 import Int8Packer
+from mergeserve.kernels.lowrank import Pack
 from mergeserve.kernels.packed import WeightPacker
 from mergeserve.spec import EngineConfig
 
-__all__ = ["BaseEngine", "BaseRunner", "Placed"]
+__all__ = ["BaseEngine", "BaseRunner", "Placed", "engine_key"]
+
+
+def engine_key(base: BaseWeights, int8: bool) -> tuple[int, ...]:
+    """One base engine per base and weight format: int8 and bf16 compositions over one base run apart."""
+    return (int(int8), *base.key())
 
 
 class BaseRunner(ModelRunner):
     """The ModelRunner of a base engine: the same batches, a forward that takes each row's composition."""
 
-    def __init__(self, base: BaseWeights, hf_config, config: EngineConfig, max_model_len: int, packer: WeightPacker):
+    def __init__(self, base: BaseWeights, hf_config, config: EngineConfig, max_model_len: int, packer: Pack):
         self.num_experts = 0
         self.base = base
         self.model = BaseTransformer(base, hf_config, max_model_len, packer)
@@ -80,17 +87,21 @@ class BaseEngine(Engine):
         packer = packer if packer is not None else WeightPacker()
         base = base_of(first)
         max_len = min(config.max_model_len, first.config.max_position_embeddings)
-        super().__init__(first, config, packer, BaseRunner(base, first.config, config, max_len, packer))
+        self.int8 = first.int8  # the format of every composition placed here
+        runner = BaseRunner(base, first.config, config, max_len, Int8Packer(packer) if first.int8 else packer)
+        super().__init__(first, config, packer, runner)
         self.name = f"base of {first.name}"
         self.placed: list[CompositionTables] = []
         self._step_lock = threading.Lock()  # a step runs on one set of tables; placing waits for it
 
     @property
     def base_key(self) -> tuple[int, ...]:
-        return self.runner.base.key()
+        return engine_key(self.runner.base, self.int8)
 
     def place(self, composed: ComposedModel) -> Placed:
         """Serve `composed` here (NotLowRank when it is not the base plus adapter terms)."""
+        if composed.int8 != self.int8:
+            raise NotLowRank(f"its weights run {'as int8' if composed.int8 else 'unquantised'}, this base engine's do not")
         with self._step_lock:
             tables = plan(composed, self.runner.base, self.runner.tables)
             if composed.mixture_routing is not None:

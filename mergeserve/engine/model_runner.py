@@ -20,6 +20,7 @@ from mergeserve.engine.mixture_router import MixtureRouter
 from mergeserve.engine.model import Transformer
 from mergeserve.engine.opaque_ops import register as register_eager
 from mergeserve.engine.sequence import Sequence
+from mergeserve.kernels.int8 import Int8Packer
 from mergeserve.kernels.packed import WeightPacker
 from mergeserve.spec import EngineConfig
 
@@ -44,7 +45,7 @@ def kv_slots(config: EngineConfig, bytes_per_position: int, max_len: int) -> int
 class ModelRunner:
     def __init__(self, composed: ComposedModel, config: EngineConfig, max_model_len: int, packer: WeightPacker):
         self.num_experts = composed.num_experts
-        self.model = Transformer(composed, max_model_len, packer)
+        self.model = Transformer(composed, max_model_len, Int8Packer(packer) if composed.int8 else packer)
         args = self.model.args
         self.slots = kv_slots(config, self.model.cache_layers * args.n_kv_heads * args.head_dim * 2 * 4, max_model_len)
         self.cache = KVCache(self.model.cache_layers, self.slots, args.n_kv_heads, args.head_dim, max_model_len,
@@ -92,7 +93,8 @@ class ModelRunner:
     def compile(self, buckets: list[int], cache_dir: str | None = None, autotune: bool = True, prefill: bool = True) -> CompiledStep:
         """Compile the decode step per bucket, and the one-chunk prefill, in the background (compiled.py);
         decode() and prefill() run each graph once it is ready."""
-        plain = Transformer(self.model.composed, self.model.cos.shape[0])  # the same tensors, without oneDNN's packs
+        # The same tensors, without oneDNN's packs (or int8's copies: an int8 composition compiles its bf16 weights).
+        plain = Transformer(self.model.composed, self.model.cos.shape[0])
         plain.counts_in_forward = False  # CompiledStep counts the real rows
         # Dense experts and separate attention run as opaque operators over the eager model's own
         # (packed) pieces (opaque_ops.py): the copy's are not frozen into a graph.

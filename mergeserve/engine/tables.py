@@ -27,8 +27,8 @@ from torch.nn.utils.rnn import pad_sequence
 from mergeserve.composition import Attention, ComposedModel, Layer
 from mergeserve.kernels.entry_lora import EntryAttention, EntryFFN
 from mergeserve.kernels.lora_moe import MASKED_MAX_EXPERTS, LoraExperts
-from mergeserve.kernels.lowrank import FACTOR_DTYPE
-from mergeserve.kernels.packed import Packed, WeightPacker
+from mergeserve.kernels.lowrank import FACTOR_DTYPE, Pack
+from mergeserve.kernels.packed import Packed
 from mergeserve.kernels.routed_lowrank import RoutedAttention
 from mergeserve.weights import ExpertFFN, LowRank, Weight, row_blocks
 
@@ -364,7 +364,7 @@ class FactorTables:
     """Every adapter placed on one base engine, per layer: attention entries and FFN entries, and
     the fixed attention terms each placed composition holds (the anchor's candidates)."""
 
-    def __init__(self, base: BaseWeights, pack: WeightPacker | None = None) -> None:
+    def __init__(self, base: BaseWeights, pack: Pack | None = None) -> None:
         self.base, self.pack = base, pack
         self.attention = [EntryTable(tuple(getattr(layer.attn, p) for p in ATTENTION)) for layer in base.layers]
         self.ffn = [EntryTable(tuple(getattr(layer.experts[0], p) for p in FFN)) for layer in base.layers]

@@ -25,18 +25,20 @@ from mergeserve.kernels.packed import WeightPacker
 class ExpertPool:
     def __init__(
         self, roots: list[str | Path] | None = None, max_file_bytes: int | None = None,
-        lora: Literal["factored", "merged"] = "factored", dtype: torch.dtype = torch.float32,
+        lora: Literal["factored", "merged"] = "factored", dtype: torch.dtype = torch.float32, int8: bool = False,
     ) -> None:
         """`roots`: when given, every source (and every file inside a folder source, symlinks
         followed) must lie under one of these folders; None loads from anywhere.
         `max_file_bytes`: refuse sources holding a larger file (a GGUF file also when its tensors
         dequantise to more: it is held as float32 once loaded).
         `lora`: keep LoRA adapters as their factors (the default) or merge them into dense weights.
-        `dtype`: what checkpoints are held in unless `get` asks for another (LoRA factors keep their file's)."""
+        `dtype`: what checkpoints are held in unless `get` asks for another (LoRA factors keep their file's).
+        `int8`: compositions that set no dtype run their weights as int8 (`dtype` is then bfloat16)."""
         self.roots = [Path(r).resolve() for r in roots] if roots is not None else None
         self.max_file_bytes = max_file_bytes
         self.lora = lora
         self.dtype = dtype
+        self.int8 = int8
         self.packer = WeightPacker()  # packed copies of the weights engines run, shared between them
         # (source, base of an adapter, dtype) -> the checkpoint
         self._loaded: dict[tuple[str, str | None, torch.dtype], Checkpoint] = {}

@@ -3,7 +3,12 @@
 On AVX2-only CPUs bf16 matmul is emulated and ~100x slower than fp32; with AVX512-BF16
 (or AMX) bf16 halves the bytes a memory-bound decode reads. The flags rule out the slow
 case without measuring; otherwise a short timing of SmolLM2-sized projections at decode
-batch sizes decides.
+batch sizes decides between fp32, bf16 and int8 (bf16 weights run as int8, kernels/int8.py).
+
+int8 wins at one row and loses from 8 on (kernels/int8.py: on a 2-core AMX Xeon, 24.0 ms
+against bf16's 37.7 at 1 row, 48.3 against 38.9 at 8). The timing is at 8 rows, a loaded
+server's decode batch, so auto picks bf16 there; ask for `dtype: int8` where one sequence
+decodes at a time.
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from mergeserve.kernels.int8 import Int8, int8_works
+from mergeserve.kernels.lowrank import linear
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FORMATS = (*DTYPES, "int8")  # int8: weights held in bf16, run as int8
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -49,34 +57,41 @@ def usable_cpus() -> int:
     return max(1, cpus)
 
 
+def resolve_format(name: str) -> str:
+    """`float32` / `bfloat16` / `int8` as given; `auto` as measured here (once per process)."""
+    return fastest_format() if name == "auto" else name
+
+
 def resolve_dtype(name: str) -> torch.dtype:
-    """`float32` / `bfloat16` as given; `auto` as measured here (once per process)."""
-    return fastest_dtype() if name == "auto" else DTYPES[name]
+    """The dtype the weights of format `name` are held in: int8's are bfloat16 (quantised when an engine packs them)."""
+    fmt = resolve_format(name)
+    return torch.bfloat16 if fmt == "int8" else DTYPES[fmt]
 
 
-# Cached: the answer is a property of the machine, and measuring takes ~0.1 s.
+# Cached: the answer is a property of the machine, and measuring takes ~0.2 s.
 @functools.cache
-def fastest_dtype() -> torch.dtype:
+def fastest_format() -> str:
     flags = cpu_flags()
     if not any(f in flags for f in BF16_FLAGS):
         log.info("dtype auto: float32 (no %s in the CPU flags)", " or ".join(BF16_FLAGS))
-        return torch.float32
-    times = {dt: _linear_seconds(dt) for dt in (torch.float32, torch.bfloat16)}
+        return "float32"
+    times = {fmt: _linear_seconds(fmt) for fmt in FORMATS if fmt != "int8" or int8_works()}
     choice = min(times, key=times.get)
-    log.info("dtype auto: %s (8-row linear: float32 %.2f ms, bfloat16 %.2f ms)", str(choice).removeprefix("torch."),
-             times[torch.float32] * 1e3, times[torch.bfloat16] * 1e3)
+    log.info("dtype auto: %s (8-row linear: %s)", choice, ", ".join(f"{f} {t * 1e3:.2f} ms" for f, t in times.items()))
     return choice
 
 
-def _linear_seconds(dtype: torch.dtype, rows: int = 8, weights: int = 24, reps: int = 3) -> float:
+def _linear_seconds(fmt: str, rows: int = 8, weights: int = 24, reps: int = 3) -> float:
     """Best time of `weights` distinct 1536 x 576 projections of `rows` rows (more than the caches hold)."""
     g = torch.Generator().manual_seed(0)
-    ws = [torch.randn(1536, 576, generator=g).to(dtype) for _ in range(weights)]
-    x = torch.randn(rows, 576, generator=g).to(dtype)
+    ws = [torch.randn(1536, 576, generator=g).to(resolve_dtype(fmt)) for _ in range(weights)]
+    if fmt == "int8":
+        ws = [Int8.of(w) for w in ws]
+    x = torch.randn(rows, 576, generator=g).to(resolve_dtype(fmt))
     best = float("inf")
     for _ in range(reps + 1):
         start = time.perf_counter()
         for w in ws:
-            F.linear(x, w)
+            linear(x, w)
         best = min(best, time.perf_counter() - start)
     return best

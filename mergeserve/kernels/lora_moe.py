@@ -35,6 +35,9 @@ MASKED_MAX_EXPERTS = 8  # beyond this, reading every expert's factors per token 
 GROUPED_MIN_TOKENS = 64  # batches this large over many experts go expert by expert
 
 
+FACTOR_TABLES = ("a_in", "b_gate", "b_up", "a_down", "b_down")
+
+
 @dataclass(eq=False)
 class FusedTables:
     """The masked strategy's matmuls with base and factors side by side (each packed)."""
@@ -71,13 +74,17 @@ class LoraExperts:
         return self.per_expert("a_down").dtype
 
     def packed(self, pack: Pack) -> LoraExperts:
-        """The tables packed for oneDNN. With few experts (the masked strategy reads every table
+        """The tables as `pack` runs them (packed for oneDNN, or int8). With few experts (the masked strategy reads every table
         whole) base and factors are also fused into shared matmuls: four oneDNN calls per layer
         instead of seven. The fused copies are this composition's own; the plain factor tables
         stay beside them (small with so few experts) for the other strategies' per-expert views."""
-        a_down = pack(self.a_down)
-        if self.num_experts > MASKED_MAX_EXPERTS or a_down is self.a_down:  # many experts, or nothing packs
-            return LoraExperts(**{**vars(self), "gate_up": pack(self.gate_up), "down": pack(self.down)})
+        a_down = pack.factors(self.a_down)
+        # Many experts, or factors that do not pack (int8 keeps them apart from its bases: a row of
+        # the fused tables would share one scale between base and factor columns).
+        if self.num_experts > MASKED_MAX_EXPERTS or not isinstance(a_down, Packed):
+            keep = isinstance(a_down, Packed)  # many experts: the other strategies read the plain tables
+            factors = {n: getattr(self, n) if keep else pack.factors(getattr(self, n)) for n in FACTOR_TABLES}
+            return LoraExperts(**{**vars(self), **factors, "gate_up": pack(self.gate_up), "down": pack(self.down)})
         fused = FusedTables(
             gate_up_a=pack_private(torch.cat([self.gate_up, self.a_in])),
             b_gate_up=pack_private(torch.block_diag(self.b_gate, self.b_up)),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,17 @@ def prepared(w: Weight) -> Weight:
     return LowRank(w.base, w.a.to(FACTOR_DTYPE), w.scaled_b(FACTOR_DTYPE))
 
 
-Pack = Callable[[torch.Tensor], "torch.Tensor | Packed"]
+class Pack(Protocol):
+    """What readies the weights an engine runs: packed.WeightPacker (bf16 for oneDNN), int8.Int8Packer."""
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor | Packed:
+        """A full-size weight, its copy shared with other engines over the same tensor."""
+
+    def private(self, w: torch.Tensor) -> torch.Tensor | Packed:
+        """A full-size weight of one owner's (a fused concatenation), not shared."""
+
+    def factors(self, w: torch.Tensor) -> torch.Tensor | Packed:
+        """A table of low-rank factors."""
 
 
 def packed(w: Weight | None, pack: Pack | None) -> Weight | Packed | None:

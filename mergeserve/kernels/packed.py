@@ -6,13 +6,15 @@ identical results. fp32 gains less and rounds differently, so only bf16 weights 
 
 A packed weight is a copy in an opaque layout. `WeightPacker` packs each distinct tensor
 once and shares the copy between every engine that runs it (the pool's base serves many
-compositions); it goes with the last engine that holds it.
+compositions); it goes with the last engine that holds it. int8 copies (kernels/int8.py) are
+shared through it too, under their own key.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +34,11 @@ class Packed:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.to(self.source.dtype), self.weight, bias, "none", [], "")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the copy (beside its source)."""
+        return self.shape.numel() * self.source.element_size()
 
 
 def pack_private(w: torch.Tensor) -> Packed:
@@ -61,12 +68,15 @@ class WeightPacker:
         """`w` packed when packing pays for its dtype, else `w` itself."""
         if not self.enabled or w.dtype not in PACKABLE or w.dim() != 2:
             return w
-        key = (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), tuple(w.stride()))
+        return self.shared(w, "onednn", lambda w: Packed(torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1), w, w.shape))
+
+    def shared(self, w: torch.Tensor, form: str, make: Callable[[torch.Tensor], Packed]) -> Packed:
+        """`make(w)` once per tensor and `form`: engines that run `w` in the same form share the copy."""
+        key = (form, w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), tuple(w.stride()))
         with self._lock:
             packed = self._packed.get(key)
             if packed is None:
-                packed = Packed(torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1), w, w.shape)
-                self._packed[key] = packed
+                packed = self._packed[key] = make(w)
             return packed
 
     def private(self, w: torch.Tensor) -> torch.Tensor | Packed:
@@ -74,6 +84,10 @@ class WeightPacker:
         if not self.enabled or w.dtype not in PACKABLE or w.dim() != 2:
             return w
         return pack_private(w)
+
+    def factors(self, w: torch.Tensor) -> torch.Tensor | Packed:
+        """A table of low-rank factors: packed like any weight (bf16 factor tables gain as much)."""
+        return self(w)
 
     def __len__(self) -> int:
         return len(self._packed)

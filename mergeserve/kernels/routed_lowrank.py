@@ -37,7 +37,7 @@ class RoutedLowRank:
         return linear((xa * gate.to(xa.dtype).unsqueeze(-1)).view(n, -1), self.b)
 
     def packed(self, pack: Pack) -> RoutedLowRank:
-        return RoutedLowRank(pack(self.a), pack(self.b), self.rank)
+        return RoutedLowRank(pack.factors(self.a), pack.factors(self.b), self.rank)
 
     @classmethod
     def stack(cls, experts: list[list[Weight]], dtype: torch.dtype) -> RoutedLowRank | None:

@@ -6,6 +6,7 @@ import importlib
 
 from mergeserve.composition import ComposedModel
 from mergeserve.experts import ExpertPool
+from mergeserve.kernels.capability import resolve_format
 from mergeserve.spec import CompositionSpec
 from mergeserve.spec.merge import MODELS
 
@@ -18,4 +19,6 @@ BUILDERS: dict[str, str] = {"btx": "mergeserve.merge.btx", "mergeme": "mergeserv
 
 def build(spec: CompositionSpec, pool: ExpertPool) -> ComposedModel:
     """Build the composition `spec` describes from experts in `pool` (loaded there once)."""
-    return importlib.import_module(BUILDERS[spec.method]).build(spec, pool)
+    composed = importlib.import_module(BUILDERS[spec.method]).build(spec, pool)
+    composed.int8 = resolve_format(spec.dtype) == "int8" if spec.dtype else pool.int8
+    return composed

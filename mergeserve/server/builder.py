@@ -393,7 +393,7 @@ def own_bytes(engine: Engine, pool: ExpertPool) -> int:
         if storage.data_ptr() not in shared:
             storages[storage.data_ptr()] = storage.nbytes()
     # Packed copies (oneDNN layout) of the weights it runs; shared with engines over the same tensors.
-    return sum(storages.values()) + sum(p.shape.numel() * p.source.element_size() for p in engine.model.packed())
+    return sum(storages.values()) + sum(p.nbytes for p in engine.model.packed())
 
 
 def release_free_heap() -> None:

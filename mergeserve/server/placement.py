@@ -10,7 +10,7 @@ import logging
 import threading
 
 from mergeserve.composition import ComposedModel
-from mergeserve.engine.base_engine import BaseEngine, Placed
+from mergeserve.engine.base_engine import BaseEngine, Placed, engine_key
 from mergeserve.engine.executor import Executor
 from mergeserve.engine.tables import NotLowRank, base_of
 from mergeserve.kernels.packed import WeightPacker
@@ -38,7 +38,7 @@ class BaseEngines:
         if self.config.placement == "own":
             return None, []
         try:
-            key = base_of(composed).key()
+            key = engine_key(base_of(composed), composed.int8)
         except NotLowRank as e:
             log.info("composition %s runs in an engine of its own: %s", composed.name, e)
             return None, []

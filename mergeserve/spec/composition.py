@@ -64,9 +64,10 @@ class CompositionSpec(Strict):
     # Refuse a LoRA adapter whose adapter_config.json names another base than the one it is applied
     # to (false: log a warning; shapes alone cannot tell two bases of one architecture apart).
     strict_base: bool = False
-    # Compute and storage dtype of the composition's weights: float32, bfloat16, or auto (the
-    # faster here, by CPU flags and a short measurement at start). Unset: the serve config's.
-    dtype: Literal["auto", "float32", "bfloat16"] | None = None
+    # Compute and storage dtype of the composition's weights: float32, bfloat16, int8 (bf16 weights
+    # run as int8 with per-channel scales: kernels/int8.py), or auto (the fastest here, by CPU flags
+    # and a short measurement at start). Unset: the serve config's.
+    dtype: Literal["auto", "float32", "bfloat16", "int8"] | None = None
 
     @model_validator(mode="before")
     @classmethod

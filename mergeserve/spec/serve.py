@@ -104,8 +104,8 @@ class ServeConfig(Strict):
     # Resident bytes of the server at or past which the admin API refuses new builds (507); unset: none.
     memory_budget_bytes: int | None = Field(None, ge=1)
     max_source_file_bytes: int | None = Field(None, ge=1)  # refuse checkpoints holding a larger file
-    # Weights of compositions whose spec sets no dtype: float32, bfloat16, or auto (see CompositionSpec.dtype).
-    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
+    # Weights of compositions whose spec sets no dtype: float32, bfloat16, int8 or auto (see CompositionSpec.dtype).
+    dtype: Literal["auto", "float32", "bfloat16", "int8"] = "float32"
     # LoRA adapters: kept as factors over the shared base (factored) or merged into dense copies (merged).
     lora: Literal["factored", "merged"] = "factored"
     # On SIGTERM: /ready answers 503 at once, the listener closes `drain_delay_s` later (time for
