@@ -335,3 +335,24 @@ def test_auto_measured_here_names_a_format():
         assert capability.resolve_dtype("auto") in (torch.float32, torch.bfloat16)
     finally:
         capability.fastest_format.cache_clear()
+
+
+@needs_int8
+def test_a_serve_config_of_dtype_int8_runs_its_compositions_as_int8(deep_lora):
+    from live import wait_until
+
+    from mergeserve.server.serve import start
+
+    base, adapters = deep_lora
+    spec = {"name": "moe", "base": str(base), "router": {"kind": "random", "top_k": 2},
+            "experts": [{"name": n, "source": str(p)} for n, p in adapters.items()]}  # no dtype of its own
+    registry, builder, executor = start(ServeConfig(dtype="int8", compositions=[spec]))
+    try:
+        wait_until(lambda: registry.names() == ["moe"], timeout=120, what="the composition to be built")
+        (backend,) = registry.backends()
+        model = backend.engine.runner.model
+        assert model.composed.int8 and model.composed.embed.dtype == torch.bfloat16
+        assert model.packed() and all(isinstance(p, Int8) for p in model.packed())
+    finally:
+        builder.shutdown()
+        executor.stop()

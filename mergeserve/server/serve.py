@@ -21,7 +21,7 @@ from sse_starlette.sse import AppStatus
 
 from mergeserve.engine.executor import Executor
 from mergeserve.experts import ExpertPool
-from mergeserve.kernels.capability import resolve_dtype, usable_cpus
+from mergeserve.kernels.capability import resolve_dtype, resolve_format, usable_cpus
 from mergeserve.server.admin_routes import AdminLimits
 from mergeserve.server.app import create_app
 from mergeserve.server.auth import Auth
@@ -45,7 +45,9 @@ def start(config: ServeConfig) -> tuple[Registry, Builder, Executor]:
     # second live team slows the executor down; see Builder._build_on_own_thread).
     torch.set_num_threads(1)
     registry, executor = Registry(), Executor(threads)
-    pool = ExpertPool(config.source_roots or None, config.max_source_file_bytes, config.lora, resolve_dtype(config.dtype))
+    weights = resolve_format(config.dtype)  # int8: held in bfloat16, run as int8
+    pool = ExpertPool(config.source_roots or None, config.max_source_file_bytes, config.lora, resolve_dtype(weights),
+                      int8=weights == "int8")
     store = StateStore(config.state_dir) if config.state_dir else None
     exports = config.export_dir or (str(Path(config.state_dir) / "exports") if config.state_dir else None)
     policy = BackendPolicy.from_config(config, Auth.from_config(config))
