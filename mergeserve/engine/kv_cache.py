@@ -95,9 +95,9 @@ def cache_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: int, layer: int, slots: torch.Tensor,
     positions: torch.Tensor,
 ) -> torch.Tensor:
-    """KVCache.attend for a compiled step's decode batch: q [B, H, 1, Dh], k/v [B, KVH, 1, Dh],
-    slots [B] (-1: a padding row, after the real ones), positions [B, 1].
-    Padding rows attend nothing and return zeros: they are cut from the step's result."""
+    """KVCache.attend for a compiled step's batch: q [B, H, T, Dh], k/v [B, KVH, T, Dh], slots [B]
+    (-1: a padding row, after the real ones), positions [B, T] (a decode step's T = 1, a prefill
+    chunk's unpadded). Padding rows attend nothing and return zeros: they are cut from the result."""
     from mergeserve.engine.layers import Batch, first_of_run  # layers imports this module
 
     kv = _CACHES[cache]

@@ -1,4 +1,4 @@
-"""The parts of a decode step whose shapes follow the data, as operators a compiled graph calls whole.
+"""The parts of a step whose shapes follow the data, as operators a compiled graph calls whole.
 
 Dense experts run on the tokens that picked them (groups sized by the routing), and separate
 attention runs each expert's own layer on the rows that chose it. Traced, either would break
@@ -48,8 +48,9 @@ def separate_layer(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, alpha: torch.Tensor, slots: torch.Tensor,
     positions: torch.Tensor, model: int, layer: int, cache: int,
 ) -> torch.Tensor:
-    """Layer `layer` of separate attention for a decode batch: x [B, 1, D], cos/sin [B, 1, 1, Dh],
-    alpha [B, E], slots [B] (-1: padding, after the real rows), positions [B, 1] -> [B, 1, D]."""
+    """Layer `layer` of separate attention for a compiled step's batch: x [B, T, D], cos/sin
+    [B, 1, T, Dh], alpha [B, E], slots [B] (-1: padding, after the real rows), positions [B, T]
+    (a decode step's T = 1, a prefill chunk's unpadded) -> [B, T, D]."""
     from mergeserve.engine.kv_cache import _CACHES
     from mergeserve.engine.layers import Batch, first_of_run
     from mergeserve.engine.mixture_layers import separate_layer as run_layer
