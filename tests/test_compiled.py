@@ -13,6 +13,7 @@ from tiny import perturbed_copy
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.sequence import SamplingParams
 from mergeserve.experts import ExpertPool
+from mergeserve.kernels.int8 import Int8, int8_works
 from mergeserve.learn.compose import build
 from mergeserve.spec import EngineConfig, parse_composition
 from mergeserve.weights import LowRank
@@ -33,31 +34,34 @@ def inductor_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("inductor"))
 
 
-def composition(base: Path, experts: dict[str, Path], **router):
+def composition(base: Path, experts: dict[str, Path], name: str = "compiled", pool: ExpertPool | None = None,
+                dtype: str = "float32", **router):
     return build(parse_composition({
-        "name": "compiled", "base": str(base), "router": router,
+        "name": name, "base": str(base), "router": router, "dtype": dtype,
         "experts": [{"name": n, "source": str(p), "prompts": [PROMPTS[NAMES.index(n)]]} for n, p in experts.items()],
-    }), ExpertPool())
+    }), pool or ExpertPool())
 
 
 def engine(composed, **compile) -> Engine:
     return Engine(composed, EngineConfig(max_num_seqs=4, max_prefill_tokens=16, max_model_len=128, compile=compile))
 
 
-def decode(e: Engine) -> dict[str, tuple[list[int], list[float]]]:
-    """Greedy tokens and their log-probabilities for three requests of different lengths, so the
-    decode batch runs at 3, 2 and 1 rows (all in the bucket of 4). The first arrives a step
-    ahead: its prompt is a prefill of one chunk, the others' share a step."""
-    out = {str(i): ([], []) for i in range(len(PROMPTS))}
+def decode(e: Engine, faces: list | None = None) -> dict[str, tuple[list[int], list[float]]]:
+    """Greedy tokens and their log-probabilities for every prompt sent to each of `faces` (the
+    compositions placed on a base engine `e`; default: `e` itself), of different lengths, so the
+    decode batch shrinks as they finish. The first arrives a step ahead: its prompt is a prefill
+    of one chunk, the others' share a step."""
+    requests = [(face, prompt) for face in (faces or [e]) for prompt in PROMPTS]
+    out = {str(i): ([], []) for i in range(len(requests))}
 
     def step() -> None:
         for o in e.step():
             out[o.request_id][0].extend(o.new_token_ids)
             out[o.request_id][1].extend(lp.logprob for lp in o.logprobs)
 
-    for i, prompt in enumerate(PROMPTS):
-        e.add_request(str(i), e.tokenizer(prompt)["input_ids"], SamplingParams(max_tokens=4 + 3 * i, temperature=0,
-                                                                              ignore_eos=True, logprobs=0))
+    for i, (face, prompt) in enumerate(requests):
+        face.add_request(str(i), face.tokenizer(prompt)["input_ids"],
+                         SamplingParams(max_tokens=4 + 3 * (i % len(PROMPTS)), temperature=0, ignore_eos=True, logprobs=0))
         if i == 0:
             step()
     while e.has_work():
@@ -65,7 +69,13 @@ def decode(e: Engine) -> dict[str, tuple[list[int], list[float]]]:
     return out
 
 
-def assert_compiled_decodes_like_eager(composed, inductor_cache: str, autotune: bool = False) -> None:
+def assert_same_decodes(got: dict, want: dict, abs: float = 1e-4) -> None:
+    for rid, (tokens, logprobs) in want.items():
+        assert got[rid][0] == tokens, rid
+        assert got[rid][1] == pytest.approx(logprobs, abs=abs), rid
+
+
+def assert_compiled_decodes_like_eager(composed, inductor_cache: str, autotune: bool = False, abs: float = 1e-4) -> Engine:
     compiled = engine(composed, enabled=True, autotune=autotune, buckets=[4], cache_dir=inductor_cache)
     assert compiled.runner.compiled.wait(timeout=900), compiled.compile_state
     got, want = decode(compiled), decode(engine(composed))
@@ -73,14 +83,24 @@ def assert_compiled_decodes_like_eager(composed, inductor_cache: str, autotune: 
     assert state["status"] == "ready" and state["ready_buckets"] == [4] and state["prefill"]["ready"]
     assert state["compiled_steps"] > 0 and state["eager_steps"] == 0, state
     assert state["prefill"]["compiled_steps"] > 0, state["prefill"]
-    for rid, (tokens, logprobs) in want.items():
-        assert got[rid][0] == tokens
-        assert got[rid][1] == pytest.approx(logprobs, abs=1e-4)
+    assert_same_decodes(got, want, abs)
+    return compiled
 
 
 def test_token_routed_lora_experts_compiled_with_autotuned_kernels(zoo, adapters, inductor_cache):
     composed = composition(zoo["base"], adapters, kind="hidden", top_k=2)
     assert_compiled_decodes_like_eager(composed, inductor_cache, autotune=True)
+
+
+@pytest.mark.skipif(not int8_works(), reason="torch's _weight_int8pack_mm does not run here")
+def test_int8_weights_compiled_run_as_int8(zoo, adapters, inductor_cache):
+    """The graph runs int8 weights (the base's copies shared with the eager engine); bf16 activations round alike, not bit for bit."""
+    composed = composition(zoo["base"], adapters, dtype="int8", kind="hidden", top_k=2)
+    compiled = assert_compiled_decodes_like_eager(composed, inductor_cache, abs=2e-2)
+    graph, eager = compiled.runner.compiled.model.run_layers[0], compiled.runner.model.run_layers[0]
+    shared = graph.lora.gate_up, eager.lora.gate_up  # the base FFN's int8 copy: one for both
+    assert isinstance(shared[0], Int8) and shared[0].weight.data_ptr() == shared[1].weight.data_ptr()
+    assert isinstance(graph.o_proj, Int8)
 
 
 def test_routed_attention_compiled(zoo, adapters, inductor_cache):
@@ -138,12 +158,30 @@ def test_a_compile_that_fails_leaves_the_engine_eager_with_its_reason(zoo, adapt
     assert broken.compile_state["compiled_steps"] == 0
 
 
-def test_a_base_engine_says_it_serves_eagerly(zoo, adapters):
+def test_a_base_engine_compiled_serves_four_kinds_of_composition_in_one_step_like_eager(zoo, adapters, inductor_cache):
+    """The graph holds the base; each row's composition (token-routed, routed attention,
+    per-request merging, a single adapter) comes in by operator, so one graph serves any mix."""
     from mergeserve.engine.base_engine import BaseEngine
 
-    composed = composition(zoo["base"], adapters, kind="hidden", top_k=2)
-    base = BaseEngine(composed, EngineConfig(max_num_seqs=4, max_model_len=128, compile={"enabled": True}))
-    assert base.compile_state["status"] == "unsupported" and "base engine" in base.compile_state["error"]
+    pool = ExpertPool()
+    kinds = {"btx": dict(kind="hidden", top_k=2), "routed": dict(kind="hidden", top_k=2, attention="routed"),
+             "per-request": dict(kind="perplexity", top_k=2, attention="dynamic", inverse_temperature=10)}
+    composed = [composition(zoo["base"], adapters, name, pool, **router) for name, router in kinds.items()]
+    composed.append(composition(zoo["base"], {"math": adapters["math"]}, "single", pool))
+
+    def base_engine(**compile) -> tuple[BaseEngine, list]:
+        e = BaseEngine(composed[0], EngineConfig(max_num_seqs=16, max_prefill_tokens=16, max_model_len=128, compile=compile))
+        return e, [e.place(c) for c in composed]
+
+    compiled, faces = base_engine(enabled=True, autotune=False, buckets=[16], cache_dir=inductor_cache)
+    assert compiled.runner.compiled.wait(timeout=900), compiled.compile_state
+    got = decode(compiled, faces)
+    eager, eager_faces = base_engine()
+    assert_same_decodes(got, decode(eager, eager_faces))
+    state = faces[0].compile_state
+    assert state["compiled_steps"] > 0 and state["eager_steps"] == 0 and state["prefill"]["compiled_steps"] > 0, state
+    for mine, theirs in zip(faces, eager_faces):  # the picks of the compiled step, counted per composition
+        assert mine.tables.expert_load.tolist() == theirs.tables.expert_load.tolist()
 
 
 def test_the_admin_api_shows_the_compiled_step_while_the_server_answers(zoo, adapters, inductor_cache):

@@ -296,14 +296,33 @@ def test_an_int8_lora_moe_stays_within_a_few_times_bf16s_error_of_fp32(deep_lora
     assert all(len(out) == 8 for out in engine.generate([[5, 6, 7]], params))
 
 
-def test_auto_picks_float32_without_bf16_instructions(monkeypatch):
+def test_auto_never_picks_bf16_without_bf16_instructions_and_measures_the_rest(monkeypatch):
+    measured = []
+
+    def seconds(fmt: str) -> float:
+        measured.append(fmt)
+        return {"float32": 1.0, "bfloat16": 0.1, "int8": 2.0}[fmt]
+
     capability.fastest_format.cache_clear()
     monkeypatch.setattr(capability, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(capability, "_linear_seconds", seconds)
     try:
         assert capability.resolve_dtype("auto") == torch.float32
+        assert "bfloat16" not in measured and "float32" in measured
     finally:
         capability.fastest_format.cache_clear()
     assert capability.resolve_dtype("bfloat16") == torch.bfloat16
+
+
+@needs_int8
+def test_auto_picks_int8_without_bf16_instructions_where_it_measures_fastest(monkeypatch):
+    capability.fastest_format.cache_clear()
+    monkeypatch.setattr(capability, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(capability, "_linear_seconds", lambda fmt: {"float32": 1.0, "int8": 0.8}[fmt])
+    try:
+        assert capability.resolve_format("auto") == "int8"
+    finally:
+        capability.fastest_format.cache_clear()
 
 
 def test_auto_measures_when_the_cpu_has_bf16(monkeypatch):

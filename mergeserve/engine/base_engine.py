@@ -12,16 +12,19 @@ requests use the new tables while the old revision's requests finish on theirs.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
 
 from mergeserve.composition import ComposedModel
-from mergeserve.engine.base_model import BaseTransformer, Row, StepRouting
+from mergeserve.engine.base_model import BaseGraph, BaseTransformer, GraphStep, Row, StepRouting
+from mergeserve.engine.compiled import CompiledStep
 from mergeserve.engine.engine import Engine
 from mergeserve.engine.kv_cache import KVCache
 from mergeserve.engine.layers import Batch
 from mergeserve.engine.mixture_router import MixtureRouter
 from mergeserve.engine.model_runner import ModelRunner, kv_slots
+from mergeserve.engine.opaque_ops import base_step
 from mergeserve.engine.sequence import RequestOutput, SamplingParams, Sequence
 from mergeserve.engine.tables import BaseWeights, CompositionTables, FactorTables, NotLowRank, RouterTables, base_of, plan
 from mergeserve.kernels.int8 import Int8Packer
@@ -53,11 +56,29 @@ class BaseRunner(ModelRunner):
         self.compiled = None  # see compile
 
     def _forward(self, batch: Batch, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
-        routing = StepRouting([Row(s.composition, n, s.alpha, s.params.router_bias) for s, n in rows], self.routers)
-        return self.model(batch, routing, self.tables.layers(), self.cache)
+        return self.model(batch, self._routing(rows), self.tables.layers(), self.cache)
 
-    def compile(self, buckets: list[int], cache_dir: str | None = None, autotune: bool = True, prefill: bool = True) -> None:
-        raise NotImplementedError("a base engine's step (compositions chosen per row) is not compiled yet")
+    def _routing(self, rows: list[tuple[Sequence, int]]) -> StepRouting:
+        return StepRouting([Row(s.composition, n, s.alpha, s.params.router_bias) for s, n in rows], self.routers)
+
+    def compile(self, buckets: list[int], cache_dir: str | None = None, autotune: bool = True, prefill: bool = True) -> CompiledStep:
+        """The base's step compiled per bucket, and its one-chunk prefill, in the background: the
+        graph holds the base's weights; each step's compositions come in by operator (BaseGraph)."""
+        graph = BaseGraph(self.model)
+        self.compiled = CompiledStep(graph, self.cache, buckets, None, lambda batch, rows: None, cache_dir, autotune, prefill)
+        self.compiled.start()
+        return self.compiled
+
+    def _run_compiled(self, run: Callable[[Batch], torch.Tensor | None], batch: Batch,
+                      rows: list[tuple[Sequence, int]]) -> torch.Tensor | None:
+        """`run` with this step's routing and tables set for the graph's operators; the picks it
+        made are counted once it ran (the graph counts nothing: a bucket pads the batch)."""
+        routing = self._routing(rows)
+        with base_step(self.compiled.model.key, GraphStep(routing, self.tables.layers(), batch)):
+            hidden = run(batch)
+        if hidden is not None:
+            routing.count_picks()
+        return hidden
 
     def route(self, seqs: list[Sequence]) -> list[torch.Tensor]:
         """Each request's expert weights [E] under its composition's mixture router."""
@@ -166,6 +187,10 @@ class Placed:
     @property
     def cache(self) -> KVCache:
         return self.base_engine.cache
+
+    @property
+    def compile_state(self) -> dict | None:
+        return self.base_engine.compile_state
 
     @property
     def num_running(self) -> int:

@@ -9,15 +9,17 @@ slot holds its merge's coefficients. Tokens without terms in a layer get zero ga
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from mergeserve.engine.compiled import as_parameters
 from mergeserve.engine.kv_cache import KVCache
-from mergeserve.engine.layers import Batch, RunLayer, attention, real_tokens, rms_norm, signed_sin
+from mergeserve.engine.layers import Batch, RunLayer, attend, attention, projection, real_tokens, rms_norm, signed_sin
 from mergeserve.engine.model import ModelArgs
+from mergeserve.engine.opaque_ops import register
 from mergeserve.engine.tables import (BaseWeights, CompositionTables, Fixed, FixedTable, LayerTables, PerRequest, Routed,
                                      RouterTable, RouterTables)
 from mergeserve.kernels import expert_mlp, linear
@@ -27,7 +29,7 @@ from mergeserve.kernels.lowrank import Pack, packed
 from mergeserve.kernels.routed_lowrank import RoutedAttention
 from mergeserve.composition import Layer
 
-__all__ = ["BaseTransformer", "Row", "StepRouting"]
+__all__ = ["BaseGraph", "BaseTransformer", "GraphStep", "Row", "StepRouting"]
 
 @dataclass(eq=False)
 class Row:
@@ -353,6 +355,79 @@ class BaseTransformer(torch.nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.lm_head).float()
+
+    # The pieces a compiled step (BaseGraph) calls by operator (opaque_ops.py), on its real tokens.
+    def graph_projection(self, i: int, part: int, h: torch.Tensor, step: GraphStep) -> torch.Tensor:
+        """Layer i's q/k/v projection (part 0: h is the normed input of the real tokens [N, D]; the
+        gate is kept for part 1) or o projection (part 1: h is attention's output), each token with
+        its composition's terms, as the eager forward runs them: [N, width] fp32."""
+        run, lt = self.runs[i], step.tables[i]
+        if part == 0:
+            step.gates[i] = self._attention_gate(i, h, step.batch, step.routing, lt) if lt.attention is not None else None
+        anchored = lt.anchor is not None
+        w, bias = ((lt.qkv if anchored else run.qkv), run.qkv_bias) if part == 0 else ((lt.o if anchored else run.o_proj), None)
+        terms = None if lt.attention is None else lt.attention.qkv if part == 0 else lt.attention.o
+        return projection(h, w, bias, terms, step.gates[i]).float()
+
+    def graph_ffn(self, i: int, h: torch.Tensor, step: GraphStep) -> torch.Tensor:
+        """Layer i's FFN with every token's terms, h [B, T, D] normed -> [B, T, D]."""
+        return self._ffn(i, self.runs[i], step.tables[i], h, step.batch, step.routing)
+
+
+@dataclass(eq=False)
+class GraphStep:
+    """What a compiled base step's operators run on: the step's routing and tables, its real rows
+    (a decode batch is padded to a bucket after them), and each layer's attention gate between
+    its q/k/v and o."""
+
+    routing: StepRouting
+    tables: list[LayerTables]
+    batch: Batch  # the real rows
+    gates: dict[int, torch.Tensor | SparseGate | None] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return self.batch.tokens.shape[0]
+
+    @property
+    def tokens(self) -> int:
+        return self.batch.tokens.numel()
+
+
+class BaseGraph(torch.nn.Module):
+    """A base engine's forward as a compiled step traces it. Which compositions a step mixes, and
+    the attention weights most of them share (the anchor), change with every placement: so the
+    projections and FFNs are operators over the eager model's packed weights and tables, reading
+    the step the serving thread sets (opaque_ops.base_step), and the graph holds what lies between
+    them (embedding, norms, rotary, residuals) and calls the cache operator. One graph serves any mix."""
+
+    def __init__(self, eager: BaseTransformer) -> None:
+        super().__init__()
+        self.args, self.cos, self.sin = eager.args, eager.cos, eager.sin
+        self.key = register(eager)
+        base = eager.base
+        norms = [(layer.input_norm.float(), layer.post_attn_norm.float()) for layer in base.layers]
+        self.embed, self.norm, self.norms = as_parameters([base.embed, eager.norm, norms])
+        n_heads, n_kv, dh = self.args.attn_shape
+        self.qkv_width = (n_heads + 2 * n_kv) * dh
+        self.eager_forwards = 0  # tells a compiled step that dynamo ran it eagerly (compiled.py)
+        self._picks: list = []  # the compiled step clears it after a warm-up; the step's routing counts picks
+
+    def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
+        """Hidden states after the final norm, [B, T, D] (batch.cache_operator: the cache is an operator)."""
+        if not torch.compiler.is_compiling():
+            self.eager_forwards += 1
+        x = F.embedding(batch.tokens, self.embed).float()  # [B, T, D]
+        b, t, d = x.shape
+        cos, sin = self.cos[batch.positions].unsqueeze(1), self.sin[batch.positions].unsqueeze(1)
+        eps, ops = self.args.eps, torch.ops.mergeserve
+        for i, (input_norm, post_attn_norm) in enumerate(self.norms):
+            h = rms_norm(x, input_norm, eps).view(b * t, d)
+            qkv = ops.base_projection(h, self.key, i, 0, self.qkv_width).view(b, t, -1)
+            y = attend(qkv, self.args.attn_shape, cos, sin, None, batch, cache, i)  # [B, T, H * Dh]
+            x = x + ops.base_projection(y.view(b * t, -1), self.key, i, 1, d).view(b, t, d)
+            x = x + ops.base_ffn(rms_norm(x, post_attn_norm, eps), self.key, i)
+        return rms_norm(x, self.norm, eps)
 
 
 # Up to this many router rows in all (compositions x experts) every token is scored by every router

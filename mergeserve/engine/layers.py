@@ -180,27 +180,39 @@ def attention(
     `cache` (a KVCache, layer `layer`) when given. shape: (heads, kv heads, head dim);
     sin: signed_sin of the sin table. routed: the experts' attention deltas and each token's
     gate over them [B * T, E], added to the q/k/v and o projections."""
-    n_heads, n_kv, dh = shape
     b, t, _ = x.shape
     deltas, gate = routed if routed is not None else (None, None)
-    qkv_out = linear(x, qkv, bias)
-    if deltas is not None and deltas.qkv is not None:
-        qkv_out = qkv_out + deltas.qkv(x.reshape(b * t, -1), gate).view_as(qkv_out)
+    qkv_out = projection(x.reshape(b * t, -1), qkv, bias, deltas and deltas.qkv, gate)
+    y = attend(qkv_out.view(b, t, -1), shape, cos, sin, mask, batch, cache, layer).to(x.dtype)  # [B, T, H * Dh]
+    return projection(y.view(b * t, -1), o_proj, None, deltas and deltas.o, gate).view(b, t, -1)
+
+
+def projection(x: torch.Tensor, w: Weight, bias: torch.Tensor | None, terms, gate) -> torch.Tensor:
+    """x [N, D] through w, plus the experts' low-rank terms (a RoutedLowRank, or None) by each
+    token's gate: [N, out]."""
+    out = linear(x, w, bias)
+    return out if terms is None or gate is None else out + terms(x, gate)
+
+
+def attend(
+    qkv: torch.Tensor, shape: tuple[int, int, int], cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+    batch: Batch, cache, layer: int,
+) -> torch.Tensor:
+    """Attention over projected q/k/v [B, T, (H + 2 KVH) * Dh], rotated here: [B, T, H * Dh] fp32."""
+    n_heads, n_kv, dh = shape
+    b, t, _ = qkv.shape
     # Attention itself runs in fp32 whatever the weights: CPU SDPA in bf16 is ~4x slower (measured).
-    qkv_out = qkv_out.float().view(b, t, n_heads + 2 * n_kv, dh).transpose(1, 2)  # [B, H + 2 KVH, T, Dh]
-    qk, v = qkv_out.split([n_heads + n_kv, n_kv], dim=1)
+    qkv = qkv.float().view(b, t, n_heads + 2 * n_kv, dh).transpose(1, 2)  # [B, H + 2 KVH, T, Dh]
+    qk, v = qkv.split([n_heads + n_kv, n_kv], dim=1)
     q, k = rope(qk, cos, sin).split([n_heads, n_kv], dim=1)
     if cache is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    elif batch.cache_operator:  # a compiled decode step: the cache stays out of the graph
+    elif batch.cache_operator:  # a compiled step: the cache stays out of the graph
         out = torch.ops.mergeserve.cache_attention(q, k, v, cache.key, layer, batch.slots, batch.positions)
     else:
         out = cache.attend(layer, q, k, v, batch.slots, batch.positions, batch.write_slots(cache.scratch_slot),
                            batch.num_keys(), batch.first_slot, mask)
-    y = out.transpose(1, 2).reshape(b, t, -1).to(x.dtype)  # [B, T, H * Dh]
-    if deltas is not None and deltas.o is not None:
-        return linear(y, o_proj) + deltas.o(y.view(b * t, -1), gate).view(b, t, -1)
-    return linear(y, o_proj)
+    return out.transpose(1, 2).reshape(b, t, -1)
 
 
 def next_token_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

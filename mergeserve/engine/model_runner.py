@@ -8,6 +8,7 @@ sequences and never changes them: what a step did to a request is the engine's t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -20,7 +21,7 @@ from mergeserve.engine.mixture_router import MixtureRouter
 from mergeserve.engine.model import Transformer
 from mergeserve.engine.opaque_ops import register as register_eager
 from mergeserve.engine.sequence import Sequence
-from mergeserve.kernels.int8 import Int8Packer
+from mergeserve.kernels.int8 import Int8Graph, Int8Packer
 from mergeserve.kernels.packed import WeightPacker
 from mergeserve.spec import EngineConfig
 
@@ -45,7 +46,8 @@ def kv_slots(config: EngineConfig, bytes_per_position: int, max_len: int) -> int
 class ModelRunner:
     def __init__(self, composed: ComposedModel, config: EngineConfig, max_model_len: int, packer: WeightPacker):
         self.num_experts = composed.num_experts
-        self.model = Transformer(composed, max_model_len, Int8Packer(packer) if composed.int8 else packer)
+        self.pack = Int8Packer(packer) if composed.int8 else packer
+        self.model = Transformer(composed, max_model_len, self.pack)
         args = self.model.args
         self.slots = kv_slots(config, self.model.cache_layers * args.n_kv_heads * args.head_dim * 2 * 4, max_model_len)
         self.cache = KVCache(self.model.cache_layers, self.slots, args.n_kv_heads, args.head_dim, max_model_len,
@@ -63,9 +65,10 @@ class ModelRunner:
         first = first_of_run(slot_ids)
         bias = self._router_bias([(s, 1) for s in seqs])
         batch = Batch(tokens, positions, torch.tensor(slot_ids), bias, alpha=self._alpha(seqs), key_len=max(ends), first_slot=first)
-        if self.compiled is not None and (hidden := self.compiled.decode(batch)) is not None:
+        rows = [(s, 1) for s in seqs]
+        if self.compiled is not None and (hidden := self._run_compiled(self.compiled.decode, batch, rows)) is not None:
             return hidden
-        return self._forward(batch, [(s, 1) for s in seqs])
+        return self._forward(batch, rows)
 
     def prefill(self, chunks: list[tuple[Sequence, int]]) -> torch.Tensor:
         """One forward for every prompt chunk of the step, right-padded: weights are read once; [B, T, D]."""
@@ -82,19 +85,26 @@ class ModelRunner:
         key_len = max(seq.num_cached + n for seq, n in chunks)
         batch = Batch(tokens, positions, slots, self._router_bias(chunks), lengths, alpha, key_len=key_len)
         one_chunk = len(chunks) == 1 and width > 1  # unpadded, of a length the prefill graph takes
-        if one_chunk and self.compiled is not None and (hidden := self.compiled.prefill(replace(batch, lengths=None))) is not None:
-            return hidden
+        if one_chunk and self.compiled is not None:
+            if (hidden := self._run_compiled(self.compiled.prefill, replace(batch, lengths=None), chunks)) is not None:
+                return hidden
         return self._forward(batch, chunks)
 
     def _forward(self, batch: Batch, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
         """The step's forward over `batch`, whose rows are `rows` (sequence, its real tokens)."""
         return self.model(batch, self.cache)
 
+    def _run_compiled(self, run: Callable[[Batch], torch.Tensor | None], batch: Batch,
+                      rows: list[tuple[Sequence, int]]) -> torch.Tensor | None:
+        """A compiled graph's `run` (CompiledStep.decode or prefill) over `batch`; None where none is ready."""
+        return run(batch)
+
     def compile(self, buckets: list[int], cache_dir: str | None = None, autotune: bool = True, prefill: bool = True) -> CompiledStep:
         """Compile the decode step per bucket, and the one-chunk prefill, in the background (compiled.py);
         decode() and prefill() run each graph once it is ready."""
-        # The same tensors, without oneDNN's packs (or int8's copies: an int8 composition compiles its bf16 weights).
-        plain = Transformer(self.model.composed, self.model.cos.shape[0])
+        # The same tensors without oneDNN's packs; an int8 composition's int8 copies (shared with the eager model).
+        graph_pack = Int8Graph(self.pack) if isinstance(self.pack, Int8Packer) else None
+        plain = Transformer(self.model.composed, self.model.cos.shape[0], graph_pack)
         plain.counts_in_forward = False  # CompiledStep counts the real rows
         # Dense experts and separate attention run as opaque operators over the eager model's own
         # (packed) pieces (opaque_ops.py): the copy's are not frozen into a graph.

@@ -7,12 +7,20 @@ output is shaped like its input, and the rest of the step (attention, norms, rou
 experts) compiles around it. The operators run the eager model's own pieces, with its packed
 weights, found by key like the KV cache (kv_cache.cache_attention): operators take ints and
 tensors only. Padding rows of a bucket (slot -1) run nothing and return zeros.
+
+A base engine's step (engine/base_model.py) mixes compositions row by row, and which ones
+changes every step: its projections and FFNs are operators over the eager model, with the
+step's routing and tables that the serving thread sets around the call (`base_step`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import threading
 import weakref
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -73,4 +81,58 @@ def separate_layer(
 
 @separate_layer.register_fake
 def _(x, cos, sin, alpha, slots, positions, model, layer, cache):
+    return x.new_empty(x.shape)
+
+
+# The step each base engine's compiled graph is running, by model key: set around the call by the
+# serving thread (BaseRunner), and thread-local so that the compile thread's warm-ups (padding
+# rows only) see no step and run no terms.
+_STEPS = threading.local()
+
+
+@contextlib.contextmanager
+def base_step(model: int, step: Any) -> Iterator[None]:
+    """`step` (a base_model.GraphStep) is what model `model`'s operators run on until the block ends."""
+    steps = _STEPS.__dict__.setdefault("by_model", {})
+    steps[model] = step
+    try:
+        yield
+    finally:
+        del steps[model]
+
+
+def _step(model: int) -> Any:
+    return _STEPS.__dict__.get("by_model", {}).get(model)
+
+
+@torch.library.custom_op("mergeserve::base_projection", mutates_args=())
+def base_projection(x: torch.Tensor, model: int, layer: int, part: int, width: int) -> torch.Tensor:
+    """Layer `layer`'s q/k/v projection (part 0, of its normed input x [N, D]: the batch's tokens
+    row after row) or o projection (part 1, of the attention output), each real token with its
+    composition's terms: [N, width] fp32, zero for padding rows and where no step is set."""
+    out = x.new_zeros(x.shape[0], width, dtype=torch.float32)
+    step = _step(model)
+    if step is not None and step.tokens:
+        out[:step.tokens] = _MODELS[model].graph_projection(layer, part, x[:step.tokens], step)
+    return out
+
+
+@base_projection.register_fake
+def _(x, model, layer, part, width):
+    return x.new_empty(x.shape[0], width, dtype=torch.float32)
+
+
+@torch.library.custom_op("mergeserve::base_ffn", mutates_args=())
+def base_ffn(x: torch.Tensor, model: int, layer: int) -> torch.Tensor:
+    """Layer `layer`'s FFN of every real row, with its composition's terms: x [B, T, D] -> [B, T, D],
+    zero for padding rows and where no step is set."""
+    out = x.new_zeros(x.shape)
+    step = _step(model)
+    if step is not None and step.rows:
+        out[:step.rows] = _MODELS[model].graph_ffn(layer, x[:step.rows], step)
+    return out
+
+
+@base_ffn.register_fake
+def _(x, model, layer):
     return x.new_empty(x.shape)

@@ -1,14 +1,16 @@
 """Which weight format this machine runs fastest: `auto` reads the CPU's flags, then measures.
 
-On AVX2-only CPUs bf16 matmul is emulated and ~100x slower than fp32; with AVX512-BF16
-(or AMX) bf16 halves the bytes a memory-bound decode reads. The flags rule out the slow
-case without measuring; otherwise a short timing of SmolLM2-sized projections at decode
-batch sizes decides between fp32, bf16 and int8 (bf16 weights run as int8, kernels/int8.py).
+On AVX2-only CPUs bf16 matmul is emulated: slower than fp32 from a few rows on, so the flags
+rule bf16 out without measuring. With AVX512-BF16 (or AMX) bf16 halves the bytes a
+memory-bound decode reads. A short timing of SmolLM2-sized projections at 8 rows, a loaded
+server's decode batch, decides between the rest: fp32, bf16 and int8 (bf16 weights run as
+int8, kernels/int8.py).
 
-int8 wins at one row and loses from 8 on (kernels/int8.py: on a 2-core AMX Xeon, 24.0 ms
-against bf16's 37.7 at 1 row, 48.3 against 38.9 at 8). The timing is at 8 rows, a loaded
-server's decode batch, so auto picks bf16 there; ask for `dtype: int8` where one sequence
-decodes at a time.
+Measured, 24 distinct 1536 x 576 weights, one thread:
+- 2-core AMX Xeon: int8 wins at one row and loses from 8 on (kernels/int8.py), so auto picks
+  bf16 there; ask for `dtype: int8` where one sequence decodes at a time.
+- 2-core AVX2 EPYC (no AVX512): 1 row fp32 6.5 ms, bf16 4.7, int8 4.1; 8 rows 12.7 / 34.5 / 10.5:
+  auto picks int8.
 """
 
 from __future__ import annotations
@@ -71,11 +73,10 @@ def resolve_dtype(name: str) -> torch.dtype:
 # Cached: the answer is a property of the machine, and measuring takes ~0.2 s.
 @functools.cache
 def fastest_format() -> str:
-    flags = cpu_flags()
-    if not any(f in flags for f in BF16_FLAGS):
-        log.info("dtype auto: float32 (no %s in the CPU flags)", " or ".join(BF16_FLAGS))
-        return "float32"
-    times = {fmt: _linear_seconds(fmt) for fmt in FORMATS if fmt != "int8" or int8_works()}
+    candidates = [fmt for fmt in FORMATS if fmt != "int8" or int8_works()]
+    if not any(f in cpu_flags() for f in BF16_FLAGS):
+        candidates.remove("bfloat16")  # emulated: slower than fp32 from a few rows on, unmeasured
+    times = {fmt: _linear_seconds(fmt) for fmt in candidates}
     choice = min(times, key=times.get)
     log.info("dtype auto: %s (8-row linear: %s)", choice, ", ".join(f"{f} {t * 1e3:.2f} ms" for f, t in times.items()))
     return choice

@@ -101,3 +101,20 @@ class Int8Packer:
     def factors(self, w: torch.Tensor) -> torch.Tensor:
         """In FACTOR_DTYPE: thin bf16 matmuls are slow unpacked (kernels/lowrank.py)."""
         return w.to(FACTOR_DTYPE)
+
+
+@dataclass(eq=False)
+class Int8Graph:
+    """An Int8Packer's face for a compiled step (engine/compiled.py): the same shared int8 copies,
+    and every other weight as it is, since a graph freezes plain tensors, not oneDNN packs."""
+
+    int8: Int8Packer
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor | Int8:
+        return self.int8(w) if runs_int8(w) else w
+
+    def private(self, w: torch.Tensor) -> torch.Tensor | Int8:
+        return Int8.of(w) if runs_int8(w) else w
+
+    def factors(self, w: torch.Tensor) -> torch.Tensor:
+        return self.int8.factors(w)
