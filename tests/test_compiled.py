@@ -4,6 +4,9 @@ padded to a bucket; compiling happens in the background and a failure leaves the
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,12 +37,14 @@ def inductor_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("inductor"))
 
 
+def spec(base: Path, experts: dict[str, Path], name: str = "compiled", dtype: str = "float32", **router) -> dict:
+    return {"name": name, "base": str(base), "router": router, "dtype": dtype,
+            "experts": [{"name": n, "source": str(p), "prompts": [PROMPTS[NAMES.index(n)]]} for n, p in experts.items()]}
+
+
 def composition(base: Path, experts: dict[str, Path], name: str = "compiled", pool: ExpertPool | None = None,
                 dtype: str = "float32", **router):
-    return build(parse_composition({
-        "name": name, "base": str(base), "router": router, "dtype": dtype,
-        "experts": [{"name": n, "source": str(p), "prompts": [PROMPTS[NAMES.index(n)]]} for n, p in experts.items()],
-    }), pool or ExpertPool())
+    return build(parse_composition(spec(base, experts, name, dtype, **router)), pool or ExpertPool())
 
 
 def engine(composed, **compile) -> Engine:
@@ -134,6 +139,42 @@ def test_a_mixture_router_over_moe_ffns_compiled(zoo, adapters, inductor_cache):
 def test_separate_attention_compiled(zoo, layer_experts, inductor_cache):
     composed = composition(zoo["base"], layer_experts, kind="perplexity", top_k=2, attention="separate")
     assert_compiled_decodes_like_eager(composed, inductor_cache)
+
+
+# A server process: it compiles its composition's step unfrozen into a cache folder and says how it went.
+SERVER = """
+import json, sys
+from mergeserve.engine.engine import Engine
+from mergeserve.experts import ExpertPool
+from mergeserve.learn.compose import build
+from mergeserve.spec import EngineConfig, parse_composition
+spec, cache = json.loads(sys.argv[1]), sys.argv[2]
+compile = dict(enabled=True, freeze=False, buckets=[4], cache_dir=cache)
+engine = Engine(build(parse_composition(spec), ExpertPool()), EngineConfig(max_num_seqs=4, max_model_len=128, compile=compile))
+engine.runner.compiled.wait(900)
+print(json.dumps(engine.compile_state))
+"""
+
+
+def test_a_restart_loads_unfrozen_graphs_whole_from_the_cache(zoo, adapters, tmp_path):
+    def start() -> dict:
+        done = subprocess.run([sys.executable, "-c", SERVER, json.dumps(spec(zoo["base"], adapters, kind="hidden", top_k=2)),
+                               str(tmp_path)], capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.splitlines()[-1])
+
+    cold, warm = start(), start()
+    assert cold["status"] == warm["status"] == "ready", (cold, warm)
+    assert cold["cached_graphs"] == 0
+    assert warm["cached_graphs"] >= 2  # the bucket's decode graph and the prefill graph, from disk
+
+
+def test_unfrozen_graphs_decode_like_eager(zoo, adapters, inductor_cache):
+    composed = composition(zoo["base"], adapters, kind="hidden", top_k=2, attention="routed")
+    compiled = engine(composed, enabled=True, freeze=False, buckets=[4], cache_dir=inductor_cache)
+    assert compiled.runner.compiled.wait(timeout=900), compiled.compile_state
+    assert_same_decodes(decode(compiled), decode(engine(composed)))
+    assert compiled.compile_state["compiled_steps"] > 0 and compiled.compile_state["eager_steps"] == 0
 
 
 def test_router_statistics_count_real_rows_only(zoo, adapters, inductor_cache):

@@ -61,11 +61,12 @@ class BaseRunner(ModelRunner):
     def _routing(self, rows: list[tuple[Sequence, int]]) -> StepRouting:
         return StepRouting([Row(s.composition, n, s.alpha, s.params.router_bias) for s, n in rows], self.routers)
 
-    def compile(self, buckets: list[int], cache_dir: str | None = None, autotune: bool = True, prefill: bool = True) -> CompiledStep:
+    def compile(self, buckets: list[int], cache_dir: str | None = None, autotune: bool = True, prefill: bool = True,
+                freeze: bool = True) -> CompiledStep:
         """The base's step compiled per bucket, and its one-chunk prefill, in the background: the
         graph holds the base's weights; each step's compositions come in by operator (BaseGraph)."""
         graph = BaseGraph(self.model)
-        self.compiled = CompiledStep(graph, self.cache, buckets, None, lambda batch, rows: None, cache_dir, autotune, prefill)
+        self.compiled = CompiledStep(graph, self.cache, buckets, None, lambda batch, rows: None, cache_dir, autotune, prefill, freeze)
         self.compiled.start()
         return self.compiled
 

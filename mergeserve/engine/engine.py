@@ -79,7 +79,7 @@ class Engine:
         """The step compiled in the background (engine/compiled.py); until then, and where it fails, eager."""
         try:
             self.runner.compile(c.buckets or buckets_for(self.runner.slots),
-                                c.cache_dir or str(Path.home() / ".cache/mergeserve/inductor"), c.autotune, c.prefill)
+                                c.cache_dir or str(Path.home() / ".cache/mergeserve/inductor"), c.autotune, c.prefill, c.freeze)
         except NotImplementedError as e:
             self._compile_error = str(e)
             log.warning("engine %s serves eagerly: %s", self.name, e)

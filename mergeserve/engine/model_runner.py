@@ -99,7 +99,8 @@ class ModelRunner:
         """A compiled graph's `run` (CompiledStep.decode or prefill) over `batch`; None where none is ready."""
         return run(batch)
 
-    def compile(self, buckets: list[int], cache_dir: str | None = None, autotune: bool = True, prefill: bool = True) -> CompiledStep:
+    def compile(self, buckets: list[int], cache_dir: str | None = None, autotune: bool = True, prefill: bool = True,
+                freeze: bool = True) -> CompiledStep:
         """Compile the decode step per bucket, and the one-chunk prefill, in the background (compiled.py);
         decode() and prefill() run each graph once it is ready."""
         # The same tensors without oneDNN's packs; an int8 composition's int8 copies (shared with the eager model).
@@ -114,7 +115,7 @@ class ModelRunner:
         plain.run_layers, plain.expert_runs, plain.lm_head = as_parameters([plain.run_layers, plain.expert_runs, plain.lm_head])
         plain.expert_load, plain.expert_weight = self.model.expert_load, self.model.expert_weight  # one set of statistics
         alpha = self.num_experts if self.mixture_router is not None else None
-        self.compiled = CompiledStep(plain, self.cache, buckets, alpha, plain.count, cache_dir, autotune, prefill)
+        self.compiled = CompiledStep(plain, self.cache, buckets, alpha, plain.count, cache_dir, autotune, prefill, freeze)
         self.compiled.start()
         return self.compiled
 

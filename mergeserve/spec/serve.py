@@ -17,8 +17,15 @@ class CompileConfig(Strict):
     serves eagerly."""
 
     enabled: bool = False
-    # The decode graphs' GEMMs: inductor's C++ micro-GEMM, its blocking timed per shape (the faster
-    # reader of weights at few rows, measured); false: inductor's defaults (oneDNN).
+    # The composition's tensors frozen into the graphs as constants: what the C++ micro-GEMM needs
+    # (the faster step), but inductor's caches then keep only kernels, so every start lowers every
+    # graph again (minutes each on 2 cores). false: the tensors are graph inputs, slower GEMMs,
+    # and a restart or replica loads the whole graphs from cache_dir (seconds each). Measured in
+    # engine/compiled.py.
+    freeze: bool = True
+    # The frozen decode graphs' GEMMs: inductor's C++ micro-GEMM, its blocking timed per shape
+    # (the faster reader of weights at few rows, measured); false: inductor's defaults (oneDNN).
+    # Ignored without freeze.
     autotune: bool = True
     # Also compile a prefill of one chunk (one graph for every chunk length from 2 up).
     prefill: bool = True
