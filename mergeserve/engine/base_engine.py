@@ -64,7 +64,8 @@ class BaseRunner(ModelRunner):
     def compile(self, buckets: list[int], cache_dir: str | None = None, autotune: bool = True, prefill: bool = True,
                 freeze: bool = True) -> CompiledStep:
         """The base's step compiled per bucket, and its one-chunk prefill, in the background: the
-        graph holds the base's weights; each step's compositions come in by operator (BaseGraph)."""
+        graph holds what lies between the projections; each step's compositions, its projections
+        and FFNs come in by operator (base_model.BaseGraph)."""
         graph = BaseGraph(self.model)
         self.compiled = CompiledStep(graph, self.cache, buckets, None, lambda batch, rows: None, cache_dir, autotune, prefill, freeze)
         self.compiled.start()
