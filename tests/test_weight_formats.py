@@ -299,7 +299,7 @@ def test_an_int8_lora_moe_stays_within_a_few_times_bf16s_error_of_fp32(deep_lora
 def test_auto_never_picks_bf16_without_bf16_instructions_and_measures_the_rest(monkeypatch):
     measured = []
 
-    def seconds(fmt: str) -> float:
+    def seconds(fmt: str, rows: int = 8) -> float:
         measured.append(fmt)
         return {"float32": 1.0, "bfloat16": 0.1, "int8": 2.0}[fmt]
 
@@ -314,11 +314,23 @@ def test_auto_never_picks_bf16_without_bf16_instructions_and_measures_the_rest(m
     assert capability.resolve_dtype("bfloat16") == torch.bfloat16
 
 
+def test_auto_weighs_a_prefill_chunk_beside_the_decode_batch(monkeypatch):
+    """int8 on AVX2: faster at a decode batch, far slower at a prefill chunk: fp32 overall."""
+    capability.fastest_format.cache_clear()
+    monkeypatch.setattr(capability, "cpu_flags", lambda: {"avx2", "fma"})
+    per_rows = {"float32": {8: 12.7, 64: 46.7}, "int8": {8: 10.5, 64: 95.7}}
+    monkeypatch.setattr(capability, "_linear_seconds", lambda fmt, rows=8: per_rows[fmt][rows])
+    try:
+        assert capability.resolve_format("auto") == "float32"
+    finally:
+        capability.fastest_format.cache_clear()
+
+
 @needs_int8
 def test_auto_picks_int8_without_bf16_instructions_where_it_measures_fastest(monkeypatch):
     capability.fastest_format.cache_clear()
     monkeypatch.setattr(capability, "cpu_flags", lambda: {"avx2", "fma"})
-    monkeypatch.setattr(capability, "_linear_seconds", lambda fmt: {"float32": 1.0, "int8": 0.8}[fmt])
+    monkeypatch.setattr(capability, "_linear_seconds", lambda fmt, rows=8: {"float32": 1.0, "int8": 0.8}[fmt])
     try:
         assert capability.resolve_format("auto") == "int8"
     finally:
@@ -328,7 +340,7 @@ def test_auto_picks_int8_without_bf16_instructions_where_it_measures_fastest(mon
 def test_auto_measures_when_the_cpu_has_bf16(monkeypatch):
     capability.fastest_format.cache_clear()
     monkeypatch.setattr(capability, "cpu_flags", lambda: {"avx512_bf16"})
-    monkeypatch.setattr(capability, "_linear_seconds", lambda fmt: {"float32": 1.0, "bfloat16": 0.5, "int8": 0.7}[fmt])
+    monkeypatch.setattr(capability, "_linear_seconds", lambda fmt, rows=8: {"float32": 1.0, "bfloat16": 0.5, "int8": 0.7}[fmt])
     try:
         assert capability.resolve_dtype("auto") == torch.bfloat16
     finally:
@@ -338,7 +350,7 @@ def test_auto_measures_when_the_cpu_has_bf16(monkeypatch):
 def test_auto_holds_int8_weights_in_bf16_where_int8_measures_fastest(monkeypatch):
     capability.fastest_format.cache_clear()
     monkeypatch.setattr(capability, "cpu_flags", lambda: {"avx512_bf16"})
-    monkeypatch.setattr(capability, "_linear_seconds", lambda fmt: {"float32": 1.0, "bfloat16": 0.5, "int8": 0.3}[fmt])
+    monkeypatch.setattr(capability, "_linear_seconds", lambda fmt, rows=8: {"float32": 1.0, "bfloat16": 0.5, "int8": 0.3}[fmt])
     try:
         assert capability.resolve_format("auto") == ("int8" if int8_works() else "bfloat16")
         assert capability.resolve_dtype("auto") == torch.bfloat16

@@ -2,15 +2,18 @@
 
 On AVX2-only CPUs bf16 matmul is emulated: slower than fp32 from a few rows on, so the flags
 rule bf16 out without measuring. With AVX512-BF16 (or AMX) bf16 halves the bytes a
-memory-bound decode reads. A short timing of SmolLM2-sized projections at 8 rows, a loaded
-server's decode batch, decides between the rest: fp32, bf16 and int8 (bf16 weights run as
-int8, kernels/int8.py).
+memory-bound decode reads. A short timing of SmolLM2-sized projections decides between the
+rest (fp32, bf16 and int8: bf16 weights run as int8, kernels/int8.py): the sum of 8 rows, a
+loaded server's decode batch, and 64 rows, a prefill chunk.
 
 Measured, 24 distinct 1536 x 576 weights, one thread:
 - 2-core AMX Xeon: int8 wins at one row and loses from 8 on (kernels/int8.py), so auto picks
   bf16 there; ask for `dtype: int8` where one sequence decodes at a time.
-- 2-core AVX2 EPYC (no AVX512): 1 row fp32 6.5 ms, bf16 4.7, int8 4.1; 8 rows 12.7 / 34.5 / 10.5:
-  auto picks int8.
+- 2-core AVX2 EPYC (no AVX512): fp32 / bf16 / int8 at 1 row 6.5 / 4.7 / 4.1 ms, at 8 rows
+  12.7 / 34.5 / 10.5; fp32 / int8 at 16 rows 20.7 / 26.4, at 64 rows 46.7 / 95.7, at 256 rows
+  154 / 383. Picked at 8 rows alone, int8 served the demo faster at one client there and
+  prefilled at half fp32's speed (serving benchmark, time to first token): auto picks fp32;
+  ask for `dtype: int8` where one sequence decodes at a time.
 """
 
 from __future__ import annotations
@@ -76,13 +79,19 @@ def fastest_format() -> str:
     candidates = [fmt for fmt in FORMATS if fmt != "int8" or int8_works()]
     if not any(f in cpu_flags() for f in BF16_FLAGS):
         candidates.remove("bfloat16")  # emulated: slower than fp32 from a few rows on, unmeasured
-    times = {fmt: _linear_seconds(fmt) for fmt in candidates}
+    # A loaded server's decode batch and a prefill chunk: a format fast at one but slow at the
+    # other (int8 on AVX2) would trade time to first token for decode speed.
+    times = {fmt: _linear_seconds(fmt, DECODE_ROWS) + _linear_seconds(fmt, PREFILL_ROWS) for fmt in candidates}
     choice = min(times, key=times.get)
-    log.info("dtype auto: %s (8-row linear: %s)", choice, ", ".join(f"{f} {t * 1e3:.2f} ms" for f, t in times.items()))
+    log.info("dtype auto: %s (%d- and %d-row linears: %s)", choice, DECODE_ROWS, PREFILL_ROWS,
+             ", ".join(f"{f} {t * 1e3:.2f} ms" for f, t in times.items()))
     return choice
 
 
-def _linear_seconds(fmt: str, rows: int = 8, weights: int = 24, reps: int = 3) -> float:
+DECODE_ROWS, PREFILL_ROWS = 8, 64
+
+
+def _linear_seconds(fmt: str, rows: int = DECODE_ROWS, weights: int = 24, reps: int = 3) -> float:
     """Best time of `weights` distinct 1536 x 576 projections of `rows` rows (more than the caches hold)."""
     g = torch.Generator().manual_seed(0)
     ws = [torch.randn(1536, 576, generator=g).to(resolve_dtype(fmt)) for _ in range(weights)]
