@@ -32,7 +32,8 @@ the slower with weights read from memory as a decode step reads them.
   both caches keep the whole graph, and a restart loads it: `cached_graphs` counts them.
   Measured on the demo, 2-core AVX2 EPYC, fp32, one thread, buckets 1 and 8: frozen with
   autotune, 344 s cold and 313 s warm, a step of 46 ms at one row (eager 67); unfrozen, 145 s
-  cold and 14 s warm, 61 ms. A failure logs its reason and the engine stays eager.
+  cold and 14 s warm, 61 ms. Unfrozen, the demo's whole set (buckets 1, 8, 16 and the prefill,
+  2 threads): 277 s cold, 34 s warm. A failure logs its reason and the engine stays eager.
 - Pieces whose shapes follow the data (dense experts grouped by expert, separate attention)
   would break the graph inside the layer loop: they are opaque operators over the eager model's
   own pieces (opaque_ops.py), and everything around them compiles. A mixture router over MoE
