@@ -311,7 +311,7 @@ class BaseTransformer(torch.nn.Module):
             if lt.attention is not None:
                 gate = self._attention_gate(i, h, batch, routing, lt)
                 routed = None if gate is None else (lt.attention, gate)
-            qkv, o = (lt.qkv, lt.o) if lt.anchor is not None else (run.qkv, run.o_proj)
+            qkv, o = _attention_weights(run, lt)
             x = x + attention(h, qkv, run.qkv_bias, o, self.args.attn_shape, cos, sin,
                               masks[self.args.windows[i]], batch, cache, i, routed)
             x = x + self._ffn(i, run, lt, rms_norm(x, run.post_attn_norm, eps), batch, routing)
@@ -364,8 +364,8 @@ class BaseTransformer(torch.nn.Module):
         run, lt = self.runs[i], step.tables[i]
         if part == 0:
             step.gates[i] = self._attention_gate(i, h, step.batch, step.routing, lt) if lt.attention is not None else None
-        anchored = lt.anchor is not None
-        w, bias = ((lt.qkv if anchored else run.qkv), run.qkv_bias) if part == 0 else ((lt.o if anchored else run.o_proj), None)
+        qkv, o = _attention_weights(run, lt)
+        w, bias = (qkv, run.qkv_bias) if part == 0 else (o, None)
         terms = None if lt.attention is None else lt.attention.qkv if part == 0 else lt.attention.o
         return projection(h, w, bias, terms, step.gates[i]).float()
 
@@ -433,6 +433,11 @@ class BaseGraph(torch.nn.Module):
 # Up to this many router rows in all (compositions x experts) every token is scored by every router
 # in one matmul; past it each token's own rows are gathered (a hundred compositions).
 ROUTER_MATMUL_MAX_ROWS = 256
+
+
+def _attention_weights(run: RunLayer, lt: LayerTables) -> tuple:
+    """Layer weights q/k/v and o as a step runs them: with the anchor's terms folded in, where there is one."""
+    return (lt.qkv, lt.o) if lt.anchor is not None else (run.qkv, run.o_proj)
 
 
 def _is_anchor(part, anchor: Fixed | None) -> bool:
