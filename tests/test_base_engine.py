@@ -3,6 +3,8 @@ forward per step. Each request must come out as it does in an engine of its own 
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -222,3 +224,30 @@ def test_int8_and_bf16_compositions_over_one_base_run_in_base_engines_of_their_o
         c.base_engine.place(build(specs[0], pool))
     tokens, logprobs = run(a.base_engine, {"a": a, "b": b}, [("a", "math"), ("b", "code")])["b-1"]
     assert len(tokens) == 6 and all(lp <= 0 for lp in logprobs)
+
+
+def test_counting_a_compositions_requests_from_another_thread_survives_a_changing_queue(four):
+    """The event loop asks how many requests a placed composition has (admission limits) while
+    the executor thread moves sequences between queues."""
+
+
+    single = build(four[3], ExpertPool())
+    engine = BaseEngine(single, CONFIG)
+    placed = engine.place(single)
+    ids = placed.tokenizer(PROMPTS["math"])["input_ids"]
+    seqs = [placed.sequence(f"r{i}", ids, SamplingParams(**GREEDY)) for i in range(2000)]
+    engine.scheduler.waiting.extend(seqs)
+    stop = threading.Event()
+
+    def churn() -> None:  # what the executor does to the queue, as fast as it can
+        while not stop.is_set():
+            engine.scheduler.waiting.append(engine.scheduler.waiting.popleft())
+
+    mover = threading.Thread(target=churn)
+    mover.start()
+    try:
+        counts = [placed.num_waiting for _ in range(200)]
+    finally:
+        stop.set()
+        mover.join()
+    assert set(counts) <= {1999, 2000}  # one sequence may be between popleft and append

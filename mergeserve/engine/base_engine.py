@@ -148,9 +148,11 @@ class BaseEngine(Engine):
             return super().step()
 
     def count(self, tables: CompositionTables) -> tuple[int, int]:
-        """Running and waiting requests of one placed composition."""
-        running = sum(1 for s in self.scheduler.running if s.composition is tables)
-        waiting = sum(1 for s in self.scheduler.waiting if s.composition is tables)
+        """Running and waiting requests of one placed composition (any thread)."""
+        # Snapshots: the executor thread changes both while the event loop asks here, and a deque
+        # iterated in Python across such a change raises (list() copies it under the GIL).
+        running = sum(1 for s in list(self.scheduler.running) if s.composition is tables)
+        waiting = sum(1 for s in list(self.scheduler.waiting) if s.composition is tables)
         waiting += sum(1 for kind, s in list(self._inbox) if kind == "add" and s.composition is tables)
         return running, waiting
 
