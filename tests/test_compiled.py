@@ -87,7 +87,8 @@ def assert_compiled_decodes_like_eager(composed, inductor_cache: str, autotune: 
     state = compiled.compile_state
     assert state["status"] == "ready" and state["ready_buckets"] == [4] and state["prefill"]["ready"]
     assert state["compiled_steps"] > 0 and state["eager_steps"] == 0, state
-    assert state["prefill"]["compiled_steps"] > 0, state["prefill"]
+    # every prefill compiled: the first prompt's alone, the others' chunks packed into one row
+    assert state["prefill"]["compiled_steps"] > 0 and state["prefill"]["eager_steps"] == 0, state["prefill"]
     assert_same_decodes(got, want, abs)
     return compiled
 
@@ -106,6 +107,27 @@ def test_int8_weights_compiled_run_as_int8(zoo, adapters, inductor_cache):
     shared = graph.lora.gate_up, eager.lora.gate_up  # the base FFN's int8 copy: one for both
     assert isinstance(shared[0], Int8) and shared[0].weight.data_ptr() == shared[1].weight.data_ptr()
     assert isinstance(graph.o_proj, Int8)
+
+
+def test_prompts_prefilled_in_one_step_run_packed_in_the_prefill_graph(zoo, adapters, inductor_cache):
+    """Three prompts of different lengths arrive together: one prefill step, their chunks packed
+    into one row of the compiled graph, and each request comes out as it does eagerly."""
+    composed = composition(zoo["base"], adapters, kind="hidden", top_k=2)
+
+    def first_step(**compile) -> tuple[Engine, dict]:
+        e = Engine(composed, EngineConfig(max_num_seqs=4, max_prefill_tokens=128, max_model_len=128, compile=compile))
+        if compile:
+            assert e.runner.compiled.wait(timeout=900), e.compile_state
+        for i, prompt in enumerate(PROMPTS):
+            e.add_request(str(i), e.tokenizer(prompt)["input_ids"], SamplingParams(max_tokens=1, temperature=0, logprobs=0))
+        return e, {o.request_id: (o.new_token_ids, [lp.logprob for lp in o.logprobs]) for o in e.step()}
+
+    compiled, got = first_step(enabled=True, autotune=False, buckets=[4], cache_dir=inductor_cache)
+    eager, want = first_step()
+    assert sorted(got) == ["0", "1", "2"]  # every prompt prefilled in the one step
+    assert compiled.compile_state["prefill"]["compiled_steps"] == 1 and compiled.compile_state["prefill"]["eager_steps"] == 0
+    assert_same_decodes(got, want)
+    assert compiled.expert_load.tolist() == eager.expert_load.tolist()  # the packed tokens' picks, padding none
 
 
 def test_routed_attention_compiled(zoo, adapters, inductor_cache):
@@ -224,7 +246,8 @@ def test_a_base_engine_compiled_serves_four_kinds_of_composition_in_one_step_lik
     eager, eager_faces = base_engine()
     assert_same_decodes(got, decode(eager, eager_faces))
     state = faces[0].compile_state
-    assert state["compiled_steps"] > 0 and state["eager_steps"] == 0 and state["prefill"]["compiled_steps"] > 0, state
+    assert state["compiled_steps"] > 0 and state["eager_steps"] == 0, state
+    assert state["prefill"]["compiled_steps"] > 0 and state["prefill"]["eager_steps"] == 0, state
     for mine, theirs in zip(faces, eager_faces):  # the picks of the compiled step, counted per composition
         assert mine.tables.expert_load.tolist() == theirs.tables.expert_load.tolist()
 

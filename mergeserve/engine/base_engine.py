@@ -63,7 +63,7 @@ class BaseRunner(ModelRunner):
 
     def compile(self, buckets: list[int], cache_dir: str | None = None, autotune: bool = True, prefill: bool = True,
                 freeze: bool = True) -> CompiledStep:
-        """The base's step compiled per bucket, and its one-chunk prefill, in the background: the
+        """The base's step compiled per bucket, and its prefill, in the background: the
         graph holds what lies between the projections; each step's compositions, its projections
         and FFNs come in by operator (base_model.BaseGraph)."""
         graph = BaseGraph(self.model)

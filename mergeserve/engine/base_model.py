@@ -325,20 +325,19 @@ class BaseTransformer(torch.nn.Module):
         padding), or each token's own entries over a table of many (tables.DENSE_MAX_ENTRIES);
         None when no token has terms here."""
         flat, real = real_tokens(h, batch)
+        gate = self._real_attention_gate(i, flat, routing, lt)
+        if gate is None or real is None:
+            return gate
+        if isinstance(gate, SparseGate):
+            return SparseGate(*(t.new_zeros(real.numel(), t.shape[1]).index_put_((real,), t) for t in (gate.ids, gate.weights)))
+        return gate.new_zeros(real.numel(), gate.shape[1]).index_put_((real,), gate)
+
+    def _real_attention_gate(self, i: int, flat: torch.Tensor, routing: StepRouting, lt: LayerTables) -> torch.Tensor | SparseGate | None:
+        """_attention_gate of the real tokens flat [N, D], row after row: [N, entries] or a SparseGate."""
         if isinstance(lt.attention, RoutedAttention):
-            size = _entries(lt.attention)
-            gate = routing.attention_gate(i, flat, size, lt.anchor)
-            if gate is None or real is None:
-                return gate
-            return gate.new_zeros(real.numel(), size).index_put_((real,), gate)
+            return routing.attention_gate(i, flat, _entries(lt.attention), lt.anchor)
         terms = routing.attention_terms(i, flat, lt.anchor)
-        if terms is None:
-            return None
-        ids, weights = terms
-        if real is not None:
-            ids = ids.new_zeros(real.numel(), ids.shape[1]).index_put_((real,), ids)
-            weights = weights.new_zeros(real.numel(), weights.shape[1]).index_put_((real,), weights)
-        return SparseGate(ids, weights)
+        return None if terms is None else SparseGate(*terms)
 
     def _ffn(self, i: int, run: RunLayer, lt: LayerTables, x: torch.Tensor, batch: Batch, routing: StepRouting) -> torch.Tensor:
         flat, real = real_tokens(x, batch)
@@ -363,7 +362,7 @@ class BaseTransformer(torch.nn.Module):
         its composition's terms, as the eager forward runs them: [N, width] fp32."""
         run, lt = self.runs[i], step.tables[i]
         if part == 0:
-            step.gates[i] = self._attention_gate(i, h, step.batch, step.routing, lt) if lt.attention is not None else None
+            step.gates[i] = self._real_attention_gate(i, h, step.routing, lt) if lt.attention is not None else None
         qkv, o = _attention_weights(run, lt)
         w, bias = (qkv, run.qkv_bias) if part == 0 else (o, None)
         terms = None if lt.attention is None else lt.attention.qkv if part == 0 else lt.attention.o
@@ -391,7 +390,8 @@ class GraphStep:
 
     @property
     def tokens(self) -> int:
-        return self.batch.tokens.numel()
+        """Real tokens (a prefill's rows are right-padded; the graph packs them)."""
+        return self.batch.tokens.numel() if self.batch.lengths is None else int(self.batch.lengths.sum())
 
 
 class BaseGraph(torch.nn.Module):

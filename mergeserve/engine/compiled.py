@@ -1,5 +1,5 @@
 """The step as compiled graphs: inductor's CPU backend, one decode graph per batch-size bucket and
-one prefill graph over any chunk length.
+one prefill graph over any prompt chunks.
 
 Measured (DESIGN.md, and here on an AMX Xeon: 30 SmolLM2-sized layers at one row, 14 ms against
 28 ms for inductor's ATen GEMMs and 32 ms eager): inductor's C++ micro-GEMM over frozen weights
@@ -12,11 +12,12 @@ the slower with weights read from memory as a decode step reads them.
 
 - Batch sizes are padded to buckets (1, 2, 4, 8, ...), as CUDA graphs are captured: a padding
   row has slot -1, attends nothing and is cut from the result; its picks are not counted.
-- A prefill of one chunk (the common case: one prompt arrives) runs in one graph whose token
-  dimension is symbolic, so every chunk length from 2 up shares it; it takes inductor's own GEMMs
-  (oneDNN over packed weights), which autotuning at one length would not serve the others
-  better. Measured on the demo composition, one thread: 44 tokens in 68-77 ms against 88-97 ms
-  eager, 200 tokens in 197-220 against 243-258. A step of several chunks runs eagerly.
+- A step's prompt chunks run in one graph whose token dimension is symbolic: they are packed into
+  its one row (Batch.packed), so any chunks of 2 tokens or more in all share it, and the
+  operators that work row by row (the cache's, separate attention's) unpack them. It takes
+  inductor's own GEMMs (oneDNN over packed weights), which autotuning at one length would not
+  serve the others better. Measured on the demo composition, one thread: 44 tokens in 68-77 ms
+  against 88-97 ms eager, 200 tokens in 197-220 against 243-258.
 - The KV cache never enters a graph: attention over it is the `mergeserve::cache_attention`
   operator (kv_cache.py), so the varying key length recompiles nothing.
 - Compiling runs on a thread of its own, bucket by bucket and then the prefill graph, while the
@@ -56,13 +57,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from mergeserve.engine.kv_cache import KVCache
-from mergeserve.engine.layers import Batch
+from mergeserve.engine.layers import Batch, unpack
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,8 @@ class CompileState:
     seconds: float | None = None  # from start to the last graph
     compiled_steps: int = 0  # decode steps served by a compiled graph
     eager_steps: int = 0  # decode steps served eagerly: past every ready bucket, during a compile, or unguarded
-    compiled_prefills: int = 0  # single-chunk prefills served by the prefill graph
-    eager_prefills: int = 0  # single-chunk prefills served eagerly (before it is ready, during a compile, unguarded)
+    compiled_prefills: int = 0  # prefill steps served by the prefill graph
+    eager_prefills: int = 0  # prefill steps served eagerly (before it is ready, during a compile, unguarded)
     cached_graphs: int = 0  # graphs loaded whole from inductor's cache (unfrozen graphs, a warm cache_dir)
 
     def describe(self) -> dict:
@@ -144,11 +145,11 @@ def _rounded(x: float | None) -> float | None:
 
 
 class CompiledStep:
-    """A model's decode forward compiled per bucket, and its one-chunk prefill forward, in the
-    background; `decode` and `prefill` run a ready graph or say there is none."""
+    """A model's decode forward compiled per bucket, and its prefill forward, in the background;
+    `decode` and `prefill` run a ready graph or say there is none."""
 
     def __init__(self, model: torch.nn.Module, cache: KVCache, buckets: list[int], alpha_experts: int | None,
-                 count: Callable[[Batch, int], None], cache_dir: str | None = None, autotune: bool = True,
+                 count: Callable[[Batch, int | None], None], cache_dir: str | None = None, autotune: bool = True,
                  prefill: bool = True, freeze: bool = True) -> None:
         """model: the forward to compile (over plain tensors); alpha_experts: E for a mixture-routed
         model (its batches carry alpha [B, E]), else None; count(batch, rows): the router
@@ -184,18 +185,22 @@ class CompiledStep:
         return None if hidden is None else hidden[:rows]
 
     def prefill(self, batch: Batch) -> torch.Tensor | None:
-        """Hidden states [1, T, D] of one prompt chunk (T >= 2, no padding) through the prefill
-        graph; None when it is not ready (the caller runs it eagerly)."""
+        """Hidden states [B, T, D] of a step's prompt chunks (right-padded rows, 2 tokens or more in
+        all) through the prefill graph, packed into one row (Batch.packed); None when it is not
+        ready (the caller runs it eagerly)."""
         ready = self.state.prefill_seconds is not None
-        hidden, compiled = self._run(self._prefill, replace(batch, cache_operator=True), 1) if ready else (None, False)
+        hidden, compiled = self._run(self._prefill, batch.packed(), None, batch) if ready else (None, False)
         self.state.compiled_prefills += compiled
         self.state.eager_prefills += not compiled
-        return hidden
+        if hidden is None or batch.lengths is None:
+            return None if hidden is None else hidden.view(*batch.tokens.shape, -1)
+        return unpack(hidden[0], batch.real())
 
-    def _run(self, graph: Callable, batch: Batch, rows: int) -> tuple[torch.Tensor | None, bool]:
-        """`graph` over `batch`, whose first `rows` rows are real: the hidden states (None while a
-        compile holds dynamo) and whether they came from a compiled graph (a batch whose guards
-        fail runs eagerly, with the same result)."""
+    def _run(self, graph: Callable, batch: Batch, rows: int | None, counted: Batch | None = None) -> tuple[torch.Tensor | None, bool]:
+        """`graph` over `batch`, whose first `rows` rows are real (None: all): the hidden states
+        (None while a compile holds dynamo) and whether they came from a compiled graph (a batch
+        whose guards fail runs eagerly, with the same result). The router statistics count the
+        step as `counted` (a packed prefill's rows) or `batch`."""
         if not _COMPILE_LOCK.acquire(blocking=False):  # a compile is running: dynamo's stance is not ours to set
             return None, False
         try:
@@ -204,7 +209,7 @@ class CompiledStep:
                 hidden = graph(batch, self.cache)
         finally:
             _COMPILE_LOCK.release()
-        self.count(batch, rows)
+        self.count(counted or batch, rows)
         return hidden, self.model.eager_forwards == before
 
     def _compile_all(self) -> None:
@@ -281,16 +286,20 @@ PREFILL_WARM_UP = 16
 
 def warm_up_batch(rows: int, alpha_experts: int | None, tokens: int = 1) -> Batch:
     """A batch of padding rows only: it compiles a graph and writes nothing to the cache. tokens > 1:
-    a prefill chunk, its length marked dynamic."""
+    a packed prefill, its length marked dynamic."""
     alpha = None
     if alpha_experts is not None:  # every row on expert 0
         alpha = torch.zeros(rows, alpha_experts)
         alpha[:, 0] = 1.0
     batch = Batch(torch.zeros(rows, tokens, dtype=torch.long), torch.zeros(rows, tokens, dtype=torch.long),
                   torch.full((rows,), -1), alpha=alpha, cache_operator=True)
-    if tokens > 1:
-        torch._dynamo.mark_dynamic(batch.tokens, 1)
-        torch._dynamo.mark_dynamic(batch.positions, 1)
+    if tokens > 1:  # a packed prefill of one chunk (Batch.packed)
+        batch = batch.packed()
+        for t in (batch.tokens, batch.positions, batch.chunk_ids):
+            torch._dynamo.mark_dynamic(t, 1)
+        for t in (batch.slots, batch.alpha):  # per token
+            if t is not None:
+                torch._dynamo.mark_dynamic(t, 0)
     return batch
 
 

@@ -12,9 +12,13 @@ import ctypes
 import itertools
 import mmap
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from mergeserve.engine.layers import Batch  # layers imports this module
 
 
 class KVCache:
@@ -93,28 +97,45 @@ _KEYS = itertools.count()
 @torch.library.custom_op("mergeserve::cache_attention", mutates_args=())
 def cache_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: int, layer: int, slots: torch.Tensor,
-    positions: torch.Tensor,
+    positions: torch.Tensor, chunk_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KVCache.attend for a compiled step's batch: q [B, H, T, Dh], k/v [B, KVH, T, Dh], slots [B]
-    (-1: a padding row, after the real ones), positions [B, T] (a decode step's T = 1, a prefill
-    chunk's unpadded). Padding rows attend nothing and return zeros: they are cut from the result."""
-    from mergeserve.engine.layers import Batch, first_of_run  # layers imports this module
+    (-1: a padding row, after the real ones), positions [B, T] (a decode step's T = 1). A packed
+    prefill (chunk_ids [1, N], slots [N]: Batch.packed) is attended row by row, its chunks
+    unpacked. Padding rows attend nothing and return zeros: they are cut from the result."""
+    from mergeserve.engine.layers import Batch, unpack  # layers imports this module
 
-    kv = _CACHES[cache]
-    real = int((slots >= 0).sum())
+    if chunk_ids is not None:
+        rows = Batch.unpacked(positions, slots, chunk_ids)
+        real = rows.real()  # [C, T]
+
+        def unpacked(x: torch.Tensor) -> torch.Tensor:  # [1, heads, N, Dh] -> [C, heads, T, Dh]
+            return unpack(x[0].transpose(0, 1), real).transpose(1, 2)
+
+        out = _attend_rows(_CACHES[cache], layer, unpacked(q), unpacked(k), unpacked(v), rows)  # [C, H, T, Dh]
+        return out.transpose(1, 2)[real].transpose(0, 1).unsqueeze(0).contiguous()  # [1, H, N, Dh]
+    return _attend_rows(_CACHES[cache], layer, q, k, v, Batch(positions, positions, slots))
+
+
+def _attend_rows(kv: KVCache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """kv.attend over the rows of `batch` whose slot is set (they come first); zeros for the rest."""
+    from mergeserve.engine.layers import Batch, first_of_run
+
+    real = int((batch.slots >= 0).sum())
     out = q.new_zeros(q.shape)
     if real == 0:
         return out
     rows = slice(0, real)
-    ids = slots[rows]
-    batch = Batch(positions[rows], positions[rows], ids)
-    out[rows] = kv.attend(layer, q[rows], k[rows], v[rows], ids, positions[rows], batch.write_slots(kv.scratch_slot),
-                          batch.num_keys(), first_of_run(ids.tolist()), batch.mask(kv.windows[layer]))
+    ids = batch.slots[rows]
+    sub = Batch(batch.tokens[rows], batch.positions[rows], ids,
+                      lengths=None if batch.lengths is None else batch.lengths[rows])
+    out[rows] = kv.attend(layer, q[rows], k[rows], v[rows], ids, sub.positions, sub.write_slots(kv.scratch_slot),
+                          sub.num_keys(), first_of_run(ids.tolist()), sub.mask(kv.windows[layer]))
     return out
 
 
 @cache_attention.register_fake
-def _(q, k, v, cache, layer, slots, positions):
+def _(q, k, v, cache, layer, slots, positions, chunk_ids=None):
     return q.new_empty(q.shape)  # contiguous, as the operator's own output (q is a transposed view)
 
 

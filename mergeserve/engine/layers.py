@@ -20,7 +20,7 @@ from mergeserve.kernels.routed_lowrank import DynamicFFN, RoutedAttention
 
 __all__ = [
     "Batch", "RunLayer", "attention", "first_of_run", "next_token_targets", "padded_groups", "real_tokens", "rms_norm", "rope",
-    "signed_sin",
+    "signed_sin", "unpack",
 ]
 
 
@@ -45,6 +45,10 @@ class Batch:
     # Attention over the cache through the cache_attention operator (kv_cache.py), which masks
     # and finds the keys itself: a compiled step's batches, whose graphs never see the cache.
     cache_operator: bool = False
+    # A compiled prefill's chunks packed into one row, tokens [1, N]: the chunk of each token
+    # [1, N] (the row of `unpacked`). Its slots [N] and alpha [N, E] are each token's row's: no
+    # dimension of the graph's inputs counts chunks, so any number of them runs in one graph.
+    chunk_ids: torch.Tensor | None = None
 
     @classmethod
     def right_padded(
@@ -55,6 +59,38 @@ class Batch:
         tokens = torch.tensor([s + [0] * (width - len(s)) for s in sequences])  # [B, T]
         lengths = torch.tensor([len(s) for s in sequences])
         return cls(tokens, torch.arange(width).expand_as(tokens), None, router_bias, lengths, alpha, key_len=width)
+
+    def packed(self) -> Batch:
+        """This right-padded batch's real tokens as one row, for the compiled prefill graph: its token
+        dimension is the one that varies (any chunks, one graph), and the operators that need rows
+        (the cache's, separate attention's) unpack them by `chunk_ids`."""
+        real = (self.real() if self.lengths is not None else torch.ones_like(self.tokens, dtype=torch.bool)).view(-1)
+        rows = torch.arange(len(self.tokens)).repeat_interleave(self.tokens.shape[1])  # [B * T]
+
+        def per_token(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else self.per_token(t)[real]
+
+        return Batch(self.tokens.view(-1)[real].unsqueeze(0), self.positions.view(-1)[real].unsqueeze(0), per_token(self.slots),
+                     self.router_bias, alpha=per_token(self.alpha), key_len=self.key_len, cache_operator=True,
+                     chunk_ids=rows[real].unsqueeze(0))
+
+    @classmethod
+    def unpacked(cls, positions: torch.Tensor, slots: torch.Tensor, chunk_ids: torch.Tensor,
+                 alpha: torch.Tensor | None = None) -> Batch:
+        """The right-padded rows of a packed batch (positions and chunk_ids [1, N], slots [N], alpha
+        [N, E]), each row's padding repeating its last position: the operators' view of it."""
+        lengths = torch.bincount(chunk_ids[0])  # [C]
+        first = lengths.cumsum(0) - lengths  # [C]: each row's first token
+        real = torch.arange(int(lengths.max())) < lengths.unsqueeze(1)  # [C, T]
+        rows = unpack(positions[0], real)  # [C, T], 0 at padding
+        rows = torch.where(real, rows, rows.max(1, keepdim=True).values)
+        return cls(rows, rows, slots[first], lengths=lengths, alpha=None if alpha is None else alpha[first])
+
+    def per_token(self, per_row: torch.Tensor) -> torch.Tensor:
+        """per_row [B, ...] for each token, [B * T, ...] row after row (a packed batch's are per token already)."""
+        if self.chunk_ids is not None:
+            return per_row
+        return per_row.repeat_interleave(self.tokens.shape[1], dim=0)
 
     def real(self) -> torch.Tensor | None:
         """Which tokens are not padding, [B, T]; None when none are."""
@@ -88,6 +124,13 @@ class Batch:
 def first_of_run(slots: list[int]) -> int | None:
     """The first slot when `slots` are consecutive (Batch.first_slot: the cache is read as a view), else None."""
     return slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
+
+
+def unpack(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Packed rows x [N, ...] into right-padded rows [B, T, ...] (zeros at padding); real [B, T]."""
+    out = x.new_zeros(*real.shape, *x.shape[1:])
+    out[real] = x
+    return out
 
 
 def real_tokens(x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -208,7 +251,7 @@ def attend(
     if cache is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     elif batch.cache_operator:  # a compiled step: the cache stays out of the graph
-        out = torch.ops.mergeserve.cache_attention(q, k, v, cache.key, layer, batch.slots, batch.positions)
+        out = torch.ops.mergeserve.cache_attention(q, k, v, cache.key, layer, batch.slots, batch.positions, batch.chunk_ids)
     else:
         out = cache.attend(layer, q, k, v, batch.slots, batch.positions, batch.write_slots(cache.scratch_slot),
                            batch.num_keys(), batch.first_slot, mask)

@@ -67,10 +67,8 @@ def fixed_routing(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     alpha = batch.alpha  # [B, E]
     # A compiled step's shapes cannot follow the data: there every expert is a pick, the unchosen at weight 0.
     k = alpha.shape[1] if batch.cache_operator else int((alpha > 0).sum(1).max())
-    weights, ids = torch.topk(alpha, k, dim=1)  # [B, k]
-    t = batch.tokens.shape[1]
-    weights, ids = weights.unsqueeze(1).expand(-1, t, -1), ids.unsqueeze(1).expand(-1, t, -1)  # [B, T, k]
+    weights, ids = (batch.per_token(t) for t in torch.topk(alpha, k, dim=1))  # [B * T, k]
     real = batch.real()
     if real is None:
-        return weights.reshape(-1, k), ids.reshape(-1, k)
-    return weights[real], ids[real]
+        return weights, ids
+    return weights[real.view(-1)], ids[real.view(-1)]

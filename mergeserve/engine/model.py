@@ -193,7 +193,7 @@ class Transformer(torch.nn.Module):
         """A mixture router with separate attention: each expert's own layer on the rows that chose it."""
         if batch.cache_operator:
             return torch.ops.mergeserve.separate_layer(x, cos, sin, batch.alpha, batch.slots, batch.positions,
-                                                       self.eager_key, i, cache.key)
+                                                       self.eager_key, i, cache.key, batch.chunk_ids)
         return separate_layer(i, self.expert_runs[i], x, cos, sin, mask, batch, cache, self.args.attn_shape, self.args.eps)
 
     def _dynamic_block(
@@ -202,7 +202,7 @@ class Transformer(torch.nn.Module):
     ) -> torch.Tensor:
         """A mixture router with attention dynamic: attention and FFN merged per request, each
         token's gate [B * T, E] its row's alpha."""
-        gate = batch.alpha.repeat_interleave(batch.tokens.shape[1], dim=0)
+        gate = batch.per_token(batch.alpha)
         x = x + self.attend(i, run, rms_norm(x, run.input_norm, self.args.eps), cos, sin, mask, batch, cache, gate=gate)
         return x + self._dynamic_ffn(run, x, gate)
 
@@ -305,7 +305,7 @@ class Transformer(torch.nn.Module):
         (opaque_ops.py), where padding rows pick nothing."""
         if not batch.cache_operator:
             return moe_ffn(x, weights, ids, run.ffns)
-        padding = (batch.slots < 0).repeat_interleave(batch.tokens.shape[1]).unsqueeze(1)  # [N, 1]
+        padding = batch.per_token(batch.slots < 0).unsqueeze(1)  # [N, 1]
         return torch.ops.mergeserve.dense_experts(x, weights.masked_fill(padding, 0), ids, self.eager_key, i)
 
     def _count_picks(self, picks: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:

@@ -84,9 +84,9 @@ class ModelRunner:
         alpha = self._alpha([seq for seq, _ in chunks])
         key_len = max(seq.num_cached + n for seq, n in chunks)
         batch = Batch(tokens, positions, slots, self._router_bias(chunks), lengths, alpha, key_len=key_len)
-        one_chunk = len(chunks) == 1 and width > 1  # unpadded, of a length the prefill graph takes
-        if one_chunk and self.compiled is not None:
-            if (hidden := self._run_compiled(self.compiled.prefill, replace(batch, lengths=None), chunks)) is not None:
+        packs = int(lengths.sum()) > 1  # packed into one row of a length the prefill graph takes
+        if packs and self.compiled is not None:
+            if (hidden := self._run_compiled(self.compiled.prefill, batch, chunks)) is not None:
                 return hidden
         return self._forward(batch, chunks)
 
@@ -101,7 +101,7 @@ class ModelRunner:
 
     def compile(self, buckets: list[int], cache_dir: str | None = None, autotune: bool = True, prefill: bool = True,
                 freeze: bool = True) -> CompiledStep:
-        """Compile the decode step per bucket, and the one-chunk prefill, in the background (compiled.py);
+        """Compile the decode step per bucket, and the prefill, in the background (compiled.py);
         decode() and prefill() run each graph once it is ready."""
         # The same tensors without oneDNN's packs; an int8 composition's int8 copies (shared with the eager model).
         graph_pack = Int8Graph(self.pack) if isinstance(self.pack, Int8Packer) else None

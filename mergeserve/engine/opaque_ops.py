@@ -20,11 +20,14 @@ import itertools
 import threading
 import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mergeserve.kernels import moe_ffn
+
+if TYPE_CHECKING:
+    from mergeserve.engine.layers import Batch
 
 # Every eager model whose pieces a compiled graph calls, by key (a weak map: a model goes with
 # its engine).
@@ -54,33 +57,48 @@ def _(x, weights, ids, model, layer):
 @torch.library.custom_op("mergeserve::separate_layer", mutates_args=())
 def separate_layer(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, alpha: torch.Tensor, slots: torch.Tensor,
-    positions: torch.Tensor, model: int, layer: int, cache: int,
+    positions: torch.Tensor, model: int, layer: int, cache: int, chunk_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Layer `layer` of separate attention for a compiled step's batch: x [B, T, D], cos/sin
     [B, 1, T, Dh], alpha [B, E], slots [B] (-1: padding, after the real rows), positions [B, T]
-    (a decode step's T = 1, a prefill chunk's unpadded) -> [B, T, D]."""
+    (a decode step's T = 1) -> [B, T, D]. A packed prefill (chunk_ids [1, N], alpha [N, E],
+    slots [N]: Batch.packed) runs row by row, its chunks unpacked."""
+    from mergeserve.engine.layers import Batch, unpack
+
+    if chunk_ids is None:
+        return _separate_rows(x, cos, sin, alpha, Batch(positions, positions, slots), model, layer, cache)
+    rows = Batch.unpacked(positions, slots, chunk_ids, alpha)
+    real = rows.real()  # [C, T]
+    cos, sin = (unpack(c[0, 0], real).unsqueeze(1) for c in (cos, sin))  # [C, 1, T, Dh]
+    out = _separate_rows(unpack(x[0], real), cos, sin, rows.alpha, rows, model, layer, cache)  # [C, T, D]
+    return out[real].unsqueeze(0)
+
+
+def _separate_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, alpha: torch.Tensor, batch: Batch, model: int,
+                   layer: int, cache: int) -> torch.Tensor:
+    """separate_layer over the rows of `batch` whose slot is set (they come first); zeros for the rest."""
     from mergeserve.engine.kv_cache import _CACHES
     from mergeserve.engine.layers import Batch, first_of_run
     from mergeserve.engine.mixture_layers import separate_layer as run_layer
 
     out = x.new_zeros(x.shape)
-    real = int((slots >= 0).sum())
+    real = int((batch.slots >= 0).sum())
     if real == 0:
         return out
     m, kv = _MODELS[model], _CACHES[cache]
     rows = slice(0, real)
-    ids = slots[rows]
+    ids, positions = batch.slots[rows], batch.positions[rows]
     # key_len: each expert's sub-batch reads as many keys as the mask has (mixture_layers.sub_batch)
-    batch = Batch(positions[rows], positions[rows], ids, alpha=alpha[rows], key_len=int(positions[rows].max()) + 1,
-                  first_slot=first_of_run(ids.tolist()))
-    mask = batch.mask(m.args.windows[layer])
-    out[rows] = run_layer(layer, m.expert_runs[layer], x[rows], cos[rows], sin[rows], mask, batch, kv,
+    sub = Batch(positions, positions, ids, lengths=None if batch.lengths is None else batch.lengths[rows], alpha=alpha[rows],
+                key_len=int(positions.max()) + 1, first_slot=first_of_run(ids.tolist()))
+    mask = sub.mask(m.args.windows[layer])
+    out[rows] = run_layer(layer, m.expert_runs[layer], x[rows], cos[rows], sin[rows], mask, sub, kv,
                           m.args.attn_shape, m.args.eps)
     return out
 
 
 @separate_layer.register_fake
-def _(x, cos, sin, alpha, slots, positions, model, layer, cache):
+def _(x, cos, sin, alpha, slots, positions, model, layer, cache, chunk_ids=None):
     return x.new_empty(x.shape)
 
 
@@ -124,13 +142,19 @@ def _(x, model, layer, part, width):
 
 @torch.library.custom_op("mergeserve::base_ffn", mutates_args=())
 def base_ffn(x: torch.Tensor, model: int, layer: int) -> torch.Tensor:
-    """Layer `layer`'s FFN of every real row, with its composition's terms: x [B, T, D] -> [B, T, D],
-    zero for padding rows and where no step is set."""
+    """Layer `layer`'s FFN of every real row, with its composition's terms: x [B, T, D] -> [B, T, D]
+    (a packed prefill's [1, N, D]), zero for padding rows and where no step is set."""
+    from mergeserve.engine.layers import unpack
+
     out = x.new_zeros(x.shape)
     step = _step(model)
-    if step is not None and step.rows:
+    if step is None or not step.rows:
+        return out
+    if step.batch.lengths is None:  # rows, padded to a bucket after the real ones
         out[:step.rows] = _MODELS[model].graph_ffn(layer, x[:step.rows], step)
-    return out
+        return out
+    real = step.batch.real()  # a packed prefill (Batch.packed): its chunks unpacked into the step's rows
+    return _MODELS[model].graph_ffn(layer, unpack(x[0], real), step)[real].unsqueeze(0)
 
 
 @base_ffn.register_fake

@@ -27,7 +27,7 @@ class CompileConfig(Strict):
     # (the faster reader of weights at few rows, measured); false: inductor's defaults (oneDNN).
     # Ignored without freeze.
     autotune: bool = True
-    # Also compile a prefill of one chunk (one graph for every chunk length from 2 up).
+    # Also compile the prefill (one graph for every step's prompt chunks, packed into one row).
     prefill: bool = True
     # Batch sizes compiled (a decode batch runs in the smallest that holds it); None: 1, 2, 4, ...
     # up to the first that holds max_num_seqs.
