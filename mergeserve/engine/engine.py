@@ -227,18 +227,25 @@ class Engine:
         ready: list[Sequence] = []
         if batch.prefill:
             hidden = self.runner.prefill(batch.prefill)  # [B, T, D]
+            routing, end = self.runner.token_routing(), 0  # [N, E] over the real tokens, row after row
             for row, (seq, n) in enumerate(batch.prefill):
+                end += n
                 if seq.params.prompt_logprobs is not None:
                     self._score_prompt_chunk(seq, hidden[row, :n])
                 seq.num_cached += n
                 if not seq.in_prefill:
                     rows.append(hidden[row, n - 1])
                     ready.append(seq)
+                    if routing is not None:  # its last prompt token gives the first output token
+                        seq.add_routing(routing[end - 1, :self._composed(seq).num_experts])
         if batch.decode:
             decode = sorted(batch.decode, key=lambda s: s.slot)  # consecutive slots read the cache as views
             rows += list(self.runner.decode(decode)[:, -1])
-            for seq in decode:
+            routing = self.runner.token_routing()
+            for i, seq in enumerate(decode):
                 seq.num_cached += 1
+                if routing is not None:
+                    seq.add_routing(routing[i, :self._composed(seq).num_experts])
             ready += decode
         if ready:
             logits = self.runner.logits(torch.stack(rows))  # [N, V]

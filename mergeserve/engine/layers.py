@@ -258,10 +258,20 @@ def attend(
     return out.transpose(1, 2).reshape(b, t, -1)
 
 
-def next_token_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def next_token_targets(
+    batch: Batch, spans: list[tuple[int, int] | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Of a right-padded Batch: which positions predict a real token [B, T-1] (position t predicts
-    token t+1), those tokens [N], the prompt of each [N], and predictions per prompt [B] (at least 1)."""
+    token t+1), those tokens [N], the prompt of each [N], and predictions per prompt [B] (at least 1).
+    spans: per prompt, the tokens [start, end) to predict (a chat's user content, not its template);
+    None, or a span that holds no predicted token: every token after the first."""
     predicted = batch.real()[:, 1:]
+    if spans is not None and any(span is not None for span in spans):
+        position = torch.arange(1, batch.tokens.shape[1]).unsqueeze(0)  # [1, T-1]: the predicted token's
+        start = torch.tensor([span[0] if span else 0 for span in spans]).unsqueeze(1)  # [B, 1]
+        end = torch.tensor([span[1] if span else batch.tokens.shape[1] for span in spans]).unsqueeze(1)
+        inside = predicted & (position >= start) & (position < end)
+        predicted = torch.where(inside.any(1, keepdim=True), inside, predicted)
     targets = batch.tokens[:, 1:][predicted]
     row = torch.arange(len(predicted)).unsqueeze(1).expand_as(predicted)[predicted]
     counts = torch.bincount(row, minlength=len(predicted)).clamp_min(1)

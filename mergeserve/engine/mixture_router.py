@@ -31,26 +31,31 @@ class MixtureRouter:
         r = self.routing
         self.task_vector = TaskVectorScorer(r.base, r.experts) if r.kind == "task_vector" else None
 
-    def scores(self, prompts: list[list[int]]) -> torch.Tensor:
-        """score_i of every prompt and expert, [B, E], in batches of at most `max_batch_tokens`."""
+    def scores(self, prompts: list[list[int]], spans: list[tuple[int, int] | None] | None = None) -> torch.Tensor:
+        """score_i of every prompt and expert, [B, E], in batches of at most `max_batch_tokens`.
+        spans: per prompt, the tokens [start, end) it is scored on (a chat's user content); None: all."""
+        spans = spans or [None] * len(prompts)
         out = torch.empty(len(prompts), self.composed.num_experts)
         for group in padded_groups([len(p) for p in prompts], self.max_batch_tokens):
-            chunk = [prompts[i] for i in group]
+            chunk, chunk_spans = [prompts[i] for i in group], [spans[i] for i in group]
             if self.task_vector is not None:
-                out[group] = self.task_vector.scores(chunk)
+                out[group] = self.task_vector.scores(chunk, chunk_spans)
             else:
-                out[group] = inverse_perplexities(self.composed, chunk)
+                out[group] = inverse_perplexities(self.composed, chunk, chunk_spans)
         return out
 
-    def weights(self, prompts: list[list[int]], bias: torch.Tensor | None = None) -> torch.Tensor:
+    def weights(self, prompts: list[list[int]], bias: torch.Tensor | None = None,
+                spans: list[tuple[int, int] | None] | None = None) -> torch.Tensor:
         """Routing weights alpha of every prompt, [B, E]: at most k nonzero entries per row, summing to 1.
 
         bias [B, E], added to the scores before the top k (a request's expert_bias); -inf
         excludes an expert, so a row allowing fewer than k experts has fewer nonzero entries.
         """
-        scores = self.scores(prompts)
+        scores = self.scores(prompts, spans)
         r = self.routing
-        return top_k_softmax(scores if bias is None else scores + bias, r.top_k, r.temperature)
+        if r.offsets is not None:
+            scores = scores + r.offsets
+        return top_k_softmax(scores if bias is None else scores + bias, r.top_k, r.temperature, r.min_margin)
 
 
 def expert_model(composed: ComposedModel, e: int) -> ComposedModel:
@@ -63,18 +68,28 @@ def expert_model(composed: ComposedModel, e: int) -> ComposedModel:
     )
 
 
-def top_k_softmax(scores: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
-    """alpha [B, E] = softmax(temperature * top-k scores) on the k best experts, 0 elsewhere."""
+def top_k_softmax(scores: torch.Tensor, k: int, temperature: float = 1.0, min_margin: float = 0.0) -> torch.Tensor:
+    """alpha [B, E] = softmax(temperature * top-k scores) on the k best experts, 0 elsewhere. A row
+    whose two best weigh within `min_margin` of each other in the softmax over every expert (an
+    unsure router) takes that softmax instead: every expert mixed."""
     top, ids = torch.sort(scores, dim=1, descending=True, stable=True)  # stable: ties to the lower index
     weights = torch.softmax(temperature * top[:, :k], dim=1)  # [B, k]
-    return torch.zeros_like(scores).scatter_(1, ids[:, :k], weights)
+    alpha = torch.zeros_like(scores).scatter_(1, ids[:, :k], weights)
+    if min_margin <= 0 or scores.shape[1] < 2:
+        return alpha
+    every = torch.softmax(temperature * scores, dim=1)  # [B, E]
+    best = torch.topk(every, 2, dim=1).values  # [B, 2]
+    unsure = (best[:, 0] - best[:, 1]) < min_margin  # [B]
+    return torch.where(unsure.unsqueeze(1), every, alpha)
 
 
 @torch.inference_mode()
-def inverse_perplexities(composed: ComposedModel, prompts: list[list[int]]) -> torch.Tensor:
-    """1 / PPL(prompt | expert e) for every prompt and expert, [B, E]: one padded forward per expert."""
+def inverse_perplexities(composed: ComposedModel, prompts: list[list[int]],
+                         spans: list[tuple[int, int] | None] | None = None) -> torch.Tensor:
+    """1 / PPL(prompt | expert e) for every prompt and expert, [B, E], over each prompt's span of
+    tokens (layers.next_token_targets): one padded forward per expert."""
     batch = Batch.right_padded(prompts)
-    predicted, targets, row, counts = next_token_targets(batch)
+    predicted, targets, row, counts = next_token_targets(batch, spans)
     out = []
     for e in range(composed.num_experts):
         model = Transformer(expert_model(composed, e), max_len=batch.tokens.shape[1])

@@ -96,6 +96,9 @@ class Transformer(torch.nn.Module):
         self.expert_load = torch.zeros(len(composed.layers), e, dtype=torch.int64)  # [L, E]
         self.expert_weight = torch.zeros(len(composed.layers), e, dtype=torch.float64)  # [L, E]
         self._picks: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # this forward's (layer, weights, ids)
+        # The last counted forward's token routing: each real token's weight on each expert, summed
+        # over the MoE layers, [N, E]; None without token routing (the engine: each response's experts).
+        self.token_routing: torch.Tensor | None = None
         # False: the caller counts (count()) the real rows of each forward (a compiled step pads its batches).
         self.counts_in_forward = True
         self.eager_forwards = 0  # tells a compiled step that dynamo ran it eagerly (compiled.py)
@@ -238,7 +241,7 @@ class Transformer(torch.nn.Module):
             t = batch.tokens.shape[1]
             picks = [(i, w[:rows * t], ids[:rows * t]) for i, w, ids in picks]
             batch = Batch(batch.tokens[:rows], batch.positions[:rows], None, alpha=None if batch.alpha is None else batch.alpha[:rows])
-        self._count_picks(picks)
+        self.token_routing = self._count_picks(picks)
         if counts_alpha and (self.separate or self.dynamic) and batch.alpha is not None:
             picked, weight = routing_counts(batch)  # [E], [E]: the same for every layer
             self.expert_load += picked
@@ -308,10 +311,11 @@ class Transformer(torch.nn.Module):
         padding = batch.per_token(batch.slots < 0).unsqueeze(1)  # [N, 1]
         return torch.ops.mergeserve.dense_experts(x, weights.masked_fill(padding, 0), ids, self.eager_key, i)
 
-    def _count_picks(self, picks: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
-        """Token-routing picks (layer, weights, ids) added to the router statistics, all layers at once."""
+    def _count_picks(self, picks: list[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+        """Token-routing picks (layer, weights, ids) added to the router statistics, all layers at once;
+        returns each token's weight on each expert over those layers, [N, E]."""
         if not picks:
-            return
+            return None
         n_experts = self.expert_load.shape[1]
         layers = torch.tensor([i for i, _, _ in picks])  # [L']
         ids = torch.stack([ids for _, _, ids in picks])  # [L', N, k]
@@ -321,6 +325,15 @@ class Transformer(torch.nn.Module):
         size = self.expert_load.numel()
         self.expert_load.view(-1).add_(torch.bincount(flat, live, minlength=size).long())
         self.expert_weight.view(-1).add_(torch.bincount(flat, weights.reshape(-1), minlength=size))
+        return token_weights(ids, weights, n_experts)
+
+
+def token_weights(ids: torch.Tensor, weights: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Each token's routing weight on each expert summed over layers, [N, E], of picks ids and
+    weights [L', N, k]."""
+    n = ids.shape[1]
+    ids, weights = (t.transpose(0, 1).reshape(n, -1) for t in (ids, weights))  # [N, L' * k]
+    return torch.zeros(n, n_experts, dtype=torch.float64).scatter_add_(1, ids, weights.double())
 
 
 def run_tensors(w) -> list[torch.Tensor]:

@@ -54,6 +54,7 @@ class ModelRunner:
                              self.model.cache_windows)
         self.mixture_router = MixtureRouter(composed) if composed.mixture_routing is not None else None
         self.compiled: CompiledStep | None = None  # the step compiled (compile)
+        self._counted: Transformer = self.model  # the model that counted the last forward (token_routing)
 
     # --- the step's forwards ---------------------------------------------------------------
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -92,12 +93,19 @@ class ModelRunner:
 
     def _forward(self, batch: Batch, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
         """The step's forward over `batch`, whose rows are `rows` (sequence, its real tokens)."""
+        self._counted = self.model
         return self.model(batch, self.cache)
 
     def _run_compiled(self, run: Callable[[Batch], torch.Tensor | None], batch: Batch,
                       rows: list[tuple[Sequence, int]]) -> torch.Tensor | None:
         """A compiled graph's `run` (CompiledStep.decode or prefill) over `batch`; None where none is ready."""
+        self._counted = self.compiled.model  # it counts the rows it ran
         return run(batch)
+
+    def token_routing(self) -> torch.Tensor | None:
+        """The last forward's token routing: each real token's weight on each expert, summed over
+        the MoE layers, [N, E] (row after row); None without token routing."""
+        return self._counted.token_routing
 
     def compile(self, buckets: list[int], cache_dir: str | None = None, autotune: bool = True, prefill: bool = True,
                 freeze: bool = True) -> CompiledStep:
@@ -125,7 +133,8 @@ class ModelRunner:
 
     def route(self, seqs: list[Sequence]) -> torch.Tensor:
         """Mixture routing: each request's expert weights from its whole prompt, [N, E]."""
-        return self.mixture_router.weights([seq.prompt_ids for seq in seqs], self._bias_rows(seqs))
+        return self.mixture_router.weights([seq.prompt_ids for seq in seqs], self._bias_rows(seqs),
+                                           [seq.params.route_span for seq in seqs])
 
     def move(self, old_slot: int, new_slot: int, length: int) -> None:
         """A sequence changed slot (the scheduler keeps running slots dense): its cache follows."""

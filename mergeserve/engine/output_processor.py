@@ -80,6 +80,7 @@ class OutputProcessor:
             request_id=seq.request_id, new_token_ids=new_ids, new_text=new_text, logprobs=logprobs,
             finished=seq.finish_reason is not None, finish_reason=seq.finish_reason,
             num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=len(seq.output_ids),
+            experts=seq.expert_shares() if seq.finish_reason is not None else None,
         )
 
     def logprob(self, token: int, logprobs: torch.Tensor, top: int) -> TokenLogprob:

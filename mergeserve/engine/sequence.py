@@ -28,6 +28,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo); None: none
     # [E] added to the router's logits (a mixture router's scores); -inf excludes an expert. None: no bias.
     router_bias: tuple[float, ...] | None = None
+    # The prompt tokens [start, end) a sequence router scores: a chat's last user message, not the
+    # template around it (a short question is otherwise scored mostly on the template). None: all.
+    route_span: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ class RequestOutput:
     num_output_tokens: int
     # On a request's first output, when it asked for them: one per prompt token, None for the first.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # On its last output: each expert's share of the request's routing (Sequence.expert_shares).
+    experts: tuple[float, ...] | None = None
 
 
 @dataclass(eq=False)  # identity: two requests with equal fields are still two requests
@@ -71,6 +76,21 @@ class Sequence:
     group: MixGroup | None = None  # decoded together with other engines' sequences (engine/mixing.py)
     # On a base engine: the composition it runs (engine/tables.py); None on an engine of one composition.
     composition: CompositionTables | None = None
+    # Token routing: the weight each expert got from the forwards that produced its response's
+    # tokens (its last prompt token's, then each decode step's), summed over the MoE layers, [E].
+    routed: torch.Tensor | None = None
+
+    def expert_shares(self) -> tuple[float, ...] | None:
+        """Each expert's share of this request, summing to 1: a mixture router's weights, or each
+        expert's share of the routing weight of its response's tokens; None with one expert."""
+        weights = self.alpha if self.alpha is not None else self.routed
+        if weights is None or len(weights) < 2 or float(weights.sum()) <= 0:
+            return None
+        return tuple(float(w) for w in weights.double() / weights.double().sum())
+
+    def add_routing(self, weights: torch.Tensor) -> None:
+        """One forward's routing of the token that produced its next output token, [E] (or wider: zeros past E)."""
+        self.routed = weights.clone() if self.routed is None else self.routed + weights
 
     @property
     def awaiting(self) -> bool:

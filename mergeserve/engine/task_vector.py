@@ -123,8 +123,8 @@ class TaskVectorScorer:
         self.taus = {key: [tau(e, base, key) for e in experts] for key in routed_keys(base.config.num_hidden_layers)}
         self.tau_norms = tau_norms(self.taus, len(experts))  # [E]
 
-    def scores(self, prompts: list[list[int]]) -> torch.Tensor:
-        """[B, E]."""
+    def scores(self, prompts: list[list[int]], spans: list[tuple[int, int] | None] | None = None) -> torch.Tensor:
+        """[B, E]; spans: the tokens of each prompt whose loss counts (layers.next_token_targets)."""
         with torch.inference_mode(False), torch.enable_grad():  # the engine steps in inference mode
             dots = torch.zeros(len(prompts), len(self.experts))  # <g_b, tau_i>
             sq = torch.zeros(len(prompts))  # |g_b|^2
@@ -134,13 +134,14 @@ class TaskVectorScorer:
                 dots.add_(d)
                 sq.add_(s)
 
-            backward_with_hooks(self.model, prompts, accumulate)
+            backward_with_hooks(self.model, prompts, accumulate, spans)
         norms = sq.sqrt().unsqueeze(1) * self.tau_norms.unsqueeze(0)  # [B, E]
         return torch.where(norms > 0, -dots / norms.clamp_min(1e-30), 0.0)  # -: the descent direction
 
 
-def backward_with_hooks(model: torch.nn.Module, prompts: list[list[int]], accumulate) -> None:
-    """Backward of sum_b mean-token-loss_b, calling accumulate(key, x, delta) for every routed linear."""
+def backward_with_hooks(model: torch.nn.Module, prompts: list[list[int]], accumulate,
+                        spans: list[tuple[int, int] | None] | None = None) -> None:
+    """Backward of sum_b mean-token-loss_b (over spans[b]), calling accumulate(key, x, delta) for every routed linear."""
     keys = set(routed_keys(model.config.num_hidden_layers))
     handles = []
 
@@ -154,16 +155,16 @@ def backward_with_hooks(model: torch.nn.Module, prompts: list[list[int]], accumu
         if name + ".weight" in keys:
             handles.append(module.register_forward_hook(watch(name + ".weight")))
     try:
-        sequence_loss(model, prompts).backward()
+        sequence_loss(model, prompts, spans).backward()
     finally:
         for h in handles:
             h.remove()
 
 
-def sequence_loss(model: torch.nn.Module, prompts: list[list[int]]) -> torch.Tensor:
-    """sum over prompts of each one's mean next-token loss; right padding, causal attention only."""
+def sequence_loss(model: torch.nn.Module, prompts: list[list[int]], spans: list[tuple[int, int] | None] | None = None) -> torch.Tensor:
+    """sum over prompts of each one's mean next-token loss (over its span); right padding, causal attention only."""
     batch = Batch.right_padded(prompts)
-    predicted, targets, row, counts = next_token_targets(batch)
+    predicted, targets, row, counts = next_token_targets(batch, spans)
     embeds = model.get_input_embeddings()(batch.tokens).detach().requires_grad_()  # [B, T, D]: the graph starts here
     hidden = model.model(inputs_embeds=embeds, use_cache=False).last_hidden_state  # [B, T, D]
     logits = model.lm_head(hidden[:, :-1][predicted])  # [N, V]

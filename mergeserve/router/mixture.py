@@ -14,6 +14,8 @@ admitted.
 
 from __future__ import annotations
 
+import torch
+
 from mergeserve.composition import Attention, ComposedModel, Layer, MixtureRouting
 
 from mergeserve.weights import ExpertFFN
@@ -33,7 +35,8 @@ def attach_mixture_router(
     r = spec.router
     composed.mixture_routing = MixtureRouting(
         kind=r.kind, attention=r.attention, top_k=composed.top_k,
-        temperature=r.inverse_temperature, base=base, experts=experts,
+        temperature=r.inverse_temperature, base=base, experts=experts, min_margin=r.min_margin,
+        offsets=torch.tensor([r.offsets.get(e.name, 0.0) for e in spec.experts]) if r.offsets else None,
     )
 
 

@@ -39,6 +39,7 @@ class GeneratedChoice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # echo: one per prompt token
+    experts: tuple[float, ...] | None = None  # once finished: each expert's share of its routing
 
     def add(self, out: RequestOutput) -> None:
         if out.prompt_logprobs is not None:
@@ -47,7 +48,7 @@ class GeneratedChoice:
         self.token_ids += out.new_token_ids
         self.logprobs += out.logprobs
         if out.finished:
-            self.finish_reason = out.finish_reason
+            self.finish_reason, self.experts = out.finish_reason, out.experts
 
 
 @dataclass

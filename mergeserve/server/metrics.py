@@ -229,6 +229,11 @@ class Metrics:
             "mergeserve:feedback_score", "Scores in [-1, 1] posted to /v1/feedback for the composition's responses.",
             ["model"], registry=r,
         )
+        self.feedback_by_expert = Summary(
+            "mergeserve:feedback_score_by_expert", "The same scores by the expert with the largest share of the "
+            "response's routing (its `experts` field; \"none\" for a response without routing).",
+            ["model", "expert"], registry=r,
+        )
         self.alias_requests = Counter(
             "mergeserve:alias_requests", "Requests an A/B alias sent to each target composition.",
             ["alias", "model"], registry=r,
@@ -262,7 +267,7 @@ class Metrics:
         for revision in self._revisions():
             models |= {revision.name, *(e.name for e in _engines(revision.backend))}  # route members: own names
         aliases = set(self._aliases())
-        for metric in (self.http_requests, self.request_errors.counter, self.feedback, self.alias_requests,
+        for metric in (self.http_requests, self.request_errors.counter, self.feedback, self.feedback_by_expert, self.alias_requests,
                        self.member_requests, self.ttft, self.e2e, self.prompt_tokens, self.generation_tokens,
                        self.request_success.counter):
             for gone in _label_values(metric, "model") - models:

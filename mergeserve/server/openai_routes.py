@@ -54,10 +54,11 @@ class OpenAIRoutes:
 
     async def feedback(self, body: FeedbackRequest, request: Request) -> FeedbackResponse:
         """One score per response: 404 for an id not (or no longer) remembered, 409 for a second score."""
-        name, revision, _ = self.registry.score(body.id)
-        request.state.model = name
-        self.metrics.feedback.labels(name).observe(body.score)
-        return FeedbackResponse(id=body.id, model=name, revision=revision)
+        answered = self.registry.score(body.id)
+        request.state.model = answered.name
+        self.metrics.feedback.labels(answered.name).observe(body.score)
+        self.metrics.feedback_by_expert.labels(answered.name, answered.top_expert).observe(body.score)
+        return FeedbackResponse(id=body.id, model=answered.name, revision=answered.revision, experts=answered.experts)
 
     async def completions(self, body: CompletionRequest, request: Request, response: Response) -> BaseModel | Response:
         with self._call(body, request, response) as call:

@@ -323,6 +323,14 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
 
 
+# mergeserve's own field, beside `usage`: the experts a response was routed to (X-Mergeserve-Experts too).
+EXPERTS_DESCRIPTION = (
+    "Each expert's share of this response's routing, summing to 1, largest first: a sequence router's weights, or "
+    "for token routing each expert's share of the routing weight of the response's tokens (over the MoE layers); "
+    "a stream sends it with each choice's finish_reason (that choice's) and with the usage chunk (all choices'). "
+    "null for a composition of one expert.")
+
+
 class CompletionResponse(BaseModel):
     """A whole completion, and also one streamed chunk (OpenAI streams the same object)."""
 
@@ -333,6 +341,7 @@ class CompletionResponse(BaseModel):
     system_fingerprint: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    experts: dict[str, float] | None = Field(None, description=EXPERTS_DESCRIPTION)
 
 
 class TopLogprob(BaseModel):
@@ -369,6 +378,7 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str
     choices: list[ChatChoice]
     usage: Usage
+    experts: dict[str, float] | None = Field(None, description=EXPERTS_DESCRIPTION)
 
 
 class Delta(BaseModel):
@@ -391,6 +401,7 @@ class ChatCompletionChunk(BaseModel):
     system_fingerprint: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    experts: dict[str, float] | None = Field(None, description=EXPERTS_DESCRIPTION)
 
 
 class FeedbackRequest(BaseModel):
@@ -407,6 +418,7 @@ class FeedbackResponse(BaseModel):
     object: Literal["feedback"] = "feedback"
     model: str  # the composition that served the response
     revision: int
+    experts: dict[str, float] | None = Field(None, description=EXPERTS_DESCRIPTION)  # the response's, where it had routing and has finished
 
 
 

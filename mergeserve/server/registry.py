@@ -128,6 +128,21 @@ class Lease(Generic[B]):
 
 
 @dataclass
+class Answered:
+    """Who answered a recent response, for its one feedback score."""
+
+    name: str  # the composition
+    revision: int
+    alias: str | None  # the A/B alias the request named, if any
+    experts: dict[str, float] | None = None  # what it was routed to, once it finished (largest share first)
+
+    @property
+    def top_expert(self) -> str:
+        """The expert with the largest share ("none" without routing): feedback split by it."""
+        return next(iter(self.experts), "none") if self.experts else "none"
+
+
+@dataclass
 class _Entry(Generic[B]):
     live: Revision[B] | None = None  # what new requests get
     latest: Revision[B] | None = None  # the newest PUT: live, or a build in progress, or a failed one
@@ -141,7 +156,7 @@ class Registry(Generic[B]):
         self._failed_new: dict[str, Revision[B]] = {}  # names whose first build failed, for GET
         self._draining: set[Revision[B]] = set()  # retired, still finishing requests
         self._aliases: dict[str, AliasSpec] = {}
-        self._responses: OrderedDict[str, tuple[str, int, str | None]] = OrderedDict()
+        self._responses: OrderedDict[str, Answered] = OrderedDict()
         self._scored: set[str] = set()  # response ids that got their one feedback score
         self._last_number: dict[str, int] = {}  # per name, deleted names included
         # Called with a revision that is retired and drained (or failed): its owner frees what it held.
@@ -313,13 +328,19 @@ class Registry(Generic[B]):
 
     def remember(self, response_id: str, lease: Lease[B]) -> None:
         with self._lock:
-            self._responses[response_id] = (lease.revision.name, lease.revision.number, lease.alias)
+            self._responses[response_id] = Answered(lease.revision.name, lease.revision.number, lease.alias)
             while len(self._responses) > MAX_REMEMBERED_RESPONSES:
                 self._scored.discard(self._responses.popitem(last=False)[0])
 
-    def score(self, response_id: str) -> tuple[str, int, str | None]:
-        """(composition, revision, alias) of a recent response, for its one feedback score: a
-        second would weigh that response twice in an A/B comparison."""
+    def note_experts(self, response_id: str, experts: dict[str, float]) -> None:
+        """A remembered response finished, routed to `experts`."""
+        with self._lock:
+            if (answered := self._responses.get(response_id)) is not None:
+                answered.experts = experts
+
+    def score(self, response_id: str) -> Answered:
+        """Who answered a recent response, for its one feedback score: a second would weigh that
+        response twice in an A/B comparison."""
         with self._lock:
             served = self._responses.get(response_id)
             if served is None:

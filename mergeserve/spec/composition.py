@@ -124,6 +124,8 @@ class CompositionSpec(Strict):
         if self.is_moe and isinstance(self.router, (HiddenRouterSpec, CentroidRouterSpec)) and len(self.experts) > 1:
             if missing := [e.name for e in self.experts if not e.prompts]:
                 raise ValueError(f"router.kind={self.router.kind} needs prompts for every expert; none for {missing}")
+        if (unknown := sorted(set(getattr(self.router, "offsets", None) or {}) - set(names))):
+            raise ValueError(f"router.offsets names {unknown}, not experts of this composition ({names})")
         if self.merge is not None and self.merge.method == "slerp" and len(self.experts) != 2:
             raise ValueError(f"slerp merges exactly two experts, got {len(self.experts)}")
         return self

@@ -94,6 +94,14 @@ class MixtureRouterSpec(Strict):
     attention: Literal["separate", "merged", "dynamic"] = "separate"
     # Inverse temperature of the softmax over the experts' scores: larger is sharper.
     inverse_temperature: float = Field(1.0, gt=0)
+    # Confidence-based selection (Dynamic-MoE): where the two best experts' weights in that softmax
+    # over every expert differ by less than this, the router is unsure and the request mixes every
+    # expert by that softmax instead of its top_k. 0: always top_k.
+    min_margin: float = Field(0.0, ge=0, le=1)
+    # Added to each expert's score before the softmax, by expert name (an expert not named: 0):
+    # the prior a router's raw scores lack (one expert's perplexity is lower on every text).
+    # Fitted with inverse_temperature by `mergeserve calibrate-router` on a labelled split.
+    offsets: dict[str, float] | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -73,6 +73,10 @@ class Call:
         """Let POST /v1/feedback find which composition answered `response_id`."""
         self.registry.remember(response_id, self.lease)
 
+    def note_experts(self, response_id: str, experts: dict[str, float]) -> None:
+        """The response finished, routed to `experts`: its feedback is split by them."""
+        self.registry.note_experts(response_id, experts)
+
     def stream(self, events: AsyncIterator[BaseModel | str]) -> EventSourceResponse:
         """Server-sent events of `events` (models, or JSON text passed through), ending with [DONE]."""
         def failed() -> None:

@@ -16,10 +16,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
+import torch
 from pydantic import BaseModel
 
 from mergeserve import __version__
 from mergeserve.engine.sequence import TokenLogprob
+from mergeserve.router.content import content_tokens
 from mergeserve.server import generation, limits
 from mergeserve.server.backends.base import Call
 from mergeserve.server.errors import APIError, bad_request
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from mergeserve.server.registry import Lease
 
 SYSTEM_FINGERPRINT = f"mergeserve-{__version__}"
+EXPERTS_HEADER = "X-Mergeserve-Experts"  # a whole response's routing: math=0.93,german=0.07
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MIN_LOGPROB = -9999.0  # JSON has no -inf
 # Text longer than this many characters per token of the context is refused before it is templated
@@ -124,7 +127,7 @@ class LocalBackend:
                 )
                 for c in choices
             ],
-            usage=_usage(job, sum(len(c.token_ids) for c in choices)),
+            usage=_usage(job, sum(len(c.token_ids) for c in choices)), experts=self._experts([c.experts for c in choices]),
         )
 
     def _echoed(self, job: Job, index: int, prompt_logprobs: list[TokenLogprob | None] | None) -> Echoed | None:
@@ -141,11 +144,11 @@ class LocalBackend:
         limits.check_max_tokens(engine, requested, param)
         messages = body.template_messages()
         _check_chars(engine, sum(len(m["content"]) + len(m.get("name", "")) for m in messages), "messages")
-        prompt = await asyncio.to_thread(_chat_prompt, engine, messages)
+        prompt, content = await asyncio.to_thread(_chat_prompt, engine, messages)
         max_tokens = requested or limits.default_max_tokens(engine, len(prompt))
         _check_length(engine, len(prompt), max_tokens, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = body.sampling_params(max_tokens, logprobs, expert_names_of(engine))
+        params = dataclasses.replace(body.sampling_params(max_tokens, logprobs, expert_names_of(engine)), route_span=content)
         job = Job(engine, f"chatcmpl-{uuid.uuid4().hex}", [prompt], body.n or 1, params, self.mix)
         if body.stream:
             call.remember(job.request_id)
@@ -159,7 +162,24 @@ class LocalBackend:
         work = generation.collect(self.executor, call.metrics, job)
         choices = await generation.until_disconnected(call.request, work)
         call.response.headers.update(call.lease.headers)
+        if (experts := self._experts([c.experts for c in choices])) is not None:
+            call.response.headers[EXPERTS_HEADER] = ",".join(f"{name}={share:.2f}" for name, share in experts.items())
+            call.note_experts(job.request_id, experts)
         return choices
+
+    def _experts(self, shares: list[tuple[float, ...] | None]) -> dict[str, float] | None:
+        """What a response's choices were routed to (its `experts` field and header), largest share
+        first: the mean of the choices' shares over the composition's experts, or, for a request
+        mixed over several engines (router.top_k > 1 of method: route), the mixture's weights."""
+        if self.mix is not None:
+            names = [self.engine.name, *(e.name for e in self.mix.engines)]
+            weights = torch.softmax(torch.tensor(self.mix.log_weights), 0).tolist()
+        else:
+            known = [s for s in shares if s is not None]
+            if not known:
+                return None
+            names, weights = list(self.engine.expert_names), [sum(col) / len(known) for col in zip(*known)]
+        return {n: round(w, 4) for n, w in sorted(zip(names, weights), key=lambda nw: -nw[1])}
 
     def _chat_response(
         self, job: Job, body: ChatCompletionRequest, lease: Lease, choices: list[GeneratedChoice],
@@ -173,7 +193,7 @@ class LocalBackend:
                 )
                 for c in choices
             ],
-            usage=_usage(job, sum(len(c.token_ids) for c in choices)),
+            usage=_usage(job, sum(len(c.token_ids) for c in choices)), experts=self._experts([c.experts for c in choices]),
         )
 
     async def _completion_chunks(
@@ -182,10 +202,12 @@ class LocalBackend:
         lease, created = call.lease, int(time.time())
         offsets = [0] * job.num_choices  # text_offset runs over the whole choice, not the chunk
         echoed = [echo is None] * job.num_choices  # whether the choice's first chunk (the echo) went out
-        num_tokens = 0
+        num_tokens, shares = 0, []
         async with aclosing(generation.run(self.executor, call.metrics, job)) as stream:
             async for index, out in stream:
                 num_tokens += len(out.new_token_ids)
+                if out.finished:
+                    shares.append(out.experts)
                 if not (out.new_text or out.finished or out.logprobs or not echoed[index]):
                     continue
                 text = out.new_text if echoed[index] else echo[index // job.n] + out.new_text
@@ -200,37 +222,50 @@ class LocalBackend:
                         index=index, text=text, logprobs=logprobs,
                         finish_reason=out.finish_reason if out.finished else None,
                     )],
+                    experts=self._experts([out.experts]) if out.finished else None,
                 )
+        experts = self._stream_ended(call, job, shares)
         if body.include_usage:
             yield CompletionResponse(
                 id=job.request_id, created=created, model=lease.name, system_fingerprint=_fingerprint(lease),
-                choices=[], usage=_usage(job, num_tokens),
+                choices=[], usage=_usage(job, num_tokens), experts=experts,
             )
 
     async def _chat_chunks(self, job: Job, body: ChatCompletionRequest, call: Call) -> AsyncIterator[BaseModel]:
         lease, created = call.lease, int(time.time())
 
-        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None,
+                  experts: dict[str, float] | None = None) -> ChatCompletionChunk:
             return ChatCompletionChunk(
                 id=job.request_id, created=created, model=lease.name, system_fingerprint=_fingerprint(lease),
-                choices=choices, usage=usage,
+                choices=choices, usage=usage, experts=experts,
             )
 
         role = Delta(role="assistant", content="")
         yield chunk([ChatChunkChoice(index=i, delta=role) for i in range(job.num_choices)])
-        num_tokens = 0
+        num_tokens, shares = 0, []
         async with aclosing(generation.run(self.executor, call.metrics, job)) as stream:
             async for index, out in stream:
                 num_tokens += len(out.new_token_ids)
+                if out.finished:
+                    shares.append(out.experts)
                 if not (out.new_text or out.finished or out.logprobs):
                     continue
                 yield chunk([ChatChunkChoice(
                     index=index, delta=Delta(content=out.new_text or None),
                     logprobs=_chat_logprobs(out.logprobs) if body.logprobs else None,
                     finish_reason=out.finish_reason if out.finished else None,
-                )])
+                )], experts=self._experts([out.experts]) if out.finished else None)
+        experts = self._stream_ended(call, job, shares)
         if body.include_usage:
-            yield chunk([], _usage(job, num_tokens))
+            yield chunk([], _usage(job, num_tokens), experts)
+
+    def _stream_ended(self, call: Call, job: Job, shares: list[tuple[float, ...] | None]) -> dict[str, float] | None:
+        """A stream's choices all finished: what they were routed to, noted for its feedback."""
+        experts = self._experts(shares)
+        if experts is not None:
+            call.note_experts(job.request_id, experts)
+        return experts
 
 
 
@@ -273,7 +308,9 @@ def _check_chars(engine: Engine, chars: int, param: str) -> None:
         )
 
 
-def _chat_prompt(engine: Engine, messages: list[dict[str, str]]) -> list[int]:
+def _chat_prompt(engine: Engine, messages: list[dict[str, str]]) -> tuple[list[int], tuple[int, int] | None]:
+    """The templated prompt's tokens, and those [start, end) of the last user message's content
+    (what a sequence router scores: SamplingParams.route_span); None where it cannot be found."""
     try:
         text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # templates raise whatever they like (jinja errors, raise_exception, ...)
@@ -281,7 +318,7 @@ def _chat_prompt(engine: Engine, messages: list[dict[str, str]]) -> list[int]:
             422, f"the chat template of {engine.name!r} cannot render these messages: {e}",
             param="messages", code="chat_template_error",
         ) from e
-    return engine.tokenizer.encode(text, add_special_tokens=False)
+    return content_tokens(engine.tokenizer, text, next((m["content"] for m in reversed(messages) if m["role"] == "user"), ""))
 
 
 def _check_length(engine: Engine, prompt_tokens: int, max_tokens: int, param: str) -> None:
