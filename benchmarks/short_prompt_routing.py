@@ -29,28 +29,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import commit, machine  # noqa: E402
 
-from mergeserve.calibration import read_jsonl  # noqa: E402
 from mergeserve.engine.mixture_router import MixtureRouter  # noqa: E402
 from mergeserve.experts import ExpertPool  # noqa: E402
-from mergeserve.learn.router_temperature import fit_calibration  # noqa: E402
+from mergeserve.learn.router_temperature import fit_calibration, labelled_prompts  # noqa: E402
 from mergeserve.learn.compose import build  # noqa: E402
-from mergeserve.router.content import content_tokens  # noqa: E402
 from mergeserve.spec import load_composition  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO = ROOT / "examples/zoo"
 
 
-def prompts(tokenizer, domains: list[str]) -> list[tuple[str, list[int], tuple[int, int] | None]]:
-    """(domain, templated prompt tokens, the user message's span) of every short chat prompt."""
-    out = []
-    for domain in domains:
-        for row in read_jsonl(ZOO / "data" / domain / "short_chat.jsonl"):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": row["text"]}], tokenize=False,
-                                                 add_generation_prompt=True)
-            ids, span = content_tokens(tokenizer, text, row["text"])
-            out.append((domain, ids, span))
-    return out
+def prompts(composed) -> list[tuple[int, list[int], tuple[int, int] | None]]:
+    """(expert index, templated prompt tokens, the user message's span) of every short chat prompt,
+    as `mergeserve calibrate-router` reads them."""
+    return labelled_prompts(composed, {d: [ZOO / "data" / d / "short_chat.jsonl"] for d in composed.expert_names}, chat=True)
 
 
 def evaluate(scores: torch.Tensor, truth: torch.Tensor, names: list[str], t: float, min_margin: float,
@@ -69,7 +61,7 @@ def evaluate(scores: torch.Tensor, truth: torch.Tensor, names: list[str], t: flo
 def route(router: MixtureRouter, names: list[str], rows, min_margin: float) -> dict:
     whole = torch.cat([router.scores([ids]) for _, ids, _ in rows])  # [N, E]
     content = torch.cat([router.scores([ids], [span]) for _, ids, span in rows])
-    truth = torch.tensor([names.index(domain) for domain, _, _ in rows])
+    truth = torch.tensor([e for e, _, _ in rows])
     fit = torch.tensor([i % 2 == 0 for i in range(len(rows))])  # alternate lines of each domain's file
     t = router.routing.temperature
     t_fit, offsets = fit_calibration(content[fit], truth[fit])
@@ -96,7 +88,7 @@ def main() -> None:
         spec = load_composition(ZOO / "specs" / name)
         composed = build(spec, pool)
         router, names = MixtureRouter(composed), list(composed.expert_names)
-        rows = prompts(composed.tokenizer, names)
+        rows = prompts(composed)
         result = {"kind": spec.router.kind, "prompts": len(rows)} | route(router, names, rows, args.min_margin)
         results["routers"][spec.name] = result
         held = result["held_out_half"]

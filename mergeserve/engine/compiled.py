@@ -192,9 +192,10 @@ class CompiledStep:
         hidden, compiled = self._run(self._prefill, batch.packed(), None, batch) if ready else (None, False)
         self.state.compiled_prefills += compiled
         self.state.eager_prefills += not compiled
-        if hidden is None or batch.lengths is None:
-            return None if hidden is None else hidden.view(*batch.tokens.shape, -1)
-        return unpack(hidden[0], batch.real())
+        if hidden is None:
+            return None
+        real = batch.real()
+        return hidden.view(*batch.tokens.shape, -1) if real is None else unpack(hidden[0], real)
 
     def _run(self, graph: Callable, batch: Batch, rows: int | None, counted: Batch | None = None) -> tuple[torch.Tensor | None, bool]:
         """`graph` over `batch`, whose first `rows` rows are real (None: all): the hidden states

@@ -118,19 +118,13 @@ def cache_attention(
 
 
 def _attend_rows(kv: KVCache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """kv.attend over the rows of `batch` whose slot is set (they come first); zeros for the rest."""
-    from mergeserve.engine.layers import Batch, first_of_run
-
-    real = int((batch.slots >= 0).sum())
+    """kv.attend over the rows of `batch` that have a slot (Batch.slotted); zeros for the rest."""
     out = q.new_zeros(q.shape)
-    if real == 0:
+    if (sub := batch.slotted()) is None:
         return out
-    rows = slice(0, real)
-    ids = batch.slots[rows]
-    sub = Batch(batch.tokens[rows], batch.positions[rows], ids,
-                      lengths=None if batch.lengths is None else batch.lengths[rows])
-    out[rows] = kv.attend(layer, q[rows], k[rows], v[rows], ids, sub.positions, sub.write_slots(kv.scratch_slot),
-                          sub.num_keys(), first_of_run(ids.tolist()), sub.mask(kv.windows[layer]))
+    n = len(sub.slots)
+    out[:n] = kv.attend(layer, q[:n], k[:n], v[:n], sub.slots, sub.positions, sub.write_slots(kv.scratch_slot),
+                        sub.num_keys(), sub.first_slot, sub.mask(kv.windows[layer]))
     return out
 
 

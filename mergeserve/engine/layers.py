@@ -86,6 +86,21 @@ class Batch:
         rows = torch.where(real, rows, rows.max(1, keepdim=True).values)
         return cls(rows, rows, slots[first], lengths=lengths, alpha=None if alpha is None else alpha[first])
 
+    def slotted(self) -> Batch | None:
+        """The leading rows that have a cache slot, as the operators run them (a compiled step puts its
+        padding rows, slot -1, after the real ones; their keys read as views where the slots run
+        consecutively); None when no row has one."""
+        n = int((self.slots >= 0).sum())
+        if n == 0:
+            return None
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[:n]
+
+        slots = self.slots[:n]
+        return Batch(self.tokens[:n], self.positions[:n], slots, lengths=pick(self.lengths), alpha=pick(self.alpha),
+                     first_slot=first_of_run(slots.tolist()))
+
     def per_token(self, per_row: torch.Tensor) -> torch.Tensor:
         """per_row [B, ...] for each token, [B * T, ...] row after row (a packed batch's are per token already)."""
         if self.chunk_ids is not None:

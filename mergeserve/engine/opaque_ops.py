@@ -20,6 +20,7 @@ import itertools
 import threading
 import weakref
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -66,34 +67,28 @@ def separate_layer(
     from mergeserve.engine.layers import Batch, unpack
 
     if chunk_ids is None:
-        return _separate_rows(x, cos, sin, alpha, Batch(positions, positions, slots), model, layer, cache)
+        return _separate_rows(x, cos, sin, Batch(positions, positions, slots, alpha=alpha), model, layer, cache)
     rows = Batch.unpacked(positions, slots, chunk_ids, alpha)
     real = rows.real()  # [C, T]
     cos, sin = (unpack(c[0, 0], real).unsqueeze(1) for c in (cos, sin))  # [C, 1, T, Dh]
-    out = _separate_rows(unpack(x[0], real), cos, sin, rows.alpha, rows, model, layer, cache)  # [C, T, D]
+    out = _separate_rows(unpack(x[0], real), cos, sin, rows, model, layer, cache)  # [C, T, D]
     return out[real].unsqueeze(0)
 
 
-def _separate_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, alpha: torch.Tensor, batch: Batch, model: int,
-                   layer: int, cache: int) -> torch.Tensor:
-    """separate_layer over the rows of `batch` whose slot is set (they come first); zeros for the rest."""
+def _separate_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, model: int, layer: int,
+                   cache: int) -> torch.Tensor:
+    """separate_layer over the rows of `batch` that have a slot (Batch.slotted); zeros for the rest."""
     from mergeserve.engine.kv_cache import _CACHES
-    from mergeserve.engine.layers import Batch, first_of_run
     from mergeserve.engine.mixture_layers import separate_layer as run_layer
 
     out = x.new_zeros(x.shape)
-    real = int((batch.slots >= 0).sum())
-    if real == 0:
+    if (sub := batch.slotted()) is None:
         return out
-    m, kv = _MODELS[model], _CACHES[cache]
-    rows = slice(0, real)
-    ids, positions = batch.slots[rows], batch.positions[rows]
     # key_len: each expert's sub-batch reads as many keys as the mask has (mixture_layers.sub_batch)
-    sub = Batch(positions, positions, ids, lengths=None if batch.lengths is None else batch.lengths[rows], alpha=alpha[rows],
-                key_len=int(positions.max()) + 1, first_slot=first_of_run(ids.tolist()))
-    mask = sub.mask(m.args.windows[layer])
-    out[rows] = run_layer(layer, m.expert_runs[layer], x[rows], cos[rows], sin[rows], mask, sub, kv,
-                          m.args.attn_shape, m.args.eps)
+    sub = replace(sub, key_len=int(sub.positions.max()) + 1)
+    m, n = _MODELS[model], len(sub.slots)
+    out[:n] = run_layer(layer, m.expert_runs[layer], x[:n], cos[:n], sin[:n], sub.mask(m.args.windows[layer]), sub,
+                        _CACHES[cache], m.args.attn_shape, m.args.eps)
     return out
 
 

@@ -112,11 +112,12 @@ class LocalBackend:
         if body.stream:
             call.remember(job.request_id)
             return call.stream(self._completion_chunks(job, body, call, echo))
-        choices = await self._collect(job, call)
-        return self._completion_response(job, body, lease, choices, echo)
+        choices, experts = await self._collect(job, call)
+        return self._completion_response(job, body, lease, choices, echo, experts)
 
     def _completion_response(
         self, job: Job, body: CompletionRequest, lease: Lease, choices: list[GeneratedChoice], echo: list[str] | None,
+        experts: dict[str, float] | None,
     ) -> CompletionResponse:
         return CompletionResponse(
             id=job.request_id, created=int(time.time()), model=lease.name, system_fingerprint=_fingerprint(lease),
@@ -127,7 +128,7 @@ class LocalBackend:
                 )
                 for c in choices
             ],
-            usage=_usage(job, sum(len(c.token_ids) for c in choices)), experts=self._experts([c.experts for c in choices]),
+            usage=_usage(job, sum(len(c.token_ids) for c in choices)), experts=experts,
         )
 
     def _echoed(self, job: Job, index: int, prompt_logprobs: list[TokenLogprob | None] | None) -> Echoed | None:
@@ -153,11 +154,12 @@ class LocalBackend:
         if body.stream:
             call.remember(job.request_id)
             return call.stream(self._chat_chunks(job, body, call))
-        choices = await self._collect(job, call)
-        return self._chat_response(job, body, lease, choices)
+        choices, experts = await self._collect(job, call)
+        return self._chat_response(job, body, lease, choices, experts)
 
-    async def _collect(self, job: Job, call: Call) -> list[GeneratedChoice]:
-        """Run `job` to the end (cancelled if the client leaves); its response names the revision."""
+    async def _collect(self, job: Job, call: Call) -> tuple[list[GeneratedChoice], dict[str, float] | None]:
+        """Run `job` to the end (cancelled if the client leaves): its choices, and the experts they
+        were routed to (the response's `experts`); its response names the revision and the experts."""
         call.remember(job.request_id)
         work = generation.collect(self.executor, call.metrics, job)
         choices = await generation.until_disconnected(call.request, work)
@@ -165,7 +167,7 @@ class LocalBackend:
         if (experts := self._experts([c.experts for c in choices])) is not None:
             call.response.headers[EXPERTS_HEADER] = ",".join(f"{name}={share:.2f}" for name, share in experts.items())
             call.note_experts(job.request_id, experts)
-        return choices
+        return choices, experts
 
     def _experts(self, shares: list[tuple[float, ...] | None]) -> dict[str, float] | None:
         """What a response's choices were routed to (its `experts` field and header), largest share
@@ -183,6 +185,7 @@ class LocalBackend:
 
     def _chat_response(
         self, job: Job, body: ChatCompletionRequest, lease: Lease, choices: list[GeneratedChoice],
+        experts: dict[str, float] | None,
     ) -> ChatCompletionResponse:
         return ChatCompletionResponse(
             id=job.request_id, created=int(time.time()), model=lease.name, system_fingerprint=_fingerprint(lease),
@@ -193,7 +196,7 @@ class LocalBackend:
                 )
                 for c in choices
             ],
-            usage=_usage(job, sum(len(c.token_ids) for c in choices)), experts=self._experts([c.experts for c in choices]),
+            usage=_usage(job, sum(len(c.token_ids) for c in choices)), experts=experts,
         )
 
     async def _completion_chunks(
