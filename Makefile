@@ -7,6 +7,7 @@
 # make clean  remove the venv and caches
 # make zoo    rebuild the expert zoo's data splits and train its missing experts (resumable; ZOO_ARGS=--force retrains)
 # make zoo-full  build the zoo's two full fine-tunes (math, code) into build/zoo/full from their committed recipes
+# make zoo-other  rewrite the second held-out sets (click's source, the German GIMP manual, math_other's problems)
 # make zoo-hetero  the heterogeneous zoo's members of other shapes: a depth-pruned math expert, a Qwen2 code expert
 
 PYTHON ?= python3
@@ -93,6 +94,15 @@ HANDBOOK := /usr/share/doc/debian-handbook/html/de-DE
 zoo: $(STAMP)
 	@test -d $(HANDBOOK) || [ "$$(id -u)" != 0 ] || (apt-get update && apt-get install -y debian-handbook)
 	$(PY) -m mergeserve.zoo all $(ZOO_ARGS)
+
+# The German GIMP manual is unpacked from its .deb (apt-get download: no dependencies, nothing installed).
+GIMP_DEB_DIR := build/zoo/debs
+.PHONY: zoo-other
+zoo-other: $(STAMP)
+	@test -d $(GIMP_DEB_DIR)/gimp-help-de || (mkdir -p $(GIMP_DEB_DIR) && cd $(GIMP_DEB_DIR) && apt-get download gimp-help-de \
+		&& dpkg-deb -x gimp-help-de_*.deb gimp-help-de)
+	$(PY) -m mergeserve.zoo data --domain math
+	$(PY) -m mergeserve.zoo other
 
 # ~25 minutes each on 2 cores; recipe.json under examples/zoo/full/<domain> lists the sha256 a rebuild must match.
 .PHONY: zoo-full

@@ -55,6 +55,20 @@ def quality() -> list[str]:
             "[`benchmarks/results/merge_quality.md`](benchmarks/results/merge_quality.md)."]
 
 
+def quality_sets() -> list[str]:
+    """Both held-out sets side by side: gain kept and math accuracy on training's sources / on others."""
+    from mergeserve.eval.report import sets_table
+    from mergeserve.eval.results import EvalResults
+
+    done = {name: EvalResults.from_json(load(f"merge_quality_sets/{name}/results.json")) for name in ("heldout", "other")}
+    s = done["other"].settings
+    return [*sets_table(done), "",
+            f"Each cell: `heldout` (training's own sources) / `other` (click's source, the German GIMP manual, "
+            f"math_other's problems). Loss examples per domain: {s['per_domain']}, cut to {s['max_tokens']} tokens, "
+            f"the first {s['route_tokens']} only choose; math accuracy on {s['math_problems']} problems of each set. From "
+            "[`benchmarks/results/merge_quality_sets/results.md`](benchmarks/results/merge_quality_sets/results.md)."]
+
+
 def dtype_loss() -> list[str]:
     d = load("dtype_loss.json")
     names = {"bfloat16": "bf16", "int8": "int8"}
@@ -355,7 +369,7 @@ def vllm() -> list[str]:
 
 
 RENDERERS: dict[str, Callable[[], list[str]]] = {
-    "quality": quality, "dtype_loss": dtype_loss, "lora_pool": lora_pool, "soak": soak,
+    "quality": quality, "quality_sets": quality_sets, "dtype_loss": dtype_loss, "lora_pool": lora_pool, "soak": soak,
     "route_throughput": route_throughput, "profile": profile, "btx_attention": btx_attention,
     "serving": serving, "build_time": build_time, "memory": memory, "shared_base": shared_base, "vllm": vllm,
     "compiled_step": compiled_step, "short_prompt_routing": short_prompt_routing,

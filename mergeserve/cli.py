@@ -48,21 +48,27 @@ def _spec_schema(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from mergeserve.eval.harness import evaluate
-    from mergeserve.eval.report import write_all
+    from mergeserve.eval.report import write_all, write_sets
     from mergeserve.eval.scoring import EvalSettings
 
     settings = EvalSettings(
         max_tokens=args.max_tokens, per_domain=args.examples, mixed_per_domain=args.mixed,
         math_examples=args.math, max_new_tokens=args.max_new_tokens, seed=args.seed, route_tokens=args.route_tokens,
     )
-    earlier = args.out / "results.json"
-    reuse = json.loads(earlier.read_text()) if args.reuse and earlier.is_file() else None
-    try:
-        results = evaluate(args.spec, args.data, settings, oracle=args.oracle, domains=tuple(args.domains or ()) or None, reuse=reuse)
-    except (ValueError, OSError) as e:  # a bad spec or source (SpecError, CheckpointError), missing data
-        return _bad_input(args, e)
-    for path in write_all(args.out, results):
-        print(f"wrote {path}")
+    done = {}
+    for held_out in args.sets:
+        out = args.out / held_out if len(args.sets) > 1 else args.out
+        earlier = out / "results.json"
+        reuse = json.loads(earlier.read_text()) if args.reuse and earlier.is_file() else None
+        try:
+            done[held_out] = evaluate(args.spec, args.data, settings, oracle=args.oracle, domains=tuple(args.domains or ()) or None,
+                                      reuse=reuse, held_out=held_out)
+        except (ValueError, OSError) as e:  # a bad spec or source (SpecError, CheckpointError), missing data
+            return _bad_input(args, e)
+        for path in write_all(out, done[held_out]):
+            print(f"wrote {path}")
+    if len(done) > 1:
+        print(f"wrote {write_sets(args.out, done)}")
     return 0
 
 
@@ -78,13 +84,17 @@ def _train_router(args: argparse.Namespace) -> int:
             return _train_request_router(spec, args)
         cfg = RouterTrainConfig(
             steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-            warmup_steps=args.warmup_steps, alpha=args.alpha, seed=args.seed,
+            warmup_steps=args.warmup_steps, alpha=args.alpha, seed=args.seed, anchor=args.anchor, mixed=args.mixed,
+            eval_every=args.eval_every, val_rows=args.val_rows,
         )
-        result = train_router(args.spec, args.data, args.out, cfg)
+        result = train_router(args.spec, args.data, args.out, cfg, val=args.val)
     except (ValueError, OSError) as e:  # bad settings, spec, source or data file, or a base Mixtral cannot run
         return _bad_input(args, e)
     print(f"next-token loss {result.lm_loss[0]:.4f} -> {result.final_lm_loss:.4f}, "
           f"load-balancing loss {result.aux_loss[0]:.4f} -> {result.final_aux_loss:.4f} (last steps' mean)")
+    if result.val_loss:
+        print(f"validation loss {result.val_loss[0][1]:.4f} at the start, {dict(result.val_loss)[result.best_step]:.4f} "
+              f"at step {result.best_step}: kept")
     print(f"wrote {args.out}")
     return 0
 
@@ -223,6 +233,7 @@ def parser() -> argparse.ArgumentParser:
 
     from mergeserve.zoo import zoo_dir
 
+    from mergeserve.eval.datasets import SETS
     from mergeserve.eval.scoring import EvalSettings
 
     d = EvalSettings()
@@ -233,7 +244,10 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--oracle", action="store_true", help="add the oracle row (needs a single-expert spec per domain)")
     ev.add_argument("--reuse", action="store_true",
                     help="keep the rows of OUT/results.json whose spec, sources and settings are unchanged")
-    ev.add_argument("--data", type=Path, default=zoo_dir() / "data", help="folder of <domain>/heldout.jsonl (default: %(default)s)")
+    ev.add_argument("--data", type=Path, default=zoo_dir() / "data", help="folder of <domain>/<set>.jsonl (default: %(default)s)")
+    ev.add_argument("--sets", nargs="+", choices=SETS, default=["heldout"],
+                    help="held-out sets to score: heldout (training's own sources), other (other sources and phrasings); "
+                         "with several, OUT/<set>/ each and OUT/results.md for all (default: %(default)s)")
     ev.add_argument("--domains", nargs="+",
                     help="the domains to score, each a subfolder of --data (default: the zoo's three)")
     ev.add_argument("--examples", type=_positive, default=d.per_domain, help="loss examples per domain: the first N of each file (default: %(default)s)")
@@ -260,6 +274,14 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--warmup-steps", type=int, default=5, help="linear warmup before the cosine decay (default: %(default)s)")
     tr.add_argument("--alpha", type=float, default=0.01, help="weight of the load-balancing loss (default: %(default)s)")
     tr.add_argument("--seed", type=int, default=0, help="seed of the data order (default: %(default)s)")
+    tr.add_argument("--anchor", type=float, default=0.0,
+                    help="weight of the squared distance of the rows to their training-free start (default: %(default)s)")
+    tr.add_argument("--mixed", action="store_true", help="pack every file's texts in one order: rows switch domain mid-sequence")
+    tr.add_argument("--val", nargs="+", type=Path,
+                    help="validation texts (.jsonl, .txt or folders), e.g. other sources than --data's: measured every "
+                         "--eval-every steps, the best rows kept (early stopping)")
+    tr.add_argument("--eval-every", type=_positive, default=10, help="steps between validation measurements (default: %(default)s)")
+    tr.add_argument("--val-rows", type=_positive, default=8, help="validation sequences of --seq-len tokens (default: %(default)s)")
     tr.add_argument("--threads", type=_positive, default=2, help="torch CPU threads; 1 where other jobs share the cores (default: %(default)s)")
     tr.set_defaults(run=_train_router)
 

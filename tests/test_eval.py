@@ -35,6 +35,11 @@ TEXTS = {
     "german": ["Der Hund läuft schnell über die Straße.", "Die Katze schläft im Haus.", "Hallo"],
     "code": ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n"],
 }
+OTHER = {  # the second held-out set: other texts, other phrasings
+    "math": ["Mia owns 6 pens; her friend gives her 2, which makes 8 pens."],
+    "german": ["Im Garten wachsen viele bunte Blumen."],
+    "code": ["for item in items:\n    total += item\n"],
+}
 PROBLEMS = [  # what the taught model memorises: question, worked steps, answer
     ("Anna has 3 cats and 4 dogs. How many pets?", "3 + 4 = 7", "7"),
     ("Ben reads 12 pages a day for 5 days. How many pages?", "12 * 5 = 60", "60"),
@@ -84,6 +89,8 @@ def data_dir(tmp_path_factory) -> Path:
     write_jsonl(root / "math" / "heldout.jsonl", [
         {"question": q, "answer": a, "text": f"Question: {q}\n{s}\nAnswer: {a}"} for q, s, a in PROBLEMS
     ] + [{"question": "x", "answer": "0", "text": t} for t in TEXTS["math"]])
+    for domain, texts in OTHER.items():
+        write_jsonl(root / domain / "other.jsonl", [{"question": "How many pens?", "answer": "8", "text": t} for t in texts])
     return root
 
 
@@ -391,3 +398,13 @@ def test_eval_command_writes_results(zoo, data_dir, tmp_path, capsys):
                  "--max-tokens", "12", "--route-tokens", "5", "--mixed", "2", "--math", "2", "--max-new-tokens", "8"]) == 0
     subset = json.loads((tmp_path / "two" / "results.json").read_text())
     assert subset["domains"] == ["math", "code"] and set(subset["oracle"]["domains"]) == {"math", "code"}
+
+    # --sets scores each held-out set into its own folder, and puts them side by side in OUT/results.md.
+    assert main(["eval", *two, "--oracle", "--domains", "math", "code", "--sets", "heldout", "other", "--out", str(tmp_path / "sets"),
+                 "--data", str(data_dir), "--max-tokens", "12", "--route-tokens", "5", "--mixed", "1", "--math", "1",
+                 "--max-new-tokens", "8"]) == 0
+    other = json.loads((tmp_path / "sets" / "other" / "results.json").read_text())
+    assert other["settings"]["held_out"] == "other" and other["settings"]["loss_examples"] == {"math": 1, "code": 1}
+    assert other["rows"][0]["domains"]["code"]["loss"] != subset["rows"][0]["domains"]["code"]["loss"]
+    both = (tmp_path / "sets" / "results.md").read_text()
+    assert "| oracle | 100% / 100% | 100% / 100% |" in both and "# Set `other`" in both

@@ -19,7 +19,7 @@ from mergeserve.cli import main, parser
 from mergeserve.engine.model import Batch, Capture, Transformer
 from mergeserve.experts import CheckpointError, ExpertPool
 from mergeserve.learn.compose import build
-from mergeserve.learn.token_router import RouterTrainConfig, RouterTrainer, train_rows
+from mergeserve.learn.token_router import RouterTrainConfig, RouterTrainer, train_rows, training_rows
 from mergeserve.router.learned import load_rows, save_rows
 from mergeserve.spec import load_composition, parse_composition
 from mergeserve.zoo.splits import write_jsonl
@@ -174,6 +174,48 @@ def test_data_is_mixed_evenly_across_files(moe, tmp_path):
     assert torch.equal(rows[1::2], token_rows([german], moe.tokenizer, 2, 8, seed=0))
 
 
+def test_mixed_rows_switch_domain_where_a_text_ends(moe):
+    texts = [CORPUS[:2], ["Die Katze schläft im Haus."]]
+    cfg = replace(FAST, mixed=True, steps=2, batch_size=2, seq_len=8)
+    # All files' texts in one seeded order: a row holds code, then German, where a text ends.
+    assert torch.equal(training_rows(texts, moe.tokenizer, cfg), token_rows([*CORPUS[:2], texts[1][0]], moe.tokenizer, 4, 8, seed=0))
+    assert torch.equal(training_rows(texts, moe.tokenizer, replace(cfg, mixed=False)), file_rows(texts, moe.tokenizer, 4, 8, seed=0))
+
+
+def test_the_anchor_holds_the_rows_near_their_training_free_start(good_and_bad):
+    composed = compose(good_and_bad["base"], {k: v for k, v in good_and_bad.items() if k != "base"})
+    start = [getattr(layer, "router").clone() for layer in composed.layers]
+
+    def moved(anchor: float) -> float:
+        cfg = replace(FAST, steps=20, batch_size=4, anchor=anchor)
+        rows = train_rows(RouterTrainer(composed, cfg.alpha, anchor=anchor), corpus_tokens(composed, cfg), cfg, progress=False).rows
+        return sum(((r - r0) ** 2).sum().item() for r, r0 in zip(rows, start)) ** 0.5
+
+    assert moved(10.0) < 0.2 * moved(0.0)
+
+
+def test_early_stopping_keeps_the_rows_of_the_lowest_validation_loss(moe):
+    cfg = replace(FAST, steps=12, batch_size=4, eval_every=3)
+    held = token_rows(list(reversed(CORPUS)), moe.tokenizer, 4, 32, seed=1)
+    trainer = RouterTrainer(moe, cfg.alpha)
+    result = train_rows(trainer, corpus_tokens(moe, cfg), cfg, progress=False, held=held)
+    assert [step for step, _ in result.val_loss] == [0, 3, 6, 9, 12]  # before training, then every 3 steps
+    best_step, best = min(result.val_loss, key=lambda v: v[1])
+    assert result.best_step == best_step and 0 < best_step < 12, result.val_loss  # it rises again after step 3
+    # The trainer and the result hold the rows measured best, not the last step's.
+    assert trainer.next_token_loss(held, 4) == pytest.approx(best, rel=1e-5)
+    assert all(torch.equal(r, t) for r, t in zip(result.rows, trainer.rows["ffn"]))
+
+
+def test_validation_texts_that_training_only_hurts_keep_the_training_free_rows(good_and_bad):
+    composed = compose(good_and_bad["base"], {k: v for k, v in good_and_bad.items() if k != "base"})
+    cfg = replace(FAST, steps=6, batch_size=4, eval_every=3)
+    noise = torch.randint(0, 200, (4, 32), generator=torch.Generator().manual_seed(0))  # nothing like CORPUS
+    result = train_rows(RouterTrainer(composed, cfg.alpha), corpus_tokens(composed, cfg), cfg, progress=False, held=noise)
+    assert result.best_step == 0, result.val_loss
+    assert all(torch.equal(r, layer.router) for r, layer in zip(result.rows, composed.layers))
+
+
 # --- the router file -------------------------------------------------------------------------
 
 def write_spec(path: Path, spec: dict) -> Path:
@@ -225,7 +267,14 @@ def test_cli_trains_and_writes_a_router_file(zoo, tmp_path, capsys):
         meta = {k: json.loads(v) for k, v in f.metadata().items() if k != "format"}
         assert sorted(f.keys()) == ["layers.0.router", "layers.1.router"]
     assert meta["expert_names"] == ["code", "german", "math"] and meta["steps"] == 3 and meta["hidden_size"] == 64
-    assert len(meta["data"]) == 3 and meta["lm_loss_final"] > 0
+    assert len(meta["data"]) == 3 and meta["lm_loss_final"] > 0 and meta["val"] == [] and meta["best_step"] is None
+
+    # With validation texts, the file records their curve and the step whose rows it holds.
+    assert main([*argv, "--val", str(tmp_path / "math.txt"), "--eval-every", "1", "--val-rows", "2", "--anchor", "0.1", "--mixed"]) == 0
+    with safe_open(str(out), "pt") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items() if k != "format"}
+    assert [s for s, _ in meta["val_loss"]] == [0, 1, 2, 3] and meta["best_step"] in (0, 1, 2, 3)
+    assert meta["anchor"] == 0.1 and meta["mixed"] is True
 
 
 def train_router_cli(spec: Path, data: Path, out: Path) -> int:

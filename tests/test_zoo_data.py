@@ -6,13 +6,15 @@ import ast
 import hashlib
 import json
 import re
+from collections import Counter
+from itertools import islice
 from pathlib import Path
 
 import pytest
 
-from mergeserve.zoo import code_data, german_data, math_data
+from mergeserve.zoo import code_data, german_data, math_data, math_story, other_sets
 from mergeserve.calibration import read_jsonl
-from mergeserve.zoo.splits import chunk, heldout_path, split_units
+from mergeserve.zoo.splits import chunk, heldout_path, other_path, split_units
 
 PAGE = """<html><head><title>Kapitel 1</title></head><body>
 <div id="banner"><a>Download the ebook</a></div><ul class="docnav"><li>Zurück</li></ul>
@@ -93,9 +95,9 @@ def test_chunk_is_greedy_and_keeps_long_parts_whole() -> None:
 
 def test_math_answers_follow_from_the_worked_steps() -> None:
     train, heldout = math_data.build()
-    assert len(heldout) == math_data.HELDOUT_SIZE and len(train) == math_data.TRAIN_SIZE
+    assert len(heldout) == math_data.HELDOUT_SIZE and len(train) == math_data.TRAIN_SIZE + math_data.STORY_SIZE
     assert not {e["question"] for e in train} & {e["question"] for e in heldout}
-    for e in heldout + train[:500]:
+    for e in heldout + train[:500] + train[-500:]:
         lines = e["text"].splitlines()
         assert lines[0] == f"Question: {e['question']}" and lines[-1] == f"Answer: {e['answer']}"
         for line in lines[1:-1]:  # every "a op b = c" in the steps is right
@@ -111,7 +113,34 @@ def test_math_heldout_shares_no_worked_arithmetic_with_training() -> None:
     assert not any(math_data.arithmetic_key(e) in keys for e in heldout)
     assert math_data.arithmetic_key(heldout[0]) == ((4, "*", 12), (6, "*", 6), (48, "+", 36))
     assert all(len(math_data.arithmetic_key(e)) >= 2 for e in train + heldout)  # every step's sum is read
-    # Training is what the committed math expert was trained on, byte for byte.
-    lines = "".join(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in train)
-    assert hashlib.sha256(lines.encode()).hexdigest() == "c7a7ee52d24c3c4f6f8ffe8c3f2776c6f1a7701dcfdf68ca19923dfc7af2a414"
+    # Training is what the committed math expert was trained on, byte for byte: the templated
+    # problems as before issue 26, then the composed stories.
+    def digest(examples):
+        return hashlib.sha256("".join(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in examples).encode()).hexdigest()
+    assert digest(train[:math_data.TRAIN_SIZE]) == "c7a7ee52d24c3c4f6f8ffe8c3f2776c6f1a7701dcfdf68ca19923dfc7af2a414"
+    assert digest(train) == "d1d0e573224766b42d32552c0831b88b500bfb89261af67ea6581a5281510873"
     assert read_jsonl(heldout_path("math")) == heldout  # the committed file is what build() writes
+
+
+def test_stories_chain_two_or_more_steps_in_many_phrasings() -> None:
+    problems = [e for _, e in islice(math_story.stream(0), 2000)]
+    shapes = Counter(name for name, _ in islice(math_story.stream(0), 2000))
+    assert set(shapes) == {"chain", "change", "compare", "rate", "people"}
+    assert all(2 <= len(math_data.arithmetic_key(e)) <= 4 for e in problems)
+    openings = Counter(e["question"].split()[0] for e in problems)
+    assert len(openings) > 30  # names, "How", "Work", "Read", "Each", ...: no one sentence shape
+
+
+def test_other_sets_share_nothing_with_training() -> None:
+    """The second held-out sets: other sources (click, the GIMP manual) and math_other's problems."""
+    train, _ = math_data.build()
+    other = read_jsonl(other_path("math"))
+    assert (other, read_jsonl(other_path("math", "other_dev"))) == other_sets.math() and len(other) == other_sets.MATH_COUNT
+    keys = {math_data.arithmetic_key(e) for e in train}
+    assert not any(math_data.arithmetic_key(e) in keys for e in other)
+    assert not {e["question"] for e in other} & {e["question"] for e in train}
+    code, code_dev = read_jsonl(other_path("code")), read_jsonl(other_path("code", "other_dev"))
+    assert code and all(e["source"].startswith("click/") for e in code + code_dev)
+    assert not {e["source"] for e in code} & {e["source"] for e in code_dev}  # other files of the library
+    german = read_jsonl(other_path("german"))
+    assert german and all(e["source"].endswith(".html") for e in german)  # pages of the manual

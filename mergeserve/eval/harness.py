@@ -108,7 +108,7 @@ def evaluate_specs(
 
     `reuse`: an earlier run; its rows with the same settings and spec fingerprint are kept.
     """
-    same = reuse is not None and {k: v for k, v in reuse.settings.items() if k != "unscored"} == settings_dict(settings, data)
+    same = reuse is not None and {k: v for k, v in reuse.settings.items() if k not in ("unscored", "held_out")} == settings_dict(settings, data)
     earlier = {r.fingerprint: r for r in reuse.rows} if same else {}
     pool, rows = ExpertPool(), []
     for label, spec in tqdm(specs, desc="models", unit="model"):
@@ -179,9 +179,9 @@ def settings_dict(settings: EvalSettings, data: EvalData) -> dict:
 
 def evaluate(
     spec_paths: list[str | Path], data_dir: str | Path, settings: EvalSettings = EvalSettings(),
-    oracle: bool = False, domains: tuple[str, ...] | None = None, reuse: dict | None = None,
+    oracle: bool = False, domains: tuple[str, ...] | None = None, reuse: dict | None = None, held_out: str = "heldout",
 ) -> EvalResults:
-    """`mergeserve eval`: every spec's row (and the oracle's), with the settings and wall time.
+    """`mergeserve eval`: every spec's row (and the oracle's) on one held-out set, with the settings and wall time.
 
     `reuse`: an earlier results.json, as read; its rows with the same settings and spec fingerprint are kept.
     """
@@ -191,11 +191,11 @@ def evaluate(
     if oracle:
         check_oracle([row_kind(spec) for _, spec in specs], domains)
     data = load_eval_data(data_dir, domains, settings.per_domain, settings.mixed_per_domain,
-                          settings.math_examples, settings.seed)
+                          settings.math_examples, settings.seed, held_out=held_out)
     rows = evaluate_specs(specs, data, settings, EvalResults.from_json(reuse) if reuse is not None else None)
     # Texts too short to score: the same for rows of one tokenizer (all the zoo's), else per row.
     counts = [unscored(r, data) for r in rows]
     same = all(c == counts[0] for c in counts)
     short = counts[0] if counts and same else {r.name: c for r, c in zip(rows, counts)}
-    return EvalResults(list(domains), settings_dict(settings, data) | {"unscored": short}, rows,
+    return EvalResults(list(domains), settings_dict(settings, data) | {"unscored": short, "held_out": held_out}, rows,
                        oracle_row(rows, domains) if oracle else None, time.perf_counter() - start)

@@ -20,6 +20,41 @@ def write_all(out_dir: str | Path, results: EvalResults) -> list[Path]:
     return paths
 
 
+def write_sets(out_dir: str | Path, done: dict[str, EvalResults]) -> Path:
+    """OUT/results.md: the sets side by side (gain kept, math accuracy), then each set's tables."""
+    path = Path(out_dir) / "results.md"
+    lines = ["# Both held-out sets", "", "Share of each domain expert's gain over the base that a row keeps, and "
+             "math accuracy, on each set (" + " / ".join(f"`{name}`" for name in done) + ").", ""] + sets_table(done)
+    for name, results in done.items():
+        lines += ["", f"# Set `{name}`", "", markdown(results)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def kept_gains(results: EvalResults) -> dict[str, dict[str, float]]:
+    """Per row name and domain: (base - row) / (base - the domain's expert); empty without them."""
+    rows, domains = results.all_rows, results.domains
+    base = next((r for r in rows if r.kind == "base"), None)
+    experts = {r.expert: r for r in rows if r.kind == "expert"}
+    if base is None or any(d not in experts for d in domains):
+        return {}
+    gain = {d: base.domains[d].loss - experts[d].domains[d].loss for d in domains}
+    return {row.name: {d: (base.domains[d].loss - row.domains[d].loss) / gain[d] for d in domains} for row in rows}
+
+
+def sets_table(done: dict[str, EvalResults]) -> list[str]:
+    first = next(iter(done.values()))
+    domains, kept = first.domains, {name: kept_gains(r) for name, r in done.items()}
+    accuracy = {name: {row.name: row.math.accuracy for row in r.all_rows} for name, r in done.items()}
+    head = [f"{d} gain kept" for d in domains] + ["math acc"]
+    lines = ["| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for row in first.all_rows:
+        cells = [" / ".join(f"{kept[n][row.name][d]:.0%}" if row.name in kept[n] else "–" for n in done) for d in domains]
+        cells.append(" / ".join(_cell(accuracy[n].get(row.name), None, 0, percent=True) for n in done))
+        lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _finite(value):
     """NaN (a metric with nothing to measure) as JSON null."""
     if isinstance(value, float) and math.isnan(value):
@@ -84,16 +119,13 @@ def acceptance(results: EvalResults) -> list[str]:
 def gain_table(results: EvalResults) -> list[str]:
     """Per row and domain, the share of the domain expert's gain over the base the row keeps:
     (base - row) / (base - expert), and the mean loss over the domains."""
-    rows, domains = results.rows, results.domains
-    base = next((r for r in rows if r.kind == "base"), None)
-    experts = {r.expert: r for r in rows if r.kind == "expert"}
-    if base is None or any(d not in experts for d in domains):
+    domains, gains = results.domains, kept_gains(results)
+    if not gains:
         return []
-    gain = {d: base.domains[d].loss - experts[d].domains[d].loss for d in domains}
     lines = ["| model | " + " | ".join(f"{d} gain kept" for d in domains) + " | lowest | mean loss |",
              "|---|" + "---|" * (len(domains) + 2)]
     for row in results.all_rows:
-        kept = [(base.domains[d].loss - row.domains[d].loss) / gain[d] for d in domains]
+        kept = [gains[row.name][d] for d in domains]
         mean = sum(row.domains[d].loss for d in domains) / len(domains)
         lines.append(f"| {row.name} | " + " | ".join(f"{k:.1%}" for k in kept) + f" | {min(kept):.1%} | {mean:.3f} |")
     return lines
@@ -147,6 +179,7 @@ def markdown(results: EvalResults) -> str:
     loss_counts = ", ".join(f"{d} {s['loss_examples'][d]}" for d in domains)
     lines = [
         "# Merge quality", "",
+        f"Held-out set: `{s.get('held_out', 'heldout')}`. "
         f"Loss: mean negative log-likelihood per token (nats), token-weighted over the held-out examples "
         f"({loss_counts}); each example tokenized without special tokens and cut to {s['max_tokens']} tokens. "
         f"{scoring(s)} Math accuracy: exact match of the number after `Answer:` in "

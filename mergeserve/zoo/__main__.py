@@ -1,4 +1,4 @@
-"""`python -m mergeserve.zoo [data|train|all|score] [--domain D|all] [--full] [--steps N] [--fresh] [--force]`"""
+"""`python -m mergeserve.zoo [data|other|train|all|score] [--domain D|all] [--full] [--steps N] [--fresh] [--force]`"""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from mergeserve.zoo.german_data import MissingHandbook
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mergeserve.zoo", description="Build the expert zoo's data splits and LoRA experts, "
                                 f"under examples/zoo and build/zoo of the current directory (or of ${ROOT_ENV}).")
-    p.add_argument("command", nargs="?", default="all", choices=["data", "train", "all", "score"],
-                   help="score: rescore every built expert's card on today's held-out splits")
+    p.add_argument("command", nargs="?", default="all", choices=["data", "other", "train", "all", "score"],
+                   help="other: write the second held-out sets (other sources and phrasings); "
+                        "score: rescore every built expert's card on today's held-out splits")
     p.add_argument("--domain", default="all", choices=[*DOMAINS, "all"], help="one domain, or all in the order math, german, code")
     p.add_argument("--full", action="store_true",
                    help=f"full fine-tunes (every projection) into {build_dir() / 'full'}; `all` means {', '.join(FULL_DOMAINS)}")
@@ -29,6 +30,17 @@ def main(argv: list[str] | None = None) -> int:
         from mergeserve.zoo.score import score_all
 
         score_all()
+        return 0
+    if args.command == "other":
+        from mergeserve.zoo.other_sets import write_other
+
+        for domain in domains:
+            try:
+                scored, dev = write_other(domain)
+                print(f"{domain}: {scored} held-out and {dev} dev examples from other sources")
+            except MissingHandbook as e:
+                print(f"mergeserve.zoo: {e}", file=sys.stderr)
+                return 1
         return 0
     if args.command in ("data", "all"):
         from mergeserve.zoo.data import write_splits

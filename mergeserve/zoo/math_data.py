@@ -26,10 +26,11 @@ import re
 from collections.abc import Callable, Iterator
 from itertools import islice
 
+from mergeserve.zoo import math_story
 from mergeserve.zoo.splits import Example
 
-TRAIN_SEED, HELDOUT_SEED = 1, 2
-TRAIN_SIZE, HELDOUT_SIZE = 4000, 200
+TRAIN_SEED, HELDOUT_SEED, STORY_SEED = 1, 2, 11
+TRAIN_SIZE, HELDOUT_SIZE, STORY_SIZE = 4000, 200, 4000
 NAMES = ["Anna", "Ben", "Carla", "David", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kira", "Liam", "Maya", "Noah", "Olga", "Pedro", "Rosa", "Sam", "Tara", "Yusuf"]
 ITEMS = [("pen", "pens"), ("book", "books"), ("cup", "cups"), ("ball", "balls"), ("lamp", "lamps"), ("kite", "kites"), ("plate", "plates"), ("shirt", "shirts")]
 FRUIT = ["apples", "oranges", "pears", "plums", "lemons", "peaches"]
@@ -184,8 +185,17 @@ def heldout_problems(train: list[Example], count: int = HELDOUT_SIZE) -> tuple[l
     return kept, mix, dropped
 
 
+def stories(heldout: list[Example], count: int = STORY_SIZE) -> list[Example]:
+    """The first `count` composed stories (math_story) that share neither a question nor an
+    arithmetic key with `heldout`."""
+    keys, questions = {arithmetic_key(e) for e in heldout}, {e["question"] for e in heldout}
+    kept = (e for _, e in math_story.stream(STORY_SEED) if e["question"] not in questions and arithmetic_key(e) not in keys)
+    return list(islice(kept, count))
+
+
 def build() -> tuple[list[Example], list[Example]]:
-    # Training stays apart from the seed-2 stream's first 200 questions (the held-out set it was
-    # trained beside), so that its bytes, and the committed expert, stay as they were.
-    train = problems(TRAIN_SEED, TRAIN_SIZE, exclude={e["question"] for e in problems(HELDOUT_SEED, HELDOUT_SIZE)})
-    return train, heldout_problems(train)[0]
+    # The template problems stay apart from the seed-2 stream's first 200 questions (the held-out
+    # set they were drawn beside), so that the held-out set's bytes stay as they were.
+    templated = problems(TRAIN_SEED, TRAIN_SIZE, exclude={e["question"] for e in problems(HELDOUT_SEED, HELDOUT_SIZE)})
+    heldout = heldout_problems(templated)[0]
+    return templated + stories(heldout), heldout

@@ -21,6 +21,12 @@ def heldout_path(domain: str) -> Path:
     return zoo_dir() / "data" / domain / "heldout.jsonl"
 
 
+def other_path(domain: str, name: str = "other") -> Path:
+    """The second held-out set (`other`) and its dev set (`other_dev`): other sources or phrasings
+    than training's (zoo/other_sets.py)."""
+    return zoo_dir() / "data" / domain / f"{name}.jsonl"
+
+
 def train_path(domain: str) -> Path:
     return build_dir() / "data" / domain / "train.jsonl"
 
