@@ -80,7 +80,7 @@ def _train_router(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     try:
-        if (spec := load_composition(args.spec)).method == "route":
+        if (spec := load_composition(args.spec)).routes_requests:
             return _train_request_router(spec, args)
         cfg = RouterTrainConfig(
             steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,

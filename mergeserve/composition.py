@@ -95,13 +95,18 @@ class ComposedModel:
     sources: list[str] = field(default_factory=list)
     # dtype int8: the tensors are bf16, and the engine runs the full-size ones as int8 (kernels/int8.py).
     int8: bool = False
+    # MergeME's heterogeneous merge (merge/hetero.py): `embed` and `lm_head` are shared by every
+    # member, of width D_s; each member maps into its own width and back: x = embed[t] @ embed_proj
+    # ([D_s, D]) and logits = (h @ head_proj) @ lm_head.T (head_proj [D, D_s]). None: no projection.
+    embed_proj: torch.Tensor | None = None
+    head_proj: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
         return len(self.layers[0].experts)
 
     def tensors(self) -> list[torch.Tensor]:
-        out = [self.embed, self.norm, self.lm_head]
+        out = [self.embed, self.norm, self.lm_head, *(p for p in (self.embed_proj, self.head_proj) if p is not None)]
         for layer in self.layers:
             out += [layer.input_norm, layer.post_attn_norm]
             out += [t for w in vars(layer.attn).values() if w is not None for t in weight_tensors(w)]

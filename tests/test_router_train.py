@@ -174,12 +174,16 @@ def test_data_is_mixed_evenly_across_files(moe, tmp_path):
     assert torch.equal(rows[1::2], token_rows([german], moe.tokenizer, 2, 8, seed=0))
 
 
-def test_mixed_rows_switch_domain_where_a_text_ends(moe):
+def test_mixed_rows_switch_domain_mid_sequence(moe):
     texts = [CORPUS[:2], ["Die Katze schläft im Haus."]]
     cfg = replace(FAST, mixed=True, steps=2, batch_size=2, seq_len=8)
-    # All files' texts in one seeded order: a row holds code, then German, where a text ends.
-    assert torch.equal(training_rows(texts, moe.tokenizer, cfg), token_rows([*CORPUS[:2], texts[1][0]], moe.tokenizer, 4, 8, seed=0))
+    rows = training_rows(texts, moe.tokenizer, cfg)  # [4, 8]: four segments of 2 tokens each, the files in turn
+    segments = file_rows(texts, moe.tokenizer, 16, 2, seed=0)
+    assert torch.equal(rows, segments.reshape(4, 8))
+    assert torch.equal(rows[0, 2:4], token_rows(texts[1], moe.tokenizer, 8, 2, seed=0)[0])  # the second segment is German
     assert torch.equal(training_rows(texts, moe.tokenizer, replace(cfg, mixed=False)), file_rows(texts, moe.tokenizer, 4, 8, seed=0))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        replace(cfg, seq_len=10)
 
 
 def test_the_anchor_holds_the_rows_near_their_training_free_start(good_and_bad):

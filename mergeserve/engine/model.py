@@ -156,7 +156,9 @@ class Transformer(torch.nn.Module):
         # each linear takes its input in its weight's dtype.
         if not torch.compiler.is_compiling():  # traced away in a compiled graph: counts the forwards run eagerly
             self.eager_forwards += 1
-        x = F.embedding(batch.tokens, self.composed.embed).float()  # [B, T, D]
+        x = F.embedding(batch.tokens, self.composed.embed).float()  # [B, T, D] ([B, T, D_s] shared, then projected)
+        if self.composed.embed_proj is not None:
+            x = x @ self.composed.embed_proj.float()
         cos, sin = self.cos[batch.positions].unsqueeze(1), self.sin[batch.positions].unsqueeze(1)  # [B, 1, T, Dh]
         # one mask per distinct window (the cache operator masks for itself)
         masks = {w: None if batch.cache_operator else batch.mask(w) for w in set(self.args.windows)}
@@ -248,6 +250,8 @@ class Transformer(torch.nn.Module):
             self.expert_weight += weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.composed.head_proj is not None:  # [.., D] -> [.., D_s], the shared head's width
+            hidden = hidden.float() @ self.composed.head_proj.float()
         return linear(hidden, self.lm_head).float()
 
     def attend(

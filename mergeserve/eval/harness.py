@@ -35,7 +35,7 @@ from mergeserve.eval.results import EvalResults, MathScore, MixedLoss, ModelScor
 from mergeserve.eval.route import evaluate_route
 from mergeserve.eval.scoring import MATH_STOP, EvalSettings, engine_config, math_accuracy, mixed_loss, score_examples
 from mergeserve.experts import ExpertPool
-from mergeserve.learn.compose import build
+from mergeserve.learn.compose import build, build_members
 from mergeserve.router.request import build_request_router
 from mergeserve.spec import CompositionSpec, load_composition
 from mergeserve.zoo import DOMAINS
@@ -117,8 +117,8 @@ def evaluate_specs(
             rows.append(replace(earlier[key], spec=label))
             continue
         start = time.perf_counter()
-        if spec.method == "route":
-            members = {e.name: Engine(build(spec.member(e), pool), engine_config(settings)) for e in spec.experts}
+        if spec.routes_requests:
+            members = {e.name: Engine(c, engine_config(settings)) for e, c in zip(spec.experts, build_members(spec, pool))}
             router = build_request_router(spec, list(members.values()))
             built = time.perf_counter() - start
             scores = evaluate_route(members, router, data, settings, spec.router.top_k)

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from mergeserve.calibration import data_files, read_texts
 from mergeserve.engine.engine import Engine
 from mergeserve.experts import ExpertPool
-from mergeserve.learn.compose import build
+from mergeserve.learn.compose import build_members
 from mergeserve.router.request import PerplexityRouter, embed, encoder_of
 from mergeserve.spec import CompositionSpec
 
@@ -65,5 +65,5 @@ def train_from_files(spec: CompositionSpec, data: list[str | Path], out: str | P
         found = read_texts(f)
         texts += rng.sample(found, min(per_file, len(found)))  # every file (domain) equally
     pool = ExpertPool()
-    members = [Engine(build(spec.member(e), pool)) for e in spec.experts]
+    members = [Engine(c) for c in build_members(spec, pool)]
     return train_request_router(spec, members, texts, out, **options)

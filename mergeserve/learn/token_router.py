@@ -13,8 +13,8 @@ So that the rows generalise beyond their training texts (issue 26, where learned
 of an expert's gain on other sources than the training-free `hidden` rows they started from):
 - `anchor` adds `anchor * sum ||rows - initial rows||^2`, pulling towards the training-free
   start rather than towards zero (L2-SP);
-- `mixed` packs every file's texts into one seeded order, so rows switch domain mid-sequence,
-  as chats and mixed documents do;
+- `mixed` builds each row from segments of the files in turn, so rows switch domain
+  mid-sequence, as chats and mixed documents do;
 - with validation texts (texts of other sources than training's), the next-token loss on them is
   measured every `eval_every` steps, and the rows of the best measurement are kept (early stopping).
 """
@@ -60,7 +60,7 @@ class RouterTrainConfig:
     alpha: float = 0.01  # weight of the load-balancing loss
     seed: int = 0
     anchor: float = 0.0  # weight of the squared distance to the initial (training-free) rows
-    mixed: bool = False  # rows that switch domain mid-sequence, instead of each row from one file
+    mixed: bool = False  # rows of segments from the files in turn, instead of each row from one file
     eval_every: int = 10  # steps between validation measurements (with validation texts)
     val_rows: int = 8  # validation sequences of seq_len tokens, the files taking turns
 
@@ -71,6 +71,8 @@ class RouterTrainConfig:
             raise ValueError(f"lr must be positive, alpha and anchor not negative, got lr={self.lr}, alpha={self.alpha}, anchor={self.anchor}")
         if min(self.eval_every, self.val_rows) < 1:
             raise ValueError(f"eval_every and val_rows must be at least 1: {self}")
+        if self.mixed and self.seq_len % MIXED_PARTS:
+            raise ValueError(f"mixed rows are {MIXED_PARTS} segments: seq_len must be a multiple of {MIXED_PARTS}, got {self.seq_len}")
 
 
 @dataclass
@@ -97,13 +99,18 @@ def _tail_mean(values: list[float], steps: int = 10) -> float:
     return sum(tail) / len(tail)
 
 
+MIXED_PARTS = 4  # a mixed row: this many segments, from the files in turn
+
+
 def training_rows(texts: list[list[str]], tokenizer, cfg: RouterTrainConfig) -> torch.Tensor:
-    """[steps * B, T] token rows: each from one file, the files taking turns, or with `mixed` all
-    files' texts in one order, so that a row switches domain where one text ends."""
+    """[steps * B, T] token rows, each from one file, the files taking turns; or with `mixed`,
+    each row MIXED_PARTS segments of T / MIXED_PARTS tokens from the files in turn, so that a row
+    switches domain mid-sequence while every domain keeps its even share."""
     rows = cfg.steps * cfg.batch_size
-    if cfg.mixed:
-        return token_rows([t for file in texts for t in file], tokenizer, rows, cfg.seq_len, cfg.seed)
-    return file_rows(texts, tokenizer, rows, cfg.seq_len, cfg.seed)
+    if not cfg.mixed:
+        return file_rows(texts, tokenizer, rows, cfg.seq_len, cfg.seed)
+    segments = file_rows(texts, tokenizer, rows * MIXED_PARTS, cfg.seq_len // MIXED_PARTS, cfg.seed)  # [rows * P, T / P]
+    return segments.reshape(rows, cfg.seq_len)
 
 
 def train_router(

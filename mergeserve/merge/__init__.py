@@ -11,7 +11,7 @@ from mergeserve.spec import CompositionSpec
 from mergeserve.spec.merge import MODELS
 
 
-# The builder of each composition method (route is not built here: each member is its own engine).
+# The builder of each composition method (route and hetero are not built here: each member is its own engine).
 # Modules by name, imported on first use: a dense server never loads the MoE builders.
 BUILDERS: dict[str, str] = {"btx": "mergeserve.merge.btx", "mergeme": "mergeserve.merge.mergeme",
                             **dict.fromkeys(MODELS, "mergeserve.merge.dense")}
@@ -19,6 +19,9 @@ BUILDERS: dict[str, str] = {"btx": "mergeserve.merge.btx", "mergeme": "mergeserv
 
 def build(spec: CompositionSpec, pool: ExpertPool) -> ComposedModel:
     """Build the composition `spec` describes from experts in `pool` (loaded there once)."""
+    if spec.routes_requests:
+        raise ValueError(f"{spec.name}: method={spec.method} serves whole models, each in an engine of its own: "
+                         "there is no one model to build or export")
     composed = importlib.import_module(BUILDERS[spec.method]).build(spec, pool)
     composed.int8 = resolve_format(spec.dtype) == "int8" if spec.dtype else pool.int8
     return composed

@@ -132,7 +132,7 @@ class AdminRoutes:
         """A one-adapter composition over the base every served composition is built on, served as
         the first of them is (backend, vLLM options, dtype)."""
         built = [live.spec for _, live, _ in self.registry.entries() if live is not None and live.spec is not None
-                 and live.spec.base is not None and live.spec.method != "route"]
+                 and live.spec.base is not None and not live.spec.routes_requests]
         bases = sorted({s.base for s in built})
         if len(bases) != 1:
             raise bad_request(f"the served compositions are built on {len(bases)} bases {bases[:4]}; with other than one, "

@@ -266,7 +266,7 @@ class Builder:
                 if not held:
                     self.pool.release(revision.id)  # vLLM holds the weights, not this process
                     release_free_heap()
-        if spec.method == "route":
+        if spec.routes_requests:
             return self._route_backend(revision)
         with self.pool.claim(revision.id):
             composed = compose.build(spec, self.pool)
@@ -304,17 +304,22 @@ class Builder:
         return vllm.start(spec, composed, self.export_dir, profile, self.policy.gateway_keys, plugin), False
 
     def _route_backend(self, revision: Revision) -> tuple[Backend, int]:
-        """method=route: an engine per member model, each built as a composition of its own, and the request router."""
+        """method=route or hetero: an engine per member model, each built as a composition of its own, and the request router."""
         from mergeserve.router.request import build_request_router
         from mergeserve.server.backends.route import RouteBackend
 
         spec = revision.spec
         with self.pool.claim(revision.id):
-            engines = [Engine(compose.build(spec.member(e), self.pool), self.engine_config, self.pool.packer) for e in spec.experts]
+            engines = [Engine(c, self.engine_config, self.pool.packer) for c in compose.build_members(spec, self.pool)]
+        if spec.method == "hetero":
+            # Its members read the shared embedding and head: the pool lets go of their checkpoints,
+            # so their own tables are freed (the layers stay, held by the members themselves).
+            self.pool.release(revision.id)
         release_free_heap()
         members = {e.name: LocalBackend(engine, self.executor) for e, engine in zip(spec.experts, engines)}
         router = build_request_router(spec, engines)
-        return RouteBackend(spec.name, members, router, spec.router.kind, spec.router.top_k), sum(own_bytes(e, self.pool) for e in engines)
+        backend = RouteBackend(spec.name, members, router, spec.router.kind, spec.router.top_k, spec.method)
+        return backend, sum(own_bytes(e, self.pool) for e in engines)
 
     def _move_to_base(self, name: str) -> None:
         """Rebuild `name`'s live revision (the same spec): it builds onto its base's engine now."""

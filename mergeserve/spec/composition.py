@@ -14,10 +14,13 @@ from mergeserve.spec.transport import BackendKind, Upstream, VLLMOptions
 
 # btx: MoE, FFNs kept as experts, the rest averaged; mergeme: MoE, the rest merged as `merge` says
 # (TIES by default); any task-vector method: one dense merged model; route: every expert a whole
-# model (any family, size or tokenizer) in its own engine, each request routed to one.
-Method = Literal["route", "btx", "mergeme", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp",
+# model (any family, size or tokenizer) in its own engine, each request routed to one; hetero:
+# MergeME's heterogeneous merge, route's whole models (any family or size, one vocabulary) sharing
+# one averaged embedding and head through per-member projectors (merge/hetero.py).
+Method = Literal["route", "hetero", "btx", "mergeme", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp",
                  "consensus", "fisher"]
 MOE_METHODS = ("btx", "mergeme")
+REQUEST_METHODS = ("route", "hetero")  # whole member models, one chosen per request by a request router
 AnyMerge = Union[tuple(dict.fromkeys([*MERGEME_MODELS.values(), *MODELS.values()]))]
 AnyRouter = Union[ROUTERS]
 _DENSE, _MERGEME = TypeAdapter(DenseMerge), TypeAdapter(MergemeMerge)
@@ -80,10 +83,10 @@ class CompositionSpec(Strict):
     def _merge(cls, v: Any, handler: Any, info: ValidationInfo) -> Any:
         if (method := _method_built(info)) is None:
             return handler(v)
-        if method in ("btx", "route"):
+        if method in ("btx", *REQUEST_METHODS):
             if v is not None:
                 raise ValueError("btx averages the shared layers; use method=mergeme to merge them otherwise" if method == "btx"
-                                 else "method=route merges nothing: give no merge section")
+                                 else f"method={method} merges no layers: give no merge section")
             return None
         if method == "mergeme":
             return _MERGEME.validate_python({} if v is None else v)
@@ -99,10 +102,10 @@ class CompositionSpec(Strict):
     def _router(cls, v: Any, handler: Any, info: ValidationInfo) -> Any:
         if (method := _method_built(info)) is None:
             return handler(v)
-        if method == "route":
+        if method in REQUEST_METHODS:
             kind = v.get("kind") if isinstance(v, dict) else getattr(v, "kind", None)
             if kind not in REQUEST_KINDS:
-                raise ValueError(f"router.kind={kind} is not a request router; method=route takes {', '.join(REQUEST_KINDS)}")
+                raise ValueError(f"router.kind={kind} is not a request router; method={method} takes {', '.join(REQUEST_KINDS)}")
             return _MODEL_ROUTER.validate_python(v)
         if isinstance(v, dict) and v.get("kind") == "keywords":
             raise ValueError("router.kind=keywords routes whole requests between whole models: it needs method=route")
@@ -116,9 +119,9 @@ class CompositionSpec(Strict):
         names = [e.name for e in self.experts]
         if dupes := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"expert names must be unique, repeated: {dupes}")
-        if (self.method == "route" or len(self.experts) > 1) and self.router.top_k > len(self.experts):
+        if (self.routes_requests or len(self.experts) > 1) and self.router.top_k > len(self.experts):
             raise ValueError(f"router.top_k={self.router.top_k} exceeds the {len(self.experts)} experts")
-        if self.method == "route":
+        if self.routes_requests:
             self._check_route()
             return self
         if self.is_moe and isinstance(self.router, (HiddenRouterSpec, CentroidRouterSpec)) and len(self.experts) > 1:
@@ -138,17 +141,17 @@ class CompositionSpec(Strict):
             raise ValueError("the vllm section applies to backend=vllm only")
         if remote and (self.base is not None or self.experts):
             raise ValueError("backend=openai serves a remote model: give no base or experts")
-        if not remote and self.base is None and self.method != "route":
+        if not remote and self.base is None and not self.routes_requests:
             raise ValueError(f"base: required (backend={self.backend})")
         if not remote and not self.experts:
             raise ValueError(f"experts: give at least one (backend={self.backend})")
 
     def _check_route(self) -> None:
-        router, names = self.router, [e.name for e in self.experts]
+        router, names, method = self.router, [e.name for e in self.experts], self.method
         if self.backend != "local":
-            raise ValueError(f"method=route runs each member in its own local engine; backend={self.backend} does not")
+            raise ValueError(f"method={method} runs each member in its own local engine; backend={self.backend} does not")
         if self.base is not None:
-            raise ValueError("method=route composes whole models: give no base (each expert's source is a complete "
+            raise ValueError(f"method={method} composes whole models: give no base (each expert's source is a complete "
                              "checkpoint, or a LoRA adapter with a base of its own)")
         needs = {RequestCentroidRouterSpec: "prompts", KeywordsRouterSpec: "keywords"}.get(type(router))
         if needs and (missing := [e.name for e in self.experts if not getattr(e, needs)]):
@@ -157,8 +160,13 @@ class CompositionSpec(Strict):
         if encoder is not None and encoder not in names:
             raise ValueError(f"router.encoder={encoder!r} is not one of the experts {names}")
 
+    @property
+    def routes_requests(self) -> bool:
+        """Whole member models, one engine each, a request router choosing (route, hetero)."""
+        return self.method in REQUEST_METHODS
+
     def member(self, expert: ExpertSpec) -> CompositionSpec:
-        """method=route: the composition that serves one member alone (its own engine): a whole
+        """method=route or hetero: the composition that serves one member alone (its own engine): a whole
         checkpoint, or a LoRA adapter over the member's own `base`."""
         return CompositionSpec(name=f"{self.name}.{expert.name}", base=expert.base or expert.source, dtype=self.dtype,
                                experts=[ExpertSpec(name=expert.name, source=expert.source)])

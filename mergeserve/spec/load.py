@@ -109,7 +109,7 @@ def upgrade_saved(data: dict) -> dict:
         if old in renames and value is not None:
             data[section] = {**(data.get(section) or {}), renames[old]: value}
     router = data.get("router")
-    if isinstance(router, dict) and router.get("kind") in ("perplexity", "task_vector") and data.get("method") != "route" and "scale" in router:
+    if isinstance(router, dict) and router.get("kind") in ("perplexity", "task_vector") and data.get("method") not in ("route", "hetero") and "scale" in router:
         data["router"] = {k: v for k, v in router.items() if k != "scale"} | {"inverse_temperature": router["scale"]}
     return data
 

@@ -33,8 +33,9 @@ class RouteBackend:
 
     def __init__(
         self, name: str, members: dict[str, LocalBackend], router: RequestRouter, router_kind: str, top_k: int = 1,
+        method: str = "route",
     ) -> None:
-        self.name, self.members, self.router_kind, self.top_k = name, members, router_kind, top_k
+        self.name, self.members, self.router_kind, self.top_k, self.method = name, members, router_kind, top_k, method
         self._batcher = BatchedRouter(router)
         # Members whose tokenizers have the same vocabulary (token ids mean the same text) can be mixed.
         self._vocab = [tokenizer_key(m.engine.tokenizer) for m in members.values()] if top_k > 1 else [0] * len(members)
@@ -60,7 +61,7 @@ class RouteBackend:
         return [m.engine for m in self.members.values()]
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "route", "router": self.router_kind, "top_k": self.top_k, "members": {
+        return {"kind": self.method, "router": self.router_kind, "top_k": self.top_k, "members": {
             n: {"architecture": m.engine.composed.config.model_type, "kv_cache_bytes": m.kv_cache_bytes}
             for n, m in self.members.items()}}
 
