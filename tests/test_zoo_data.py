@@ -123,8 +123,8 @@ def test_math_heldout_shares_no_worked_arithmetic_with_training() -> None:
 
 
 def test_stories_chain_two_or_more_steps_in_many_phrasings() -> None:
-    problems = [e for _, e in islice(math_story.stream(0), 2000)]
-    shapes = Counter(name for name, _ in islice(math_story.stream(0), 2000))
+    drawn = list(islice(math_data.problem_stream(math_story.SHAPES, 0), 2000))
+    problems, shapes = [e for _, e in drawn], Counter(name for name, _ in drawn)
     assert set(shapes) == {"chain", "change", "compare", "rate", "people"}
     assert all(2 <= len(math_data.arithmetic_key(e)) <= 4 for e in problems)
     openings = Counter(e["question"].split()[0] for e in problems)

@@ -146,10 +146,15 @@ TEMPLATES: list[Callable[[random.Random], Problem]] = [shopping, packing, sharin
 
 
 def stream(seed: int) -> Iterator[tuple[str, Example]]:
-    """Endless seeded problems, each question once, with the name of its template."""
+    """Endless seeded problems of TEMPLATES, each question once, with the name of its template."""
+    return problem_stream(TEMPLATES, seed)
+
+
+def problem_stream(templates: list[Callable[[random.Random], Problem]], seed: int) -> Iterator[tuple[str, Example]]:
+    """Endless seeded problems, a template drawn for each, each question once, with the template's name."""
     r, seen = random.Random(seed), set()
     while True:
-        template = r.choice(TEMPLATES)
+        template = r.choice(templates)
         question, steps, answer = template(r)
         if question in seen:
             continue
@@ -189,7 +194,7 @@ def stories(heldout: list[Example], count: int = STORY_SIZE) -> list[Example]:
     """The first `count` composed stories (math_story) that share neither a question nor an
     arithmetic key with `heldout`."""
     keys, questions = {arithmetic_key(e) for e in heldout}, {e["question"] for e in heldout}
-    kept = (e for _, e in math_story.stream(STORY_SEED) if e["question"] not in questions and arithmetic_key(e) not in keys)
+    kept = (e for _, e in problem_stream(math_story.SHAPES, STORY_SEED) if e["question"] not in questions and arithmetic_key(e) not in keys)
     return list(islice(kept, count))
 
 

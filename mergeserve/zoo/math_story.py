@@ -12,10 +12,9 @@ an instruction), with numbers sometimes in words. The worked steps keep `math_da
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mergeserve.zoo.splits import Example
 
 NAMES = ["Aiko", "Bruno", "Chen", "Dalia", "Elif", "Felix", "Gita", "Hana", "Ivan", "Jamal", "Keiko", "Luca", "Mina",
          "Nadia", "Omar", "Priya", "Quinn", "Ravi", "Sofia", "Tomas", "Uma", "Viktor", "Wen", "Ximena", "Yara", "Zoe"]
@@ -204,15 +203,3 @@ def people(r: random.Random) -> tuple[str, list[str], int]:
 
 SHAPES: list[Callable[[random.Random], tuple[str, list[str], int]]] = [chain, chain, chain, change, compare, rate, people]
 
-
-def stream(seed: int) -> Iterator[tuple[str, Example]]:
-    """Endless seeded problems, each question once, with the name of its shape."""
-    r, seen = random.Random(seed), set()
-    while True:
-        shape = r.choice(SHAPES)
-        question, steps, answer = shape(r)
-        if question in seen:
-            continue
-        seen.add(question)
-        text = f"Question: {question}\n" + "\n".join(steps) + f"\nAnswer: {answer}"
-        yield shape.__name__, {"question": question, "answer": str(answer), "text": text}
