@@ -18,7 +18,7 @@ BUILDERS: dict[str, Callable[[], tuple[list[Example], list[Example]]]] = {
 SOURCES = {
     "code": "Python standard library of this interpreter (top-level modules and packages; tests, idlelib, encodings, pydoc_data excluded), split by file",
     "german": "Debian Administrator's Handbook, German edition (Debian package debian-handbook, HTML to text, German paragraphs only), split by HTML page",
-    "math": "seeded generator of arithmetic word problems (8 templates with 2-3 phrasings each, 1-2 digit operands, 2-3 steps), train seed 1, held-out seed 2 (no held-out problem shares its worked arithmetic with a training problem)",
+    "math": "seeded generators of arithmetic word problems: 8 templates with 2-3 phrasings each (train seed 1, held-out seed 2, no held-out problem sharing its worked arithmetic with a training problem) and as many composed stories of many shapes and phrasings (math_story, seed 11), 1-2 digit operands, 2-4 steps",
 }
 
 
