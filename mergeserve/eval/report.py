@@ -24,7 +24,8 @@ def write_sets(out_dir: str | Path, done: dict[str, EvalResults]) -> Path:
     """OUT/results.md: the sets side by side (gain kept, math accuracy), then each set's tables."""
     path = Path(out_dir) / "results.md"
     lines = ["# Both held-out sets", "", "Share of each domain expert's gain over the base that a row keeps, and "
-             "math accuracy, on each set (" + " / ".join(f"`{name}`" for name in done) + ").", ""] + sets_table(done)
+             "math accuracy, on each set (" + " / ".join(f"`{name}`" for name in done) + "); n/a where the domain's "
+             "expert is no better than the base on that set, so that there is no gain to keep.", ""] + sets_table(done)
     for name, results in done.items():
         lines += ["", f"# Set `{name}`", "", markdown(results)]
     path.write_text("\n".join(lines) + "\n")
@@ -39,7 +40,13 @@ def kept_gains(results: EvalResults) -> dict[str, dict[str, float]]:
     if base is None or any(d not in experts for d in domains):
         return {}
     gain = {d: base.domains[d].loss - experts[d].domains[d].loss for d in domains}
-    return {row.name: {d: (base.domains[d].loss - row.domains[d].loss) / gain[d] for d in domains} for row in rows}
+    # Where the domain's expert is no better than the base there is no gain to keep a share of (NaN).
+    return {row.name: {d: (base.domains[d].loss - row.domains[d].loss) / gain[d] if gain[d] > 0 else math.nan for d in domains}
+            for row in rows}
+
+
+def _share(value: float, digits: int = 1) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.{digits}%}"
 
 
 def sets_table(done: dict[str, EvalResults]) -> list[str]:
@@ -49,7 +56,7 @@ def sets_table(done: dict[str, EvalResults]) -> list[str]:
     head = [f"{d} gain kept" for d in domains] + ["math acc"]
     lines = ["| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for row in first.all_rows:
-        cells = [" / ".join(f"{kept[n][row.name][d]:.0%}" if row.name in kept[n] else "–" for n in done) for d in domains]
+        cells = [" / ".join(_share(kept[n][row.name][d], 0) if row.name in kept[n] else "–" for n in done) for d in domains]
         cells.append(" / ".join(_cell(accuracy[n].get(row.name), None, 0, percent=True) for n in done))
         lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
     return lines
@@ -127,7 +134,8 @@ def gain_table(results: EvalResults) -> list[str]:
     for row in results.all_rows:
         kept = [gains[row.name][d] for d in domains]
         mean = sum(row.domains[d].loss for d in domains) / len(domains)
-        lines.append(f"| {row.name} | " + " | ".join(f"{k:.1%}" for k in kept) + f" | {min(kept):.1%} | {mean:.3f} |")
+        lowest = min((k for k in kept if not math.isnan(k)), default=math.nan)
+        lines.append(f"| {row.name} | " + " | ".join(_share(k) for k in kept) + f" | {_share(lowest)} | {mean:.3f} |")
     return lines
 
 
