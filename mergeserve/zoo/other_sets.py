@@ -29,12 +29,6 @@ SEED = "zoo-other-v1"
 GIMP_PACKAGE = "gimp-help-de"
 GIMP_HELP = Path("usr/share/gimp/2.0/help/de")
 MATH_COUNT, MATH_DEV_COUNT, MATH_DEV_SEED = 200, 64, 8
-SOURCES = {
-    "code": "the click package's source (another library than training's standard library), docstrings and comments stripped",
-    "german": "the GIMP user manual, German edition (Debian package gimp-help-de), German paragraphs only",
-    "math": "math_other: arithmetic word problems from templates written apart from training's; none shares worked arithmetic with training",
-}
-
 
 Split = tuple[list[Example], list[Example]]  # the scored set, the dev set
 
@@ -54,7 +48,7 @@ def code() -> Split:
     held, dev = by_unit({n: len(t) for n, t in files.items()})
     chunks = {name: [{"source": name, "text": c} for c in chunk(code_data.blocks(code_data.strip_prose(text)), code_data.CHUNK_CHARS, "\n\n\n")]
               for name, text in files.items() if name in held | dev}
-    return [e for n in held for e in chunks[n]], [e for n in dev for e in chunks[n]]
+    return [e for n in sorted(held) for e in chunks[n]], [e for n in sorted(dev) for e in chunks[n]]
 
 
 def gimp_help_dir() -> Path:
