@@ -276,7 +276,7 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0, help="seed of the data order (default: %(default)s)")
     tr.add_argument("--anchor", type=float, default=0.0,
                     help="weight of the squared distance of the rows to their training-free start (default: %(default)s)")
-    tr.add_argument("--mixed", action="store_true", help="pack every file's texts in one order: rows switch domain mid-sequence")
+    tr.add_argument("--mixed", action="store_true", help="each row four segments from the files in turn: rows switch domain mid-sequence")
     tr.add_argument("--val", nargs="+", type=Path,
                     help="validation texts (.jsonl, .txt or folders), e.g. other sources than --data's: measured every "
                          "--eval-every steps, the best rows kept (early stopping)")
