@@ -30,7 +30,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from mergeserve.calibration import data_files, file_rows, read_texts, token_rows
+from mergeserve.calibration import data_files, file_rows, read_texts
 from mergeserve.composition import ComposedModel
 from mergeserve.engine.layers import Batch
 from mergeserve.engine.model import Capture, Transformer
@@ -158,7 +158,7 @@ class RouterTrainer:
         # site -> L leaf copies [E, D]; the model runs a shallow copy of the composition holding them.
         self.rows = {site: [getattr(layer, ROUTER_FIELD[site]).detach().clone().requires_grad_() for layer in composed.layers]
                      for site in self.sites}
-        self.initial = {site: [r.detach().clone() for r in rows] for site, rows in self.rows.items()}
+        self.initial = self.snapshot()  # the training-free rows the anchor pulls towards
         layers = [replace(layer, **{ROUTER_FIELD[s]: self.rows[s][n] for s in self.sites}) for n, layer in enumerate(composed.layers)]
         self.model = Transformer(replace(composed, layers=layers), max_len=max_len)
 

@@ -17,6 +17,7 @@ does not choose on the very texts it is scored on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from mergeserve.zoo import build_dir, code_data, german_data, math_data, math_other
@@ -33,11 +34,12 @@ MATH_COUNT, MATH_DEV_COUNT, MATH_DEV_SEED = 200, 64, 8
 Split = tuple[list[Example], list[Example]]  # the scored set, the dev set
 
 
-def by_unit(sizes: dict[str, int]) -> tuple[set[str], set[str]]:
-    """The units (files, pages) of the scored set, and of the dev set from the rest."""
+def by_unit(sizes: dict[str, int], examples: Callable[[str], list[Example]]) -> Split:
+    """The examples of the units (files, pages) of the scored set, and of the dev set from the
+    rest; each set's units in sorted order."""
     held = split_units(sizes, SEED, HELDOUT_CHARS, MAX_FILE_CHARS)
     dev = split_units({n: size for n, size in sizes.items() if n not in held}, SEED + "-dev", DEV_CHARS, MAX_FILE_CHARS)
-    return held, dev
+    return [e for n in sorted(held) for e in examples(n)], [e for n in sorted(dev) for e in examples(n)]
 
 
 def code() -> Split:
@@ -45,10 +47,8 @@ def code() -> Split:
 
     files = code_data.source_files(Path(click.__file__).parent.parent)
     files = {name: text for name, text in files.items() if name.startswith("click/")}
-    held, dev = by_unit({n: len(t) for n, t in files.items()})
-    chunks = {name: [{"source": name, "text": c} for c in chunk(code_data.blocks(code_data.strip_prose(text)), code_data.CHUNK_CHARS, "\n\n\n")]
-              for name, text in files.items() if name in held | dev}
-    return [e for n in sorted(held) for e in chunks[n]], [e for n in sorted(dev) for e in chunks[n]]
+    return by_unit({n: len(t) for n, t in files.items()}, lambda n: [
+        {"source": n, "text": c} for c in chunk(code_data.blocks(code_data.strip_prose(files[n])), code_data.CHUNK_CHARS, "\n\n\n")])
 
 
 def gimp_help_dir() -> Path:
@@ -66,10 +66,8 @@ def gimp_help_dir() -> Path:
 def german() -> Split:
     pages = sorted(gimp_help_dir().glob("*.html"))
     texts = {p.name: german_data.page_paragraphs(p.read_text(encoding="utf-8")) for p in pages}
-    held, dev = by_unit({n: sum(map(len, paras)) for n, paras in texts.items()})
-    chunks = {name: [{"source": name, "text": c} for c in chunk(paras, german_data.CHUNK_CHARS, "\n\n")]
-              for name, paras in texts.items() if name in held | dev}
-    return [e for n in sorted(held) for e in chunks[n]], [e for n in sorted(dev) for e in chunks[n]]
+    return by_unit({n: sum(map(len, paras)) for n, paras in texts.items()},
+                   lambda n: [{"source": n, "text": c} for c in chunk(texts[n], german_data.CHUNK_CHARS, "\n\n")])
 
 
 def math() -> Split:
