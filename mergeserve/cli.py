@@ -1,4 +1,4 @@
-"""`mergeserve serve | export | eval | train-router | tune-merge | fisher | shrink`: a thin argparse front end; each subcommand imports what it needs."""
+"""`mergeserve serve | export | eval | train-router | tune-merge | fisher | shrink | calibrate-router | ab report`: a thin argparse front end; each subcommand imports what it needs."""
 
 from __future__ import annotations
 
@@ -175,6 +175,20 @@ def _calibrate_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ab_report(args: argparse.Namespace) -> int:
+    import httpx
+
+    from mergeserve.server.ab.replicas import fetch, replicas_report, table
+
+    try:
+        body = replicas_report(fetch(args.url), args.alias)
+    except (httpx.HTTPError, LookupError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(body, indent=1) if args.json else table(body))
+    return 0
+
+
 def _expert_data(items: list[str]) -> dict[str, list[Path]]:
     """`NAME=PATH` pairs and folders with a subfolder per expert -> expert name -> paths."""
     data: dict[str, list[Path]] = {}
@@ -327,6 +341,15 @@ def parser() -> argparse.ArgumentParser:
     cr.add_argument("--plain", action="store_true", help="score the texts as they are (default: each is a chat's user message)")
     cr.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default: %(default)s)")
     cr.set_defaults(run=_calibrate_router)
+
+    ab = sub.add_parser("ab", help="A/B aliases: `ab report` compares an alias's targets over one or more replicas")
+    ab_sub = ab.add_subparsers(dest="ab_command", required=True)
+    rep = ab_sub.add_parser("report", help="each target since the alias's weights last changed, and each variant against "
+                            "the control with an always-valid verdict, summed over the replicas' /metrics")
+    rep.add_argument("--url", required=True, nargs="+", help="each replica's base URL, e.g. http://127.0.0.1:8000")
+    rep.add_argument("--alias", required=True)
+    rep.add_argument("--json", action="store_true", help="the report as JSON (default: a table)")
+    rep.set_defaults(run=_ab_report)
 
     sh = sub.add_parser("shrink", help="merge experts whose routing and weights are alike into fewer experts (M-SMoE); writes a spec")
     sh.add_argument("--spec", required=True, type=Path, help="an MoE spec of LoRA experts (YAML)")

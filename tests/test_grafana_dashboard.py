@@ -1,5 +1,5 @@
-"""docs/grafana/mergeserve-ab.json is well formed, and its PromQL (and docs/ab-testing.md's) names
-only series a running server exposes."""
+"""docs/grafana/mergeserve-ab.json is well formed, and its PromQL (and that of docs/ab-testing.md and
+docs/experiments.md) names only series a running server exposes."""
 
 from __future__ import annotations
 
@@ -23,9 +23,22 @@ from mergeserve.spec import EngineConfig
 DOCS = Path(__file__).parent.parent / "docs"
 DASHBOARD = DOCS / "grafana" / "mergeserve-ab.json"
 GUIDE = DOCS / "ab-testing.md"
+EXPERIMENTS = DOCS / "experiments.md"
 ADMIN = {"Authorization": "Bearer admin-key"}
 MAX_TOKENS_LIMIT = 8
 
+AB_SERIES = {
+    "mergeserve:ab_requests_total",
+    "mergeserve:ab_errors_total",
+    "mergeserve:ab_output_tokens_total",
+    *(f"mergeserve:ab_{h}_{part}" for h in ("time_to_first_token_seconds", "e2e_request_latency_seconds")
+      for part in ("bucket", "sum", "count")),
+    "mergeserve:ab_feedback_score_sum",
+    "mergeserve:ab_feedback_score_count",
+    "mergeserve:ab_feedback_score_squares",
+    "mergeserve:ab_routed_responses_total",
+    "mergeserve:ab_expert_share_total",
+}
 # Every sample name the server's /metrics documents (counters with `_total`, histograms and the
 # feedback summary with their `_bucket` / `_sum` / `_count`).
 SERIES = {
@@ -48,10 +61,17 @@ SERIES = {
     "mergeserve:expert_requests_total",
     "mergeserve:composition_info",
     "mergeserve:composition_memory_bytes",
+    # An A/B alias's counts since its weights last changed (labels alias, model, generation).
+    *AB_SERIES,
+    "mergeserve:alias_weight",
+    "mergeserve:alias_generation",
+    "mergeserve:rollout_step",
+    "mergeserve:rollout_status",
+    "mergeserve:rollout_decisions_total",
 }
 # PromQL words the dashboard uses that are not series; a new function in a panel goes here.
 PROMQL_WORDS = {
-    "sum", "max", "rate", "increase", "histogram_quantile", "sqrt",
+    "sum", "max", "avg", "count", "count_values", "rate", "increase", "histogram_quantile", "sqrt", "clamp_min",
     "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
 }
 
@@ -87,9 +107,17 @@ def series_in(expr: str) -> set[str]:
     return set(re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", expr)) - PROMQL_WORDS
 
 
-def guide_queries() -> list[str]:
-    """The ```promql blocks of the A/B guide."""
-    return re.findall(r"```promql\n(.*?)```", GUIDE.read_text(), flags=re.DOTALL)
+def guide_queries(guide: Path | None = None) -> list[str]:
+    """The ```promql blocks of the A/B guide and the experiment walk-through (or of `guide` alone)."""
+    return [q for g in ([guide] if guide else [GUIDE, EXPERIMENTS])
+            for q in re.findall(r"```promql\n(.*?)```", g.read_text(), flags=re.DOTALL)]
+
+
+def experiment_row(dashboard: dict) -> list[dict]:
+    """The panels of the top row, which follows an alias's experiment."""
+    rows = [i for i, p in enumerate(dashboard["panels"]) if p["type"] == "row"]
+    assert rows[0] == 0 and dashboard["panels"][0]["title"].startswith("Experiment: $alias"), "the experiment row comes first"
+    return dashboard["panels"][1:rows[1]]
 
 
 def used(dashboard: dict) -> set[str]:
@@ -111,8 +139,16 @@ def test_the_dashboard_is_well_formed() -> None:
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     assert variables["alias"]["query"] == "label_values(mergeserve:alias_requests_total, alias)"
     assert variables["model"]["multi"] and variables["model"]["includeAll"]
+    assert variables["control"]["query"] == 'label_values(mergeserve:alias_weight{alias="$alias"}, model)'
     ids = [p["id"] for p in panels(dashboard)]
     assert len(ids) == len(set(ids))
+    placed: list[tuple[str, set[tuple[int, int]]]] = []  # the grid cells each panel covers
+    for panel in dashboard["panels"]:
+        g = panel["gridPos"]
+        cells = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        overlapping = [title for title, taken in placed if taken & cells]
+        assert not overlapping, f"{panel['title']!r} overlaps {overlapping}"
+        placed.append((panel["title"], cells))
     for panel in panels(dashboard):
         x, w = panel["gridPos"]["x"], panel["gridPos"]["w"]
         assert 0 <= x and x + w <= 24, panel["title"]
@@ -126,14 +162,39 @@ def test_the_dashboard_uses_only_documented_series() -> None:
     names = used(load())
     assert names <= SERIES, f"not series the server documents: {sorted(names - SERIES)}"
     assert {"mergeserve:alias_requests_total", "mergeserve:feedback_score_count"} <= names
-    assert len(guide_queries()) >= 4
+    assert len(guide_queries(GUIDE)) >= 4 and len(guide_queries(EXPERIMENTS)) >= 2
+
+
+def test_the_experiment_row_compares_the_targets_as_the_report_does() -> None:
+    """The top row reads every series of the report and of a rollout, and reads the `mergeserve:ab_*`
+    series only of each replica's current generation: a replica whose alias's weights changed keeps
+    exporting the counts of the generation before until its first request in the new one ends."""
+    row = experiment_row(load())
+    exprs = [t["expr"] for panel in row for t in panel["targets"]]
+    names = {name for expr in exprs for name in series_in(expr)}
+    wanted = {"mergeserve:ab_requests_total", "mergeserve:ab_errors_total", "mergeserve:ab_output_tokens_total",
+              "mergeserve:ab_time_to_first_token_seconds_bucket", "mergeserve:ab_e2e_request_latency_seconds_bucket",
+              "mergeserve:ab_feedback_score_sum", "mergeserve:ab_feedback_score_count",
+              "mergeserve:ab_feedback_score_squares", "mergeserve:ab_routed_responses_total",
+              "mergeserve:ab_expert_share_total", "mergeserve:alias_weight", "mergeserve:alias_generation",
+              "mergeserve:rollout_step", "mergeserve:rollout_status", "mergeserve:rollout_decisions_total"}
+    assert wanted <= names, f"not in the experiment row: {sorted(wanted - names)}"
+    current = (r' and ignoring \((model|model, le|model, expert)\) count_values without \(\) '
+               r'\("generation", mergeserve:alias_generation\{alias="\$alias"\}\)')
+    for expr in exprs:
+        for found in re.finditer(r"mergeserve:ab_\w+\{([^}]*)\}", expr):
+            assert 'alias="$alias"' in found[1], expr
+            assert re.match(current, expr[found.end():]), f"not restricted to the current generation: {found[0]}"
+    titles = " ".join(p["title"] for p in row)
+    assert "variant − control" in titles and "Weights in force" in titles
 
 
 @pytest.fixture(scope="module")
 def scraped(zoo: dict[str, Path]) -> Iterator[set[str]]:
     """Sample names on /metrics after the A/B walk-through of docs/ab-testing.md: two compositions
     (a token router and a sequence router), an alias over them, requests through it, feedback,
-    and one request refused after a composition was chosen."""
+    and one request refused after a composition was chosen; then a second alias with a rollout
+    (docs/experiments.md), which has started."""
     registry, executor = Registry(), Executor()
     config = EngineConfig(max_num_seqs=4, max_model_len=128, max_tokens_limit=MAX_TOKENS_LIMIT)
     builder = Builder(registry, ExpertPool(roots=[zoo["base"].parent]), executor, config)
@@ -168,6 +229,9 @@ def scraped(zoo: dict[str, Path]) -> Iterator[set[str]]:
             assert http.post("/v1/feedback", json={"id": answer, "score": 1}).status_code == 200
         too_long = {"model": "math-v1", "prompt": "1 + 1 =", "max_tokens": MAX_TOKENS_LIMIT + 1}
         assert http.post("/v1/completions", json=too_long).status_code == 400
+        canary = {"targets": {"math-v1": 1, "math-v2": 1}, "rollout": {"steps": [0.5, 1.0], "min_requests": 1000}}
+        assert http.put("/admin/aliases/math-canary", json=canary, headers=ADMIN).status_code == 200
+        wait_until(lambda: "mergeserve:rollout_decisions_total{" in http.get("/metrics").text, what="the rollout's start")
 
         text = http.get("/metrics").text
     yield {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}

@@ -53,7 +53,9 @@ def test_compositions_and_aliases_come_back_after_a_kill(zoo: dict[str, Path], t
 
     with server_process(config, port, log, headers=ADMIN) as (http, _):
         wait_until(lambda: served(http) == {"first": 2, "second": 2}, what="the saved state to be rebuilt")
-        assert http.get("/admin/aliases").json()["data"] == [{"name": "ab"} | alias]
+        [restored] = http.get("/admin/aliases").json()["data"]
+        assert restored == {"name": "ab", **alias, "rollout": None, "weights": alias["targets"], "generation": 1,
+                            "rollout_status": None}
         experts = http.get("/admin/compositions/second").json()["spec"]["experts"]
         assert [e["name"] for e in experts] == ["code", "german"]
         answer = http.post("/v1/completions", json={"model": "ab", "prompt": "hi", "max_tokens": 2})

@@ -19,6 +19,8 @@ from fastapi import APIRouter, Body, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from mergeserve.experts import CheckpointError
+from mergeserve.server.ab.report import report
+from mergeserve.server.ab.tally import Tallies
 from mergeserve.server.auth import require_admin
 from mergeserve.server.backends.policy import NotAllowed
 from mergeserve.server.builder import Builder
@@ -48,9 +50,13 @@ class AdminLimits:
 
 
 class AdminRoutes:
-    def __init__(self, registry: Registry, builder: Builder, relative_to: Path, limits: AdminLimits = AdminLimits()) -> None:
+    def __init__(
+        self, registry: Registry, builder: Builder, relative_to: Path, limits: AdminLimits = AdminLimits(),
+        tallies: Tallies | None = None,
+    ) -> None:
+        """tallies: what the A/B aliases' targets did (the metrics' own), for their reports."""
         self.registry, self.builder, self.relative_to = registry, builder, relative_to
-        self.limits = limits
+        self.limits, self.tallies = limits, tallies or Tallies()
         r = self.router = APIRouter(
             prefix="/admin", dependencies=[Depends(require_admin)], tags=["admin"], responses=responses(401, 403),
         )
@@ -66,6 +72,7 @@ class AdminRoutes:
         r.add_api_route("/aliases", self.list_aliases, methods=["GET"])
         r.add_api_route("/aliases/{name}", self.put_alias, methods=["PUT"], responses=responses(409))
         r.add_api_route("/aliases/{name}", self.delete_alias, methods=["DELETE"], responses=responses(404))
+        r.add_api_route("/aliases/{name}/report", self.alias_report, methods=["GET"], responses=responses(404))
         r.add_api_route("/pool", self.pool, methods=["GET"])
         # vLLM's adapter routes, as cluster routers (Gateway API Inference Extension, production-stack) call them.
         v = self.adapter_router = APIRouter(
@@ -161,13 +168,26 @@ class AdminRoutes:
         return {"name": name, "deleted": True}
 
     async def list_aliases(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"name": n, **a.model_dump()} for n, a in self.registry.aliases().items()]}
+        return {"object": "list", "data": [self._alias(n) for n in self.registry.aliases()]}
 
     async def put_alias(self, name: str, alias: AliasSpec) -> dict[str, Any]:
+        """Declare an alias; the same declaration again changes nothing (a rollout in progress goes on)."""
         _check_name(name)
         self.registry.set_alias(name, alias)
         self._save()
-        return {"name": name, **alias.model_dump()}
+        return self._alias(name)
+
+    def _alias(self, name: str) -> dict[str, Any]:
+        """The alias as declared, with the weights in force (a rollout sets them) and their generation."""
+        spec, state = self.registry.alias(name)
+        return {"name": name, **spec.model_dump(), "weights": state.weights, "generation": state.generation,
+                "rollout_status": state.rollout.status if state.rollout else None}
+
+    async def alias_report(self, name: str) -> dict[str, Any]:
+        """Each target since the alias's weights last changed, each variant against the control (the
+        first target) with an always-valid verdict, and the rollout's state and decisions."""
+        spec, state = self.registry.alias(name)
+        return report(name, spec, state, self.tallies.snapshot(name, state.generation, spec.targets))
 
     async def delete_alias(self, name: str) -> dict[str, Any]:
         self.registry.remove_alias(name)

@@ -15,6 +15,7 @@ from mergeserve import __version__
 from mergeserve.engine.executor import Executor
 from mergeserve.experts import ExpertPool
 from mergeserve.server import errors
+from mergeserve.server.ab.rollout import Rollouts
 from mergeserve.server.admin_routes import AdminLimits, AdminRoutes
 from mergeserve.server.auth import APIKeyMiddleware, Auth
 from mergeserve.server.body_limit import BodyLimitMiddleware
@@ -32,25 +33,29 @@ def create_app(
     `relative_to`: the folder relative sources in admin specs are resolved against."""
     builder = builder or Builder(registry, ExpertPool(), executor)
 
+    metrics = Metrics(registry.backends, registry.revisions, registry.alias_states, max_models=limits.max_compositions)
+    rollouts = Rollouts(registry, metrics.tallies, metrics.rollout_decision, builder.save)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         executor.start()
+        rollouts.start()
         try:
             yield
         finally:
+            rollouts.stop()
             executor.stop()
             builder.shutdown()
 
     app = FastAPI(title="mergeserve", version=__version__, lifespan=lifespan)
-    metrics = Metrics(registry.backends, registry.revisions, registry.aliases, max_models=limits.max_compositions)
     app.state.registry, app.state.executor, app.state.metrics, app.state.auth = registry, executor, metrics, auth
-    app.state.builder = builder
+    app.state.builder, app.state.rollouts = builder, rollouts
     errors.install(app)
     app.add_middleware(BodyLimitMiddleware)  # inside the key check: a request without a key is 401 whatever its size
     app.add_middleware(APIKeyMiddleware, auth=auth)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)  # added last: outermost, so it counts 401s too
     app.include_router(OpenAIRoutes(registry, metrics).router)
-    admin = AdminRoutes(registry, builder, relative_to.resolve(), limits)
+    admin = AdminRoutes(registry, builder, relative_to.resolve(), limits, metrics.tallies)
     app.include_router(admin.router)
     app.include_router(admin.adapter_router)
 

@@ -164,9 +164,13 @@ class Builder:
                 self._restore_one(name, entry)
         known = set(self.registry.all_names())
         for name, alias in saved.aliases.items():
-            alias = alias.model_copy(update={"targets": {t: w for t, w in alias.targets.items() if t in known}})
-            if alias.targets:
-                self.registry.set_alias(name, alias)
+            state = saved.alias_states.get(name)
+            if lost := set(alias.targets) - known:  # its rollout and saved weights went with them
+                log.error("alias %r: its targets %s could not be restored", name, sorted(lost))
+                targets = {t: w for t, w in alias.targets.items() if t in known}
+                alias, state = alias.model_copy(update={"targets": targets, "rollout": None}), None
+            if any(alias.targets.values()):
+                self.registry.set_alias(name, alias, state)
             else:
                 log.error("alias %r not set: none of its targets could be built", name)
 
@@ -340,7 +344,7 @@ class Builder:
         log.info("freed %s%s", revision.id, f"; unloaded {unloaded}" if unloaded else "")
 
     def snapshot(self) -> SavedState:
-        state = SavedState(aliases=self.registry.aliases())
+        state = SavedState(aliases=self.registry.aliases(), alias_states=self.registry.alias_states())
         for name, live, latest in self.registry.entries():
             if live is not None and live.spec is not None:
                 state.compositions[name] = SavedComposition(revision=live.number, spec=dump_spec(live.spec))

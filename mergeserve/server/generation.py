@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
@@ -75,22 +75,27 @@ class Job:
         return dataclasses.replace(self.params, seed=self.params.seed + j)
 
 
-def run(executor: Executor, metrics: Metrics, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Submit every choice of `job`; yields (choice index, delta) as the engine produces them."""
+def run(
+    executor: Executor, metrics: Metrics, job: Job, on_tokens: Callable[[int], None] | None = None,
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Submit every choice of `job`; yields (choice index, delta) as the engine produces them.
+    `on_tokens`: told the count of every delta's new tokens."""
     followers = tuple(e.name for e in job.mix.engines) if job.mix else ()
     streams = [
         metrics.observe(job.engine.name, _engine_errors(executor.generate(
             job.engine, f"{job.request_id}-{i * job.n + j}", prompt, job.choice_params(j), job.mix,
-        )), followers)
+        )), followers, on_tokens)
         for i, prompt in enumerate(job.prompts)
         for j in range(job.n)
     ]
     return _single(streams[0]) if len(streams) == 1 else _merge(streams)
 
 
-async def collect(executor: Executor, metrics: Metrics, job: Job) -> list[GeneratedChoice]:
+async def collect(
+    executor: Executor, metrics: Metrics, job: Job, on_tokens: Callable[[int], None] | None = None,
+) -> list[GeneratedChoice]:
     choices = [GeneratedChoice(i) for i in range(job.num_choices)]
-    async with aclosing(run(executor, metrics, job)) as stream:
+    async with aclosing(run(executor, metrics, job, on_tokens)) as stream:
         async for index, out in stream:
             choices[index].add(out)
     return choices

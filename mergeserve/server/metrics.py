@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Summary
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -20,9 +20,12 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mergeserve.engine.sequence import RequestOutput
+from mergeserve.server.ab.alias_state import Action
+from mergeserve.server.ab.tally import E2E_BUCKETS, TTFT_BUCKETS, Tallies, TallyCollector
 from mergeserve.server import errors
 
 if TYPE_CHECKING:
+    from mergeserve.server.ab.alias_state import AliasState, Decision
     from mergeserve.server.registry import Revision, Served
 
 log = logging.getLogger(__name__)
@@ -36,8 +39,6 @@ ERROR_CODES = frozenset({
     "insufficient_quota", *map(str, errors.DESCRIPTIONS), "502", "504",
 })
 RESIDENCY_PERIOD_S = 10.0  # the KV cache's resident bytes are measured at most this often
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
-E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 
 class _KVResidency:
@@ -201,17 +202,43 @@ class _ClusterCollector(Collector):
         return [running, waiting, kv, lora]
 
 
+class _AliasCollector(Collector):
+    """Each alias's weights in force, their generation, and its rollout's step and status."""
+
+    def __init__(self, states: Callable[[], dict[str, AliasState]]) -> None:
+        self._states = states
+
+    def collect(self) -> Iterable[Metric]:
+        weight = GaugeMetricFamily("mergeserve:alias_weight", "The share of the alias's requests each target gets now.",
+                                   labels=["alias", "model"])
+        generation = GaugeMetricFamily("mergeserve:alias_generation", "Changes of the alias's weights so far: the "
+                                       "generation label of its mergeserve:ab_* series.", labels=["alias"])
+        step = GaugeMetricFamily("mergeserve:rollout_step", "The step a rollout is at (index into its steps).", labels=["alias"])
+        status = GaugeMetricFamily("mergeserve:rollout_status", "1 for the status a rollout is in: running, completed "
+                                   "or rolled_back.", labels=["alias", "status"])
+        for alias, state in self._states().items():
+            total = sum(state.weights.values())
+            for target, w in state.weights.items():
+                weight.add_metric([alias, target], w / total)
+            generation.add_metric([alias], state.generation)
+            if state.rollout is not None:
+                step.add_metric([alias], state.rollout.step)
+                status.add_metric([alias, state.rollout.status], 1)
+        return [weight, generation, step, status]
+
+
 class Metrics:
     """Every per-request series carries `model`, the composition that served it, so an A/B
     comparison of two compositions needs no other join."""
 
     def __init__(
         self, backends: Callable[[], Iterable[Served]], revisions: Callable[[], Iterable[Revision]] = lambda: (),
-        aliases: Callable[[], Iterable[str]] = lambda: (), residency_period_s: float = RESIDENCY_PERIOD_S,
+        aliases: Callable[[], dict[str, AliasState]] = dict, residency_period_s: float = RESIDENCY_PERIOD_S,
         max_models: int = 16,
     ) -> None:
-        """`revisions` and `aliases`: what exists now; the series of any other composition or alias are
-        dropped. max_models: the compositions this server may hold (vllm:lora_requests_info's max_lora)."""
+        """`revisions` and `aliases` (their states): what exists now; the series of any other
+        composition or alias are dropped. max_models: the compositions this server may hold
+        (vllm:lora_requests_info's max_lora)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self._revisions, self._aliases = revisions, aliases
@@ -251,6 +278,13 @@ class Metrics:
             "mergeserve:e2e_request_latency_seconds", "End-to-end request latency.", ["model"],
             buckets=E2E_BUCKETS, registry=r,
         )
+        # A/B aliases' counts since their weights last changed (server/ab/tally.py), as `mergeserve:ab_*`.
+        self.tallies = Tallies()
+        r.register(TallyCollector(self.tallies))
+        self.rollout_decisions = Counter(
+            "mergeserve:rollout_decisions", "Decisions of an alias's rollout: start, advance, complete, rollback.",
+            ["alias", "action"], registry=r,
+        )
         self.prompt_tokens = Counter("mergeserve:prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
         self.generation_tokens = Counter("mergeserve:generation_tokens", "Tokens generated.", ["model"], registry=r)
         self.request_success = _ClosedLabel(Counter(
@@ -260,26 +294,38 @@ class Metrics:
         r.register(_BackendCollector(backends))
         r.register(_ClusterCollector(backends, max_models))
         r.register(_CompositionCollector(revisions, _KVResidency(revisions, residency_period_s)))
+        r.register(_AliasCollector(aliases))
 
     def _prune(self) -> None:
         """Drop the series of compositions that are gone (deleted, and drained) and of deleted aliases."""
         models = {""}  # http_requests before a composition is chosen
         for revision in self._revisions():
             models |= {revision.name, *(e.name for e in _engines(revision.backend))}  # route members: own names
-        aliases = set(self._aliases())
+        states = self._aliases()
+        aliases = set(states)
         for metric in (self.http_requests, self.request_errors.counter, self.feedback, self.feedback_by_expert, self.alias_requests,
                        self.member_requests, self.ttft, self.e2e, self.prompt_tokens, self.generation_tokens,
                        self.request_success.counter):
             for gone in _label_values(metric, "model") - models:
                 metric.remove_by_labels({"model": gone})
-        for gone in _label_values(self.alias_requests, "alias") - aliases:
-            self.alias_requests.remove_by_labels({"alias": gone})
+        for metric in (self.alias_requests, self.rollout_decisions):
+            for gone in _label_values(metric, "alias") - aliases:
+                metric.remove_by_labels({"alias": gone})
+        self.tallies.sync({name: state.generation for name, state in states.items()})
+
+    def rollout_decision(self, alias: str, decision: Decision) -> None:
+        if decision.action == "start":  # every action's series from the start, so that increase() sees the first
+            for action in get_args(Action):
+                self.rollout_decisions.labels(alias, action)
+        self.rollout_decisions.labels(alias, decision.action).inc()
 
     async def observe(
         self, model: str, stream: AsyncIterator[RequestOutput], also: tuple[str, ...] = (),
+        on_tokens: Callable[[int], None] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Pass one engine request's deltas through, counting tokens and timing it. `also`: the
-        other engines that ran it (a mixed request's followers): their token counts grow too."""
+        other engines that ran it (a mixed request's followers): their token counts grow too;
+        `on_tokens`: told each delta's count of new tokens."""
         start = time.perf_counter()
         seen_output = seen_token = False
         async with aclosing(stream):
@@ -293,6 +339,8 @@ class Metrics:
                     seen_token = True
                 for name in (model, *also):
                     self.generation_tokens.labels(name).inc(len(out.new_token_ids))
+                if on_tokens is not None:
+                    on_tokens(len(out.new_token_ids))
                 if out.finished:
                     self.e2e.labels(model).observe(time.perf_counter() - start)
                     if out.finish_reason != "abort":

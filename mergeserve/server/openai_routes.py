@@ -58,6 +58,8 @@ class OpenAIRoutes:
         request.state.model = answered.name
         self.metrics.feedback.labels(answered.name).observe(body.score)
         self.metrics.feedback_by_expert.labels(answered.name, answered.top_expert).observe(body.score)
+        if answered.alias is not None:
+            self.metrics.tallies.feedback(answered.alias, answered.generation, answered.name, body.score)
         return FeedbackResponse(id=body.id, model=answered.name, revision=answered.revision, experts=answered.experts)
 
     async def completions(self, body: CompletionRequest, request: Request, response: Response) -> BaseModel | Response:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, Literal, Protocol, TypeVar
 
+from mergeserve.server.ab.alias_state import AliasState
 from mergeserve.server.aliases import pick
 from mergeserve.server.errors import APIError
 
@@ -103,6 +104,7 @@ class Lease(Generic[B]):
     revision: Revision[B]
     alias: str | None
     _release: Callable[[Lease[B]], None]
+    generation: int = 0  # the alias's, when one chose the revision (A/B tallies count within it)
     _released: bool = False
     member: str | None = None  # method=route: the member model that serves the request, once routed
     sequences: int = 1  # engine sequences the request runs (prompts x n), in revision.in_flight_sequences
@@ -134,6 +136,7 @@ class Answered:
     name: str  # the composition
     revision: int
     alias: str | None  # the A/B alias the request named, if any
+    generation: int  # the alias's generation then
     experts: dict[str, float] | None = None  # what it was routed to, once it finished (largest share first)
 
     @property
@@ -155,7 +158,8 @@ class Registry(Generic[B]):
         self._entries: dict[str, _Entry[B]] = {}
         self._failed_new: dict[str, Revision[B]] = {}  # names whose first build failed, for GET
         self._draining: set[Revision[B]] = set()  # retired, still finishing requests
-        self._aliases: dict[str, AliasSpec] = {}
+        self._aliases: dict[str, AliasSpec] = {}  # as declared
+        self._alias_states: dict[str, AliasState] = {}  # as they serve: weights in force, rollouts
         self._responses: OrderedDict[str, Answered] = OrderedDict()
         self._scored: set[str] = set()  # response ids that got their one feedback score
         self._last_number: dict[str, int] = {}  # per name, deleted names included
@@ -279,7 +283,9 @@ class Registry(Generic[B]):
         return sorted(found, key=lambda r: (r.name, r.number))
 
     # --- aliases ---------------------------------------------------------------------------
-    def set_alias(self, name: str, alias: AliasSpec) -> None:
+    def set_alias(self, name: str, alias: AliasSpec, state: AliasState | None = None) -> None:
+        """Declare `alias`; the same declaration again changes nothing (a rollout goes on). `state`:
+        the one it was saved with (a restart), else a fresh one (its weights, a rollout's first step)."""
         with self._lock:
             if name in self._entries:
                 raise APIError(409, f"{name!r} is a composition; an alias needs a name of its own", code="name_taken")
@@ -289,12 +295,37 @@ class Registry(Generic[B]):
                     400, f"unknown target compositions {unknown}; known: {sorted(self._entries)}",
                     param="targets", code="model_not_found",
                 )
+            if state is None and self._aliases.get(name) == alias:
+                return
             self._aliases[name] = alias
+            self._alias_states[name] = state or AliasState.declared(alias, self._alias_states.get(name))
 
     def remove_alias(self, name: str) -> None:
         with self._lock:
             if self._aliases.pop(name, None) is None:
                 raise APIError(404, f"no alias named {name!r}", code="alias_not_found")
+            del self._alias_states[name]
+
+    def alias_states(self) -> dict[str, AliasState]:
+        """A copy of each alias's state as it serves."""
+        with self._lock:
+            return {n: s.model_copy(deep=True) for n, s in self._alias_states.items()}
+
+    def alias(self, name: str) -> tuple[AliasSpec, AliasState]:
+        """The alias `name` as declared, and a copy of its state."""
+        with self._lock:
+            if name not in self._aliases:
+                raise APIError(404, f"no alias named {name!r}", code="alias_not_found")
+            return self._aliases[name], self._alias_states[name].model_copy(deep=True)
+
+    def update_alias_state(self, name: str, seen: AliasState, new: AliasState) -> bool:
+        """Replace the state `seen` (read by the caller) with `new`; False, changing nothing, if the
+        alias was redeclared, removed or changed in between."""
+        with self._lock:
+            if self._alias_states.get(name) != seen:
+                return False
+            self._alias_states[name] = new
+            return True
 
     def aliases(self) -> dict[str, AliasSpec]:
         with self._lock:
@@ -306,11 +337,13 @@ class Registry(Generic[B]):
         for a request of `sequences` engine sequences."""
         with self._lock:
             alias = self._aliases.get(model)
+            generation = 0
             if alias is not None:
-                ready = {t: w for t, w in alias.targets.items() if self._live(t) is not None}
+                state = self._alias_states[model]
+                ready = {t: w for t, w in state.weights.items() if w > 0 and self._live(t) is not None}
                 if not ready:
                     raise not_ready(f"no target of the alias {model!r} is ready; retry shortly")
-                target = pick(alias, model, ready, sticky_key)
+                target, generation = pick(alias, model, ready, sticky_key), state.generation
             else:
                 target = model
             revision = self._live(target)
@@ -324,11 +357,11 @@ class Registry(Generic[B]):
                 raise ModelNotFound(model, sorted([*self._entries, *self._aliases]))
             revision.in_flight += 1
             revision.in_flight_sequences += sequences
-            return Lease(revision, model if alias is not None else None, self._release, sequences=sequences)
+            return Lease(revision, model if alias is not None else None, self._release, generation=generation, sequences=sequences)
 
     def remember(self, response_id: str, lease: Lease[B]) -> None:
         with self._lock:
-            self._responses[response_id] = Answered(lease.revision.name, lease.revision.number, lease.alias)
+            self._responses[response_id] = Answered(lease.revision.name, lease.revision.number, lease.alias, lease.generation)
             while len(self._responses) > MAX_REMEMBERED_RESPONSES:
                 self._scored.discard(self._responses.popitem(last=False)[0])
 

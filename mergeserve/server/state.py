@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mergeserve.server.ab.alias_state import AliasState
 from mergeserve.spec import AliasSpec, CompositionSpec, SpecError
 
 STATE_FILE = "state.json"
@@ -34,7 +35,8 @@ class SavedState(BaseModel):
     compositions: dict[str, SavedComposition] = {}  # serving
     # Accepted by PUT but not built when the state was written: rebuilt as replacements on restart.
     pending: dict[str, SavedComposition] = {}
-    aliases: dict[str, AliasSpec] = {}
+    aliases: dict[str, AliasSpec] = {}  # as declared
+    alias_states: dict[str, AliasState] = {}  # as they served: weights in force, rollouts
     # The last revision number each name was given, deleted names included: numbers never repeat,
     # so a new `c@1` cannot meet a draining `c@1` (they would share pool claims).
     last_revisions: dict[str, int] = {}

@@ -15,7 +15,7 @@ from mergeserve.spec.merge import (MODELS as MERGE_MODELS, ConsensusMerge, DareL
                                        MergeOverride, SlerpMerge, TaskArithmeticMerge, TaskVectorMerge, TiesMerge,
                                        merge_params)
 from mergeserve.spec.router import (MixtureRouterSpec, RequestRouterSpec, RouterSpec, TokenRouterSpec)
-from mergeserve.spec.serve import MAX_TARGETS, AliasSpec, EngineConfig, ServeConfig
+from mergeserve.spec.serve import MAX_TARGETS, AliasSpec, EngineConfig, RolloutGuards, RolloutPolicy, ServeConfig
 from mergeserve.spec.transport import GATEWAY_FLAGS, BackendKind, Upstream, VLLMLoRA, VLLMOptions, VLLMProfile, plain_url
 
 

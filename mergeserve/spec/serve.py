@@ -71,12 +71,45 @@ class EngineConfig(Strict):
 MAX_TARGETS = 16
 
 
+class RolloutGuards(Strict):
+    """What must hold of the variant at every step (server/ab/rollout.py says how each is judged)."""
+
+    # Its error rate: the rollout rolls back once the rate is above this with 95 % confidence.
+    max_error_rate: float | None = Field(0.05, ge=0, le=1)
+    # Its p95 time to first token over the control's; None: not guarded.
+    max_ttft_p95_ratio: float | None = Field(None, gt=0)
+    # Its feedback must not be `worse` than the control's (the report's always-valid verdict).
+    feedback_not_worse: bool = True
+
+
+class RolloutPolicy(Strict):
+    """A canary ramp of an alias's second target (the variant) against its first (the control):
+    each step gives the variant that share of the traffic; the server advances when every guard
+    holds past min_seconds and min_requests, and rolls back (variant at weight 0) when one fails."""
+
+    steps: list[float] = Field([0.05, 0.25, 0.5, 1.0], min_length=1, max_length=32)
+    min_seconds: float = Field(60.0, ge=0)  # at each step
+    min_requests: int = Field(100, ge=1)  # the variant's, at each step
+    interval_s: float = Field(10.0, gt=0)  # how often the guards are evaluated
+    guards: RolloutGuards = RolloutGuards()
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, steps: list[float]) -> list[float]:
+        if any(not 0 < s <= 1 for s in steps) or any(a >= b for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"steps must increase within (0, 1], got {steps}")
+        return steps
+
+
 class AliasSpec(Strict):
-    """An A/B alias: one model name whose requests go to its targets in proportion to their weights."""
+    """An A/B alias: one model name whose requests go to its targets in proportion to their weights.
+    The first target is the control that the report compares the others with."""
 
     targets: dict[str, float] = Field(min_length=1, max_length=MAX_TARGETS)
     # "user": sticky by X-Session-Id or the request's `user`; "none": every request picks anew.
     sticky: Literal["user", "none"] = "user"
+    # A ramp of the second target, which then sets the weights itself (server/ab/rollout.py).
+    rollout: RolloutPolicy | None = None
 
     @field_validator("targets")
     @classmethod
@@ -84,9 +117,23 @@ class AliasSpec(Strict):
         for name, weight in targets.items():
             if not NAME_PATTERN.fullmatch(name):
                 raise ValueError(f"{name!r} is not a composition name")
-            if not (math.isfinite(weight) and weight > 0):
-                raise ValueError(f"the weight of {name!r} must be a positive number, got {weight}")
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ValueError(f"the weight of {name!r} must be a number >= 0, got {weight}")
+        if not any(targets.values()):
+            raise ValueError("at least one target needs a positive weight")
         return targets
+
+    @model_validator(mode="after")
+    def _two_for_a_rollout(self) -> AliasSpec:
+        if self.rollout is not None and len(self.targets) != 2:
+            raise ValueError(f"a rollout ramps one variant against one control: it needs 2 targets, got {len(self.targets)}")
+        return self
+
+    @property
+    def control(self) -> str:
+        return next(iter(self.targets))
+
+
 class ServeConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi import Request, Response
@@ -55,7 +56,7 @@ class Call:
     """One admitted OpenAI request: the HTTP request and response, and the lease it holds.
 
     The lease is released when the handler returns, or, once `stream` hands it over, when
-    the stream ends.
+    the stream ends. A request that an A/B alias sent is then counted in the alias's tally.
     """
 
     request: Request
@@ -64,6 +65,11 @@ class Call:
     metrics: Metrics
     registry: Registry[Backend]
     _handed_over: bool = False
+    started: float = field(default_factory=time.perf_counter)
+    _first_token_s: float | None = None
+    _output_tokens: int = 0
+    _failed: bool = False
+    _ended: bool = False
 
     @property
     def name(self) -> str:
@@ -76,14 +82,27 @@ class Call:
     def note_experts(self, response_id: str, experts: dict[str, float]) -> None:
         """The response finished, routed to `experts`: its feedback is split by them."""
         self.registry.note_experts(response_id, experts)
+        if (lease := self.lease).alias is not None:
+            self.metrics.tallies.routing(lease.alias, lease.generation, lease.name, experts)
+
+    def first_token(self) -> None:
+        if self._first_token_s is None:
+            self._first_token_s = time.perf_counter() - self.started
+
+    def output(self, tokens: int) -> None:
+        """The response has `tokens` more output tokens."""
+        if tokens:
+            self.first_token()
+        self._output_tokens += tokens
 
     def stream(self, events: AsyncIterator[BaseModel | str]) -> EventSourceResponse:
         """Server-sent events of `events` (models, or JSON text passed through), ending with [DONE]."""
         def failed() -> None:
+            self._failed = True
             self.metrics.request_errors.labels(self.name, "server_error").inc()
 
-        body = _sse(events, self.lease.release, failed)
-        weakref.finalize(body, self.lease.release)  # a stream that never starts releases when collected
+        body = _sse(events, self._end, failed)
+        weakref.finalize(body, self._end)  # a stream that never starts releases when collected
         self._handed_over = True
         return EventSourceResponse(body, headers=self.lease.headers)
 
@@ -93,8 +112,22 @@ class Call:
     def __exit__(self, kind: type | None, error: BaseException | None, _) -> None:
         if isinstance(error, APIError):
             self.metrics.request_errors.labels(self.name, error.code or str(error.status)).inc()
+        # The server's failures (5xx, a bug) count against the composition; a client's own (4xx) do not.
+        self._failed |= error is not None and (not isinstance(error, APIError) or error.status >= 500)
         if not self._handed_over or error is not None:
-            self.lease.release()
+            self._end()
+
+    def _end(self) -> None:
+        """Release the lease, once; an alias's request is counted in its tally."""
+        if self._ended:
+            return
+        self._ended = True
+        if (lease := self.lease).alias is not None:
+            self.metrics.tallies.record(
+                lease.alias, lease.generation, lease.name, error=self._failed, ttft_s=self._first_token_s,
+                latency_s=time.perf_counter() - self.started, output_tokens=self._output_tokens,
+            )
+        lease.release()
 
 
 async def _sse(

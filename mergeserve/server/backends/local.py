@@ -161,7 +161,7 @@ class LocalBackend:
         """Run `job` to the end (cancelled if the client leaves): its choices, and the experts they
         were routed to (the response's `experts`); its response names the revision and the experts."""
         call.remember(job.request_id)
-        work = generation.collect(self.executor, call.metrics, job)
+        work = generation.collect(self.executor, call.metrics, job, call.output)
         choices = await generation.until_disconnected(call.request, work)
         call.response.headers.update(call.lease.headers)
         if (experts := self._experts([c.experts for c in choices])) is not None:
@@ -206,7 +206,7 @@ class LocalBackend:
         offsets = [0] * job.num_choices  # text_offset runs over the whole choice, not the chunk
         echoed = [echo is None] * job.num_choices  # whether the choice's first chunk (the echo) went out
         num_tokens, shares = 0, []
-        async with aclosing(generation.run(self.executor, call.metrics, job)) as stream:
+        async with aclosing(generation.run(self.executor, call.metrics, job, call.output)) as stream:
             async for index, out in stream:
                 num_tokens += len(out.new_token_ids)
                 if out.finished:
@@ -247,7 +247,7 @@ class LocalBackend:
         role = Delta(role="assistant", content="")
         yield chunk([ChatChunkChoice(index=i, delta=role) for i in range(job.num_choices)])
         num_tokens, shares = 0, []
-        async with aclosing(generation.run(self.executor, call.metrics, job)) as stream:
+        async with aclosing(generation.run(self.executor, call.metrics, job, call.output)) as stream:
             async for index, out in stream:
                 num_tokens += len(out.new_token_ids)
                 if out.finished:

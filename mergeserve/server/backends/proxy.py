@@ -232,12 +232,14 @@ class _Usage:
         if not self._first and any(_has_output(c) for c in choices):
             self._first = True
             self.call.metrics.ttft.labels(self.call.name).observe(time.perf_counter() - self.start)
+            self.call.first_token()
 
     def done(self, tokens: dict | None, reasons: list[str | None]) -> None:
         m, name = self.call.metrics, self.call.name
         if tokens:
             m.prompt_tokens.labels(name).inc(tokens.get("prompt_tokens") or 0)
             m.generation_tokens.labels(name).inc(tokens.get("completion_tokens") or 0)
+            self.call.output(tokens.get("completion_tokens") or 0)
         if reasons and all(reasons):
             m.e2e.labels(name).observe(time.perf_counter() - self.start)
             for reason in reasons:
