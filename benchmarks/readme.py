@@ -55,18 +55,41 @@ def quality() -> list[str]:
             "[`benchmarks/results/merge_quality.md`](benchmarks/results/merge_quality.md)."]
 
 
-def quality_sets() -> list[str]:
-    """Both held-out sets side by side: gain kept and math accuracy on training's sources / on others."""
+def _both_sets(folder: str) -> tuple[list[str], dict]:
+    """`folder`'s rows on both held-out sets side by side (gain kept and math accuracy), and its settings."""
     from mergeserve.eval.report import sets_table
     from mergeserve.eval.results import EvalResults
 
-    done = {name: EvalResults.from_json(load(f"merge_quality_sets/{name}/results.json")) for name in ("heldout", "other")}
-    s = done["other"].settings
-    return [*sets_table(done), "",
-            f"Each cell: `heldout` (training's own sources) / `other` (click's source, the German GIMP manual, "
+    done = {name: EvalResults.from_json(load(f"{folder}/{name}/results.json")) for name in ("heldout", "other")}
+    return sets_table(done), done["other"].settings
+
+
+def _sets_caption(s: dict, folder: str) -> str:
+    return (f"Each cell: `heldout` (training's own sources) / `other` (click's source, the German GIMP manual, "
             f"math_other's problems). Loss examples per domain: {s['per_domain']}, cut to {s['max_tokens']} tokens, "
             f"the first {s['route_tokens']} only choose; math accuracy on {s['math_problems']} problems of each set. From "
-            "[`benchmarks/results/merge_quality_sets/results.md`](benchmarks/results/merge_quality_sets/results.md)."]
+            f"[`benchmarks/results/{folder}/results.md`](benchmarks/results/{folder}/results.md).")
+
+
+def quality_sets() -> list[str]:
+    """Both held-out sets side by side: gain kept and math accuracy on training's sources / on others."""
+    table, s = _both_sets("merge_quality_sets")
+    return [*table, "", _sets_caption(s, "merge_quality_sets")]
+
+
+def hetero_sets() -> list[str]:
+    """The heterogeneous zoo on both held-out sets: request routing and MergeME's merge of whole models."""
+    table, s = _both_sets("merge_quality_hetero_sets")
+    return [*table, "", _sets_caption(s, "merge_quality_hetero_sets")]
+
+
+def hetero_memory() -> list[str]:
+    d = load("hetero_memory.json")
+    m = d["machine"]
+    return [f"Resident memory after /ready and one chat request, {d['rounds']} rounds, a fresh server each: "
+            f"`method: route` {fmt(d['rss_mib']['route'], 0)} MiB, `method: hetero` {fmt(d['rss_mib']['hetero'], 0)} MiB; "
+            f"hetero / route {fmt(d['hetero_over_route'], 3)} (`benchmarks/results/hetero_memory.json`, "
+            f"{m['cpu']}, `{' '.join(m['cpu_flags'])}`, {m['date'][:10]})."]
 
 
 def dtype_loss() -> list[str]:
@@ -369,7 +392,7 @@ def vllm() -> list[str]:
 
 
 RENDERERS: dict[str, Callable[[], list[str]]] = {
-    "quality": quality, "quality_sets": quality_sets, "dtype_loss": dtype_loss, "lora_pool": lora_pool, "soak": soak,
+    "quality": quality, "quality_sets": quality_sets, "hetero_sets": hetero_sets, "hetero_memory": hetero_memory, "dtype_loss": dtype_loss, "lora_pool": lora_pool, "soak": soak,
     "route_throughput": route_throughput, "profile": profile, "btx_attention": btx_attention,
     "serving": serving, "build_time": build_time, "memory": memory, "shared_base": shared_base, "vllm": vllm,
     "compiled_step": compiled_step, "short_prompt_routing": short_prompt_routing,

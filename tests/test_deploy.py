@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mergeserve.spec import AliasSpec
+
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 OVERLAYS = ["cpu", "vllm-gpu", "canary", "inference-gateway"]
@@ -303,11 +305,12 @@ def test_the_inference_pool_schema_refuses_a_misspelt_field(rendered):
         jsonschema.Draft202012Validator(schema).validate(pool)
 
 
-def test_canary_splits_an_alias_between_two_compositions(rendered):
+def test_canary_ramps_the_candidate_with_a_rollout(rendered):
     config = serve_config(rendered["canary"])
     (alias,) = config["aliases"].values()
     assert set(alias["targets"]) == {c["name"] for c in config["compositions"]}
-    assert len(alias["targets"]) == 2 and max(alias["targets"].values()) > min(alias["targets"].values())
+    policy = AliasSpec.model_validate(alias).rollout  # the control first, the candidate second
+    assert policy is not None and policy.steps[0] < 0.5 and policy.steps[-1] == 1.0 and policy.guards.max_error_rate
 
 
 # ---- the pod ----
