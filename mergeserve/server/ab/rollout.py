@@ -157,7 +157,10 @@ class Rollouts:
 
     def evaluate(self, name: str) -> Decision | None:
         """Judge `name`'s rollout now and apply what it decides."""
-        spec, state = self.registry.alias(name)
+        try:
+            spec, state = self.registry.alias(name)
+        except APIError:  # deleted meanwhile
+            return None
         if spec.rollout is None or state.rollout is None or state.rollout.status != "running":
             return None
         tallies = self.tallies.snapshot(name, state.generation, spec.targets)
