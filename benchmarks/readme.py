@@ -85,11 +85,10 @@ def hetero_sets() -> list[str]:
 
 def hetero_memory() -> list[str]:
     d = load("hetero_memory.json")
-    m = d["machine"]
     return [f"Resident memory after /ready and one chat request, {d['rounds']} rounds, a fresh server each: "
             f"`method: route` {fmt(d['rss_mib']['route'], 0)} MiB, `method: hetero` {fmt(d['rss_mib']['hetero'], 0)} MiB; "
-            f"hetero / route {fmt(d['hetero_over_route'], 3)} (`benchmarks/results/hetero_memory.json`, "
-            f"{m['cpu']}, `{' '.join(m['cpu_flags'])}`, {m['date'][:10]})."]
+            f"hetero / route {fmt(d['hetero_over_route'], 3)} (`benchmarks/results/hetero_memory.json`). "
+            f"{machine_line(d['machine'])}"]
 
 
 def dtype_loss() -> list[str]:
