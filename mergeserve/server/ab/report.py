@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from mergeserve.server.ab.alias_state import AliasState
-from mergeserve.server.ab.stats import Difference, Moments, Verdict, compare, histogram_quantile, mean_interval, rate_interval
+from mergeserve.server.ab.stats import Difference, Moments, Verdict, compare, mean_interval, rate_interval
 from mergeserve.server.ab.tally import TargetTally
 from mergeserve.spec import AliasSpec
 
@@ -30,10 +30,8 @@ def summary(t: TargetTally) -> dict[str, Any]:
         "errors": t.errors,
         "error_rate": t.errors / t.requests if t.requests else None,
         "error_rate_interval": _listed(rate_interval(t.errors, t.requests)),
-        "ttft_s": {"p50": histogram_quantile(t.ttft.bounds, t.ttft.counts, 0.5),
-                   "p95": histogram_quantile(t.ttft.bounds, t.ttft.counts, 0.95)},
-        "latency_s": {"p50": histogram_quantile(t.latency.bounds, t.latency.counts, 0.5),
-                      "p95": histogram_quantile(t.latency.bounds, t.latency.counts, 0.95)},
+        "ttft_s": {"p50": t.ttft.quantile(0.5), "p95": t.ttft.quantile(0.95)},
+        "latency_s": {"p50": t.latency.quantile(0.5), "p95": t.latency.quantile(0.95)},
         "output_tokens": t.output_tokens,
         "feedback": {"count": f.n, "mean": f.mean, "interval": _listed(mean_interval(f))},
         "experts": {e: s / t.routed for e, s in sorted(t.expert_shares.items(), key=lambda kv: -kv[1])} if t.routed else {},

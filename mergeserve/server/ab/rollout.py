@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from mergeserve.server.ab.alias_state import MAX_DECISIONS, AliasState, Decision, variant_weights
 from mergeserve.server.ab.report import feedback_difference
-from mergeserve.server.ab.stats import histogram_quantile, rate_interval
+from mergeserve.server.ab.stats import rate_interval
 from mergeserve.server.ab.tally import Tallies, TargetTally
 from mergeserve.server.errors import APIError
 from mergeserve.server.registry import Registry
@@ -58,8 +58,7 @@ def judge(policy: RolloutPolicy, control: TargetTally, variant: TargetTally) -> 
         if min(control.ttft.n, variant.ttft.n) < MIN_TTFT_SAMPLES:
             guards["ttft_p95"] = "wait"
         else:
-            ratio = histogram_quantile(variant.ttft.bounds, variant.ttft.counts, 0.95) / max(
-                histogram_quantile(control.ttft.bounds, control.ttft.counts, 0.95), 1e-9)
+            ratio = variant.ttft.quantile(0.95) / max(control.ttft.quantile(0.95), 1e-9)
             guards["ttft_p95"] = (f"fail: p95 time to first token is {ratio:.2f}x the control's (at most "
                                   f"{g.max_ttft_p95_ratio:g}x)" if ratio > g.max_ttft_p95_ratio else "pass")
     if g.feedback_not_worse:

@@ -56,6 +56,10 @@ class Moments:
     def bernoulli(cls, successes: int, n: int) -> Moments:
         return cls(n, float(successes), float(successes))
 
+    def __add__(self, other: Moments) -> Moments:
+        """The moments of both samples together."""
+        return Moments(self.n + other.n, self.total + other.total, self.squares + other.squares)
+
 
 @dataclass(frozen=True)
 class Difference:

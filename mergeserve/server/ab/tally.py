@@ -11,6 +11,7 @@ report of their summed series (`tallies_from_metrics`), and what a rollout decid
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, Hist
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from mergeserve.server.ab.stats import Moments
+from mergeserve.server.ab.stats import Moments, histogram_quantile
 
 # Buckets of the first token and of the whole request, seconds (as vLLM's histograms).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
@@ -39,8 +40,11 @@ class Buckets:
         self.counts = self.counts or [0] * (len(self.bounds) + 1)
 
     def observe(self, value: float) -> None:
-        self.counts[next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))] += 1
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bucket whose bound is >= value
         self.total += value
+
+    def quantile(self, q: float) -> float | None:
+        return histogram_quantile(self.bounds, self.counts, q)
 
     def add(self, other: Buckets) -> None:
         self.counts = [a + b for a, b in zip(self.counts, other.counts)]
@@ -71,8 +75,7 @@ class TargetTally:
         self.output_tokens += other.output_tokens
         self.ttft.add(other.ttft)
         self.latency.add(other.latency)
-        f, g = self.feedback, other.feedback
-        self.feedback = Moments(f.n + g.n, f.total + g.total, f.squares + g.squares)
+        self.feedback += other.feedback
         self.routed += other.routed
         for expert, share in other.expert_shares.items():
             self.expert_shares[expert] = self.expert_shares.get(expert, 0.0) + share
@@ -114,9 +117,7 @@ class Tallies:
         with self._lock:
             if (tally := self._current(alias, generation)) is None:
                 return
-            t = tally.target(target)
-            f = t.feedback
-            t.feedback = Moments(f.n + 1, f.total + score, f.squares + score * score)
+            tally.target(target).feedback += Moments(1, score, score * score)
 
     def routing(self, alias: str, generation: int, target: str, experts: dict[str, float]) -> None:
         """A response the alias sent to `target` finished, routed to `experts` (shares summing to 1)."""
