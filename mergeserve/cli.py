@@ -1,4 +1,4 @@
-"""`mergeserve serve | export | eval | train-router | tune-merge | fisher | shrink | calibrate-router | ab report`: a thin argparse front end; each subcommand imports what it needs."""
+"""`mergeserve serve | export | spec-schema | eval | train-router | tune-merge | fisher | shrink | calibrate-router | ab report`: a thin argparse front end; each subcommand imports what it needs."""
 
 from __future__ import annotations
 
@@ -38,11 +38,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _spec_schema(args: argparse.Namespace) -> int:
-    import json
+    from mergeserve.spec import composition_schema, serve_schema
 
-    from mergeserve.spec import composition_schema
-
-    print(json.dumps(composition_schema(), indent=1))
+    print(json.dumps(serve_schema() if args.serve else composition_schema(), indent=1))
     return 0
 
 
@@ -242,7 +240,9 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     export.set_defaults(run=_export)
 
-    schema = sub.add_parser("spec-schema", help="print the JSON Schema of a composition spec (for editors that validate YAML)")
+    schema = sub.add_parser("spec-schema", help="print the JSON Schema of a composition spec (for editors that validate YAML); "
+                            "docs/reference/ renders it (python -m mergeserve.spec.reference)")
+    schema.add_argument("--serve", action="store_true", help="the schema of a serve config instead")
     schema.set_defaults(run=_spec_schema)
 
     from mergeserve.zoo import zoo_dir

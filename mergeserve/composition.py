@@ -68,6 +68,7 @@ class MixtureRouting:
     experts: list[Checkpoint]  # the pool's own, in expert order
     min_margin: float = 0.0  # below this margin between the two best, every expert is mixed (spec.router)
     offsets: torch.Tensor | None = None  # [E] added to the scores (spec.router.offsets); None: none
+    score: str = "inverse_perplexity"  # perplexity's scale: "inverse_perplexity" | "log_likelihood"
 
     @property
     def separate(self) -> bool:

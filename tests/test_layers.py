@@ -1,4 +1,4 @@
-"""The package's layers run one way: every import points down the README's architecture list."""
+"""The package's layers run one way: every import points down the architecture list of docs/architecture.md."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ PACKAGE = REPO / "mergeserve"
 
 
 def layers() -> list[list[str]]:
-    """The README's architecture block, top row first: each row's modules (`server`, `weights`)."""
-    text = (REPO / "README.md").read_text()
-    block = text.split("## Architecture", 1)[1].split("```", 2)[1]
+    """docs/architecture.md's layer block (its first ```text block), top row first: each row's modules
+    (`server`, `weights`)."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    block = text.split("```text\n", 1)[1].split("```", 1)[0]
     rows = []
     for line in block.strip().splitlines():
         names = re.findall(r"^((?:[a-z_]+(?:/|\.py)\s+)+)", line + " ")[0].split()
@@ -22,7 +23,7 @@ def layers() -> list[list[str]]:
 
 
 def unit(module: str) -> str:
-    """`mergeserve.server.backends.local` -> `server`: the README row entry it belongs to."""
+    """`mergeserve.server.backends.local` -> `server`: the architecture list's entry it belongs to."""
     return module.split(".")[1] if module.count(".") else module
 
 
@@ -37,10 +38,10 @@ def imports(path: Path) -> set[str]:
     return found
 
 
-def test_every_module_is_on_the_readme_list_and_imports_only_rows_below_its_own():
+def test_every_module_is_on_the_architecture_list_and_imports_only_rows_below_its_own():
     rank = {name: i for i, row in enumerate(layers()) for name in row}
     units = {p.stem if p.parent == PACKAGE else p.relative_to(PACKAGE).parts[0] for p in PACKAGE.rglob("*.py")} - {"__init__"}
-    assert units <= set(rank), f"not on the README's list: {sorted(units - set(rank))}"
+    assert units <= set(rank), f"not on docs/architecture.md's list: {sorted(units - set(rank))}"
     upward = []
     for path in PACKAGE.rglob("*.py"):
         me = path.stem if path.parent == PACKAGE else path.relative_to(PACKAGE).parts[0]

@@ -133,6 +133,22 @@ def test_perplexity_routing_prefers_the_expert_with_the_lowest_perplexity(zoo, e
     assert ((alpha > 0).sum(dim=1) == 2).all()
 
 
+def test_log_likelihood_scores_take_offsets_as_log_priors(zoo, experts):
+    paper = compose(zoo, experts, kind="perplexity")
+    prompts = tokenize(paper)
+    inverse_ppl = MixtureRouter(paper).scores(prompts)  # [B, E]
+    priors = {"code": 0.0, "german": -0.5, "math": 0.25}
+    bayes = compose(zoo, experts, kind="perplexity", score="log_likelihood", inverse_temperature=1.0, offsets=priors)
+    router = MixtureRouter(bayes)
+    torch.testing.assert_close(router.scores(prompts), inverse_ppl.log(), atol=1e-5, rtol=1e-5)
+    # alpha = top-2 of p(x | e) * exp(prior_e), renormalised: the posterior over experts restricted to the best two.
+    posterior = inverse_ppl * torch.tensor([priors[n] for n in NAMES]).exp()  # [B, E], up to each row's scale
+    expected = torch.zeros_like(posterior)
+    top = posterior.topk(2, dim=1)
+    expected.scatter_(1, top.indices, top.values / top.values.sum(1, keepdim=True))
+    torch.testing.assert_close(router.weights(prompts), expected, atol=1e-5, rtol=1e-4)
+
+
 def test_task_vector_scores_are_cosines_of_the_descent_direction_and_the_task_vectors(zoo, experts):
     composed = compose(zoo, experts, kind="task_vector")
     # Three lengths in one padded pass; the longest exceeds sqrt(k_proj's size), so both the

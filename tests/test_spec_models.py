@@ -12,12 +12,13 @@ import yaml
 
 from mergeserve.cli import main
 from mergeserve.spec import (MergeOverride, SpecError, composition_schema, load_composition, load_serve_config,
-                             parse_composition, upgrade_saved)
+                             parse_composition, serve_schema, upgrade_saved)
 from mergeserve.spec.merge import DareTiesMerge, MergemeTies, TiesMerge
 from mergeserve.spec.router import HiddenRouterSpec, KeywordsRouterSpec, PerplexityRouterSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA_FILE = REPO / "examples" / "spec.schema.json"
+SERVE_SCHEMA_FILE = REPO / "examples" / "serve.schema.json"
 SPECS = sorted(p for p in (REPO / "examples").rglob("specs/**/*.yaml") if p.name != "experts.yaml")
 CONFIGS = [REPO / "examples" / "demo.yaml", REPO / "examples" / "vllm.yaml"]  # deploy/ configs name paths in the image
 TWO = [{"name": "a", "source": "/a", "prompts": ["x"]}, {"name": "b", "source": "/b", "prompts": ["y"]}]
@@ -34,14 +35,28 @@ def test_every_example_spec_loads_and_fits_the_published_schema(path: Path):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
-def test_every_example_serve_config_loads(path: Path):
+def test_every_example_serve_config_loads_and_fits_the_published_schema(path: Path):
     assert load_serve_config(path).compositions or load_serve_config(path).state_dir
+    jsonschema.validate(yaml.safe_load(path.read_text()), json.loads(SERVE_SCHEMA_FILE.read_text()))
 
 
 def test_the_published_schema_is_what_spec_schema_prints(capsys: pytest.CaptureFixture[str]):
     assert main(["spec-schema"]) == 0
     assert json.loads(capsys.readouterr().out) == json.loads(SCHEMA_FILE.read_text()) == composition_schema(), \
-        "regenerate it: mergeserve spec-schema > examples/spec.schema.json"
+        "regenerate it: python -m mergeserve.spec.reference"
+
+
+def test_the_published_serve_schema_is_what_spec_schema_serve_prints(capsys: pytest.CaptureFixture[str]):
+    assert main(["spec-schema", "--serve"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(SERVE_SCHEMA_FILE.read_text()) == serve_schema(), \
+        "regenerate it: python -m mergeserve.spec.reference"
+
+
+def test_a_field_comment_is_its_description_in_the_schema():
+    engine = serve_schema()["$defs"]["EngineConfig"]["properties"]
+    assert engine["max_prefill_tokens"]["description"] == \
+        "Prompt tokens prefilled per step; bounds how long one step can stall decodes."
+    assert "description" not in engine["compile"]  # a field without a comment has none
 
 
 def test_the_schema_catches_a_misspelt_field_before_the_server_does():

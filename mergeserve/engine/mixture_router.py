@@ -41,7 +41,9 @@ class MixtureRouter:
             if self.task_vector is not None:
                 out[group] = self.task_vector.scores(chunk, chunk_spans)
             else:
-                out[group] = inverse_perplexities(self.composed, chunk, chunk_spans)
+                out[group] = mean_log_likelihoods(self.composed, chunk, chunk_spans)
+        if self.task_vector is None and self.routing.score == "inverse_perplexity":
+            out = out.exp()  # 1 / PPL
         return out
 
     def weights(self, prompts: list[list[int]], bias: torch.Tensor | None = None,
@@ -84,10 +86,11 @@ def top_k_softmax(scores: torch.Tensor, k: int, temperature: float = 1.0, min_ma
 
 
 @torch.inference_mode()
-def inverse_perplexities(composed: ComposedModel, prompts: list[list[int]],
+def mean_log_likelihoods(composed: ComposedModel, prompts: list[list[int]],
                          spans: list[tuple[int, int] | None] | None = None) -> torch.Tensor:
-    """1 / PPL(prompt | expert e) for every prompt and expert, [B, E], over each prompt's span of
-    tokens (layers.next_token_targets): one padded forward per expert."""
+    """log(1 / PPL(prompt | expert e)), the mean log-probability per token, for every prompt and
+    expert, [B, E], over each prompt's span of tokens (layers.next_token_targets): one padded
+    forward per expert."""
     batch = Batch.right_padded(prompts)
     predicted, targets, row, counts = next_token_targets(batch, spans)
     out = []
@@ -96,7 +99,7 @@ def inverse_perplexities(composed: ComposedModel, prompts: list[list[int]],
         hidden = model(batch)[:, :-1][predicted]  # [N, D]
         nll = token_nll(hidden, composed.lm_head, targets)  # [N]
         mean_nll = torch.zeros(len(prompts)).index_add_(0, row, nll) / counts  # [B]
-        out.append(torch.exp(-mean_nll))
+        out.append(-mean_nll)
     return torch.stack(out, dim=1)
 
 

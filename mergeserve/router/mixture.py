@@ -2,7 +2,8 @@
 
 For prompt x, alpha = softmax(t * topk(score)) over the experts, zero outside the top k:
 - perplexity: score_i = 1 / PPL(x | expert i), under expert i's own model (its decoder
-  layers with the composition's shared embeddings, final norm and head);
+  layers with the composition's shared embeddings, final norm and head), or with
+  `router.score: log_likelihood` its log, the mean log-probability per token;
 - task_vector: score_i = cos(-grad_theta L_base(x), tau_i), the base's descent direction on x
   against expert i's task vector (see engine/task_vector.py for the sign).
 t is `router.inverse_temperature` (larger is sharper; 1, the default, is the paper's form).
@@ -37,6 +38,7 @@ def attach_mixture_router(
         kind=r.kind, attention=r.attention, top_k=composed.top_k,
         temperature=r.inverse_temperature, base=base, experts=experts, min_margin=r.min_margin,
         offsets=torch.tensor([r.offsets.get(e.name, 0.0) for e in spec.experts]) if r.offsets else None,
+        score=getattr(r, "score", "inverse_perplexity"),
     )
 
 

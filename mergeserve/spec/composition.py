@@ -32,12 +32,16 @@ MOVED = {"url": "upstream.url", "upstream_model": "upstream.model", "api_key_env
 
 
 class ExpertSpec(Strict):
+    # What requests (`experts`, `expert_bias`), responses' expert shares and metrics call it.
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    # A checkpoint: a Hugging Face folder, a PEFT adapter folder or a GGUF file; a path relative to
+    # the spec's folder, or `pkg://module/file` inside an installed package.
     source: str
     # Source of the base a PEFT adapter applies to; defaults to the composition's base.
     base: str | None = None
     # Texts of this expert's domain; their hidden states initialise its router row.
     prompts: list[str] = []
+    # router.kind=hidden: its row is the prompts' mean state minus these texts' (unset: minus the other experts' prompts').
     negative_prompts: list[str] = []
     # Weight in a `linear` merge (normalised over the experts).
     weight: float = Field(1.0, gt=0)
@@ -52,12 +56,18 @@ def _method_built(info: ValidationInfo) -> str | None:
 
 
 class CompositionSpec(Strict):
+    # The model name clients ask for; also its admin URL (/admin/compositions/{name}) and metric label.
     name: str = Field(pattern=NAME_PATTERN.pattern, max_length=128)
+    # What serves it: local (this process's engine), vllm (its export in a vLLM child process),
+    # openai (an OpenAI-compatible server already running at upstream.url).
     backend: BackendKind = "local"
     vllm: VLLMOptions | None = None  # backend vllm only
     upstream: Upstream | None = None  # backend openai only: then no base, experts or method
     base: str | None = None  # required unless backend openai or method route
+    # The checkpoints composed (at least one; none for backend openai), or a YAML file holding the list.
     experts: list[ExpertSpec] = Field([], max_length=256)
+    # btx, mergeme: an MoE of the experts' FFNs; linear ... fisher: one dense merged model; route:
+    # each request to one whole member model; hetero: MergeME's merge of whole models of other shapes.
     method: Method = "btx"
     # The task-vector merge: of every tensor (a dense method, whose own parameters these are) or of
     # the shared layers (mergeme). btx and route take none.

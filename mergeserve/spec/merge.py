@@ -37,7 +37,8 @@ class TaskVectorMerge(Strict):
     """What every method shares: the seed of its random choices, per-tensor overrides."""
 
     method: str
-    seed: int = 0
+    seed: int = 0  # the seed of the method's random choices (DARE's drops), per tensor
+    # Other parameters for the tensors an override's `match` finds (the first that matches).
     overrides: list[MergeOverride] = []
 
     @model_validator(mode="before")

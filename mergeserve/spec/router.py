@@ -18,8 +18,8 @@ from mergeserve.spec.base import Strict, refuse_moved, tagged_union
 class TokenRouterSpec(Strict):
     family: ClassVar[str] = "token"
     kind: str
-    top_k: int = Field(2, ge=1)
-    seed: int = 0
+    top_k: int = Field(2, ge=1)  # experts each token is routed to, their weights a softmax over these
+    seed: int = 0  # the seed of random rows (kind random) and of Arrow's SVD
     # What the experts' attention becomes: `averaged` shares one attention merged as the method says
     # (BTX averages, MergeME merges task vectors); `routed` keeps LoRA experts' attention deltas and
     # routes them per token with a gate of its own, reading the input-normed state.
@@ -118,9 +118,13 @@ class MixtureRouterSpec(Strict):
 
 
 class PerplexityRouterSpec(MixtureRouterSpec):
-    """Each expert scored by 1/PPL of the prompt under it."""
+    """Each expert scored by how well its own model predicts the prompt."""
 
     kind: Literal["perplexity"] = "perplexity"
+    # `inverse_perplexity`: 1/PPL, the paper's score. `log_likelihood`: log(1/PPL), the mean log-probability
+    # per token, on which `offsets` are log-priors (softmax(t * (log p(x|e) + o_e)) is Bayes' rule) and
+    # `mergeserve calibrate-router` fits a prior the 1/PPL scale cannot express.
+    score: Literal["inverse_perplexity", "log_likelihood"] = "inverse_perplexity"
 
 
 class TaskVectorRouterSpec(MixtureRouterSpec):

@@ -45,14 +45,14 @@ class CompileConfig(Strict):
 
 
 class EngineConfig(Strict):
-    max_num_seqs: int = Field(16, ge=1, le=256)
-    max_model_len: int = Field(2048, ge=16)
+    max_num_seqs: int = Field(16, ge=1, le=256)  # sequences decoded together in one step
+    max_model_len: int = Field(2048, ge=16)  # prompt and generated tokens of one sequence
     # Prompt tokens prefilled per step; bounds how long one step can stall decodes.
     max_prefill_tokens: int = Field(256, ge=1)
     # Admission limits: a request past them is refused (400 / 429) rather than queued.
     max_tokens_limit: int | None = Field(None, ge=1)  # None: only max_model_len bounds max_tokens
     max_prompt_tokens: int | None = Field(None, ge=1)  # None: only max_model_len bounds prompts
-    max_waiting: int = Field(64, ge=1)
+    max_waiting: int = Field(64, ge=1)  # sequences queued per composition; past it a request is a 429
     # Bytes the KV cache may hold (K and V, fp32, every layer): fewer sequences run at once where
     # max_num_seqs x max_model_len would need more; the others wait (or get 429 past max_waiting).
     kv_cache_budget_bytes: int | None = Field(None, ge=1)
@@ -135,8 +135,8 @@ class AliasSpec(Strict):
 
 
 class ServeConfig(Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = "127.0.0.1"  # the address to listen on (`mergeserve serve --host` overrides it)
+    port: int = Field(8000, ge=0, le=65535)  # `mergeserve serve --port` overrides it
     compositions: list[CompositionSpec] = []  # at least one, unless state_dir holds saved ones
     # A/B aliases over the compositions above: name -> {targets: {composition: weight}, sticky}.
     aliases: dict[str, AliasSpec] = {}
@@ -148,11 +148,11 @@ class ServeConfig(Strict):
     # Folders every checkpoint source must lie under (symlinks followed; relative to the config
     # file; `pkg://module/` for an installed package); empty: sources load from anywhere.
     source_roots: list[str] = []
-    admin_key: SecretStr | None = None
+    admin_key: SecretStr | None = None  # bearer key of /admin; none: the admin API is off
     # Where the admin API's compositions and aliases are saved and restored from on restart
     # (relative to the config file); none: admin changes last until the process exits.
     state_dir: str | None = None
-    max_compositions: int = Field(16, ge=1, le=256)
+    max_compositions: int = Field(16, ge=1, le=256)  # past it, a PUT of a new composition is 409
     # Replaced revisions of one composition that may still be draining; past it a PUT is 409.
     max_draining: int = Field(2, ge=1)
     # Resident bytes of the server at or past which the admin API refuses new builds (507); unset: none.
