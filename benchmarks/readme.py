@@ -41,34 +41,22 @@ def machine_line(m: dict) -> str:
 MERGE_ROWS = ("linear", "ties", "dare", "consensus", "fisher", "task-arithmetic-tuned", "btx", "mergeme-ties",
               "mergeme-dare", "btx-2", "btx-1")
 ROUTER_ROWS = ("btx", "btx-centroid", "btx-arrow", "btx-smile", "btx-learned", "btx-routed", "btx-routed-learned",
-               "seq-perplexity", "seq-task-vector", "seq-dynamic")
+               "seq-perplexity", "seq-task-vector", "seq-dynamic", "seq-dynamic-tv")
 
 
 def quality(only: tuple[str, ...] | None = None) -> list[str]:
-    """The share of each domain expert's gain over the base that every row keeps (`only`: these rows,
-    with the base and the oracle)."""
-    from mergeserve.eval.report import gain_table
-    from mergeserve.eval.results import EvalResults
-
-    results = load("merge_quality/results.json")
-    s = results["settings"]
-    rows = gain_table(EvalResults.from_json(results))
-    acc = {r["name"]: r["math"]["accuracy"] for r in results["rows"] + [results["oracle"]]}
-    rows[0] += " math acc |"
-    rows[1] += "---|"
-    for i, line in enumerate(rows[2:], 2):
-        name = line.split("|")[1].strip()
-        rows[i] = line + f" {acc[name]:.0%} |"
+    """The zoo's quality table on both held-out sets (`only`: these rows, with the base, the experts and the oracle)."""
+    table, s = _both_sets("merge_quality_sets")
+    notes = [_sets_caption(s, "merge_quality_sets")]
     if only is not None:
-        keep = {"base", "oracle", *only}
-        if missing := keep - set(acc):
-            raise KeyError(f"no row {sorted(missing)} in benchmarks/results/merge_quality/results.json")
-        rows = rows[:2] + [line for line in rows[2:] if line.split("|")[1].strip() in keep]
-    return [*rows, "",
-            f"Held-out examples per domain: {s['per_domain']}, cut to {s['max_tokens']} tokens; the first "
-            f"{s['route_tokens']} tokens of each only choose (every row alike) and the rest are scored; "
-            f"math accuracy on {s['math_problems']} held-out problems. From "
-            "`benchmarks/results/merge_quality.md`."]
+        keep = {"base", "math", "german", "code", "oracle", *only}
+        table = table[:2] + [line for line in table[2:] if line.split("|")[1].strip() in keep]
+    names = {line.split("|")[1].strip() for line in table[2:]}
+    wanted = only if only is not None else [r["name"] for r in load("merge_quality/results.json")["rows"]]
+    if missing := [name for name in wanted if name not in names]:
+        notes.append(f"Not yet scored on both sets: {', '.join(f'`{n}`' for n in missing)} (on the first set alone, with "
+                     "the specs of 2026-12-06: `benchmarks/results/merge_quality.md`).")
+    return [*table, "", "\n\n".join(notes)]
 
 
 def _both_sets(folder: str) -> tuple[list[str], dict]:
@@ -85,12 +73,6 @@ def _sets_caption(s: dict, folder: str) -> str:
             f"math_other's problems). Loss examples per domain: {s['per_domain']}, cut to {s['max_tokens']} tokens, "
             f"the first {s['route_tokens']} only choose; math accuracy on {s['math_problems']} problems of each set. From "
             f"`benchmarks/results/{folder}/results.md`.")
-
-
-def quality_sets() -> list[str]:
-    """Both held-out sets side by side: gain kept and math accuracy on training's sources / on others."""
-    table, s = _both_sets("merge_quality_sets")
-    return [*table, "", _sets_caption(s, "merge_quality_sets")]
 
 
 def hetero_sets() -> list[str]:
@@ -252,6 +234,18 @@ def short_prompt_routing() -> list[str]:
             "Uncalibrated: every offset 0. Calibrated: inverse temperature and per-expert offsets fitted by "
             f"`mergeserve calibrate-router` on the {first['calibration_prompts']} other hand-written prompts of "
             f"`short_chat_dev.jsonl`, none of them in the test set. {machine_line(d['machine'])}"]
+
+
+def short_chat_math() -> list[str]:
+    """Arithmetic in short chat questions through /v1, per composition: right answers, and how often math led."""
+    d = load("short_chat_math.json")
+    lines = ["| composition | right | with an `Answer:` line | math expert weighted most |", "|---|---|---|---|"]
+    for name, r in d["results"].items():
+        top = "–" if r["math_on_top"] is None else f"{r['math_on_top']:.0%}"
+        lines.append(f"| {name} | {r['correct']}/{r['n']} ({r['accuracy']:.0%}) | {r['answer_line']:.0%} | {top} |")
+    return [*lines, "", f"The {d['results']['math']['n']} hand-written math prompts of `{d['prompts']}`, each a chat's one user "
+            f"message through `/v1/chat/completions` with the `openai` client, greedy, at most {d['new_tokens']} new tokens "
+            f"(`benchmarks/short_chat_math.py`). {machine_line(d['machine'])}"]
 
 
 SERVERS = {"lora": "mergeserve, LoRA-native", "lora_int8": "mergeserve, LoRA-native, int8 weights, eager", "dense": "mergeserve, dense path", "base": "mergeserve, base alone",
@@ -439,10 +433,10 @@ def vllm() -> list[str]:
 
 
 RENDERERS: dict[str, Callable[[], list[str]]] = {
-    "quality": quality, "quality_sets": quality_sets, "hetero_sets": hetero_sets, "hetero_memory": hetero_memory, "dtype_loss": dtype_loss, "lora_pool": lora_pool, "soak": soak,
+    "quality": quality, "hetero_sets": hetero_sets, "hetero_memory": hetero_memory, "dtype_loss": dtype_loss, "lora_pool": lora_pool, "soak": soak,
     "route_throughput": route_throughput, "profile": profile, "btx_attention": btx_attention,
     "serving": serving, "build_time": build_time, "memory": memory, "shared_base": shared_base, "vllm": vllm,
-    "compiled_step": compiled_step, "short_prompt_routing": short_prompt_routing,
+    "compiled_step": compiled_step, "short_prompt_routing": short_prompt_routing, "short_chat_math": short_chat_math,
     "quality_merges": lambda: quality(MERGE_ROWS), "quality_routers": lambda: quality(ROUTER_ROWS),
     "serving_review": lambda: serving(HEADLINE_RUN), "headline": headline,
 }

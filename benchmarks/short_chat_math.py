@@ -8,7 +8,7 @@ number after its last `Answer:` is the answer, or, for a reply without that line
 number (lm-eval's flexible extract). For compositions that route, the response's `experts`
 field says whether the math expert got the most weight. Writes benchmarks/results/short_chat_math.json.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/short_chat_math.py [--specs base math btx seq_dynamic]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/short_chat_math.py [--specs base math btx seq_dynamic seq_dynamic_tv]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def summary(rows: list[dict]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--specs", nargs="+", default=["base", "math", "btx", "seq_dynamic"], help="names under examples/zoo/specs")
+    p.add_argument("--specs", nargs="+", default=["base", "math", "btx", "seq_dynamic", "seq_dynamic_tv"], help="names under examples/zoo/specs")
     p.add_argument("--new-tokens", type=int, default=160)
     p.add_argument("--timeout", type=float, default=1200)
     args = p.parse_args()

@@ -5,7 +5,7 @@ o that maximise the likelihood of each prompt's own expert under softmax(t * (sc
 router's scores held fixed. The loss is convex in (t, t * o): a golden-section search over log t
 starts it, L-BFGS fits both. The offsets are the prior the raw scores lack (one expert's
 perplexity is lower on every short question). `mergeserve calibrate-router` fits them on a split
-the user holds out (the zoo's: examples/zoo/data/<expert>/short_chat.jsonl) and writes the spec
+the user holds out (the zoo's: examples/zoo/data/<expert>/short_chat_dev.jsonl) and writes the spec
 with `router.inverse_temperature` and `router.offsets`, so no one sets them by hand.
 """
 
