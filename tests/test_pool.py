@@ -74,6 +74,21 @@ def test_peft_adapter_expert_matches_peft_and_shares_untouched_tensors(zoo, tmp_
     torch.testing.assert_close(engine.logits(ids), expected, atol=1e-4, rtol=0)
 
 
+def test_adapters_merged_into_dense_weights_leave_the_shared_base_as_it_was(zoo, tmp_path):
+    pool = ExpertPool(lora="merged")
+    base = pool.get(str(zoo["base"]))
+    before = {k: t.clone() for k, t in base.tensors.items()}
+    first, second = (lora_adapter(zoo["base"], tmp_path / f"lora{i}", seed=i) for i in (1, 2))
+    pool.get(str(first), base=str(zoo["base"]))
+    merged = pool.get(str(second), base=str(zoo["base"]))
+    for key, t in before.items():
+        assert torch.equal(base.tensors[key], t), f"{key}: merging an adapter wrote into the base"
+    # The second adapter merged onto the base itself, not onto the base plus the first.
+    factored = ExpertPool().get(str(second), base=str(zoo["base"]))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(merged.tensors[key], factored.tensors[key], atol=1e-6, rtol=0)
+
+
 def test_refuses_pickle_checkpoints(zoo, tmp_path):
     folder = tmp_path / "pickled"
     shutil.copytree(zoo["base"], folder)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -135,7 +136,12 @@ def merged_adapter(folder: Path, base: Checkpoint) -> Checkpoint:
     """The adapter merged into dense weights by peft; untouched tensors stay the base's own."""
     try:
         model = PeftModel.from_pretrained(hf_module(base), str(folder))
-        # safe_merge writes merged weights into new tensors instead of the shared base ones.
+        # The layers peft wraps hold the pool's own base tensors (hf_module shares them), and peft
+        # (0.22 on) merges into them in place even with safe_merge: give each a copy first.
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                layer = module.get_base_layer()
+                layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
         merged = model.merge_and_unload(safe_merge=True)
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{folder}: adapter does not fit the base {base.source}: {e}") from e
