@@ -15,6 +15,7 @@ import argparse
 import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -68,9 +69,13 @@ def _both_sets(folder: str) -> tuple[list[str], dict]:
     return sets_table(done), done["other"].settings
 
 
+OTHER_SOURCES = {"code": "click's source", "german": "the German GIMP manual", "math": "math_other's problems"}
+
+
 def _sets_caption(s: dict, folder: str) -> str:
-    return (f"Each cell: `heldout` (training's own sources) / `other` (click's source, the German GIMP manual, "
-            f"math_other's problems). Loss examples per domain: {s['per_domain']}, cut to {s['max_tokens']} tokens, "
+    other = ", ".join(OTHER_SOURCES[d] for d in ("code", "german", "math") if d in s["loss_examples"])
+    return (f"Each cell: `heldout` (training's own sources) / `other` ({other}). "
+            f"Loss examples per domain: {s['per_domain']}, cut to {s['max_tokens']} tokens, "
             f"the first {s['route_tokens']} only choose; math accuracy on {s['math_problems']} problems of each set. From "
             f"`benchmarks/results/{folder}/results.md`.")
 
@@ -94,9 +99,9 @@ def dtype_loss() -> list[str]:
     names = {"bfloat16": "bf16", "int8": "int8"}
     lines = [f"Held-out loss of `{d['spec']}` minus fp32's ({d['examples_per_domain']} examples per domain, "
              f"{d['max_tokens']} tokens, {d['threads']} thread{'s' if d['threads'] > 1 else ''}):", ""]
-    for fmt, diffs in d["minus_float32"].items():
-        cells = ", ".join(f"{dom} {diff:+.4f} ({d['relative'][fmt][dom]:+.2%})" for dom, diff in diffs.items())
-        lines.append(f"- {names[fmt]}: {cells}")
+    for dtype, diffs in d["minus_float32"].items():
+        cells = ", ".join(f"{dom} {diff:+.4f} ({d['relative'][dtype][dom]:+.2%})" for dom, diff in diffs.items())
+        lines.append(f"- {names[dtype]}: {cells}")
     return [*lines, "", f"Deterministic, so one run. {machine_line(d['machine'])}"]
 
 
@@ -225,15 +230,32 @@ def short_prompt_routing() -> list[str]:
     ways = {"whole_prompt": "whole templated prompt", "user_message": "user message",
             "calibrated": "user message, calibrated", "calibrated_log_likelihood": "user message, calibrated, log-likelihood scale",
             "calibrated_inverse_perplexity": "user message, calibrated, 1/PPL scale"}
+    calibrated = {k: v for k, v in ways.items() if k.startswith("calibrated")}
+    ways |= {f"{k}_long_{s}": f"long `{s}` texts, first tokens, {v.removeprefix('user message, ')}"
+             for s in ("heldout", "other") for k, v in calibrated.items()}
+    misrouted = []
     for name, r in d["routers"].items():
         lines += [row(f"`{name}` ({r['kind']})", way, r[key]) for key, way in ways.items() if key in r]
+        misrouted += [f"`{name}`, {way.removeprefix('long ')}: {_misrouted(r[key]['misrouted'])}"
+                      for key, way in ways.items() if r.get(key, {}).get("misrouted")]
     first = next(iter(d["routers"].values()))
     return [*lines, "", "Accuracy: the domain's expert has the largest weight. The short chat prompts of "
             "`examples/zoo/data/<domain>/short_chat.jsonl`, each one user message through the base's chat template "
             f"(median {first['prompt_tokens_median']:.0f} tokens, of which the message {first['user_message_tokens_median']:.0f}). "
             "Uncalibrated: every offset 0. Calibrated: inverse temperature and per-expert offsets fitted by "
             f"`mergeserve calibrate-router` on the {first['calibration_prompts']} other hand-written prompts of "
-            f"`short_chat_dev.jsonl`, none of them in the test set. {machine_line(d['machine'])}"]
+            f"`short_chat_dev.jsonl`, none of them in the test set. Long texts: each held-out text `mergeserve eval` "
+            f"scores, routed as it routes them, on its first {first['route_tokens']} tokens, by the same calibrated router"
+            + (f"; misrouted: {'; '.join(misrouted)}" if misrouted else "")
+            + f". {machine_line(d['machine'])}"]
+
+
+def _misrouted(texts: list[dict]) -> str:
+    """A few misrouted texts by name (domain #index in its file), more as counts per domain and destination."""
+    if len(texts) <= 3:
+        return ", ".join(f"{m['domain']} #{m['index']} to {m['to']}" for m in texts)
+    counts = Counter((m["domain"], m["to"]) for m in texts)
+    return ", ".join(f"{n} {d} to {to}" for (d, to), n in counts.items())
 
 
 def short_chat_math() -> list[str]:
@@ -363,7 +385,7 @@ def build_time() -> list[str]:
 
 def memory() -> list[str]:
     d = load("memory_compositions.json")
-    s, p = d["servers"], d["in_process"]
+    s = d["servers"]
     return ["| served | RSS (MiB) |", "|---|---|",
             f"| composition A (`{d['compositions']['a']}`) alone | {fmt(s['server_a_mib'], 0)} |",
             f"| composition B (`{d['compositions']['b']}`) alone | {fmt(s['server_b_mib'], 0)} |",

@@ -13,6 +13,9 @@ and the mean log-likelihood per token (`router.score: log_likelihood`), on which
 log-priors. Reported per router and way: accuracy (the domain's expert has the largest weight)
 per domain and overall, the mean weight on the right expert, and the share of prompts an unsure
 router (router.min_margin, `--min-margin`) would mix over every expert.
+Then the same calibrated routers on long texts, as `mergeserve eval` routes them: the first
+`route_tokens` tokens of each held-out text of both sets (`heldout`, `other`; the eval's first
+`per_domain` texts per domain, those long enough to score), with the misrouted texts named.
 Writes benchmarks/results/short_prompt_routing.json.
 
     .venv/bin/python benchmarks/short_prompt_routing.py [--specs seq_dynamic.yaml task_vector.yaml] [--min-margin 0.2]
@@ -31,6 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import commit, machine  # noqa: E402
 
 from mergeserve.engine.mixture_router import MixtureRouter  # noqa: E402
+from mergeserve.eval.datasets import SETS, load_eval_data  # noqa: E402
+from mergeserve.eval.metrics import tokenize  # noqa: E402
+from mergeserve.eval.scoring import EvalSettings  # noqa: E402
 from mergeserve.experts import ExpertPool  # noqa: E402
 from mergeserve.learn.router_temperature import fit_calibration, labelled_prompts  # noqa: E402
 from mergeserve.learn.compose import build  # noqa: E402
@@ -44,6 +50,19 @@ def prompts(composed, split: str = "short_chat") -> list[tuple[int, list[int], t
     """(expert index, templated prompt tokens, the user message's span) of every prompt of `split`,
     as `mergeserve calibrate-router` reads them."""
     return labelled_prompts(composed, {d: [ZOO / "data" / d / f"{split}.jsonl"] for d in composed.expert_names}, chat=True)
+
+
+def long_texts(composed, held_out: str) -> list[tuple[int, int, list[int]]]:
+    """(expert index, the text's index in its file, its first route_tokens tokens) of each text
+    `mergeserve eval` scores on `held_out`: the first per_domain of each domain, long enough to score."""
+    settings = EvalSettings()
+    names = list(composed.expert_names)
+    data = load_eval_data(ZOO / "data", tuple(names), settings.per_domain, held_out=held_out)
+    rows = []
+    for e, name in enumerate(names):
+        ids = tokenize(composed.tokenizer, [x["text"] for x in data.domains[name]], settings.max_tokens)
+        rows += [(e, i, x[:settings.route_tokens]) for i, x in enumerate(ids) if len(x) > settings.route_tokens]
+    return rows
 
 
 def evaluate(scores: torch.Tensor, truth: torch.Tensor, names: list[str], t: float, min_margin: float,
@@ -74,12 +93,23 @@ def route(router: MixtureRouter, names: list[str], rows, dev_rows, min_margin: f
     if router.routing.kind == "perplexity":  # both scales, from whichever the spec scores on
         to_log = (lambda x: x) if router.routing.score == "log_likelihood" else torch.log
         scales = {"calibrated_log_likelihood": to_log, "calibrated_inverse_perplexity": lambda x: to_log(x).exp()}
+    fits = {name: fit_calibration(scale(dev), dev_truth) for name, scale in scales.items()}  # (t, offsets)
     for name, scale in scales.items():
-        t, offsets = fit_calibration(scale(dev), dev_truth)
+        t, offsets = fits[name]
         out[name] = evaluate(scale(content), truth, names, t, min_margin, offsets)
+    for held_out in SETS:  # long texts, routed on their first tokens as the eval routes them
+        texts = long_texts(router.composed, held_out)
+        scores, text_truth = scored([(e, ids, None) for e, _, ids in texts])
+        for name, scale in scales.items():
+            t, offsets = fits[name]
+            guess = (scale(scores) + offsets).argmax(1)
+            out[f"{name}_long_{held_out}"] = evaluate(scale(scores), text_truth, names, t, min_margin, offsets) | {
+                "misrouted": [{"domain": names[e], "index": i, "to": names[g]}
+                              for (e, i, _), g in zip(texts, guess.tolist()) if g != e]}
     out["prompt_tokens_median"] = float(torch.tensor([len(ids) for _, ids, _ in rows]).float().median())
     out["user_message_tokens_median"] = float(torch.tensor([s[1] - s[0] for _, _, s in rows if s]).float().median())
     out["calibration_prompts"] = len(dev_rows)
+    out["route_tokens"] = EvalSettings().route_tokens
     return out
 
 
