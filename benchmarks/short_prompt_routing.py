@@ -18,7 +18,7 @@ Then the same calibrated routers on long texts, as `mergeserve eval` routes them
 `per_domain` texts per domain, those long enough to score), with the misrouted texts named.
 Writes benchmarks/results/short_prompt_routing.json.
 
-    .venv/bin/python benchmarks/short_prompt_routing.py [--specs seq_dynamic.yaml task_vector.yaml] [--min-margin 0.2]
+    .venv/bin/python benchmarks/short_prompt_routing.py [--specs seq_dynamic.yaml seq_dynamic_tv.yaml] [--min-margin 0.2]
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def route(router: MixtureRouter, names: list[str], rows, dev_rows, min_margin: f
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--specs", nargs="+", default=["seq_dynamic.yaml", "task_vector.yaml"])
+    p.add_argument("--specs", nargs="+", default=["seq_dynamic.yaml", "seq_dynamic_tv.yaml"])
     p.add_argument("--min-margin", type=float, default=0.2)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/short_prompt_routing.json"))
     args = p.parse_args()
