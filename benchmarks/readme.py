@@ -86,6 +86,12 @@ def hetero_sets() -> list[str]:
     return [*table, "", _sets_caption(s, "merge_quality_hetero_sets")]
 
 
+def full_sets() -> list[str]:
+    """The two full fine-tunes (math, code) and their merges on both held-out sets."""
+    table, s = _both_sets("merge_quality_full_sets")
+    return [*table, "", _sets_caption(s, "merge_quality_full_sets")]
+
+
 def hetero_memory() -> list[str]:
     d = load("hetero_memory.json")
     return [f"Resident memory after /ready and one chat request, {d['rounds']} rounds, a fresh server each: "
@@ -455,7 +461,7 @@ def vllm() -> list[str]:
 
 
 RENDERERS: dict[str, Callable[[], list[str]]] = {
-    "quality": quality, "hetero_sets": hetero_sets, "hetero_memory": hetero_memory, "dtype_loss": dtype_loss, "lora_pool": lora_pool, "soak": soak,
+    "quality": quality, "hetero_sets": hetero_sets, "full_sets": full_sets, "hetero_memory": hetero_memory, "dtype_loss": dtype_loss, "lora_pool": lora_pool, "soak": soak,
     "route_throughput": route_throughput, "profile": profile, "btx_attention": btx_attention,
     "serving": serving, "build_time": build_time, "memory": memory, "shared_base": shared_base, "vllm": vllm,
     "compiled_step": compiled_step, "short_prompt_routing": short_prompt_routing, "short_chat_math": short_chat_math,
