@@ -73,23 +73,17 @@ OTHER_SOURCES = {"code": "click's source", "german": "the German GIMP manual", "
 
 
 def _sets_caption(s: dict, folder: str) -> str:
-    other = ", ".join(OTHER_SOURCES[d] for d in ("code", "german", "math") if d in s["loss_examples"])
+    other = ", ".join(source for d, source in OTHER_SOURCES.items() if d in s["loss_examples"])
     return (f"Each cell: `heldout` (training's own sources) / `other` ({other}). "
             f"Loss examples per domain: {s['per_domain']}, cut to {s['max_tokens']} tokens, "
             f"the first {s['route_tokens']} only choose; math accuracy on {s['math_problems']} problems of each set. From "
             f"`benchmarks/results/{folder}/results.md`.")
 
 
-def hetero_sets() -> list[str]:
-    """The heterogeneous zoo on both held-out sets: request routing and MergeME's merge of whole models."""
-    table, s = _both_sets("merge_quality_hetero_sets")
-    return [*table, "", _sets_caption(s, "merge_quality_hetero_sets")]
-
-
-def full_sets() -> list[str]:
-    """The two full fine-tunes (math, code) and their merges on both held-out sets."""
-    table, s = _both_sets("merge_quality_full_sets")
-    return [*table, "", _sets_caption(s, "merge_quality_full_sets")]
+def sets_block(folder: str) -> list[str]:
+    """`folder`'s table on both held-out sets with its caption (the heterogeneous zoo, the full fine-tunes)."""
+    table, s = _both_sets(folder)
+    return [*table, "", _sets_caption(s, folder)]
 
 
 def hetero_memory() -> list[str]:
@@ -461,7 +455,8 @@ def vllm() -> list[str]:
 
 
 RENDERERS: dict[str, Callable[[], list[str]]] = {
-    "quality": quality, "hetero_sets": hetero_sets, "full_sets": full_sets, "hetero_memory": hetero_memory, "dtype_loss": dtype_loss, "lora_pool": lora_pool, "soak": soak,
+    "quality": quality, "hetero_sets": lambda: sets_block("merge_quality_hetero_sets"),
+    "full_sets": lambda: sets_block("merge_quality_full_sets"), "hetero_memory": hetero_memory, "dtype_loss": dtype_loss, "lora_pool": lora_pool, "soak": soak,
     "route_throughput": route_throughput, "profile": profile, "btx_attention": btx_attention,
     "serving": serving, "build_time": build_time, "memory": memory, "shared_base": shared_base, "vllm": vllm,
     "compiled_step": compiled_step, "short_prompt_routing": short_prompt_routing, "short_chat_math": short_chat_math,
