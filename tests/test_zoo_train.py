@@ -11,7 +11,7 @@ from mergeserve.experts import ExpertPool
 from mergeserve.zoo.card import CURVE_NOTE, rescore_card, write_card
 from mergeserve.zoo.config import TrainConfig
 from mergeserve.zoo.reshape import kept_layers, prune_depth, to_qwen2
-from mergeserve.zoo.train import TARGET_MODULES, save_full, trainable, trained_state
+from mergeserve.zoo.train import TARGET_MODULES, save_full, train_step, trainable, trained_state
 
 
 def test_a_full_fine_tune_trains_every_projection_and_nothing_else(zoo):
@@ -81,3 +81,16 @@ def test_rescoring_another_domains_row_leaves_the_training_curve_unflagged(tmp_p
     assert rescore_card(tmp_path / "README.md", "german", {"math": 2.1, "german": 4.0, "code": 2.0},
                         {"math": 2.4, "german": 3.0, "code": 2.1})
     assert CURVE_NOTE not in (tmp_path / "README.md").read_text()
+
+
+def test_a_training_step_on_the_completion_alone_lowers_its_loss(zoo):
+    torch.manual_seed(0)
+    model = trainable(LlamaForCausalLM.from_pretrained(zoo["base"]), TrainConfig("math", full=True))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    x = torch.randint(0, model.config.vocab_size, (2, 16))  # [B, T]
+    completion = torch.full_like(x, -100)  # -100: not a target
+    completion[:, 8:] = x[:, 8:]  # the second half of each row is the answer
+    first = train_step(model, params, optimizer, scheduler, x, completion)
+    assert train_step(model, params, optimizer, scheduler, x, completion) < first

@@ -148,6 +148,18 @@ def save_full(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, folde
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir()) if f.is_file()}
 
 
+def train_step(model: torch.nn.Module, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, scheduler,
+               x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One optimizer step on rows x [B, T] (labels [B, T], -100 where a token is no target); the loss."""
+    loss = model(input_ids=x, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def default_paths(cfg: TrainConfig) -> tuple[Path, Path]:
     """(the output folder, the checkpoint folder). Full fine-tunes (270 MB) are built into build/, not committed."""
     if cfg.full:
@@ -189,12 +201,7 @@ def train(cfg: TrainConfig, out: Path | None = None, ckpt_dir: Path | None = Non
     while state["step"] < cfg.steps:
         start = time.perf_counter()
         x = rows[state["step"] * cfg.batch_size:(state["step"] + 1) * cfg.batch_size]  # [B, T]
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(model, params, optimizer, scheduler, x, x)
         state["step"] += 1
         state["seconds"] += time.perf_counter() - start
         state["train_loss"].append(loss.item())

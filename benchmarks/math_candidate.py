@@ -1,0 +1,128 @@
+"""Train a candidate math expert (not the zoo's) on wider data, and say what changed.
+
+The zoo's math expert learns the worked steps of its own templates and the wording of their
+questions alike (every token of a packed row is a target). This candidate tries two things the
+issue-26 target asks about: many more problem shapes (math_wide's, beside the zoo's templates and
+stories), and, with `--completion-only`, a loss on the worked steps and the answer only, so that
+the adapter spends nothing on predicting how questions are phrased.
+
+    python benchmarks/math_candidate.py --wide 12000 --steps 700 --completion-only --out build/zoo/math_cand
+    mergeserve eval --spec <a math spec whose source is OUT/adapter> --domains math --sets heldout other --math 50 --mixed 1
+
+The adapter goes to OUT/adapter, the loss curve and settings to OUT/train.json. Resuming is not
+supported: this is a one-off experiment, not the zoo's recipe (zoo/train.py is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict
+from itertools import islice
+from pathlib import Path
+
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import get_cosine_schedule_with_warmup
+
+from mergeserve.eval.metrics import MATH_PROMPT
+from mergeserve.zoo import math_data, math_wide
+from mergeserve.zoo.config import TrainConfig
+from mergeserve.zoo.data import load_split
+from mergeserve.zoo.heldout import heldout_loss
+from mergeserve.zoo.splits import Example
+from mergeserve.zoo.train import eval_set, load_base, save_adapter, train_step, trainable
+
+WIDE_SEED = 11
+
+
+def wide_problems(count: int, heldout: list[Example]) -> list[Example]:
+    """The first `count` math_wide problems sharing neither a question nor worked arithmetic with `heldout`."""
+    keys = {math_data.arithmetic_key(e) for e in heldout}
+    questions = {e["question"] for e in heldout}
+    kept = (e for _, e in math_data.problem_stream(math_wide.SHAPES, WIDE_SEED)
+            if e["question"] not in questions and math_data.arithmetic_key(e) not in keys)
+    return list(islice(kept, count))
+
+
+def labelled(example: Example, tokenizer, completion_only: bool) -> tuple[list[int], list[int]]:
+    """(token ids with EOS, labels): with completion_only the question's tokens are not targets."""
+    enc = tokenizer(example["text"], add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc.input_ids + [tokenizer.eos_token_id]
+    if not completion_only:
+        return ids, list(ids)
+    prompt_chars = len(MATH_PROMPT.format(question=example["question"]))
+    labels = [-100 if end <= prompt_chars else t for t, (_, end) in zip(enc.input_ids, enc.offset_mapping)]
+    return ids, labels + [tokenizer.eos_token_id]
+
+
+def packed_rows(examples: list[Example], tokenizer, rows: int, seq_len: int, seed: int,
+                completion_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """([rows, T] ids, [rows, T] labels): examples in seeded random order, packed, repeated if short."""
+    order, rng, ids, labels, need = list(range(len(examples))), random.Random(seed), [], [], rows * seq_len
+    while len(ids) < need:
+        rng.shuffle(order)
+        for i in order:
+            x, y = labelled(examples[i], tokenizer, completion_only)
+            ids += x
+            labels += y
+            if len(ids) >= need:
+                break
+    return torch.tensor(ids[:need]).view(rows, seq_len), torch.tensor(labels[:need]).view(rows, seq_len)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--wide", type=int, default=12000, help="math_wide problems added to the zoo's math training split")
+    p.add_argument("--steps", type=int, default=700)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--completion-only", action="store_true", help="no loss on the question's tokens")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--init", type=Path, help="start from this adapter folder (an earlier run's OUT/adapter)")
+    p.add_argument("--skip-steps", type=int, default=0, help="continue the data order after this many steps of an earlier run")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args()
+
+    cfg = TrainConfig("math", steps=a.steps, rank=a.rank, alpha=2 * a.rank, lr=a.lr, eval_every=a.eval_every)
+    torch.set_num_threads(2)
+    torch.manual_seed(cfg.seed)
+    base, tokenizer = load_base()
+    model = trainable(base, cfg)
+    if a.init is not None:
+        set_peft_model_state_dict(model, {k: v.float() for k, v in load_file(a.init / "adapter_model.safetensors").items()})
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+
+    heldout = load_split("math", "heldout")
+    data = load_split("math", "train") + wide_problems(a.wide, heldout)
+    x_all, y_all = packed_rows(data, tokenizer, (a.skip_steps + cfg.steps) * cfg.batch_size, cfg.seq_len, cfg.seed, a.completion_only)
+    x_all, y_all = x_all[a.skip_steps * cfg.batch_size:], y_all[a.skip_steps * cfg.batch_size:]  # the rows an earlier run did not train on
+    held = eval_set("math", cfg)
+    curve, train_loss, seconds = [[0, heldout_loss(model, tokenizer, held, cfg.seq_len)]], [], 0.0
+    print(f"{len(data)} examples; step 0 held-out loss {curve[-1][1]:.4f}", flush=True)
+    model.train()
+    for step in range(1, cfg.steps + 1):
+        start = time.perf_counter()
+        x, y = x_all[(step - 1) * cfg.batch_size:step * cfg.batch_size], y_all[(step - 1) * cfg.batch_size:step * cfg.batch_size]
+        loss = train_step(model, params, optimizer, scheduler, x, y)
+        seconds += time.perf_counter() - start
+        train_loss.append(loss.item())
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            curve.append([step, heldout_loss(model, tokenizer, held, cfg.seq_len)])
+            print(f"step {step}: held-out loss {curve[-1][1]:.4f}, train loss {sum(train_loss[-cfg.eval_every:]) / len(train_loss[-cfg.eval_every:]):.4f}, "
+                  f"{step * cfg.batch_size * cfg.seq_len / seconds:.0f} tokens/s", flush=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    save_adapter(model, a.out / "adapter")
+    (a.out / "train.json").write_text(json.dumps({
+        "config": asdict(cfg), "init": str(a.init) if a.init else None, "skip_steps": a.skip_steps, "wide": a.wide, "wide_seed": WIDE_SEED, "completion_only": a.completion_only,
+        "examples": len(data), "seconds": seconds, "curve": curve, "train_loss": train_loss}, indent=1) + "\n")
+    print(f"wrote {a.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
