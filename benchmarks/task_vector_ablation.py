@@ -13,7 +13,7 @@ Each variant is calibrated as `mergeserve calibrate-router` does (learn/router_t
 long texts of `heldout` and `other`, routed on their first route_tokens tokens), with misrouted
 texts named. Choose a variant on the dev splits only.
 
-    .venv/bin/python benchmarks/task_vector_ablation.py   # about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/task_vector_ablation.py   # about 20 minutes on 2 cores
 
 Writes benchmarks/results/task_vector_ablation.json.
 """
