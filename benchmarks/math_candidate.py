@@ -9,8 +9,9 @@ the adapter spends nothing on predicting how questions are phrased.
     python benchmarks/math_candidate.py --wide 12000 --steps 700 --completion-only --out build/zoo/math_cand
     mergeserve eval --spec <a math spec whose source is OUT/adapter> --domains math --sets heldout other --math 50 --mixed 1
 
-The adapter goes to OUT/adapter, the loss curve and settings to OUT/train.json. Resuming is not
-supported: this is a one-off experiment, not the zoo's recipe (zoo/train.py is).
+The adapter goes to OUT/adapter, the loss curve and settings to OUT/train.json. `--init` starts
+from an earlier run's adapter and `--skip-steps N` trains on the packed rows after that run's N
+steps (a new schedule, not a resumed one). An experiment, not the zoo's recipe (zoo/train.py is).
 """
 
 from __future__ import annotations
