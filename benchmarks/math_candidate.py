@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from dataclasses import asdict
-from itertools import islice
 from pathlib import Path
 
 import torch
@@ -29,6 +27,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import get_cosine_schedule_with_warmup
 
+from mergeserve.calibration import packed_rows
 from mergeserve.eval.metrics import MATH_PROMPT
 from mergeserve.zoo import math_data, math_wide
 from mergeserve.zoo.config import TrainConfig
@@ -42,11 +41,7 @@ WIDE_SEED = 11
 
 def wide_problems(count: int, heldout: list[Example]) -> list[Example]:
     """The first `count` math_wide problems sharing neither a question nor worked arithmetic with `heldout`."""
-    keys = {math_data.arithmetic_key(e) for e in heldout}
-    questions = {e["question"] for e in heldout}
-    kept = (e for _, e in math_data.problem_stream(math_wide.SHAPES, WIDE_SEED)
-            if e["question"] not in questions and math_data.arithmetic_key(e) not in keys)
-    return list(islice(kept, count))
+    return math_data.problems_apart(math_wide.SHAPES, WIDE_SEED, heldout, count)
 
 
 def labelled(example: Example, tokenizer, completion_only: bool) -> tuple[list[int], list[int]]:
@@ -58,21 +53,6 @@ def labelled(example: Example, tokenizer, completion_only: bool) -> tuple[list[i
     prompt_chars = len(MATH_PROMPT.format(question=example["question"]))
     labels = [-100 if end <= prompt_chars else t for t, (_, end) in zip(enc.input_ids, enc.offset_mapping)]
     return ids, labels + [tokenizer.eos_token_id]
-
-
-def packed_rows(examples: list[Example], tokenizer, rows: int, seq_len: int, seed: int,
-                completion_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """([rows, T] ids, [rows, T] labels): examples in seeded random order, packed, repeated if short."""
-    order, rng, ids, labels, need = list(range(len(examples))), random.Random(seed), [], [], rows * seq_len
-    while len(ids) < need:
-        rng.shuffle(order)
-        for i in order:
-            x, y = labelled(examples[i], tokenizer, completion_only)
-            ids += x
-            labels += y
-            if len(ids) >= need:
-                break
-    return torch.tensor(ids[:need]).view(rows, seq_len), torch.tensor(labels[:need]).view(rows, seq_len)
 
 
 def main() -> None:
@@ -101,7 +81,8 @@ def main() -> None:
 
     heldout = load_split("math", "heldout")
     data = load_split("math", "train") + wide_problems(a.wide, heldout)
-    x_all, y_all = packed_rows(data, tokenizer, (a.skip_steps + cfg.steps) * cfg.batch_size, cfg.seq_len, cfg.seed, a.completion_only)
+    x_all, y_all = packed_rows(len(data), lambda i: labelled(data[i], tokenizer, a.completion_only),
+                               (a.skip_steps + cfg.steps) * cfg.batch_size, cfg.seq_len, cfg.seed)
     x_all, y_all = x_all[a.skip_steps * cfg.batch_size:], y_all[a.skip_steps * cfg.batch_size:]  # the rows an earlier run did not train on
     held = eval_set("math", cfg)
     curve, train_loss, seconds = [[0, heldout_loss(model, tokenizer, held, cfg.seq_len)]], [], 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,16 +51,29 @@ def read_texts(path: Path) -> list[str]:
     return [e["text"] for e in examples]
 
 
-def token_rows(texts: list[str], tokenizer: PreTrainedTokenizerBase, rows: int, seq_len: int, seed: int) -> torch.Tensor:
-    """`rows` sequences of `seq_len` tokens: texts in seeded random order, EOS after each, repeated if short."""
-    order, rng, ids, need = list(range(len(texts))), random.Random(seed), [], rows * seq_len
+def packed_rows(count: int, encode: Callable[[int], tuple[list[int], list[int]]], rows: int, seq_len: int,
+                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([rows, T] ids, [rows, T] labels) of items 0..count-1 in seeded random order, packed, repeated
+    if short; encode(i) gives item i's (ids, labels), called only for the items that fit."""
+    order, rng, ids, labels, need = list(range(count)), random.Random(seed), [], [], rows * seq_len
     while len(ids) < need:
         rng.shuffle(order)
         for i in order:
-            ids += tokenizer(texts[i], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            x, y = encode(i)
+            ids += x
+            labels += y
             if len(ids) >= need:
                 break
-    return torch.tensor(ids[:need]).view(rows, seq_len)  # [rows, T]
+    return torch.tensor(ids[:need]).view(rows, seq_len), torch.tensor(labels[:need]).view(rows, seq_len)
+
+
+def token_rows(texts: list[str], tokenizer: PreTrainedTokenizerBase, rows: int, seq_len: int, seed: int) -> torch.Tensor:
+    """`rows` sequences of `seq_len` tokens: texts in seeded random order, EOS after each, repeated if short."""
+    def encode(i: int) -> tuple[list[int], list[int]]:
+        ids = tokenizer(texts[i], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        return ids, ids
+
+    return packed_rows(len(texts), encode, rows, seq_len, seed)[0]  # [rows, T]
 
 
 def file_rows(texts: list[list[str]], tokenizer: PreTrainedTokenizerBase, rows: int, seq_len: int, seed: int) -> torch.Tensor:

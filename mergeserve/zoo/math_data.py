@@ -190,12 +190,17 @@ def heldout_problems(train: list[Example], count: int = HELDOUT_SIZE) -> tuple[l
     return kept, mix, dropped
 
 
-def stories(heldout: list[Example], count: int = STORY_SIZE) -> list[Example]:
-    """The first `count` composed stories (math_story) that share neither a question nor an
+def problems_apart(templates: list[Callable[[random.Random], Problem]], seed: int, heldout: list[Example], count: int) -> list[Example]:
+    """The first `count` problems of the seed's stream that share neither a question nor an
     arithmetic key with `heldout`."""
     keys, questions = {arithmetic_key(e) for e in heldout}, {e["question"] for e in heldout}
-    kept = (e for _, e in problem_stream(math_story.SHAPES, STORY_SEED) if e["question"] not in questions and arithmetic_key(e) not in keys)
+    kept = (e for _, e in problem_stream(templates, seed) if e["question"] not in questions and arithmetic_key(e) not in keys)
     return list(islice(kept, count))
+
+
+def stories(heldout: list[Example], count: int = STORY_SIZE) -> list[Example]:
+    """The first `count` composed stories (math_story) apart from `heldout`."""
+    return problems_apart(math_story.SHAPES, STORY_SEED, heldout, count)
 
 
 def build() -> tuple[list[Example], list[Example]]:
