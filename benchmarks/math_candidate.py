@@ -7,11 +7,14 @@ stories), and, with `--completion-only`, a loss on the worked steps and the answ
 the adapter spends nothing on predicting how questions are phrased.
 
     python benchmarks/math_candidate.py --wide 12000 --steps 700 --completion-only --out build/zoo/math_cand
+    python benchmarks/math_candidate.py --wide 12000 --steps 350 --lr 3e-4 --completion-only --drill 0.2 \
+      --init build/zoo/math_cand/adapter --skip-steps 700 --out build/zoo/math_cand3
     mergeserve eval --spec <a math spec whose source is OUT/adapter> --domains math --sets heldout other --math 50 --mixed 1
 
 The adapter goes to OUT/adapter, the loss curve and settings to OUT/train.json. `--init` starts
 from an earlier run's adapter and `--skip-steps N` trains on the packed rows after that run's N
-steps (a new schedule, not a resumed one). An experiment, not the zoo's recipe (zoo/train.py is).
+steps (a new schedule, not a resumed one); `--drill S` puts math_drill's arithmetic practice in
+a share S of the rows. An experiment, not the zoo's recipe (zoo/train.py is).
 """
 
 from __future__ import annotations
@@ -29,19 +32,32 @@ from transformers import get_cosine_schedule_with_warmup
 
 from mergeserve.calibration import packed_rows
 from mergeserve.eval.metrics import MATH_PROMPT
-from mergeserve.zoo import math_data, math_wide
+from mergeserve.zoo import math_data, math_drill, math_wide
 from mergeserve.zoo.config import TrainConfig
 from mergeserve.zoo.data import load_split
 from mergeserve.zoo.heldout import heldout_loss
 from mergeserve.zoo.splits import Example
 from mergeserve.zoo.train import eval_set, load_base, save_adapter, train_step, trainable
 
-WIDE_SEED = 11
+WIDE_SEED, DRILL_SEED, DRILL_PROBLEMS = 11, 13, 8000
 
 
 def wide_problems(count: int, heldout: list[Example]) -> list[Example]:
     """The first `count` math_wide problems sharing neither a question nor worked arithmetic with `heldout`."""
     return math_data.problems_apart(math_wide.SHAPES, WIDE_SEED, heldout, count)
+
+
+def drill_problems(count: int, heldout: list[Example]) -> list[Example]:
+    """The first `count` math_drill problems sharing neither a question nor worked arithmetic with `heldout`."""
+    return math_data.problems_apart(math_drill.SHAPES, DRILL_SEED, heldout, count)
+
+
+def with_drill(x: torch.Tensor, y: torch.Tensor, drill: tuple[torch.Tensor, torch.Tensor], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The drill rows in place of as many of the last rows of (x, y), all rows in seeded random order."""
+    xd, yd = drill
+    x, y = torch.cat([x[:len(x) - len(xd)], xd]), torch.cat([y[:len(y) - len(yd)], yd])  # [rows, T]
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    return x[order], y[order]
 
 
 def labelled(example: Example, tokenizer, completion_only: bool) -> tuple[list[int], list[int]]:
@@ -60,6 +76,7 @@ def main() -> None:
     p.add_argument("--wide", type=int, default=12000, help="math_wide problems added to the zoo's math training split")
     p.add_argument("--steps", type=int, default=700)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--drill", type=float, default=0.0, help="this share of the rows is math_drill's arithmetic practice")
     p.add_argument("--completion-only", action="store_true", help="no loss on the question's tokens")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--init", type=Path, help="start from this adapter folder (an earlier run's OUT/adapter)")
@@ -84,6 +101,11 @@ def main() -> None:
     x_all, y_all = packed_rows(len(data), lambda i: labelled(data[i], tokenizer, a.completion_only),
                                (a.skip_steps + cfg.steps) * cfg.batch_size, cfg.seq_len, cfg.seed)
     x_all, y_all = x_all[a.skip_steps * cfg.batch_size:], y_all[a.skip_steps * cfg.batch_size:]  # the rows an earlier run did not train on
+    if a.drill:
+        drill = drill_problems(DRILL_PROBLEMS, heldout)
+        rows = round(a.drill * len(x_all))
+        x_all, y_all = with_drill(x_all, y_all, packed_rows(len(drill), lambda i: labelled(drill[i], tokenizer, a.completion_only),
+                                                           rows, cfg.seq_len, cfg.seed), cfg.seed)
     held = eval_set("math", cfg)
     curve, train_loss, seconds = [[0, heldout_loss(model, tokenizer, held, cfg.seq_len)]], [], 0.0
     print(f"{len(data)} examples; step 0 held-out loss {curve[-1][1]:.4f}", flush=True)
@@ -101,7 +123,7 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     save_adapter(model, a.out / "adapter")
     (a.out / "train.json").write_text(json.dumps({
-        "config": asdict(cfg), "init": str(a.init) if a.init else None, "skip_steps": a.skip_steps, "wide": a.wide, "wide_seed": WIDE_SEED, "completion_only": a.completion_only,
+        "config": asdict(cfg), "init": str(a.init) if a.init else None, "skip_steps": a.skip_steps, "wide": a.wide, "wide_seed": WIDE_SEED, "drill": a.drill, "drill_seed": DRILL_SEED, "completion_only": a.completion_only,
         "examples": len(data), "seconds": seconds, "curve": curve, "train_loss": train_loss}, indent=1) + "\n")
     print(f"wrote {a.out}", flush=True)
 
