@@ -31,44 +31,11 @@ from safetensors.torch import load_file
 from transformers import get_cosine_schedule_with_warmup
 
 from mergeserve.calibration import packed_rows
-from mergeserve.eval.metrics import MATH_PROMPT
-from mergeserve.zoo import math_data, math_drill, math_wide
+from mergeserve.zoo import math_data
 from mergeserve.zoo.config import TrainConfig
 from mergeserve.zoo.data import load_split
 from mergeserve.zoo.heldout import heldout_loss
-from mergeserve.zoo.splits import Example
-from mergeserve.zoo.train import eval_set, load_base, save_adapter, train_step, trainable
-
-WIDE_SEED, DRILL_SEED, DRILL_PROBLEMS = 11, 13, 8000
-
-
-def wide_problems(count: int, heldout: list[Example]) -> list[Example]:
-    """The first `count` math_wide problems sharing neither a question nor worked arithmetic with `heldout`."""
-    return math_data.problems_apart(math_wide.SHAPES, WIDE_SEED, heldout, count)
-
-
-def drill_problems(count: int, heldout: list[Example]) -> list[Example]:
-    """The first `count` math_drill problems sharing neither a question nor worked arithmetic with `heldout`."""
-    return math_data.problems_apart(math_drill.SHAPES, DRILL_SEED, heldout, count)
-
-
-def with_drill(x: torch.Tensor, y: torch.Tensor, drill: tuple[torch.Tensor, torch.Tensor], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The drill rows in place of as many of the last rows of (x, y), all rows in seeded random order."""
-    xd, yd = drill
-    x, y = torch.cat([x[:len(x) - len(xd)], xd]), torch.cat([y[:len(y) - len(yd)], yd])  # [rows, T]
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    return x[order], y[order]
-
-
-def labelled(example: Example, tokenizer, completion_only: bool) -> tuple[list[int], list[int]]:
-    """(token ids with EOS, labels): with completion_only the question's tokens are not targets."""
-    enc = tokenizer(example["text"], add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc.input_ids + [tokenizer.eos_token_id]
-    if not completion_only:
-        return ids, list(ids)
-    prompt_chars = len(MATH_PROMPT.format(question=example["question"]))
-    labels = [-100 if end <= prompt_chars else t for t, (_, end) in zip(enc.input_ids, enc.offset_mapping)]
-    return ids, labels + [tokenizer.eos_token_id]
+from mergeserve.zoo.train import eval_set, labelled, load_base, save_adapter, train_step, trainable, with_drill
 
 
 def main() -> None:
@@ -97,12 +64,12 @@ def main() -> None:
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
 
     heldout = load_split("math", "heldout")
-    data = load_split("math", "train") + wide_problems(a.wide, heldout)
+    data = load_split("math", "train") + math_data.wide(heldout, a.wide)
     x_all, y_all = packed_rows(len(data), lambda i: labelled(data[i], tokenizer, a.completion_only),
                                (a.skip_steps + cfg.steps) * cfg.batch_size, cfg.seq_len, cfg.seed)
     x_all, y_all = x_all[a.skip_steps * cfg.batch_size:], y_all[a.skip_steps * cfg.batch_size:]  # the rows an earlier run did not train on
     if a.drill:
-        drill = drill_problems(DRILL_PROBLEMS, heldout)
+        drill = math_data.drill(heldout)
         rows = round(a.drill * len(x_all))
         x_all, y_all = with_drill(x_all, y_all, packed_rows(len(drill), lambda i: labelled(drill[i], tokenizer, a.completion_only),
                                                            rows, cfg.seq_len, cfg.seed), cfg.seed)
@@ -123,7 +90,7 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     save_adapter(model, a.out / "adapter")
     (a.out / "train.json").write_text(json.dumps({
-        "config": asdict(cfg), "init": str(a.init) if a.init else None, "skip_steps": a.skip_steps, "wide": a.wide, "wide_seed": WIDE_SEED, "drill": a.drill, "drill_seed": DRILL_SEED, "completion_only": a.completion_only,
+        "config": asdict(cfg), "init": str(a.init) if a.init else None, "skip_steps": a.skip_steps, "wide": a.wide, "wide_seed": math_data.WIDE_SEED, "drill": a.drill, "drill_seed": math_data.DRILL_SEED, "completion_only": a.completion_only,
         "examples": len(data), "seconds": seconds, "curve": curve, "train_loss": train_loss}, indent=1) + "\n")
     print(f"wrote {a.out}", flush=True)
 

@@ -1,17 +1,24 @@
-"""The zoo trainer's full fine-tune mode, on a tiny Llama: what trains, and a checkpoint the pool serves."""
+"""The zoo trainer on a tiny Llama: what trains, the rows each stage reads and what the loss sees, and a
+full fine-tune the pool serves."""
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from mergeserve.calibration import token_rows
 from mergeserve.experts import ExpertPool
+from mergeserve.zoo import ROOT_ENV, math_data
 from mergeserve.zoo.card import CURVE_NOTE, rescore_card, write_card
-from mergeserve.zoo.config import TrainConfig
+from mergeserve.zoo.config import Stage, TrainConfig
+from mergeserve.zoo.data import load_split
 from mergeserve.zoo.reshape import kept_layers, prune_depth, to_qwen2
-from mergeserve.zoo.train import TARGET_MODULES, save_full, train_step, trainable, trained_state
+from mergeserve.zoo.splits import heldout_path, train_path, write_jsonl
+from mergeserve.zoo.train import TARGET_MODULES, labelled, save_full, stage_rows, train_step, trainable, trained_state
 
 
 def test_a_full_fine_tune_trains_every_projection_and_nothing_else(zoo):
@@ -94,3 +101,45 @@ def test_a_training_step_on_the_completion_alone_lowers_its_loss(zoo):
     completion[:, 8:] = x[:, 8:]  # the second half of each row is the answer
     first = train_step(model, params, optimizer, scheduler, x, completion)
     assert train_step(model, params, optimizer, scheduler, x, completion) < first
+
+
+def test_completion_only_labels_make_the_worked_steps_the_only_targets(zoo):
+    tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
+    problem = math_data.problems(1, 1)[0]
+    ids, labels = labelled(problem, tokenizer, completion_only=True)
+    assert labelled(problem, tokenizer, completion_only=False) == (ids, ids)
+    targets = [t for t in labels if t != -100]
+    assert targets[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(targets[:-1]) == problem["text"].split("\n", 1)[1]  # the steps and the answer, no question
+
+
+def test_a_later_stage_reads_the_rows_after_the_first_with_its_share_of_drill(zoo, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv(ROOT_ENV, str(tmp_path))
+    heldout_path("math").parent.mkdir(parents=True)
+    shutil.copy(Path(__file__).parent.parent / "examples/zoo/data/math/heldout.jsonl", heldout_path("math"))
+    write_jsonl(train_path("math"), math_data.problems(1, 100))
+    tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
+    one = TrainConfig("math", steps=6, batch_size=2, seq_len=48, completion_only=True, wide=40)
+    two = replace(one, steps=4, then=(Stage(2, 3e-4, drill=0.5),))
+    assert two.total_steps == one.total_steps == 6
+
+    [(x, y)] = stage_rows(one, tokenizer)  # [12, 48] each
+    [(plain, plain_labels)] = stage_rows(replace(one, completion_only=False, wide=0), tokenizer)
+    texts = [e["text"] for e in load_split("math", "train")]
+    assert torch.equal(plain, token_rows(texts, tokenizer, 12, 48, 0)) and torch.equal(plain_labels, plain)  # as before stages
+    (first, _), (second, second_labels) = stage_rows(two, tokenizer)
+    assert torch.equal(first, x[:8])  # the first stage is the single stage's first 4 steps
+    after, drilled = {tuple(r) for r in x[8:10].tolist()}, [r for r in second.tolist() if tuple(r) not in {tuple(r) for r in x.tolist()}]
+    assert after <= {tuple(r) for r in second.tolist()} and len(second) == 4 and len(drilled) == 2
+    questions = {e["question"] for e in math_data.drill(load_split("math", "heldout"))}
+    assert any(q in tokenizer.decode(row) for row in drilled for q in questions)  # packed drill problems
+    assert (second_labels == -100).any()  # the questions are no target
+
+
+def test_a_staged_run_s_card_counts_every_stage_and_says_what_the_loss_sees(tmp_path: Path):
+    cfg = TrainConfig("math", steps=4, completion_only=True, wide=40, then=(Stage(2, 3e-4, drill=0.2),))
+    write_card(tmp_path, cfg, "a generator", {"curve": [[0, 2.0], [6, 1.5]], "seconds": 1.0},
+               {"math": 2.0, "german": 4.0, "code": 2.0}, {"math": 1.5, "german": 4.5, "code": 2.5})
+    text = (tmp_path / "README.md").read_text()
+    assert "6,144 tokens: 6 steps" in text and "then 2 more steps" in text and "lr 0.0003, 20% of its rows math_drill" in text
+    assert "the first 40 problems of math_wide" in text and "loss on the worked steps, the answer and EOS only" in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from mergeserve.zoo import DOMAINS, FULL_DOMAINS, ROOT_ENV, build_dir, zoo_dir
 from mergeserve.zoo.german_data import MissingHandbook
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"full fine-tunes (every projection) into {build_dir() / 'full'}; `all` means {', '.join(FULL_DOMAINS)}")
     p.add_argument("--keep-layers", type=int, default=0, help="with --full: depth-prune the base to this many layers first")
     p.add_argument("--arch", choices=["llama", "qwen2"], default="llama", help="with --full: train the base as this architecture")
-    p.add_argument("--steps", type=int, help="training steps per expert (default: mergeserve.zoo.train.STEPS)")
+    p.add_argument("--steps", type=int, help="training steps per expert, of its first stage for a LoRA (default: mergeserve.zoo.train.LORA)")
     p.add_argument("--fresh", action="store_true", help="discard a resumable checkpoint and train from step 0")
     p.add_argument("--force", action="store_true", help="train even where examples/zoo/<domain> already has an adapter")
     args = p.parse_args(argv)
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{domain}: {train} train / {heldout} held-out examples")
     if args.command in ("train", "all"):
         from mergeserve.zoo.config import TrainConfig
-        from mergeserve.zoo.train import FULL_LR, FULL_STEPS, STEPS, train
+        from mergeserve.zoo.train import FULL_LR, FULL_STEPS, LORA, train
 
         for domain in domains:
             if args.full:
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                                   keep_layers=args.keep_layers, arch=args.arch)
                 built = build_dir() / "full" / cfg.tag / "model.safetensors"
             else:
-                cfg = TrainConfig(domain, steps=args.steps or STEPS[domain])
+                cfg = replace(LORA[domain], steps=args.steps or LORA[domain].steps)
                 built = zoo_dir() / domain / "adapter_model.safetensors"
             if built.is_file() and not args.force:
                 print(f"{domain}: {built} already exists (--force retrains it)")

@@ -26,11 +26,11 @@ import re
 from collections.abc import Callable, Iterator
 from itertools import islice
 
-from mergeserve.zoo import math_story
+from mergeserve.zoo import math_drill, math_story, math_wide
 from mergeserve.zoo.splits import Example
 
-TRAIN_SEED, HELDOUT_SEED, STORY_SEED = 1, 2, 11
-TRAIN_SIZE, HELDOUT_SIZE, STORY_SIZE = 4000, 200, 4000
+TRAIN_SEED, HELDOUT_SEED, STORY_SEED, WIDE_SEED, DRILL_SEED = 1, 2, 11, 11, 13
+TRAIN_SIZE, HELDOUT_SIZE, STORY_SIZE, DRILL_SIZE = 4000, 200, 4000, 8000
 NAMES = ["Anna", "Ben", "Carla", "David", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kira", "Liam", "Maya", "Noah", "Olga", "Pedro", "Rosa", "Sam", "Tara", "Yusuf"]
 ITEMS = [("pen", "pens"), ("book", "books"), ("cup", "cups"), ("ball", "balls"), ("lamp", "lamps"), ("kite", "kites"), ("plate", "plates"), ("shirt", "shirts")]
 FRUIT = ["apples", "oranges", "pears", "plums", "lemons", "peaches"]
@@ -201,6 +201,16 @@ def problems_apart(templates: list[Callable[[random.Random], Problem]], seed: in
 def stories(heldout: list[Example], count: int = STORY_SIZE) -> list[Example]:
     """The first `count` composed stories (math_story) apart from `heldout`."""
     return problems_apart(math_story.SHAPES, STORY_SEED, heldout, count)
+
+
+def wide(heldout: list[Example], count: int) -> list[Example]:
+    """The first `count` math_wide problems apart from `heldout`."""
+    return problems_apart(math_wide.SHAPES, WIDE_SEED, heldout, count)
+
+
+def drill(heldout: list[Example], count: int = DRILL_SIZE) -> list[Example]:
+    """The first `count` math_drill problems apart from `heldout`."""
+    return problems_apart(math_drill.SHAPES, DRILL_SEED, heldout, count)
 
 
 def build() -> tuple[list[Example], list[Example]]:

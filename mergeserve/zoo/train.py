@@ -5,6 +5,10 @@ Every `save_every` steps the adapter, optimizer, schedule, step, RNG state and l
 build/zoo/<domain>/checkpoint; a rerun with the same settings continues from there. The data
 order is fixed by the seed (rows are packed once, step i reads rows [i*B, (i+1)*B)), so a
 resumed run trains on exactly what an uninterrupted one would.
+
+A run may have stages (`TrainConfig.then`): each starts a new AdamW and cosine schedule from the
+weights the stage before left, rounded to bf16 as a stored adapter is, on the rows after that
+stage's, so a two-stage run is byte for byte a run that continues from the first stage's adapter.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -24,12 +29,13 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
-from mergeserve.calibration import token_rows
+from mergeserve.calibration import packed_rows
+from mergeserve.eval.metrics import MATH_PROMPT
 from mergeserve.experts import ExpertPool
 from mergeserve.spec import resolve_source
-from mergeserve.zoo import BASE_SOURCE, DOMAINS, build_dir, root, zoo_dir
+from mergeserve.zoo import BASE_SOURCE, DOMAINS, build_dir, math_data, root, zoo_dir
 from mergeserve.zoo.card import write_card
-from mergeserve.zoo.config import TrainConfig
+from mergeserve.zoo.config import Stage, TrainConfig
 from mergeserve.zoo.data import SOURCES, load_split, write_splits
 from mergeserve.zoo.heldout import heldout_loss
 from mergeserve.zoo.reshape import prune_depth, to_qwen2
@@ -44,7 +50,7 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 # 45 minutes): its problems are short, exact arithmetic needs more of them than loss alone, and since
 # issue 26 half its problems are composed stories of many shapes and phrasings. Code gets 320 steps (328k
 # tokens, about 37 minutes): at 176 steps its held-out loss was still falling and 0.9 points short of -10%.
-STEPS = {"math": 360, "german": 176, "code": 320}
+LORA = {"math": TrainConfig("math", steps=360), "german": TrainConfig("german", steps=176), "code": TrainConfig("code", steps=320)}
 # Full fine-tunes (every attention and FFN weight; embeddings and norms stay the base's) train at ~250 tokens/s
 # on 2 cores (no LoRA detour), so 300 steps of 4 x 256 tokens take ~21 minutes, inside the 40-minute budget.
 FULL_STEPS = {"math": 300, "german": 300, "code": 300}
@@ -148,6 +154,62 @@ def save_full(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, folde
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir()) if f.is_file()}
 
 
+def labelled(example: Example, tokenizer: PreTrainedTokenizerBase, completion_only: bool) -> tuple[list[int], list[int]]:
+    """(token ids with EOS, labels): with completion_only the question's tokens are no target (-100)."""
+    enc = tokenizer(example["text"], add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc.input_ids + [tokenizer.eos_token_id]
+    if not completion_only:
+        return ids, list(ids)
+    prompt_chars = len(MATH_PROMPT.format(question=example["question"]))
+    labels = [-100 if end <= prompt_chars else t for t, (_, end) in zip(enc.input_ids, enc.offset_mapping)]
+    return ids, labels + [tokenizer.eos_token_id]
+
+
+def with_drill(x: torch.Tensor, y: torch.Tensor, drill: tuple[torch.Tensor, torch.Tensor], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The drill rows in place of as many of the last rows of (x, y) [rows, T], all rows in seeded random order."""
+    xd, yd = drill
+    x, y = torch.cat([x[:len(x) - len(xd)], xd]), torch.cat([y[:len(y) - len(yd)], yd])
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    return x[order], y[order]
+
+
+def training_data(cfg: TrainConfig) -> list[Example]:
+    """The train split, and for math the `wide` problems of math_wide after it."""
+    data = load_split(cfg.domain, "train")
+    return data + math_data.wide(load_split("math", "heldout"), cfg.wide) if cfg.wide else data
+
+
+def stage_rows(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each stage's (ids, labels), [steps * B, T] each: the packed training data in order, a stage's
+    drill share in place of its last rows and then shuffled (the seed fixes every order)."""
+    data, rows, start = training_data(cfg), [], 0
+    x, y = packed_rows(len(data), lambda i: labelled(data[i], tokenizer, cfg.completion_only),
+                       cfg.total_steps * cfg.batch_size, cfg.seq_len, cfg.seed)
+    for stage in cfg.stages:
+        n = stage.steps * cfg.batch_size
+        xs, ys = x[start:start + n], y[start:start + n]
+        if stage.drill:
+            drill = math_data.drill(load_split("math", "heldout"))
+            practice = packed_rows(len(drill), lambda i: labelled(drill[i], tokenizer, cfg.completion_only),
+                                   round(stage.drill * n), cfg.seq_len, cfg.seed)
+            xs, ys = with_drill(xs, ys, practice, cfg.seed)
+        rows.append((xs, ys))
+        start += n
+    return rows
+
+
+def optimizer_for(params: list[torch.Tensor], cfg: TrainConfig, stage: Stage) -> tuple[torch.optim.Optimizer, object]:
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, stage.steps)
+
+
+def round_to_bf16(params: list[torch.Tensor]) -> None:
+    """The weights as stored (bf16), in place: what a stage after the first starts from, and what is scored."""
+    with torch.no_grad():
+        for p in params:
+            p.copy_(p.to(torch.bfloat16).float())
+
+
 def train_step(model: torch.nn.Module, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, scheduler,
                x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """One optimizer step on rows x [B, T] (labels [B, T], -100 where a token is no target); the loss."""
@@ -167,6 +229,19 @@ def default_paths(cfg: TrainConfig) -> tuple[Path, Path]:
     return zoo_dir() / cfg.domain, build_dir() / cfg.domain / "checkpoint"
 
 
+def log_and_save(state: dict, cfg: TrainConfig, stage_end: int, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                 heldout: list[Example], optimizer: torch.optim.Optimizer, scheduler, ckpt_dir: Path, bar: tqdm) -> None:
+    """After a step: the held-out loss every eval_every steps and at a stage's end, a checkpoint every save_every."""
+    step = state["step"]
+    if step % cfg.eval_every == 0 or step == stage_end:
+        state["curve"].append([step, heldout_loss(model, tokenizer, heldout, cfg.seq_len)])
+        recent = state["train_loss"][-cfg.eval_every:]
+        bar.write(f"{cfg.domain}: step {step} held-out loss {state['curve'][-1][1]:.4f} (train loss {sum(recent) / len(recent):.4f}, "
+                  f"{step * cfg.batch_size * cfg.seq_len / state['seconds']:.0f} tokens/s training)")
+    if step % cfg.save_every == 0 or step == stage_end:
+        save_checkpoint(ckpt_dir, model, cfg, optimizer, scheduler, state)
+
+
 def train(cfg: TrainConfig, out: Path | None = None, ckpt_dir: Path | None = None, fresh: bool = False) -> Path:
     default_out, default_ckpt = default_paths(cfg)
     out, ckpt_dir = out or default_out, ckpt_dir or default_ckpt
@@ -180,48 +255,45 @@ def train(cfg: TrainConfig, out: Path | None = None, ckpt_dir: Path | None = Non
     base, tokenizer = load_base()
     model = trainable(reshaped(base, cfg), cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     state = {"config": asdict(cfg), "step": 0, "curve": [], "train_loss": [], "seconds": 0.0}
-    if (saved := load_checkpoint(ckpt_dir, cfg)) is not None:
+    saved = load_checkpoint(ckpt_dir, cfg)
+    if saved is not None:
         load_trained_state(model, cfg, saved.pop("adapter"))
-        optimizer.load_state_dict(saved.pop("optimizer"))
-        scheduler.load_state_dict(saved.pop("scheduler"))
         torch.set_rng_state(saved.pop("rng"))
-        state = saved
+        state = {k: v for k, v in saved.items() if k not in ("optimizer", "scheduler")}
         print(f"{cfg.domain}: resuming from {ckpt_dir} at step {state['step']}", flush=True)
-    rows = token_rows([e["text"] for e in load_split(cfg.domain, "train")], tokenizer, cfg.steps * cfg.batch_size, cfg.seq_len, cfg.seed)
     heldout = eval_set(cfg.domain, cfg)
     if not state["curve"]:
         state["curve"].append([0, heldout_loss(model, tokenizer, heldout, cfg.seq_len)])
         print(f"{cfg.domain}: step 0 held-out loss {state['curve'][-1][1]:.4f}", flush=True)
 
     model.train()
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"train {cfg.domain}", unit="step", mininterval=5)
-    while state["step"] < cfg.steps:
-        start = time.perf_counter()
-        x = rows[state["step"] * cfg.batch_size:(state["step"] + 1) * cfg.batch_size]  # [B, T]
-        loss = train_step(model, params, optimizer, scheduler, x, x)
-        state["step"] += 1
-        state["seconds"] += time.perf_counter() - start
-        state["train_loss"].append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{x.numel() / (time.perf_counter() - start):.0f}")
-        bar.update()
-        step = state["step"]
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            state["curve"].append([step, heldout_loss(model, tokenizer, heldout, cfg.seq_len)])
-            tok_s = step * cfg.batch_size * cfg.seq_len / state["seconds"]
-            bar.write(f"{cfg.domain}: step {step} held-out loss {state['curve'][-1][1]:.4f} "
-                      f"(train loss {sum(state['train_loss'][-cfg.eval_every:]) / len(state['train_loss'][-cfg.eval_every:]):.4f}, "
-                      f"{tok_s:.0f} tokens/s training)")
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(ckpt_dir, model, cfg, optimizer, scheduler, state)
+    bar = tqdm(total=cfg.total_steps, initial=state["step"], desc=f"train {cfg.domain}", unit="step", mininterval=5)
+    ends = accumulate(stage.steps for stage in cfg.stages)
+    for index, (stage, (xs, ys), last) in enumerate(zip(cfg.stages, stage_rows(cfg, tokenizer), ends)):
+        first = last - stage.steps
+        if state["step"] >= last:
+            continue
+        optimizer, scheduler = optimizer_for(params, cfg, stage)
+        if state["step"] > first:  # resumed inside this stage
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+        elif index:
+            round_to_bf16(params)  # as if restarted from the stored adapter of the stage before
+        while state["step"] < last:
+            begin, i = time.perf_counter(), state["step"] - first
+            x, y = xs[i * cfg.batch_size:(i + 1) * cfg.batch_size], ys[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # [B, T]
+            loss = train_step(model, params, optimizer, scheduler, x, y)
+            state["step"] += 1
+            state["seconds"] += time.perf_counter() - begin
+            state["train_loss"].append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{x.numel() / (time.perf_counter() - begin):.0f}")
+            bar.update()
+            log_and_save(state, cfg, last, model, tokenizer, heldout, optimizer, scheduler, ckpt_dir, bar)
     bar.close()
 
     # Score what is shipped: the adapter (or, for a full fine-tune, every weight) rounded to bf16.
-    with torch.no_grad():
-        for p in params if not cfg.full else model.parameters():
-            p.copy_(p.to(torch.bfloat16).float())
+    round_to_bf16(params if not cfg.full else list(model.parameters()))
     expert = {d: heldout_loss(model, tokenizer, eval_set(d, cfg), cfg.seq_len) for d in DOMAINS}
     base_loss = base_losses(tokenizer, cfg)
     if cfg.full:
