@@ -144,3 +144,19 @@ def test_other_sets_share_nothing_with_training() -> None:
     assert not {e["source"] for e in code} & {e["source"] for e in code_dev}  # other files of the library
     german = read_jsonl(other_path("german"))
     assert german and all(e["source"].endswith(".html") for e in german)  # pages of the manual
+
+
+def test_drill_asks_bare_sums_each_worked_right_and_apart_from_the_held_out_set() -> None:
+    heldout = read_jsonl(heldout_path("math"))
+    drill = math_data.drill(heldout, 2000)
+    assert drill == math_data.drill(heldout, 2000)  # seeded
+    keys = {math_data.arithmetic_key(e) for e in heldout}
+    for e in drill:
+        lines = e["text"].splitlines()
+        assert lines[0] == f"Question: {e['question']}" and lines[-1] == f"Answer: {e['answer']}"
+        steps = re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)\.", "\n".join(lines[1:-1]))
+        assert len(steps) == len(lines) - 2 and steps[-1][3] == e["answer"]
+        assert all(eval(f"{a} {op} {b}") == int(c) for a, op, b, c in steps)
+        assert math_data.arithmetic_key(e) not in keys
+    differences = [e for e in drill if len(math_data.arithmetic_key(e)) == 1 and math_data.arithmetic_key(e)[0][1] == "-"]
+    assert sum(int(a) % 10 < int(b) % 10 for (a, _, b), in map(math_data.arithmetic_key, differences)) > len(differences) // 3  # borrows
