@@ -8,7 +8,7 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
-from mergeserve.zoo import BASE_SOURCE, DOMAINS
+from mergeserve.zoo import BASE_SOURCE, DOMAINS, math_data
 from mergeserve.zoo.config import TrainConfig
 
 TARGET_GAIN = 0.10  # an expert's held-out loss per token on its own domain is at least this much (relative) below the base's
@@ -63,7 +63,7 @@ def training_line(cfg: TrainConfig) -> str:
 
 
 def data_line(cfg: TrainConfig, source: str) -> str:
-    wide = f"; beside the train split, the first {cfg.wide} problems of math_wide's many shapes (seed 11) apart from the held-out set" if cfg.wide else ""
+    wide = f"; beside the train split, the first {cfg.wide} problems of math_wide's many shapes (seed {math_data.WIDE_SEED}) apart from the held-out set" if cfg.wide else ""
     return source + wide
 
 
