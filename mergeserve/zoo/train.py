@@ -30,7 +30,6 @@ from tqdm import tqdm
 from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from mergeserve.calibration import packed_rows
-from mergeserve.eval.metrics import MATH_PROMPT
 from mergeserve.experts import ExpertPool
 from mergeserve.spec import resolve_source
 from mergeserve.zoo import BASE_SOURCE, DOMAINS, build_dir, math_data, root, zoo_dir
@@ -160,7 +159,7 @@ def labelled(example: Example, tokenizer: PreTrainedTokenizerBase, completion_on
     ids = enc.input_ids + [tokenizer.eos_token_id]
     if not completion_only:
         return ids, list(ids)
-    prompt_chars = len(MATH_PROMPT.format(question=example["question"]))
+    prompt_chars = len(example["text"].split("\n", 1)[0]) + 1  # the `Question: ...` line and its newline
     labels = [-100 if end <= prompt_chars else t for t, (_, end) in zip(enc.input_ids, enc.offset_mapping)]
     return ids, labels + [tokenizer.eos_token_id]
 
