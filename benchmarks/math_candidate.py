@@ -22,20 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import get_cosine_schedule_with_warmup
 
-from mergeserve.calibration import packed_rows
 from mergeserve.zoo import math_data
-from mergeserve.zoo.config import TrainConfig
+from mergeserve.zoo.config import Stage, TrainConfig
 from mergeserve.zoo.data import load_split
 from mergeserve.zoo.heldout import heldout_loss
-from mergeserve.zoo.train import eval_set, labelled, load_base, save_adapter, train_step, trainable, with_drill
+from mergeserve.zoo.train import eval_set, load_base, optimizer_for, save_adapter, stage_rows, train_step, trainable
 
 
 def main() -> None:
@@ -52,7 +50,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
 
-    cfg = TrainConfig("math", steps=a.steps, rank=a.rank, alpha=2 * a.rank, lr=a.lr, eval_every=a.eval_every)
+    cfg = TrainConfig("math", steps=a.steps, rank=a.rank, alpha=2 * a.rank, lr=a.lr, eval_every=a.eval_every,
+                      completion_only=a.completion_only, wide=a.wide)
     torch.set_num_threads(2)
     torch.manual_seed(cfg.seed)
     base, tokenizer = load_base()
@@ -60,22 +59,14 @@ def main() -> None:
     if a.init is not None:
         set_peft_model_state_dict(model, {k: v.float() for k, v in load_file(a.init / "adapter_model.safetensors").items()})
     params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    optimizer, scheduler = optimizer_for(params, cfg, cfg.stages[0])
 
-    heldout = load_split("math", "heldout")
-    data = load_split("math", "train") + math_data.wide(heldout, a.wide)
-    x_all, y_all = packed_rows(len(data), lambda i: labelled(data[i], tokenizer, a.completion_only),
-                               (a.skip_steps + cfg.steps) * cfg.batch_size, cfg.seq_len, cfg.seed)
-    x_all, y_all = x_all[a.skip_steps * cfg.batch_size:], y_all[a.skip_steps * cfg.batch_size:]  # the rows an earlier run did not train on
-    if a.drill:
-        drill = math_data.drill(heldout)
-        rows = round(a.drill * len(x_all))
-        x_all, y_all = with_drill(x_all, y_all, packed_rows(len(drill), lambda i: labelled(drill[i], tokenizer, a.completion_only),
-                                                           rows, cfg.seq_len, cfg.seed), cfg.seed)
+    # The earlier run's steps as a first stage: this run reads the rows after them, as zoo/train.py's second stage would.
+    x_all, y_all = stage_rows(replace(cfg, steps=a.skip_steps, then=(Stage(a.steps, a.lr, a.drill),)), tokenizer)[-1]
+    examples = len(load_split("math", "train")) + a.wide  # training_data(cfg): the split and `wide` math_wide problems
     held = eval_set("math", cfg)
     curve, train_loss, seconds = [[0, heldout_loss(model, tokenizer, held, cfg.seq_len)]], [], 0.0
-    print(f"{len(data)} examples; step 0 held-out loss {curve[-1][1]:.4f}", flush=True)
+    print(f"{examples} examples; step 0 held-out loss {curve[-1][1]:.4f}", flush=True)
     model.train()
     for step in range(1, cfg.steps + 1):
         start = time.perf_counter()
@@ -91,7 +82,7 @@ def main() -> None:
     save_adapter(model, a.out / "adapter")
     (a.out / "train.json").write_text(json.dumps({
         "config": asdict(cfg), "init": str(a.init) if a.init else None, "skip_steps": a.skip_steps, "wide": a.wide, "wide_seed": math_data.WIDE_SEED, "drill": a.drill, "drill_seed": math_data.DRILL_SEED, "completion_only": a.completion_only,
-        "examples": len(data), "seconds": seconds, "curve": curve, "train_loss": train_loss}, indent=1) + "\n")
+        "examples": examples, "seconds": seconds, "curve": curve, "train_loss": train_loss}, indent=1) + "\n")
     print(f"wrote {a.out}", flush=True)
 
 
